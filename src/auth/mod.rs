@@ -1,0 +1,198 @@
+//! STUN long-term credentials with TURN REST API usernames.
+//!
+//! A username is `EXPIRY` or `EXPIRY:USER` (unix seconds); its password is
+//! base64(HMAC-SHA1(secret, username)). Several secrets may be configured so
+//! one can be rotated in while the old one still verifies. Nonces are
+//! stateless: they carry their own expiry and an HMAC bound to the client IP.
+
+mod nonce;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use base64::Engine as _;
+
+pub use nonce::NonceKey;
+
+use crate::stun::attr;
+use crate::stun::integrity::{hmac_sha1, long_term_key};
+use crate::stun::Message;
+
+/// Longest USERNAME accepted (RFC 8489 14.3: under 509 bytes).
+pub const MAX_USERNAME: usize = 508;
+
+/// The TURN REST API password for `username` under `secret`.
+pub fn rest_password(secret: &[u8], username: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(hmac_sha1(secret, &[username.as_bytes()]))
+}
+
+/// The TURN REST API username: `EXPIRY` or `EXPIRY:USER`.
+pub fn rest_username(expiry_unix: u64, user: Option<&str>) -> String {
+    match user {
+        Some(u) if !u.is_empty() => format!("{expiry_unix}:{u}"),
+        _ => expiry_unix.to_string(),
+    }
+}
+
+/// Splits a REST username into its expiry and user part.
+/// Only ASCII digits are accepted as the expiry; anything else is not a REST username.
+pub fn parse_rest_username(username: &str) -> Option<(u64, &str)> {
+    let (exp, user) = match username.split_once(':') {
+        Some((e, u)) => (e, u),
+        None => (username, ""),
+    };
+    if exp.is_empty() || exp.len() > 20 || !exp.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((exp.parse().ok()?, user))
+}
+
+/// Why a request failed authentication. Each maps to one STUN error code.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AuthFailure {
+    /// No MESSAGE-INTEGRITY: the normal first step, answered with a 401 challenge.
+    Challenge,
+    /// Integrity present but USERNAME, REALM or NONCE missing or malformed (400).
+    BadRequest,
+    /// The nonce expired, was forged, or was issued to another address (438).
+    StaleNonce,
+    /// The REALM is not ours (401).
+    WrongRealm,
+    /// A REST username whose expiry has passed (401).
+    Expired,
+    /// Neither a static user nor a REST username (401).
+    UnknownUser,
+    /// The integrity check failed for every configured secret (401).
+    BadIntegrity,
+}
+
+impl AuthFailure {
+    pub fn code(self) -> u16 {
+        match self {
+            AuthFailure::BadRequest => 400,
+            AuthFailure::StaleNonce => 438,
+            _ => 401,
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthFailure::Challenge => "challenge",
+            AuthFailure::BadRequest => "bad_request",
+            AuthFailure::StaleNonce => "stale_nonce",
+            AuthFailure::WrongRealm => "wrong_realm",
+            AuthFailure::Expired => "expired",
+            AuthFailure::UnknownUser => "unknown_user",
+            AuthFailure::BadIntegrity => "bad_integrity",
+        }
+    }
+}
+
+/// A request that passed authentication.
+#[derive(Clone, Copy, Debug)]
+pub struct Authenticated<'a> {
+    pub username: &'a str,
+    /// The long-term key, used to sign the response.
+    pub key: [u8; 16],
+}
+
+/// Credential checking state; cheap to rebuild on reload.
+pub struct Authenticator {
+    realm: String,
+    secrets: Vec<Vec<u8>>,
+    static_keys: HashMap<String, [u8; 16]>,
+    nonce: NonceKey,
+}
+
+impl Authenticator {
+    pub fn new(realm: &str, secrets: Vec<Vec<u8>>, static_users: &[(String, String)], nonce: NonceKey) -> Self {
+        let static_keys =
+            static_users.iter().map(|(u, p)| (u.clone(), long_term_key(u, realm, p))).collect();
+        Authenticator { realm: realm.to_owned(), secrets, static_keys, nonce }
+    }
+
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    /// A fresh nonce for a challenge to `ip`.
+    pub fn nonce(&self, ip: IpAddr, unix_now: u64) -> [u8; nonce::NONCE_LEN] {
+        self.nonce.make(ip, unix_now)
+    }
+
+    /// RFC 8489 9.2.4 checks, in the RFC's order.
+    pub fn authenticate<'a>(&self, msg: &Message<'a>, ip: IpAddr, unix_now: u64) -> Result<Authenticated<'a>, AuthFailure> {
+        if !msg.has_integrity() {
+            return Err(AuthFailure::Challenge);
+        }
+        let username = msg.get(attr::USERNAME).and_then(|v| attr::decode_str(v, MAX_USERNAME));
+        let realm = msg.get(attr::REALM).and_then(|v| attr::decode_str(v, 762));
+        let nonce = msg.get(attr::NONCE);
+        let (Some(username), Some(realm), Some(nonce)) = (username, realm, nonce) else {
+            return Err(AuthFailure::BadRequest);
+        };
+        if !self.nonce.check(nonce, ip, unix_now) {
+            return Err(AuthFailure::StaleNonce);
+        }
+        if realm != self.realm {
+            return Err(AuthFailure::WrongRealm);
+        }
+        if let Some(key) = self.static_keys.get(username) {
+            return if msg.verify(key) {
+                Ok(Authenticated { username, key: *key })
+            } else {
+                Err(AuthFailure::BadIntegrity)
+            };
+        }
+        if self.secrets.is_empty() {
+            return Err(AuthFailure::UnknownUser);
+        }
+        let Some((expiry, _)) = parse_rest_username(username) else {
+            return Err(AuthFailure::UnknownUser);
+        };
+        if expiry < unix_now {
+            return Err(AuthFailure::Expired);
+        }
+        for secret in &self.secrets {
+            let key = long_term_key(username, &self.realm, &rest_password(secret, username));
+            if msg.verify(&key) {
+                return Ok(Authenticated { username, key });
+            }
+        }
+        Err(AuthFailure::BadIntegrity)
+    }
+}
+
+/// The part of a username that quotas count: the USER of `EXPIRY:USER`,
+/// otherwise the whole username.
+pub fn quota_key(username: &str) -> &str {
+    match parse_rest_username(username) {
+        Some((_, user)) if !user.is_empty() => user,
+        _ => username,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rest_usernames() {
+        assert_eq!(parse_rest_username("1700000000"), Some((1700000000, "")));
+        assert_eq!(parse_rest_username("1700000000:alice"), Some((1700000000, "alice")));
+        assert_eq!(parse_rest_username("1700000000:a:b"), Some((1700000000, "a:b")));
+        assert_eq!(parse_rest_username("alice:1700000000"), None);
+        assert_eq!(parse_rest_username("-5"), None);
+        assert_eq!(parse_rest_username("+5"), None);
+        assert_eq!(parse_rest_username(""), None);
+        assert_eq!(parse_rest_username("99999999999999999999"), None);
+        assert_eq!(parse_rest_username(" 17"), None);
+        assert_eq!(quota_key("1700000000:alice"), "alice");
+        assert_eq!(quota_key("1700000000"), "1700000000");
+    }
+
+    #[test]
+    fn rest_password_matches_independent_hmac() {
+        // HMAC-SHA1("north", "1700000000:bob"), computed with Python's hmac module.
+        assert_eq!(rest_password(b"north", "1700000000:bob"), "7tNSWpJ3gOxGfEgOjt+kaWhBC20=");
+    }
+}

@@ -1,0 +1,82 @@
+//! Stateless nonces: `base64url(expiry_be32 || HMAC-SHA256(key, expiry || ip)[..8])`.
+//!
+//! The server keeps no table: any nonce it issued verifies until it expires,
+//! and only for the client IP it was issued to.
+
+use std::net::IpAddr;
+
+use base64::Engine as _;
+
+use crate::stun::integrity::{ct_eq, hmac_sha256};
+
+/// Characters in a nonce: 12 bytes in unpadded base64url.
+pub const NONCE_LEN: usize = 16;
+
+#[derive(Clone)]
+pub struct NonceKey {
+    key: [u8; 32],
+    ttl: u64,
+}
+
+impl NonceKey {
+    /// `key` should be random per process (or shared by a cluster); `ttl` in seconds.
+    pub fn new(key: [u8; 32], ttl: u64) -> Self {
+        NonceKey { key, ttl }
+    }
+
+    fn mac(&self, expiry: u32, ip: IpAddr) -> [u8; 8] {
+        let ip16 = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        let full = hmac_sha256(&self.key, &[&expiry.to_be_bytes(), &ip16]);
+        full[..8].try_into().expect("8 of 32 bytes")
+    }
+
+    pub fn make(&self, ip: IpAddr, unix_now: u64) -> [u8; NONCE_LEN] {
+        let expiry = (unix_now + self.ttl).min(u32::MAX as u64) as u32;
+        let mut raw = [0u8; 12];
+        raw[..4].copy_from_slice(&expiry.to_be_bytes());
+        raw[4..].copy_from_slice(&self.mac(expiry, ip));
+        let mut out = [0u8; NONCE_LEN];
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode_slice(raw, &mut out)
+            .expect("12 bytes encode to 16 characters");
+        out
+    }
+
+    pub fn check(&self, nonce: &[u8], ip: IpAddr, unix_now: u64) -> bool {
+        if nonce.len() != NONCE_LEN {
+            return false;
+        }
+        let mut raw = [0u8; 12];
+        match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode_slice(nonce, &mut raw) {
+            Ok(12) => {}
+            _ => return false,
+        }
+        let expiry = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        ct_eq(&raw[4..], &self.mac(expiry, ip)) && expiry as u64 >= unix_now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonce_expires_and_is_bound_to_ip() {
+        let k = NonceKey::new([7; 32], 600);
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let b: IpAddr = "198.51.100.2".parse().unwrap();
+        let n = k.make(a, 1_000);
+        assert!(k.check(&n, a, 1_000));
+        assert!(k.check(&n, a, 1_600));
+        assert!(!k.check(&n, a, 1_601));
+        assert!(!k.check(&n, b, 1_000));
+        let mut forged = n;
+        forged[15] = if forged[15] == b'A' { b'B' } else { b'A' };
+        assert!(!k.check(&forged, a, 1_000));
+        assert!(!NonceKey::new([8; 32], 600).check(&n, a, 1_000));
+        assert!(!k.check(b"short", a, 1_000));
+    }
+}

@@ -1,0 +1,499 @@
+//! The TOML configuration: parsing, defaults and validation.
+//!
+//! Every key is documented in `config/turnd.toml`. Validation names the key
+//! and says what is wrong; unknown keys are errors, so typos do not pass.
+
+mod duration;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+pub use duration::Seconds;
+
+use crate::turn::RelayAddr;
+use crate::turn::{Cidr, PeerPolicy, ServerConfig, Transport};
+
+/// An error that names the configuration key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {msg}")]
+pub struct ConfigError {
+    pub key: String,
+    pub msg: String,
+}
+
+fn bad(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), msg: msg.into() }
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub realm: Option<String>,
+    pub software: Option<String>,
+    #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub listen: Vec<ListenSection>,
+    #[serde(default)]
+    pub relay: RelaySection,
+    #[serde(default)]
+    pub peers: PeersSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    pub secret_file: Option<PathBuf>,
+    pub nonce_lifetime: Option<Seconds>,
+    #[serde(default)]
+    pub static_users: Vec<StaticUser>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct StaticUser {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ListenSection {
+    pub transport: String,
+    pub address: String,
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySection {
+    pub ip: Option<String>,
+    pub ipv6: Option<String>,
+    pub external_ip: Option<String>,
+    pub external_ipv6: Option<String>,
+    pub ports: Option<String>,
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PeersSection {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub default_lifetime: Option<Seconds>,
+    pub max_lifetime: Option<Seconds>,
+    pub permission_lifetime: Option<Seconds>,
+    pub channel_lifetime: Option<Seconds>,
+    pub user_quota: Option<u32>,
+    pub total_quota: Option<u32>,
+    pub max_permissions: Option<u32>,
+    pub legacy_channel_numbers: Option<bool>,
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}
+
+/// Command-line values that override the file.
+#[derive(Default, Debug, Clone)]
+pub struct Overrides {
+    pub realm: Option<String>,
+    pub listen: Vec<String>,
+    pub relay_ip: Option<String>,
+    pub external_ip: Option<String>,
+    pub ports: Option<String>,
+    pub secret_file: Option<PathBuf>,
+    pub allow_peers: Vec<String>,
+    pub log_level: Option<String>,
+    pub log_format: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub transport: Transport,
+    pub address: SocketAddr,
+}
+
+/// Where the shared secrets came from, for the start-up log.
+#[derive(Clone, Debug)]
+pub enum SecretSource {
+    Inline,
+    File(PathBuf),
+    Generated(PathBuf),
+    None,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub realm: String,
+    pub software: Option<String>,
+    pub secrets: Vec<Vec<u8>>,
+    pub secret_source: SecretSource,
+    pub static_users: Vec<(String, String)>,
+    pub nonce_lifetime: u64,
+    pub listeners: Vec<Listener>,
+    pub relay_v4: Option<RelayAddr>,
+    pub relay_v6: Option<RelayAddr>,
+    pub ports: (u16, u16),
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
+    pub default_lifetime: u32,
+    pub max_lifetime: u32,
+    pub permission_lifetime: u32,
+    pub channel_lifetime: u32,
+    pub user_quota: u32,
+    pub total_quota: u32,
+    pub max_permissions: u32,
+    pub legacy_channel_numbers: bool,
+    pub log_level: String,
+    pub log_json: bool,
+}
+
+/// Reads and validates `path` (or the defaults when `None`) with overrides.
+pub fn load(path: Option<&Path>, ov: &Overrides) -> anyhow::Result<Config> {
+    let file = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", p.display()))?;
+            parse_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", p.display()))?
+        }
+        None => File::default(),
+    };
+    Ok(validate(file, ov)?)
+}
+
+/// Parses TOML text into the file structure (no validation).
+pub fn parse_str(text: &str) -> Result<File, String> {
+    toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+}
+
+fn parse_ip(key: &str, s: &str) -> Result<IpAddr, ConfigError> {
+    s.trim().parse().map_err(|_| bad(key, format!("`{s}` is not an IP address")))
+}
+
+fn parse_cidrs(key: &str, list: &[String]) -> Result<Vec<Cidr>, ConfigError> {
+    list.iter().map(|s| s.parse::<Cidr>().map_err(|e| bad(key, e))).collect()
+}
+
+/// Parses `LOW-HIGH`.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let err = || format!("`{s}` is not a port range: expected LOW-HIGH, e.g. 49152-65535, with 1024 <= LOW <= HIGH");
+    let (a, b) = s.split_once('-').ok_or_else(err)?;
+    let lo: u16 = a.trim().parse().map_err(|_| err())?;
+    let hi: u16 = b.trim().parse().map_err(|_| err())?;
+    if lo < 1024 || lo > hi {
+        return Err(err());
+    }
+    Ok((lo, hi))
+}
+
+/// The address this host would use to reach the internet, found from the
+/// routing table (a UDP `connect` sends nothing).
+pub fn detect_ip(v6: bool) -> Option<IpAddr> {
+    let (bind, probe) = if v6 { ("[::]:0", "[2001:db8::1]:9") } else { ("0.0.0.0:0", "192.0.2.1:9") };
+    let s = UdpSocket::bind(bind).ok()?;
+    s.connect(probe).ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+fn secret_lines(text: &str) -> Vec<Vec<u8>> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.as_bytes().to_vec())
+        .collect()
+}
+
+/// The file a generated secret is kept in when none is configured.
+pub fn default_secret_path() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
+        // systemd StateDirectory= may list several; take the first.
+        let first = dir.to_string_lossy().split(':').next().unwrap_or("").to_owned();
+        return PathBuf::from(first).join("secret");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/lib/turnd/secret")
+    } else {
+        PathBuf::from("turnd-secret")
+    }
+}
+
+/// A new random secret: 32 bytes as 64 hex characters.
+pub fn generate_secret() -> String {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).expect("the OS random generator is available");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn load_or_create_secret(path: &Path) -> Result<Vec<Vec<u8>>, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => {
+            let s = secret_lines(&t);
+            if s.is_empty() {
+                return Err(bad("auth.secret_file", format!("{} holds no secret", path.display())));
+            }
+            Ok(s)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| bad("auth.secret_file", format!("cannot create {}: {e}", dir.display())))?;
+            }
+            let secret = generate_secret();
+            write_private(path, &format!("{secret}\n"))
+                .map_err(|e| bad("auth.secret_file", format!("cannot write {}: {e}", path.display())))?;
+            Ok(vec![secret.into_bytes()])
+        }
+        Err(e) => Err(bad("auth.secret_file", format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+fn secs(key: &str, v: Option<Seconds>, default: u32, min: u32) -> Result<u32, ConfigError> {
+    let s = v.map(|s| s.0).unwrap_or(default as u64);
+    if s < min as u64 || s > u32::MAX as u64 {
+        return Err(bad(key, format!("{s} s is out of range (at least {min} s)")));
+    }
+    Ok(s as u32)
+}
+
+pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
+    let realm = ov.realm.clone().or(f.realm).unwrap_or_else(|| "turnd".into());
+    if realm.is_empty() || realm.len() > 127 || !realm.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad("realm", "must be 1 to 127 printable ASCII characters without spaces"));
+    }
+
+    // Secrets: inline, from a file, or generated on first start.
+    let mut secrets: Vec<Vec<u8>> = Vec::new();
+    for (i, s) in f.auth.secrets.iter().enumerate() {
+        if s.trim().is_empty() {
+            return Err(bad(format!("auth.secrets[{i}]"), "is empty"));
+        }
+        secrets.push(s.trim().as_bytes().to_vec());
+    }
+    let secret_file = ov.secret_file.clone().or(f.auth.secret_file);
+    let mut secret_source = if secrets.is_empty() { SecretSource::None } else { SecretSource::Inline };
+    if let Some(p) = &secret_file {
+        let t = std::fs::read_to_string(p)
+            .map_err(|e| bad("auth.secret_file", format!("cannot read {}: {e}", p.display())))?;
+        let s = secret_lines(&t);
+        if s.is_empty() {
+            return Err(bad("auth.secret_file", format!("{} holds no secret", p.display())));
+        }
+        secrets.extend(s);
+        secret_source = SecretSource::File(p.clone());
+    }
+    let static_users: Vec<(String, String)> =
+        f.auth.static_users.iter().map(|u| (u.username.clone(), u.password.clone())).collect();
+    for (i, (u, p)) in static_users.iter().enumerate() {
+        if u.is_empty() || p.is_empty() || u.len() > crate::auth::MAX_USERNAME {
+            return Err(bad(format!("auth.static_users[{i}]"), "username and password must be non-empty"));
+        }
+    }
+    if secrets.is_empty() && static_users.is_empty() {
+        let p = default_secret_path();
+        secrets = load_or_create_secret(&p)?;
+        secret_source = SecretSource::Generated(p);
+    }
+    let nonce_lifetime = secs("auth.nonce_lifetime", f.auth.nonce_lifetime, 600, 10)? as u64;
+
+    // Listeners.
+    let mut listen: Vec<(String, String)> = f.listen.iter().map(|l| (l.transport.clone(), l.address.clone())).collect();
+    if !ov.listen.is_empty() {
+        listen = ov
+            .listen
+            .iter()
+            .map(|s| match s.split_once("://") {
+                Some((t, a)) => (t.to_owned(), a.to_owned()),
+                None => ("udp".to_owned(), s.clone()),
+            })
+            .collect();
+    }
+    if listen.is_empty() {
+        listen = vec![("udp".into(), "0.0.0.0:3478".into()), ("tcp".into(), "0.0.0.0:3478".into())];
+    }
+    let mut listeners = Vec::new();
+    for (i, (t, a)) in listen.iter().enumerate() {
+        let key = format!("listen[{i}]");
+        let transport = match t.as_str() {
+            "udp" => Transport::Udp,
+            "tcp" => Transport::Tcp,
+            "tls" => Transport::Tls,
+            _ => return Err(bad(format!("{key}.transport"), format!("`{t}` is not one of udp, tcp, tls"))),
+        };
+        let address: SocketAddr =
+            a.parse().map_err(|_| bad(format!("{key}.address"), format!("`{a}` is not IP:PORT")))?;
+        let l = Listener { transport, address };
+        if listeners.contains(&l) {
+            return Err(bad(key, format!("{t} {a} is listed twice")));
+        }
+        listeners.push(l);
+    }
+
+    // Relay addresses.
+    let ip = ov.relay_ip.clone().or(f.relay.ip);
+    let local_v4 = match ip {
+        Some(s) => Some(parse_ip("relay.ip", &s)?),
+        None => Some(detect_ip(false).unwrap_or(IpAddr::from([127, 0, 0, 1]))),
+    };
+    if let Some(ip) = local_v4 {
+        if !ip.is_ipv4() || ip.is_unspecified() {
+            return Err(bad("relay.ip", format!("`{ip}` must be a concrete IPv4 address of this host")));
+        }
+    }
+    let ext_v4 = match ov.external_ip.clone().or(f.relay.external_ip) {
+        Some(s) => {
+            let e = parse_ip("relay.external_ip", &s)?;
+            if !e.is_ipv4() {
+                return Err(bad("relay.external_ip", "must be an IPv4 address"));
+            }
+            Some(e)
+        }
+        None => None,
+    };
+    let local_v6 = match f.relay.ipv6 {
+        Some(s) => {
+            let ip = parse_ip("relay.ipv6", &s)?;
+            if !ip.is_ipv6() || ip.is_unspecified() {
+                return Err(bad("relay.ipv6", format!("`{ip}` must be a concrete IPv6 address of this host")));
+            }
+            Some(ip)
+        }
+        None => None,
+    };
+    let ext_v6 = match f.relay.external_ipv6 {
+        Some(s) => {
+            let e = parse_ip("relay.external_ipv6", &s)?;
+            if !e.is_ipv6() || local_v6.is_none() {
+                return Err(bad("relay.external_ipv6", "must be an IPv6 address, and relay.ipv6 must be set"));
+            }
+            Some(e)
+        }
+        None => None,
+    };
+    let relay_v4 = local_v4.map(|l| RelayAddr { local: l, external: ext_v4.unwrap_or(l) });
+    let relay_v6 = local_v6.map(|l| RelayAddr { local: l, external: ext_v6.unwrap_or(l) });
+    let ports_s = ov.ports.clone().or(f.relay.ports).unwrap_or_else(|| "49152-65535".into());
+    let ports = parse_port_range(&ports_s).map_err(|e| bad("relay.ports", e))?;
+    for l in &listeners {
+        if relay_v4.map(|r| r.local) == Some(l.address.ip()) || l.address.ip().is_unspecified() {
+            if (ports.0..=ports.1).contains(&l.address.port()) {
+                return Err(bad("relay.ports", format!("overlaps the listener port {}", l.address.port())));
+            }
+        }
+    }
+
+    let mut allow_s = f.peers.allow.clone();
+    allow_s.extend(ov.allow_peers.iter().cloned());
+    let allow = parse_cidrs("peers.allow", &allow_s)?;
+    let deny = parse_cidrs("peers.deny", &f.peers.deny)?;
+
+    let l = &f.limits;
+    let max_lifetime = secs("limits.max_lifetime", l.max_lifetime, 3600, 60)?;
+    let default_lifetime = secs("limits.default_lifetime", l.default_lifetime, 600.min(max_lifetime), 60)?;
+    if default_lifetime > max_lifetime {
+        return Err(bad("limits.default_lifetime", "must not exceed limits.max_lifetime"));
+    }
+    let permission_lifetime = secs("limits.permission_lifetime", l.permission_lifetime, 300, 30)?;
+    let channel_lifetime = secs("limits.channel_lifetime", l.channel_lifetime, 600, 60)?;
+    let max_permissions = l.max_permissions.unwrap_or(64);
+    if max_permissions == 0 {
+        return Err(bad("limits.max_permissions", "must be at least 1"));
+    }
+
+    let log_level = ov.log_level.clone().or(f.log.level).unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        return Err(bad("log.level", format!("`{log_level}` is not a level (error, warn, info, debug, trace) or filter")));
+    }
+    let log_format = ov.log_format.clone().or(f.log.format).unwrap_or_else(|| "text".into());
+    let log_json = match log_format.as_str() {
+        "text" => false,
+        "json" => true,
+        other => return Err(bad("log.format", format!("`{other}` is not text or json"))),
+    };
+
+    Ok(Config {
+        realm,
+        software: f.software.filter(|s| !s.is_empty()),
+        secrets,
+        secret_source,
+        static_users,
+        nonce_lifetime,
+        listeners,
+        relay_v4,
+        relay_v6,
+        ports,
+        allow,
+        deny,
+        default_lifetime,
+        max_lifetime,
+        permission_lifetime,
+        channel_lifetime,
+        user_quota: l.user_quota.unwrap_or(0),
+        total_quota: l.total_quota.unwrap_or(10_000),
+        max_permissions,
+        legacy_channel_numbers: l.legacy_channel_numbers.unwrap_or(false),
+        log_level,
+        log_json,
+    })
+}
+
+impl Config {
+    pub fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            software: self.software.as_deref().map(Arc::from),
+            default_lifetime: self.default_lifetime,
+            max_lifetime: self.max_lifetime,
+            permission_lifetime: self.permission_lifetime,
+            channel_lifetime: self.channel_lifetime,
+            user_quota: self.user_quota,
+            total_quota: self.total_quota,
+            max_permissions: self.max_permissions as usize,
+            channel_max: if self.legacy_channel_numbers { crate::stun::CHANNEL_MAX_RFC5766 } else { crate::stun::CHANNEL_MAX },
+            relay_v4: self.relay_v4,
+            relay_v6: self.relay_v6,
+        }
+    }
+
+    /// The server's own addresses, which peers may reach only on relay ports.
+    pub fn own_ips(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = Vec::new();
+        for r in [self.relay_v4, self.relay_v6].iter().flatten() {
+            v.push(r.local);
+            v.push(r.external);
+        }
+        v.extend(self.listeners.iter().map(|l| l.address.ip()).filter(|ip| !ip.is_unspecified()));
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    pub fn peer_policy(&self) -> PeerPolicy {
+        PeerPolicy::new(self.allow.clone(), self.deny.clone(), self.own_ips(), self.ports)
+    }
+}

@@ -1,0 +1,157 @@
+//! Relay sockets: one UDP socket per relayed address, on a random port.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+use crate::turn::{Family, OpenError, RelayId, RelayPorts};
+
+/// Attempts at a random port before reporting the range exhausted.
+const PORT_ATTEMPTS: usize = 64;
+
+pub struct RelayEntry {
+    pub id: RelayId,
+    pub socket: Rc<UdpSocket>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The open relay sockets, indexed like the core's allocation slots so the
+/// hot path finds a socket without hashing.
+pub struct RelaySockets {
+    v4: Option<IpAddr>,
+    v6: Option<IpAddr>,
+    ports: (u16, u16),
+    entries: Vec<Option<RelayEntry>>,
+    /// Sockets opened during the last core call, whose receive task must be started.
+    pub opened: Vec<RelayId>,
+    in_use: usize,
+}
+
+/// A random u32 from the OS CSPRNG (never a predictable sequence).
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).expect("the OS random generator is available");
+    u32::from_ne_bytes(b)
+}
+
+fn index(id: RelayId) -> usize {
+    (id.0 & 0x1_FFFF_FFFF) as usize
+}
+
+impl RelaySockets {
+    pub fn new(v4: Option<IpAddr>, v6: Option<IpAddr>, ports: (u16, u16)) -> Self {
+        RelaySockets { v4, v6, ports, entries: Vec::new(), opened: Vec::new(), in_use: 0 }
+    }
+
+    pub fn set_ports(&mut self, ports: (u16, u16)) {
+        self.ports = ports;
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.in_use
+    }
+
+    pub fn port_range_size(&self) -> usize {
+        (self.ports.1 - self.ports.0) as usize + 1
+    }
+
+    #[inline]
+    pub fn get(&self, id: RelayId) -> Option<&RelayEntry> {
+        self.entries.get(index(id))?.as_ref().filter(|e| e.id == id)
+    }
+
+    pub fn set_task(&mut self, id: RelayId, task: JoinHandle<()>) {
+        if let Some(Some(e)) = self.entries.get_mut(index(id)) {
+            if e.id == id {
+                e.task = Some(task);
+                return;
+            }
+        }
+        task.abort();
+    }
+
+    /// Sends without waiting: a full socket buffer drops the datagram, as the network would.
+    #[inline]
+    pub fn send(&self, id: RelayId, peer: SocketAddr, data: &[u8]) -> bool {
+        match self.get(id) {
+            Some(e) => e.socket.try_send_to(data, peer).is_ok(),
+            None => false,
+        }
+    }
+
+    fn bind(ip: IpAddr, port: u16) -> io::Result<std::net::UdpSocket> {
+        let domain = if ip.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if ip.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_nonblocking(true)?;
+        s.bind(&SocketAddr::new(ip, port).into())?;
+        Ok(s.into())
+    }
+}
+
+impl RelayPorts for RelaySockets {
+    fn open(&mut self, id: RelayId, family: Family, even_port: bool) -> Result<SocketAddr, OpenError> {
+        let ip = match family {
+            Family::V4 => self.v4,
+            Family::V6 => self.v6,
+        }
+        .ok_or(OpenError::FamilyUnsupported)?;
+        let (lo, hi) = self.ports;
+        let span = (hi - lo) as u32 + 1;
+        for _ in 0..PORT_ATTEMPTS {
+            let mut port = lo as u32 + random_u32() % span;
+            if even_port && port % 2 == 1 {
+                port = if port > lo as u32 { port - 1 } else { port + 1 };
+                if port > hi as u32 {
+                    continue;
+                }
+            }
+            let std_sock = match Self::bind(ip, port as u16) {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, %ip, "cannot open a relay socket");
+                    return Err(OpenError::Exhausted);
+                }
+            };
+            let local = std_sock.local_addr().map_err(|_| OpenError::Exhausted)?;
+            let socket = match UdpSocket::from_std(std_sock) {
+                Ok(s) => Rc::new(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register a relay socket");
+                    return Err(OpenError::Exhausted);
+                }
+            };
+            let i = index(id);
+            if self.entries.len() <= i {
+                self.entries.resize_with(i + 1, || None);
+            }
+            self.entries[i] = Some(RelayEntry { id, socket, task: None });
+            self.opened.push(id);
+            self.in_use += 1;
+            return Ok(local);
+        }
+        Err(OpenError::Exhausted)
+    }
+
+    fn close(&mut self, id: RelayId) {
+        let i = index(id);
+        if let Some(slot) = self.entries.get_mut(i) {
+            if slot.as_ref().is_some_and(|e| e.id == id) {
+                if let Some(e) = slot.take() {
+                    if let Some(t) = e.task {
+                        t.abort();
+                    }
+                    self.in_use -= 1;
+                }
+            }
+        }
+        self.opened.retain(|o| *o != id);
+    }
+}

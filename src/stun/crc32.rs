@@ -1,0 +1,35 @@
+//! CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320) for FINGERPRINT.
+
+const TABLE: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+/// CRC-32 of the concatenation of `a` and `b`.
+pub fn crc32(a: &[u8], b: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &x in a.iter().chain(b) {
+        c = TABLE[((c ^ x as u32) & 0xFF) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn known_value() {
+        // The standard check value for "123456789".
+        assert_eq!(super::crc32(b"1234", b"56789"), 0xCBF4_3926);
+    }
+}

@@ -1,0 +1,95 @@
+//! One allocation's state: relayed addresses, permissions and channels.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::{FiveTuple, RelayId};
+
+/// After a channel binding expires, its number and peer stay reserved this long (RFC 8656 12).
+pub const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Copy, Debug)]
+pub struct Permission {
+    pub ip: IpAddr,
+    pub expires: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Channel {
+    pub number: u16,
+    pub peer: SocketAddr,
+    pub expires: Instant,
+}
+
+/// A relayed transport address of an allocation.
+#[derive(Clone, Copy, Debug)]
+pub struct Relay {
+    pub id: RelayId,
+    /// What the client is told (the external address behind 1:1 NAT).
+    pub advertised: SocketAddr,
+}
+
+#[derive(Debug)]
+pub struct Allocation {
+    pub tuple: FiveTuple,
+    pub username: Box<str>,
+    pub key: [u8; 16],
+    pub v4: Option<Relay>,
+    pub v6: Option<Relay>,
+    pub created: Instant,
+    pub expires: Instant,
+    /// Transaction of the Allocate that created it, to answer retransmissions.
+    pub allocate_tid: [u8; 12],
+    pub lifetime: u32,
+    pub permissions: Vec<Permission>,
+    pub channels: Vec<Channel>,
+    pub bytes_to_peer: u64,
+    pub bytes_from_peer: u64,
+    pub packets_to_peer: u64,
+    pub packets_from_peer: u64,
+}
+
+impl Allocation {
+    pub fn relay_for(&self, peer: &SocketAddr) -> Option<Relay> {
+        if peer.is_ipv4() { self.v4 } else { self.v6 }
+    }
+
+    #[inline]
+    pub fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions.iter().any(|p| p.ip == ip && p.expires > now)
+    }
+
+    /// Installs or refreshes a permission. The caller has checked the cap.
+    pub fn permit(&mut self, ip: IpAddr, expires: Instant) {
+        match self.permissions.iter_mut().find(|p| p.ip == ip) {
+            Some(p) => p.expires = expires,
+            None => self.permissions.push(Permission { ip, expires }),
+        }
+    }
+
+    /// How many of `ips` would be new permissions.
+    pub fn new_permissions(&self, ips: &[IpAddr]) -> usize {
+        ips.iter()
+            .enumerate()
+            .filter(|(i, ip)| !ips[..*i].contains(ip) && !self.permissions.iter().any(|p| p.ip == **ip))
+            .count()
+    }
+
+    /// The live channel with this number.
+    #[inline]
+    pub fn channel(&self, number: u16, now: Instant) -> Option<&Channel> {
+        self.channels.iter().find(|c| c.number == number && c.expires > now)
+    }
+
+    /// The live channel bound to this peer.
+    #[inline]
+    pub fn channel_for_peer(&self, peer: SocketAddr, now: Instant) -> Option<&Channel> {
+        self.channels.iter().find(|c| c.peer == peer && c.expires > now)
+    }
+
+    /// Drops expired permissions and channels whose cooldown ended.
+    pub fn prune(&mut self, now: Instant) {
+        self.permissions.retain(|p| p.expires > now);
+        self.channels.retain(|c| c.expires + CHANNEL_COOLDOWN > now);
+    }
+}

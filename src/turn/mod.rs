@@ -1,0 +1,194 @@
+//! The sans-IO TURN server (RFC 8656).
+//!
+//! [`Server`] takes bytes, the addresses they travelled between and the
+//! current time, and returns what to send where. It owns no socket, clock or
+//! runtime: relay sockets are opened and closed through the [`RelayPorts`]
+//! trait the I/O layer implements, so tests drive it with a fake.
+
+mod allocation;
+pub mod policy;
+mod server;
+mod slab;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+pub use allocation::{Allocation, Channel, Permission, CHANNEL_COOLDOWN};
+pub use policy::{Cidr, PeerPolicy};
+pub use server::{RelayAddr, Server, ServerConfig};
+
+/// The transport a client reached us over.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    pub fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+}
+
+/// Identifies a client: its address, our address, the transport, and the
+/// I/O layer's handle for the socket or connection (`conn`), which the core
+/// hands back untouched so the I/O layer finds where to send without a lookup.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct FiveTuple {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub transport: Transport,
+    pub conn: u32,
+}
+
+/// Address family of a relayed address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// Names one relay socket: allocation slot, slot generation and family.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct RelayId(pub u64);
+
+impl RelayId {
+    pub(crate) fn new(slot: u32, generation: u32, family: Family) -> Self {
+        let f = matches!(family, Family::V6) as u64;
+        RelayId(((generation as u64) << 33) | ((slot as u64) << 1) | f)
+    }
+    pub(crate) fn slot(self) -> u32 {
+        ((self.0 >> 1) & 0xFFFF_FFFF) as u32
+    }
+    pub(crate) fn generation(self) -> u32 {
+        (self.0 >> 33) as u32
+    }
+    pub fn family(self) -> Family {
+        if self.0 & 1 == 1 { Family::V6 } else { Family::V4 }
+    }
+}
+
+/// Why a relay socket could not be opened.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OpenError {
+    /// No relay address of that family is configured (440).
+    FamilyUnsupported,
+    /// No free port, or the system refused a socket (508).
+    Exhausted,
+}
+
+/// Relay sockets, as the I/O layer provides them.
+pub trait RelayPorts {
+    /// Opens a UDP socket on the relay address of `family` on a random free
+    /// port (an even one if asked) and returns its local address.
+    fn open(&mut self, id: RelayId, family: Family, even_port: bool) -> Result<SocketAddr, OpenError>;
+    /// Closes the socket; no more packets for `id` will be accepted.
+    fn close(&mut self, id: RelayId);
+}
+
+/// The current time, as two clocks: a monotonic one for lifetimes and the
+/// wall clock (unix seconds) for credential and nonce expiry.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub mono: Instant,
+    pub unix: u64,
+}
+
+impl Now {
+    /// Reads the system clocks (for the I/O layer; the core never calls it).
+    pub fn system() -> Self {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Now { mono: Instant::now(), unix }
+    }
+    pub fn advance(self, d: Duration) -> Self {
+        Now { mono: self.mono + d, unix: self.unix + d.as_secs() }
+    }
+}
+
+/// What to do with a packet received from a client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output<'a> {
+    /// Nothing to send (dropped, or an indication that needs no answer).
+    None,
+    /// Send these bytes back to the client on the same transport.
+    Reply(&'a [u8]),
+    /// Send `data` from relay socket `relay` to `peer`.
+    Relay { relay: RelayId, peer: SocketAddr, data: &'a [u8] },
+}
+
+/// Things the core tells the I/O layer about, for logs, metrics and
+/// (later) an in-kernel fast path that needs to know channel bindings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    AllocationCreated {
+        tuple: FiveTuple,
+        username: String,
+        relayed: Vec<SocketAddr>,
+        lifetime: u32,
+    },
+    AllocationEnded {
+        tuple: FiveTuple,
+        username: String,
+        reason: EndReason,
+        duration: Duration,
+        bytes_to_peer: u64,
+        bytes_from_peer: u64,
+    },
+    ChannelBound {
+        relay: RelayId,
+        tuple: FiveTuple,
+        channel: u16,
+        peer: SocketAddr,
+    },
+    /// A request refused by the peer policy (403).
+    PeerRefused { tuple: FiveTuple, peer: IpAddr },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    Expired,
+    Deleted,
+    ConnectionClosed,
+    Disconnected,
+}
+
+impl EndReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            EndReason::Expired => "expired",
+            EndReason::Deleted => "deleted",
+            EndReason::ConnectionClosed => "connection_closed",
+            EndReason::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// Counters the core keeps; the metrics layer reads them.
+#[derive(Clone, Default, Debug)]
+pub struct Stats {
+    pub allocations_created: u64,
+    pub allocations_ended: u64,
+    pub packets_to_peer: u64,
+    pub bytes_to_peer: u64,
+    pub packets_from_peer: u64,
+    pub bytes_from_peer: u64,
+    pub dropped_malformed: u64,
+    pub dropped_no_allocation: u64,
+    pub dropped_no_permission: u64,
+    pub dropped_no_channel: u64,
+    pub peer_refusals: u64,
+    pub quota_refusals: u64,
+    pub capacity_refusals: u64,
+    pub auth_failures: [u64; 7],
+}

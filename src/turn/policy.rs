@@ -1,0 +1,230 @@
+//! Which peers a client may relay to.
+//!
+//! By default every address that is not globally reachable is refused:
+//! loopback, unspecified, private, shared, link-local (cloud metadata),
+//! multicast, broadcast, reserved and documentation ranges, for IPv4 and IPv6.
+//! IPv4 embedded in IPv6 (mapped, compatible, NAT64, 6to4, Teredo) is
+//! extracted and judged as IPv4, so `::ffff:127.0.0.1` is loopback.
+//! The `allow` list overrides the deny list, except that the server's own
+//! addresses are only reachable on relay ports (other allocations), never on
+//! its listener, metrics or admin ports.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+
+/// An IPv4 or IPv6 network in CIDR notation.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim().parse().map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|&p| p <= max).ok_or_else(|| format!("`{s}` has a bad prefix length"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Ranges refused by default. Sources: IANA IPv4/IPv6 special-purpose registries.
+pub const DEFAULT_DENY: &[&str] = &[
+    "0.0.0.0/8",       // this network, unspecified
+    "10.0.0.0/8",      // private
+    "100.64.0.0/10",   // shared address space (CGNAT; also some cloud metadata)
+    "127.0.0.0/8",     // loopback
+    "169.254.0.0/16",  // link-local, cloud metadata 169.254.169.254
+    "172.16.0.0/12",   // private
+    "192.0.0.0/24",    // IETF protocol assignments
+    "192.0.2.0/24",    // documentation
+    "192.88.99.0/24",  // 6to4 relay anycast (deprecated)
+    "192.168.0.0/16",  // private
+    "198.18.0.0/15",   // benchmarking
+    "198.51.100.0/24", // documentation
+    "203.0.113.0/24",  // documentation
+    "224.0.0.0/4",     // multicast
+    "240.0.0.0/4",     // reserved, and 255.255.255.255 broadcast
+    "::/128",          // unspecified
+    "::1/128",         // loopback
+    "64:ff9b:1::/48",  // local-use NAT64
+    "100::/64",        // discard-only
+    "2001:2::/48",     // benchmarking
+    "2001:10::/28",    // ORCHID
+    "2001:20::/28",    // ORCHIDv2
+    "2001:db8::/32",   // documentation
+    "3fff::/20",       // documentation
+    "5f00::/16",       // SRv6 SIDs
+    "fc00::/7",        // unique local (incl. fd00:ec2::254 metadata)
+    "fe80::/10",       // link-local
+    "fec0::/10",       // site-local (deprecated)
+    "ff00::/8",        // multicast
+];
+
+/// IPv4 addresses carried inside an IPv6 address, per the transition scheme it belongs to.
+pub fn embedded_ipv4(ip: Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
+    let o = ip.octets();
+    let seg = ip.segments();
+    let last32 = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    // ::ffff:a.b.c.d (mapped) and ::a.b.c.d (compatible, also :: and ::1 -> 0.0.0.x)
+    if seg[..5] == [0; 5] && (seg[5] == 0xffff || seg[5] == 0) {
+        return [Some(last32), None];
+    }
+    // 64:ff9b::/96 well-known NAT64 prefix
+    if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return [Some(last32), None];
+    }
+    // 2002::/16 6to4: the IPv4 address in bits 16..48
+    if seg[0] == 0x2002 {
+        return [Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])), None];
+    }
+    // 2001:0::/32 Teredo: server in bits 32..64, client (inverted) in the last 32
+    if seg[0] == 0x2001 && seg[1] == 0 {
+        let server = Ipv4Addr::new(o[4], o[5], o[6], o[7]);
+        let client = Ipv4Addr::from(!u32::from(last32));
+        return [Some(server), Some(client)];
+    }
+    [None, None]
+}
+
+#[derive(Clone, Debug)]
+pub struct PeerPolicy {
+    allow: Vec<Cidr>,
+    deny: Vec<Cidr>,
+    own_ips: Vec<IpAddr>,
+    relay_ports: (u16, u16),
+}
+
+impl PeerPolicy {
+    /// `deny` is added to the defaults; `own_ips` are the server's relay,
+    /// external and listener addresses; `relay_ports` is the relay port range.
+    pub fn new(allow: Vec<Cidr>, deny: Vec<Cidr>, own_ips: Vec<IpAddr>, relay_ports: (u16, u16)) -> Self {
+        let mut all: Vec<Cidr> = DEFAULT_DENY.iter().map(|s| s.parse().expect("default list parses")).collect();
+        all.extend(deny);
+        PeerPolicy { allow, deny: all, own_ips, relay_ports }
+    }
+
+    fn forms(ip: IpAddr) -> [Option<IpAddr>; 3] {
+        match ip {
+            IpAddr::V4(_) => [Some(ip), None, None],
+            IpAddr::V6(v6) => {
+                let [a, b] = embedded_ipv4(v6);
+                [Some(ip), a.map(IpAddr::V4), b.map(IpAddr::V4)]
+            }
+        }
+    }
+
+    fn is_own(&self, ip: IpAddr) -> bool {
+        Self::forms(ip).iter().flatten().any(|f| self.own_ips.contains(f))
+    }
+
+    /// May a permission be installed for `ip`?
+    pub fn permits_ip(&self, ip: IpAddr) -> bool {
+        let forms = Self::forms(ip);
+        if forms.iter().flatten().any(|f| self.allow.iter().any(|c| c.contains(*f))) {
+            return true;
+        }
+        if self.is_own(ip) {
+            // Another allocation on this server; ports are checked per address.
+            return true;
+        }
+        !forms.iter().flatten().any(|f| self.deny.iter().any(|c| c.contains(*f)))
+    }
+
+    /// False only for the server's own address on a port outside the relay
+    /// range (its listener, metrics or admin port). Cheap enough per packet.
+    #[inline]
+    pub fn permits_port(&self, addr: SocketAddr) -> bool {
+        (self.relay_ports.0..=self.relay_ports.1).contains(&addr.port()) || !self.is_own(addr.ip())
+    }
+
+    /// May data be sent to `addr`? Adds the rule that the server's own
+    /// addresses are reachable only on relay ports.
+    pub fn permits(&self, addr: SocketAddr) -> bool {
+        self.permits_port(addr) && self.permits_ip(addr.ip())
+    }
+
+    /// Whether `ip` is one of the server's own addresses.
+    pub fn is_own_ip(&self, ip: IpAddr) -> bool {
+        self.own_ips.contains(&ip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> PeerPolicy {
+        PeerPolicy::new(vec![], vec![], vec!["203.0.113.9".parse().unwrap()], (49152, 65535))
+    }
+
+    #[test]
+    fn cidr_parsing_and_matching() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(c.contains("10.1.255.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(!c.contains("::ffff:10.1.0.1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
+        let host: Cidr = "2001:db8::1".parse().unwrap();
+        assert!(host.contains("2001:db8::1".parse().unwrap()));
+        assert!(!host.contains("2001:db8::2".parse().unwrap()));
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("8.8.8.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn public_addresses_pass() {
+        let p = policy();
+        for a in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"] {
+            assert!(p.permits_ip(a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[test]
+    fn own_address_only_on_relay_ports() {
+        let p = policy();
+        assert!(p.permits("203.0.113.9:50000".parse().unwrap()));
+        assert!(!p.permits("203.0.113.9:3478".parse().unwrap()));
+        assert!(!p.permits("[::ffff:203.0.113.9]:9641".parse().unwrap()));
+        assert!(!p.permits("203.0.113.10:50000".parse().unwrap()));
+    }
+
+    #[test]
+    fn allow_overrides_deny() {
+        let p = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec!["8.8.8.0/24".parse().unwrap()], vec![], (1, 2));
+        assert!(p.permits_ip("127.0.0.1".parse().unwrap()));
+        assert!(!p.permits_ip("8.8.8.8".parse().unwrap()));
+        assert!(!p.permits_ip("10.0.0.1".parse().unwrap()));
+    }
+}
