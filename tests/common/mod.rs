@@ -1,0 +1,178 @@
+//! Test harness: start a real turnd on loopback, wait until it answers,
+//! and provide a UDP echo peer. Every wait is bounded.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub const SECRET: &str = "test-secret-0123456789";
+pub const REALM: &str = "test";
+/// Peers live on a different loopback address than the relay: the relay's own
+/// address is reachable only on relay ports.
+pub const PEER_IP: &str = "127.0.0.2";
+
+/// A free port on 127.0.0.1 for both UDP and TCP (as free as loopback can promise).
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p = u.local_addr().unwrap().port();
+        // Stay out of the relay range given to turnd below (it refuses a
+        // listener port inside its relay port range).
+        if (40000..=49999).contains(&p) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port");
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("turnd-test-{}-{}-{}", name, std::process::id(), free_port()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub struct Turnd {
+    child: Child,
+    pub port: u16,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Turnd {
+    /// Starts turnd with UDP on a free port, relay on 127.0.0.1, peers on
+    /// 127.0.0.0/8 allowed, plus `extra` TOML appended (sections only).
+    pub fn start(extra: &str) -> Turnd {
+        Self::start_with(extra, true)
+    }
+
+    pub fn start_with(extra: &str, allow_loopback: bool) -> Turnd {
+        let port = free_port();
+        let dir = temp_dir("turnd");
+        let allow = if allow_loopback { "[peers]\nallow = [\"127.0.0.0/8\"]\n" } else { "" };
+        let cfg = format!(
+            "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
+             [relay]\nip = \"127.0.0.1\"\nports = \"40000-49999\"\n{allow}{extra}"
+        );
+        let config = dir.join("turnd.toml");
+        std::fs::write(&config, cfg).unwrap();
+        let log = std::fs::File::create(dir.join("turnd.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_turnd"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn turnd");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut t = Turnd { child, port, addr, dir, config };
+        t.wait_ready();
+        t
+    }
+
+    /// Ready when a STUN Binding request gets an answer (bounded: 5 s).
+    fn wait_ready(&mut self) {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut req = [0u8; 20];
+        req[1] = 1;
+        req[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
+        req[8..20].copy_from_slice(b"readiness-01");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = [0u8; 512];
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("turnd exited early with {st}: {}", self.log());
+            }
+            let _ = s.send_to(&req, self.addr);
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                if n >= 20 && buf[0] == 0x01 && buf[1] == 0x01 {
+                    return;
+                }
+            }
+        }
+        panic!("turnd did not answer a Binding within 5 s: {}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("turnd.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Turnd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A UDP echo peer on PEER_IP (and optionally port+1, as turnutils_uclient's
+/// RTCP session expects). Stops when dropped.
+pub struct EchoPeer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<u64>>,
+}
+
+impl EchoPeer {
+    pub fn start() -> EchoPeer {
+        Self::start_on(PEER_IP)
+    }
+
+    pub fn start_on(ip: &str) -> EchoPeer {
+        let stop = Arc::new(AtomicBool::new(false));
+        for _ in 0..100 {
+            let a = UdpSocket::bind((ip, 0)).unwrap();
+            let port = a.local_addr().unwrap().port();
+            let Ok(b) = UdpSocket::bind((ip, port.wrapping_add(1))) else { continue };
+            let threads = [a, b]
+                .into_iter()
+                .map(|s| {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                        let mut buf = [0u8; 65536];
+                        let mut echoed = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            if let Ok((n, from)) = s.recv_from(&mut buf) {
+                                let _ = s.send_to(&buf[..n], from);
+                                echoed += 1;
+                            }
+                        }
+                        echoed
+                    })
+                })
+                .collect();
+            return EchoPeer { addr: format!("{ip}:{port}").parse().unwrap(), stop, threads };
+        }
+        panic!("no free port pair for the echo peer");
+    }
+
+    /// Stops the peer and returns how many datagrams it echoed.
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads.drain(..).map(|t| t.join().unwrap()).sum()
+    }
+}
+
+impl Drop for EchoPeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

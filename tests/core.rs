@@ -1,0 +1,543 @@
+//! Every method and error code of the sans-IO core, with a controlled clock.
+
+#[path = "common/core.rs"]
+mod harness;
+
+use harness::*;
+use turnd::stun::attr;
+use turnd::stun::integrity::long_term_key;
+use turnd::stun::{method, ChannelData, Class, Message};
+use turnd::turn::{Family, Output, PeerPolicy, ServerConfig};
+
+#[test]
+fn binding_returns_the_mapped_address_compactly() {
+    let mut c = Core::new();
+    let t = tuple(40000);
+    let tid = c.next_tid();
+    let req = c.build(method::BINDING, Class::Request, tid, &[], None, false);
+    assert_eq!(req.len(), 20);
+    let r = c.feed(t, &req).unwrap();
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(r.addr(attr::XOR_MAPPED_ADDRESS), Some(t.client));
+    assert!(r.get(attr::SOFTWARE).is_none(), "no SOFTWARE by default");
+    assert!(!r.msg().has_fingerprint(), "no FINGERPRINT unless the request had one");
+    assert!(r.bytes.len() <= 2 * req.len(), "bare Binding answer is {} bytes", r.bytes.len());
+    // With FINGERPRINT in the request, the response carries one.
+    let req = c.build(method::BINDING, Class::Request, tid, &[], None, true);
+    let r = c.feed(t, &req).unwrap();
+    assert!(r.msg().has_fingerprint());
+}
+
+#[test]
+fn unknown_comprehension_required_attribute_gets_420() {
+    let mut c = Core::new();
+    let t = tuple(40001);
+    let r = c.request(t, method::BINDING, &[A::Raw(0x7777, vec![1, 2, 3, 4]), A::Raw(0x8777, vec![0; 4])], None);
+    assert_eq!(r.code(), Some(420));
+    assert_eq!(r.get(attr::UNKNOWN_ATTRIBUTES), Some(vec![0x77, 0x77]), "only the comprehension-required one is listed");
+    // Comprehension-optional unknowns alone are ignored.
+    let r = c.request(t, method::BINDING, &[A::Raw(0x8777, vec![0; 4])], None);
+    assert_eq!(r.class(), Class::Success);
+}
+
+#[test]
+fn attributes_after_message_integrity_are_ignored() {
+    let mut c = Core::new();
+    let t = tuple(40002);
+    let (creds, _) = c.allocate(t, "alice");
+    // A Refresh whose LIFETIME 0 sits after MESSAGE-INTEGRITY: ignored, so the
+    // allocation is refreshed with the default rather than deleted.
+    let tid = c.next_tid();
+    let mut b = c.build(method::REFRESH, Class::Request, tid, &[], Some(&creds), false);
+    b.extend_from_slice(&[0x00, 0x0D, 0x00, 0x04, 0, 0, 0, 0]);
+    let len = (b.len() - 20) as u16;
+    b[2..4].copy_from_slice(&len.to_be_bytes());
+    let r = c.feed(t, &b).unwrap();
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(r.lifetime(), Some(600));
+    assert_eq!(c.server.allocation_count(), 1);
+}
+
+#[test]
+fn malformed_input_is_dropped_silently() {
+    let mut c = Core::new();
+    let t = tuple(40003);
+    let tid = c.next_tid();
+    let good = c.build(method::BINDING, Class::Request, tid, &[], None, true);
+    let mut bad_fp = good.clone();
+    bad_fp[10] ^= 0xFF;
+    let mut bad_cookie = good.clone();
+    bad_cookie[4] = 0;
+    let mut bad_len = good.clone();
+    bad_len[3] = 200;
+    for pkt in [&[][..], &[0u8; 3][..], &good[..19], &bad_fp[..], &bad_cookie[..], &bad_len[..], &[0xFF; 64][..]] {
+        assert!(c.feed(t, pkt).is_none());
+    }
+    // ChannelData with a length beyond the datagram, or without an allocation.
+    assert!(c.feed_relay(t, &[0x40, 0x00, 0x00, 0x10, 1, 2]).is_none());
+    assert!(c.feed_relay(t, &[0x40, 0x00, 0x00, 0x02, 1, 2]).is_none());
+    assert!(c.server.stats.dropped_malformed >= 6);
+}
+
+#[test]
+fn allocate_challenge_then_success() {
+    let mut c = Core::new();
+    let t = tuple(40004);
+    let r = c.request(t, method::ALLOCATE, &[transport_udp()], None);
+    assert_eq!(r.code(), Some(401));
+    assert_eq!(r.get(attr::REALM), Some(REALM.as_bytes().to_vec()));
+    assert_eq!(r.get(attr::NONCE).map(|n| n.len()), Some(16));
+    let (creds, relayed) = c.allocate(t, "alice");
+    assert_eq!(relayed.ip().to_string(), "192.0.2.5", "advertises the external address");
+    assert_eq!(creds.username.split(':').nth(1), Some("alice"));
+    assert_eq!(c.server.allocation_count(), 1);
+    assert_eq!(c.relays.open.len(), 1);
+}
+
+#[test]
+fn allocate_lifetime_is_clamped() {
+    let mut c = Core::new();
+    for (req, want) in [(99_999u32, 3600u32), (10, 600), (1200, 1200)] {
+        let t = tuple(41000 + req as u16 % 1000);
+        let cr = c.rest_creds(t, "bob", 3600, SECRET);
+        let r = c.request(t, method::ALLOCATE, &[transport_udp(), A::U32(attr::LIFETIME, req)], Some(&cr));
+        assert_eq!(r.lifetime(), Some(want), "requested {req}");
+    }
+}
+
+#[test]
+fn allocate_transport_and_attribute_errors() {
+    let mut c = Core::new();
+    let t = tuple(40005);
+    let cr = c.rest_creds(t, "", 3600, SECRET);
+    let tcp = A::Raw(attr::REQUESTED_TRANSPORT, vec![6, 0, 0, 0]);
+    assert_eq!(c.request(t, method::ALLOCATE, &[tcp], Some(&cr)).code(), Some(442));
+    assert_eq!(c.request(t, method::ALLOCATE, &[], Some(&cr)).code(), Some(400));
+    // EVEN-PORT together with RESERVATION-TOKEN is a bad request.
+    let ev = A::Raw(attr::EVEN_PORT, vec![0]);
+    let tok = A::Raw(attr::RESERVATION_TOKEN, vec![0; 8]);
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp(), ev, tok], Some(&cr)).code(), Some(400));
+    // An unknown address family is 440.
+    let fam = A::Raw(attr::REQUESTED_ADDRESS_FAMILY, vec![3, 0, 0, 0]);
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp(), fam], Some(&cr)).code(), Some(440));
+    assert_eq!(c.server.allocation_count(), 0);
+    // Error responses after authentication are signed.
+    let r = c.request(t, method::ALLOCATE, &[], Some(&cr));
+    assert!(r.msg().verify_integrity(&cr.key));
+}
+
+#[test]
+fn even_port_and_dont_fragment_are_honoured() {
+    let mut c = Core::new();
+    let t = tuple(40006);
+    let cr = c.rest_creds(t, "", 3600, SECRET);
+    let r = c.request(
+        t,
+        method::ALLOCATE,
+        &[transport_udp(), A::Raw(attr::EVEN_PORT, vec![0]), A::Raw(attr::DONT_FRAGMENT, vec![])],
+        Some(&cr),
+    );
+    assert_eq!(r.class(), Class::Success);
+    assert!(c.relays.last_even);
+    assert_eq!(r.addr(attr::XOR_RELAYED_ADDRESS).unwrap().port() % 2, 0);
+}
+
+#[test]
+fn allocation_mismatch_and_retransmission() {
+    let mut c = Core::new();
+    let t = tuple(40007);
+    let cr = c.rest_creds(t, "", 3600, SECRET);
+    let tid = c.next_tid();
+    let req = c.build(method::ALLOCATE, Class::Request, tid, &[transport_udp()], Some(&cr), false);
+    let first = c.feed(t, &req).unwrap();
+    assert_eq!(first.class(), Class::Success);
+    // The same transaction again (lost response): same answer, no new allocation.
+    let again = c.feed(t, &req).unwrap();
+    assert_eq!(again.class(), Class::Success);
+    assert_eq!(again.addr(attr::XOR_RELAYED_ADDRESS), first.addr(attr::XOR_RELAYED_ADDRESS));
+    assert_eq!(c.server.allocation_count(), 1);
+    // A new transaction on the same 5-tuple: 437.
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(437));
+}
+
+#[test]
+fn credentials_are_checked() {
+    let mut c = Core::with(config(), policy(), vec![b"new-secret".to_vec(), SECRET.to_vec()]);
+    let t = tuple(40008);
+    // Both secrets verify during a rotation.
+    for s in [&b"new-secret"[..], SECRET] {
+        let cr = c.rest_creds(t, "carol", 600, s);
+        let r = c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr));
+        assert_eq!(r.class(), Class::Success);
+        let del = c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 0)], Some(&cr));
+        assert_eq!(del.class(), Class::Success);
+    }
+    let bad = |c: &mut Core, cr: &Creds| c.request(t, method::ALLOCATE, &[transport_udp()], Some(cr)).code();
+    let wrong = c.rest_creds(t, "carol", 600, b"other-secret");
+    assert_eq!(bad(&mut c, &wrong), Some(401));
+    let expired = c.rest_creds(t, "carol", -1, SECRET);
+    assert_eq!(bad(&mut c, &expired), Some(401));
+    let swapped_name = format!("carol:{}", c.now.unix + 600);
+    let swapped = c.creds_for(t, &swapped_name, &turnd::auth::rest_password(SECRET, &swapped_name));
+    assert_eq!(bad(&mut c, &swapped), Some(401));
+    let mut wrong_realm = c.rest_creds(t, "carol", 600, SECRET);
+    wrong_realm.realm = "other.org".into();
+    wrong_realm.key = long_term_key(&wrong_realm.username, "other.org", &turnd::auth::rest_password(SECRET, &wrong_realm.username));
+    assert_eq!(bad(&mut c, &wrong_realm), Some(401));
+    // Integrity without USERNAME/REALM/NONCE: 400.
+    let mut no_nonce = c.rest_creds(t, "carol", 600, SECRET);
+    no_nonce.nonce.clear();
+    let tid = c.next_tid();
+    let mut b = c.build(method::ALLOCATE, Class::Request, tid, &[transport_udp(), A::Raw(attr::USERNAME, b"x".to_vec())], None, false);
+    b.truncate(20 + 8 + 8);
+    // (hand-built: USERNAME then MESSAGE-INTEGRITY only)
+    let mut w_buf = vec![0u8; 256];
+    let n = turnd::stun::MessageWriter::new(&mut w_buf, method::ALLOCATE, Class::Request, &tid)
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::USERNAME, b"1")
+        .integrity(b"key")
+        .finish()
+        .unwrap();
+    assert_eq!(c.feed(t, &w_buf[..n]).unwrap().code(), Some(400));
+    // Static users work too.
+    let st = c.creds_for(t, "static", "pw");
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&st)).class(), Class::Success);
+    // Failures were counted by reason.
+    assert!(c.server.stats.auth_failures.iter().sum::<u64>() >= 5);
+}
+
+#[test]
+fn stale_and_foreign_nonces_get_438() {
+    let mut c = Core::new();
+    let t = tuple(40009);
+    let cr = c.rest_creds(t, "dave", 7200, SECRET);
+    c.advance(601);
+    let r = c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr));
+    assert_eq!(r.code(), Some(438));
+    let fresh = r.get(attr::NONCE).unwrap();
+    assert_ne!(fresh, cr.nonce);
+    assert!(r.get(attr::REALM).is_some());
+    // The same nonce from another client address is not accepted either.
+    let mut other = tuple(40010);
+    other.client = "198.51.100.99:40010".parse().unwrap();
+    let cr2 = Creds { nonce: fresh.clone(), ..cr.clone() };
+    assert_eq!(c.request(other, method::ALLOCATE, &[transport_udp()], Some(&cr2)).code(), Some(438));
+    // With the fresh nonce, the original client succeeds.
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr2)).class(), Class::Success);
+}
+
+#[test]
+fn sha256_integrity_is_answered_in_kind() {
+    let mut c = Core::new();
+    let t = tuple(40011);
+    let mut cr = c.rest_creds(t, "", 3600, SECRET);
+    cr.sha256 = true;
+    let r = c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr));
+    assert_eq!(r.class(), Class::Success);
+    assert!(r.msg().verify_integrity_sha256(&cr.key));
+    assert!(r.msg().get(attr::MESSAGE_INTEGRITY).is_none());
+}
+
+#[test]
+fn refresh_extends_deletes_and_checks_owner() {
+    let mut c = Core::new();
+    let t = tuple(40012);
+    let (cr, _) = c.allocate(t, "erin");
+    let r = c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 99_999)], Some(&cr));
+    assert_eq!(r.lifetime(), Some(3600));
+    c.advance(3000);
+    assert_eq!(c.server.allocation_count(), 1, "refresh extended the lifetime");
+    // Another user on the same 5-tuple: 441.
+    let other = c.rest_creds(t, "mallory", 3600, SECRET);
+    assert_eq!(c.request(t, method::REFRESH, &[], Some(&other)).code(), Some(441));
+    // LIFETIME 0 deletes; the relay socket is closed.
+    let cr = Creds { nonce: other.nonce.clone(), ..cr };
+    let r = c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 0)], Some(&cr));
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(r.lifetime(), Some(0));
+    assert_eq!(c.server.allocation_count(), 0);
+    assert!(c.relays.open.is_empty());
+    assert_eq!(c.request(t, method::REFRESH, &[], Some(&cr)).code(), Some(437));
+}
+
+#[test]
+fn allocations_expire_on_the_clock() {
+    let mut c = Core::new();
+    let t = tuple(40013);
+    c.allocate(t, "frank");
+    c.advance(599);
+    assert_eq!(c.server.allocation_count(), 1);
+    c.advance(2);
+    assert_eq!(c.server.allocation_count(), 0);
+    assert!(c.relays.open.is_empty());
+    assert_eq!(c.server.stats.allocations_ended, 1);
+}
+
+fn send_indication(c: &mut Core, to: &str, data: &[u8]) -> Vec<u8> {
+    let tid = c.next_tid();
+    c.build(method::SEND, Class::Indication, tid, &[peer(to), A::Raw(attr::DATA, data.to_vec())], None, false)
+}
+
+#[test]
+fn permissions_gate_send_indications_and_expire() {
+    let mut c = Core::new();
+    let t = tuple(40014);
+    let (cr, _) = c.allocate(t, "gina");
+    let ind = send_indication(&mut c, "8.8.8.8:5000", b"hello");
+    assert!(c.feed_relay(t, &ind).is_none(), "no permission yet");
+    let r = c.request(t, method::CREATE_PERMISSION, &[peer("8.8.8.8:1")], Some(&cr));
+    assert_eq!(r.class(), Class::Success);
+    assert!(r.msg().verify_integrity(&cr.key));
+    let (relay, to, data) = c.feed_relay(t, &ind).expect("relayed");
+    assert_eq!(relay.family(), Family::V4);
+    assert_eq!(to, "8.8.8.8:5000".parse().unwrap(), "permission covers every port of the IP");
+    assert_eq!(data, b"hello");
+    c.advance(301);
+    assert!(c.feed_relay(t, &ind).is_none(), "permission expired after 300 s");
+    // Without an allocation, a Send indication is dropped.
+    assert!(c.feed_relay(tuple(49999), &ind).is_none());
+}
+
+#[test]
+fn create_permission_errors() {
+    let mut c = Core::new();
+    let t = tuple(40015);
+    assert_eq!(c.rest_creds(t, "", 60, SECRET).username.is_empty(), false);
+    let (cr, _) = c.allocate(t, "hank");
+    assert_eq!(c.request(t, method::CREATE_PERMISSION, &[], Some(&cr)).code(), Some(400));
+    // An IPv6 peer on an IPv4-only allocation: 443.
+    assert_eq!(c.request(t, method::CREATE_PERMISSION, &[peer("[2606:4700::1]:1")], Some(&cr)).code(), Some(443));
+    // One refused peer fails the whole request; the allowed one is not installed.
+    let r = c.request(t, method::CREATE_PERMISSION, &[peer("8.8.4.4:1"), peer("10.1.2.3:1")], Some(&cr));
+    assert_eq!(r.code(), Some(403));
+    let ind = send_indication(&mut c, "8.8.4.4:5000", b"x");
+    assert!(c.feed_relay(t, &ind).is_none());
+    // Without an allocation: 437.
+    let t2 = tuple(40016);
+    let cr2 = c.rest_creds(t2, "", 60, SECRET);
+    assert_eq!(c.request(t2, method::CREATE_PERMISSION, &[peer("8.8.8.8:1")], Some(&cr2)).code(), Some(437));
+}
+
+#[test]
+fn permissions_per_allocation_are_capped() {
+    let cfg = ServerConfig { max_permissions: 3, ..config() };
+    let mut c = Core::with(cfg, policy(), vec![SECRET.to_vec()]);
+    let t = tuple(40017);
+    let (cr, _) = c.allocate(t, "ivy");
+    for i in 1..=3 {
+        let r = c.request(t, method::CREATE_PERMISSION, &[peer(&format!("8.8.8.{i}:1"))], Some(&cr));
+        assert_eq!(r.class(), Class::Success);
+    }
+    assert_eq!(c.request(t, method::CREATE_PERMISSION, &[peer("8.8.8.9:1")], Some(&cr)).code(), Some(508));
+    // Refreshing an existing one is fine.
+    assert_eq!(c.request(t, method::CREATE_PERMISSION, &[peer("8.8.8.1:1")], Some(&cr)).class(), Class::Success);
+}
+
+#[test]
+fn channels_bind_relay_and_follow_the_rules() {
+    let mut c = Core::new();
+    let t = tuple(40018);
+    let (cr, _) = c.allocate(t, "jack");
+    let r = c.request(t, method::CHANNEL_BIND, &[channel(0x4001), peer("8.8.8.8:5000")], Some(&cr));
+    assert_eq!(r.class(), Class::Success);
+    let (_, to, data) = c.feed_relay(t, &[0x40, 0x01, 0x00, 0x03, b'a', b'b', b'c', 0]).expect("relayed");
+    assert_eq!((to, data), ("8.8.8.8:5000".parse().unwrap(), b"abc".to_vec()));
+    // Unbound channel: dropped.
+    assert!(c.feed_relay(t, &[0x40, 0x02, 0x00, 0x01, 1, 0, 0, 0]).is_none());
+    // Rebinding the number to another peer, or the peer to another number: 400.
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4001), peer("8.8.8.8:5001")], Some(&cr)).code(), Some(400));
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4002), peer("8.8.8.8:5000")], Some(&cr)).code(), Some(400));
+    // Refreshing the same binding is fine.
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4001), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
+    // Numbers outside 0x4000-0x4FFF, and missing attributes: 400.
+    for n in [0x3FFF, 0x5000, 0x7FFF, 0x8000] {
+        assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(n), peer("8.8.8.8:6000")], Some(&cr)).code(), Some(400), "{n:#x}");
+    }
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[peer("8.8.8.8:6000")], Some(&cr)).code(), Some(400));
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4003)], Some(&cr)).code(), Some(400));
+    // A refused peer: 403.
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4003), peer("127.0.0.1:6000")], Some(&cr)).code(), Some(403));
+}
+
+#[test]
+fn channel_needs_a_live_permission_and_expires() {
+    let mut c = Core::new();
+    let t = tuple(40019);
+    let (cr, _) = c.allocate(t, "kim");
+    c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 3600)], Some(&cr));
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
+    let cd = [0x40, 0x00, 0x00, 0x01, 7, 0, 0, 0];
+    c.advance(299);
+    assert!(c.feed_relay(t, &cd).is_some());
+    c.advance(2);
+    assert!(c.feed_relay(t, &cd).is_none(), "permission (300 s) expired though the channel (600 s) lives");
+    // The allocation's username must stay the same; only the nonce is renewed.
+    let cr = Creds { nonce: c.rest_creds(t, "kim", 3600, SECRET).nonce, ..cr };
+    assert_eq!(c.request(t, method::CREATE_PERMISSION, &[peer("8.8.8.8:1")], Some(&cr)).class(), Class::Success);
+    assert!(c.feed_relay(t, &cd).is_some());
+    c.advance(300);
+    let cr = Creds { nonce: c.rest_creds(t, "kim", 3600, SECRET).nonce, ..cr };
+    c.request(t, method::CREATE_PERMISSION, &[peer("8.8.8.8:1")], Some(&cr));
+    assert!(c.feed_relay(t, &cd).is_none(), "channel expired after 600 s");
+    // During the cooldown the number cannot go to another peer.
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:7000")], Some(&cr)).code(), Some(400));
+}
+
+#[test]
+fn legacy_channel_numbers_when_enabled() {
+    let cfg = ServerConfig { channel_max: turnd::stun::CHANNEL_MAX_RFC5766, ..config() };
+    let mut c = Core::with(cfg, policy(), vec![SECRET.to_vec()]);
+    let t = tuple(40020);
+    let (cr, _) = c.allocate(t, "leo");
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x7000), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
+    assert!(c.feed_relay(t, &[0x70, 0x00, 0x00, 0x01, 7]).is_some());
+}
+
+#[test]
+fn peer_data_becomes_channel_data_or_data_indication() {
+    let mut c = Core::new();
+    let t = tuple(40021);
+    let (cr, _) = c.allocate(t, "mia");
+    c.request(t, method::CREATE_PERMISSION, &[peer("8.8.8.8:1")], Some(&cr));
+    let ind = send_indication(&mut c, "8.8.8.8:5000", b"x");
+    let (relay, _, _) = c.feed_relay(t, &ind).unwrap();
+    let now = c.now.mono;
+    // Data indication from a permitted peer.
+    let (to, bytes) = c.server.handle_peer(relay, "8.8.8.8:5000".parse().unwrap(), b"pong", now, &mut c.out).unwrap();
+    assert_eq!(to, t);
+    let m = Message::parse(bytes).unwrap();
+    assert_eq!((m.method(), m.class()), (method::DATA, Class::Indication));
+    assert_eq!(m.get(attr::DATA), Some(&b"pong"[..]));
+    assert_eq!(attr::decode_xor_address(m.get(attr::XOR_PEER_ADDRESS).unwrap(), m.transaction_id()), Some("8.8.8.8:5000".parse().unwrap()));
+    // From an IP without permission: dropped.
+    assert!(c.server.handle_peer(relay, "9.9.9.9:5000".parse().unwrap(), b"x", now, &mut c.out).is_none());
+    // With a channel: ChannelData, unpadded on UDP.
+    c.request(t, method::CHANNEL_BIND, &[channel(0x4444), peer("8.8.8.8:5000")], Some(&cr));
+    let (_, bytes) = c.server.handle_peer(relay, "8.8.8.8:5000".parse().unwrap(), b"12345", now, &mut c.out).unwrap();
+    let cd = ChannelData::parse(bytes).unwrap();
+    assert_eq!((cd.channel, cd.data, bytes.len()), (0x4444, &b"12345"[..], 9));
+    assert_eq!(c.server.stats.packets_from_peer, 2);
+}
+
+#[test]
+fn stream_transports_pad_channel_data() {
+    let mut c = Core::new();
+    let mut t = tuple(40022);
+    t.transport = turnd::turn::Transport::Tcp;
+    let (cr, _) = c.allocate(t, "ned");
+    c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:5000")], Some(&cr));
+    let ind = [0x40, 0x00, 0x00, 0x01, 1, 0, 0, 0];
+    let (relay, _, _) = c.feed_relay(t, &ind).unwrap();
+    let now = c.now.mono;
+    let (_, bytes) = c.server.handle_peer(relay, "8.8.8.8:5000".parse().unwrap(), b"12345", now, &mut c.out).unwrap();
+    assert_eq!(bytes.len(), 12);
+    assert_eq!(&bytes[9..], &[0, 0, 0]);
+}
+
+#[test]
+fn quotas_give_486_and_508() {
+    let cfg = ServerConfig { user_quota: 1, total_quota: 2, ..config() };
+    let mut c = Core::with(cfg, policy(), vec![SECRET.to_vec()]);
+    c.allocate(tuple(40023), "olga");
+    let t = tuple(40024);
+    let cr = c.rest_creds(t, "olga", 3600, SECRET);
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(486));
+    c.allocate(tuple(40025), "pete");
+    let t = tuple(40026);
+    let cr = c.rest_creds(t, "quinn", 3600, SECRET);
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(508));
+    assert_eq!(c.server.stats.quota_refusals, 1);
+    // Out of relay ports: 508 too.
+    let mut c = Core::new();
+    c.relays.exhausted = true;
+    let t = tuple(40027);
+    let cr = c.rest_creds(t, "", 3600, SECRET);
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(508));
+}
+
+#[test]
+fn ipv6_and_dual_allocations() {
+    let mut c = Core::new();
+    let t = tuple(40028);
+    let cr = c.rest_creds(t, "", 3600, SECRET);
+    let v6 = A::Raw(attr::REQUESTED_ADDRESS_FAMILY, vec![2, 0, 0, 0]);
+    let r = c.request(t, method::ALLOCATE, &[transport_udp(), v6], Some(&cr));
+    assert_eq!(r.class(), Class::Success);
+    assert!(r.addr(attr::XOR_RELAYED_ADDRESS).unwrap().is_ipv6());
+    assert_eq!(c.request(t, method::CREATE_PERMISSION, &[peer("8.8.8.8:1")], Some(&cr)).code(), Some(443));
+    assert_eq!(c.request(t, method::CREATE_PERMISSION, &[peer("[2606:4700::1]:1")], Some(&cr)).class(), Class::Success);
+    // Dual: ADDITIONAL-ADDRESS-FAMILY IPv6 gives both.
+    let t2 = tuple(40029);
+    let cr = c.rest_creds(t2, "", 3600, SECRET);
+    let r = c.request(t2, method::ALLOCATE, &[transport_udp(), A::Raw(attr::ADDITIONAL_ADDRESS_FAMILY, vec![2, 0, 0, 0])], Some(&cr));
+    let addrs = r.addrs(attr::XOR_RELAYED_ADDRESS);
+    assert_eq!(addrs.len(), 2);
+    assert!(addrs[0].is_ipv4() && addrs[1].is_ipv6());
+    // ADDITIONAL-ADDRESS-FAMILY IPv4 is a bad request.
+    let t3 = tuple(40030);
+    let cr = c.rest_creds(t3, "", 3600, SECRET);
+    let r = c.request(t3, method::ALLOCATE, &[transport_udp(), A::Raw(attr::ADDITIONAL_ADDRESS_FAMILY, vec![1, 0, 0, 0])], Some(&cr));
+    assert_eq!(r.code(), Some(400));
+    // Without an IPv6 relay: a v6 request is 440; dual gives IPv4 plus ADDRESS-ERROR-CODE.
+    let cfg = ServerConfig { relay_v6: None, ..config() };
+    let mut c = Core::with(cfg, policy(), vec![SECRET.to_vec()]);
+    let cr = c.rest_creds(t, "", 3600, SECRET);
+    let v6 = A::Raw(attr::REQUESTED_ADDRESS_FAMILY, vec![2, 0, 0, 0]);
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp(), v6], Some(&cr)).code(), Some(440));
+    let r = c.request(t, method::ALLOCATE, &[transport_udp(), A::Raw(attr::ADDITIONAL_ADDRESS_FAMILY, vec![2, 0, 0, 0])], Some(&cr));
+    assert_eq!(r.addrs(attr::XOR_RELAYED_ADDRESS).len(), 1);
+    let ae = r.get(attr::ADDRESS_ERROR_CODE).unwrap();
+    assert_eq!((ae[0], ae[2] as u16 * 100 + ae[3] as u16), (2, 440));
+}
+
+#[test]
+fn two_allocations_on_this_server_relay_to_each_other() {
+    let mut c = Core::new();
+    let (a, b) = (tuple(40031), tuple(40032));
+    let (ca, ra) = c.allocate(a, "rita");
+    let (cb, rb) = c.allocate(b, "sam");
+    // Each permits the other's relayed (external) address: allowed, though it is "ours".
+    assert_eq!(c.request(a, method::CHANNEL_BIND, &[channel(0x4000), A::Addr(attr::XOR_PEER_ADDRESS, rb)], Some(&ca)).class(), Class::Success);
+    assert_eq!(c.request(b, method::CREATE_PERMISSION, &[A::Addr(attr::XOR_PEER_ADDRESS, ra)], Some(&cb)).class(), Class::Success);
+    let (relay_a, to, _) = c.feed_relay(a, &[0x40, 0x00, 0x00, 0x02, 1, 2, 0, 0]).unwrap();
+    // Sent to B's local relay address (hairpin behind 1:1 NAT).
+    assert_eq!(to, std::net::SocketAddr::new("10.0.0.5".parse().unwrap(), rb.port()));
+    // B's relay receives from A's local address; B sees A's external address.
+    let from_a = std::net::SocketAddr::new("10.0.0.5".parse().unwrap(), ra.port());
+    let relay_b = turnd::turn::RelayId(relay_a.0 + 2); // slot 1, same generation
+    let now = c.now.mono;
+    let (to, bytes) = c.server.handle_peer(relay_b, from_a, &[1, 2], now, &mut c.out).expect("delivered to B");
+    assert_eq!(to, b);
+    let m = Message::parse(bytes).unwrap();
+    assert_eq!(attr::decode_xor_address(m.get(attr::XOR_PEER_ADDRESS).unwrap(), m.transaction_id()), Some(ra));
+    // But the server's own listener port is not reachable as a peer.
+    let own = A::Addr(attr::XOR_PEER_ADDRESS, "192.0.2.5:3478".parse().unwrap());
+    assert_eq!(c.request(a, method::CHANNEL_BIND, &[channel(0x4001), own], Some(&ca)).code(), Some(403));
+    let ind = send_indication(&mut c, "192.0.2.5:3478", b"x");
+    assert!(c.feed_relay(b, &ind).is_none());
+}
+
+#[test]
+fn unknown_methods_and_responses() {
+    let mut c = Core::new();
+    let t = tuple(40033);
+    assert_eq!(c.request(t, 0x0FF, &[], None).code(), Some(400));
+    // Responses and unknown indications from clients are ignored.
+    let tid = c.next_tid();
+    let resp = c.build(method::BINDING, Class::Success, tid, &[], None, false);
+    assert!(c.feed(t, &resp).is_none());
+    let ind = c.build(method::DATA, Class::Indication, tid, &[], None, false);
+    assert!(matches!(c.server.handle_client(t, &ind, c.now, &mut c.out, &mut c.relays), Output::None));
+}
+
+#[test]
+fn draining_refuses_new_allocations() {
+    let mut c = Core::new();
+    c.allocate(tuple(40034), "tom");
+    c.server.set_accepting(false);
+    let t = tuple(40035);
+    let cr = c.rest_creds(t, "", 3600, SECRET);
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(508));
+    assert_eq!(c.server.allocation_count(), 1);
+    let _ = PeerPolicy::new(vec![], vec![], vec![], (1, 2));
+}

@@ -1,0 +1,100 @@
+//! coturn's turnutils_uclient relays through turnd to a UDP echo peer.
+//! The client is independent of our code: it checks integrity on every
+//! response and counts every echoed message.
+
+mod common;
+
+use std::process::Command;
+
+use common::{EchoPeer, Turnd, SECRET};
+
+/// The end-of-run summary turnutils_uclient prints.
+struct Summary {
+    sent: u64,
+    received: u64,
+    lost: u64,
+}
+
+fn uclient(args: &[&str], server: &Turnd) -> (i32, String) {
+    let bin = "turnutils_uclient";
+    assert!(
+        Command::new("sh").arg("-c").arg(format!("command -v {bin}")).output().unwrap().status.success(),
+        "{bin} is missing: the README's test command installs Debian's coturn package"
+    );
+    let port = server.port.to_string();
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(bin)
+        .args(args)
+        .args(["-p", &port, "-W", SECRET, "127.0.0.1"])
+        .output()
+        .expect("run turnutils_uclient");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn summary(text: &str) -> Summary {
+    let mut s = None;
+    let mut lost = None;
+    for line in text.lines() {
+        if let Some(rest) = line.split("start_mclient: tot_send_msgs=").nth(1) {
+            let mut it = rest.split(", tot_recv_msgs=");
+            let sent = it.next().and_then(|v| v.trim().parse().ok());
+            let recv = it.next().and_then(|v| v.trim().parse().ok());
+            if let (Some(a), Some(b)) = (sent, recv) {
+                s = Some((a, b));
+            }
+        }
+        if let Some(rest) = line.split("Total lost packets ").nth(1) {
+            lost = rest.split_whitespace().next().and_then(|v| v.parse().ok());
+        }
+    }
+    let (sent, received) = s.unwrap_or_else(|| panic!("no summary in turnutils_uclient output:\n{text}"));
+    Summary { sent, received, lost: lost.unwrap_or_else(|| panic!("no loss line:\n{text}")) }
+}
+
+fn relay_run(mode: &[&str], clients: u32, messages: u32) {
+    let server = Turnd::start("[limits]\nlegacy_channel_numbers = true\n");
+    let peer = EchoPeer::start();
+    let peer_port = peer.addr.port().to_string();
+    let m = clients.to_string();
+    let n = messages.to_string();
+    let mut args = vec!["-c", "-e", common::PEER_IP, "-r", &peer_port, "-m", &m, "-n", &n, "-l", "200"];
+    args.extend_from_slice(mode);
+    let (rc, text) = uclient(&args, &server);
+    assert_eq!(rc, 0, "turnutils_uclient failed:\n{text}\n--- turnd log ---\n{}", server.log());
+    let s = summary(&text);
+    let echoed = peer.finish();
+    eprintln!("uclient {mode:?}: sent {} received {} lost {} (peer echoed {echoed})", s.sent, s.received, s.lost);
+    assert_eq!(s.sent, (clients * messages) as u64, "{text}");
+    assert_eq!(s.received, s.sent, "loss through turnd:\n{text}");
+    assert_eq!(s.lost, 0);
+    assert!(echoed >= s.sent, "the peer saw every message ({echoed} < {})", s.sent);
+}
+
+#[test]
+fn uclient_udp_channels_no_loss() {
+    relay_run(&[], 4, 100);
+}
+
+#[test]
+fn uclient_udp_send_indications_no_loss() {
+    relay_run(&["-s"], 4, 100);
+}
+
+#[test]
+fn uclient_wrong_secret_is_refused() {
+    let server = Turnd::start("");
+    let peer = EchoPeer::start();
+    let port = server.port.to_string();
+    let peer_port = peer.addr.port().to_string();
+    let out = Command::new("timeout")
+        .args(["60", "turnutils_uclient", "-c", "-e", common::PEER_IP, "-r", &peer_port, "-n", "2", "-p", &port])
+        .args(["-W", "not-the-secret", "127.0.0.1"])
+        .output()
+        .expect("run turnutils_uclient");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("Cannot complete Allocation"), "{text}");
+    assert_eq!(peer.finish(), 0, "nothing reached the peer");
+}
