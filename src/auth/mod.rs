@@ -119,6 +119,11 @@ impl Authenticator {
         self.nonce.make(ip, unix_now)
     }
 
+    /// Whether `nonce` is one we issued to `ip` that has not expired.
+    pub fn nonce_valid(&self, nonce: &[u8], ip: IpAddr, unix_now: u64) -> bool {
+        self.nonce.check(nonce, ip, unix_now)
+    }
+
     /// RFC 8489 9.2.4 checks, in the RFC's order.
     pub fn authenticate<'a>(&self, msg: &Message<'a>, ip: IpAddr, unix_now: u64) -> Result<Authenticated<'a>, AuthFailure> {
         if !msg.has_integrity() {

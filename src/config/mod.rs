@@ -45,6 +45,14 @@ pub struct File {
     pub limits: LimitsSection,
     #[serde(default)]
     pub log: LogSection,
+    pub tls: Option<TlsSection>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -70,6 +78,8 @@ pub struct StaticUser {
 pub struct ListenSection {
     pub transport: String,
     pub address: String,
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -102,6 +112,10 @@ pub struct LimitsSection {
     pub total_quota: Option<u32>,
     pub max_permissions: Option<u32>,
     pub legacy_channel_numbers: Option<bool>,
+    pub max_connections: Option<u32>,
+    pub max_connections_per_ip: Option<u32>,
+    pub tls_handshake_timeout: Option<Seconds>,
+    pub idle_timeout: Option<Seconds>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -129,6 +143,8 @@ pub struct Overrides {
 pub struct Listener {
     pub transport: Transport,
     pub address: SocketAddr,
+    /// Expect a PROXY protocol v1/v2 header first (TCP/TLS only).
+    pub proxy_protocol: bool,
 }
 
 /// Where the shared secrets came from, for the start-up log.
@@ -163,6 +179,12 @@ pub struct Config {
     pub total_quota: u32,
     pub max_permissions: u32,
     pub legacy_channel_numbers: bool,
+    pub max_connections: u32,
+    pub max_connections_per_ip: u32,
+    pub tls_handshake_timeout: u32,
+    pub idle_timeout: u32,
+    /// Certificate chain and key (PEM) for TLS listeners.
+    pub tls: Option<TlsSection>,
     pub log_level: String,
     pub log_json: bool,
 }
@@ -323,22 +345,23 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
     let nonce_lifetime = secs("auth.nonce_lifetime", f.auth.nonce_lifetime, 600, 10)? as u64;
 
     // Listeners.
-    let mut listen: Vec<(String, String)> = f.listen.iter().map(|l| (l.transport.clone(), l.address.clone())).collect();
+    let mut listen: Vec<(String, String, bool)> =
+        f.listen.iter().map(|l| (l.transport.clone(), l.address.clone(), l.proxy_protocol)).collect();
     if !ov.listen.is_empty() {
         listen = ov
             .listen
             .iter()
             .map(|s| match s.split_once("://") {
-                Some((t, a)) => (t.to_owned(), a.to_owned()),
-                None => ("udp".to_owned(), s.clone()),
+                Some((t, a)) => (t.to_owned(), a.to_owned(), false),
+                None => ("udp".to_owned(), s.clone(), false),
             })
             .collect();
     }
     if listen.is_empty() {
-        listen = vec![("udp".into(), "0.0.0.0:3478".into()), ("tcp".into(), "0.0.0.0:3478".into())];
+        listen = vec![("udp".into(), "0.0.0.0:3478".into(), false), ("tcp".into(), "0.0.0.0:3478".into(), false)];
     }
-    let mut listeners = Vec::new();
-    for (i, (t, a)) in listen.iter().enumerate() {
+    let mut listeners: Vec<Listener> = Vec::new();
+    for (i, (t, a, proxy_protocol)) in listen.iter().enumerate() {
         let key = format!("listen[{i}]");
         let transport = match t.as_str() {
             "udp" => Transport::Udp,
@@ -348,8 +371,14 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         };
         let address: SocketAddr =
             a.parse().map_err(|_| bad(format!("{key}.address"), format!("`{a}` is not IP:PORT")))?;
-        let l = Listener { transport, address };
-        if listeners.contains(&l) {
+        if *proxy_protocol && transport == Transport::Udp {
+            return Err(bad(format!("{key}.proxy_protocol"), "applies to tcp and tls listeners only"));
+        }
+        if transport == Transport::Tls && f.tls.is_none() {
+            return Err(bad(format!("{key}.transport"), "a tls listener needs a [tls] section with cert and key"));
+        }
+        let l = Listener { transport, address, proxy_protocol: *proxy_protocol };
+        if listeners.iter().any(|o| o.address == l.address && o.transport.is_stream() == l.transport.is_stream()) {
             return Err(bad(key, format!("{t} {a} is listed twice")));
         }
         listeners.push(l);
@@ -458,6 +487,11 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         total_quota: l.total_quota.unwrap_or(10_000),
         max_permissions,
         legacy_channel_numbers: l.legacy_channel_numbers.unwrap_or(false),
+        max_connections: l.max_connections.unwrap_or(10_000),
+        max_connections_per_ip: l.max_connections_per_ip.unwrap_or(64),
+        tls_handshake_timeout: secs("limits.tls_handshake_timeout", l.tls_handshake_timeout, 10, 1)?,
+        idle_timeout: secs("limits.idle_timeout", l.idle_timeout, 30, 1)?,
+        tls: f.tls.clone(),
         log_level,
         log_json,
     })

@@ -195,6 +195,10 @@ impl Server {
         self.accepting = accepting;
     }
 
+    pub fn has_allocation(&self, tuple: &FiveTuple) -> bool {
+        self.by_tuple.contains_key(tuple)
+    }
+
     pub fn allocation_count(&self) -> usize {
         self.allocs.len()
     }
@@ -449,7 +453,13 @@ impl Server {
         if code == 400 {
             return reply.err(out, 400);
         }
-        let nonce = self.auth.nonce(tuple.client.ip(), now.unix);
+        // Echo a still-valid nonce: a client that sees the same nonce twice
+        // knows its credentials are wrong and stops instead of retrying.
+        let ip = tuple.client.ip();
+        let nonce = match msg.get(attr::NONCE) {
+            Some(n) if code == 401 && self.auth.nonce_valid(n, ip, now.unix) => n.try_into().unwrap_or_else(|_| self.auth.nonce(ip, now.unix)),
+            _ => self.auth.nonce(ip, now.unix),
+        };
         let realm = self.auth.realm().to_owned();
         reply.write(out, Class::Error, |w| {
             w.error_code(code, reason(code)).attr(attr::REALM, realm.as_bytes()).attr(attr::NONCE, &nonce);

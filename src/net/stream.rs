@@ -1,0 +1,197 @@
+//! TCP and TLS client connections (RFC 8656 stream framing): STUN messages
+//! and ChannelData (padded to 4 bytes) back to back on one byte stream. One
+//! allocation per connection; closing the connection frees it.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use super::Shard;
+use crate::stun::{frame_len, FrameLen};
+use crate::turn::FiveTuple;
+
+/// Bytes queued toward one client before further data is dropped (a slow
+/// reader loses packets, as on UDP, instead of growing memory).
+pub const MAX_QUEUED: usize = 256 * 1024;
+/// Largest frame: a 64 KiB STUN message or padded ChannelData.
+const MAX_FRAME: usize = 20 + 65_535 + 3;
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The send side of one connection, filled by the core's replies and relayed data.
+pub struct StreamOut {
+    buf: RefCell<Vec<u8>>,
+    notify: Notify,
+    /// Write each message in its own TLS record (some clients read one message per record).
+    per_message: bool,
+    closed: Cell<bool>,
+    pub dropped: Cell<u64>,
+}
+
+impl StreamOut {
+    pub fn new(per_message: bool) -> Rc<Self> {
+        Rc::new(StreamOut {
+            buf: RefCell::new(Vec::new()),
+            notify: Notify::new(),
+            per_message,
+            closed: Cell::new(false),
+            dropped: Cell::new(0),
+        })
+    }
+
+    /// Queues one framed message; false (and dropped) when the queue is full.
+    pub fn push(&self, msg: &[u8]) -> bool {
+        if self.closed.get() {
+            return false;
+        }
+        let mut b = self.buf.borrow_mut();
+        if b.len() + msg.len() > MAX_QUEUED {
+            self.dropped.set(self.dropped.get() + 1);
+            return false;
+        }
+        b.extend_from_slice(msg);
+        drop(b);
+        self.notify.notify_one();
+        true
+    }
+
+    pub fn close(&self) {
+        self.closed.set(true);
+        self.notify.notify_one();
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, out: Rc<StreamOut>) -> std::io::Result<()> {
+    let mut pending = Vec::new();
+    loop {
+        out.notify.notified().await;
+        if out.closed.get() {
+            let _ = wr.shutdown().await;
+            return Ok(());
+        }
+        std::mem::swap(&mut pending, &mut *out.buf.borrow_mut());
+        if out.per_message {
+            let mut at = 0;
+            while let FrameLen::Complete(n) = frame_len(&pending[at..]) {
+                wr.write_all(&pending[at..at + n]).await?;
+                at += n;
+            }
+        } else {
+            wr.write_all(&pending).await?;
+        }
+        wr.flush().await?;
+        pending.clear();
+        if pending.capacity() > 4 * READ_CHUNK {
+            pending.shrink_to(READ_CHUNK);
+        }
+    }
+}
+
+/// Reads frames and hands them to the core until the peer closes, the stream
+/// breaks framing, or the connection idles without an allocation.
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut rd: R,
+    shard: &Weak<RefCell<Shard>>,
+    tuple: FiveTuple,
+    idle: Duration,
+) -> std::io::Result<()> {
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    loop {
+        if buf.capacity() - buf.len() < 2048 {
+            buf.reserve(READ_CHUNK.min(MAX_FRAME + READ_CHUNK - buf.len()));
+        }
+        let n = match tokio::time::timeout(idle, rd.read_buf(&mut buf)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                // Idle: fine while an allocation lives (media may pause), not otherwise.
+                let Some(sh) = shard.upgrade() else { return Ok(()) };
+                if sh.borrow().server.has_allocation(&tuple) {
+                    continue;
+                }
+                return Ok(());
+            }
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let Some(sh) = shard.upgrade() else { return Ok(()) };
+        let mut sh = sh.borrow_mut();
+        let mut at = 0;
+        loop {
+            match frame_len(&buf[at..]) {
+                FrameLen::Complete(len) => {
+                    sh.on_stream(tuple, &buf[at..at + len]);
+                    at += len;
+                }
+                FrameLen::Incomplete => break,
+                FrameLen::Invalid => return Err(std::io::ErrorKind::InvalidData.into()),
+            }
+        }
+        buf.drain(..at);
+        if buf.len() > MAX_FRAME {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+    }
+}
+
+/// Runs one client connection to the end, then frees its allocation.
+pub(super) async fn serve<S: AsyncRead + AsyncWrite>(
+    shard: Weak<RefCell<Shard>>,
+    stream: S,
+    tuple: FiveTuple,
+    out: Rc<StreamOut>,
+    idle: Duration,
+) {
+    let (rd, wr) = tokio::io::split(stream);
+    let result = tokio::select! {
+        r = read_loop(rd, &shard, tuple, idle) => r,
+        r = write_loop(wr, out.clone()) => r,
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %tuple.client, error = %e, "connection ended");
+    }
+    out.close();
+    if let Some(sh) = shard.upgrade() {
+        sh.borrow_mut().stream_closed(tuple);
+    }
+}
+
+/// Where a connection came from, after an optional PROXY protocol header.
+pub(super) async fn proxy_source(tcp: &tokio::net::TcpStream, timeout: Duration) -> std::io::Result<Option<SocketAddr>> {
+    use super::proxy::{parse, Parsed, MAX_HEADER};
+    let mut buf = [0u8; MAX_HEADER];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        match parse(&buf[..n]) {
+            Ok(Parsed::Done { len, source }) => {
+                // Consume exactly the header; what follows is TLS or STUN.
+                let mut skip = vec![0u8; len];
+                let mut got = 0;
+                while got < len {
+                    tcp.readable().await?;
+                    match tcp.try_read(&mut skip[got..]) {
+                        Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                        Ok(k) => got += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                return Ok(source);
+            }
+            Ok(Parsed::Incomplete) if n < MAX_HEADER => {
+                // Wait for more bytes without busy-looping on the same peek.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            _ => return Err(std::io::ErrorKind::InvalidData.into()),
+        }
+    }
+}
