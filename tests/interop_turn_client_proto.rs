@@ -311,7 +311,7 @@ fn relays_via_send_indication_and_channel() {
         .unwrap_or_else(|e| panic!("{e}\nturnd log:\n{}", turnd.log()));
     eprintln!("allocated relay {relayed} (client {})", d.local);
     assert_eq!(relayed.ip(), IpAddr::from(Ipv4Addr::LOCALHOST));
-    assert!((40000..=49999).contains(&relayed.port()), "relay port {} out of range", relayed.port());
+    assert!(common::RELAY_PORTS.contains(&relayed.port()), "relay port {} out of range", relayed.port());
     assert!(d.client.relayed_addresses().any(|(t, a)| t == TransportType::Udp && a == relayed));
     assert!(
         d.received

@@ -15,13 +15,14 @@ struct Summary {
     lost: u64,
 }
 
-fn uclient(args: &[&str], server: &Turnd) -> (i32, String) {
+fn uclient_port(args: &[&str], port: u16, server: &Turnd) -> (i32, String) {
     let bin = "turnutils_uclient";
     assert!(
         Command::new("sh").arg("-c").arg(format!("command -v {bin}")).output().unwrap().status.success(),
         "{bin} is missing: the README's test command installs Debian's coturn package"
     );
-    let port = server.port.to_string();
+    let _ = server;
+    let port = port.to_string();
     let out = Command::new("timeout")
         .arg("60")
         .arg(bin)
@@ -54,14 +55,15 @@ fn summary(text: &str) -> Summary {
 }
 
 fn relay_run(mode: &[&str], clients: u32, messages: u32) {
-    let server = Turnd::start("[limits]\nlegacy_channel_numbers = true\n");
+    let server = Turnd::start_all("[limits]\nlegacy_channel_numbers = true\n");
     let peer = EchoPeer::start();
     let peer_port = peer.addr.port().to_string();
     let m = clients.to_string();
     let n = messages.to_string();
     let mut args = vec!["-c", "-e", common::PEER_IP, "-r", &peer_port, "-m", &m, "-n", &n, "-l", "200"];
     args.extend_from_slice(mode);
-    let (rc, text) = uclient(&args, &server);
+    let port = if mode.contains(&"-S") { server.tls_port } else { server.port };
+    let (rc, text) = uclient_port(&args, port, &server);
     assert_eq!(rc, 0, "turnutils_uclient failed:\n{text}\n--- turnd log ---\n{}", server.log());
     let s = summary(&text);
     let echoed = peer.finish();
@@ -80,6 +82,16 @@ fn uclient_udp_channels_no_loss() {
 #[test]
 fn uclient_udp_send_indications_no_loss() {
     relay_run(&["-s"], 4, 100);
+}
+
+#[test]
+fn uclient_tcp_no_loss() {
+    relay_run(&["-t"], 4, 100);
+}
+
+#[test]
+fn uclient_tls_no_loss() {
+    relay_run(&["-t", "-S"], 4, 100);
 }
 
 #[test]

@@ -15,6 +15,9 @@ pub const REALM: &str = "test";
 /// Peers live on a different loopback address than the relay: the relay's own
 /// address is reachable only on relay ports.
 pub const PEER_IP: &str = "127.0.0.2";
+/// Relay ports given to turnd: below Linux's ephemeral range, so client
+/// sockets never collide with them.
+pub const RELAY_PORTS: std::ops::RangeInclusive<u16> = 20000..=29999;
 
 /// A free port on 127.0.0.1 for both UDP and TCP (as free as loopback can promise).
 pub fn free_port() -> u16 {
@@ -23,7 +26,7 @@ pub fn free_port() -> u16 {
         let p = u.local_addr().unwrap().port();
         // Stay out of the relay range given to turnd below (it refuses a
         // listener port inside its relay port range).
-        if (40000..=49999).contains(&p) {
+        if RELAY_PORTS.contains(&p) {
             continue;
         }
         if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
@@ -42,6 +45,8 @@ pub fn temp_dir(name: &str) -> PathBuf {
 pub struct Turnd {
     child: Child,
     pub port: u16,
+    /// TLS port when started with `start_all`, else 0.
+    pub tls_port: u16,
     pub addr: SocketAddr,
     pub dir: PathBuf,
     pub config: PathBuf,
@@ -55,12 +60,34 @@ impl Turnd {
     }
 
     pub fn start_with(extra: &str, allow_loopback: bool) -> Turnd {
+        Self::launch(extra, allow_loopback, false)
+    }
+
+    /// UDP and TCP on `port`, TLS on `tls_port` with a fresh self-signed
+    /// certificate for 127.0.0.1 (`dir/cert.pem`, `dir/key.pem`).
+    pub fn start_all(extra: &str) -> Turnd {
+        Self::launch(extra, true, true)
+    }
+
+    fn launch(extra: &str, allow_loopback: bool, streams: bool) -> Turnd {
         let port = free_port();
+        let tls_port = if streams { free_port() } else { 0 };
         let dir = temp_dir("turnd");
         let allow = if allow_loopback { "[peers]\nallow = [\"127.0.0.0/8\"]\n" } else { "" };
+        let mut listen = format!("[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n");
+        if streams {
+            make_cert(&dir, "cert.pem", "key.pem", "turnd-test-a");
+            listen += &format!(
+                "[[listen]]\ntransport = \"tcp\"\naddress = \"127.0.0.1:{port}\"\n\
+                 [[listen]]\ntransport = \"tls\"\naddress = \"127.0.0.1:{tls_port}\"\n\
+                 [tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                dir.join("cert.pem").display(),
+                dir.join("key.pem").display()
+            );
+        }
         let cfg = format!(
-            "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
-             [relay]\nip = \"127.0.0.1\"\nports = \"40000-49999\"\n{allow}{extra}"
+            "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n{listen}\
+             [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n{allow}{extra}"
         );
         let config = dir.join("turnd.toml");
         std::fs::write(&config, cfg).unwrap();
@@ -73,7 +100,7 @@ impl Turnd {
             .spawn()
             .expect("spawn turnd");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut t = Turnd { child, port, addr, dir, config };
+        let mut t = Turnd { child, port, tls_port, addr, dir, config };
         t.wait_ready();
         t
     }
@@ -100,6 +127,12 @@ impl Turnd {
             }
         }
         panic!("turnd did not answer a Binding within 5 s: {}", self.log());
+    }
+
+    /// Sends a signal (e.g. "HUP", "TERM") to turnd.
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        assert!(st.success());
     }
 
     pub fn log(&self) -> String {
@@ -175,4 +208,37 @@ impl Drop for EchoPeer {
             let _ = t.join();
         }
     }
+}
+
+/// Writes a self-signed certificate for 127.0.0.1/localhost with the given CN
+/// into `dir` (openssl CLI, present on Debian).
+pub fn make_cert(dir: &std::path::Path, cert: &str, key: &str, cn: &str) {
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .arg("-keyout")
+        .arg(dir.join(key))
+        .arg("-out")
+        .arg(dir.join(cert))
+        .args(["-subj", &format!("/CN={cn}"), "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .output()
+        .expect("run openssl");
+    assert!(out.status.success(), "openssl failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// SHA-256 fingerprint of the certificate a TLS server presents (openssl s_client).
+pub fn served_cert_fingerprint(addr: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "timeout 10 openssl s_client -connect {addr} -alpn stun.turn </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"
+        ))
+        .output()
+        .expect("run openssl s_client");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// SHA-256 fingerprint of a certificate file.
+pub fn file_cert_fingerprint(path: &std::path::Path) -> String {
+    let out = Command::new("openssl").args(["x509", "-noout", "-fingerprint", "-sha256", "-in"]).arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
