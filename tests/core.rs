@@ -541,3 +541,36 @@ fn draining_refuses_new_allocations() {
     assert_eq!(c.server.allocation_count(), 1);
     let _ = PeerPolicy::new(vec![], vec![], vec![], (1, 2));
 }
+
+#[test]
+fn even_port_reservations_hand_over_the_next_port() {
+    let mut c = Core::new();
+    let t = tuple(40036);
+    let cr = c.rest_creds(t, "", 3600, SECRET);
+    let r = c.request(t, method::ALLOCATE, &[transport_udp(), A::Raw(attr::EVEN_PORT, vec![0x80])], Some(&cr));
+    assert_eq!(r.class(), Class::Success);
+    let even = r.addr(attr::XOR_RELAYED_ADDRESS).unwrap().port();
+    assert_eq!(even % 2, 0);
+    let token = r.get(attr::RESERVATION_TOKEN).expect("a token for the reserved port");
+    assert_eq!(token.len(), 8);
+    assert!(c.relays.reserved.contains(&(even + 1)));
+    // Another client claims the reserved port with the token, once.
+    let t2 = tuple(40037);
+    let cr2 = c.rest_creds(t2, "", 3600, SECRET);
+    let r = c.request(t2, method::ALLOCATE, &[transport_udp(), A::Raw(attr::RESERVATION_TOKEN, token.clone())], Some(&cr2));
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(r.addr(attr::XOR_RELAYED_ADDRESS).unwrap().port(), even + 1);
+    let t3 = tuple(40038);
+    let cr3 = c.rest_creds(t3, "", 3600, SECRET);
+    let again = c.request(t3, method::ALLOCATE, &[transport_udp(), A::Raw(attr::RESERVATION_TOKEN, token)], Some(&cr3));
+    assert_eq!(again.code(), Some(508), "a token works once");
+    let bogus = c.request(t3, method::ALLOCATE, &[transport_udp(), A::Raw(attr::RESERVATION_TOKEN, vec![0; 8])], Some(&cr3));
+    assert_eq!(bogus.code(), Some(508));
+    // An unclaimed reservation is released after 30 s.
+    let t4 = tuple(40039);
+    let cr4 = c.rest_creds(t4, "", 3600, SECRET);
+    c.request(t4, method::ALLOCATE, &[transport_udp(), A::Raw(attr::EVEN_PORT, vec![0x80])], Some(&cr4));
+    assert_eq!(c.relays.reserved.len(), 1);
+    c.advance(31);
+    assert!(c.relays.reserved.is_empty());
+}

@@ -55,20 +55,31 @@ fn summary(text: &str) -> Summary {
 }
 
 fn relay_run(mode: &[&str], clients: u32, messages: u32) {
+    relay_run_sessions(mode, clients, messages, false)
+}
+
+/// With `rtcp`, each client makes an RTP/RTCP pair of allocations using
+/// EVEN-PORT with the R bit and RESERVATION-TOKEN (no `-c`).
+fn relay_run_sessions(mode: &[&str], clients: u32, messages: u32, rtcp: bool) {
     let server = Turnd::start_all("[limits]\nlegacy_channel_numbers = true\n");
     let peer = EchoPeer::start();
     let peer_port = peer.addr.port().to_string();
     let m = clients.to_string();
     let n = messages.to_string();
-    let mut args = vec!["-c", "-e", common::PEER_IP, "-r", &peer_port, "-m", &m, "-n", &n, "-l", "200"];
+    let mut args = vec!["-e", common::PEER_IP, "-r", &peer_port, "-m", &m, "-n", &n, "-l", "200"];
     args.extend_from_slice(mode);
+    if !rtcp {
+        args.push("-c");
+    }
+    // Without -c, uclient rounds the client count up to even RTP/RTCP pairs.
+    let sessions = if rtcp { clients.div_ceil(2) * 2 } else { clients };
     let port = if mode.contains(&"-S") { server.tls_port } else { server.port };
     let (rc, text) = uclient_port(&args, port, &server);
     assert_eq!(rc, 0, "turnutils_uclient failed:\n{text}\n--- turnd log ---\n{}", server.log());
     let s = summary(&text);
     let echoed = peer.finish();
     eprintln!("uclient {mode:?}: sent {} received {} lost {} (peer echoed {echoed})", s.sent, s.received, s.lost);
-    assert_eq!(s.sent, (clients * messages) as u64, "{text}");
+    assert_eq!(s.sent, (sessions * messages) as u64, "{text}");
     assert_eq!(s.received, s.sent, "loss through turnd:\n{text}");
     assert_eq!(s.lost, 0);
     assert!(echoed >= s.sent, "the peer saw every message ({echoed} < {})", s.sent);
@@ -77,6 +88,11 @@ fn relay_run(mode: &[&str], clients: u32, messages: u32) {
 #[test]
 fn uclient_udp_channels_no_loss() {
     relay_run(&[], 4, 100);
+}
+
+#[test]
+fn uclient_udp_rtp_rtcp_pairs_with_reservations() {
+    relay_run_sessions(&[], 4, 50, true);
 }
 
 #[test]

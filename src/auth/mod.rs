@@ -119,6 +119,11 @@ impl Authenticator {
         self.nonce.make(ip, unix_now)
     }
 
+    /// An unguessable 8-byte RESERVATION-TOKEN for this slot and moment.
+    pub fn token(&self, slot: u32, generation: u32, unix_now: u64) -> [u8; 8] {
+        self.nonce.token(&[&slot.to_be_bytes(), &generation.to_be_bytes(), &unix_now.to_be_bytes()])
+    }
+
     /// Whether `nonce` is one we issued to `ip` that has not expired.
     pub fn nonce_valid(&self, nonce: &[u8], ip: IpAddr, unix_now: u64) -> bool {
         self.nonce.check(nonce, ip, unix_now)

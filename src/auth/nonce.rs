@@ -33,6 +33,13 @@ impl NonceKey {
         full[..8].try_into().expect("8 of 32 bytes")
     }
 
+    /// A keyed 8-byte tag over `parts`, domain-separated from nonces.
+    pub fn token(&self, parts: &[&[u8]]) -> [u8; 8] {
+        let mut all: Vec<&[u8]> = vec![b"reservation-token"];
+        all.extend_from_slice(parts);
+        hmac_sha256(&self.key, &all)[..8].try_into().expect("8 of 32 bytes")
+    }
+
     pub fn make(&self, ip: IpAddr, unix_now: u64) -> [u8; NONCE_LEN] {
         let expiry = (unix_now + self.ttl).min(u32::MAX as u64) as u32;
         let mut raw = [0u8; 12];

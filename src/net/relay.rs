@@ -8,7 +8,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-use crate::turn::{Family, OpenError, RelayId, RelayPorts};
+use std::collections::HashMap;
+
+use crate::turn::{Family, OpenError, Placement, RelayId, RelayPorts};
 
 /// Attempts at a random port before reporting the range exhausted.
 const PORT_ATTEMPTS: usize = 64;
@@ -29,6 +31,8 @@ pub struct RelaySockets {
     /// Sockets opened during the last core call, whose receive task must be started.
     pub opened: Vec<RelayId>,
     in_use: usize,
+    /// IPv4 ports held for reservations (EVEN-PORT with R), by port.
+    reserved: HashMap<u16, std::net::UdpSocket>,
 }
 
 /// A random u32 from the OS CSPRNG (never a predictable sequence).
@@ -44,15 +48,16 @@ fn index(id: RelayId) -> usize {
 
 impl RelaySockets {
     pub fn new(v4: Option<IpAddr>, v6: Option<IpAddr>, ports: (u16, u16)) -> Self {
-        RelaySockets { v4, v6, ports, entries: Vec::new(), opened: Vec::new(), in_use: 0 }
+        RelaySockets { v4, v6, ports, entries: Vec::new(), opened: Vec::new(), in_use: 0, reserved: HashMap::new() }
     }
 
     pub fn set_ports(&mut self, ports: (u16, u16)) {
         self.ports = ports;
     }
 
+    /// Relay sockets open plus ports held for reservations.
     pub fn in_use(&self) -> usize {
-        self.in_use
+        self.in_use + self.reserved.len()
     }
 
     pub fn port_range_size(&self) -> usize {
@@ -95,24 +100,27 @@ impl RelaySockets {
     }
 }
 
-impl RelayPorts for RelaySockets {
-    fn open(&mut self, id: RelayId, family: Family, even_port: bool) -> Result<SocketAddr, OpenError> {
-        let ip = match family {
-            Family::V4 => self.v4,
-            Family::V6 => self.v6,
+impl RelaySockets {
+    /// Binds a socket as `placement` asks, retrying random ports.
+    fn bind_placed(&mut self, ip: IpAddr, placement: Placement) -> Result<std::net::UdpSocket, OpenError> {
+        if let Placement::Reserved(port) = placement {
+            return self.reserved.remove(&port).ok_or(OpenError::Exhausted);
         }
-        .ok_or(OpenError::FamilyUnsupported)?;
         let (lo, hi) = self.ports;
         let span = (hi - lo) as u32 + 1;
+        let even = placement != Placement::Any;
         for _ in 0..PORT_ATTEMPTS {
             let mut port = lo as u32 + random_u32() % span;
-            if even_port && port % 2 == 1 {
-                port = if port > lo as u32 { port - 1 } else { port + 1 };
-                if port > hi as u32 {
+            if even && port % 2 == 1 {
+                port -= 1;
+                if port < lo as u32 {
                     continue;
                 }
             }
-            let std_sock = match Self::bind(ip, port as u16) {
+            if placement == Placement::EvenReserveNext && port + 1 > hi as u32 {
+                continue;
+            }
+            let sock = match Self::bind(ip, port as u16) {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
                 Err(e) => {
@@ -120,24 +128,48 @@ impl RelayPorts for RelaySockets {
                     return Err(OpenError::Exhausted);
                 }
             };
-            let local = std_sock.local_addr().map_err(|_| OpenError::Exhausted)?;
-            let socket = match UdpSocket::from_std(std_sock) {
-                Ok(s) => Rc::new(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot register a relay socket");
-                    return Err(OpenError::Exhausted);
+            if placement == Placement::EvenReserveNext {
+                match Self::bind(ip, port as u16 + 1) {
+                    Ok(next) => {
+                        self.reserved.insert(port as u16 + 1, next);
+                    }
+                    Err(_) => continue,
                 }
-            };
-            let i = index(id);
-            if self.entries.len() <= i {
-                self.entries.resize_with(i + 1, || None);
             }
-            self.entries[i] = Some(RelayEntry { id, socket, task: None });
-            self.opened.push(id);
-            self.in_use += 1;
-            return Ok(local);
+            return Ok(sock);
         }
         Err(OpenError::Exhausted)
+    }
+}
+
+impl RelayPorts for RelaySockets {
+    fn open(&mut self, id: RelayId, family: Family, placement: Placement) -> Result<SocketAddr, OpenError> {
+        let ip = match family {
+            Family::V4 => self.v4,
+            Family::V6 => self.v6,
+        }
+        .ok_or(OpenError::FamilyUnsupported)?;
+        let std_sock = self.bind_placed(ip, placement)?;
+        let local = std_sock.local_addr().map_err(|_| OpenError::Exhausted)?;
+        let socket = match UdpSocket::from_std(std_sock) {
+            Ok(s) => Rc::new(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register a relay socket");
+                return Err(OpenError::Exhausted);
+            }
+        };
+        let i = index(id);
+        if self.entries.len() <= i {
+            self.entries.resize_with(i + 1, || None);
+        }
+        self.entries[i] = Some(RelayEntry { id, socket, task: None });
+        self.opened.push(id);
+        self.in_use += 1;
+        Ok(local)
+    }
+
+    fn release(&mut self, _family: Family, port: u16) {
+        self.reserved.remove(&port);
     }
 
     fn close(&mut self, id: RelayId) {

@@ -27,6 +27,8 @@ pub struct Relay {
     pub id: RelayId,
     /// What the client is told (the external address behind 1:1 NAT).
     pub advertised: SocketAddr,
+    /// The port the socket is bound to (equal to the advertised one).
+    pub local_port: u16,
 }
 
 #[derive(Debug)]

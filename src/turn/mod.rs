@@ -85,13 +85,29 @@ pub enum OpenError {
     Exhausted,
 }
 
+/// Where a new relay socket should go.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Placement {
+    /// Any free port in the range, picked at random.
+    Any,
+    /// A random even port (EVEN-PORT).
+    Even,
+    /// A random even port whose successor is free too; the successor is
+    /// held back (EVEN-PORT with the R bit) until `claim`ed or `release`d.
+    EvenReserveNext,
+    /// The port held back earlier by `EvenReserveNext` (RESERVATION-TOKEN).
+    Reserved(u16),
+}
+
 /// Relay sockets, as the I/O layer provides them.
 pub trait RelayPorts {
-    /// Opens a UDP socket on the relay address of `family` on a random free
-    /// port (an even one if asked) and returns its local address.
-    fn open(&mut self, id: RelayId, family: Family, even_port: bool) -> Result<SocketAddr, OpenError>;
+    /// Opens a UDP socket on the relay address of `family` as `placement`
+    /// says, and returns its local address.
+    fn open(&mut self, id: RelayId, family: Family, placement: Placement) -> Result<SocketAddr, OpenError>;
     /// Closes the socket; no more packets for `id` will be accepted.
     fn close(&mut self, id: RelayId);
+    /// Gives back a port held for a reservation that was never claimed.
+    fn release(&mut self, family: Family, port: u16);
 }
 
 /// The current time, as two clocks: a monotonic one for lifetimes and the

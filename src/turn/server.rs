@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::allocation::{Allocation, Channel, Relay};
 use super::slab::Slab;
-use super::{EndReason, Event, Family, FiveTuple, Now, OpenError, Output, PeerPolicy, RelayId, RelayPorts, Stats};
+use super::{EndReason, Event, Family, FiveTuple, Now, OpenError, Output, PeerPolicy, Placement, RelayId, RelayPorts, Stats};
 use crate::auth::{quota_key, Authenticated, AuthFailure, Authenticator};
 use crate::stun::attr::{self, comprehension_required};
 use crate::stun::{method, ChannelData, Class, IntegrityKind, Message, MessageWriter, CHANNEL_MAX, CHANNEL_MIN, MAX_ATTRS};
@@ -17,6 +17,16 @@ use crate::stun::{method, ChannelData, Class, IntegrityKind, Message, MessageWri
 const MAX_EVENTS: usize = 4096;
 /// UNKNOWN-ATTRIBUTES lists at most this many types.
 const MAX_UNKNOWN: usize = 8;
+/// How long a port reserved by EVEN-PORT's R bit waits for its token (RFC 8656: about 30 s).
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// Reservations held at once; beyond this, EVEN-PORT with R gets 508.
+const MAX_RESERVATIONS: usize = 4096;
+
+/// A relay port held back for a later Allocate with RESERVATION-TOKEN.
+struct Reservation {
+    port: u16,
+    expires: Instant,
+}
 
 /// A relay address: where sockets bind, and what clients are told.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +78,7 @@ pub struct Server {
     by_tuple: HashMap<FiveTuple, u32>,
     per_user: HashMap<Box<str>, u32>,
     events: VecDeque<Event>,
+    reservations: HashMap<[u8; 8], Reservation>,
     accepting: bool,
     data_tid: u64,
     pub stats: Stats,
@@ -176,6 +187,7 @@ impl Server {
             by_tuple: HashMap::new(),
             per_user: HashMap::new(),
             events: VecDeque::new(),
+            reservations: HashMap::new(),
             accepting: true,
             data_tid: 0,
             stats: Stats::default(),
@@ -492,7 +504,7 @@ impl Server {
             if a.allocate_tid == *msg.transaction_id() && &*a.username == auth.username {
                 // A retransmission of the request that created it (RFC 8656 7.2).
                 let remaining = a.expires.saturating_duration_since(now.mono).as_secs() as u32;
-                return Self::allocate_success(reply, a, tuple, remaining, None, out);
+                return Self::allocate_success(reply, a, tuple, remaining, None, None, out);
             }
             return reply.err(out, 437);
         }
@@ -513,23 +525,37 @@ impl Server {
         if (even.is_some() && token.is_some()) || (raf.is_some() && (token.is_some() || aaf.is_some())) {
             return reply.err(out, 400);
         }
-        if token.is_some() {
-            // We hold no reserved ports, so no token can be valid.
-            self.stats.capacity_refusals += 1;
-            return reply.err(out, 508);
-        }
-        let even_port = match even {
-            None => false,
-            Some(v) if v.len() != 1 => return reply.err(out, 400),
-            // R bit: reserving the next port is not offered.
-            Some(v) if v[0] & 0x80 != 0 => {
-                self.stats.capacity_refusals += 1;
-                return reply.err(out, 508);
+        let placement = match (even, token) {
+            (Some(v), _) if v.len() != 1 => return reply.err(out, 400),
+            (Some(v), _) if v[0] & 0x80 != 0 => {
+                if self.reservations.len() >= MAX_RESERVATIONS {
+                    self.stats.capacity_refusals += 1;
+                    return reply.err(out, 508);
+                }
+                Placement::EvenReserveNext
             }
-            Some(_) => true,
+            (Some(_), _) => Placement::Even,
+            (None, Some(t)) => {
+                let Ok(t) = <[u8; 8]>::try_from(t) else { return reply.err(out, 400) };
+                match self.reservations.remove(&t) {
+                    Some(r) if r.expires > now.mono => Placement::Reserved(r.port),
+                    Some(r) => {
+                        relays.release(Family::V4, r.port);
+                        self.stats.capacity_refusals += 1;
+                        return reply.err(out, 508);
+                    }
+                    None => {
+                        self.stats.capacity_refusals += 1;
+                        return reply.err(out, 508);
+                    }
+                }
+            }
+            (None, None) => Placement::Any,
         };
         let (primary, dual) = match (raf, aaf) {
             (Some(v), None) => match family_of(v) {
+                // Reservations are kept for IPv4 relays only.
+                Ok(Family::V6) if placement == Placement::EvenReserveNext => return reply.err(out, 508),
                 Ok(f) => (f, false),
                 Err(code) => return reply.err(out, code),
             },
@@ -553,20 +579,30 @@ impl Server {
             None => self.cfg.default_lifetime.min(self.cfg.max_lifetime),
         };
         let (slot, generation) = self.allocs.vacant();
-        let first = match self.open_relay(relays, slot, generation, primary, even_port) {
+        let first = match self.open_relay(relays, slot, generation, primary, placement) {
             Ok(r) => r,
             Err(code) => {
+                if let Placement::Reserved(port) = placement {
+                    relays.release(Family::V4, port);
+                }
                 self.stats.capacity_refusals += (code == 508) as u64;
                 return reply.err(out, code);
             }
         };
+        let token = (placement == Placement::EvenReserveNext).then(|| {
+            let t = self.auth.token(slot, generation, now.unix);
+            let port = first.local_port + 1;
+            self.reservations.insert(t, Reservation { port, expires: now.mono + RESERVATION_LIFETIME });
+            t
+        });
         let (v4, mut v6) = match primary {
             Family::V4 => (Some(first), None),
             Family::V6 => (None, Some(first)),
         };
         let mut address_error = None;
         if dual {
-            match self.open_relay(relays, slot, generation, Family::V6, even_port) {
+            let second = if placement == Placement::Even { Placement::Even } else { Placement::Any };
+            match self.open_relay(relays, slot, generation, Family::V6, second) {
                 Ok(r) => v6 = Some(r),
                 Err(code) => address_error = Some(code),
             }
@@ -588,7 +624,7 @@ impl Server {
             packets_to_peer: 0,
             packets_from_peer: 0,
         };
-        let n = Self::allocate_success(reply, &a, tuple, lifetime, address_error, out);
+        let n = Self::allocate_success(reply, &a, tuple, lifetime, address_error, token, out);
         let relayed = [a.v4, a.v6].iter().flatten().map(|r| r.advertised).collect();
         let inserted = self.allocs.insert(a);
         debug_assert_eq!(inserted, slot);
@@ -605,7 +641,7 @@ impl Server {
         slot: u32,
         generation: u32,
         family: Family,
-        even_port: bool,
+        placement: Placement,
     ) -> Result<Relay, u16> {
         let cfg = match family {
             Family::V4 => self.cfg.relay_v4,
@@ -613,8 +649,8 @@ impl Server {
         };
         let Some(cfg) = cfg else { return Err(440) };
         let id = RelayId::new(slot, generation, family);
-        match relays.open(id, family, even_port) {
-            Ok(local) => Ok(Relay { id, advertised: SocketAddr::new(cfg.external, local.port()) }),
+        match relays.open(id, family, placement) {
+            Ok(local) => Ok(Relay { id, advertised: SocketAddr::new(cfg.external, local.port()), local_port: local.port() }),
             Err(OpenError::FamilyUnsupported) => Err(440),
             Err(OpenError::Exhausted) => Err(508),
         }
@@ -626,9 +662,13 @@ impl Server {
         tuple: FiveTuple,
         lifetime: u32,
         address_error: Option<u16>,
+        token: Option<[u8; 8]>,
         out: &mut [u8],
     ) -> Handled {
         reply.ok(out, |w| {
+            if let Some(t) = token {
+                w.attr(attr::RESERVATION_TOKEN, &t);
+            }
             for r in [a.v4, a.v6].iter().flatten() {
                 w.xor_address(attr::XOR_RELAYED_ADDRESS, r.advertised);
             }
@@ -826,8 +866,14 @@ impl Server {
         });
     }
 
-    /// Expires allocations, permissions and channels. Call about once a second.
+    /// Expires allocations, permissions, channels and reservations. Call about once a second.
     pub fn handle_timeout(&mut self, now: Instant, relays: &mut dyn RelayPorts) {
+        let stale: Vec<[u8; 8]> = self.reservations.iter().filter(|(_, r)| r.expires <= now).map(|(t, _)| *t).collect();
+        for t in stale {
+            if let Some(r) = self.reservations.remove(&t) {
+                relays.release(Family::V4, r.port);
+            }
+        }
         let expired: Vec<u32> = self.allocs.slots().filter(|(_, a)| a.expires <= now).map(|(s, _)| s).collect();
         for slot in expired {
             self.remove(slot, EndReason::Expired, now, relays);

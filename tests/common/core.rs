@@ -10,7 +10,7 @@ use turnd::auth::{rest_password, Authenticator, NonceKey};
 use turnd::stun::attr;
 use turnd::stun::integrity::long_term_key;
 use turnd::stun::{method, Class, Message, MessageWriter};
-use turnd::turn::{Family, FiveTuple, Now, OpenError, Output, PeerPolicy, RelayAddr, RelayId, RelayPorts, Server, ServerConfig, Transport};
+use turnd::turn::{Family, FiveTuple, Now, OpenError, Output, PeerPolicy, Placement, RelayAddr, RelayId, RelayPorts, Server, ServerConfig, Transport};
 
 pub const SECRET: &[u8] = b"core-secret";
 pub const REALM: &str = "example.org";
@@ -22,25 +22,42 @@ pub struct FakeRelays {
     pub open: HashSet<RelayId>,
     pub exhausted: bool,
     pub last_even: bool,
+    pub reserved: HashSet<u16>,
 }
 
 impl RelayPorts for FakeRelays {
-    fn open(&mut self, id: RelayId, family: Family, even_port: bool) -> Result<SocketAddr, OpenError> {
+    fn open(&mut self, id: RelayId, family: Family, placement: Placement) -> Result<SocketAddr, OpenError> {
         if self.exhausted {
             return Err(OpenError::Exhausted);
         }
-        self.last_even = even_port;
-        let mut port = self.next_port;
-        if even_port && port % 2 == 1 {
-            port += 1;
-        }
-        self.next_port = port + 1;
+        self.last_even = placement != Placement::Any;
+        let port = match placement {
+            Placement::Reserved(p) => {
+                assert!(self.reserved.remove(&p), "claimed a port that was not reserved");
+                p
+            }
+            _ => {
+                let mut port = self.next_port;
+                if placement != Placement::Any && port % 2 == 1 {
+                    port += 1;
+                }
+                self.next_port = port + 1;
+                if placement == Placement::EvenReserveNext {
+                    self.reserved.insert(port + 1);
+                    self.next_port = port + 2;
+                }
+                port
+            }
+        };
         self.open.insert(id);
         let ip: IpAddr = match family {
             Family::V4 => "10.0.0.5".parse().unwrap(),
             Family::V6 => "2001:db8:5::5".parse().unwrap(),
         };
         Ok(SocketAddr::new(ip, port))
+    }
+    fn release(&mut self, _family: Family, port: u16) {
+        assert!(self.reserved.remove(&port), "released a port that was not reserved");
     }
     fn close(&mut self, id: RelayId) {
         assert!(self.open.remove(&id), "closed a relay that was not open");
@@ -146,7 +163,7 @@ impl Core {
         let auth = Authenticator::new(REALM, secrets, &[("static".into(), "pw".into())], NonceKey::new([9; 32], 600));
         Core {
             server: Server::new(cfg, auth, policy),
-            relays: FakeRelays { next_port: 50001, open: HashSet::new(), exhausted: false, last_even: false },
+            relays: FakeRelays { next_port: 50001, open: HashSet::new(), exhausted: false, last_even: false, reserved: HashSet::new() },
             now: Now { mono: Instant::now(), unix: UNIX0 },
             out: vec![0u8; 70_000],
             tid: 0,
