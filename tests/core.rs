@@ -270,7 +270,8 @@ fn allocations_expire_on_the_clock() {
     c.advance(2);
     assert_eq!(c.server.allocation_count(), 0);
     assert!(c.relays.open.is_empty());
-    assert_eq!(c.server.stats.allocations_ended, 1);
+    assert_eq!(c.server.stats.allocations_ended[turnd::turn::EndReason::Expired as usize], 1);
+    assert_eq!(c.server.stats.total_ended(), 1);
 }
 
 fn send_indication(c: &mut Core, to: &str, data: &[u8]) -> Vec<u8> {
@@ -416,7 +417,7 @@ fn peer_data_becomes_channel_data_or_data_indication() {
     let (_, bytes) = c.server.handle_peer(relay, "8.8.8.8:5000".parse().unwrap(), b"12345", now, &mut c.out).unwrap();
     let cd = ChannelData::parse(bytes).unwrap();
     assert_eq!((cd.channel, cd.data, bytes.len()), (0x4444, &b"12345"[..], 9));
-    assert_eq!(c.server.stats.packets_from_peer, 2);
+    assert_eq!(c.server.stats.from_peer[0].packets, 2);
 }
 
 #[test]

@@ -58,7 +58,7 @@ fn main() -> ExitCode {
         log_level: a.log_level,
         log_format: a.log_format,
     };
-    let cfg = match config::load(a.config.as_deref(), &ov) {
+    let cfg = match config::load(a.config.as_deref(), &ov.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("turnd: configuration error: {e:#}");
@@ -69,17 +69,7 @@ fn main() -> ExitCode {
         println!("configuration ok");
         return ExitCode::SUCCESS;
     }
-    let filter = tracing_subscriber::EnvFilter::new(&cfg.log_level);
-    use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if cfg.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    let set_log = init_logging(&cfg.log_level, cfg.log_json);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -88,7 +78,8 @@ fn main() -> ExitCode {
         }
     };
     let local = tokio::task::LocalSet::new();
-    match local.block_on(&rt, turnd::net::run(cfg)) {
+    let reload = turnd::net::Reload { path: a.config.clone(), overrides: ov, set_log };
+    match local.block_on(&rt, turnd::net::run(cfg, reload)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -96,4 +87,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Installs the subscriber; returns how to change level (and format) on reload.
+fn init_logging(level: &str, json: bool) -> Box<dyn Fn(&str, bool)> {
+    use std::io::IsTerminal as _;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
+    let (filter, handle) = reload::Layer::new(EnvFilter::new(level));
+    let ansi = std::io::stderr().is_terminal();
+    let layer = if json {
+        fmt::layer().json().with_writer(std::io::stderr).boxed()
+    } else {
+        fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).boxed()
+    };
+    tracing_subscriber::registry().with(filter).with(layer).init();
+    Box::new(move |level: &str, new_json: bool| {
+        if new_json != json {
+            tracing::warn!("log.format changes need a restart; keeping the current format");
+        }
+        match EnvFilter::try_new(level) {
+            Ok(f) => {
+                if let Err(e) = handle.reload(f) {
+                    tracing::warn!("log level not changed: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("log level `{level}` not applied: {e}"),
+        }
+    })
 }

@@ -46,6 +46,14 @@ pub struct File {
     #[serde(default)]
     pub log: LogSection,
     pub tls: Option<TlsSection>,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    pub listen: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -116,6 +124,7 @@ pub struct LimitsSection {
     pub max_connections_per_ip: Option<u32>,
     pub tls_handshake_timeout: Option<Seconds>,
     pub idle_timeout: Option<Seconds>,
+    pub drain_timeout: Option<Seconds>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -183,6 +192,9 @@ pub struct Config {
     pub max_connections_per_ip: u32,
     pub tls_handshake_timeout: u32,
     pub idle_timeout: u32,
+    pub drain_timeout: u32,
+    /// Where /metrics, /healthz and /readyz are served; `None` when disabled.
+    pub metrics_listen: Option<SocketAddr>,
     /// Certificate chain and key (PEM) for TLS listeners.
     pub tls: Option<TlsSection>,
     pub log_level: String,
@@ -455,6 +467,15 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         return Err(bad("limits.max_permissions", "must be at least 1"));
     }
 
+    let metrics_listen = match f.metrics.listen.as_deref().unwrap_or("127.0.0.1:9641") {
+        "" => None,
+        a => Some(a.parse::<SocketAddr>().map_err(|_| bad("metrics.listen", format!("`{a}` is not IP:PORT (or \"\" to disable)")))?),
+    };
+    if let Some(m) = metrics_listen {
+        if listeners.iter().any(|l| l.transport.is_stream() && l.address.port() == m.port()) {
+            return Err(bad("metrics.listen", format!("port {} is also a TURN listener", m.port())));
+        }
+    }
     let log_level = ov.log_level.clone().or(f.log.level).unwrap_or_else(|| "info".into());
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         return Err(bad("log.level", format!("`{log_level}` is not a level (error, warn, info, debug, trace) or filter")));
@@ -491,6 +512,8 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         max_connections_per_ip: l.max_connections_per_ip.unwrap_or(64),
         tls_handshake_timeout: secs("limits.tls_handshake_timeout", l.tls_handshake_timeout, 10, 1)?,
         idle_timeout: secs("limits.idle_timeout", l.idle_timeout, 30, 1)?,
+        drain_timeout: secs("limits.drain_timeout", l.drain_timeout, 60, 0)?,
+        metrics_listen,
         tls: f.tls.clone(),
         log_level,
         log_json,

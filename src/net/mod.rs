@@ -6,9 +6,11 @@
 //! with non-blocking calls. Nothing is awaited while the shard is borrowed,
 //! and packets are handled in shard-owned buffers: no allocation per packet.
 
+mod http;
 pub mod proxy;
 pub mod relay;
 mod stream;
+mod systemd;
 pub mod tls;
 mod udp;
 
@@ -22,7 +24,7 @@ use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
 
 use crate::auth::{Authenticator, NonceKey};
-use crate::config::{Config, SecretSource};
+use crate::config::{Config, Listener, Overrides, SecretSource};
 use crate::turn::{Event, FiveTuple, Now, Output, RelayId, Server, Transport};
 use relay::RelaySockets;
 use stream::StreamOut;
@@ -35,12 +37,20 @@ const OUT_HEADROOM: usize = 64;
 pub struct Shard {
     pub server: Server,
     pub relays: RelaySockets,
-    udp: Vec<Rc<UdpSocket>>,
+    /// UDP listeners by `conn`; `None` once removed by a reload.
+    udp: Vec<Option<Rc<UdpSocket>>>,
     /// TCP/TLS connections by the `conn` of their 5-tuple.
     streams: Vec<Option<Rc<StreamOut>>>,
     free_streams: Vec<u32>,
     stream_count: usize,
     per_ip: HashMap<IpAddr, u32>,
+    connections: [u64; 3],
+    limits: StreamLimits,
+    nonce_key: NonceKey,
+    started: std::time::Instant,
+    draining: bool,
+    pub tls_handshake_failures: u64,
+    pub connections_refused: u64,
     rx: Box<[u8]>,
     tx: Box<[u8]>,
     pub send_failures: u64,
@@ -55,8 +65,9 @@ impl Shard {
         match server.handle_client(tuple, &rx[..len], Now::system(), tx, relays) {
             Output::None => {}
             Output::Reply(b) => {
-                if udp[conn as usize].try_send_to(b, from).is_err() {
-                    *send_failures += 1;
+                match &udp[conn as usize] {
+                    Some(s) if s.try_send_to(b, from).is_ok() => {}
+                    _ => *send_failures += 1,
                 }
             }
             Output::Relay { relay, peer, data } => {
@@ -74,11 +85,10 @@ impl Shard {
         let now = std::time::Instant::now();
         if let Some((tuple, bytes)) = server.handle_peer(id, from, &rx[..len], now, tx) {
             match tuple.transport {
-                Transport::Udp => {
-                    if udp[tuple.conn as usize].try_send_to(bytes, tuple.client).is_err() {
-                        *send_failures += 1;
-                    }
-                }
+                Transport::Udp => match &udp[tuple.conn as usize] {
+                    Some(s) if s.try_send_to(bytes, tuple.client).is_ok() => {}
+                    _ => *send_failures += 1,
+                },
                 Transport::Tcp | Transport::Tls => match self.streams.get(tuple.conn as usize) {
                     Some(Some(out)) if out.push(bytes) => {}
                     _ => *send_failures += 1,
@@ -106,13 +116,15 @@ impl Shard {
     }
 
     /// Registers a new connection if the limits allow; returns its conn id.
-    fn stream_opened(&mut self, client: IpAddr, out: Rc<StreamOut>, max_total: u32, max_per_ip: u32) -> Option<u32> {
+    fn stream_opened(&mut self, client: IpAddr, transport: Transport, out: Rc<StreamOut>) -> Option<u32> {
         let n = self.per_ip.get(&client).copied().unwrap_or(0);
-        if self.stream_count >= max_total as usize || n >= max_per_ip {
+        if self.stream_count >= self.limits.max_total as usize || n >= self.limits.max_per_ip {
+            self.connections_refused += 1;
             return None;
         }
         *self.per_ip.entry(client).or_insert(0) += 1;
         self.stream_count += 1;
+        self.connections[transport as usize] += 1;
         let conn = match self.free_streams.pop() {
             Some(c) => {
                 self.streams[c as usize] = Some(out);
@@ -131,6 +143,7 @@ impl Shard {
             if slot.take().is_some() {
                 self.free_streams.push(tuple.conn);
                 self.stream_count -= 1;
+                self.connections[tuple.transport as usize] -= 1;
                 if let Some(c) = self.per_ip.get_mut(&tuple.client.ip()) {
                     *c -= 1;
                     if *c == 0 {
@@ -155,6 +168,50 @@ impl Shard {
         while let Some(e) = self.server.poll_event() {
             log_event(&e);
         }
+    }
+
+    /// Everything a metrics scrape reports.
+    pub fn snapshot(&self) -> crate::metrics::Snapshot {
+        let mut by: HashMap<(Transport, &'static str), u64> = HashMap::new();
+        for a in self.server.allocations() {
+            let fam = match (a.v4.is_some(), a.v6.is_some()) {
+                (true, true) => "dual",
+                (false, true) => "ipv6",
+                _ => "ipv4",
+            };
+            *by.entry((a.tuple.transport, fam)).or_insert(0) += 1;
+        }
+        crate::metrics::Snapshot {
+            stats: self.server.stats.clone(),
+            allocations: by.into_iter().collect(),
+            connections: self.connections,
+            tls_handshake_failures: self.tls_handshake_failures,
+            connections_refused: self.connections_refused,
+            send_failures: self.send_failures,
+            relay_ports_in_use: self.relays.in_use() as u64,
+            relay_ports_total: self.relays.port_range_size() as u64,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            draining: self.draining,
+        }
+    }
+
+    /// Why the relay cannot take new allocations, if it cannot.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if self.draining {
+            Some("draining: shutting down")
+        } else if self.relays.in_use() >= self.relays.port_range_size() {
+            Some("no relay port free")
+        } else {
+            None
+        }
+    }
+
+    /// Applies a reloaded configuration to the core. Existing allocations stay.
+    fn apply(&mut self, cfg: &Config) {
+        let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, self.nonce_key.clone());
+        self.server.reconfigure(cfg.server_config(), auth, cfg.peer_policy());
+        self.relays.reconfigure(cfg.relay_v4.map(|r| r.local), cfg.relay_v6.map(|r| r.local), cfg.ports);
+        self.limits = StreamLimits::from(cfg);
     }
 
     fn tick(&mut self) {
@@ -240,7 +297,7 @@ fn bind_tcp(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(TcpListener::from_std(s.into())?)
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct StreamLimits {
     max_total: u32,
     max_per_ip: u32,
@@ -253,7 +310,6 @@ async fn accept_loop(
     listener: TcpListener,
     l: crate::config::Listener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    limits: StreamLimits,
 ) {
     let Ok(local) = listener.local_addr() else { return };
     loop {
@@ -267,6 +323,7 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let Some(limits) = shard.upgrade().map(|s| s.borrow().limits) else { return };
         let shard = shard.clone();
         let tls = tls.clone();
         let proxy = l.proxy_protocol;
@@ -288,7 +345,7 @@ async fn accept_loop(
             let conn = {
                 let Some(sh) = shard.upgrade() else { return };
                 let mut sh = sh.borrow_mut();
-                match sh.stream_opened(client.ip(), out.clone(), limits.max_total, limits.max_per_ip) {
+                match sh.stream_opened(client.ip(), transport, out.clone()) {
                     Some(c) => c,
                     None => {
                         tracing::debug!(%client, "connection refused: connection limit reached");
@@ -302,11 +359,11 @@ async fn accept_loop(
                     Ok(Ok(tls_stream)) => stream::serve(shard, tls_stream, tuple, out, limits.idle).await,
                     Ok(Err(e)) => {
                         tracing::debug!(%client, error = %e, "TLS handshake failed");
-                        close_unused(&shard, tuple);
+                        close_unused(&shard, tuple, true);
                     }
                     Err(_) => {
                         tracing::debug!(%client, "TLS handshake timed out");
-                        close_unused(&shard, tuple);
+                        close_unused(&shard, tuple, true);
                     }
                 },
                 None => stream::serve(shard, tcp, tuple, out, limits.idle).await,
@@ -315,102 +372,157 @@ async fn accept_loop(
     }
 }
 
-fn close_unused(shard: &Weak<RefCell<Shard>>, tuple: FiveTuple) {
+fn close_unused(shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, handshake_failed: bool) {
     if let Some(sh) = shard.upgrade() {
-        sh.borrow_mut().stream_closed(tuple);
+        let mut sh = sh.borrow_mut();
+        sh.tls_handshake_failures += handshake_failed as u64;
+        sh.stream_closed(tuple);
     }
 }
 
-/// Builds the core from a validated config.
-pub fn build_server(cfg: &Config) -> Server {
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).expect("the OS random generator is available");
-    let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, NonceKey::new(key, cfg.nonce_lifetime));
-    Server::new(cfg.server_config(), auth, cfg.peer_policy())
+/// Where a reload reads the configuration from, and how it changes the log level.
+pub struct Reload {
+    pub path: Option<std::path::PathBuf>,
+    pub overrides: Overrides,
+    pub set_log: Box<dyn Fn(&str, bool)>,
 }
 
-/// Runs the relay until SIGINT or SIGTERM. Must be called inside a `LocalSet`.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// The running listeners, so a reload can start new ones and stop removed ones.
+struct Listeners {
+    running: Vec<(Listener, tokio::task::JoinHandle<()>)>,
+}
+
+impl Listeners {
+    fn start(
+        &mut self,
+        shard: &Rc<RefCell<Shard>>,
+        l: &Listener,
+        tls: Option<&tokio_rustls::TlsAcceptor>,
+    ) -> anyhow::Result<String> {
+        let task = match l.transport {
+            Transport::Udp => {
+                let s = Rc::new(bind_udp(l.address)?);
+                let mut sh = shard.borrow_mut();
+                sh.udp.push(Some(s.clone()));
+                let conn = (sh.udp.len() - 1) as u32;
+                tokio::task::spawn_local(udp::listener_loop(Rc::downgrade(shard), conn, s))
+            }
+            Transport::Tcp | Transport::Tls => {
+                let s = bind_tcp(l.address)?;
+                let acceptor = if l.transport == Transport::Tls {
+                    Some(tls.cloned().ok_or_else(|| anyhow::anyhow!("tls: a tls listener needs [tls] cert and key"))?)
+                } else {
+                    None
+                };
+                tokio::task::spawn_local(accept_loop(Rc::downgrade(shard), s, l.clone(), acceptor))
+            }
+        };
+        self.running.push((l.clone(), task));
+        Ok(format!("{} {}", l.transport.label(), l.address))
+    }
+
+    /// Starts what `wanted` adds and stops what it drops; existing listeners
+    /// (and every allocation) are left alone.
+    fn update(&mut self, shard: &Rc<RefCell<Shard>>, wanted: &[Listener], tls: Option<&tokio_rustls::TlsAcceptor>) {
+        let mut keep = Vec::new();
+        for (l, task) in self.running.drain(..) {
+            if wanted.contains(&l) {
+                keep.push((l, task));
+            } else {
+                task.abort();
+                if l.transport == Transport::Udp {
+                    let mut sh = shard.borrow_mut();
+                    for s in sh.udp.iter_mut() {
+                        if s.as_ref().and_then(|s| s.local_addr().ok()) == Some(l.address) {
+                            *s = None;
+                        }
+                    }
+                }
+                tracing::info!(listener = %format!("{} {}", l.transport.label(), l.address), "listener stopped");
+            }
+        }
+        self.running = keep;
+        for l in wanted {
+            if !self.running.iter().any(|(r, _)| r == l) {
+                match self.start(shard, l, tls) {
+                    Ok(d) => tracing::info!(listener = %d, "listener started"),
+                    Err(e) => tracing::warn!("listener {} {} not started: {e:#}", l.transport.label(), l.address),
+                }
+            }
+        }
+    }
+}
+
+impl From<&Config> for StreamLimits {
+    fn from(cfg: &Config) -> Self {
+        StreamLimits {
+            max_total: cfg.max_connections,
+            max_per_ip: cfg.max_connections_per_ip,
+            handshake: Duration::from_secs(cfg.tls_handshake_timeout as u64),
+            idle: Duration::from_secs(cfg.idle_timeout as u64),
+        }
+    }
+}
+
+fn log_secrets(cfg: &Config) {
     match &cfg.secret_source {
         SecretSource::Generated(p) => tracing::info!(file = %p.display(), "using the shared secret in this file (generated if it was missing)"),
         SecretSource::File(p) => tracing::info!(file = %p.display(), secrets = cfg.secrets.len(), "shared secrets loaded"),
         SecretSource::Inline => tracing::info!(secrets = cfg.secrets.len(), "shared secrets from the config"),
         SecretSource::None => tracing::info!("no shared secret: static users only"),
     }
-    let certs = match &cfg.tls {
+}
+
+/// Runs the relay until SIGINT or SIGTERM (then drains). Must be called inside a `LocalSet`.
+pub async fn run(mut cfg: Config, reload: Reload) -> anyhow::Result<()> {
+    log_secrets(&cfg);
+    let mut certs = match &cfg.tls {
         Some(t) => Some(tls::CertStore::load(&t.cert, &t.key).context("tls")?),
         None => None,
     };
-    let mut udp = Vec::new();
-    let mut tcp = Vec::new();
-    let mut bound = Vec::new();
-    for l in &cfg.listeners {
-        match l.transport {
-            Transport::Udp => {
-                let s = bind_udp(l.address)?;
-                bound.push(format!("udp {}", s.local_addr()?));
-                udp.push(Rc::new(s));
-            }
-            Transport::Tcp | Transport::Tls => {
-                let s = bind_tcp(l.address)?;
-                bound.push(format!("{} {}", l.transport.label(), s.local_addr()?));
-                tcp.push((s, l.clone()));
-            }
-        }
-    }
-    if udp.is_empty() && tcp.is_empty() {
-        anyhow::bail!("listen: no listener configured");
-    }
+    let mut acceptor = match &certs {
+        Some(c) => Some(tokio_rustls::TlsAcceptor::from(c.server_config()?)),
+        None => None,
+    };
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).expect("the OS random generator is available");
+    let nonce_key = NonceKey::new(key, cfg.nonce_lifetime);
+    let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, nonce_key.clone());
     let relays = RelaySockets::new(cfg.relay_v4.map(|r| r.local), cfg.relay_v6.map(|r| r.local), cfg.ports);
     let shard = Rc::new_cyclic(|this| {
         RefCell::new(Shard {
-            server: build_server(&cfg),
+            server: Server::new(cfg.server_config(), auth, cfg.peer_policy()),
             relays,
-            udp: udp.clone(),
+            udp: Vec::new(),
             streams: Vec::new(),
             free_streams: Vec::new(),
             stream_count: 0,
             per_ip: HashMap::new(),
+            connections: [0; 3],
+            limits: StreamLimits::from(&cfg),
+            nonce_key,
+            started: std::time::Instant::now(),
+            draining: false,
+            tls_handshake_failures: 0,
+            connections_refused: 0,
             rx: vec![0u8; MAX_DATAGRAM].into_boxed_slice(),
             tx: vec![0u8; MAX_DATAGRAM + OUT_HEADROOM].into_boxed_slice(),
             send_failures: 0,
             this: this.clone(),
         })
     });
-    for (i, s) in udp.iter().enumerate() {
-        tokio::task::spawn_local(udp::listener_loop(Rc::downgrade(&shard), i as u32, s.clone()));
+    let mut listeners = Listeners { running: Vec::new() };
+    let mut bound = Vec::new();
+    for l in &cfg.listeners {
+        bound.push(listeners.start(&shard, l, acceptor.as_ref())?);
     }
-    let tls_config = match &certs {
-        Some(c) => Some(c.server_config()?),
+    let mut metrics_listener = match cfg.metrics_listen {
+        Some(addr) => {
+            let l = bind_tcp(addr).context("metrics.listen")?;
+            Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&shard), l))))
+        }
         None => None,
     };
-    for (listener, l) in tcp {
-        let acceptor = match l.transport {
-            Transport::Tls => tls_config.clone().map(tokio_rustls::TlsAcceptor::from),
-            _ => None,
-        };
-        let limits = StreamLimits {
-            max_total: cfg.max_connections,
-            max_per_ip: cfg.max_connections_per_ip,
-            handshake: Duration::from_secs(cfg.tls_handshake_timeout as u64),
-            idle: Duration::from_secs(cfg.idle_timeout as u64),
-        };
-        tokio::task::spawn_local(accept_loop(Rc::downgrade(&shard), listener, l, acceptor, limits));
-    }
-    if let Some(certs) = certs.clone() {
-        // Certificates renewed on disk (certbot, Caddy) are picked up without a restart.
-        tokio::task::spawn_local(async move {
-            let mut iv = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                iv.tick().await;
-                match certs.reload_if_changed() {
-                    Some(Ok(())) => tracing::info!("TLS certificate reloaded (files changed)"),
-                    Some(Err(e)) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
-                    None => {}
-                }
-            }
-        });
-    }
     let ticker = Rc::downgrade(&shard);
     tokio::task::spawn_local(async move {
         let mut iv = tokio::time::interval(Duration::from_secs(1));
@@ -420,31 +532,123 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             s.borrow_mut().tick();
         }
     });
+    // Certificates renewed on disk (certbot, Caddy) are picked up without a restart.
+    let mut cert_poll = tokio::time::interval(Duration::from_secs(5));
     tracing::info!(
         listeners = ?bound,
+        metrics = ?cfg.metrics_listen,
         relay_v4 = ?cfg.relay_v4.map(|r| (r.local, r.external)),
         relay_v6 = ?cfg.relay_v6.map(|r| (r.local, r.external)),
         ports = %format!("{}-{}", cfg.ports.0, cfg.ports.1),
         realm = %cfg.realm,
         "turnd ready"
     );
+    systemd::notify("READY=1");
+    systemd::spawn_watchdog();
+
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = int.recv() => break,
             _ = term.recv() => break,
-            _ = hup.recv() => {
+            _ = cert_poll.tick() => {
                 if let Some(c) = &certs {
-                    match c.reload() {
-                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                        Err(e) => tracing::warn!("SIGHUP: TLS certificate not reloaded, keeping the old one: {e:#}"),
+                    match c.reload_if_changed() {
+                        Some(Ok(())) => tracing::info!("TLS certificate reloaded (files changed)"),
+                        Some(Err(e)) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
+                        None => {}
                     }
+                }
+            }
+            _ = hup.recv() => {
+                systemd::notify("RELOADING=1");
+                match crate::config::load(reload.path.as_deref(), &reload.overrides) {
+                    Err(e) => tracing::error!("reload refused, the running configuration stays: {e:#}"),
+                    Ok(new) => {
+                        let tls_ok = match (&new.tls, &certs) {
+                            // Same files (renewed in place): a broken one keeps the old
+                            // certificate serving but does not block the rest of the reload.
+                            (Some(t), Some(c)) if c.same_paths(&t.cert, &t.key) => {
+                                match c.reload() {
+                                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                                    Err(e) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
+                                }
+                                Ok(())
+                            }
+                            (Some(t), Some(c)) => c.set_paths(&t.cert, &t.key).map_err(|e| format!("{e:#}")),
+                            (Some(t), None) => match tls::CertStore::load(&t.cert, &t.key).and_then(|c| Ok((c.server_config()?, c))) {
+                                Ok((sc, c)) => {
+                                    acceptor = Some(tokio_rustls::TlsAcceptor::from(sc));
+                                    certs = Some(c);
+                                    Ok(())
+                                }
+                                Err(e) => Err(format!("{e:#}")),
+                            },
+                            (None, _) => Ok(()),
+                        };
+                        if let Err(e) = tls_ok {
+                            tracing::error!("reload refused, the running configuration stays: tls: {e}");
+                        } else {
+                            shard.borrow_mut().apply(&new);
+                            listeners.update(&shard, &new.listeners, acceptor.as_ref());
+                            if new.metrics_listen != metrics_listener.as_ref().map(|m| m.0) {
+                                if let Some((_, t)) = metrics_listener.take() {
+                                    t.abort();
+                                }
+                                if let Some(addr) = new.metrics_listen {
+                                    match bind_tcp(addr) {
+                                        Ok(l) => metrics_listener = Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&shard), l)))),
+                                        Err(e) => tracing::warn!("metrics.listen {addr} not started: {e:#}"),
+                                    }
+                                }
+                            }
+                            (reload.set_log)(&new.log_level, new.log_json);
+                            log_secrets(&new);
+                            tracing::info!(allocations = shard.borrow().server.allocation_count(), "configuration reloaded");
+                            cfg = new;
+                        }
+                    }
+                }
+                systemd::notify("READY=1");
+            }
+        }
+    }
+    drain(&shard, Duration::from_secs(cfg.drain_timeout as u64), &mut term, &mut int).await;
+    Ok(())
+}
+
+/// Graceful shutdown: refuse new allocations, let existing ones run until
+/// they end or `timeout` passes. A second SIGTERM or SIGINT ends it at once.
+async fn drain(
+    shard: &Rc<RefCell<Shard>>,
+    timeout: Duration,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) {
+    systemd::notify("STOPPING=1");
+    {
+        let mut sh = shard.borrow_mut();
+        sh.draining = true;
+        sh.server.set_accepting(false);
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    tracing::info!(allocations = shard.borrow().server.allocation_count(), timeout_s = timeout.as_secs(), "draining: no new allocations; send SIGTERM again to stop now");
+    let mut check = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("second signal: stopping now"); break; }
+            _ = int.recv() => { tracing::info!("second signal: stopping now"); break; }
+            _ = tokio::time::sleep_until(deadline) => { tracing::info!("drain timeout reached"); break; }
+            _ = check.tick() => {
+                if shard.borrow().server.allocation_count() == 0 {
+                    tracing::info!("all allocations ended");
+                    break;
                 }
             }
         }
     }
     tracing::info!(allocations = shard.borrow().server.allocation_count(), "shutting down");
-    Ok(())
 }

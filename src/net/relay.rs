@@ -51,7 +51,10 @@ impl RelaySockets {
         RelaySockets { v4, v6, ports, entries: Vec::new(), opened: Vec::new(), in_use: 0, reserved: HashMap::new() }
     }
 
-    pub fn set_ports(&mut self, ports: (u16, u16)) {
+    /// New relay addresses and port range apply to sockets opened from now on.
+    pub fn reconfigure(&mut self, v4: Option<IpAddr>, v6: Option<IpAddr>, ports: (u16, u16)) {
+        self.v4 = v4;
+        self.v6 = v6;
         self.ports = ports;
     }
 

@@ -17,8 +17,7 @@ pub const ALPN: &[&[u8]] = &[b"stun.turn", b"stun.nat-discovery"];
 
 #[derive(Debug)]
 pub struct CertStore {
-    cert_path: PathBuf,
-    key_path: PathBuf,
+    paths: Mutex<(PathBuf, PathBuf)>,
     provider: Arc<CryptoProvider>,
     current: RwLock<Arc<CertifiedKey>>,
     stamp: Mutex<Option<(SystemTime, SystemTime)>>,
@@ -45,18 +44,37 @@ impl CertStore {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let ck = load_key(cert, key, &provider)?;
         Ok(Arc::new(CertStore {
-            cert_path: cert.to_owned(),
-            key_path: key.to_owned(),
+            paths: Mutex::new((cert.to_owned(), key.to_owned())),
             provider,
             current: RwLock::new(Arc::new(ck)),
             stamp: Mutex::new(mtime(cert).zip(mtime(key))),
         }))
     }
 
+    fn paths(&self) -> (PathBuf, PathBuf) {
+        self.paths.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether these are the files already in use.
+    pub fn same_paths(&self, cert: &Path, key: &Path) -> bool {
+        self.paths() == (cert.to_owned(), key.to_owned())
+    }
+
+    /// Points at other files (config reload) and loads them; on error the
+    /// current certificate and paths stay.
+    pub fn set_paths(&self, cert: &Path, key: &Path) -> anyhow::Result<()> {
+        let ck = load_key(cert, key, &self.provider)?;
+        *self.paths.lock().unwrap_or_else(|e| e.into_inner()) = (cert.to_owned(), key.to_owned());
+        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = mtime(cert).zip(mtime(key));
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ck);
+        Ok(())
+    }
+
     /// Loads the files again. On error the current certificate keeps serving.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let stamp = mtime(&self.cert_path).zip(mtime(&self.key_path));
-        let ck = load_key(&self.cert_path, &self.key_path, &self.provider);
+        let (cert, key) = self.paths();
+        let stamp = mtime(&cert).zip(mtime(&key));
+        let ck = load_key(&cert, &key, &self.provider);
         *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
         let ck = ck?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ck);
@@ -65,7 +83,8 @@ impl CertStore {
 
     /// Reloads when either file's modification time changed; `None` when unchanged.
     pub fn reload_if_changed(&self) -> Option<anyhow::Result<()>> {
-        let now = mtime(&self.cert_path).zip(mtime(&self.key_path));
+        let (cert, key) = self.paths();
+        let now = mtime(&cert).zip(mtime(&key));
         if now.is_none() || *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) == now {
             return None;
         }

@@ -26,6 +26,8 @@ pub enum Transport {
 }
 
 impl Transport {
+    pub const ALL: [Transport; 3] = [Transport::Udp, Transport::Tcp, Transport::Tls];
+
     pub fn is_stream(self) -> bool {
         !matches!(self, Transport::Udp)
     }
@@ -180,6 +182,10 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    pub const ALL: [EndReason; 4] = [EndReason::Expired, EndReason::Deleted, EndReason::ConnectionClosed, EndReason::Disconnected];
+}
+
+impl EndReason {
     pub fn label(self) -> &'static str {
         match self {
             EndReason::Expired => "expired",
@@ -190,15 +196,24 @@ impl EndReason {
     }
 }
 
-/// Counters the core keeps; the metrics layer reads them.
+/// Packets and bytes relayed in one direction.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Flow {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Counters the core keeps; the metrics layer reads them at scrape time, so
+/// they are live. Indexed arrays instead of maps keep the hot path to an add.
 #[derive(Clone, Default, Debug)]
 pub struct Stats {
     pub allocations_created: u64,
-    pub allocations_ended: u64,
-    pub packets_to_peer: u64,
-    pub bytes_to_peer: u64,
-    pub packets_from_peer: u64,
-    pub bytes_from_peer: u64,
+    /// Ended allocations by [`EndReason`] (`reason as usize`).
+    pub allocations_ended: [u64; 4],
+    /// Client to peer, by transport (`transport as usize`).
+    pub to_peer: [Flow; 3],
+    /// Peer to client, by transport.
+    pub from_peer: [Flow; 3],
     pub dropped_malformed: u64,
     pub dropped_no_allocation: u64,
     pub dropped_no_permission: u64,
@@ -206,5 +221,14 @@ pub struct Stats {
     pub peer_refusals: u64,
     pub quota_refusals: u64,
     pub capacity_refusals: u64,
+    /// Authentication failures by [`crate::auth::AuthFailure`] (`failure as usize`).
     pub auth_failures: [u64; 7],
+    /// Responses sent, by (method, code); code 200 for success.
+    pub responses: std::collections::BTreeMap<(u16, u16), u64>,
+}
+
+impl Stats {
+    pub fn total_ended(&self) -> u64 {
+        self.allocations_ended.iter().sum()
+    }
 }

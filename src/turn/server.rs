@@ -252,6 +252,11 @@ impl Server {
         match msg.class() {
             Class::Request => match self.request(tuple, &msg, now, &mut *out, relays) {
                 Some(n) => {
+                    let code = match Message::parse(&out[..n]) {
+                        Ok(r) => r.get(attr::ERROR_CODE).and_then(attr::decode_error_code).map_or(200, |(c, _)| c),
+                        Err(_) => 500,
+                    };
+                    *self.stats.responses.entry((msg.method(), code)).or_insert(0) += 1;
                     let out: &'a [u8] = out;
                     Output::Reply(&out[..n])
                 }
@@ -284,8 +289,9 @@ impl Server {
         let Some(relay) = a.relay_for(&peer) else { return Output::None };
         a.bytes_to_peer += cd.data.len() as u64;
         a.packets_to_peer += 1;
-        self.stats.packets_to_peer += 1;
-        self.stats.bytes_to_peer += cd.data.len() as u64;
+        let f = &mut self.stats.to_peer[tuple.transport as usize];
+        f.packets += 1;
+        f.bytes += cd.data.len() as u64;
         Output::Relay { relay: relay.id, peer: self.to_wire(peer), data: cd.data }
     }
 
@@ -311,8 +317,9 @@ impl Server {
         let Some(relay) = a.relay_for(&peer) else { return Output::None };
         a.bytes_to_peer += data.len() as u64;
         a.packets_to_peer += 1;
-        self.stats.packets_to_peer += 1;
-        self.stats.bytes_to_peer += data.len() as u64;
+        let f = &mut self.stats.to_peer[tuple.transport as usize];
+        f.packets += 1;
+        f.bytes += data.len() as u64;
         Output::Relay { relay: relay.id, peer: self.to_wire(peer), data }
     }
 
@@ -364,8 +371,9 @@ impl Server {
         a.bytes_from_peer += data.len() as u64;
         a.packets_from_peer += 1;
         let tuple = a.tuple;
-        self.stats.packets_from_peer += 1;
-        self.stats.bytes_from_peer += data.len() as u64;
+        let f = &mut self.stats.from_peer[tuple.transport as usize];
+        f.packets += 1;
+        f.bytes += data.len() as u64;
         let out: &'a [u8] = out;
         Some((tuple, &out[..n]))
     }
@@ -855,7 +863,7 @@ impl Server {
         for r in [a.v4, a.v6].iter().flatten() {
             relays.close(r.id);
         }
-        self.stats.allocations_ended += 1;
+        self.stats.allocations_ended[reason as usize] += 1;
         self.event(Event::AllocationEnded {
             tuple: a.tuple,
             username: a.username.into(),

@@ -47,6 +47,8 @@ pub struct Turnd {
     pub port: u16,
     /// TLS port when started with `start_all`, else 0.
     pub tls_port: u16,
+    /// The /metrics, /healthz, /readyz port on 127.0.0.1 (0 if the caller's config set it).
+    pub metrics_port: u16,
     pub addr: SocketAddr,
     pub dir: PathBuf,
     pub config: PathBuf,
@@ -89,8 +91,34 @@ impl Turnd {
             "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n{listen}\
              [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n{allow}{extra}"
         );
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        Self::spawn(dir, &cfg, addr, tls_port)
+    }
+
+    /// Starts turnd with a complete config file of the caller's making.
+    /// `make_config` gets the server's fresh directory (for certificates and
+    /// the like, removed on drop) and returns the TOML text. Ready when
+    /// `probe`, one of its UDP listeners, answers a STUN Binding (bounded:
+    /// 5 s). `port` is `probe`'s port; `tls_port` is 0.
+    pub fn start_config(probe: SocketAddr, make_config: impl FnOnce(&std::path::Path) -> String) -> Turnd {
+        let dir = temp_dir("turnd");
+        let cfg = make_config(&dir);
+        Self::spawn(dir, &cfg, probe, 0)
+    }
+
+    /// Writes `cfg` to `dir/turnd.toml`, runs turnd on it (log in
+    /// `dir/turnd.log`) and waits until `addr` answers over UDP.
+    fn spawn(dir: PathBuf, cfg: &str, addr: SocketAddr, tls_port: u16) -> Turnd {
         let config = dir.join("turnd.toml");
-        std::fs::write(&config, cfg).unwrap();
+        // Each server gets its own metrics port unless the caller set one
+        // (the default 127.0.0.1:9641 would clash between parallel tests).
+        let (cfg, metrics_port) = if cfg.contains("[metrics]") {
+            (cfg.to_owned(), 0)
+        } else {
+            let p = free_port();
+            (format!("{cfg}\n[metrics]\nlisten = \"127.0.0.1:{p}\"\n"), p)
+        };
+        std::fs::write(&config, &cfg).unwrap();
         let log = std::fs::File::create(dir.join("turnd.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_turnd"))
             .arg("--config")
@@ -99,15 +127,19 @@ impl Turnd {
             .stderr(log)
             .spawn()
             .expect("spawn turnd");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut t = Turnd { child, port, tls_port, addr, dir, config };
+        let mut t = Turnd { child, port: addr.port(), tls_port, metrics_port, addr, dir, config };
         t.wait_ready();
         t
     }
 
     /// Ready when a STUN Binding request gets an answer (bounded: 5 s).
     fn wait_ready(&mut self) {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let local = match self.addr.ip() {
+            ip if ip.is_loopback() && ip.is_ipv4() => "127.0.0.1:0",
+            ip if ip.is_ipv6() => "[::]:0",
+            _ => "0.0.0.0:0",
+        };
+        let s = UdpSocket::bind(local).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let mut req = [0u8; 20];
         req[1] = 1;
@@ -137,6 +169,40 @@ impl Turnd {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("turnd.log")).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for turnd to exit; `None` if it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// GET `path` on the metrics/health endpoint: (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(&format!("127.0.0.1:{}", self.metrics_port), path)
+    }
+
+    /// The value of one Prometheus series (exact name with labels), 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    /// Waits (bounded: 10 s) until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < deadline, "turnd never logged {needle:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -241,4 +307,17 @@ pub fn served_cert_fingerprint(addr: &str) -> String {
 pub fn file_cert_fingerprint(path: &std::path::Path) -> String {
     let out = Command::new("openssl").args(["x509", "-noout", "-fingerprint", "-sha256", "-in"]).arg(path).output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A minimal HTTP/1.1 GET (bounded by a 5 s timeout): (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
 }

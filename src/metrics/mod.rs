@@ -1,0 +1,122 @@
+//! Prometheus metrics, rendered at scrape time from the core's counters and
+//! the I/O layer's gauges (so they are live, and the hot path only adds to
+//! plain integers). No label carries a username: ephemeral REST usernames
+//! would grow the series without bound.
+
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::stun::method;
+use crate::turn::{EndReason, Stats, Transport};
+
+/// Everything a scrape reports, gathered in one borrow of the shard.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub stats: Stats,
+    /// Active allocations by (transport, family label).
+    pub allocations: Vec<((Transport, &'static str), u64)>,
+    /// Open TCP/TLS connections by transport.
+    pub connections: [u64; 3],
+    pub tls_handshake_failures: u64,
+    pub connections_refused: u64,
+    pub send_failures: u64,
+    pub relay_ports_in_use: u64,
+    pub relay_ports_total: u64,
+    pub uptime_seconds: u64,
+    pub draining: bool,
+}
+
+const AUTH_REASONS: [&str; 7] = ["challenge", "bad_request", "stale_nonce", "wrong_realm", "expired", "unknown_user", "bad_integrity"];
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+/// The Prometheus text exposition of `s`.
+pub fn render(s: &Snapshot) -> String {
+    let r = Registry::new();
+    let st = &s.stats;
+
+    let info = gauge(&r, "turnd_build_info", "Build information; always 1.", &["version"]);
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    gauge(&r, "turnd_uptime_seconds", "Seconds since start.", &[]).with_label_values(&[] as &[&str]).set(s.uptime_seconds as i64);
+    gauge(&r, "turnd_draining", "1 while shutting down gracefully (new allocations refused).", &[])
+        .with_label_values(&[] as &[&str])
+        .set(s.draining as i64);
+
+    let allocs = gauge(&r, "turnd_allocations", "Active allocations.", &["transport", "family"]);
+    for t in Transport::ALL {
+        for f in ["ipv4", "ipv6", "dual"] {
+            let n = s.allocations.iter().find(|((tt, ff), _)| *tt == t && *ff == f).map_or(0, |(_, n)| *n);
+            allocs.with_label_values(&[t.label(), f]).set(n as i64);
+        }
+    }
+    counter(&r, "turnd_allocations_created_total", "Allocations created.", &[])
+        .with_label_values(&[] as &[&str])
+        .inc_by(st.allocations_created);
+    let ended = counter(&r, "turnd_allocations_ended_total", "Allocations ended, by reason.", &["reason"]);
+    for reason in EndReason::ALL {
+        ended.with_label_values(&[reason.label()]).inc_by(st.allocations_ended[reason as usize]);
+    }
+
+    let packets = counter(&r, "turnd_relayed_packets_total", "Packets relayed.", &["direction", "transport"]);
+    let bytes = counter(&r, "turnd_relayed_bytes_total", "Payload bytes relayed.", &["direction", "transport"]);
+    for t in Transport::ALL {
+        let (to, from) = (st.to_peer[t as usize], st.from_peer[t as usize]);
+        packets.with_label_values(&["to_peer", t.label()]).inc_by(to.packets);
+        packets.with_label_values(&["to_client", t.label()]).inc_by(from.packets);
+        bytes.with_label_values(&["to_peer", t.label()]).inc_by(to.bytes);
+        bytes.with_label_values(&["to_client", t.label()]).inc_by(from.bytes);
+    }
+
+    let dropped = counter(&r, "turnd_dropped_packets_total", "Packets dropped, by reason.", &["reason"]);
+    for (reason, n) in [
+        ("malformed", st.dropped_malformed),
+        ("no_allocation", st.dropped_no_allocation),
+        ("no_permission", st.dropped_no_permission),
+        ("no_channel", st.dropped_no_channel),
+        ("send_failed", s.send_failures),
+    ] {
+        dropped.with_label_values(&[reason]).inc_by(n);
+    }
+
+    let responses = counter(&r, "turnd_responses_total", "Responses sent, by method and code (200 = success).", &["method", "code"]);
+    for ((m, code), n) in &st.responses {
+        responses.with_label_values(&[method::name(*m), &code.to_string()]).inc_by(*n);
+    }
+    let auth = counter(&r, "turnd_auth_failures_total", "Requests that failed authentication, by reason (challenge = the normal first 401).", &["reason"]);
+    for (i, reason) in AUTH_REASONS.iter().enumerate() {
+        auth.with_label_values(&[reason]).inc_by(st.auth_failures[i]);
+    }
+    counter(&r, "turnd_peer_refusals_total", "Requests refused by the peer policy (403).", &[])
+        .with_label_values(&[] as &[&str])
+        .inc_by(st.peer_refusals);
+    let quota = counter(&r, "turnd_quota_refusals_total", "Requests refused by a quota or capacity limit.", &["kind"]);
+    quota.with_label_values(&["quota"]).inc_by(st.quota_refusals);
+    quota.with_label_values(&["capacity"]).inc_by(st.capacity_refusals);
+
+    let conns = gauge(&r, "turnd_connections", "Open TCP/TLS client connections.", &["transport"]);
+    for t in [Transport::Tcp, Transport::Tls] {
+        conns.with_label_values(&[t.label()]).set(s.connections[t as usize] as i64);
+    }
+    counter(&r, "turnd_tls_handshake_failures_total", "TLS handshakes that failed or timed out.", &[])
+        .with_label_values(&[] as &[&str])
+        .inc_by(s.tls_handshake_failures);
+    counter(&r, "turnd_connections_refused_total", "TCP/TLS connections refused by a connection limit.", &[])
+        .with_label_values(&[] as &[&str])
+        .inc_by(s.connections_refused);
+    let ports = gauge(&r, "turnd_relay_ports", "Relay port pool.", &["state"]);
+    ports.with_label_values(&["in_use"]).set(s.relay_ports_in_use as i64);
+    ports.with_label_values(&["free"]).set(s.relay_ports_total.saturating_sub(s.relay_ports_in_use) as i64);
+
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&r.gather(), &mut out).expect("text encoding cannot fail");
+    String::from_utf8(out).expect("text exposition is UTF-8")
+}

@@ -1,0 +1,114 @@
+//! The local HTTP endpoint: /metrics (Prometheus), /healthz, /readyz.
+//! Kept off the public ports (default 127.0.0.1:9641); requests are small,
+//! bounded in size and time, and answered with `Connection: close`.
+
+use std::cell::RefCell;
+use std::rc::Weak;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Shard;
+
+const MAX_REQUEST: usize = 8 * 1024;
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) async fn serve(shard: Weak<RefCell<Shard>>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let shard = shard.clone();
+        tokio::task::spawn_local(async move {
+            let _ = tokio::time::timeout(TIMEOUT, handle(shard, stream)).await;
+        });
+    }
+}
+
+/// A parsed request: method, path (without query) and body.
+#[allow(dead_code)] // headers and body are for the admin API
+pub(super) struct Request {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+async fn read_request(stream: &mut TcpStream) -> Option<Request> {
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        if buf.len() >= MAX_REQUEST {
+            return None;
+        }
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let method = first.next()?.to_owned();
+    let path = first.next()?.split('?').next()?.to_owned();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len: usize = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+    if len > MAX_REQUEST {
+        return None;
+    }
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < len {
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(len);
+    Some(Request { method, path, headers, body })
+}
+
+async fn handle(shard: Weak<RefCell<Shard>>, mut stream: TcpStream) {
+    let Some(req) = read_request(&mut stream).await else { return };
+    let (status, ctype, body) = match shard.upgrade() {
+        None => (503, "text/plain", "shutting down\n".to_owned()),
+        Some(sh) => route(&mut sh.borrow_mut(), &req),
+    };
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let resp = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(resp.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+fn route(sh: &mut Shard, req: &Request) -> (u16, &'static str, String) {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", crate::metrics::render(&sh.snapshot())),
+        ("GET", "/healthz") => (200, "text/plain", "ok\n".into()),
+        ("GET", "/readyz") => match sh.not_ready() {
+            None => (200, "text/plain", "ready\n".into()),
+            Some(why) => (503, "text/plain", format!("{why}\n")),
+        },
+        (_, "/metrics" | "/healthz" | "/readyz") => (405, "text/plain", "use GET\n".into()),
+        _ => (404, "text/plain", "not found\n".into()),
+    }
+}
