@@ -21,7 +21,7 @@ if ! command -v iptables >/dev/null 2>&1 && ! command -v nft >/dev/null 2>&1; th
   missing+=(iptables)    # firewall inside the namespace of tests/netns_udp_blocked.rs
 fi
 if ! command -v chromium >/dev/null 2>&1; then
-  missing+=(chromium)    # headless browser of tests/browser_chromium.rs
+  missing+=(chromium)    # headless browser of tests/browser_chromium.rs and tests/netns_udp_blocked.rs
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}"

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod ctl;
 pub mod metrics;
 pub mod net;
 pub mod stun;

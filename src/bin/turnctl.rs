@@ -40,6 +40,84 @@ enum Cmd {
     },
     /// Generate a strong random shared secret.
     Secret,
+    /// Show the running relay: version, uptime, listeners, allocations, relay ports.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List allocations: user, client, transport, relayed address, peers, bytes, age.
+    Sessions {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End allocations of a user (USER or EXPIRY:USER), a client (IP or IP:PORT) or a relayed address.
+    Disconnect {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long, group = "which", required = true)]
+        user: Option<String>,
+        #[arg(long, group = "which")]
+        client: Option<String>,
+        #[arg(long, group = "which")]
+        relayed: Option<String>,
+    },
+    /// Reload turnd's configuration, secrets and certificates (like SIGHUP); reports a refusal.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// How to reach turnd's admin API (on its metrics listener).
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// turnd's metrics/admin listener (metrics.listen).
+    #[arg(long, default_value = "127.0.0.1:9641", value_name = "IP:PORT")]
+    admin: std::net::SocketAddr,
+    /// File holding the admin token (admin.token_file). Default: turnd's state directory.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn connect(&self) -> Result<turnd::ctl::admin::Admin, String> {
+        let path = self.token_file.clone().unwrap_or_else(turnd::config::default_admin_token_path);
+        turnd::ctl::admin::Admin::from_token_file(self.admin, &path)
+    }
+}
+
+/// Runs an admin call and prints its result; exit 1 on failure.
+fn admin_call(
+    args: &AdminArgs,
+    json: bool,
+    call: impl FnOnce(&turnd::ctl::admin::Admin) -> Result<serde_json::Value, turnd::ctl::admin::AdminError>,
+    render: impl FnOnce(&serde_json::Value) -> String,
+) -> ExitCode {
+    let admin = match args.connect() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("turnctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match call(&admin) {
+        Ok(v) => {
+            if json {
+                println!("{v}");
+            } else {
+                print!("{}", render(&v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("turnctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn read_first_secret(path: &PathBuf) -> Result<String, String> {
@@ -119,5 +197,17 @@ fn main() -> ExitCode {
             println!("{}", turnd::config::generate_secret());
             ExitCode::SUCCESS
         }
+        Cmd::Status { admin, json } => admin_call(&admin, json, |a| a.status(), turnd::ctl::admin::render_status),
+        Cmd::Sessions { admin, json } => admin_call(&admin, json, |a| a.sessions(), turnd::ctl::admin::render_sessions),
+        Cmd::Disconnect { admin, user, client, relayed } => {
+            let sel = match (user, client, relayed) {
+                (Some(u), _, _) => serde_json::json!({ "user": u }),
+                (_, Some(c), _) => serde_json::json!({ "client": c }),
+                (_, _, Some(r)) => serde_json::json!({ "relayed": r }),
+                _ => unreachable!("clap requires one of them"),
+            };
+            admin_call(&admin, false, |a| a.disconnect(&sel), |v| format!("disconnected {} allocation(s)\n", v["disconnected"]))
+        }
+        Cmd::Reload { admin } => admin_call(&admin, false, |a| a.reload(), |v| format!("{}\n", v["message"].as_str().unwrap_or("reloaded"))),
     }
 }

@@ -48,6 +48,15 @@ pub struct File {
     pub tls: Option<TlsSection>,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub enabled: Option<bool>,
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -195,6 +204,9 @@ pub struct Config {
     pub drain_timeout: u32,
     /// Where /metrics, /healthz and /readyz are served; `None` when disabled.
     pub metrics_listen: Option<SocketAddr>,
+    /// Bearer token of the admin API (served on the metrics listener); `None` when disabled.
+    pub admin_token: Option<String>,
+    pub admin_token_file: Option<PathBuf>,
     /// Certificate chain and key (PEM) for TLS listeners.
     pub tls: Option<TlsSection>,
     pub log_level: String,
@@ -256,19 +268,30 @@ fn secret_lines(text: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The file a generated secret is kept in when none is configured.
-pub fn default_secret_path() -> PathBuf {
+/// Where turnd keeps state it generates (the secret, the admin token):
+/// $STATE_DIRECTORY (systemd), /var/lib/turnd as root, else the current directory.
+pub fn state_path(name: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
         // systemd StateDirectory= may list several; take the first.
         let first = dir.to_string_lossy().split(':').next().unwrap_or("").to_owned();
-        return PathBuf::from(first).join("secret");
+        return PathBuf::from(first).join(name);
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        PathBuf::from("/var/lib/turnd/secret")
+        PathBuf::from("/var/lib/turnd").join(name)
     } else {
-        PathBuf::from("turnd-secret")
+        PathBuf::from(format!("turnd-{name}"))
     }
+}
+
+/// The file a generated secret is kept in when none is configured.
+pub fn default_secret_path() -> PathBuf {
+    state_path("secret")
+}
+
+/// The admin API token file when `admin.token_file` is not set.
+pub fn default_admin_token_path() -> PathBuf {
+    state_path("admin-token")
 }
 
 /// A new random secret: 32 bytes as 64 hex characters.
@@ -278,26 +301,40 @@ pub fn generate_secret() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Reads the first secret-like line of `path`, creating the file with a
+/// fresh random value (mode 0600) when it does not exist.
+pub fn load_or_create_token(path: &Path, key: &str) -> Result<String, ConfigError> {
+    let mut v = load_or_create_secret_at(path, key)?;
+    Ok(String::from_utf8_lossy(&v.remove(0)).into_owned())
+}
+
 fn load_or_create_secret(path: &Path) -> Result<Vec<Vec<u8>>, ConfigError> {
+    load_or_create_secret_at(path, "auth.secret_file")
+}
+
+fn load_or_create_secret_at(path: &Path, key: &str) -> Result<Vec<Vec<u8>>, ConfigError> {
     match std::fs::read_to_string(path) {
         Ok(t) => {
             let s = secret_lines(&t);
             if s.is_empty() {
-                return Err(bad("auth.secret_file", format!("{} holds no secret", path.display())));
+                return Err(bad(key, format!("{} holds no secret", path.display())));
             }
             Ok(s)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)
-                    .map_err(|e| bad("auth.secret_file", format!("cannot create {}: {e}", dir.display())))?;
+                    .map_err(|e| bad(key, format!("cannot create {}: {e}", dir.display())))?;
             }
             let secret = generate_secret();
-            write_private(path, &format!("{secret}\n"))
-                .map_err(|e| bad("auth.secret_file", format!("cannot write {}: {e}", path.display())))?;
-            Ok(vec![secret.into_bytes()])
+            match write_private(path, &format!("{secret}\n")) {
+                Ok(()) => Ok(vec![secret.into_bytes()]),
+                // Another process created it first: use theirs.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create_secret_at(path, key),
+                Err(e) => Err(bad(key, format!("cannot write {}: {e}", path.display()))),
+            }
         }
-        Err(e) => Err(bad("auth.secret_file", format!("cannot read {}: {e}", path.display()))),
+        Err(e) => Err(bad(key, format!("cannot read {}: {e}", path.display()))),
     }
 }
 
@@ -476,6 +513,12 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
             return Err(bad("metrics.listen", format!("port {} is also a TURN listener", m.port())));
         }
     }
+    let (admin_token, admin_token_file) = if f.admin.enabled.unwrap_or(true) && metrics_listen.is_some() {
+        let p = f.admin.token_file.clone().unwrap_or_else(default_admin_token_path);
+        (Some(load_or_create_token(&p, "admin.token_file")?), Some(p))
+    } else {
+        (None, None)
+    };
     let log_level = ov.log_level.clone().or(f.log.level).unwrap_or_else(|| "info".into());
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         return Err(bad("log.level", format!("`{log_level}` is not a level (error, warn, info, debug, trace) or filter")));
@@ -514,6 +557,8 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         idle_timeout: secs("limits.idle_timeout", l.idle_timeout, 30, 1)?,
         drain_timeout: secs("limits.drain_timeout", l.drain_timeout, 60, 0)?,
         metrics_listen,
+        admin_token,
+        admin_token_file,
         tls: f.tls.clone(),
         log_level,
         log_json,

@@ -28,7 +28,6 @@ pub(super) async fn serve(shard: Weak<RefCell<Shard>>, listener: TcpListener) {
 }
 
 /// A parsed request: method, path (without query) and body.
-#[allow(dead_code)] // headers and body are for the admin API
 pub(super) struct Request {
     pub method: String,
     pub path: String,
@@ -82,6 +81,30 @@ async fn handle(shard: Weak<RefCell<Shard>>, mut stream: TcpStream) {
     let Some(req) = read_request(&mut stream).await else { return };
     let (status, ctype, body) = match shard.upgrade() {
         None => (503, "text/plain", "shutting down\n".to_owned()),
+        Some(sh) if req.path == "/admin/reload" && req.method == "POST" => {
+            // The reload itself runs in the main loop; wait for its verdict.
+            let asked = {
+                let sh = sh.borrow();
+                match super::admin::unauthorised(sh.admin_token.as_deref(), &req) {
+                    Some(r) => Err(r),
+                    None => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        match sh.reload_tx.send(tx) {
+                            Ok(()) => Ok(rx),
+                            Err(_) => Err((503, "application/json", "{\"error\":\"shutting down\"}\n".to_owned())),
+                        }
+                    }
+                }
+            };
+            match asked {
+                Err(r) => r,
+                Ok(rx) => match rx.await {
+                    Ok(Ok(msg)) => (200, "application/json", format!("{}\n", serde_json::json!({ "reloaded": true, "message": msg }))),
+                    Ok(Err(e)) => (400, "application/json", format!("{}\n", serde_json::json!({ "reloaded": false, "error": e }))),
+                    Err(_) => (503, "application/json", "{\"error\":\"shutting down\"}\n".to_owned()),
+                },
+            }
+        }
         Some(sh) => route(&mut sh.borrow_mut(), &req),
     };
     let reason = match status {
@@ -109,6 +132,10 @@ fn route(sh: &mut Shard, req: &Request) -> (u16, &'static str, String) {
             Some(why) => (503, "text/plain", format!("{why}\n")),
         },
         (_, "/metrics" | "/healthz" | "/readyz") => (405, "text/plain", "use GET\n".into()),
+        (_, p) if p.starts_with("/admin/") => match super::admin::unauthorised(sh.admin_token.as_deref(), req) {
+            Some(r) => r,
+            None => super::admin::route(sh, req).unwrap_or((404, "text/plain", "not found\n".into())),
+        },
         _ => (404, "text/plain", "not found\n".into()),
     }
 }

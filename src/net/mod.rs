@@ -6,6 +6,7 @@
 //! with non-blocking calls. Nothing is awaited while the shard is borrowed,
 //! and packets are handled in shard-owned buffers: no allocation per packet.
 
+mod admin;
 mod http;
 pub mod proxy;
 pub mod relay;
@@ -17,6 +18,7 @@ mod udp;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
@@ -51,6 +53,11 @@ pub struct Shard {
     draining: bool,
     pub tls_handshake_failures: u64,
     pub connections_refused: u64,
+    /// "udp 0.0.0.0:3478" and so on, for status.
+    listener_names: Vec<String>,
+    admin_token: Option<String>,
+    /// Asks the main loop to reload; it answers on the oneshot.
+    reload_tx: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<String, String>>>,
     rx: Box<[u8]>,
     tx: Box<[u8]>,
     pub send_failures: u64,
@@ -158,7 +165,7 @@ impl Shard {
     }
 
     /// Starts receive tasks for relay sockets the core just opened, and logs events.
-    fn after_control(&mut self) {
+    pub(crate) fn after_control(&mut self) {
         while let Some(id) = self.relays.opened.pop() {
             if let Some(e) = self.relays.get(id) {
                 let task = tokio::task::spawn_local(relay_loop(self.this.clone(), id, e.socket.clone()));
@@ -418,7 +425,9 @@ impl Listeners {
             }
         };
         self.running.push((l.clone(), task));
-        Ok(format!("{} {}", l.transport.label(), l.address))
+        let name = format!("{} {}", l.transport.label(), l.address);
+        shard.borrow_mut().listener_names.push(name.clone());
+        Ok(name)
     }
 
     /// Starts what `wanted` adds and stops what it drops; existing listeners
@@ -438,7 +447,9 @@ impl Listeners {
                         }
                     }
                 }
-                tracing::info!(listener = %format!("{} {}", l.transport.label(), l.address), "listener stopped");
+                let name = format!("{} {}", l.transport.label(), l.address);
+                shard.borrow_mut().listener_names.retain(|n| *n != name);
+                tracing::info!(listener = %name, "listener stopped");
             }
         }
         self.running = keep;
@@ -489,6 +500,7 @@ pub async fn run(mut cfg: Config, reload: Reload) -> anyhow::Result<()> {
     let nonce_key = NonceKey::new(key, cfg.nonce_lifetime);
     let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, nonce_key.clone());
     let relays = RelaySockets::new(cfg.relay_v4.map(|r| r.local), cfg.relay_v6.map(|r| r.local), cfg.ports);
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<Result<String, String>>>();
     let shard = Rc::new_cyclic(|this| {
         RefCell::new(Shard {
             server: Server::new(cfg.server_config(), auth, cfg.peer_policy()),
@@ -505,6 +517,9 @@ pub async fn run(mut cfg: Config, reload: Reload) -> anyhow::Result<()> {
             draining: false,
             tls_handshake_failures: 0,
             connections_refused: 0,
+            listener_names: Vec::new(),
+            admin_token: cfg.admin_token.clone(),
+            reload_tx,
             rx: vec![0u8; MAX_DATAGRAM].into_boxed_slice(),
             tx: vec![0u8; MAX_DATAGRAM + OUT_HEADROOM].into_boxed_slice(),
             send_failures: 0,
@@ -564,60 +579,89 @@ pub async fn run(mut cfg: Config, reload: Reload) -> anyhow::Result<()> {
                 }
             }
             _ = hup.recv() => {
-                systemd::notify("RELOADING=1");
-                match crate::config::load(reload.path.as_deref(), &reload.overrides) {
-                    Err(e) => tracing::error!("reload refused, the running configuration stays: {e:#}"),
-                    Ok(new) => {
-                        let tls_ok = match (&new.tls, &certs) {
-                            // Same files (renewed in place): a broken one keeps the old
-                            // certificate serving but does not block the rest of the reload.
-                            (Some(t), Some(c)) if c.same_paths(&t.cert, &t.key) => {
-                                match c.reload() {
-                                    Ok(()) => tracing::info!("TLS certificate reloaded"),
-                                    Err(e) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
-                                }
-                                Ok(())
-                            }
-                            (Some(t), Some(c)) => c.set_paths(&t.cert, &t.key).map_err(|e| format!("{e:#}")),
-                            (Some(t), None) => match tls::CertStore::load(&t.cert, &t.key).and_then(|c| Ok((c.server_config()?, c))) {
-                                Ok((sc, c)) => {
-                                    acceptor = Some(tokio_rustls::TlsAcceptor::from(sc));
-                                    certs = Some(c);
-                                    Ok(())
-                                }
-                                Err(e) => Err(format!("{e:#}")),
-                            },
-                            (None, _) => Ok(()),
-                        };
-                        if let Err(e) = tls_ok {
-                            tracing::error!("reload refused, the running configuration stays: tls: {e}");
-                        } else {
-                            shard.borrow_mut().apply(&new);
-                            listeners.update(&shard, &new.listeners, acceptor.as_ref());
-                            if new.metrics_listen != metrics_listener.as_ref().map(|m| m.0) {
-                                if let Some((_, t)) = metrics_listener.take() {
-                                    t.abort();
-                                }
-                                if let Some(addr) = new.metrics_listen {
-                                    match bind_tcp(addr) {
-                                        Ok(l) => metrics_listener = Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&shard), l)))),
-                                        Err(e) => tracing::warn!("metrics.listen {addr} not started: {e:#}"),
-                                    }
-                                }
-                            }
-                            (reload.set_log)(&new.log_level, new.log_json);
-                            log_secrets(&new);
-                            tracing::info!(allocations = shard.borrow().server.allocation_count(), "configuration reloaded");
-                            cfg = new;
-                        }
-                    }
-                }
-                systemd::notify("READY=1");
+                let _ = reload_now(&reload, &shard, &mut cfg, &mut certs, &mut acceptor, &mut listeners, &mut metrics_listener);
+            }
+            Some(reply) = reload_rx.recv() => {
+                let r = reload_now(&reload, &shard, &mut cfg, &mut certs, &mut acceptor, &mut listeners, &mut metrics_listener);
+                let _ = reply.send(r);
             }
         }
     }
     drain(&shard, Duration::from_secs(cfg.drain_timeout as u64), &mut term, &mut int).await;
     Ok(())
+}
+
+type MetricsListener = Option<(SocketAddr, tokio::task::JoinHandle<()>)>;
+
+/// Re-reads the configuration and applies it whole, or refuses it whole.
+/// Returns a summary or the reason for refusing.
+fn reload_now(
+    reload: &Reload,
+    shard: &Rc<RefCell<Shard>>,
+    cfg: &mut Config,
+    certs: &mut Option<Arc<tls::CertStore>>,
+    acceptor: &mut Option<tokio_rustls::TlsAcceptor>,
+    listeners: &mut Listeners,
+    metrics_listener: &mut MetricsListener,
+) -> Result<String, String> {
+    systemd::notify("RELOADING=1");
+    let r = reload_inner(reload, shard, cfg, certs, acceptor, listeners, metrics_listener);
+    if let Err(e) = &r {
+        tracing::error!("reload refused, the running configuration stays: {e}");
+    }
+    systemd::notify("READY=1");
+    r
+}
+
+fn reload_inner(
+    reload: &Reload,
+    shard: &Rc<RefCell<Shard>>,
+    cfg: &mut Config,
+    certs: &mut Option<Arc<tls::CertStore>>,
+    acceptor: &mut Option<tokio_rustls::TlsAcceptor>,
+    listeners: &mut Listeners,
+    metrics_listener: &mut MetricsListener,
+) -> Result<String, String> {
+    let new = crate::config::load(reload.path.as_deref(), &reload.overrides).map_err(|e| format!("{e:#}"))?;
+    match (&new.tls, &*certs) {
+        // Same files (renewed in place): a broken one keeps the old
+        // certificate serving but does not block the rest of the reload.
+        (Some(t), Some(c)) if c.same_paths(&t.cert, &t.key) => match c.reload() {
+            Ok(()) => tracing::info!("TLS certificate reloaded"),
+            Err(e) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
+        },
+        (Some(t), Some(c)) => c.set_paths(&t.cert, &t.key).map_err(|e| format!("tls: {e:#}"))?,
+        (Some(t), None) => {
+            let c = tls::CertStore::load(&t.cert, &t.key).map_err(|e| format!("tls: {e:#}"))?;
+            let sc = c.server_config().map_err(|e| format!("tls: {e:#}"))?;
+            *acceptor = Some(tokio_rustls::TlsAcceptor::from(sc));
+            *certs = Some(c);
+        }
+        (None, _) => {}
+    }
+    {
+        let mut sh = shard.borrow_mut();
+        sh.apply(&new);
+        sh.admin_token = new.admin_token.clone();
+    }
+    listeners.update(shard, &new.listeners, acceptor.as_ref());
+    if new.metrics_listen != metrics_listener.as_ref().map(|m| m.0) {
+        if let Some((_, t)) = metrics_listener.take() {
+            t.abort();
+        }
+        if let Some(addr) = new.metrics_listen {
+            match bind_tcp(addr) {
+                Ok(l) => *metrics_listener = Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(shard), l)))),
+                Err(e) => tracing::warn!("metrics.listen {addr} not started: {e:#}"),
+            }
+        }
+    }
+    (reload.set_log)(&new.log_level, new.log_json);
+    log_secrets(&new);
+    let n = shard.borrow().server.allocation_count();
+    tracing::info!(allocations = n, "configuration reloaded");
+    *cfg = new;
+    Ok(format!("configuration reloaded; {n} allocations kept"))
 }
 
 /// Graceful shutdown: refuse new allocations, let existing ones run until

@@ -1,0 +1,150 @@
+//! Client side of turnd's admin API (status, sessions, disconnect, reload):
+//! a minimal HTTP/1.1 client over loopback with a bearer token.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Where to reach the admin API and how to authenticate.
+pub struct Admin {
+    pub addr: SocketAddr,
+    pub token: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot reach turnd's admin API at {0}: {1} (is turnd running, and is metrics.listen this address?)")]
+    Unreachable(SocketAddr, std::io::Error),
+    #[error("the admin token was refused: use the token in turnd's admin.token_file (--token-file)")]
+    Unauthorised,
+    #[error("turnd answered {0}: {1}")]
+    Status(u16, String),
+    #[error("unreadable answer from turnd: {0}")]
+    Protocol(String),
+}
+
+impl Admin {
+    /// Reads the token from `path` (first non-empty line).
+    pub fn from_token_file(addr: SocketAddr, path: &Path) -> Result<Admin, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the admin token {}: {e} (run as root, or pass --token-file)", path.display()))?;
+        let token = text.lines().map(str::trim).find(|l| !l.is_empty()).ok_or_else(|| format!("{} is empty", path.display()))?;
+        Ok(Admin { addr, token: token.to_owned() })
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, AdminError> {
+        let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5)).map_err(|e| AdminError::Unreachable(self.addr, e))?;
+        // A reload re-reads files; give it time.
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            self.token,
+            body.len()
+        );
+        s.write_all(req.as_bytes()).map_err(|e| AdminError::Unreachable(self.addr, e))?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).map_err(|e| AdminError::Unreachable(self.addr, e))?;
+        let text = String::from_utf8_lossy(&resp);
+        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| AdminError::Protocol("no HTTP header".into()))?;
+        let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| AdminError::Protocol(head.into()))?;
+        let v: Value = serde_json::from_str(body).map_err(|e| AdminError::Protocol(format!("{e}: {body}")))?;
+        match status {
+            200 => Ok(v),
+            401 => Err(AdminError::Unauthorised),
+            _ => Err(AdminError::Status(status, v.get("error").and_then(Value::as_str).unwrap_or(body).to_owned())),
+        }
+    }
+
+    pub fn status(&self) -> Result<Value, AdminError> {
+        self.request("GET", "/admin/status", None)
+    }
+
+    pub fn sessions(&self) -> Result<Value, AdminError> {
+        self.request("GET", "/admin/sessions", None)
+    }
+
+    /// `selector` is one of {"user": ..}, {"client": ..}, {"relayed": ..}.
+    pub fn disconnect(&self, selector: &Value) -> Result<Value, AdminError> {
+        self.request("POST", "/admin/disconnect", Some(selector))
+    }
+
+    pub fn reload(&self) -> Result<Value, AdminError> {
+        self.request("POST", "/admin/reload", None)
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Human-readable status.
+pub fn render_status(v: &Value) -> String {
+    let mut o = String::new();
+    o += &format!("turnd {}  up {}s{}\n", s(&v["version"]), s(&v["uptime_s"]), if v["draining"] == true { "  DRAINING" } else { "" });
+    if let Some(ls) = v["listeners"].as_array() {
+        o += &format!("listeners:   {}\n", ls.iter().map(s).collect::<Vec<_>>().join(", "));
+    }
+    let by = &v["allocations_by_transport"];
+    o += &format!(
+        "allocations: {} (udp {}, tcp {}, tls {})\n",
+        s(&v["allocations"]),
+        s(&by["udp"]),
+        s(&by["tcp"]),
+        s(&by["tls"])
+    );
+    o += &format!("connections: tcp {}, tls {}\n", s(&v["connections"]["tcp"]), s(&v["connections"]["tls"]));
+    o += &format!("relay ports: {} in use of {}\n", s(&v["relay_ports"]["in_use"]), s(&v["relay_ports"]["total"]));
+    o += &format!(
+        "relayed:     {} packets to peers, {} to clients\n",
+        s(&v["relayed_packets"]["to_peer"]),
+        s(&v["relayed_packets"]["to_client"])
+    );
+    o
+}
+
+/// Human-readable session table.
+pub fn render_sessions(v: &Value) -> String {
+    let rows: Vec<[String; 8]> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    let list = |k: &str| x[k].as_array().map(|l| l.iter().map(s).collect::<Vec<_>>().join(",")).unwrap_or_default();
+                    [
+                        s(&x["user"]),
+                        s(&x["client"]),
+                        s(&x["transport"]),
+                        list("relayed"),
+                        list("peers"),
+                        format!("{}/{}", s(&x["bytes_to_peer"]), s(&x["bytes_from_peer"])),
+                        s(&x["age_s"]),
+                        s(&x["expires_in_s"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let head = ["USER", "CLIENT", "TRANSPORT", "RELAYED", "PEERS", "BYTES OUT/IN", "AGE S", "EXPIRES S"].map(String::from);
+    let mut widths = head.clone().map(|h| h.len());
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |r: &[String; 8]| r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_owned() + "\n";
+    let mut o = line(&head);
+    for r in &rows {
+        o += &line(r);
+    }
+    o += &format!("{} allocation(s)\n", rows.len());
+    o
+}

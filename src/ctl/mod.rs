@@ -1,0 +1,3 @@
+//! turnctl's commands, as a library so tests and other tools can call them.
+
+pub mod admin;

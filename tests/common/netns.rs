@@ -1,0 +1,378 @@
+//! A real network namespace for tests: a veth pair to the host and a
+//! firewall inside the namespace. Include it from a test file with
+//! `#[path = "common/netns.rs"] mod netns;`.
+//!
+//! Addresses come only from 198.18.0.0/15 (RFC 2544 benchmarking range), one
+//! /30 per namespace: host side .1, namespace side .2. Needs root and
+//! `ip netns`; the firewall uses `iptables` (or `nft` when iptables is
+//! missing). Everything is removed on drop. Every command is bounded in time.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// 198.18.0.0/15 holds 2^15 /30 subnets.
+const SUBNETS: u32 = 1 << 15;
+const BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
+/// Longest any single `ip`/`iptables`/`nft` call may take.
+const CMD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Name prefix of every namespace this helper creates (pid follows).
+const PREFIX: &str = "turnd-t";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firewall {
+    Iptables,
+    Nft,
+}
+
+pub struct NetNs {
+    name: String,
+    /// Host-side veth name, once created.
+    host_if: Option<String>,
+    host_ip: Ipv4Addr,
+    ns_ip: Ipv4Addr,
+    firewall: Firewall,
+}
+
+impl NetNs {
+    /// A namespace whose only way out is a veth to the host, where all
+    /// outgoing UDP is dropped and outgoing TCP is allowed only to port 443
+    /// (everything else outgoing, except on `lo`, is dropped too; IPv6 as
+    /// well). Panics with a clear message when not root or when network
+    /// namespaces are unavailable.
+    pub fn create_udp_blocked() -> NetNs {
+        preflight();
+        let firewall = pick_firewall();
+        reap_stale();
+        let pid = std::process::id();
+
+        // 1. The namespace, with a name unique to this process and call.
+        let mut ns = None;
+        for _ in 0..16 {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let name = format!("{PREFIX}{pid}-{n}");
+            let out = run(Command::new("ip").args(["netns", "add", &name]));
+            if out.status.success() {
+                ns = Some(NetNs {
+                    name,
+                    host_if: None,
+                    host_ip: Ipv4Addr::UNSPECIFIED,
+                    ns_ip: Ipv4Addr::UNSPECIFIED,
+                    firewall,
+                });
+                break;
+            }
+            if !stderr(&out).contains("exist") {
+                panic!("netns: `ip netns add {name}` failed: {}", stderr(&out));
+            }
+        }
+        // From here on, a panic drops `ns`, which removes what was made.
+        let mut ns = ns.expect("netns: no free namespace name");
+
+        // 2. A veth pair named after its /30: creating the link is the atomic
+        //    reservation of the subnet between parallel tests and processes.
+        let start = pid.wrapping_mul(97).wrapping_add(COUNTER.load(Ordering::Relaxed).wrapping_mul(7919));
+        let used = run(Command::new("ip").args(["-o", "-4", "addr", "show"]));
+        let used = String::from_utf8_lossy(&used.stdout).into_owned();
+        for k in 0..256u32 {
+            let idx = start.wrapping_add(k) % SUBNETS;
+            let net = BASE + 4 * idx;
+            let (host_ip, ns_ip) = (Ipv4Addr::from(net + 1), Ipv4Addr::from(net + 2));
+            if used.contains(&format!(" {host_ip}/")) || used.contains(&format!(" {ns_ip}/")) {
+                continue;
+            }
+            let (hif, nif) = (format!("tdh{idx:x}"), format!("tdn{idx:x}"));
+            let out = run(Command::new("ip").args(["link", "add", &hif, "type", "veth", "peer", "name", &nif, "netns", &ns.name]));
+            if !out.status.success() {
+                if stderr(&out).contains("exist") {
+                    continue;
+                }
+                panic!("netns: cannot create a veth pair: {}", stderr(&out));
+            }
+            ns.host_if = Some(hif.clone());
+            ns.host_ip = host_ip;
+            ns.ns_ip = ns_ip;
+            must(Command::new("ip").args(["addr", "add", &format!("{host_ip}/30"), "dev", &hif]));
+            must(Command::new("ip").args(["link", "set", &hif, "up"]));
+            must(&mut ns.ip_cmd(&["addr", "add", &format!("{ns_ip}/30"), "dev", &nif]));
+            must(&mut ns.ip_cmd(&["link", "set", &nif, "up"]));
+            must(&mut ns.ip_cmd(&["link", "set", "lo", "up"]));
+            break;
+        }
+        assert!(ns.host_if.is_some(), "netns: no free /30 in 198.18.0.0/15");
+
+        // 3. The firewall inside the namespace.
+        ns.install_firewall();
+        ns.wait_link_up();
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Address of the host end of the veth (reachable from the namespace).
+    pub fn host_ip(&self) -> Ipv4Addr {
+        self.host_ip
+    }
+
+    /// Address of the namespace end of the veth.
+    pub fn ns_ip(&self) -> Ipv4Addr {
+        self.ns_ip
+    }
+
+    pub fn firewall(&self) -> Firewall {
+        self.firewall
+    }
+
+    /// `program` run inside the namespace (`ip netns exec NAME program`).
+    /// The caller bounds it (e.g. by running `timeout` as the program).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// A TCP listener bound to `addr` inside the namespace, typically
+    /// `127.0.0.1:0` on the namespace's own `lo`: how a test serves
+    /// something (e.g. a web page) to programs in the namespace without
+    /// opening its firewall (outgoing TCP on `lo` is allowed; nothing leaves
+    /// the namespace). A short-lived helper thread joins the namespace
+    /// (setns) and makes the socket, which stays in the namespace; the
+    /// calling thread's own namespace is untouched.
+    pub fn tcp_listener(&self, addr: SocketAddr) -> TcpListener {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("netns: open {path}: {e}"));
+                // SAFETY: a valid namespace fd; setns only changes this
+                // helper thread's network namespace, and the thread ends here.
+                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "netns: setns({path}): {}", std::io::Error::last_os_error());
+                TcpListener::bind(addr).unwrap_or_else(|e| panic!("netns: bind {addr} in {}: {e}", self.name))
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+
+    /// Outgoing UDP packets the namespace's firewall has dropped so far.
+    pub fn udp_drops(&self) -> u64 {
+        match self.firewall {
+            Firewall::Iptables => {
+                // `[packets:bytes] -A OUTPUT -p udp -j DROP`
+                let out = must(self.command("iptables-save").arg("-c"));
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let line = text
+                    .lines()
+                    .find(|l| l.contains("-A OUTPUT -p udp") && l.ends_with("-j DROP"))
+                    .unwrap_or_else(|| panic!("netns: no UDP drop rule in:\n{text}"));
+                line.trim_start_matches('[').split(':').next().and_then(|v| v.parse().ok()).expect("iptables counter")
+            }
+            Firewall::Nft => {
+                // `meta l4proto udp counter packets N bytes M drop`
+                let out = must(self.command("nft").args(["list", "chain", "inet", "turnd_test", "output"]));
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let line = text
+                    .lines()
+                    .find(|l| l.contains("l4proto udp") && l.contains("drop"))
+                    .unwrap_or_else(|| panic!("netns: no UDP drop rule in:\n{text}"));
+                line.split("packets ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("nft counter")
+            }
+        }
+    }
+
+    /// The firewall rules as the tool lists them (for failure messages).
+    pub fn firewall_rules(&self) -> String {
+        let out = match self.firewall {
+            Firewall::Iptables => run(self.command("iptables-save").arg("-c")),
+            Firewall::Nft => run(self.command("nft").args(["list", "ruleset"])),
+        };
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ip_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["-n", &self.name]).args(args);
+        c
+    }
+
+    fn install_firewall(&self) {
+        match self.firewall {
+            Firewall::Iptables => {
+                for tool in ["iptables", "ip6tables"] {
+                    if tool == "ip6tables" && !have(tool) {
+                        continue;
+                    }
+                    for rule in [
+                        &["-A", "OUTPUT", "-p", "udp", "-j", "DROP"][..],
+                        &["-A", "OUTPUT", "-p", "tcp", "--dport", "443", "-j", "ACCEPT"],
+                        &["-A", "OUTPUT", "-o", "lo", "-j", "ACCEPT"],
+                        &["-P", "OUTPUT", "DROP"],
+                    ] {
+                        must(self.command(tool).args(["-w", "5"]).args(rule));
+                    }
+                }
+            }
+            Firewall::Nft => {
+                let rules = "table inet turnd_test {\n\
+                               chain output {\n\
+                                 type filter hook output priority 0; policy drop;\n\
+                                 meta l4proto udp counter drop\n\
+                                 tcp dport 443 accept\n\
+                                 oifname \"lo\" accept\n\
+                               }\n\
+                             }\n";
+                let path = std::env::temp_dir().join(format!("{}.nft", self.name));
+                std::fs::write(&path, rules).expect("write nft rules");
+                let out = run(self.command("nft").arg("-f").arg(&path));
+                let _ = std::fs::remove_file(&path);
+                assert!(out.status.success(), "netns: nft -f failed: {}", stderr(&out));
+            }
+        }
+    }
+
+    /// The namespace end reports carrier once both ends are up (bounded).
+    fn wait_link_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = run(&mut self.ip_cmd(&["-br", "-4", "addr", "show", "up"]));
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.lines().any(|l| l.contains(&self.ns_ip.to_string()) && l.contains(" UP ")) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "netns: veth in {} not up within 5 s:\n{text}", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace destroys its veth end and with it the pair.
+        let _ = try_run(Command::new("ip").args(["netns", "del", &self.name]));
+        if let Some(hif) = &self.host_if {
+            // The kernel tears the namespace down asynchronously: give it a
+            // moment, then delete the host end ourselves if still there.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline && link_exists(hif) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if link_exists(hif) {
+                let _ = try_run(Command::new("ip").args(["link", "del", hif]));
+            }
+        }
+    }
+}
+
+fn link_exists(name: &str) -> bool {
+    try_run(Command::new("ip").args(["link", "show", "dev", name])).is_ok_and(|o| o.status.success())
+}
+
+fn preflight() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "netns: this test builds a real network namespace and needs root (euid is {euid}); CI runs as root"
+    );
+    assert!(have("ip"), "netns: `ip` (iproute2) is missing");
+    let out = run(Command::new("ip").args(["netns", "list"]));
+    assert!(out.status.success(), "netns: `ip netns` is not supported here: {}", stderr(&out));
+}
+
+fn pick_firewall() -> Firewall {
+    if let Ok(v) = std::env::var("TURND_TEST_FIREWALL") {
+        return match v.as_str() {
+            "iptables" => Firewall::Iptables,
+            "nft" => Firewall::Nft,
+            _ => panic!("TURND_TEST_FIREWALL must be iptables or nft, not {v:?}"),
+        };
+    }
+    if have("iptables") {
+        Firewall::Iptables
+    } else if have("nft") {
+        Firewall::Nft
+    } else {
+        panic!("netns: neither iptables nor nft is installed (test.sh installs Debian's iptables)")
+    }
+}
+
+/// Removes namespaces left by test processes that no longer exist (killed
+/// before their drop ran).
+fn reap_stale() {
+    let out = run(Command::new("ip").args(["netns", "list"]));
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run(Command::new("ip").args(["netns", "del", name]));
+        }
+    }
+}
+
+fn have(program: &str) -> bool {
+    run(Command::new("sh").arg("-c").arg(format!("command -v {program}"))).status.success()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_owned()
+}
+
+/// Runs a command to completion, killing it after CMD_TIMEOUT; panics if it
+/// cannot be started or times out.
+fn run(cmd: &mut Command) -> Output {
+    try_run(cmd).unwrap_or_else(|e| panic!("netns: {e}"))
+}
+
+/// Runs a command to completion, killing it after CMD_TIMEOUT (never panics:
+/// usable from Drop).
+fn try_run(cmd: &mut Command) -> Result<Output, String> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    // Drain pipes on threads so a chatty command cannot block on a full pipe.
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut so, &mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut se, &mut v);
+        v
+    });
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{what} did not finish within {CMD_TIMEOUT:?}"));
+            }
+        }
+    };
+    Ok(Output { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default() })
+}
+
+/// Like `run`, but panics when the command fails.
+fn must(cmd: &mut Command) -> Output {
+    let what = format!("{cmd:?}");
+    let out = run(cmd);
+    assert!(out.status.success(), "netns: {what} failed: {}", stderr(&out));
+    out
+}
