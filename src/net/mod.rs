@@ -3,10 +3,13 @@
 //! One thread runs a tokio current-thread runtime. A [`Shard`] owns the core
 //! [`Server`], the client-facing sockets and the relay sockets; tasks for each
 //! socket wait for readiness, then borrow the shard and drain what is queued
-//! with non-blocking calls. Nothing is awaited while the shard is borrowed,
-//! and packets are handled in shard-owned buffers: no allocation per packet.
+//! with recvmmsg. Datagrams to UDP clients are written straight into a
+//! per-listener send batch and leave with one sendmmsg when the tasks woken
+//! together have run. Nothing is awaited while the shard is borrowed, and
+//! packets live in buffers allocated once: no allocation per packet.
 
 mod admin;
+pub mod batch;
 mod http;
 pub mod proxy;
 pub mod relay;
@@ -19,28 +22,43 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::os::fd::AsRawFd;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
 
 use crate::auth::{Authenticator, NonceKey};
 use crate::config::{Config, Listener, Overrides, SecretSource};
 use crate::turn::{Event, FiveTuple, Now, Output, RelayId, Server, Transport};
+use batch::{RecvBatch, SendBatch};
 use relay::RelaySockets;
 use stream::StreamOut;
 
-/// Largest datagram handled; larger ones are truncated by the kernel and dropped.
+/// Largest message on a TCP/TLS stream (a STUN message or padded ChannelData).
 pub const MAX_DATAGRAM: usize = 65_535;
 /// Room for the Data indication header added around peer data.
 const OUT_HEADROOM: usize = 64;
+
+/// A non-blocking UDP socket registered with the runtime.
+pub type Udp = AsyncFd<std::net::UdpSocket>;
+
+/// A UDP listener and the datagrams queued for its clients.
+pub struct UdpListener {
+    pub socket: Rc<Udp>,
+    out: SendBatch,
+}
 
 pub struct Shard {
     pub server: Server,
     pub relays: RelaySockets,
     /// UDP listeners by `conn`; `None` once removed by a reload.
-    udp: Vec<Option<Rc<UdpSocket>>>,
+    udp: Vec<Option<UdpListener>>,
+    /// Wakes the task that flushes the listeners' send batches.
+    flush: Rc<Notify>,
     /// TCP/TLS connections by the `conn` of their 5-tuple.
     streams: Vec<Option<Rc<StreamOut>>>,
     free_streams: Vec<u32>,
@@ -58,7 +76,8 @@ pub struct Shard {
     admin_token: Option<String>,
     /// Asks the main loop to reload; it answers on the oneshot.
     reload_tx: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<String, String>>>,
-    rx: Box<[u8]>,
+    /// Receive buffers shared by the UDP tasks (one runs at a time).
+    rx_batch: Rc<RefCell<RecvBatch>>,
     tx: Box<[u8]>,
     pub send_failures: u64,
     this: Weak<RefCell<Shard>>,
@@ -66,16 +85,22 @@ pub struct Shard {
 
 impl Shard {
     /// A datagram from a client on UDP listener `conn`.
-    fn on_client(&mut self, conn: u32, local: SocketAddr, from: SocketAddr, len: usize) {
+    fn on_client(&mut self, conn: u32, local: SocketAddr, from: SocketAddr, pkt: &[u8], now: Now) {
         let tuple = FiveTuple { client: from, server: local, transport: Transport::Udp, conn };
-        let Shard { server, relays, udp, rx, tx, send_failures, .. } = self;
-        match server.handle_client(tuple, &rx[..len], Now::system(), tx, relays) {
+        let Shard { server, relays, udp, send_failures, flush, .. } = self;
+        let Some(Some(l)) = udp.get_mut(conn as usize) else { return };
+        if l.out.is_full() {
+            let (_, dropped) = l.out.flush(l.socket.get_ref().as_raw_fd());
+            *send_failures += dropped as u64;
+        }
+        match server.handle_client(tuple, pkt, now, l.out.slot(), relays) {
             Output::None => {}
             Output::Reply(b) => {
-                match &udp[conn as usize] {
-                    Some(s) if s.try_send_to(b, from).is_ok() => {}
-                    _ => *send_failures += 1,
+                let n = b.len();
+                if l.out.is_empty() {
+                    flush.notify_one();
                 }
+                l.out.commit(n, from);
             }
             Output::Relay { relay, peer, data } => {
                 if !relays.send(relay, peer, data) {
@@ -83,23 +108,56 @@ impl Shard {
                 }
             }
         }
-        self.after_control();
+        if server.has_events() || !relays.opened.is_empty() {
+            self.after_control();
+        }
     }
 
     /// A datagram from a peer on relay socket `id`.
-    fn on_peer(&mut self, id: RelayId, from: SocketAddr, len: usize) {
-        let Shard { server, udp, rx, tx, send_failures, .. } = self;
-        let now = std::time::Instant::now();
-        if let Some((tuple, bytes)) = server.handle_peer(id, from, &rx[..len], now, tx) {
-            match tuple.transport {
-                Transport::Udp => match &udp[tuple.conn as usize] {
-                    Some(s) if s.try_send_to(bytes, tuple.client).is_ok() => {}
-                    _ => *send_failures += 1,
-                },
-                Transport::Tcp | Transport::Tls => match self.streams.get(tuple.conn as usize) {
-                    Some(Some(out)) if out.push(bytes) => {}
-                    _ => *send_failures += 1,
-                },
+    #[inline]
+    fn on_peer(&mut self, id: RelayId, from: SocketAddr, data: &[u8], now: std::time::Instant) {
+        let Shard { server, udp, streams, tx, send_failures, flush, .. } = self;
+        // Where the answer goes decides where the core writes it: straight into
+        // the listener's send batch for UDP clients.
+        let Some(tuple) = server.client_of(id) else {
+            server.stats.dropped_no_allocation += 1;
+            return;
+        };
+        match tuple.transport {
+            Transport::Udp => {
+                let Some(Some(l)) = udp.get_mut(tuple.conn as usize) else {
+                    *send_failures += 1;
+                    return;
+                };
+                if l.out.is_full() {
+                    let (_, dropped) = l.out.flush(l.socket.get_ref().as_raw_fd());
+                    *send_failures += dropped as u64;
+                }
+                if let Some((_, bytes)) = server.handle_peer(id, from, data, now, l.out.slot()) {
+                    let n = bytes.len();
+                    if l.out.is_empty() {
+                        flush.notify_one();
+                    }
+                    l.out.commit(n, tuple.client);
+                }
+            }
+            Transport::Tcp | Transport::Tls => {
+                if let Some((_, bytes)) = server.handle_peer(id, from, data, now, tx) {
+                    match streams.get(tuple.conn as usize) {
+                        Some(Some(out)) if out.push(bytes) => {}
+                        _ => *send_failures += 1,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every queued datagram to UDP clients.
+    fn flush_udp(&mut self) {
+        for l in self.udp.iter_mut().flatten() {
+            if !l.out.is_empty() {
+                let (_, dropped) = l.out.flush(l.socket.get_ref().as_raw_fd());
+                self.send_failures += dropped as u64;
             }
         }
     }
@@ -168,7 +226,7 @@ impl Shard {
     pub(crate) fn after_control(&mut self) {
         while let Some(id) = self.relays.opened.pop() {
             if let Some(e) = self.relays.get(id) {
-                let task = tokio::task::spawn_local(relay_loop(self.this.clone(), id, e.socket.clone()));
+                let task = tokio::task::spawn_local(relay_loop(self.this.clone(), id, e.socket.clone(), self.rx_batch.clone()));
                 self.relays.set_task(id, task);
             }
         }
@@ -248,28 +306,43 @@ fn log_event(e: &Event) {
     }
 }
 
-/// Packets drained per readiness wake-up before yielding to other sockets.
-const BATCH: usize = 64;
-
-async fn relay_loop(shard: Weak<RefCell<Shard>>, id: RelayId, socket: Rc<UdpSocket>) {
+async fn relay_loop(shard: Weak<RefCell<Shard>>, id: RelayId, socket: Rc<Udp>, rx: Rc<RefCell<RecvBatch>>) {
+    let fd = socket.get_ref().as_raw_fd();
     loop {
-        if socket.readable().await.is_err() {
-            return;
-        }
+        let Ok(mut guard) = socket.readable().await else { return };
         let Some(shard) = shard.upgrade() else { return };
         let mut sh = shard.borrow_mut();
-        for _ in 0..BATCH {
-            match socket.try_recv_from(&mut sh.rx) {
-                Ok((n, from)) => sh.on_peer(id, from, n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                // ICMP errors from earlier sends surface here; keep going.
-                Err(_) => break,
+        let mut rb = rx.borrow_mut();
+        match rb.recv(fd) {
+            Ok(n) => {
+                let now = std::time::Instant::now();
+                for i in 0..n {
+                    match rb.get(i) {
+                        Some((from, data)) => sh.on_peer(id, from, data, now),
+                        None => sh.server.stats.dropped_malformed += 1,
+                    }
+                }
+                // A short batch drained the queue; a new datagram re-arms readiness.
+                if n < batch::BATCH {
+                    guard.clear_ready();
+                }
             }
+            // ICMP errors from earlier sends surface here once; keep going.
+            Err(_) => {}
         }
     }
 }
 
-fn bind_udp(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+/// Flushes the UDP send batches after the tasks woken together have queued.
+async fn flush_loop(shard: Weak<RefCell<Shard>>, notify: Rc<Notify>) {
+    loop {
+        notify.notified().await;
+        let Some(sh) = shard.upgrade() else { return };
+        sh.borrow_mut().flush_udp();
+    }
+}
+
+fn bind_udp(addr: SocketAddr) -> anyhow::Result<Udp> {
     use socket2::{Domain, Protocol, Socket, Type};
     let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
     let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
@@ -281,7 +354,14 @@ fn bind_udp(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
     s.bind(&addr.into()).with_context(|| format!("cannot bind UDP {addr}"))?;
-    Ok(UdpSocket::from_std(s.into())?)
+    Ok(register_udp(s.into())?)
+}
+
+/// Registers a non-blocking UDP socket with the runtime, for reading.
+pub fn register_udp(sock: std::net::UdpSocket) -> std::io::Result<Udp> {
+    // SAFETY: a std UdpSocket owns its descriptor, which stays open and the
+    // same until the socket (moved into the AsyncFd) is dropped.
+    unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
 }
 
 fn bind_tcp(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -410,9 +490,9 @@ impl Listeners {
             Transport::Udp => {
                 let s = Rc::new(bind_udp(l.address)?);
                 let mut sh = shard.borrow_mut();
-                sh.udp.push(Some(s.clone()));
+                sh.udp.push(Some(UdpListener { socket: s.clone(), out: SendBatch::new() }));
                 let conn = (sh.udp.len() - 1) as u32;
-                tokio::task::spawn_local(udp::listener_loop(Rc::downgrade(shard), conn, s))
+                tokio::task::spawn_local(udp::listener_loop(Rc::downgrade(shard), conn, s, sh.rx_batch.clone()))
             }
             Transport::Tcp | Transport::Tls => {
                 let s = bind_tcp(l.address)?;
@@ -442,7 +522,7 @@ impl Listeners {
                 if l.transport == Transport::Udp {
                     let mut sh = shard.borrow_mut();
                     for s in sh.udp.iter_mut() {
-                        if s.as_ref().and_then(|s| s.local_addr().ok()) == Some(l.address) {
+                        if s.as_ref().and_then(|s| s.socket.get_ref().local_addr().ok()) == Some(l.address) {
                             *s = None;
                         }
                     }
@@ -501,6 +581,7 @@ pub async fn run(mut cfg: Config, reload: Reload) -> anyhow::Result<()> {
     let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, nonce_key.clone());
     let relays = RelaySockets::new(cfg.relay_v4.map(|r| r.local), cfg.relay_v6.map(|r| r.local), cfg.ports);
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<Result<String, String>>>();
+    let flush = Rc::new(Notify::new());
     let shard = Rc::new_cyclic(|this| {
         RefCell::new(Shard {
             server: Server::new(cfg.server_config(), auth, cfg.peer_policy()),
@@ -520,12 +601,14 @@ pub async fn run(mut cfg: Config, reload: Reload) -> anyhow::Result<()> {
             listener_names: Vec::new(),
             admin_token: cfg.admin_token.clone(),
             reload_tx,
-            rx: vec![0u8; MAX_DATAGRAM].into_boxed_slice(),
+            rx_batch: Rc::new(RefCell::new(RecvBatch::new())),
+            flush: flush.clone(),
             tx: vec![0u8; MAX_DATAGRAM + OUT_HEADROOM].into_boxed_slice(),
             send_failures: 0,
             this: this.clone(),
         })
     });
+    tokio::task::spawn_local(flush_loop(Rc::downgrade(&shard), flush));
     let mut listeners = Listeners { running: Vec::new() };
     let mut bound = Vec::new();
     for l in &cfg.listeners {

@@ -5,8 +5,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
+use std::os::fd::AsRawFd;
+
 use tokio::task::JoinHandle;
+
+use super::Udp;
 
 use std::collections::HashMap;
 
@@ -17,7 +20,7 @@ const PORT_ATTEMPTS: usize = 64;
 
 pub struct RelayEntry {
     pub id: RelayId,
-    pub socket: Rc<UdpSocket>,
+    pub socket: Rc<Udp>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -86,7 +89,7 @@ impl RelaySockets {
     #[inline]
     pub fn send(&self, id: RelayId, peer: SocketAddr, data: &[u8]) -> bool {
         match self.get(id) {
-            Some(e) => e.socket.try_send_to(data, peer).is_ok(),
+            Some(e) => super::batch::send_to(e.socket.get_ref().as_raw_fd(), data, peer),
             None => false,
         }
     }
@@ -154,7 +157,7 @@ impl RelayPorts for RelaySockets {
         .ok_or(OpenError::FamilyUnsupported)?;
         let std_sock = self.bind_placed(ip, placement)?;
         let local = std_sock.local_addr().map_err(|_| OpenError::Exhausted)?;
-        let socket = match UdpSocket::from_std(std_sock) {
+        let socket = match super::register_udp(std_sock) {
             Ok(s) => Rc::new(s),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot register a relay socket");

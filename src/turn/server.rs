@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::allocation::{Allocation, Channel, Relay};
+use super::ratelimit::RateLimiter;
 use super::slab::Slab;
-use super::{EndReason, Event, Family, FiveTuple, Now, OpenError, Output, PeerPolicy, Placement, RelayId, RelayPorts, Stats};
+use super::{EndReason, Event, Family, FiveTuple, Now, OpenError, Output, PeerPolicy, Placement, RelayId, RelayPorts, Stats, Transport};
 use crate::auth::{quota_key, Authenticated, AuthFailure, Authenticator};
 use crate::stun::attr::{self, comprehension_required};
 use crate::stun::{method, ChannelData, Class, IntegrityKind, Message, MessageWriter, CHANNEL_MAX, CHANNEL_MIN, MAX_ATTRS};
@@ -21,6 +22,13 @@ const MAX_UNKNOWN: usize = 8;
 const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// Reservations held at once; beyond this, EVEN-PORT with R gets 508.
 const MAX_RESERVATIONS: usize = 4096;
+/// An answer without MESSAGE-INTEGRITY over UDP (the source address is
+/// unproven) is at most this many times the request (QUIC's anti-amplification
+/// bound, RFC 9000 8.1). Larger ones lose SOFTWARE and the reason phrase, and
+/// are dropped when that is not enough.
+pub const AMPLIFICATION_FACTOR: usize = 3;
+/// Default answers per second per source IP to unauthenticated UDP requests.
+pub const DEFAULT_UNAUTH_RATE: u32 = 100;
 
 /// A relay port held back for a later Allocate with RESERVATION-TOKEN.
 struct Reservation {
@@ -50,6 +58,9 @@ pub struct ServerConfig {
     pub channel_max: u16,
     pub relay_v4: Option<RelayAddr>,
     pub relay_v6: Option<RelayAddr>,
+    /// Answers a second (and burst) per source IP to UDP requests that are
+    /// not authenticated (Binding, 401/438 challenges, 400/420); 0 = no limit.
+    pub unauth_rate: u32,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +77,9 @@ impl Default for ServerConfig {
             channel_max: CHANNEL_MAX,
             relay_v4: None,
             relay_v6: None,
+            // Off in the bare core, as quotas are; turnd's configuration
+            // turns it on (limits.unauth_rate, DEFAULT_UNAUTH_RATE).
+            unauth_rate: 0,
         }
     }
 }
@@ -81,7 +95,20 @@ pub struct Server {
     reservations: HashMap<[u8; 8], Reservation>,
     accepting: bool,
     data_tid: u64,
+    unauth: RateLimiter,
     pub stats: Stats,
+}
+
+/// Sizes of the core's tables (see [`Server::footprint`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Footprint {
+    pub allocations: usize,
+    pub tuples: usize,
+    pub users: usize,
+    pub reservations: usize,
+    pub permissions: usize,
+    pub channels: usize,
+    pub events: usize,
 }
 
 /// How to sign and frame a response to one request.
@@ -177,8 +204,33 @@ fn family_of(v: &[u8]) -> Result<Family, u16> {
 /// The outcome of a handler: a reply to write, or nothing.
 type Handled = Option<usize>;
 
+/// Rewrites the unsigned response in `out[..n]` as small as it can be: no
+/// SOFTWARE, an empty reason phrase. Returns the new length.
+fn compact(out: &mut [u8], n: usize) -> Option<usize> {
+    let mut orig = [0u8; 576];
+    orig.get_mut(..n)?.copy_from_slice(&out[..n]);
+    let m = Message::parse(&orig[..n]).ok()?;
+    let mut w = MessageWriter::new(out, m.method(), m.class(), m.transaction_id());
+    for (t, v) in m.attributes() {
+        match t {
+            attr::SOFTWARE => {}
+            attr::ERROR_CODE => {
+                w.attr(t, v.get(..4)?);
+            }
+            _ => {
+                w.attr(t, v);
+            }
+        }
+    }
+    if m.has_fingerprint() {
+        w.fingerprint();
+    }
+    w.finish().ok()
+}
+
 impl Server {
     pub fn new(cfg: ServerConfig, auth: Authenticator, policy: PeerPolicy) -> Self {
+        let cfg_unauth_rate = cfg.unauth_rate;
         Server {
             cfg,
             auth,
@@ -190,6 +242,7 @@ impl Server {
             reservations: HashMap::new(),
             accepting: true,
             data_tid: 0,
+            unauth: RateLimiter::new(cfg_unauth_rate),
             stats: Stats::default(),
         }
     }
@@ -197,6 +250,9 @@ impl Server {
     /// Swaps in new settings (reload). Existing allocations keep running;
     /// new limits apply to new requests.
     pub fn reconfigure(&mut self, cfg: ServerConfig, auth: Authenticator, policy: PeerPolicy) {
+        if cfg.unauth_rate != self.unauth.rate() {
+            self.unauth = RateLimiter::new(cfg.unauth_rate);
+        }
         self.cfg = cfg;
         self.auth = auth;
         self.policy = policy;
@@ -215,8 +271,35 @@ impl Server {
         self.allocs.len()
     }
 
+    /// How many entries each table holds: what a flood would have to grow.
+    /// Unauthenticated traffic leaves all of them at zero (the rate limiter's
+    /// table is fixed-size and allocated up front).
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            allocations: self.allocs.len(),
+            tuples: self.by_tuple.len(),
+            users: self.per_user.len(),
+            reservations: self.reservations.len(),
+            permissions: self.allocations().map(|a| a.permissions.len()).sum(),
+            channels: self.allocations().map(|a| a.channels.len()).sum(),
+            events: self.events.len(),
+        }
+    }
+
     pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
         self.allocs.slots().map(|(_, a)| a)
+    }
+
+    /// Whether events wait to be polled (cheap check for the hot path).
+    #[inline]
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    /// The client an allocation's relay socket belongs to.
+    #[inline]
+    pub fn client_of(&mut self, relay: RelayId) -> Option<FiveTuple> {
+        self.allocs.get_gen_mut(relay.slot(), relay.generation()).map(|a| a.tuple)
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -251,11 +334,31 @@ impl Server {
         };
         match msg.class() {
             Class::Request => match self.request(tuple, &msg, now, &mut *out, relays) {
-                Some(n) => {
-                    let code = match Message::parse(&out[..n]) {
-                        Ok(r) => r.get(attr::ERROR_CODE).and_then(attr::decode_error_code).map_or(200, |(c, _)| c),
-                        Err(_) => 500,
+                Some(mut n) => {
+                    let (code, signed) = match Message::parse(&out[..n]) {
+                        Ok(r) => {
+                            (r.get(attr::ERROR_CODE).and_then(attr::decode_error_code).map_or(200, |(c, _)| c), r.has_integrity())
+                        }
+                        Err(_) => (500, false),
                     };
+                    // An unsigned answer over UDP may go to a spoofed source:
+                    // rate-limit it per source and keep it small.
+                    if !signed && tuple.transport == Transport::Udp {
+                        if !self.unauth.allow(tuple.client.ip(), now.mono) {
+                            self.stats.dropped_rate_limited += 1;
+                            return Output::None;
+                        }
+                        let limit = AMPLIFICATION_FACTOR * pkt.len();
+                        if n > limit {
+                            match compact(out, n) {
+                                Some(m) if m <= limit => n = m,
+                                _ => {
+                                    self.stats.dropped_amplification += 1;
+                                    return Output::None;
+                                }
+                            }
+                        }
+                    }
                     *self.stats.responses.entry((msg.method(), code)).or_insert(0) += 1;
                     let out: &'a [u8] = out;
                     Output::Reply(&out[..n])
@@ -582,8 +685,9 @@ impl Server {
             self.stats.capacity_refusals += 1;
             return reply.err(out, 508);
         }
-        let lifetime = match msg.get(attr::LIFETIME).and_then(attr::decode_u32) {
-            Some(l) => l.clamp(self.cfg.default_lifetime.min(self.cfg.max_lifetime), self.cfg.max_lifetime),
+        let lifetime = match msg.get(attr::LIFETIME).map(attr::decode_u32) {
+            Some(Some(l)) => l.clamp(self.cfg.default_lifetime.min(self.cfg.max_lifetime), self.cfg.max_lifetime),
+            Some(None) => return reply.err(out, 400),
             None => self.cfg.default_lifetime.min(self.cfg.max_lifetime),
         };
         let (slot, generation) = self.allocs.vacant();
@@ -729,7 +833,9 @@ impl Server {
                 w.u32(attr::LIFETIME, 0);
             });
         }
-        let lifetime = requested.min(self.cfg.max_lifetime);
+        // RFC 8656 7.3: min(requested, max), but never below the default.
+        let max = self.cfg.max_lifetime;
+        let lifetime = requested.min(max).max(self.cfg.default_lifetime.min(max));
         let a = self.allocs.get_mut(slot)?;
         a.expires = now.mono + Duration::from_secs(lifetime as u64);
         a.lifetime = lifetime;
