@@ -306,31 +306,40 @@ fn log_event(e: &Event) {
     }
 }
 
-async fn relay_loop(shard: Weak<RefCell<Shard>>, id: RelayId, socket: Rc<Udp>, rx: Rc<RefCell<RecvBatch>>) {
+/// Waits for datagrams on `socket`, receives them in batches and hands each
+/// to `on` with the shard borrowed. Ends when the socket or the shard goes.
+pub(super) async fn recv_loop<T: Copy>(
+    shard: Weak<RefCell<Shard>>,
+    socket: Rc<Udp>,
+    rx: Rc<RefCell<RecvBatch>>,
+    now: impl Fn() -> T,
+    on: impl Fn(&mut Shard, SocketAddr, &[u8], T),
+) {
     let fd = socket.get_ref().as_raw_fd();
     loop {
         let Ok(mut guard) = socket.readable().await else { return };
         let Some(shard) = shard.upgrade() else { return };
         let mut sh = shard.borrow_mut();
         let mut rb = rx.borrow_mut();
-        match rb.recv(fd) {
-            Ok(n) => {
-                let now = std::time::Instant::now();
-                for i in 0..n {
-                    match rb.get(i) {
-                        Some((from, data)) => sh.on_peer(id, from, data, now),
-                        None => sh.server.stats.dropped_malformed += 1,
-                    }
-                }
-                // A short batch drained the queue; a new datagram re-arms readiness.
-                if n < batch::BATCH {
-                    guard.clear_ready();
+        // Errors (an ICMP error queued by an earlier send) surface once; go on.
+        if let Ok(n) = rb.recv(fd) {
+            let t = now();
+            for i in 0..n {
+                match rb.get(i) {
+                    Some((from, data)) => on(&mut sh, from, data, t),
+                    None => sh.server.stats.dropped_malformed += 1,
                 }
             }
-            // ICMP errors from earlier sends surface here once; keep going.
-            Err(_) => {}
+            // A short batch drained the queue; a new datagram re-arms readiness.
+            if n < batch::BATCH {
+                guard.clear_ready();
+            }
         }
     }
+}
+
+async fn relay_loop(shard: Weak<RefCell<Shard>>, id: RelayId, socket: Rc<Udp>, rx: Rc<RefCell<RecvBatch>>) {
+    recv_loop(shard, socket, rx, std::time::Instant::now, move |sh, from, data, now| sh.on_peer(id, from, data, now)).await
 }
 
 /// Flushes the UDP send batches after the tasks woken together have queued.
@@ -565,13 +574,13 @@ fn log_secrets(cfg: &Config) {
 }
 
 /// Runs the relay until SIGINT or SIGTERM (then drains). Must be called inside a `LocalSet`.
-pub async fn run(mut cfg: Config, reload: Reload) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     log_secrets(&cfg);
-    let mut certs = match &cfg.tls {
+    let certs = match &cfg.tls {
         Some(t) => Some(tls::CertStore::load(&t.cert, &t.key).context("tls")?),
         None => None,
     };
-    let mut acceptor = match &certs {
+    let acceptor = match &certs {
         Some(c) => Some(tokio_rustls::TlsAcceptor::from(c.server_config()?)),
         None => None,
     };
@@ -614,7 +623,7 @@ pub async fn run(mut cfg: Config, reload: Reload) -> anyhow::Result<()> {
     for l in &cfg.listeners {
         bound.push(listeners.start(&shard, l, acceptor.as_ref())?);
     }
-    let mut metrics_listener = match cfg.metrics_listen {
+    let metrics = match cfg.metrics_listen {
         Some(addr) => {
             let l = bind_tcp(addr).context("metrics.listen")?;
             Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&shard), l))))
@@ -643,6 +652,7 @@ pub async fn run(mut cfg: Config, reload: Reload) -> anyhow::Result<()> {
     );
     systemd::notify("READY=1");
     systemd::spawn_watchdog();
+    let mut running = Running { cfg, certs, acceptor, listeners, metrics };
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -653,7 +663,7 @@ pub async fn run(mut cfg: Config, reload: Reload) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = term.recv() => break,
             _ = cert_poll.tick() => {
-                if let Some(c) = &certs {
+                if let Some(c) = &running.certs {
                     match c.reload_if_changed() {
                         Some(Ok(())) => tracing::info!("TLS certificate reloaded (files changed)"),
                         Some(Err(e)) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
@@ -662,89 +672,81 @@ pub async fn run(mut cfg: Config, reload: Reload) -> anyhow::Result<()> {
                 }
             }
             _ = hup.recv() => {
-                let _ = reload_now(&reload, &shard, &mut cfg, &mut certs, &mut acceptor, &mut listeners, &mut metrics_listener);
+                let _ = running.reload(&reload, &shard);
             }
             Some(reply) = reload_rx.recv() => {
-                let r = reload_now(&reload, &shard, &mut cfg, &mut certs, &mut acceptor, &mut listeners, &mut metrics_listener);
-                let _ = reply.send(r);
+                let _ = reply.send(running.reload(&reload, &shard));
             }
         }
     }
-    drain(&shard, Duration::from_secs(cfg.drain_timeout as u64), &mut term, &mut int).await;
+    drain(&shard, Duration::from_secs(running.cfg.drain_timeout as u64), &mut term, &mut int).await;
     Ok(())
 }
 
-type MetricsListener = Option<(SocketAddr, tokio::task::JoinHandle<()>)>;
-
-/// Re-reads the configuration and applies it whole, or refuses it whole.
-/// Returns a summary or the reason for refusing.
-fn reload_now(
-    reload: &Reload,
-    shard: &Rc<RefCell<Shard>>,
-    cfg: &mut Config,
-    certs: &mut Option<Arc<tls::CertStore>>,
-    acceptor: &mut Option<tokio_rustls::TlsAcceptor>,
-    listeners: &mut Listeners,
-    metrics_listener: &mut MetricsListener,
-) -> Result<String, String> {
-    systemd::notify("RELOADING=1");
-    let r = reload_inner(reload, shard, cfg, certs, acceptor, listeners, metrics_listener);
-    if let Err(e) = &r {
-        tracing::error!("reload refused, the running configuration stays: {e}");
-    }
-    systemd::notify("READY=1");
-    r
+/// What a reload may replace besides the core's settings.
+struct Running {
+    cfg: Config,
+    certs: Option<Arc<tls::CertStore>>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    listeners: Listeners,
+    metrics: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
-fn reload_inner(
-    reload: &Reload,
-    shard: &Rc<RefCell<Shard>>,
-    cfg: &mut Config,
-    certs: &mut Option<Arc<tls::CertStore>>,
-    acceptor: &mut Option<tokio_rustls::TlsAcceptor>,
-    listeners: &mut Listeners,
-    metrics_listener: &mut MetricsListener,
-) -> Result<String, String> {
-    let new = crate::config::load(reload.path.as_deref(), &reload.overrides).map_err(|e| format!("{e:#}"))?;
-    match (&new.tls, &*certs) {
-        // Same files (renewed in place): a broken one keeps the old
-        // certificate serving but does not block the rest of the reload.
-        (Some(t), Some(c)) if c.same_paths(&t.cert, &t.key) => match c.reload() {
-            Ok(()) => tracing::info!("TLS certificate reloaded"),
-            Err(e) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
-        },
-        (Some(t), Some(c)) => c.set_paths(&t.cert, &t.key).map_err(|e| format!("tls: {e:#}"))?,
-        (Some(t), None) => {
-            let c = tls::CertStore::load(&t.cert, &t.key).map_err(|e| format!("tls: {e:#}"))?;
-            let sc = c.server_config().map_err(|e| format!("tls: {e:#}"))?;
-            *acceptor = Some(tokio_rustls::TlsAcceptor::from(sc));
-            *certs = Some(c);
+impl Running {
+    /// Re-reads the configuration and applies it whole, or refuses it whole.
+    /// Returns a summary or the reason for refusing.
+    fn reload(&mut self, reload: &Reload, shard: &Rc<RefCell<Shard>>) -> Result<String, String> {
+        systemd::notify("RELOADING=1");
+        let r = self.apply(reload, shard);
+        if let Err(e) = &r {
+            tracing::error!("reload refused, the running configuration stays: {e}");
         }
-        (None, _) => {}
+        systemd::notify("READY=1");
+        r
     }
-    {
-        let mut sh = shard.borrow_mut();
-        sh.apply(&new);
-        sh.admin_token = new.admin_token.clone();
-    }
-    listeners.update(shard, &new.listeners, acceptor.as_ref());
-    if new.metrics_listen != metrics_listener.as_ref().map(|m| m.0) {
-        if let Some((_, t)) = metrics_listener.take() {
-            t.abort();
+
+    fn apply(&mut self, reload: &Reload, shard: &Rc<RefCell<Shard>>) -> Result<String, String> {
+        let new = crate::config::load(reload.path.as_deref(), &reload.overrides).map_err(|e| format!("{e:#}"))?;
+        match (&new.tls, &self.certs) {
+            // Same files (renewed in place): a broken one keeps the old
+            // certificate serving but does not block the rest of the reload.
+            (Some(t), Some(c)) if c.same_paths(&t.cert, &t.key) => match c.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
+            },
+            (Some(t), Some(c)) => c.set_paths(&t.cert, &t.key).map_err(|e| format!("tls: {e:#}"))?,
+            (Some(t), None) => {
+                let c = tls::CertStore::load(&t.cert, &t.key).map_err(|e| format!("tls: {e:#}"))?;
+                let sc = c.server_config().map_err(|e| format!("tls: {e:#}"))?;
+                self.acceptor = Some(tokio_rustls::TlsAcceptor::from(sc));
+                self.certs = Some(c);
+            }
+            (None, _) => {}
         }
-        if let Some(addr) = new.metrics_listen {
-            match bind_tcp(addr) {
-                Ok(l) => *metrics_listener = Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(shard), l)))),
-                Err(e) => tracing::warn!("metrics.listen {addr} not started: {e:#}"),
+        {
+            let mut sh = shard.borrow_mut();
+            sh.apply(&new);
+            sh.admin_token = new.admin_token.clone();
+        }
+        self.listeners.update(shard, &new.listeners, self.acceptor.as_ref());
+        if new.metrics_listen != self.metrics.as_ref().map(|m| m.0) {
+            if let Some((_, t)) = self.metrics.take() {
+                t.abort();
+            }
+            if let Some(addr) = new.metrics_listen {
+                match bind_tcp(addr) {
+                    Ok(l) => self.metrics = Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(shard), l)))),
+                    Err(e) => tracing::warn!("metrics.listen {addr} not started: {e:#}"),
+                }
             }
         }
+        (reload.set_log)(&new.log_level, new.log_json);
+        log_secrets(&new);
+        let n = shard.borrow().server.allocation_count();
+        tracing::info!(allocations = n, "configuration reloaded");
+        self.cfg = new;
+        Ok(format!("configuration reloaded; {n} allocations kept"))
     }
-    (reload.set_log)(&new.log_level, new.log_json);
-    log_secrets(&new);
-    let n = shard.borrow().server.allocation_count();
-    tracing::info!(allocations = n, "configuration reloaded");
-    *cfg = new;
-    Ok(format!("configuration reloaded; {n} allocations kept"))
 }
 
 /// Graceful shutdown: refuse new allocations, let existing ones run until
