@@ -70,6 +70,8 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// From a participant's network: STUN, allocations and a relay round trip over UDP, TCP and TLS, the certificate, and what it means.
+    Check(turnd::ctl::check::CheckArgs),
 }
 
 /// How to reach turnd's admin API (on its metrics listener).
@@ -209,5 +211,6 @@ fn main() -> ExitCode {
             admin_call(&admin, false, |a| a.disconnect(&sel), |v| format!("disconnected {} allocation(s)\n", v["disconnected"]))
         }
         Cmd::Reload { admin } => admin_call(&admin, false, |a| a.reload(), |v| format!("{}\n", v["message"].as_str().unwrap_or("reloaded"))),
+        Cmd::Check(args) => ExitCode::from(turnd::ctl::check::main(args)),
     }
 }

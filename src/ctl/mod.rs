@@ -1,3 +1,4 @@
 //! turnctl's commands, as a library so tests and other tools can call them.
 
 pub mod admin;
+pub mod check;
