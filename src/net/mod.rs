@@ -318,11 +318,12 @@ pub(super) async fn recv_loop<T: Copy>(
     let fd = socket.get_ref().as_raw_fd();
     loop {
         let Ok(mut guard) = socket.readable().await else { return };
-        let Some(shard) = shard.upgrade() else { return };
-        let mut sh = shard.borrow_mut();
-        let mut rb = rx.borrow_mut();
-        // Errors (an ICMP error queued by an earlier send) surface once; go on.
-        if let Ok(n) = rb.recv(fd) {
+        let full = {
+            let Some(shard) = shard.upgrade() else { return };
+            let mut sh = shard.borrow_mut();
+            let mut rb = rx.borrow_mut();
+            // Errors (an ICMP error queued by an earlier send) surface once; go on.
+            let n = rb.recv(fd).unwrap_or(0);
             let t = now();
             for i in 0..n {
                 match rb.get(i) {
@@ -330,10 +331,16 @@ pub(super) async fn recv_loop<T: Copy>(
                     None => sh.server.stats.dropped_malformed += 1,
                 }
             }
+            n == batch::BATCH
+        };
+        if full {
+            // More is queued: let the other sockets (and the flush) have a
+            // turn before the next batch, so one busy socket cannot starve them.
+            drop(guard);
+            tokio::task::yield_now().await;
+        } else {
             // A short batch drained the queue; a new datagram re-arms readiness.
-            if n < batch::BATCH {
-                guard.clear_ready();
-            }
+            guard.clear_ready();
         }
     }
 }
