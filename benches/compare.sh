@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# turnd against coturn, side by side, on loopback. See benches/README.md.
+#
+#   benches/compare.sh [--quick] [--runs K] [--duration S] [--warmup S]
+#                      [--only SCENARIO[,SCENARIO...]] [--servers turnd,coturn,floor]
+#                      [--out FILE.md] [--no-build]
+#
+# Starts each server fresh for every run, pinned to one core (taskset -c
+# $SERVER_CPU, default 0), drives it with benches/loadgen.rs pinned to the
+# other (taskset -c $GEN_CPU, default 1), alternates turnd, coturn (and the
+# protocol-free floor relay where it applies) run by run, and prints a
+# markdown table of medians and the turnd/coturn ratios. Raw results (one JSON
+# object per run) are kept next to the table.
+#
+# Environment: TURND_BIN, LOADGEN_BIN (skip building them), TURNSERVER
+# (coturn's binary, default turnserver), COTURN_ARGS (extra coturn flags),
+# LOADGEN_ARGS (extra loadgen flags for every run), GSO=0 (plain sendmmsg in
+# the generator's UDP sends instead of UDP GSO), SERVER_CPU, GEN_CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+runs=5 duration=10 warmup=2 only="" servers="turnd,coturn,floor" out="" build=1 quick=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1; runs=1; duration=3; warmup=1 ;;
+    --runs) runs="$2"; shift ;;
+    --duration) duration="$2"; shift ;;
+    --warmup) warmup="$2"; shift ;;
+    --only) only="$2"; shift ;;
+    --servers) servers="$2"; shift ;;
+    --out) out="$2"; shift ;;
+    --no-build) build=0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "compare.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+SERVER_CPU=${SERVER_CPU:-0}
+GEN_CPU=${GEN_CPU:-1}
+TURNSERVER=${TURNSERVER:-turnserver}
+SECRET="bench-secret-$RANDOM$RANDOM"
+REALM=bench
+PEER_IP=127.0.0.2
+
+for tool in python3 taskset openssl ss; do
+  command -v "$tool" >/dev/null || { echo "compare.sh: needs $tool" >&2; exit 1; }
+done
+if [[ ",$servers," == *,coturn,* ]] && ! command -v "$TURNSERVER" >/dev/null; then
+  echo "compare.sh: coturn's turnserver not found (apt-get install coturn), or set TURNSERVER" >&2
+  exit 1
+fi
+ncpu=$(nproc)
+if [ "$ncpu" -lt 2 ]; then
+  echo "compare.sh: warning: one CPU only; server and generator share it" >&2
+  SERVER_CPU=0 GEN_CPU=0
+fi
+
+# --- build ---
+if [ -z "${TURND_BIN:-}" ] || [ -z "${LOADGEN_BIN:-}" ]; then
+  [ "$build" = 1 ] || { echo "compare.sh: --no-build needs TURND_BIN and LOADGEN_BIN" >&2; exit 2; }
+  echo "compare.sh: building turnd and loadgen (release)" >&2
+  cargo build --release --bin turnd >&2
+  LOADGEN_BIN=${LOADGEN_BIN:-$(cargo build --release --bench loadgen --message-format=json-render-diagnostics |
+    python3 -c 'import sys,json
+for l in sys.stdin:
+    try: m=json.loads(l)
+    except ValueError: continue
+    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="loadgen" and m.get("executable"): print(m["executable"])' | tail -1)}
+  TURND_BIN=${TURND_BIN:-target/release/turnd}
+fi
+[ -x "$TURND_BIN" ] && [ -x "$LOADGEN_BIN" ] || { echo "compare.sh: missing binaries: $TURND_BIN $LOADGEN_BIN" >&2; exit 1; }
+
+WORK=$(mktemp -d /tmp/turnd-compare.XXXXXX)
+server_pid=""
+stop_server() {
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+  fi
+}
+cleanup() { stop_server; rm -rf "$WORK"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+stamp=$(date +%Y%m%d-%H%M%S)
+mkdir -p target/bench
+out=${out:-target/bench/compare-$stamp.md}
+results=${out%.md}.jsonl
+: >"$results"
+
+# Ports free for UDP and TCP on an address, distinct, from 10000-19999: below
+# the relay ranges (20000-32767) and the kernel's ephemeral range, so neither
+# relay sockets nor the clients' own ports (or their TIME_WAIT) collide.
+free_ports() {
+  python3 - "$1" "$2" <<'EOF'
+import random, socket, sys
+ip, want = sys.argv[1], int(sys.argv[2])
+held, ports = [], []
+for p in random.sample(range(10000, 20000), 400):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    t = socket.socket()
+    try:
+        u.bind((ip, p)); t.bind((ip, p))
+    except OSError:
+        u.close(); t.close(); continue
+    held += [u, t]; ports.append(p)
+    if len(ports) == want:
+        break
+print(" ".join(map(str, ports)))
+EOF
+}
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -subj /CN=127.0.0.1 \
+  -addext subjectAltName=IP:127.0.0.1,DNS:localhost 2>/dev/null
+
+# Starts server $1 for transport $2 (udp, tcp, tls); sets server_pid and target.
+start_server() {
+  local which=$1 transport=$2 port tport mport dir
+  read -r port tport mport <<<"$(free_ports 127.0.0.1 3)"
+  dir="$WORK/$which-$port"
+  mkdir -p "$dir"
+  case "$which" in
+    turnd)
+      cat >"$dir/turnd.toml" <<EOF
+realm = "$REALM"
+[auth]
+secrets = ["$SECRET"]
+[[listen]]
+transport = "udp"
+address = "127.0.0.1:$port"
+[[listen]]
+transport = "tcp"
+address = "127.0.0.1:$port"
+[[listen]]
+transport = "tls"
+address = "127.0.0.1:$tport"
+[tls]
+cert = "$WORK/cert.pem"
+key = "$WORK/key.pem"
+[relay]
+ip = "127.0.0.1"
+ports = "20000-29999"
+[peers]
+allow = ["127.0.0.0/8"]
+[metrics]
+listen = "127.0.0.1:$mport"
+[admin]
+token_file = "$dir/admin-token"
+[log]
+level = "warn"
+EOF
+      taskset -c "$SERVER_CPU" "$TURND_BIN" --config "$dir/turnd.toml" >"$dir/log" 2>&1 &
+      server_pid=$!
+      ;;
+    coturn)
+      local tlsargs=(--no-tls)
+      if [ "$transport" = tls ]; then
+        tlsargs=(--tls-listening-port="$tport" --cert="$WORK/cert.pem" --pkey="$WORK/key.pem")
+      fi
+      # shellcheck disable=SC2086
+      taskset -c "$SERVER_CPU" "$TURNSERVER" -n --listening-ip=127.0.0.1 --listening-port="$port" \
+        "${tlsargs[@]}" --no-dtls --relay-ip=127.0.0.1 --min-port=30000 --max-port=32767 \
+        --use-auth-secret --static-auth-secret="$SECRET" --realm="$REALM" --allow-loopback-peers \
+        --no-cli --log-file="$dir/log" --simple-log --pidfile="$dir/turnserver.pid" ${COTURN_ARGS:-} \
+        >/dev/null 2>&1 &
+      server_pid=$!
+      ;;
+    floor)
+      floor_peer_port=$(free_ports "$PEER_IP" 1)
+      taskset -c "$SERVER_CPU" "$LOADGEN_BIN" --floor-relay "127.0.0.1:$port" \
+        --floor-peer "$PEER_IP:$floor_peer_port" --floor-max-secs 600 >"$dir/log" 2>&1 &
+      server_pid=$!
+      ;;
+  esac
+  if [ "$transport" = tls ]; then target_port=$tport; else target_port=$port; fi
+  # Make sure the port is ours (another program on it would be measured instead).
+  local proto=-u
+  [ "$transport" = udp ] || proto=-t
+  for _ in $(seq 50); do
+    if ss -H -lnp $proto "sport = :$target_port" 2>/dev/null | grep -q "pid=$server_pid,"; then return 0; fi
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "compare.sh: $which did not start listening on $transport port $target_port (log: $(tail -3 "$dir/log" 2>/dev/null))" >&2
+  stop_server
+  return 1
+}
+
+# scenario name | transport | loadgen arguments | servers it applies to
+# UDP runs use GSO in the generator (cheaper for it; servers still receive
+# one datagram per message), unless GSO=0.
+gso=--gso
+[ "${GSO:-1}" = 0 ] && gso=""
+SCENARIOS=(
+  "udp-chan-sat|udp|--clients 50 --rate 0 $gso|turnd,coturn,floor"
+  "udp-chan-125k|udp|--clients 10 --rate 125000 $gso|turnd,coturn,floor"
+  "udp-ind-sat|udp|--clients 50 --rate 0 --indications --fingerprint $gso|turnd,coturn"
+  "tcp-chan-10k|tcp|--clients 10 --rate 10000 --tcp|turnd,coturn"
+  "tls-chan-10k|tls|--clients 10 --rate 10000 --tls|turnd,coturn"
+)
+
+echo "compare.sh: $runs run(s) of ${duration}s after ${warmup}s warm-up per server and scenario; server on CPU $SERVER_CPU, loadgen on CPU $GEN_CPU" >&2
+for sc in "${SCENARIOS[@]}"; do
+  IFS='|' read -r name transport lgargs applies <<<"$sc"
+  if [ -n "$only" ] && [[ ",$only," != *",$name,"* ]]; then continue; fi
+  for run in $(seq "$runs"); do
+    for which in ${applies//,/ }; do
+      [[ ",$servers," == *",$which,"* ]] || continue
+      label="$name:$which:$run"
+      echo "compare.sh: $label" >&2
+      if ! start_server "$which" "$transport" && ! start_server "$which" "$transport"; then
+        echo "{\"label\":\"$label\",\"error\":\"server did not start\"}" >>"$results"
+        continue
+      fi
+      extra=(--secret "$SECRET" --peer-ip "$PEER_IP")
+      if [ "$which" = floor ]; then
+        extra=(--raw --peer-ip "$PEER_IP" --peer-port "$floor_peer_port")
+        lg=${lgargs/--indications/}
+      else
+        lg=$lgargs
+      fi
+      # shellcheck disable=SC2086
+      if line=$(timeout $((warmup + duration + 60)) taskset -c "$GEN_CPU" "$LOADGEN_BIN" \
+          --server "127.0.0.1:$target_port" --server-pid "$server_pid" --duration "$duration" \
+          --warmup "$warmup" --json --label "$label" "${extra[@]}" $lg ${LOADGEN_ARGS:-} 2>"$WORK/loadgen.err"); then
+        echo "$line" >>"$results"
+      else
+        err=$(tr -d '"\\' <"$WORK/loadgen.err" | tr '\n' ' ' | cut -c1-200)
+        echo "compare.sh: $label failed: $err" >&2
+        echo "{\"label\":\"$label\",\"error\":\"$err\"}" >>"$results"
+      fi
+      stop_server
+    done
+  done
+done
+
+meta="$(date -u +%Y-%m-%dT%H:%MZ), $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //') x$ncpu, turnd $(git describe --always --dirty 2>/dev/null || echo '?'), coturn $("$TURNSERVER" --version 2>/dev/null | head -1 || echo '?'), $runs run(s) of ${duration}s after ${warmup}s warm-up"
+python3 benches/compare_table.py "$results" "$meta" | tee "$out"
+echo "compare.sh: table in $out, raw results in $results" >&2

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Turns benches/compare.sh's raw results (one loadgen --json object per run,
+labelled SCENARIO:SERVER:RUN) into markdown: medians per scenario and server,
+then the turnd/coturn ratios (and turnd against the floor relay)."""
+import json
+import statistics
+import sys
+from collections import OrderedDict
+
+SERVERS = ["turnd", "coturn", "floor"]
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}"
+
+
+def ratio(a, b, digits=2):
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.{digits}f}×"
+
+
+def main():
+    path, meta = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""
+    groups = OrderedDict()
+    errors = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            scenario, server, _run = (r.get("label", "::").split(":") + ["", "", ""])[:3]
+            if "error" in r:
+                errors.append(f"{r['label']}: {r['error']}")
+                groups.setdefault(scenario, OrderedDict()).setdefault(server, [])
+                continue
+            groups.setdefault(scenario, OrderedDict()).setdefault(server, []).append(r)
+
+    print(f"Measured {meta}.\n")
+    print("| scenario | server | runs | offered msgs/s | forwarded pkts/s | loss % | RTT p50 µs | RTT p99 µs "
+          "| RTT p99.9 µs | server CPU % | CPU µs / fwd pkt | loadgen CPU % |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    summary = {}
+    for scenario, by_server in groups.items():
+        for server in sorted(by_server, key=lambda s: SERVERS.index(s) if s in SERVERS else 9):
+            rs = by_server[server]
+            m = {
+                "offered": med([r.get("offered_mps") for r in rs]),
+                "fwd": med([r.get("forwarded_pps") for r in rs]),
+                "loss": med([r.get("loss_pct") for r in rs]),
+                "p50": med([r["rtt_us"].get("p50") for r in rs]),
+                "p99": med([r["rtt_us"].get("p99") for r in rs]),
+                "p999": med([r["rtt_us"].get("p999") for r in rs]),
+                "cpu": med([r.get("server_cpu_pct") for r in rs]),
+                "us": med([r.get("server_cpu_us_per_pkt") for r in rs]),
+                "gen": med([r.get("loadgen_cpu_pct") for r in rs]),
+            }
+            summary[(scenario, server)] = m
+            print(f"| {scenario} | {server} | {len(rs)} | {fmt(m['offered'])} | {fmt(m['fwd'])} | {fmt(m['loss'], 3)} "
+                  f"| {fmt(m['p50'])} | {fmt(m['p99'])} | {fmt(m['p999'])} | {fmt(m['cpu'], 1)} | {fmt(m['us'], 2)} "
+                  f"| {fmt(m['gen'], 1)} |")
+
+    print("\nRatios of the medians (turnd / coturn: above 1× is better for forwarded pkts/s, below 1× is better "
+          "for CPU and latency; the floor is the protocol-free recvmmsg/sendmmsg relay):\n")
+    print("| scenario | fwd pkts/s turnd/coturn | CPU µs/pkt turnd/coturn | RTT p99 turnd/coturn "
+          "| fwd pkts/s turnd/floor | CPU µs/pkt turnd/floor |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for scenario in groups:
+        t = summary.get((scenario, "turnd"))
+        c = summary.get((scenario, "coturn"))
+        fl = summary.get((scenario, "floor"))
+        g = lambda d, k: d.get(k) if d else None
+        print(f"| {scenario} | {ratio(g(t, 'fwd'), g(c, 'fwd'))} | {ratio(g(t, 'us'), g(c, 'us'))} "
+              f"| {ratio(g(t, 'p99'), g(c, 'p99'))} | {ratio(g(t, 'fwd'), g(fl, 'fwd'))} "
+              f"| {ratio(g(t, 'us'), g(fl, 'us'))} |")
+    if errors:
+        print("\nFailed runs:\n")
+        for e in errors:
+            print(f"- {e}")
+
+
+if __name__ == "__main__":
+    main()
