@@ -75,6 +75,7 @@ fn refused_peers_are_counted() {
     assert_ne!(code, 0, "{text}");
     assert!(text.contains("403"), "{text}");
     assert!(server.metric("turnd_peer_refusals_total") >= 1.0);
+    assert!(server.log().contains("peer refused by policy"), "a refusal is logged as a warning");
     assert!(server.metric("turnd_responses_total{code=\"403\",method=\"channel_bind\"}") >= 1.0);
     assert_eq!(peer.finish(), 0, "nothing reached the refused peer");
 }

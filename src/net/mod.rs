@@ -76,6 +76,7 @@ pub struct Shard {
     admin_token: Option<String>,
     /// Asks the main loop to reload; it answers on the oneshot.
     reload_tx: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<String, String>>>,
+    warnings: WarnLimiter,
     /// Receive buffers shared by the UDP tasks (one runs at a time).
     rx_batch: Rc<RefCell<RecvBatch>>,
     tx: Box<[u8]>,
@@ -231,7 +232,7 @@ impl Shard {
             }
         }
         while let Some(e) = self.server.poll_event() {
-            log_event(&e);
+            log_event(&e, &mut self.warnings);
         }
     }
 
@@ -286,7 +287,42 @@ impl Shard {
     }
 }
 
-fn log_event(e: &Event) {
+/// Lets through at most `WARN_BURST` warnings about refused requests per
+/// `WARN_WINDOW`, then counts the rest, so an attack cannot flood the log.
+pub struct WarnLimiter {
+    window_start: std::time::Instant,
+    in_window: u32,
+    suppressed: u64,
+}
+
+const WARN_BURST: u32 = 10;
+const WARN_WINDOW: Duration = Duration::from_secs(10);
+
+impl WarnLimiter {
+    fn new() -> Self {
+        WarnLimiter { window_start: std::time::Instant::now(), in_window: 0, suppressed: 0 }
+    }
+
+    /// Whether to log this warning now.
+    fn allow(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.window_start) >= WARN_WINDOW {
+            if self.suppressed > 0 {
+                tracing::warn!(suppressed = self.suppressed, "more refused requests in the last interval were not logged");
+            }
+            *self = WarnLimiter { window_start: now, in_window: 0, suppressed: 0 };
+        }
+        if self.in_window < WARN_BURST {
+            self.in_window += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+fn log_event(e: &Event, warnings: &mut WarnLimiter) {
     match e {
         Event::AllocationCreated { tuple, username, relayed, lifetime } => tracing::info!(
             user = %username, client = %tuple.client, transport = tuple.transport.label(),
@@ -301,7 +337,9 @@ fn log_event(e: &Event) {
             tracing::debug!(client = %tuple.client, channel, %peer, "channel bound")
         }
         Event::PeerRefused { tuple, peer } => {
-            tracing::debug!(client = %tuple.client, %peer, "peer refused by policy")
+            if warnings.allow() {
+                tracing::warn!(client = %tuple.client, %peer, "peer refused by policy (403)")
+            }
         }
     }
 }
@@ -617,6 +655,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
             listener_names: Vec::new(),
             admin_token: cfg.admin_token.clone(),
             reload_tx,
+            warnings: WarnLimiter::new(),
             rx_batch: Rc::new(RefCell::new(RecvBatch::new())),
             flush: flush.clone(),
             tx: vec![0u8; MAX_DATAGRAM + OUT_HEADROOM].into_boxed_slice(),
@@ -787,4 +826,17 @@ async fn drain(
         }
     }
     tracing::info!(allocations = shard.borrow().server.allocation_count(), "shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WarnLimiter;
+
+    #[test]
+    fn refused_request_warnings_are_capped_per_window() {
+        let mut w = WarnLimiter::new();
+        let allowed = (0..1000).filter(|_| w.allow()).count();
+        assert_eq!(allowed, super::WARN_BURST as usize);
+        assert_eq!(w.suppressed, 1000 - super::WARN_BURST as u64);
+    }
 }
