@@ -19,8 +19,13 @@
 //! client, as TURN has), which `--raw` clients drive, to show the kernel's
 //! floor on this machine. See benches/README.md.
 //!
+//! `--scale N` instead holds N allocations at once (issue 7's capacity
+//! targets): the authenticated setup rate, and the server's RSS and
+//! descriptors per allocation; see `scale.rs` beside this file.
+//!
 //! Everything is bounded: setup requests time out, the run lasts warm-up +
-//! duration + a short drain, and at most 10,000 clients.
+//! duration + a short drain, and at most 10,000 clients (scale mode has its
+//! own bounds).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -40,6 +45,10 @@ use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureSch
 use turnd::auth::{rest_password, rest_username};
 use turnd::stun::integrity::long_term_key;
 use turnd::stun::{attr, frame_len, method, ChannelData, Class, FrameLen, Message, MessageWriter};
+
+/// `--scale N`: many allocations held at once (benches/loadgen/scale.rs).
+#[path = "loadgen/scale.rs"]
+mod scale;
 
 /// Bytes at the end of every payload: send time (ns since start), the
 /// client's sequence number, client index, run tag. At the end so that a
@@ -142,6 +151,56 @@ struct Args {
     /// The reference relay exits after this many seconds.
     #[arg(long, default_value_t = 900)]
     floor_max_secs: u64,
+    /// Scale mode: hold N allocations (one UDP socket each, over worker
+    /// processes and --scale-ips source addresses), each set up with
+    /// Allocate (401), Allocate, CreatePermission and ChannelBind; report the
+    /// setup rate, and with --server-pid the server's RSS per allocation and
+    /// descriptors. See benches/README.md.
+    #[arg(long, conflicts_with_all = ["tcp", "tls", "raw", "indications", "floor_relay"])]
+    scale: Option<usize>,
+    /// Scale: setups in progress at once, over all worker processes.
+    #[arg(long, default_value_t = 1024)]
+    scale_window: usize,
+    /// Scale: source addresses for the client sockets ("A-B" ranges and/or a comma list).
+    #[arg(long, default_value = "127.0.0.10-127.0.0.50")]
+    scale_ips: String,
+    /// Scale: worker processes (at least what RLIMIT_NOFILE's hard limit requires).
+    #[arg(long, default_value_t = 0)]
+    scale_procs: usize,
+    /// Scale: "full" (Allocate 401, Allocate, CreatePermission, ChannelBind) or "allocate" (the first two).
+    #[arg(long, default_value = "full")]
+    scale_steps: String,
+    /// Scale: "unique" (a REST user per allocation, USER-INDEX) or "shared" (all the same --user).
+    #[arg(long, default_value = "unique")]
+    scale_users: String,
+    /// Scale: once all are held, send one ChannelData per allocation through the echo peer and count the echoes.
+    #[arg(long)]
+    scale_data: bool,
+    /// Scale: leave the allocations in place at the end (no Refresh 0).
+    #[arg(long)]
+    scale_no_teardown: bool,
+    /// Scale: seconds to wait after setup before reading the server's memory.
+    #[arg(long, default_value_t = 1.0)]
+    scale_hold: f64,
+    /// Scale: bound on each phase (setup, data, teardown), seconds.
+    #[arg(long, default_value_t = 120.0)]
+    scale_timeout: f64,
+    /// Scale: also write the JSON result to this file (the text report still goes to stdout).
+    #[arg(long)]
+    scale_json: Option<std::path::PathBuf>,
+    /// Scale, internal: run as a worker process of the coordinator.
+    #[arg(long, hide = true)]
+    scale_worker: bool,
+    #[arg(long, hide = true, default_value_t = 0)]
+    scale_id: usize,
+    #[arg(long, hide = true, default_value_t = 0)]
+    scale_offset: usize,
+    #[arg(long, hide = true, default_value_t = 0)]
+    scale_count: usize,
+    #[arg(long, hide = true)]
+    scale_peer: Option<SocketAddr>,
+    #[arg(long, hide = true, default_value_t = 0)]
+    scale_expiry: u64,
     /// Ignored: `cargo bench` appends it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -149,9 +208,15 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let r = match args.floor_relay {
-        Some(listen) => floor_relay(listen, &args),
-        None => run(&args),
+    let r = if args.scale_worker {
+        scale::worker(&args)
+    } else if args.scale.is_some() {
+        scale::run(&args)
+    } else {
+        match args.floor_relay {
+            Some(listen) => floor_relay(listen, &args),
+            None => run(&args),
+        }
     };
     if let Err(e) = r {
         eprintln!("loadgen: {e:#}");
