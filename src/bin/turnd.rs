@@ -70,6 +70,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let set_log = init_logging(&cfg.log_level, cfg.log_json);
+    raise_fd_limit(cfg.total_quota as u64 + cfg.max_connections as u64);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -115,4 +116,33 @@ fn init_logging(level: &str, json: bool) -> Box<dyn Fn(&str, bool)> {
             Err(e) => tracing::warn!("log level `{level}` not applied: {e}"),
         }
     })
+}
+
+/// One relay socket per allocation and one descriptor per TCP/TLS connection:
+/// raise the soft open-files limit to the hard one, and say when even that
+/// cannot hold the configured quotas (allocations past it get 508).
+fn raise_fd_limit(wanted: u64) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    let limit = lim.rlim_cur as u64;
+    if limit < wanted + 64 {
+        tracing::warn!(
+            open_files_limit = limit,
+            wanted,
+            "the open-files limit is below limits.total_quota + limits.max_connections: allocations past it get 508 (raise LimitNOFILE / ulimit -n)"
+        );
+    } else {
+        tracing::debug!(open_files_limit = limit, "open-files limit");
+    }
 }

@@ -114,9 +114,17 @@ impl RelaySockets {
         }
         let (lo, hi) = self.ports;
         let span = (hi - lo) as u32 + 1;
+        if self.in_use() >= span as usize {
+            return Err(OpenError::Exhausted);
+        }
         let even = placement != Placement::Any;
-        for _ in 0..PORT_ATTEMPTS {
-            let mut port = lo as u32 + random_u32() % span;
+        // Random ports first; when the range is nearly full, random picks
+        // mostly hit taken ports, so then walk the whole range once from a
+        // random start rather than refuse while ports are still free.
+        let start = random_u32();
+        for attempt in 0..PORT_ATTEMPTS as u32 + span {
+            let offset = if attempt < PORT_ATTEMPTS as u32 { random_u32() } else { start.wrapping_add(attempt) };
+            let mut port = lo as u32 + offset % span;
             if even && port % 2 == 1 {
                 port -= 1;
                 if port < lo as u32 {
@@ -191,5 +199,35 @@ impl RelayPorts for RelaySockets {
             }
         }
         self.opened.retain(|o| *o != id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(slot: u32) -> RelayId {
+        RelayId::new(slot, 0, Family::V4)
+    }
+
+    #[tokio::test]
+    async fn a_nearly_full_range_still_finds_the_last_free_port() {
+        // Ten ports: random picks alone would often miss the last free ones.
+        // Below the ephemeral range and the test relay range, so nothing else holds them.
+        let base = 12000 + (std::process::id() % 100) as u16 * 10;
+        let mut r = RelaySockets::new(Some("127.0.0.1".parse().unwrap()), None, (base, base + 9));
+        let mut ports = Vec::new();
+        for slot in 0..10 {
+            match r.open(id(slot), Family::V4, Placement::Any) {
+                Ok(a) => ports.push(a.port()),
+                Err(e) => panic!("slot {slot}: {e:?} with {} of 10 in use", r.in_use()),
+            }
+        }
+        ports.sort();
+        assert_eq!(ports, (base..=base + 9).collect::<Vec<_>>());
+        assert_eq!(r.open(id(10), Family::V4, Placement::Any), Err(OpenError::Exhausted));
+        r.close(id(3));
+        assert!(r.open(id(11), Family::V4, Placement::Any).is_ok());
+        assert_eq!(r.open(id(12), Family::V6, Placement::Any), Err(OpenError::FamilyUnsupported));
     }
 }
