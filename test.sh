@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what the tests need when it
 # is missing (Debian's coturn for turnutils_uclient, iptables for the
-# network-namespace test, chromium for the browser test), then runs cargo test.
+# network-namespace test, chromium for the browser test, prosody and
+# docker-compose for the deploy tests, a Python virtualenv with slixmpp and
+# PyYAML in .venv), then runs cargo test.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,14 +22,59 @@ fi
 if ! command -v iptables >/dev/null 2>&1 && ! command -v nft >/dev/null 2>&1; then
   missing+=(iptables)    # firewall inside the namespace of tests/netns_udp_blocked.rs
 fi
+if ! command -v faketime >/dev/null 2>&1; then
+  missing+=(faketime)    # a skewed clock for tests/turnctl_check.rs
+fi
 if ! command -v chromium >/dev/null 2>&1; then
   missing+=(chromium)    # headless browser of tests/browser_chromium.rs and tests/netns_udp_blocked.rs
+fi
+if ! command -v prosody >/dev/null 2>&1; then
+  missing+=(prosody)     # the real XMPP server of tests/prosody.rs (Debian: 0.12)
+fi
+if ! command -v docker-compose >/dev/null 2>&1; then
+  missing+=(docker-compose)  # `docker-compose config` on deploy/*/compose.yaml in tests/deploy.rs
+fi
+if ! command -v python3 >/dev/null 2>&1; then
+  missing+=(python3 python3-venv)
+elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  missing+=(python3-venv)  # python3 -m venv below
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}"
   need_root apt-get update -qq
   need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # The tests start their own prosody on loopback; the packaged service is not needed.
+  if [[ " ${missing[*]} " == *" prosody "* ]] && command -v systemctl >/dev/null 2>&1 &&
+    systemctl is-active --quiet prosody 2>/dev/null; then
+    need_root systemctl disable --now prosody >/dev/null 2>&1 || true
+  fi
 fi
 
-# Two cores: keep test parallelism modest.
-cargo test --locked -- --test-threads=2
+# The XMPP client of tests/prosody.rs (slixmpp) and the YAML parser of
+# tests/deploy.rs (PyYAML), from PyPI into .venv (gitignored).
+if ! .venv/bin/python3 -c 'import slixmpp, yaml' >/dev/null 2>&1; then
+  echo "test.sh: creating .venv with slixmpp and PyYAML"
+  python3 -m venv .venv
+  .venv/bin/pip install -q 'slixmpp==1.17.0' 'PyYAML==6.0.3'
+fi
+
+# Two cores: keep test parallelism modest. The output is kept to sum up below.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --locked --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+count() { awk -v w="$1" '/^test result:/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ "^" w) n += $i } END { print n + 0 }' "$log"; }
+passed=$(count passed)
+failed=$(count failed)
+if [ "$status" -ne 0 ]; then
+  echo "cargo test: $passed passed, $failed failed"
+  exit "$status"
+fi
+
+# Fuzzing: each cargo-fuzz target for a bounded time (FUZZ_SECONDS, default
+# 25 s each); fails on a crash. fuzz/run.sh installs cargo-fuzz from crates.io
+# when missing and runs it on the stable toolchain (RUSTC_BOOTSTRAP=1).
+fuzz/run.sh "${FUZZ_SECONDS:-25}"
+
+# One closing line for the whole suite.
+echo "cargo test: $passed passed, $failed failed"

@@ -24,6 +24,9 @@ pub struct ConfigError {
     pub msg: String,
 }
 
+/// Longest realm accepted (see `validate`).
+pub const MAX_REALM: usize = 32;
+
 fn bad(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
     ConfigError { key: key.into(), msg: msg.into() }
 }
@@ -134,6 +137,7 @@ pub struct LimitsSection {
     pub tls_handshake_timeout: Option<Seconds>,
     pub idle_timeout: Option<Seconds>,
     pub drain_timeout: Option<Seconds>,
+    pub unauth_rate: Option<u32>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -202,6 +206,8 @@ pub struct Config {
     pub tls_handshake_timeout: u32,
     pub idle_timeout: u32,
     pub drain_timeout: u32,
+    /// Unsigned UDP answers per second (and burst) per source IP; 0 = no limit.
+    pub unauth_rate: u32,
     /// Where /metrics, /healthz and /readyz are served; `None` when disabled.
     pub metrics_listen: Option<SocketAddr>,
     /// Bearer token of the admin API (served on the metrics listener); `None` when disabled.
@@ -355,8 +361,13 @@ fn secs(key: &str, v: Option<Seconds>, default: u32, min: u32) -> Result<u32, Co
 
 pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
     let realm = ov.realm.clone().or(f.realm).unwrap_or_else(|| "turnd".into());
-    if realm.is_empty() || realm.len() > 127 || !realm.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(bad("realm", "must be 1 to 127 printable ASCII characters without spaces"));
+    // At most 32: the 401 challenge to a minimal Allocate (28 bytes) must stay
+    // within 3x its size (amplification), and carries REALM and a 16-byte NONCE.
+    if realm.is_empty() || realm.len() > MAX_REALM || !realm.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad(
+            "realm",
+            format!("must be 1 to {MAX_REALM} printable ASCII characters without spaces (a longer realm would make the 401 challenge more than 3x the size of the request)"),
+        ));
     }
 
     // Secrets: inline, from a file, or generated on first start.
@@ -504,6 +515,11 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         return Err(bad("limits.max_permissions", "must be at least 1"));
     }
 
+    let unauth_rate = l.unauth_rate.unwrap_or(crate::turn::DEFAULT_UNAUTH_RATE);
+    if unauth_rate > 1_000_000 {
+        return Err(bad("limits.unauth_rate", format!("{unauth_rate} is too large (at most 1000000 answers a second; 0 = no limit)")));
+    }
+
     let metrics_listen = match f.metrics.listen.as_deref().unwrap_or("127.0.0.1:9641") {
         "" => None,
         a => Some(a.parse::<SocketAddr>().map_err(|_| bad("metrics.listen", format!("`{a}` is not IP:PORT (or \"\" to disable)")))?),
@@ -556,6 +572,7 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         tls_handshake_timeout: secs("limits.tls_handshake_timeout", l.tls_handshake_timeout, 10, 1)?,
         idle_timeout: secs("limits.idle_timeout", l.idle_timeout, 30, 1)?,
         drain_timeout: secs("limits.drain_timeout", l.drain_timeout, 60, 0)?,
+        unauth_rate,
         metrics_listen,
         admin_token,
         admin_token_file,
@@ -579,6 +596,7 @@ impl Config {
             channel_max: if self.legacy_channel_numbers { crate::stun::CHANNEL_MAX_RFC5766 } else { crate::stun::CHANNEL_MAX },
             relay_v4: self.relay_v4,
             relay_v6: self.relay_v6,
+            unauth_rate: self.unauth_rate,
         }
     }
 

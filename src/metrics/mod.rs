@@ -82,6 +82,8 @@ pub fn render(s: &Snapshot) -> String {
         ("no_allocation", st.dropped_no_allocation),
         ("no_permission", st.dropped_no_permission),
         ("no_channel", st.dropped_no_channel),
+        ("rate_limited", st.dropped_rate_limited),
+        ("amplification", st.dropped_amplification),
         ("send_failed", s.send_failures),
     ] {
         dropped.with_label_values(&[reason]).inc_by(n);

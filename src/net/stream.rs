@@ -99,16 +99,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
     idle: Duration,
 ) -> std::io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    // Idle time counts from the last complete message, so a client that
+    // trickles a partial frame a byte at a time (slowloris) is cut too.
+    let mut deadline = tokio::time::Instant::now() + idle;
     loop {
         if buf.capacity() - buf.len() < 2048 {
             buf.reserve(READ_CHUNK.min(MAX_FRAME + READ_CHUNK - buf.len()));
         }
-        let n = match tokio::time::timeout(idle, rd.read_buf(&mut buf)).await {
+        let n = match tokio::time::timeout_at(deadline, rd.read_buf(&mut buf)).await {
             Ok(r) => r?,
             Err(_) => {
                 // Idle: fine while an allocation lives (media may pause), not otherwise.
                 let Some(sh) = shard.upgrade() else { return Ok(()) };
                 if sh.borrow().server.has_allocation(&tuple) {
+                    deadline = tokio::time::Instant::now() + idle;
                     continue;
                 }
                 return Ok(());
@@ -129,6 +133,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 FrameLen::Incomplete => break,
                 FrameLen::Invalid => return Err(std::io::ErrorKind::InvalidData.into()),
             }
+        }
+        if at > 0 {
+            deadline = tokio::time::Instant::now() + idle;
         }
         buf.drain(..at);
         if buf.len() > MAX_FRAME {

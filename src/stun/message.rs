@@ -167,6 +167,11 @@ impl<'a> Message<'a> {
         self.slots[..self.n].iter().filter(move |s| s.typ == typ).map(|s| self.value(s))
     }
 
+    /// Every attribute before the integrity attribute as (type, value), in order.
+    pub fn attributes(&self) -> impl Iterator<Item = (u16, &'a [u8])> + '_ {
+        self.slots[..self.n].iter().map(|s| (s.typ, self.value(s)))
+    }
+
     /// All attribute types before the integrity attribute, in order.
     pub fn attribute_types(&self) -> impl Iterator<Item = u16> + '_ {
         self.slots[..self.n].iter().map(|s| s.typ)

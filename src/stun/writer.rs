@@ -11,6 +11,9 @@ use super::{message_type, Class, HEADER_LEN, MAGIC_COOKIE};
 #[error("output buffer too small for the STUN message")]
 pub struct WriteError;
 
+/// Longest message: the 16-bit length field counts 4-byte words (65532).
+pub const MAX_MESSAGE: usize = HEADER_LEN + 0xFFFC;
+
 /// Writes a message attribute by attribute. Every byte written, padding
 /// included, is set explicitly, so no stale buffer content can leak.
 pub struct MessageWriter<'a> {
@@ -35,9 +38,14 @@ impl<'a> MessageWriter<'a> {
         w
     }
 
+    /// Room for `extra` more bytes, within the buffer and the STUN length limit.
+    fn fits(&self, extra: usize) -> bool {
+        !self.overflow && self.len + extra <= self.buf.len().min(MAX_MESSAGE)
+    }
+
     fn reserve(&mut self, vlen: usize) -> Option<&mut [u8]> {
         let padded = (vlen + 3) & !3;
-        if self.overflow || vlen > u16::MAX as usize || self.len + 4 + padded > self.buf.len() {
+        if vlen > u16::MAX as usize || !self.fits(4 + padded) {
             self.overflow = true;
             return None;
         }
@@ -87,7 +95,7 @@ impl<'a> MessageWriter<'a> {
 
     /// Appends MESSAGE-INTEGRITY computed with `key`.
     pub fn integrity(&mut self, key: &[u8]) -> &mut Self {
-        if self.overflow || self.len + 24 > self.buf.len() {
+        if !self.fits(24) {
             self.overflow = true;
             return self;
         }
@@ -99,7 +107,7 @@ impl<'a> MessageWriter<'a> {
 
     /// Appends MESSAGE-INTEGRITY-SHA256 (full 32 bytes) computed with `key`.
     pub fn integrity_sha256(&mut self, key: &[u8]) -> &mut Self {
-        if self.overflow || self.len + 36 > self.buf.len() {
+        if !self.fits(36) {
             self.overflow = true;
             return self;
         }
@@ -111,7 +119,7 @@ impl<'a> MessageWriter<'a> {
 
     /// Appends FINGERPRINT. Must be the last attribute.
     pub fn fingerprint(&mut self) -> &mut Self {
-        if self.overflow || self.len + 8 > self.buf.len() {
+        if !self.fits(8) {
             self.overflow = true;
             return self;
         }

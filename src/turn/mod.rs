@@ -7,6 +7,7 @@
 
 mod allocation;
 pub mod policy;
+pub mod ratelimit;
 mod server;
 mod slab;
 
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 pub use allocation::{Allocation, Channel, Permission, CHANNEL_COOLDOWN};
 pub use policy::{Cidr, PeerPolicy};
-pub use server::{RelayAddr, Server, ServerConfig};
+pub use server::{Footprint, RelayAddr, Server, ServerConfig, AMPLIFICATION_FACTOR, DEFAULT_UNAUTH_RATE};
 
 /// The transport a client reached us over.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -218,6 +219,10 @@ pub struct Stats {
     pub dropped_no_allocation: u64,
     pub dropped_no_permission: u64,
     pub dropped_no_channel: u64,
+    /// Unsigned UDP answers not sent: over the per-source rate (`limits.unauth_rate`).
+    pub dropped_rate_limited: u64,
+    /// Unsigned UDP answers not sent: larger than AMPLIFICATION_FACTOR times the request.
+    pub dropped_amplification: u64,
     pub peer_refusals: u64,
     pub quota_refusals: u64,
     pub capacity_refusals: u64,

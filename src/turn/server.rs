@@ -204,17 +204,17 @@ fn family_of(v: &[u8]) -> Result<Family, u16> {
 /// The outcome of a handler: a reply to write, or nothing.
 type Handled = Option<usize>;
 
-/// Rewrites the unsigned response in `out[..n]` as small as it can be: no
-/// SOFTWARE, an empty reason phrase. Returns the new length.
-fn compact(out: &mut [u8], n: usize) -> Option<usize> {
+/// Rewrites the unsigned response in `out[..n]` smaller: without SOFTWARE,
+/// and with `no_reason` also with an empty reason phrase. Returns the new length.
+fn compact(out: &mut [u8], n: usize, no_reason: bool) -> Option<usize> {
     let mut orig = [0u8; 576];
-    orig.get_mut(..n)?.copy_from_slice(&out[..n]);
+    orig.get_mut(..n)?.copy_from_slice(out.get(..n)?);
     let m = Message::parse(&orig[..n]).ok()?;
     let mut w = MessageWriter::new(out, m.method(), m.class(), m.transaction_id());
     for (t, v) in m.attributes() {
         match t {
             attr::SOFTWARE => {}
-            attr::ERROR_CODE => {
+            attr::ERROR_CODE if no_reason => {
                 w.attr(t, v.get(..4)?);
             }
             _ => {
@@ -332,6 +332,13 @@ impl Server {
                 return Output::None;
             }
         };
+        let udp = tuple.transport == Transport::Udp;
+        // A request without integrity only ever gets an unsigned answer: spend
+        // the source's token before doing any work for it.
+        if udp && msg.class() == Class::Request && !msg.has_integrity() && !self.unauth.allow(tuple.client.ip(), now.mono) {
+            self.stats.dropped_rate_limited += 1;
+            return Output::None;
+        }
         match msg.class() {
             Class::Request => match self.request(tuple, &msg, now, &mut *out, relays) {
                 Some(mut n) => {
@@ -343,19 +350,23 @@ impl Server {
                     };
                     // An unsigned answer over UDP may go to a spoofed source:
                     // rate-limit it per source and keep it small.
-                    if !signed && tuple.transport == Transport::Udp {
-                        if !self.unauth.allow(tuple.client.ip(), now.mono) {
+                    if !signed && udp {
+                        // (Requests without integrity were counted above.)
+                        if msg.has_integrity() && !self.unauth.allow(tuple.client.ip(), now.mono) {
                             self.stats.dropped_rate_limited += 1;
                             return Output::None;
                         }
                         let limit = AMPLIFICATION_FACTOR * pkt.len();
                         if n > limit {
-                            match compact(out, n) {
-                                Some(m) if m <= limit => n = m,
-                                _ => {
-                                    self.stats.dropped_amplification += 1;
-                                    return Output::None;
+                            // Without SOFTWARE first, then without the reason phrase too.
+                            for no_reason in [false, true] {
+                                if n > limit {
+                                    n = compact(out, n, no_reason).unwrap_or(usize::MAX);
                                 }
+                            }
+                            if n > limit {
+                                self.stats.dropped_amplification += 1;
+                                return Output::None;
                             }
                         }
                     }
@@ -636,6 +647,10 @@ impl Server {
         if (even.is_some() && token.is_some()) || (raf.is_some() && (token.is_some() || aaf.is_some())) {
             return reply.err(out, 400);
         }
+        // A reservation is only taken out of the table once every check below
+        // has passed: a request refused on the way (quota, family, LIFETIME)
+        // must not swallow the reserved port (it would never be released).
+        let mut claim: Option<[u8; 8]> = None;
         let placement = match (even, token) {
             (Some(v), _) if v.len() != 1 => return reply.err(out, 400),
             (Some(v), _) if v[0] & 0x80 != 0 => {
@@ -648,10 +663,15 @@ impl Server {
             (Some(_), _) => Placement::Even,
             (None, Some(t)) => {
                 let Ok(t) = <[u8; 8]>::try_from(t) else { return reply.err(out, 400) };
-                match self.reservations.remove(&t) {
-                    Some(r) if r.expires > now.mono => Placement::Reserved(r.port),
-                    Some(r) => {
-                        relays.release(Family::V4, r.port);
+                match self.reservations.get(&t) {
+                    Some(r) if r.expires > now.mono => {
+                        claim = Some(t);
+                        Placement::Reserved(r.port)
+                    }
+                    Some(_) => {
+                        if let Some(r) = self.reservations.remove(&t) {
+                            relays.release(Family::V4, r.port);
+                        }
                         self.stats.capacity_refusals += 1;
                         return reply.err(out, 508);
                     }
@@ -690,6 +710,9 @@ impl Server {
             Some(None) => return reply.err(out, 400),
             None => self.cfg.default_lifetime.min(self.cfg.max_lifetime),
         };
+        if let Some(t) = claim {
+            self.reservations.remove(&t);
+        }
         let (slot, generation) = self.allocs.vacant();
         let first = match self.open_relay(relays, slot, generation, primary, placement) {
             Ok(r) => r,
