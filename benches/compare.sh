@@ -147,6 +147,9 @@ ip = "127.0.0.1"
 ports = "20000-29999"
 [peers]
 allow = ["127.0.0.0/8"]
+[limits]
+# Every generated client comes from 127.0.0.1: no per-source limit on 401s.
+unauth_rate = 0
 [metrics]
 listen = "127.0.0.1:$mport"
 [admin]

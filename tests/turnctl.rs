@@ -74,3 +74,24 @@ fn bad_arguments_are_explained() {
     assert_eq!(rc, 0);
     assert_eq!(out.trim().len(), 64);
 }
+
+#[test]
+fn ice_server_and_jitsi_env_formats() {
+    let (rc, out, err) = turnctl(&["credentials", "--secret", "k", "--user", "bob", "--host", "turn.example.com", "--format", "ice"]);
+    assert_eq!(rc, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+    let s = &v[0];
+    let username = s["username"].as_str().unwrap();
+    assert!(username.ends_with(":bob"));
+    assert_eq!(s["credential"].as_str().unwrap(), openssl_rest_password("k", username));
+    let urls: Vec<&str> = s["urls"].as_array().unwrap().iter().map(|u| u.as_str().unwrap()).collect();
+    assert!(urls.contains(&"turns:turn.example.com:443?transport=tcp"), "{urls:?}");
+    let (rc, out, err) = turnctl(&["credentials", "--secret", "k", "--host", "turn.example.com", "--ttl", "1h", "--format", "env"]);
+    assert_eq!(rc, 0, "{err}");
+    for line in ["TURN_CREDENTIALS=k", "TURN_HOST=turn.example.com", "TURNS_HOST=turn.example.com", "TURNS_PORT=443", "TURN_TTL=3600"] {
+        assert!(out.lines().any(|l| l == line), "{line} missing in\n{out}");
+    }
+    let (rc, _, err) = turnctl(&["credentials", "--secret", "k", "--format", "env"]);
+    assert_eq!(rc, 2);
+    assert!(err.contains("--host"), "{err}");
+}

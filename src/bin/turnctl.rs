@@ -35,8 +35,12 @@ enum Cmd {
         #[arg(long)]
         host: Option<String>,
         /// Print the TURN REST API JSON response.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "format")]
         json: bool,
+        /// Output to paste elsewhere: `ice` (an RTCIceServer JSON array for a browser) or
+        /// `env` (docker-jitsi-meet .env lines for the prosody container; needs --host).
+        #[arg(long, value_parser = ["ice", "env"])]
+        format: Option<String>,
     },
     /// Generate a strong random shared secret.
     Secret,
@@ -147,7 +151,7 @@ fn json_str(s: &str) -> String {
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Credentials { secret, secret_file, user, ttl, host, json } => {
+        Cmd::Credentials { secret, secret_file, user, ttl, host, json, format } => {
             let secret = match (secret, secret_file) {
                 (Some(s), _) => s,
                 (None, Some(f)) => match read_first_secret(&f) {
@@ -177,7 +181,28 @@ fn main() -> ExitCode {
                 ],
                 None => vec![],
             };
-            if json {
+            if format.as_deref() == Some("env") {
+                let Some(h) = &host else {
+                    eprintln!("turnctl: --format env needs --host (the relay's public name)");
+                    return ExitCode::from(2);
+                };
+                // prosody computes the credentials itself from TURN_CREDENTIALS.
+                println!("TURN_CREDENTIALS={secret}");
+                println!("TURN_HOST={h}");
+                println!("TURN_PORT=3478");
+                println!("TURN_TRANSPORT=udp,tcp");
+                println!("TURNS_HOST={h}");
+                println!("TURNS_PORT=443");
+                println!("TURN_TTL={ttl}");
+            } else if format.as_deref() == Some("ice") {
+                let u: Vec<String> = uris.iter().map(|u| json_str(u)).collect();
+                println!(
+                    "[{{\"urls\":[{}],\"username\":{},\"credential\":{}}}]",
+                    u.join(","),
+                    json_str(&username),
+                    json_str(&password)
+                );
+            } else if json {
                 let u: Vec<String> = uris.iter().map(|u| json_str(u)).collect();
                 println!(
                     "{{\"username\":{},\"password\":{},\"ttl\":{},\"uris\":[{}]}}",
