@@ -1191,29 +1191,7 @@ impl Window {
     }
 }
 
-const CRC_TABLE: [u32; 256] = {
-    let mut t = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-            k += 1;
-        }
-        t[i] = c;
-        i += 1;
-    }
-    t
-};
-
-/// CRC-32 (IEEE) state update; start from `!0`, finish with `!`.
-fn crc32_update(mut c: u32, bytes: &[u8]) -> u32 {
-    for &x in bytes {
-        c = CRC_TABLE[((c ^ x as u32) & 0xFF) as usize] ^ (c >> 8);
-    }
-    c
-}
+use turnd::stun::crc32_update;
 
 /// Rewrites the FINGERPRINT (the last 8 bytes of `msg`) after the bytes
 /// from `from` on changed; `prefix` is the CRC state over `msg[..from]`.

@@ -18,11 +18,16 @@ const TABLE: [u32; 256] = {
 
 /// CRC-32 of the concatenation of `a` and `b`.
 pub fn crc32(a: &[u8], b: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &x in a.iter().chain(b) {
+    !crc32_update(crc32_update(!0, a), b)
+}
+
+/// Feeds `bytes` into a running CRC-32 state: start from `!0`, finish with `!`.
+/// (The load generator keeps the state over a message's fixed prefix.)
+pub fn crc32_update(mut c: u32, bytes: &[u8]) -> u32 {
+    for &x in bytes {
         c = TABLE[((c ^ x as u32) & 0xFF) as usize] ^ (c >> 8);
     }
-    !c
+    c
 }
 
 #[cfg(test)]

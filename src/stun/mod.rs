@@ -10,6 +10,7 @@ pub mod integrity;
 mod message;
 mod writer;
 
+pub use crc32::crc32_update;
 pub use channel::{ChannelData, frame_len, FrameLen, CHANNEL_MAX, CHANNEL_MAX_RFC5766, CHANNEL_MIN};
 pub use message::{Class, IntegrityKind, Message, ParseError, MAX_ATTRS};
 pub use writer::{MessageWriter, WriteError, MAX_MESSAGE};
