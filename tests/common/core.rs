@@ -184,29 +184,7 @@ impl Core {
 
     /// Builds a message; with `creds`, adds USERNAME/REALM/NONCE and integrity.
     pub fn build(&self, m: u16, class: Class, tid: [u8; 12], attrs: &[A], creds: Option<&Creds>, fingerprint: bool) -> Vec<u8> {
-        let mut buf = vec![0u8; 2048];
-        let mut w = MessageWriter::new(&mut buf, m, class, &tid);
-        for a in attrs {
-            match a {
-                A::Raw(t, v) => w.attr(*t, v),
-                A::Addr(t, s) => w.xor_address(*t, *s),
-                A::U32(t, v) => w.u32(*t, *v),
-            };
-        }
-        if let Some(c) = creds {
-            w.attr(attr::USERNAME, c.username.as_bytes()).attr(attr::REALM, c.realm.as_bytes()).attr(attr::NONCE, &c.nonce);
-            if c.sha256 {
-                w.integrity_sha256(&c.key);
-            } else {
-                w.integrity(&c.key);
-            }
-        }
-        if fingerprint {
-            w.fingerprint();
-        }
-        let n = w.finish().unwrap();
-        buf.truncate(n);
-        buf
+        build(m, class, tid, attrs, creds, fingerprint)
     }
 
     /// Feeds raw bytes from a client; returns the reply, if any.
@@ -266,4 +244,32 @@ impl Core {
         assert!(r.msg().verify_integrity(&c.key), "success is signed with the user's key");
         (c, r.addr(attr::XOR_RELAYED_ADDRESS).unwrap())
     }
+}
+
+/// Builds a message (up to 64 KiB); with `creds`, adds USERNAME/REALM/NONCE
+/// and integrity, and FINGERPRINT when asked.
+pub fn build(m: u16, class: Class, tid: [u8; 12], attrs: &[A], creds: Option<&Creds>, fingerprint: bool) -> Vec<u8> {
+    let mut buf = vec![0u8; 70_000];
+    let mut w = MessageWriter::new(&mut buf, m, class, &tid);
+    for a in attrs {
+        match a {
+            A::Raw(t, v) => w.attr(*t, v),
+            A::Addr(t, s) => w.xor_address(*t, *s),
+            A::U32(t, v) => w.u32(*t, *v),
+        };
+    }
+    if let Some(c) = creds {
+        w.attr(attr::USERNAME, c.username.as_bytes()).attr(attr::REALM, c.realm.as_bytes()).attr(attr::NONCE, &c.nonce);
+        if c.sha256 {
+            w.integrity_sha256(&c.key);
+        } else {
+            w.integrity(&c.key);
+        }
+    }
+    if fingerprint {
+        w.fingerprint();
+    }
+    let n = w.finish().expect("test message fits");
+    buf.truncate(n);
+    buf
 }

@@ -16,34 +16,9 @@ use std::time::{Duration, Instant};
 use crate::harness::{transport_udp, Creds, Resp, A};
 use turnd::auth::rest_password;
 use turnd::stun::integrity::long_term_key;
-use turnd::stun::{attr, frame_len, method, ChannelData, Class, FrameLen, Message, MessageWriter};
+use turnd::stun::{attr, frame_len, method, ChannelData, Class, FrameLen, Message};
 
-/// Builds a message (up to 64 KiB), optionally signed and fingerprinted.
-pub fn build(m: u16, class: Class, tid: [u8; 12], attrs: &[A], creds: Option<&Creds>, fingerprint: bool) -> Vec<u8> {
-    let mut buf = vec![0u8; 70_000];
-    let mut w = MessageWriter::new(&mut buf, m, class, &tid);
-    for a in attrs {
-        match a {
-            A::Raw(t, v) => w.attr(*t, v),
-            A::Addr(t, s) => w.xor_address(*t, *s),
-            A::U32(t, v) => w.u32(*t, *v),
-        };
-    }
-    if let Some(c) = creds {
-        w.attr(attr::USERNAME, c.username.as_bytes()).attr(attr::REALM, c.realm.as_bytes()).attr(attr::NONCE, &c.nonce);
-        if c.sha256 {
-            w.integrity_sha256(&c.key);
-        } else {
-            w.integrity(&c.key);
-        }
-    }
-    if fingerprint {
-        w.fingerprint();
-    }
-    let n = w.finish().expect("test message fits");
-    buf.truncate(n);
-    buf
-}
+pub use crate::harness::build;
 
 pub fn peer_at(a: SocketAddr) -> A {
     A::Addr(attr::XOR_PEER_ADDRESS, a)
