@@ -77,34 +77,10 @@ if [ "$hard" != unlimited ] && [ "$hard" -lt $((n + 100)) ]; then
 fi
 
 # --- build ---
-if [ -z "${TURND_BIN:-}" ] || [ -z "${LOADGEN_BIN:-}" ]; then
-  [ "$build" = 1 ] || { echo "scale.sh: --no-build needs TURND_BIN and LOADGEN_BIN" >&2; exit 2; }
-  echo "scale.sh: building turnd and loadgen (release)" >&2
-  cargo build --release --bin turnd >&2
-  LOADGEN_BIN=${LOADGEN_BIN:-$(cargo build --release --bench loadgen --message-format=json-render-diagnostics |
-    python3 -c 'import sys,json
-for l in sys.stdin:
-    try: m=json.loads(l)
-    except ValueError: continue
-    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="loadgen" and m.get("executable"): print(m["executable"])' | tail -1)}
-  TURND_BIN=${TURND_BIN:-target/release/turnd}
-fi
-[ -x "$TURND_BIN" ] && [ -x "$LOADGEN_BIN" ] || { echo "scale.sh: missing binaries: $TURND_BIN $LOADGEN_BIN" >&2; exit 1; }
-
-WORK=$(mktemp -d /tmp/turnd-scale.XXXXXX)
-server_pid=""
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
-}
-cleanup() { stop_server; rm -rf "$WORK"; }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+prog=scale.sh
+. benches/lib.sh
+build_bins
+make_work scale
 
 stamp=$(date +%Y%m%d-%H%M%S)
 mkdir -p target/bench

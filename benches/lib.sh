@@ -1,0 +1,41 @@
+# Shared by compare.sh and scale.sh: build the binaries, run one server at a
+# time, clean up on exit. Source it with $prog set to the script's name and
+# $build to 1 (build) or 0 (--no-build).
+
+# Builds turnd and the loadgen bench target (release) unless TURND_BIN and
+# LOADGEN_BIN are given.
+build_bins() {
+  if [ -z "${TURND_BIN:-}" ] || [ -z "${LOADGEN_BIN:-}" ]; then
+    [ "$build" = 1 ] || { echo "$prog: --no-build needs TURND_BIN and LOADGEN_BIN" >&2; exit 2; }
+    echo "$prog: building turnd and loadgen (release)" >&2
+    cargo build --release --bin turnd >&2
+    LOADGEN_BIN=${LOADGEN_BIN:-$(cargo build --release --bench loadgen --message-format=json-render-diagnostics |
+      python3 -c 'import sys,json
+for l in sys.stdin:
+    try: m=json.loads(l)
+    except ValueError: continue
+    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="loadgen" and m.get("executable"): print(m["executable"])' | tail -1)}
+    TURND_BIN=${TURND_BIN:-target/release/turnd}
+  fi
+  [ -x "$TURND_BIN" ] && [ -x "$LOADGEN_BIN" ] || { echo "$prog: missing binaries: $TURND_BIN $LOADGEN_BIN" >&2; exit 1; }
+}
+
+# The server under test; stop_server ends it (TERM, then KILL after 5 s).
+server_pid=""
+stop_server() {
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+  fi
+}
+
+# A scratch directory removed on exit, with the server stopped first.
+make_work() {
+  WORK=$(mktemp -d "/tmp/turnd-$1.XXXXXX")
+  cleanup() { stop_server; rm -rf "$WORK"; }
+  trap cleanup EXIT
+  trap 'exit 130' INT TERM
+}
