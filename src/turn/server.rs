@@ -122,7 +122,8 @@ struct Reply {
 }
 
 impl Reply {
-    fn write(&self, out: &mut [u8], class: Class, f: impl FnOnce(&mut MessageWriter)) -> Option<usize> {
+    /// Writes the response; `code` is 200 for a success.
+    fn write(&self, out: &mut [u8], class: Class, code: u16, f: impl FnOnce(&mut MessageWriter)) -> Handled {
         let mut w = MessageWriter::new(out, self.method, class, &self.tid);
         f(&mut w);
         if let Some(s) = &self.software {
@@ -138,15 +139,16 @@ impl Reply {
         if self.fingerprint {
             w.fingerprint();
         }
-        w.finish().ok()
+        let len = w.finish().ok()?;
+        Some(Answer { len, code, signed: self.key.is_some() })
     }
 
-    fn ok(&self, out: &mut [u8], f: impl FnOnce(&mut MessageWriter)) -> Option<usize> {
-        self.write(out, Class::Success, f)
+    fn ok(&self, out: &mut [u8], f: impl FnOnce(&mut MessageWriter)) -> Handled {
+        self.write(out, Class::Success, 200, f)
     }
 
-    fn err(&self, out: &mut [u8], code: u16) -> Option<usize> {
-        self.write(out, Class::Error, |w| {
+    fn err(&self, out: &mut [u8], code: u16) -> Handled {
+        self.write(out, Class::Error, code, |w| {
             w.error_code(code, reason(code));
         })
     }
@@ -201,8 +203,17 @@ fn family_of(v: &[u8]) -> Result<Family, u16> {
     }
 }
 
-/// The outcome of a handler: a reply to write, or nothing.
-type Handled = Option<usize>;
+/// A response written into the output buffer.
+struct Answer {
+    len: usize,
+    /// 200 for a success, else the error code (for the metrics).
+    code: u16,
+    /// Whether it carries MESSAGE-INTEGRITY (unsigned UDP answers are capped).
+    signed: bool,
+}
+
+/// The outcome of a handler: a response to send, or nothing.
+type Handled = Option<Answer>;
 
 /// Rewrites the unsigned response in `out[..n]` smaller: without SOFTWARE,
 /// and with `no_reason` also with an empty reason phrase. Returns the new length.
@@ -341,13 +352,7 @@ impl Server {
         }
         match msg.class() {
             Class::Request => match self.request(tuple, &msg, now, &mut *out, relays) {
-                Some(mut n) => {
-                    let (code, signed) = match Message::parse(&out[..n]) {
-                        Ok(r) => {
-                            (r.get(attr::ERROR_CODE).and_then(attr::decode_error_code).map_or(200, |(c, _)| c), r.has_integrity())
-                        }
-                        Err(_) => (500, false),
-                    };
+                Some(Answer { len: mut n, code, signed }) => {
                     // An unsigned answer over UDP may go to a spoofed source:
                     // rate-limit it per source and keep it small.
                     if !signed && udp {
@@ -545,7 +550,7 @@ impl Server {
         for (i, t) in list[..n].iter().enumerate() {
             v[2 * i..2 * i + 2].copy_from_slice(&t.to_be_bytes());
         }
-        self.reply_for(msg, key).write(out, Class::Error, |w| {
+        self.reply_for(msg, key).write(out, Class::Error, 420, |w| {
             w.error_code(420, reason(420)).attr(attr::UNKNOWN_ATTRIBUTES, &v[..2 * n]);
         })
     }
@@ -553,8 +558,8 @@ impl Server {
     fn request(&mut self, tuple: FiveTuple, msg: &Message, now: Now, out: &mut [u8], relays: &mut dyn RelayPorts) -> Handled {
         match msg.method() {
             method::BINDING => {
-                if let Some(n) = self.unknown_reply(msg, None, out) {
-                    return Some(n);
+                if let Some(a) = self.unknown_reply(msg, None, out) {
+                    return Some(a);
                 }
                 self.reply_for(msg, None).ok(out, |w| {
                     w.xor_address(attr::XOR_MAPPED_ADDRESS, tuple.client);
@@ -565,8 +570,8 @@ impl Server {
                     Ok(a) => a,
                     Err(f) => return self.auth_failure(tuple, msg, f, now, out),
                 };
-                if let Some(n) = self.unknown_reply(msg, Some(auth.key), out) {
-                    return Some(n);
+                if let Some(a) = self.unknown_reply(msg, Some(auth.key), out) {
+                    return Some(a);
                 }
                 let reply = self.reply_for(msg, Some(auth.key));
                 match msg.method() {
@@ -595,7 +600,7 @@ impl Server {
             _ => self.auth.nonce(ip, now.unix),
         };
         let realm = self.auth.realm().to_owned();
-        reply.write(out, Class::Error, |w| {
+        reply.write(out, Class::Error, code, |w| {
             w.error_code(code, reason(code)).attr(attr::REALM, realm.as_bytes()).attr(attr::NONCE, &nonce);
         })
     }
