@@ -34,7 +34,7 @@ use tokio::sync::Notify;
 use crate::auth::{Authenticator, NonceKey};
 use crate::config::{Config, Listener, Overrides, SecretSource};
 use crate::turn::{Event, FiveTuple, Now, Output, RelayId, Server, Transport};
-use batch::{RecvBatch, SendBatch};
+use batch::{PeerSends, RecvBatch, SendBatch};
 use relay::RelaySockets;
 use stream::StreamOut;
 
@@ -80,6 +80,8 @@ pub struct Shard {
     /// Receive buffers shared by the UDP tasks (one runs at a time).
     rx_batch: Rc<RefCell<RecvBatch>>,
     tx: Box<[u8]>,
+    /// Client datagrams of the batch being handled, on their way to peers.
+    to_peers: PeerSends,
     pub send_failures: u64,
     this: Weak<RefCell<Shard>>,
 }
@@ -88,7 +90,7 @@ impl Shard {
     /// A datagram from a client on UDP listener `conn`.
     fn on_client(&mut self, conn: u32, local: SocketAddr, from: SocketAddr, pkt: &[u8], now: Now) {
         let tuple = FiveTuple { client: from, server: local, transport: Transport::Udp, conn };
-        let Shard { server, relays, udp, send_failures, flush, .. } = self;
+        let Shard { server, relays, udp, send_failures, flush, to_peers, .. } = self;
         let Some(Some(l)) = udp.get_mut(conn as usize) else { return };
         if l.out.is_full() {
             let (_, dropped) = l.out.flush(l.socket.get_ref().as_raw_fd());
@@ -103,10 +105,14 @@ impl Shard {
                 }
                 l.out.commit(n, from);
             }
+            // `data` lies in the receive batch, which recv_loop keeps until
+            // it has called flush_to_peers.
             Output::Relay { relay, peer, data } => {
-                if !relays.send(relay, peer, data) {
-                    *send_failures += 1;
+                if to_peers.is_full() {
+                    let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+                    *send_failures += dropped as u64;
                 }
+                to_peers.push(relay, peer, data);
             }
         }
         if server.has_events() || !relays.opened.is_empty() {
@@ -150,6 +156,15 @@ impl Shard {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends the client datagrams of the batch just handled to their peers.
+    fn flush_to_peers(&mut self) {
+        if !self.to_peers.is_empty() {
+            let Shard { relays, to_peers, .. } = self;
+            let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+            self.send_failures += dropped as u64;
         }
     }
 
@@ -369,6 +384,8 @@ pub(super) async fn recv_loop<T: Copy>(
                     None => sh.server.stats.dropped_malformed += 1,
                 }
             }
+            // Before `rb` can receive again: datagrams queued for peers point into it.
+            sh.flush_to_peers();
             n == batch::BATCH
         };
         if full {
@@ -659,6 +676,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
             rx_batch: Rc::new(RefCell::new(RecvBatch::new())),
             flush: flush.clone(),
             tx: vec![0u8; MAX_DATAGRAM + OUT_HEADROOM].into_boxed_slice(),
+            to_peers: PeerSends::new(),
             send_failures: 0,
             this: this.clone(),
         })

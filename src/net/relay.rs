@@ -85,6 +85,12 @@ impl RelaySockets {
         task.abort();
     }
 
+    /// The descriptor of a live relay socket.
+    #[inline]
+    pub fn fd(&self, id: RelayId) -> Option<std::os::fd::RawFd> {
+        self.get(id).map(|e| e.socket.get_ref().as_raw_fd())
+    }
+
     /// Sends without waiting: a full socket buffer drops the datagram, as the network would.
     #[inline]
     pub fn send(&self, id: RelayId, peer: SocketAddr, data: &[u8]) -> bool {
