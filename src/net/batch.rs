@@ -8,8 +8,8 @@ use std::os::fd::RawFd;
 
 /// Datagrams per system call.
 pub const BATCH: usize = 32;
-/// Bytes per datagram slot. Larger datagrams arrive truncated and are dropped
-/// (media and TURN control fit well within an Ethernet MTU).
+/// Bytes per outgoing datagram slot toward UDP clients. Larger messages are
+/// not sent (media and TURN control fit well within an Ethernet MTU).
 pub const SLOT: usize = 2048;
 /// Room in front of relayed data for the Data indication header.
 pub const HEADROOM: usize = 64;
@@ -55,36 +55,53 @@ fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// Bytes per receive slot: a whole GRO batch (up to 64 KiB) fits.
+pub const RECV_SLOT: usize = 65_536;
+
+/// Asks the kernel to hand over runs of same-size datagrams from one source
+/// as one buffer (UDP GRO), split again by [`RecvBatch::get`]. Older kernels
+/// refuse; then datagrams arrive one by one as before.
+pub fn enable_gro(fd: RawFd) -> bool {
+    let on: libc::c_int = 1;
+    // SAFETY: a c_int option value, its size given.
+    unsafe {
+        libc::setsockopt(fd, libc::SOL_UDP, libc::UDP_GRO, (&on as *const libc::c_int).cast(), size_of::<libc::c_int>() as libc::socklen_t)
+            == 0
+    }
+}
+
 /// Receive buffers for one recvmmsg call.
 pub struct RecvBatch {
-    bufs: Box<[[u8; SLOT]]>,
+    bufs: Box<[u8]>,
     addrs: Box<[libc::sockaddr_storage]>,
     iovs: Box<[libc::iovec]>,
     hdrs: Box<[libc::mmsghdr]>,
+    ctrl: Box<[Cmsg]>,
 }
 
 impl RecvBatch {
     pub fn new() -> Self {
         RecvBatch {
-            bufs: vec![[0u8; SLOT]; BATCH].into_boxed_slice(),
+            bufs: vec![0u8; RECV_SLOT * BATCH].into_boxed_slice(),
             // SAFETY: all-zero is a valid value for these plain C structs.
             addrs: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
             iovs: (0..BATCH).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect(),
             hdrs: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
+            ctrl: vec![[0u64; 3]; BATCH].into_boxed_slice(),
         }
     }
 
-    /// Receives up to BATCH datagrams; returns how many (0 on WouldBlock).
+    /// Receives up to BATCH buffers; returns how many (0 on WouldBlock).
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         for i in 0..BATCH {
-            self.iovs[i] = libc::iovec { iov_base: self.bufs[i].as_mut_ptr().cast(), iov_len: SLOT };
+            self.iovs[i] = libc::iovec { iov_base: self.bufs[i * RECV_SLOT..].as_mut_ptr().cast(), iov_len: RECV_SLOT };
             let h = &mut self.hdrs[i];
             h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
             h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_iov = &mut self.iovs[i];
             h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = std::ptr::null_mut();
-            h.msg_hdr.msg_controllen = 0;
+            h.msg_hdr.msg_control = self.ctrl[i].as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = size_of::<Cmsg>();
             h.msg_hdr.msg_flags = 0;
             h.msg_len = 0;
         }
@@ -97,15 +114,32 @@ impl RecvBatch {
         Ok(n as usize)
     }
 
-    /// The i-th datagram of the last `recv`: (source, bytes). `None` when it
-    /// was truncated or its address is unusable.
+    /// The i-th buffer of the last `recv`: (source, bytes, datagram size).
+    /// The bytes are one datagram, or with GRO several of `datagram size`
+    /// back to back (the last one possibly shorter). `None` when it was
+    /// truncated or its address is unusable.
     #[inline]
-    pub fn get(&self, i: usize) -> Option<(SocketAddr, &[u8])> {
+    pub fn get(&self, i: usize) -> Option<(SocketAddr, &[u8], usize)> {
         let h = &self.hdrs[i];
-        if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+        if h.msg_hdr.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
             return None;
         }
-        Some((from_storage(&self.addrs[i])?, &self.bufs[i][..h.msg_len as usize]))
+        let len = h.msg_len as usize;
+        let mut seg = len;
+        if h.msg_hdr.msg_controllen >= size_of::<libc::cmsghdr>() {
+            // SAFETY: the kernel wrote msg_controllen bytes of cmsgs into ctrl[i];
+            // the first (and only one asked for) is read within them.
+            unsafe {
+                let c = self.ctrl[i].as_ptr() as *const libc::cmsghdr;
+                if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                    let g = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                    if g > 0 {
+                        seg = g as usize;
+                    }
+                }
+            }
+        }
+        Some((from_storage(&self.addrs[i])?, &self.bufs[i * RECV_SLOT..i * RECV_SLOT + len], seg.max(1)))
     }
 }
 
@@ -494,7 +528,7 @@ mod tests {
         for _ in 0..100 {
             let n = rb.recv(b.as_raw_fd()).unwrap();
             for i in 0..n {
-                let (from, data) = rb.get(i).unwrap();
+                let (from, data, _) = rb.get(i).unwrap();
                 assert_eq!(from, a.local_addr().unwrap());
                 got.push(data.to_vec());
             }
@@ -509,20 +543,29 @@ mod tests {
 
     /// Receives until `want` datagrams arrived (bounded), in order.
     fn drain(sock: &std::net::UdpSocket, want: usize) -> Vec<(SocketAddr, Vec<u8>)> {
+        drain_counting(sock, want).0
+    }
+
+    /// Also counts the buffers that held more than one datagram (GRO).
+    fn drain_counting(sock: &std::net::UdpSocket, want: usize) -> (Vec<(SocketAddr, Vec<u8>)>, usize) {
         let mut rb = RecvBatch::new();
         let mut got = Vec::new();
+        let mut grouped = 0;
         for _ in 0..500 {
             let n = rb.recv(sock.as_raw_fd()).unwrap();
             for i in 0..n {
-                let (from, data) = rb.get(i).unwrap();
-                got.push((from, data.to_vec()));
+                let (from, data, seg) = rb.get(i).unwrap();
+                grouped += (data.len() > seg) as usize;
+                for d in data.chunks(seg) {
+                    got.push((from, d.to_vec()));
+                }
             }
             if got.len() >= want {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        got
+        (got, grouped)
     }
 
     fn datagram(tag: u8, len: usize) -> Vec<u8> {
@@ -540,6 +583,8 @@ mod tests {
             let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             b.set_nonblocking(true).unwrap();
             c.set_nonblocking(true).unwrap();
+            // b takes GRO runs whole (split again on receipt); c one by one.
+            assert!(enable_gro(b.as_raw_fd()));
             let (tb, tc) = (b.local_addr().unwrap(), c.local_addr().unwrap());
             let mut sb = if gso { SendBatch::new() } else { SendBatch::without_gso() };
             // 10 equal to b, a shorter one ending the run, 3 to c, 2 to b, one
@@ -562,7 +607,10 @@ mod tests {
                 plan.iter().enumerate().filter(|(_, p)| p.0 == tb).map(|(i, p)| datagram(i as u8, p.1)).collect();
             let want_c: Vec<Vec<u8>> =
                 plan.iter().enumerate().filter(|(_, p)| p.0 == tc).map(|(i, p)| datagram(i as u8, p.1)).collect();
-            let got_b: Vec<Vec<u8>> = drain(&b, want_b.len()).into_iter().map(|x| x.1).collect();
+            let (got_b, grouped) = drain_counting(&b, want_b.len());
+            let got_b: Vec<Vec<u8>> = got_b.into_iter().map(|x| x.1).collect();
+            // Over loopback a GSO send reaches a GRO socket as one buffer.
+            assert_eq!(grouped > 0, gso, "gso={gso}");
             let got_c: Vec<Vec<u8>> = drain(&c, want_c.len()).into_iter().map(|x| x.1).collect();
             assert_eq!(got_b, want_b, "gso={gso}");
             assert_eq!(got_c, want_c, "gso={gso}");

@@ -380,7 +380,12 @@ pub(super) async fn recv_loop<T: Copy>(
             let t = now();
             for i in 0..n {
                 match rb.get(i) {
-                    Some((from, data)) => on(&mut sh, from, data, t),
+                    // One datagram, or a GRO run of them: each goes on alone.
+                    Some((from, data, seg)) => {
+                        for d in data.chunks(seg) {
+                            on(&mut sh, from, d, t);
+                        }
+                    }
                     None => sh.server.stats.dropped_malformed += 1,
                 }
             }
@@ -425,6 +430,7 @@ fn bind_udp(addr: SocketAddr) -> anyhow::Result<Udp> {
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
     s.bind(&addr.into()).with_context(|| format!("cannot bind UDP {addr}"))?;
+    batch::enable_gro(s.as_raw_fd());
     Ok(register_udp(s.into())?)
 }
 

@@ -108,6 +108,7 @@ impl RelaySockets {
         }
         s.set_nonblocking(true)?;
         s.bind(&SocketAddr::new(ip, port).into())?;
+        super::batch::enable_gro(s.as_raw_fd());
         Ok(s.into())
     }
 }
