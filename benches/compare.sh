@@ -2,7 +2,7 @@
 # turnd against coturn, side by side, on loopback. See benches/README.md.
 #
 #   benches/compare.sh [--quick] [--runs K] [--duration S] [--warmup S]
-#                      [--only SCENARIO[,SCENARIO...]] [--servers turnd,coturn,floor]
+#                      [--only SCENARIO[,SCENARIO...]] [--servers turnd,coturn,floor,direct]
 #                      [--out FILE.md] [--no-build]
 #
 # Starts each server fresh for every run, pinned to one core (taskset -c
@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-runs=5 duration=10 warmup=2 only="" servers="turnd,coturn,floor" out="" build=1 quick=0
+runs=5 duration=10 warmup=2 only="" servers="turnd,coturn,floor,direct" out="" build=1 quick=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1; runs=1; duration=3; warmup=1 ;;
@@ -149,6 +149,11 @@ EOF
         >/dev/null 2>&1 &
       server_pid=$!
       ;;
+    direct)
+      # No server: the generator's clients talk to its echo peer directly.
+      server_pid=""
+      return 0
+      ;;
     floor)
       floor_peer_port=$(free_ports "$PEER_IP" 1)
       taskset -c "$SERVER_CPU" "$LOADGEN_BIN" --floor-relay "127.0.0.1:$port" \
@@ -175,13 +180,42 @@ EOF
 # one datagram per message), unless GSO=0.
 gso=--gso
 [ "${GSO:-1}" = 0 ] && gso=""
+# RATE@half and RATE@80 stand for 50% and 80% of turnd's saturation rate in
+# this run (the median offered msgs/s of udp-chan-sat for turnd, which runs
+# first), or RATE when that is missing. "direct" is no server at all: the
+# generator's own round trip, which the latency a relay adds is measured against.
 SCENARIOS=(
   "udp-chan-sat|udp|--clients 50 --rate 0 $gso|turnd,coturn,floor"
   "udp-chan-125k|udp|--clients 10 --rate 125000 $gso|turnd,coturn,floor"
+  "udp-chan-half|udp|--clients 50 --rate 160000@half $gso|turnd,coturn,floor,direct"
+  "udp-chan-80pct|udp|--clients 50 --rate 250000@80 $gso|turnd,coturn,floor,direct"
   "udp-ind-sat|udp|--clients 50 --rate 0 --indications --fingerprint $gso|turnd,coturn"
   "tcp-chan-10k|tcp|--clients 10 --rate 10000 --tcp|turnd,coturn"
   "tls-chan-10k|tls|--clients 10 --rate 10000 --tls|turnd,coturn"
 )
+
+# Replaces RATE@half / RATE@80 in loadgen arguments (see above).
+resolve_rate() {
+  python3 - "$results" "$1" <<'EOF2'
+import json, re, statistics, sys
+path, args = sys.argv[1], sys.argv[2]
+m = re.search(r"--rate (\d+)@(half|80)", args)
+if m:
+    sat = []
+    for line in open(path):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("label", "").startswith("udp-chan-sat:turnd:") and r.get("offered_mps"):
+            sat.append(r["offered_mps"])
+    rate = int(m.group(1))
+    if sat:
+        rate = int(statistics.median(sat) * (0.5 if m.group(2) == "half" else 0.8))
+    args = args[:m.start()] + f"--rate {rate}" + args[m.end():]
+print(args)
+EOF2
+}
 
 echo "compare.sh: $runs run(s) of ${duration}s after ${warmup}s warm-up per server and scenario; server on CPU $SERVER_CPU, loadgen on CPU $GEN_CPU" >&2
 for sc in "${SCENARIOS[@]}"; do
@@ -196,16 +230,16 @@ for sc in "${SCENARIOS[@]}"; do
         echo "{\"label\":\"$label\",\"error\":\"server did not start\"}" >>"$results"
         continue
       fi
-      extra=(--secret "$SECRET" --peer-ip "$PEER_IP")
+      extra=(--secret "$SECRET" --peer-ip "$PEER_IP" --server-pid "$server_pid")
+      lg=$(resolve_rate "$lgargs")
       if [ "$which" = floor ]; then
-        extra=(--raw --peer-ip "$PEER_IP" --peer-port "$floor_peer_port")
-        lg=${lgargs/--indications/}
-      else
-        lg=$lgargs
+        extra=(--raw --peer-ip "$PEER_IP" --peer-port "$floor_peer_port" --server-pid "$server_pid")
+      elif [ "$which" = direct ]; then
+        extra=(--direct --peer-ip "$PEER_IP")
       fi
       # shellcheck disable=SC2086
       if line=$(timeout $((warmup + duration + 60)) taskset -c "$GEN_CPU" "$LOADGEN_BIN" \
-          --server "127.0.0.1:$target_port" --server-pid "$server_pid" --duration "$duration" \
+          --server "127.0.0.1:${target_port:-9}" --duration "$duration" \
           --warmup "$warmup" --json --label "$label" "${extra[@]}" $lg ${LOADGEN_ARGS:-} 2>"$WORK/loadgen.err"); then
         echo "$line" >>"$results"
       else

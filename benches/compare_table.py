@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Turns benches/compare.sh's raw results (one loadgen --json object per run,
 labelled SCENARIO:SERVER:RUN) into markdown: medians per scenario and server,
-then the turnd/coturn ratios (and turnd against the floor relay)."""
+then the turnd/coturn ratios (and turnd against the floor relay), and the p99
+round-trip latency each server adds to the direct path (no server)."""
 import json
 import statistics
 import sys
 from collections import OrderedDict
 
-SERVERS = ["turnd", "coturn", "floor"]
+SERVERS = ["turnd", "coturn", "floor", "direct"]
 
 
 def med(xs):
@@ -84,6 +85,20 @@ def main():
         print(f"| {scenario} | {ratio(g(t, 'fwd'), g(c, 'fwd'))} | {ratio(g(t, 'us'), g(c, 'us'))} "
               f"| {ratio(g(t, 'p99'), g(c, 'p99'))} | {ratio(g(t, 'fwd'), g(fl, 'fwd'))} "
               f"| {ratio(g(t, 'us'), g(fl, 'us'))} |")
+    added = [s for s in groups if (s, "direct") in summary]
+    if added:
+        print("\nRound-trip latency each server adds to the direct path (generator to its echo peer, no server), "
+              "µs: its RTT percentile minus the direct one, at the same offered rate:\n")
+        print("| scenario | direct p50 / p99 µs | turnd p50 / p99 added | coturn p50 / p99 added | floor p50 / p99 added |")
+        print("|---|---:|---:|---:|---:|")
+        for scenario in added:
+            d = summary[(scenario, "direct")]
+            def add(server):
+                x = summary.get((scenario, server))
+                if not x or x["p50"] is None or d["p50"] is None:
+                    return "–"
+                return f"{x['p50'] - d['p50']:,.0f} / {x['p99'] - d['p99']:,.0f}"
+            print(f"| {scenario} | {fmt(d['p50'])} / {fmt(d['p99'])} | {add('turnd')} | {add('coturn')} | {add('floor')} |")
     if errors:
         print("\nFailed runs:\n")
         for e in errors:

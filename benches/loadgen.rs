@@ -94,6 +94,10 @@ struct Args {
     /// No TURN at all: send bare payloads to --server (a --floor-relay).
     #[arg(long, conflicts_with_all = ["tcp", "tls", "indications"])]
     raw: bool,
+    /// No server at all: bare payloads straight to the echo peer, the
+    /// generator's own round trip (what a relay's latency is measured against).
+    #[arg(long, conflicts_with_all = ["tcp", "tls", "indications", "raw"])]
+    direct: bool,
     /// Messages per second offered in total; 0 = as fast as the window allows.
     #[arg(long, default_value_t = 0)]
     rate: u64,
@@ -1389,6 +1393,11 @@ struct Snap {
 }
 
 fn run(args: &Args) -> Result<()> {
+    let mut args = args.clone();
+    if args.direct {
+        args.raw = true;
+    }
+    let args = &mut args;
     let kind = if args.tls {
         Kind::Tls
     } else if args.tcp {
@@ -1411,11 +1420,14 @@ fn run(args: &Args) -> Result<()> {
     if !args.raw && args.secret.is_none() {
         bail!("--secret is required (or --raw for a protocol-free relay)");
     }
-    if args.peer_ip == args.server.ip() {
+    if args.peer_ip == args.server.ip() && !args.direct {
         bail!("--peer-ip must differ from the server's address (relays refuse their own address)");
     }
     let cap = args.size + 128;
     let peer = Peer::start(args.peer_ip, args.peer_port, args.batch, cap, args.gso)?;
+    if args.direct {
+        args.server = peer.addr;
+    }
     let tag = (SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u32) ^ std::process::id().rotate_left(16);
 
     // --- setup ---
@@ -1676,7 +1688,9 @@ fn report(args: &Args, kind: Kind, g: &Gen, s0: Snap, s1: Snap, setup_secs: f64,
         Kind::Tcp => "tcp",
         Kind::Tls => "tls",
     };
-    let mode = if args.raw {
+    let mode = if args.direct {
+        "direct"
+    } else if args.raw {
         "raw"
     } else if args.indications {
         "indications"
