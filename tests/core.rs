@@ -569,3 +569,71 @@ fn even_port_reservations_hand_over_the_next_port() {
     c.advance(31);
     assert!(c.relays.reserved.is_empty());
 }
+
+/// The channel events a fast path mirrors, drained from the core.
+fn channel_events(c: &mut Core) -> Vec<(bool, u16, std::net::SocketAddr)> {
+    let mut v = Vec::new();
+    while let Some(e) = c.server.poll_event() {
+        match e {
+            turnd::turn::Event::ChannelBound { channel, peer, .. } => v.push((true, channel, peer)),
+            turnd::turn::Event::ChannelUnbound { channel, peer, .. } => v.push((false, channel, peer)),
+            _ => {}
+        }
+    }
+    v
+}
+
+#[test]
+fn every_channel_binding_is_matched_by_one_unbinding() {
+    let mut c = Core::new();
+    let t = tuple(40031);
+    let (cr, _) = c.allocate(t, "uma");
+    c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 3600)], Some(&cr));
+    let p1: std::net::SocketAddr = "8.8.8.8:5000".parse().unwrap();
+    let p2: std::net::SocketAddr = "8.8.4.4:6000".parse().unwrap();
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4001), peer("8.8.4.4:6000")], Some(&cr)).class(), Class::Success);
+    assert_eq!(channel_events(&mut c), vec![(true, 0x4000, p1), (true, 0x4001, p2)]);
+    // 0x4001 is refreshed at 300 s; 0x4000 expires at 600 s, reported once.
+    c.advance(300);
+    let cr = Creds { nonce: c.rest_creds(t, "uma", 3600, SECRET).nonce, ..cr };
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4001), peer("8.8.4.4:6000")], Some(&cr)).class(), Class::Success);
+    assert_eq!(channel_events(&mut c), vec![(true, 0x4001, p2)]);
+    c.advance(301);
+    assert_eq!(channel_events(&mut c), vec![(false, 0x4000, p1)]);
+    c.advance(10);
+    assert_eq!(channel_events(&mut c), vec![], "an expiry is reported once");
+    // Rebound during its cooldown (same number, same peer): bound again.
+    let cr = Creds { nonce: c.rest_creds(t, "uma", 3600, SECRET).nonce, ..cr };
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
+    assert_eq!(channel_events(&mut c), vec![(true, 0x4000, p1)]);
+    // Deleting the allocation unbinds what is still bound.
+    c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 0)], Some(&cr));
+    let mut ev = channel_events(&mut c);
+    ev.sort();
+    assert_eq!(ev, vec![(false, 0x4000, p1), (false, 0x4001, p2)]);
+}
+
+#[test]
+fn a_partial_sweep_spreads_expiry_over_calls() {
+    let mut c = Core::new();
+    for i in 0..10 {
+        c.allocate(tuple(40100 + i), "vic");
+    }
+    assert_eq!(c.server.slot_count(), 10);
+    // Past the lifetime without the harness's full sweep.
+    c.now = c.now.advance(std::time::Duration::from_secs(601));
+    let mut counts = Vec::new();
+    for _ in 0..4 {
+        c.server.sweep(c.now.mono, &mut c.relays, 3);
+        counts.push(c.server.allocation_count());
+    }
+    assert_eq!(counts, vec![7, 4, 1, 0]);
+    assert!(c.relays.open.is_empty());
+    // With nothing due, sweeping ends nothing.
+    c.allocate(tuple(40200), "wes");
+    for _ in 0..5 {
+        c.server.sweep(c.now.mono, &mut c.relays, 3);
+    }
+    assert_eq!(c.server.allocation_count(), 1);
+}

@@ -295,9 +295,13 @@ impl Shard {
         self.limits = StreamLimits::from(cfg);
     }
 
+    /// One of SWEEP_PARTS steps per second of the expiry sweep: each visits
+    /// a share of the allocations, so no single step stalls the relay for
+    /// long however many there are.
     fn tick(&mut self) {
         let Shard { server, relays, .. } = self;
-        server.handle_timeout(std::time::Instant::now(), relays);
+        let share = server.slot_count() / SWEEP_PARTS as usize + 1;
+        server.sweep(std::time::Instant::now(), relays, share);
         self.after_control();
     }
 }
@@ -309,6 +313,9 @@ pub struct WarnLimiter {
     in_window: u32,
     suppressed: u64,
 }
+
+/// Steps per second of the expiry sweep.
+const SWEEP_PARTS: u32 = 10;
 
 const WARN_BURST: u32 = 10;
 const WARN_WINDOW: Duration = Duration::from_secs(10);
@@ -350,6 +357,9 @@ fn log_event(e: &Event, warnings: &mut WarnLimiter) {
         ),
         Event::ChannelBound { tuple, channel, peer, .. } => {
             tracing::debug!(client = %tuple.client, channel, %peer, "channel bound")
+        }
+        Event::ChannelUnbound { tuple, channel, peer, .. } => {
+            tracing::debug!(client = %tuple.client, channel, %peer, "channel unbound")
         }
         Event::PeerRefused { tuple, peer } => {
             if warnings.allow() {
@@ -702,7 +712,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     };
     let ticker = Rc::downgrade(&shard);
     tokio::task::spawn_local(async move {
-        let mut iv = tokio::time::interval(Duration::from_secs(1));
+        let mut iv = tokio::time::interval(Duration::from_secs(1) / SWEEP_PARTS);
         loop {
             iv.tick().await;
             let Some(s) = ticker.upgrade() else { return };

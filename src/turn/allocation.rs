@@ -19,6 +19,8 @@ pub struct Channel {
     pub number: u16,
     pub peer: SocketAddr,
     pub expires: Instant,
+    /// Its expiry has been reported (it stays for the cooldown).
+    pub ended: bool,
 }
 
 /// A relayed transport address of an allocation.
@@ -89,9 +91,14 @@ impl Allocation {
         self.channels.iter().find(|c| c.peer == peer && c.expires > now)
     }
 
-    /// Drops expired permissions and channels whose cooldown ended.
-    pub fn prune(&mut self, now: Instant) {
+    /// Drops expired permissions and channels whose cooldown ended, and
+    /// hands each binding that expired since the last call to `ended`.
+    pub fn prune(&mut self, now: Instant, mut ended: impl FnMut(&Channel)) {
         self.permissions.retain(|p| p.expires > now);
+        for c in self.channels.iter_mut().filter(|c| c.expires <= now && !c.ended) {
+            c.ended = true;
+            ended(c);
+        }
         self.channels.retain(|c| c.expires + CHANNEL_COOLDOWN > now);
     }
 }

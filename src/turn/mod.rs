@@ -164,7 +164,17 @@ pub enum Event {
         bytes_to_peer: u64,
         bytes_from_peer: u64,
     },
+    /// A channel was bound or its binding refreshed. Every binding is later
+    /// matched by one `ChannelUnbound`, so a fast path that mirrors the
+    /// bindings (e.g. in the kernel) can add and remove entries exactly.
     ChannelBound {
+        relay: RelayId,
+        tuple: FiveTuple,
+        channel: u16,
+        peer: SocketAddr,
+    },
+    /// A channel binding expired or its allocation ended.
+    ChannelUnbound {
         relay: RelayId,
         tuple: FiveTuple,
         channel: u16,

@@ -96,7 +96,30 @@ pub struct Server {
     accepting: bool,
     data_tid: u64,
     unauth: RateLimiter,
+    /// Where the next partial sweep starts (see [`Server::sweep`]).
+    sweep_at: u32,
     pub stats: Stats,
+}
+
+/// Queues an event, dropping the oldest beyond MAX_EVENTS.
+fn push_event(events: &mut VecDeque<Event>, e: Event) {
+    if events.len() >= MAX_EVENTS {
+        events.pop_front();
+    }
+    events.push_back(e);
+}
+
+/// Reports that channel `c` of the allocation with these relays ended.
+fn channel_unbound(events: &mut VecDeque<Event>, tuple: FiveTuple, v4: Option<Relay>, v6: Option<Relay>, c: &Channel) {
+    if let Some(r) = if c.peer.is_ipv4() { v4 } else { v6 } {
+        push_event(events, Event::ChannelUnbound { relay: r.id, tuple, channel: c.number, peer: c.peer });
+    }
+}
+
+/// Prunes `a`, reporting the channel bindings that expired.
+fn prune(events: &mut VecDeque<Event>, a: &mut Allocation, now: Instant) {
+    let (tuple, v4, v6) = (a.tuple, a.v4, a.v6);
+    a.prune(now, |c| channel_unbound(events, tuple, v4, v6, c));
 }
 
 /// Sizes of the core's tables (see [`Server::footprint`]).
@@ -254,6 +277,7 @@ impl Server {
             accepting: true,
             data_tid: 0,
             unauth: RateLimiter::new(cfg_unauth_rate),
+            sweep_at: 0,
             stats: Stats::default(),
         }
     }
@@ -318,10 +342,7 @@ impl Server {
     }
 
     fn event(&mut self, e: Event) {
-        if self.events.len() >= MAX_EVENTS {
-            self.events.pop_front();
-        }
-        self.events.push_back(e);
+        push_event(&mut self.events, e);
     }
 
     /// Handles one datagram (or one framed stream message) from a client.
@@ -916,7 +937,7 @@ impl Server {
         }
         let cap = self.cfg.max_permissions;
         let a = self.allocs.get_mut(slot)?;
-        a.prune(now);
+        prune(&mut self.events, a, now);
         if a.permissions.len() + a.new_permissions(ips) > cap {
             self.stats.quota_refusals += 1;
             return reply.err(out, 508);
@@ -962,7 +983,7 @@ impl Server {
         }
         let cap = self.cfg.max_permissions;
         let a = self.allocs.get_mut(slot)?;
-        a.prune(now);
+        prune(&mut self.events, a, now);
         // A number stays tied to its peer (and the peer to its number) while
         // bound and for the cooldown after (RFC 8656 12).
         if a.channels.iter().any(|c| (c.number == number) != (c.peer == peer)) {
@@ -975,8 +996,11 @@ impl Server {
         }
         let expires = now + Duration::from_secs(self.cfg.channel_lifetime as u64);
         match a.channels.iter_mut().find(|c| c.number == number) {
-            Some(c) => c.expires = expires,
-            None => a.channels.push(Channel { number, peer, expires }),
+            Some(c) => {
+                c.expires = expires;
+                c.ended = false;
+            }
+            None => a.channels.push(Channel { number, peer, expires, ended: false }),
         }
         a.permit(peer.ip(), now + Duration::from_secs(self.cfg.permission_lifetime as u64));
         let relay = a.relay_for(&peer)?.id;
@@ -997,6 +1021,9 @@ impl Server {
         for r in [a.v4, a.v6].iter().flatten() {
             relays.close(r.id);
         }
+        for c in a.channels.iter().filter(|c| !c.ended) {
+            channel_unbound(&mut self.events, a.tuple, a.v4, a.v6, c);
+        }
         self.stats.allocations_ended[reason as usize] += 1;
         self.event(Event::AllocationEnded {
             tuple: a.tuple,
@@ -1008,24 +1035,46 @@ impl Server {
         });
     }
 
-    /// Expires allocations, permissions, channels and reservations. Call about once a second.
+    /// Expires allocations, permissions, channels and reservations: a whole
+    /// sweep. Call about once a second, or spread the work with [`Server::sweep`].
     pub fn handle_timeout(&mut self, now: Instant, relays: &mut dyn RelayPorts) {
-        let stale: Vec<[u8; 8]> = self.reservations.iter().filter(|(_, r)| r.expires <= now).map(|(t, _)| *t).collect();
-        for t in stale {
-            if let Some(r) = self.reservations.remove(&t) {
+        self.sweep_at = 0;
+        self.sweep(now, relays, usize::MAX);
+    }
+
+    /// Visits at most `max` allocation slots, from where the last call
+    /// stopped (wrapping), expiring what is due; and every expired
+    /// reservation. Calling it ten times a second with a tenth of
+    /// [`Server::slot_count`] visits every allocation about once a second
+    /// without a pause that grows with their number.
+    pub fn sweep(&mut self, now: Instant, relays: &mut dyn RelayPorts, max: usize) {
+        self.reservations.retain(|_, r| {
+            if r.expires <= now {
                 relays.release(Family::V4, r.port);
+                false
+            } else {
+                true
             }
-        }
-        let expired: Vec<u32> = self.allocs.slots().filter(|(_, a)| a.expires <= now).map(|(s, _)| s).collect();
-        for slot in expired {
-            self.remove(slot, EndReason::Expired, now, relays);
-        }
-        let slots: Vec<u32> = self.allocs.slots().map(|(s, _)| s).collect();
-        for s in slots {
-            if let Some(a) = self.allocs.get_mut(s) {
-                a.prune(now);
+        });
+        let slots = self.allocs.slot_count();
+        for _ in 0..max.min(slots) {
+            if self.sweep_at as usize >= slots {
+                self.sweep_at = 0;
             }
+            let s = self.sweep_at;
+            self.sweep_at += 1;
+            let Some(a) = self.allocs.get_mut(s) else { continue };
+            if a.expires <= now {
+                self.remove(s, EndReason::Expired, now, relays);
+                continue;
+            }
+            prune(&mut self.events, a, now);
         }
+    }
+
+    /// Allocation slots (live or free) a full sweep visits.
+    pub fn slot_count(&self) -> usize {
+        self.allocs.slot_count()
     }
 
     /// Frees the allocation of a closed TCP/TLS connection.

@@ -73,6 +73,11 @@ impl<T> Slab<T> {
         e.value.as_mut()
     }
 
+    /// Slots ever used, live or free: the bound of a slot index.
+    pub fn slot_count(&self) -> usize {
+        self.entries.len()
+    }
+
     pub fn slots(&self) -> impl Iterator<Item = (u32, &T)> {
         self.entries.iter().enumerate().filter_map(|(i, e)| Some((i as u32, e.value.as_ref()?)))
     }
