@@ -290,7 +290,7 @@ impl Shard {
     /// Applies a reloaded configuration to the core. Existing allocations stay.
     fn apply(&mut self, cfg: &Config) {
         let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, self.nonce_key.clone());
-        self.server.reconfigure(cfg.server_config(), auth, cfg.peer_policy());
+        self.server.reconfigure(cfg.server_config(), auth, peer_policy(cfg));
         self.relays.reconfigure(cfg.relay_v4.map(|r| r.local), cfg.relay_v6.map(|r| r.local), cfg.ports);
         self.limits = StreamLimits::from(cfg);
     }
@@ -312,6 +312,46 @@ pub struct WarnLimiter {
     window_start: std::time::Instant,
     in_window: u32,
     suppressed: u64,
+}
+
+/// The configured peer policy, with the port rule extended to every address
+/// of this host (read at start and on reload).
+fn peer_policy(cfg: &Config) -> crate::turn::PeerPolicy {
+    cfg.peer_policy().with_host_ips(host_addresses())
+}
+
+/// The host's interface addresses (getifaddrs); empty if it fails.
+fn host_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        tracing::warn!("cannot list the host's addresses: {}", std::io::Error::last_os_error());
+        return out;
+    }
+    let mut p = head;
+    while !p.is_null() {
+        // SAFETY: p walks the list getifaddrs returned; ifa_addr may be null.
+        let ifa = unsafe { &*p };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: the family says which sockaddr type ifa_addr points at.
+            match unsafe { (*ifa.ifa_addr).sa_family } as libc::c_int {
+                libc::AF_INET => {
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    out.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                }
+                libc::AF_INET6 => {
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    out.push(IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                }
+                _ => {}
+            }
+        }
+        p = ifa.ifa_next;
+    }
+    // SAFETY: head came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
 }
 
 /// Steps per second of the expiry sweep.
@@ -671,7 +711,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     let flush = Rc::new(Notify::new());
     let shard = Rc::new_cyclic(|this| {
         RefCell::new(Shard {
-            server: Server::new(cfg.server_config(), auth, cfg.peer_policy()),
+            server: Server::new(cfg.server_config(), auth, peer_policy(&cfg)),
             relays,
             udp: Vec::new(),
             streams: Vec::new(),

@@ -7,7 +7,9 @@
 //! extracted and judged as IPv4, so `::ffff:127.0.0.1` is loopback.
 //! The `allow` list overrides the deny list, except that the server's own
 //! addresses are only reachable on relay ports (other allocations), never on
-//! its listener, metrics or admin ports.
+//! its listener, metrics or admin ports. The same port rule covers every
+//! other address of the host ([`PeerPolicy::with_host_ips`]), so allowing a
+//! private range that holds the host does not open its other services.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -123,6 +125,9 @@ pub struct PeerPolicy {
     allow: Vec<Cidr>,
     deny: Vec<Cidr>,
     own_ips: Vec<IpAddr>,
+    /// Other addresses of the host: reachable on relay ports only, but not
+    /// allowed by being the host's (unlike `own_ips`).
+    host_ips: Vec<IpAddr>,
     relay_ports: (u16, u16),
 }
 
@@ -132,7 +137,18 @@ impl PeerPolicy {
     pub fn new(allow: Vec<Cidr>, deny: Vec<Cidr>, own_ips: Vec<IpAddr>, relay_ports: (u16, u16)) -> Self {
         let mut all: Vec<Cidr> = DEFAULT_DENY.iter().map(|s| s.parse().expect("default list parses")).collect();
         all.extend(deny);
-        PeerPolicy { allow, deny: all, own_ips, relay_ports }
+        PeerPolicy { allow, deny: all, own_ips, host_ips: Vec::new(), relay_ports }
+    }
+
+    /// Adds the host's interface addresses to the port rule: on them, only
+    /// relay ports may be reached. They are still judged by the allow and
+    /// deny lists (a private interface address stays refused by default).
+    pub fn with_host_ips(mut self, mut ips: Vec<IpAddr>) -> Self {
+        ips.retain(|ip| !self.own_ips.contains(ip));
+        ips.sort();
+        ips.dedup();
+        self.host_ips = ips;
+        self
     }
 
     fn forms(ip: IpAddr) -> [Option<IpAddr>; 3] {
@@ -166,7 +182,8 @@ impl PeerPolicy {
     /// range (its listener, metrics or admin port). Cheap enough per packet.
     #[inline]
     pub fn permits_port(&self, addr: SocketAddr) -> bool {
-        (self.relay_ports.0..=self.relay_ports.1).contains(&addr.port()) || !self.is_own(addr.ip())
+        (self.relay_ports.0..=self.relay_ports.1).contains(&addr.port())
+            || !Self::forms(addr.ip()).iter().flatten().any(|f| self.own_ips.contains(f) || self.host_ips.contains(f))
     }
 
     /// May data be sent to `addr`? Adds the rule that the server's own
@@ -209,6 +226,24 @@ mod tests {
         for a in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"] {
             assert!(p.permits_ip(a.parse().unwrap()), "{a}");
         }
+    }
+
+    #[test]
+    fn host_addresses_only_on_relay_ports_and_still_judged_by_the_lists() {
+        let allow = vec!["10.0.0.0/8".parse().unwrap()];
+        let p = PeerPolicy::new(allow, vec![], vec!["203.0.113.9".parse().unwrap()], (49152, 65535))
+            .with_host_ips(vec!["10.0.0.5".parse().unwrap(), "192.168.1.2".parse().unwrap(), "203.0.113.9".parse().unwrap()]);
+        // Allowed range, host address: relay ports only (not its metrics or ssh).
+        assert!(p.permits("10.0.0.5:50000".parse().unwrap()));
+        assert!(!p.permits("10.0.0.5:9090".parse().unwrap()));
+        assert!(!p.permits("10.0.0.5:22".parse().unwrap()));
+        assert!(!p.permits("[::ffff:10.0.0.5]:22".parse().unwrap()));
+        // Another host in the allowed range: any port.
+        assert!(p.permits("10.0.0.6:9090".parse().unwrap()));
+        // A private host address outside the allow list stays refused, even on relay ports.
+        assert!(!p.permits("192.168.1.2:50000".parse().unwrap()));
+        assert!(p.permits("203.0.113.9:50000".parse().unwrap()));
+        assert!(!p.permits("203.0.113.9:3478".parse().unwrap()));
     }
 
     #[test]
