@@ -186,7 +186,7 @@ gso=--gso
 # generator's own round trip, which the latency a relay adds is measured against.
 SCENARIOS=(
   "udp-chan-sat|udp|--clients 50 --rate 0 $gso|turnd,coturn,floor"
-  "udp-chan-125k|udp|--clients 10 --rate 125000 $gso|turnd,coturn,floor"
+  "udp-chan-125k|udp|--clients 10 --rate 125000 $gso|turnd,coturn,floor,direct"
   "udp-chan-half|udp|--clients 50 --rate 160000@half $gso|turnd,coturn,floor,direct"
   "udp-chan-80pct|udp|--clients 50 --rate 250000@80 $gso|turnd,coturn,floor,direct"
   "udp-ind-sat|udp|--clients 50 --rate 0 --indications --fingerprint $gso|turnd,coturn"

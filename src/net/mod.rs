@@ -468,6 +468,9 @@ async fn flush_loop(shard: Weak<RefCell<Shard>>, notify: Rc<Notify>) {
     }
 }
 
+/// Receive and send buffer asked for on UDP listeners.
+const UDP_LISTENER_BUFFER: usize = 4 << 20;
+
 fn bind_udp(addr: SocketAddr) -> anyhow::Result<Udp> {
     use socket2::{Domain, Protocol, Socket, Type};
     let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
@@ -477,8 +480,17 @@ fn bind_udp(addr: SocketAddr) -> anyhow::Result<Udp> {
     }
     s.set_nonblocking(true)?;
     // Media arrives in bursts; a larger buffer absorbs them (the kernel caps it at rmem_max).
-    let _ = s.set_recv_buffer_size(4 << 20);
-    let _ = s.set_send_buffer_size(4 << 20);
+    let _ = s.set_recv_buffer_size(UDP_LISTENER_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_LISTENER_BUFFER);
+    // Linux reports twice what it granted (bookkeeping included).
+    if let Ok(got) = s.recv_buffer_size() {
+        if got / 2 < UDP_LISTENER_BUFFER {
+            tracing::warn!(
+                listener = %addr, granted_kib = got / 2 / 1024, wanted_kib = UDP_LISTENER_BUFFER / 1024,
+                "UDP receive buffer smaller than wanted: bursts may be dropped under load; raise net.core.rmem_max (see deploy/README.md)"
+            );
+        }
+    }
     s.bind(&addr.into()).with_context(|| format!("cannot bind UDP {addr}"))?;
     batch::enable_gro(s.as_raw_fd());
     Ok(register_udp(s.into())?)
