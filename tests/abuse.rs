@@ -1609,3 +1609,45 @@ fn unclaimed_reservations_are_released_even_when_claims_fail() {
     c.advance(31);
     assert!(c.relays.reserved.is_empty(), "the reserved port was released when the reservation expired");
 }
+
+/// Out of file descriptors: Allocate gets 508 (not a crash or a hang), the
+/// log says why once, and /readyz fails so probes send new sessions elsewhere.
+#[test]
+fn running_out_of_descriptors_refuses_allocations_and_reports_not_ready() {
+    // 48 descriptors: turnd's own (listeners, metrics, epoll, log) and a few
+    // dozen relay sockets.
+    let server = common::Turnd::start_limited("", 48);
+    assert_eq!(server.http_get("/readyz").0, 200);
+    let mut held = Vec::new();
+    let mut refused = None;
+    for i in 0..64 {
+        let mut c = wire::UdpClient::new("127.0.0.1", server.addr);
+        let r = c.transact(method::ALLOCATE, &[transport_udp()]);
+        c.creds = Some(wire::rest_creds(&r, &format!("fd{i}"), common::SECRET));
+        let r = c.transact(method::ALLOCATE, &[transport_udp()]);
+        match r.code() {
+            None => held.push(c),
+            Some(code) => {
+                refused = Some(code);
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, Some(508), "held {} allocations", held.len());
+    assert!((10..48).contains(&held.len()), "held {}", held.len());
+    let (code, body) = server.http_get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("file descriptors"), "{body}");
+    // Once, not per refused request.
+    let mut c = wire::UdpClient::new("127.0.0.1", server.addr);
+    let r = c.transact(method::ALLOCATE, &[transport_udp()]);
+    c.creds = Some(wire::rest_creds(&r, "fd-again", common::SECRET));
+    assert_eq!(c.transact(method::ALLOCATE, &[transport_udp()]).code(), Some(508));
+    assert_eq!(server.log().matches("out of file descriptors").count(), 1, "{}", server.log());
+    // What is held still relays.
+    let peer = common::EchoPeer::start();
+    let a = &mut held[0];
+    a.transact(method::CREATE_PERMISSION, &[peer_at(peer.addr)]);
+    a.send_indication(peer.addr, b"still here");
+    assert!(a.recv(Duration::from_secs(2)).is_some());
+}

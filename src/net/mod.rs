@@ -199,12 +199,13 @@ impl Shard {
     /// Registers a new connection if the limits allow; returns its conn id.
     fn stream_opened(&mut self, client: IpAddr, transport: Transport, out: Rc<StreamOut>) -> Option<u32> {
         let n = self.per_ip.get(&client).copied().unwrap_or(0);
-        if self.stream_count >= self.limits.max_total as usize || n >= self.limits.max_per_ip {
+        if self.stream_count >= self.limits.max_total as usize || n >= self.limits.max_per_ip || !self.relays.fds_left_for_connection() {
             self.connections_refused += 1;
             return None;
         }
         *self.per_ip.entry(client).or_insert(0) += 1;
         self.stream_count += 1;
+        self.relays.stream_fds = self.stream_count;
         self.connections[transport as usize] += 1;
         let conn = match self.free_streams.pop() {
             Some(c) => {
@@ -224,6 +225,7 @@ impl Shard {
             if slot.take().is_some() {
                 self.free_streams.push(tuple.conn);
                 self.stream_count -= 1;
+                self.relays.stream_fds = self.stream_count;
                 self.connections[tuple.transport as usize] -= 1;
                 if let Some(c) = self.per_ip.get_mut(&tuple.client.ip()) {
                     *c -= 1;
@@ -282,6 +284,8 @@ impl Shard {
             Some("draining: shutting down")
         } else if self.relays.in_use() >= self.relays.port_range_size() {
             Some("no relay port free")
+        } else if self.relays.out_of_fds() {
+            Some("out of file descriptors: raise the open-files limit")
         } else {
             None
         }

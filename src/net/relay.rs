@@ -36,7 +36,32 @@ pub struct RelaySockets {
     in_use: usize,
     /// IPv4 ports held for reservations (EVEN-PORT with R), by port.
     reserved: HashMap<u16, std::net::UdpSocket>,
+    /// When a relay socket last failed for want of file descriptors.
+    pub out_of_fds_at: Option<std::time::Instant>,
+    /// Descriptors relay sockets may use: the open-files limit less a reserve.
+    fd_budget: usize,
+    /// Descriptors held by TCP/TLS connections (kept up to date by the shard).
+    pub stream_fds: usize,
 }
+
+/// Descriptors kept free of relay sockets and connections, for the
+/// listeners, the metrics and admin endpoint, reloads and certificate files:
+/// so /readyz can still answer "out of file descriptors".
+pub const FD_RESERVE: usize = 32;
+
+/// The open-files soft limit (0 if unknown).
+pub fn open_files_limit() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+}
+
+/// How long after running out of file descriptors the relay reports itself
+/// not ready (so a load balancer or probe sends new sessions elsewhere).
+pub const OUT_OF_FDS_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A random u32 from the OS CSPRNG (never a predictable sequence).
 fn random_u32() -> u32 {
@@ -51,7 +76,14 @@ fn index(id: RelayId) -> usize {
 
 impl RelaySockets {
     pub fn new(v4: Option<IpAddr>, v6: Option<IpAddr>, ports: (u16, u16)) -> Self {
-        RelaySockets { v4, v6, ports, entries: Vec::new(), opened: Vec::new(), in_use: 0, reserved: HashMap::new() }
+        RelaySockets { v4, v6, ports, entries: Vec::new(), opened: Vec::new(), in_use: 0, reserved: HashMap::new(),
+            out_of_fds_at: None,
+            fd_budget: match open_files_limit() {
+                0 => usize::MAX,
+                n => n.saturating_sub(FD_RESERVE),
+            },
+            stream_fds: 0,
+        }
     }
 
     /// New relay addresses and port range apply to sockets opened from now on.
@@ -64,6 +96,27 @@ impl RelaySockets {
     /// Relay sockets open plus ports held for reservations.
     pub fn in_use(&self) -> usize {
         self.in_use + self.reserved.len()
+    }
+
+    /// Starts or extends an out-of-descriptors episode, logged once.
+    fn fds_exhausted(&mut self, e: &io::Error) {
+        if !self.out_of_fds() {
+            tracing::error!(
+                error = %e, relay_sockets = self.in_use(), connections = self.stream_fds,
+                "out of file descriptors: new allocations get 508 and /readyz fails; raise the open-files limit (LimitNOFILE) or lower limits.total_quota"
+            );
+        }
+        self.out_of_fds_at = Some(std::time::Instant::now());
+    }
+
+    /// Whether new connections would eat into the descriptor reserve.
+    pub fn fds_left_for_connection(&self) -> bool {
+        self.in_use() + self.stream_fds < self.fd_budget
+    }
+
+    /// Whether a relay socket failed for want of descriptors recently.
+    pub fn out_of_fds(&self) -> bool {
+        self.out_of_fds_at.is_some_and(|t| t.elapsed() < OUT_OF_FDS_HOLD)
     }
 
     pub fn port_range_size(&self) -> usize {
@@ -124,6 +177,10 @@ impl RelaySockets {
         if self.in_use() >= span as usize {
             return Err(OpenError::Exhausted);
         }
+        if self.in_use() + self.stream_fds >= self.fd_budget {
+            self.fds_exhausted(&io::Error::from_raw_os_error(libc::EMFILE));
+            return Err(OpenError::Exhausted);
+        }
         let even = placement != Placement::Any;
         // Random ports first; when the range is nearly full, random picks
         // mostly hit taken ports, so then walk the whole range once from a
@@ -144,6 +201,10 @@ impl RelaySockets {
             let sock = match Self::bind(ip, port as u16) {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    self.fds_exhausted(&e);
+                    return Err(OpenError::Exhausted);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, %ip, "cannot open a relay socket");
                     return Err(OpenError::Exhausted);

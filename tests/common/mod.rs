@@ -71,6 +71,20 @@ impl Turnd {
         Self::launch(extra, true, true)
     }
 
+    /// Like `start`, with turnd's open-files limit (soft and hard) set to `nofile`.
+    pub fn start_limited(extra: &str, nofile: u64) -> Turnd {
+        let port = free_port();
+        let dir = temp_dir("turnd");
+        let cfg = format!(
+            "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
+             [[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
+             [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n\
+             [peers]\nallow = [\"127.0.0.0/8\"]\n{extra}"
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        Self::spawn_wrapped(dir, &cfg, addr, 0, &["prlimit".into(), format!("--nofile={nofile}:{nofile}"), "--".into()])
+    }
+
     fn launch(extra: &str, allow_loopback: bool, streams: bool) -> Turnd {
         let port = free_port();
         let tls_port = if streams { free_port() } else { 0 };
@@ -109,6 +123,12 @@ impl Turnd {
     /// Writes `cfg` to `dir/turnd.toml`, runs turnd on it (log in
     /// `dir/turnd.log`) and waits until `addr` answers over UDP.
     fn spawn(dir: PathBuf, cfg: &str, addr: SocketAddr, tls_port: u16) -> Turnd {
+        Self::spawn_wrapped(dir, cfg, addr, tls_port, &[])
+    }
+
+    /// `spawn`, with turnd run through `wrap` (a command that execs the rest
+    /// of its arguments, such as prlimit) when it is not empty.
+    fn spawn_wrapped(dir: PathBuf, cfg: &str, addr: SocketAddr, tls_port: u16, wrap: &[String]) -> Turnd {
         let config = dir.join("turnd.toml");
         // Each server gets its own metrics port unless the caller set one
         // (the default 127.0.0.1:9641 would clash between parallel tests).
@@ -123,7 +143,15 @@ impl Turnd {
         }
         std::fs::write(&config, &cfg).unwrap();
         let log = std::fs::File::create(dir.join("turnd.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_turnd"))
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_turnd"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_turnd")),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::null())
