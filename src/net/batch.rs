@@ -577,10 +577,15 @@ mod tests {
     /// its own length, interleaved destinations included.
     #[test]
     fn coalesced_sends_arrive_as_separate_datagrams() {
-        for gso in [true, false] {
-            let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // IPv4, then IPv6 where the host has ::1.
+        let v6 = std::net::UdpSocket::bind("[::1]:0").is_ok();
+        for (ip, gso) in [("127.0.0.1", true), ("127.0.0.1", false), ("::1", true), ("::1", false)] {
+            if ip == "::1" && !v6 {
+                continue;
+            }
+            let a = std::net::UdpSocket::bind((ip, 0)).unwrap();
+            let b = std::net::UdpSocket::bind((ip, 0)).unwrap();
+            let c = std::net::UdpSocket::bind((ip, 0)).unwrap();
             b.set_nonblocking(true).unwrap();
             c.set_nonblocking(true).unwrap();
             // b takes GRO runs whole (split again on receipt); c one by one.
