@@ -158,6 +158,29 @@ fn gso_unsupported(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP))
 }
 
+/// Refused GSO sends (other than for lack of support: e.g. EINVAL when a
+/// route's MTU is below header + segment) after which GSO is given up.
+const GSO_MAX_REFUSALS: u32 = 16;
+
+/// Whether the kernel knows UDP_SEGMENT (Linux 4.18+). Older kernels ignore
+/// the cmsg and would send a run as one large datagram, so it is probed
+/// rather than assumed.
+pub fn gso_supported(fd: RawFd) -> bool {
+    let mut v: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a c_int out-value with its size.
+    unsafe { libc::getsockopt(fd, libc::SOL_UDP, libc::UDP_SEGMENT, (&mut v as *mut libc::c_int).cast(), &mut len) == 0 }
+}
+
+/// [`gso_supported`] on a throwaway socket: whether this kernel has GSO.
+pub fn gso_available() -> bool {
+    use socket2::{Domain, Socket, Type};
+    [Domain::IPV4, Domain::IPV6]
+        .into_iter()
+        .find_map(|d| Socket::new(d, Type::DGRAM, None).ok())
+        .is_some_and(|s| gso_supported(std::os::fd::AsRawFd::as_raw_fd(&s)))
+}
+
 /// Fills `c` with a UDP_SEGMENT cmsg of `seg` bytes and returns its length.
 fn gso_cmsg(c: &mut Cmsg, seg: usize) -> usize {
     // SAFETY: CMSG_SPACE(2) is 24 bytes on 64-bit Linux (16-byte header plus
@@ -212,6 +235,7 @@ pub struct SendBatch {
     count: usize,
     /// Cleared when the socket's path refuses GSO.
     gso: bool,
+    gso_refusals: u32,
     /// Messages that carried more than one datagram.
     pub coalesced: u64,
 }
@@ -231,7 +255,17 @@ impl SendBatch {
             ctrl: vec![[0u64; 3]; BATCH].into_boxed_slice(),
             count: 0,
             gso: true,
+            gso_refusals: 0,
             coalesced: 0,
+        }
+    }
+
+    /// For sending on `fd`: with GSO if the kernel has it.
+    pub fn for_socket(fd: RawFd) -> Self {
+        if gso_supported(fd) {
+            Self::new()
+        } else {
+            Self::without_gso()
         }
     }
 
@@ -313,10 +347,19 @@ impl SendBatch {
             }
             let e = io::Error::last_os_error();
             let (first, k) = self.runs[m];
-            if k > 1 && e.kind() != io::ErrorKind::WouldBlock {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                // The socket buffer is full: the rest is dropped, as a
+                // congested network would, without a call per datagram.
+                for r in &self.runs[m..msgs] {
+                    dropped += r.1;
+                }
+                break;
+            }
+            if k > 1 {
                 // The path refused the GSO send: send its datagrams one by
                 // one, and stop trying GSO on this socket if it never can.
-                if gso_unsupported(&e) {
+                self.gso_refusals += 1;
+                if gso_unsupported(&e) || self.gso_refusals >= GSO_MAX_REFUSALS {
                     self.gso = false;
                 }
                 for d in first..first + k {
@@ -328,8 +371,8 @@ impl SendBatch {
                     }
                 }
             } else {
-                // WouldBlock, or an error for this datagram (e.g. an ICMP
-                // error queued by an earlier send): drop it and go on.
+                // An error for this datagram (e.g. an ICMP error queued by an
+                // earlier send): drop it and go on.
                 dropped += k;
             }
             m += 1;
@@ -356,12 +399,14 @@ pub struct PeerSends {
     ctrl: Cmsg,
     count: usize,
     gso: bool,
+    gso_refusals: u32,
     /// System calls that carried more than one datagram.
     pub coalesced: u64,
 }
 
 impl PeerSends {
-    pub fn new() -> Self {
+    /// `gso`: whether the kernel has UDP GSO ([`gso_available`]).
+    pub fn new(gso: bool) -> Self {
         const UNSPEC: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
         PeerSends {
             relays: [crate::turn::RelayId(0); BATCH],
@@ -373,7 +418,8 @@ impl PeerSends {
             hdrs: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
             ctrl: [0; 3],
             count: 0,
-            gso: true,
+            gso,
+            gso_refusals: 0,
             coalesced: 0,
         }
     }
@@ -386,9 +432,18 @@ impl PeerSends {
         self.count == BATCH
     }
 
-    /// Queues `data` (which must stay valid until the next `flush`).
+    /// Forgets what is queued without sending it.
+    pub fn clear(&mut self) {
+        self.count = 0;
+    }
+
+    /// Queues `data` for `flush`.
+    ///
+    /// # Safety
+    /// `data` must stay valid and unchanged until the next `flush` or
+    /// `clear`: the queue keeps a pointer to it, not a copy.
     #[inline]
-    pub fn push(&mut self, relay: crate::turn::RelayId, peer: SocketAddr, data: &[u8]) {
+    pub unsafe fn push(&mut self, relay: crate::turn::RelayId, peer: SocketAddr, data: &[u8]) {
         let i = self.count;
         self.relays[i] = relay;
         self.peers[i] = peer;
@@ -459,7 +514,8 @@ impl PeerSends {
         if e.kind() == io::ErrorKind::WouldBlock {
             return (0, k);
         }
-        if gso_unsupported(&e) {
+        self.gso_refusals += 1;
+        if gso_unsupported(&e) || self.gso_refusals >= GSO_MAX_REFUSALS {
             self.gso = false;
         }
         self.send_each(fd, i, k)
@@ -484,7 +540,9 @@ impl PeerSends {
             let n = unsafe { libc::sendmmsg(fd, self.hdrs[start..].as_mut_ptr(), (k - start) as libc::c_uint, libc::MSG_DONTWAIT) };
             if n > 0 {
                 sent += n as usize;
-                self.coalesced += 1;
+                self.coalesced += (n > 1) as u64;
+            } else if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                dropped = k - sent;
             } else {
                 dropped += 1;
             }
@@ -635,10 +693,10 @@ mod tests {
             .map(|i| (if i < 6 { id1 } else if i < 9 { gone } else { id2 }, datagram(i, if i == 5 { 300 } else { 1000 })))
             .collect();
         for gso in [true, false] {
-            let mut ps = PeerSends::new();
-            ps.gso = gso;
+            let mut ps = PeerSends::new(gso);
             for (id, d) in &payloads {
-                ps.push(*id, to, d);
+                // SAFETY: `payloads` outlives the flush below.
+                unsafe { ps.push(*id, to, d) };
             }
             let fd_of = |id: RelayId| {
                 if id == id1 {

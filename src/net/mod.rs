@@ -105,14 +105,15 @@ impl Shard {
                 }
                 l.out.commit(n, from);
             }
-            // `data` lies in the receive batch, which recv_loop keeps until
-            // it has called flush_to_peers.
             Output::Relay { relay, peer, data } => {
                 if to_peers.is_full() {
                     let (_, dropped) = to_peers.flush(|id| relays.fd(id));
                     *send_failures += dropped as u64;
                 }
-                to_peers.push(relay, peer, data);
+                // SAFETY: `data` lies in `pkt`, in the receive batch that
+                // recv_loop holds borrowed until it has called flush_to_peers
+                // (and it clears the queue before receiving again).
+                unsafe { to_peers.push(relay, peer, data) };
             }
         }
         if server.has_events() || !relays.opened.is_empty() {
@@ -429,6 +430,9 @@ pub(super) async fn recv_loop<T: Copy>(
             let Some(shard) = shard.upgrade() else { return };
             let mut sh = shard.borrow_mut();
             let mut rb = rx.borrow_mut();
+            // Nothing queued may point into `rb` once it receives again (only
+            // a batch cut short by a panic could have left something).
+            sh.to_peers.clear();
             // Errors (an ICMP error queued by an earlier send) surface once; go on.
             let n = rb.recv(fd).unwrap_or(0);
             let t = now();
@@ -633,7 +637,8 @@ impl Listeners {
             Transport::Udp => {
                 let s = Rc::new(bind_udp(l.address)?);
                 let mut sh = shard.borrow_mut();
-                sh.udp.push(Some(UdpListener { socket: s.clone(), out: SendBatch::new() }));
+                let out = SendBatch::for_socket(s.get_ref().as_raw_fd());
+                sh.udp.push(Some(UdpListener { socket: s.clone(), out }));
                 let conn = (sh.udp.len() - 1) as u32;
                 tokio::task::spawn_local(udp::listener_loop(Rc::downgrade(shard), conn, s, sh.rx_batch.clone()))
             }
@@ -748,7 +753,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
             rx_batch: Rc::new(RefCell::new(RecvBatch::new())),
             flush: flush.clone(),
             tx: vec![0u8; MAX_DATAGRAM + OUT_HEADROOM].into_boxed_slice(),
-            to_peers: PeerSends::new(),
+            to_peers: PeerSends::new(batch::gso_available()),
             send_failures: 0,
             this: this.clone(),
         })
