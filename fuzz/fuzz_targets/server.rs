@@ -26,8 +26,8 @@ use turnd::auth::{quota_key, rest_password, Authenticator, NonceKey};
 use turnd::stun::integrity::long_term_key;
 use turnd::stun::{attr, frame_len, method, ChannelData, Class, FrameLen, Message, MessageWriter};
 use turnd::turn::{
-    Family, FiveTuple, Now, OpenError, Output, PeerPolicy, Placement, RelayAddr, RelayId, RelayPorts, Server, ServerConfig,
-    Transport, AMPLIFICATION_FACTOR,
+    Event, Family, FiveTuple, Now, OpenError, Output, PeerPolicy, Placement, RelayAddr, RelayId, RelayPorts, Server,
+    ServerConfig, Transport, AMPLIFICATION_FACTOR,
 };
 
 const SECRET: &[u8] = b"fuzz-secret";
@@ -163,6 +163,8 @@ struct Fuzz {
     tokens: Vec<Vec<u8>>,
     tid: u32,
     out: Vec<u8>,
+    /// Channel bindings as a fast path would mirror them from the events.
+    bound: HashMap<(RelayId, u16), SocketAddr>,
 }
 
 impl Fuzz {
@@ -192,6 +194,7 @@ impl Fuzz {
             tokens: Vec::new(),
             tid: 0,
             out: vec![0u8; 70_000],
+            bound: HashMap::new(),
         }
     }
 
@@ -455,7 +458,11 @@ impl Fuzz {
                     x => x as u64 % 64,
                 };
                 self.now = self.now.advance(Duration::from_secs(secs));
-                self.server.handle_timeout(self.now.mono, &mut self.relays);
+                // A whole sweep, or a partial one as the I/O layer runs it.
+                match inp.u8() % 4 {
+                    0 => self.server.sweep(self.now.mono, &mut self.relays, inp.u8() as usize % 4),
+                    _ => self.server.handle_timeout(self.now.mono, &mut self.relays),
+                }
             }
             7 => {
                 let t = self.client(inp.u8());
@@ -494,7 +501,25 @@ impl Fuzz {
         assert_eq!(relays, self.relays.open.len(), "no relay socket outlives its allocation");
         assert!(self.server.allocation_count() <= TOTAL_QUOTA as usize);
         assert!(per_user.values().all(|&n| n <= USER_QUOTA), "{per_user:?}");
-        while self.server.poll_event().is_some() {}
+        self.mirror_events();
+    }
+
+    /// Applies channel events to `bound`: a binding is (re)bound to one peer
+    /// and unbound exactly once.
+    fn mirror_events(&mut self) {
+        while let Some(e) = self.server.poll_event() {
+            match e {
+                Event::ChannelBound { relay, channel, peer, .. } => {
+                    if let Some(p) = self.bound.insert((relay, channel), peer) {
+                        assert_eq!(p, peer, "a bound channel keeps its peer");
+                    }
+                }
+                Event::ChannelUnbound { relay, channel, peer, .. } => {
+                    assert_eq!(self.bound.remove(&(relay, channel)), Some(peer), "unbound what was bound");
+                }
+                _ => {}
+            }
+        }
     }
 }
 
@@ -509,6 +534,8 @@ fuzz_target!(|data: &[u8]| {
     // Once everything has expired nothing is left.
     f.now = f.now.advance(Duration::from_secs(2 * 86_400));
     f.server.handle_timeout(f.now.mono, &mut f.relays);
+    f.mirror_events();
+    assert!(f.bound.is_empty(), "bindings never unbound: {:?}", f.bound);
     assert_eq!(f.server.allocation_count(), 0);
     assert!(f.relays.open.is_empty(), "relay sockets leaked: {:?}", f.relays.open);
     assert!(f.relays.reserved.is_empty(), "reserved ports leaked: {:?}", f.relays.reserved);
