@@ -62,33 +62,7 @@ prog=compare.sh
 build_bins
 make_work compare
 
-stamp=$(date +%Y%m%d-%H%M%S)
-mkdir -p target/bench
-out=${out:-target/bench/compare-$stamp.md}
-results=${out%.md}.jsonl
-: >"$results"
-
-# Ports free for UDP and TCP on an address, distinct, from 10000-19999: below
-# the relay ranges (20000-32767) and the kernel's ephemeral range, so neither
-# relay sockets nor the clients' own ports (or their TIME_WAIT) collide.
-free_ports() {
-  python3 - "$1" "$2" <<'EOF'
-import random, socket, sys
-ip, want = sys.argv[1], int(sys.argv[2])
-held, ports = [], []
-for p in random.sample(range(10000, 20000), 400):
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    t = socket.socket()
-    try:
-        u.bind((ip, p)); t.bind((ip, p))
-    except OSError:
-        u.close(); t.close(); continue
-    held += [u, t]; ports.append(p)
-    if len(ports) == want:
-        break
-print(" ".join(map(str, ports)))
-EOF
-}
+set_outputs compare
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
   -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -subj /CN=127.0.0.1 \

@@ -39,3 +39,34 @@ make_work() {
   trap cleanup EXIT
   trap 'exit 130' INT TERM
 }
+
+# Sets $out (the markdown table, default target/bench/NAME-DATE.md unless
+# --out gave one) and $results (raw JSON lines beside it, emptied).
+set_outputs() {
+  mkdir -p target/bench
+  out=${out:-target/bench/$1-$(date +%Y%m%d-%H%M%S).md}
+  results=${out%.md}.jsonl
+  : >"$results"
+}
+
+# Prints N distinct ports free for both UDP and TCP on address IP, from
+# LO-HI (default 10000-19999: below the relay ranges and the kernel's
+# ephemeral range, so neither relay sockets nor clients' own ports collide).
+free_ports() {
+  python3 - "$1" "$2" "${3:-10000}" "${4:-19999}" <<'EOF'
+import random, socket, sys
+ip, want, lo, hi = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+held, ports = [], []
+for p in random.sample(range(lo, hi + 1), min(hi - lo + 1, 2000)):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    t = socket.socket()
+    try:
+        u.bind((ip, p)); t.bind((ip, p))
+    except OSError:
+        u.close(); t.close(); continue
+    held += [u, t]; ports.append(p)
+    if len(ports) == want:
+        break
+print(" ".join(map(str, ports)))
+EOF
+}

@@ -72,7 +72,7 @@ ulimit -n "$(ulimit -Hn)"
 hard=$(ulimit -Hn)
 if [ "$hard" != unlimited ] && [ "$hard" -lt $((n + 100)) ]; then
   echo "scale.sh: warning: RLIMIT_NOFILE is $hard here (hard limit, not raisable without CAP_SYS_RESOURCE):" >&2
-  echo "scale.sh:   one server process can hold at most about $((hard - 40)) relay sockets, so not all $n allocations" >&2
+  echo "scale.sh:   one server process can hold at most about $((hard - 48)) relay sockets (turnd keeps 32 descriptors spare), so not all $n allocations" >&2
   echo "scale.sh:   (the generator spreads its own sockets over several processes and is not limited)" >&2
 fi
 
@@ -82,34 +82,12 @@ prog=scale.sh
 build_bins
 make_work scale
 
-stamp=$(date +%Y%m%d-%H%M%S)
-mkdir -p target/bench
-out=${out:-target/bench/scale-$stamp.md}
-results=${out%.md}.jsonl
-: >"$results"
-
-# A port free for UDP and TCP on 127.0.0.1 in [lo, hi].
-free_port() {
-  python3 - "$1" "$2" <<'EOF'
-import random, socket, sys
-lo, hi = int(sys.argv[1]), int(sys.argv[2])
-for p in random.sample(range(lo, hi + 1), hi - lo + 1):
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); t = socket.socket()
-    try:
-        u.bind(("127.0.0.1", p)); t.bind(("127.0.0.1", p))
-    except OSError:
-        continue
-    finally:
-        u.close(); t.close()
-    print(p); break
-EOF
-}
+set_outputs scale
 
 # Starts server $1; sets server_pid, port and dir.
 start_server() {
   local which=$1 mport
-  port=$(free_port "$listen_lo" "$listen_hi")
-  mport=$(free_port "$listen_lo" "$listen_hi")
+  read -r port mport <<<"$(free_ports 127.0.0.1 2 "$listen_lo" "$listen_hi")"
   dir="$WORK/$which-$port"
   mkdir -p "$dir"
   case "$which" in
