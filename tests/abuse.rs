@@ -22,6 +22,8 @@ mod harness;
 #[path = "common/wire.rs"]
 mod wire;
 mod common;
+#[path = "common/netns.rs"]
+mod netns;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -1650,4 +1652,23 @@ fn running_out_of_descriptors_refuses_allocations_and_reports_not_ready() {
     a.transact(method::CREATE_PERMISSION, &[peer_at(peer.addr)]);
     a.send_indication(peer.addr, b"still here");
     assert!(a.recv(Duration::from_secs(2)).is_some());
+}
+
+/// Another address of the host, inside an allowed range: only relay ports.
+/// A network namespace puts a 198.18.x.1 address on the host (its veth end);
+/// turnd reads it from the interfaces, so its metrics port there is refused
+/// while a relay port there, and the namespace's own address, are not.
+#[test]
+fn wire_other_host_addresses_are_reachable_only_on_relay_ports() {
+    let ns = netns::NetNs::create_udp_blocked();
+    let host = std::net::IpAddr::V4(ns.host_ip());
+    let other = std::net::IpAddr::V4(ns.ns_ip());
+    let server = common::Turnd::start_with("[peers]\nallow = [\"127.0.0.0/8\", \"198.18.0.0/15\"]\n", false);
+    let mut c = wire::UdpClient::new("127.0.0.1", server.addr);
+    c.allocate("hostaddr", common::SECRET);
+    let bind = |c: &mut wire::UdpClient, n: u16, to: SocketAddr| c.transact(method::CHANNEL_BIND, &[channel(n), peer_at(to)]).code();
+    assert_eq!(bind(&mut c, 0x4000, SocketAddr::new(host, server.metrics_port)), Some(403), "the host's metrics port via its veth address");
+    assert_eq!(bind(&mut c, 0x4001, SocketAddr::new(host, 22)), Some(403));
+    assert_eq!(bind(&mut c, 0x4002, SocketAddr::new(host, 25_000)), None, "a relay port on a host address");
+    assert_eq!(bind(&mut c, 0x4003, SocketAddr::new(other, server.metrics_port)), None, "not a host address: the allow list decides");
 }
