@@ -194,3 +194,26 @@ fn grafana_dashboard_uses_only_exported_metrics() {
         assert!(body.contains(&format!("# TYPE {n} ")), "dashboard uses {n}, which /metrics does not export");
     }
 }
+
+#[test]
+fn log_format_switches_on_reload() {
+    let server = Turnd::start("[log]\nlevel = \"info\"\n");
+    server.wait_log("turnd ready");
+    let cfg = std::fs::read_to_string(&server.config).unwrap();
+    let json = cfg.replace("[log]\nlevel = \"info\"\n", "[log]\nlevel = \"info\"\nformat = \"json\"\n");
+    assert_ne!(cfg, json);
+    std::fs::write(&server.config, json).unwrap();
+    server.signal("HUP");
+    server.wait_log("configuration reloaded");
+    let log = server.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let switch = lines.iter().position(|l| l.contains("log format changed")).expect("the switch is logged");
+    assert!(!lines[0].starts_with('{'), "text before the switch: {log}");
+    // The switch line itself and everything after it are JSON objects.
+    let after = &lines[switch..];
+    assert!(after.len() >= 2, "{log}");
+    for l in after {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{log}"));
+        assert!(v.get("fields").is_some(), "{l}");
+    }
+}

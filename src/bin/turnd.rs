@@ -90,30 +90,44 @@ fn main() -> ExitCode {
     }
 }
 
-/// Installs the subscriber; returns how to change level (and format) on reload.
+/// Installs the subscriber; returns how to change level and format on reload.
 fn init_logging(level: &str, json: bool) -> Box<dyn Fn(&str, bool)> {
     use std::io::IsTerminal as _;
     use tracing_subscriber::prelude::*;
-    use tracing_subscriber::{fmt, reload, EnvFilter};
-    let (filter, handle) = reload::Layer::new(EnvFilter::new(level));
+    use tracing_subscriber::{fmt, reload, EnvFilter, Layer};
+    let (filter, level_handle) = reload::Layer::new(EnvFilter::new(level));
     let ansi = std::io::stderr().is_terminal();
-    let layer = if json {
-        fmt::layer().json().with_writer(std::io::stderr).boxed()
-    } else {
-        fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).boxed()
-    };
-    tracing_subscriber::registry().with(filter).with(layer).init();
-    Box::new(move |level: &str, new_json: bool| {
-        if new_json != json {
-            tracing::warn!("log.format changes need a restart; keeping the current format");
+    // Text or JSON lines on stderr; boxed so a reload can swap one for the other.
+    fn output<S>(json: bool, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        if json {
+            fmt::layer().json().with_writer(std::io::stderr).boxed()
+        } else {
+            fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).boxed()
         }
+    }
+    let (out, format_handle) = reload::Layer::new(output(json, ansi));
+    tracing_subscriber::registry().with(filter).with(out).init();
+    let current = std::cell::Cell::new(json);
+    Box::new(move |level: &str, new_json: bool| {
         match EnvFilter::try_new(level) {
             Ok(f) => {
-                if let Err(e) = handle.reload(f) {
+                if let Err(e) = level_handle.reload(f) {
                     tracing::warn!("log level not changed: {e}");
                 }
             }
             Err(e) => tracing::warn!("log level `{level}` not applied: {e}"),
+        }
+        if new_json != current.get() {
+            match format_handle.reload(output(new_json, ansi)) {
+                Ok(()) => {
+                    current.set(new_json);
+                    tracing::info!(format = if new_json { "json" } else { "text" }, "log format changed");
+                }
+                Err(e) => tracing::warn!("log format not changed: {e}"),
+            }
         }
     })
 }
