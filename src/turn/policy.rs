@@ -128,7 +128,26 @@ pub struct PeerPolicy {
     /// Other addresses of the host: reachable on relay ports only, but not
     /// allowed by being the host's (unlike `own_ips`).
     host_ips: Vec<IpAddr>,
+    /// Whether `allow` names loopback itself (tests and benchmarks): then
+    /// loopback peers are judged like any allowed address; otherwise they
+    /// count as this host's and reach only relay ports, even under a broad
+    /// allow such as 0.0.0.0/0.
+    loopback_allowed: bool,
     relay_ports: (u16, u16),
+}
+
+/// Whether `c` lies inside loopback (127.0.0.0/8 or ::1).
+fn within_loopback(c: &Cidr) -> bool {
+    match c.addr {
+        IpAddr::V4(a) => c.prefix >= 8 && a.octets()[0] == 127,
+        IpAddr::V6(a) => c.prefix == 128 && a.is_loopback(),
+    }
+}
+
+/// Whether `c` names exactly one address.
+fn single_address(c: &Cidr) -> Option<IpAddr> {
+    let full = if c.addr.is_ipv4() { 32 } else { 128 };
+    (c.prefix == full).then_some(c.addr)
 }
 
 impl PeerPolicy {
@@ -137,14 +156,18 @@ impl PeerPolicy {
     pub fn new(allow: Vec<Cidr>, deny: Vec<Cidr>, own_ips: Vec<IpAddr>, relay_ports: (u16, u16)) -> Self {
         let mut all: Vec<Cidr> = DEFAULT_DENY.iter().map(|s| s.parse().expect("default list parses")).collect();
         all.extend(deny);
-        PeerPolicy { allow, deny: all, own_ips, host_ips: Vec::new(), relay_ports }
+        let loopback_allowed = allow.iter().any(within_loopback);
+        PeerPolicy { allow, deny: all, own_ips, host_ips: Vec::new(), loopback_allowed, relay_ports }
     }
 
     /// Adds the host's interface addresses to the port rule: on them, only
     /// relay ports may be reached. They are still judged by the allow and
     /// deny lists (a private interface address stays refused by default).
+    /// An address listed alone in `allow` (a /32 or /128: a videobridge on
+    /// this same machine) is exempt: that entry is the operator's intent.
     pub fn with_host_ips(mut self, mut ips: Vec<IpAddr>) -> Self {
-        ips.retain(|ip| !self.own_ips.contains(ip));
+        let exempt: Vec<IpAddr> = self.allow.iter().filter_map(single_address).collect();
+        ips.retain(|ip| !self.own_ips.contains(ip) && !exempt.contains(ip));
         ips.sort();
         ips.dedup();
         self.host_ips = ips;
@@ -183,7 +206,18 @@ impl PeerPolicy {
     #[inline]
     pub fn permits_port(&self, addr: SocketAddr) -> bool {
         (self.relay_ports.0..=self.relay_ports.1).contains(&addr.port())
-            || !Self::forms(addr.ip()).iter().flatten().any(|f| self.own_ips.contains(f) || self.host_ips.contains(f))
+            || !Self::forms(addr.ip()).iter().flatten().any(|f| self.is_this_host(*f))
+    }
+
+    /// Whether `ip` reaches this host: its own and interface addresses, the
+    /// unspecified address (which Linux delivers locally), and loopback
+    /// unless `allow` names loopback itself.
+    #[inline]
+    fn is_this_host(&self, ip: IpAddr) -> bool {
+        self.own_ips.contains(&ip)
+            || self.host_ips.contains(&ip)
+            || ip.is_unspecified()
+            || (ip.is_loopback() && !self.loopback_allowed)
     }
 
     /// May data be sent to `addr`? Adds the rule that the server's own
@@ -226,6 +260,30 @@ mod tests {
         for a in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"] {
             assert!(p.permits_ip(a.parse().unwrap()), "{a}");
         }
+    }
+
+    #[test]
+    fn loopback_and_unspecified_reach_only_relay_ports_under_a_broad_allow() {
+        let p = PeerPolicy::new(vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()], vec![], vec![], (49152, 65535));
+        for a in ["127.0.0.2:22", "127.0.0.1:9641", "0.0.0.0:22", "[::1]:22", "[::]:22", "[::ffff:127.0.0.2]:22"] {
+            assert!(!p.permits(a.parse().unwrap()), "{a}");
+        }
+        assert!(p.permits("127.0.0.2:50000".parse().unwrap()));
+        assert!(p.permits("10.1.2.3:22".parse().unwrap()), "the broad allow still applies elsewhere");
+        // Naming loopback itself (tests, benchmarks) allows it on any port.
+        let t = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![], vec!["127.0.0.1".parse().unwrap()], (20000, 29999));
+        assert!(t.permits("127.0.0.2:12345".parse().unwrap()));
+        assert!(!t.permits("127.0.0.1:3478".parse().unwrap()), "but never turnd's own ports");
+        assert!(!t.permits("0.0.0.0:12345".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_single_address_allow_entry_exempts_that_host_address() {
+        let allow = vec!["10.0.0.0/8".parse().unwrap(), "10.0.0.7/32".parse().unwrap()];
+        let p = PeerPolicy::new(allow, vec![], vec![], (49152, 65535))
+            .with_host_ips(vec!["10.0.0.5".parse().unwrap(), "10.0.0.7".parse().unwrap()]);
+        assert!(!p.permits("10.0.0.5:10000".parse().unwrap()), "host address inside a range: relay ports only");
+        assert!(p.permits("10.0.0.7:10000".parse().unwrap()), "a videobridge on this host, named alone");
     }
 
     #[test]
