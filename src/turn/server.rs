@@ -14,7 +14,7 @@ use crate::auth::{quota_key, Authenticated, AuthFailure, Authenticator};
 use crate::stun::attr::{self, comprehension_required};
 use crate::stun::{method, ChannelData, Class, IntegrityKind, Message, MessageWriter, CHANNEL_MAX, CHANNEL_MIN, MAX_ATTRS};
 
-/// Events kept for the I/O layer before the oldest are dropped.
+/// Queued events beyond which refused-peer reports are dropped.
 const MAX_EVENTS: usize = 4096;
 /// UNKNOWN-ATTRIBUTES lists at most this many types.
 const MAX_UNKNOWN: usize = 8;
@@ -101,10 +101,14 @@ pub struct Server {
     pub stats: Stats,
 }
 
-/// Queues an event, dropping the oldest beyond MAX_EVENTS.
+/// Queues an event. Beyond MAX_EVENTS, refused-peer reports (which a flood
+/// can make without end) are dropped; allocation and channel events are
+/// always kept, so a mirror of the bindings stays exact. Those are bounded by
+/// the allocations and channels the quotas allow, and the I/O layer drains
+/// the queue after every call.
 fn push_event(events: &mut VecDeque<Event>, e: Event) {
-    if events.len() >= MAX_EVENTS {
-        events.pop_front();
+    if events.len() >= MAX_EVENTS && matches!(e, Event::PeerRefused { .. }) {
+        return;
     }
     events.push_back(e);
 }
