@@ -63,6 +63,8 @@ pub struct Shard {
     streams: Vec<Option<Rc<StreamOut>>>,
     free_streams: Vec<u32>,
     stream_count: usize,
+    /// Accepted connections still reading their PROXY header.
+    pending_proxy: usize,
     per_ip: HashMap<IpAddr, u32>,
     connections: [u64; 3],
     limits: StreamLimits,
@@ -197,6 +199,11 @@ impl Shard {
         self.after_control();
     }
 
+    /// Tells the relay sockets how many descriptors connections hold.
+    fn sync_stream_fds(&mut self) {
+        self.relays.stream_fds = self.stream_count + self.pending_proxy;
+    }
+
     /// Registers a new connection if the limits allow; returns its conn id.
     fn stream_opened(&mut self, client: IpAddr, transport: Transport, out: Rc<StreamOut>) -> Option<u32> {
         let n = self.per_ip.get(&client).copied().unwrap_or(0);
@@ -206,7 +213,7 @@ impl Shard {
         }
         *self.per_ip.entry(client).or_insert(0) += 1;
         self.stream_count += 1;
-        self.relays.stream_fds = self.stream_count;
+        self.sync_stream_fds();
         self.connections[transport as usize] += 1;
         let conn = match self.free_streams.pop() {
             Some(c) => {
@@ -226,7 +233,7 @@ impl Shard {
             if slot.take().is_some() {
                 self.free_streams.push(tuple.conn);
                 self.stream_count -= 1;
-                self.relays.stream_fds = self.stream_count;
+                self.sync_stream_fds();
                 self.connections[tuple.transport as usize] -= 1;
                 if let Some(c) = self.per_ip.get_mut(&tuple.client.ip()) {
                     *c -= 1;
@@ -562,9 +569,22 @@ async fn accept_loop(
         let tls = tls.clone();
         let proxy = l.proxy_protocol;
         let transport = l.transport;
+        // A connection waiting for its PROXY header holds a descriptor before
+        // it counts as a connection: count it meanwhile, so slow headers
+        // cannot eat the descriptor reserve.
+        let waiting = if proxy {
+            match PendingProxy::new(&shard) {
+                Some(w) => Some(w),
+                None => continue,
+            }
+        } else {
+            None
+        };
         tokio::task::spawn_local(async move {
             let client = if proxy {
-                match stream::proxy_source(&tcp, limits.handshake).await {
+                let r = stream::proxy_source(&tcp, limits.handshake).await;
+                drop(waiting);
+                match r {
                     Ok(Some(src)) => src,
                     Ok(None) => peer,
                     Err(e) => {
@@ -603,6 +623,36 @@ async fn accept_loop(
                 None => stream::serve(shard, tcp, tuple, out, limits.idle).await,
             }
         });
+    }
+}
+
+/// An accepted connection still reading its PROXY header, counted against
+/// the descriptor budget until dropped.
+struct PendingProxy(Weak<RefCell<Shard>>);
+
+impl PendingProxy {
+    /// None (the connection is to be closed) when no descriptor is to spare.
+    fn new(shard: &Weak<RefCell<Shard>>) -> Option<Self> {
+        let sh = shard.upgrade()?;
+        let mut sh = sh.borrow_mut();
+        if !sh.relays.fds_left_for_connection() {
+            sh.connections_refused += 1;
+            return None;
+        }
+        sh.pending_proxy += 1;
+        sh.sync_stream_fds();
+        Some(PendingProxy(shard.clone()))
+    }
+}
+
+impl Drop for PendingProxy {
+    fn drop(&mut self) {
+        if let Some(sh) = self.0.upgrade() {
+            if let Ok(mut sh) = sh.try_borrow_mut() {
+                sh.pending_proxy -= 1;
+                sh.sync_stream_fds();
+            }
+        }
     }
 }
 
@@ -738,6 +788,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
             streams: Vec::new(),
             free_streams: Vec::new(),
             stream_count: 0,
+            pending_proxy: 0,
             per_ip: HashMap::new(),
             connections: [0; 3],
             limits: StreamLimits::from(&cfg),

@@ -40,7 +40,8 @@ pub struct RelaySockets {
     pub out_of_fds_at: Option<std::time::Instant>,
     /// Descriptors relay sockets may use: the open-files limit less a reserve.
     fd_budget: usize,
-    /// Descriptors held by TCP/TLS connections (kept up to date by the shard).
+    /// Descriptors held by TCP/TLS connections, including accepted ones
+    /// still waiting for their PROXY header (kept up to date by the shard).
     pub stream_fds: usize,
 }
 
@@ -177,7 +178,8 @@ impl RelaySockets {
         if self.in_use() >= span as usize {
             return Err(OpenError::Exhausted);
         }
-        if self.in_use() + self.stream_fds >= self.fd_budget {
+        let need = if placement == Placement::EvenReserveNext { 2 } else { 1 };
+        if self.in_use() + self.stream_fds + need > self.fd_budget {
             self.fds_exhausted(&io::Error::from_raw_os_error(libc::EMFILE));
             return Err(OpenError::Exhausted);
         }
@@ -214,6 +216,10 @@ impl RelaySockets {
                 match Self::bind(ip, port as u16 + 1) {
                     Ok(next) => {
                         self.reserved.insert(port as u16 + 1, next);
+                    }
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                        self.fds_exhausted(&e);
+                        return Err(OpenError::Exhausted);
                     }
                     Err(_) => continue,
                 }
