@@ -103,7 +103,9 @@ fn init_logging(level: &str, json: bool) -> Box<dyn Fn(&str, bool)> {
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
         if json {
-            fmt::layer().json().with_writer(std::io::stderr).boxed()
+            // No span fields: a span opened before a switch from text would
+            // lack the JSON formatter's record of them.
+            fmt::layer().json().with_current_span(false).with_span_list(false).with_writer(std::io::stderr).boxed()
         } else {
             fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).boxed()
         }
