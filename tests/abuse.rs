@@ -1418,8 +1418,13 @@ fn wire_flood_does_not_starve_an_honest_client() {
 }
 
 /// How long until the server closes `s` (reads until EOF or an error, bounded).
-fn closed_after(mut s: TcpStream, started: Instant, limit: Duration) -> Option<Duration> {
+fn closed_after(s: TcpStream, started: Instant, limit: Duration) -> Option<Duration> {
     s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    read_until_closed(s, started, limit)
+}
+
+/// Reads `s` (whose reads time out) until EOF or an error: how long that took, within `limit`.
+fn read_until_closed(mut s: impl Read, started: Instant, limit: Duration) -> Option<Duration> {
     let mut buf = [0u8; 4096];
     while started.elapsed() < limit {
         match s.read(&mut buf) {
@@ -1483,18 +1488,8 @@ fn wire_slowloris_and_idle_connections_are_cut() {
             while conn.is_handshaking() {
                 conn.complete_io(&mut tcp).expect("TLS handshake");
             }
-            let mut s = rustls::StreamOwned::new(conn, tcp);
-            s.sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-            let mut buf = [0u8; 1024];
-            while t0.elapsed() < limit {
-                match s.read(&mut buf) {
-                    Ok(0) => return Some(t0.elapsed()),
-                    Ok(_) => {}
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                    Err(_) => return Some(t0.elapsed()),
-                }
-            }
-            None
+            tcp.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            read_until_closed(rustls::StreamOwned::new(conn, tcp), t0, limit)
         })),
         ("TCP, silent", Duration::from_millis(1900), Duration::from_secs(4), Box::new(move |t0| closed_after(TcpStream::connect(tcp).unwrap(), t0, limit))),
         ("TCP, a STUN header trickled a byte per 300 ms", Duration::from_millis(1900), Duration::from_secs(4), {
