@@ -1619,10 +1619,7 @@ fn running_out_of_descriptors_refuses_allocations_and_reports_not_ready() {
     let mut refused = None;
     for i in 0..64 {
         let mut c = wire::UdpClient::new("127.0.0.1", server.addr);
-        let r = c.transact(method::ALLOCATE, &[transport_udp()]);
-        c.creds = Some(wire::rest_creds(&r, &format!("fd{i}"), common::SECRET));
-        let r = c.transact(method::ALLOCATE, &[transport_udp()]);
-        match r.code() {
+        match c.try_allocate(&format!("fd{i}"), common::SECRET).code() {
             None => held.push(c),
             Some(code) => {
                 refused = Some(code);
@@ -1637,9 +1634,7 @@ fn running_out_of_descriptors_refuses_allocations_and_reports_not_ready() {
     assert!(body.contains("file descriptors"), "{body}");
     // Once, not per refused request.
     let mut c = wire::UdpClient::new("127.0.0.1", server.addr);
-    let r = c.transact(method::ALLOCATE, &[transport_udp()]);
-    c.creds = Some(wire::rest_creds(&r, "fd-again", common::SECRET));
-    assert_eq!(c.transact(method::ALLOCATE, &[transport_udp()]).code(), Some(508));
+    assert_eq!(c.try_allocate("fd-again", common::SECRET).code(), Some(508));
     assert_eq!(server.log().matches("out of file descriptors").count(), 1, "{}", server.log());
     // What is held still relays.
     let peer = common::EchoPeer::start();

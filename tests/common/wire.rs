@@ -110,11 +110,16 @@ impl UdpClient {
 
     /// 401, then an authenticated Allocate with REST credentials; the relayed address.
     pub fn allocate(&mut self, user: &str, secret: &str) -> SocketAddr {
-        let r = self.transact(method::ALLOCATE, &[transport_udp()]);
-        self.creds = Some(rest_creds(&r, user, secret));
-        let r = self.transact(method::ALLOCATE, &[transport_udp()]);
+        let r = self.try_allocate(user, secret);
         assert_eq!(r.class(), Class::Success, "allocate: {:?}", r.code());
         r.addr(attr::XOR_RELAYED_ADDRESS).unwrap()
+    }
+
+    /// 401, then an authenticated Allocate with REST credentials; its answer, whatever it is.
+    pub fn try_allocate(&mut self, user: &str, secret: &str) -> Resp {
+        let r = self.transact(method::ALLOCATE, &[transport_udp()]);
+        self.creds = Some(rest_creds(&r, user, secret));
+        self.transact(method::ALLOCATE, &[transport_udp()])
     }
 
     pub fn send_indication(&mut self, peer: SocketAddr, d: &[u8]) {
