@@ -1662,3 +1662,26 @@ fn wire_other_host_addresses_are_reachable_only_on_relay_ports() {
     assert_eq!(bind(&mut c, 0x4002, SocketAddr::new(host, 25_000)), None, "a relay port on a host address");
     assert_eq!(bind(&mut c, 0x4003, SocketAddr::new(other, server.metrics_port)), None, "not a host address: the allow list decides");
 }
+
+/// The I/O layer's sweep really ends allocations on the clock (the core's
+/// expiry is tested with a fake clock; this is the timer that drives it):
+/// with 60 s lifetimes, the shortest allowed, an allocation left alone ends
+/// after 60 s, not before, and its relay port is free again.
+#[test]
+fn wire_an_unrefreshed_allocation_expires_and_frees_its_port() {
+    let server = common::Turnd::start("[limits]\ndefault_lifetime = \"60s\"\nmax_lifetime = \"60s\"\n");
+    let mut c = UdpClient::new("127.0.0.1", server.addr);
+    c.allocate("expiry", common::SECRET);
+    let t0 = Instant::now();
+    let in_use = "turnd_relay_ports{state=\"in_use\"}";
+    let expired = "turnd_allocations_ended_total{reason=\"expired\"}";
+    assert_eq!(server.metric(in_use), 1.0);
+    while server.metric(expired) < 1.0 {
+        assert!(t0.elapsed() < Duration::from_secs(75), "not expired after 75 s:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_secs(59), "ended early, after {took:?}");
+    assert!(took < Duration::from_secs(65), "the sweep visits every allocation about once a second; took {took:?}");
+    assert_eq!(server.metric(in_use), 0.0, "the relay port is free again");
+}
