@@ -7,7 +7,8 @@ use harness::*;
 use turnd::stun::attr;
 use turnd::stun::integrity::long_term_key;
 use turnd::stun::{method, ChannelData, Class, Message};
-use turnd::turn::{Family, Output, ServerConfig};
+use std::time::Duration;
+use turnd::turn::{Event, Family, FiveTuple, Output, RelayId, ServerConfig};
 
 #[test]
 fn binding_returns_the_mapped_address_compactly() {
@@ -636,4 +637,74 @@ fn a_partial_sweep_spreads_expiry_over_calls() {
         c.server.sweep(c.now.mono, &mut c.relays, 3);
     }
     assert_eq!(c.server.allocation_count(), 1);
+}
+
+/// Sends `n` ChannelData packets of `len` bytes on channel 0x4000 at
+/// `now + i * gap`; returns how many the core relays, and their relay.
+fn relay_paced(c: &mut Core, t: FiveTuple, n: u32, len: usize, gap: Duration) -> (u32, Option<RelayId>) {
+    let mut cd = vec![0u8; 4 + len];
+    cd[..4].copy_from_slice(&ChannelData::header(0x4000, len));
+    let start = c.now.mono;
+    let (mut passed, mut relay) = (0, None);
+    for i in 0..n {
+        c.now.mono = start + gap * i;
+        if let Some((r, _, _)) = c.feed_relay(t, &cd) {
+            passed += 1;
+            relay = Some(r);
+        }
+    }
+    (passed, relay)
+}
+
+#[test]
+fn bandwidth_caps_hold_each_direction_and_the_whole_relay() {
+    // 1 Mbit/s per allocation (125,000 bytes a second, one second's burst).
+    let cfg = ServerConfig { allocation_bytes_per_second: 125_000, ..config() };
+    let mut c = Core::with(cfg, policy(), vec![SECRET.to_vec()]);
+    let t = tuple(40040);
+    let (cr, _) = c.allocate(t, "cap");
+    c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 3600)], Some(&cr));
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
+    // 4 Mbit/s offered for 10 s (1,000-byte packets every 2 ms): the burst
+    // (125 packets) and then 1 Mbit/s (125 a second) pass.
+    let (passed, relay) = relay_paced(&mut c, t, 5_000, 1_000, Duration::from_millis(2));
+    assert!((1_370..=1_376).contains(&passed), "{passed} of 5000 passed");
+    assert_eq!(c.server.stats.dropped_allocation_bandwidth, 5_000 - passed as u64);
+    assert_eq!(c.server.stats.to_peer[0].packets, passed as u64, "only what passed is counted as relayed");
+    // Reported once, however many are dropped.
+    let over: Vec<_> = std::iter::from_fn(|| c.server.poll_event()).filter(|e| matches!(e, Event::OverBandwidth { .. })).collect();
+    assert_eq!(over.len(), 1, "{over:?}");
+
+    // The other direction has its own budget: peer data still flows, and is held to the rate too.
+    let relay = relay.unwrap();
+    let base = c.now.mono;
+    let mut from_peer = 0;
+    for i in 0..2_000u32 {
+        let now = base + Duration::from_millis(i as u64);
+        from_peer += c.server.handle_peer(relay, "8.8.8.8:5000".parse().unwrap(), &[0u8; 1_000], now, &mut c.out).is_some() as u32;
+    }
+    assert!((370..=376).contains(&from_peer), "{from_peer} of 2000 peer packets passed");
+
+    // A relay-wide cap of 1 Mbit/s shared by two allocations without their own cap.
+    let cfg = ServerConfig { total_bytes_per_second: 125_000, ..config() };
+    let mut c = Core::with(cfg, policy(), vec![SECRET.to_vec()]);
+    let (a, b) = (tuple(40041), tuple(40042));
+    for (t, user) in [(a, "a"), (b, "b")] {
+        let (cr, _) = c.allocate(t, user);
+        c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:5000")], Some(&cr));
+    }
+    let mut cd = vec![0u8; 1_004];
+    cd[..4].copy_from_slice(&ChannelData::header(0x4000, 1_000));
+    let start = c.now.mono;
+    let mut passed = [0u32; 2];
+    for i in 0..2_500u32 {
+        c.now.mono = start + Duration::from_millis(2) * i;
+        for (k, t) in [a, b].into_iter().enumerate() {
+            passed[k] += c.feed_relay(t, &cd).is_some() as u32;
+        }
+    }
+    let total = passed[0] + passed[1];
+    assert!((745..=751).contains(&total), "{passed:?} passed in 5 s");
+    assert_eq!(c.server.stats.dropped_total_bandwidth, 5_000 - total as u64);
+    assert_eq!(c.server.stats.dropped_allocation_bandwidth, 0);
 }

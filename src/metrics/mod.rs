@@ -84,6 +84,8 @@ pub fn render(s: &Snapshot) -> String {
         ("no_channel", st.dropped_no_channel),
         ("rate_limited", st.dropped_rate_limited),
         ("amplification", st.dropped_amplification),
+        ("allocation_bandwidth", st.dropped_allocation_bandwidth),
+        ("total_bandwidth", st.dropped_total_bandwidth),
         ("send_failed", s.send_failures),
     ] {
         dropped.with_label_values(&[reason]).inc_by(n);

@@ -3,6 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use super::bandwidth::Bucket;
 use super::{FiveTuple, RelayId};
 
 /// After a channel binding expires, its number and peer stay reserved this long (RFC 8656 12).
@@ -51,6 +52,11 @@ pub struct Allocation {
     pub bytes_from_peer: u64,
     pub packets_to_peer: u64,
     pub packets_from_peer: u64,
+    /// Bandwidth budgets, client to peer and peer to client.
+    pub budget_to_peer: Bucket,
+    pub budget_from_peer: Bucket,
+    /// Going over the cap has been reported.
+    pub over_bandwidth_reported: bool,
 }
 
 impl Allocation {

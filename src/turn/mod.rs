@@ -6,6 +6,7 @@
 //! trait the I/O layer implements, so tests drive it with a fake.
 
 mod allocation;
+pub mod bandwidth;
 pub mod policy;
 pub mod ratelimit;
 mod server;
@@ -182,6 +183,9 @@ pub enum Event {
     },
     /// A request refused by the peer policy (403).
     PeerRefused { tuple: FiveTuple, peer: IpAddr },
+    /// An allocation first went over its bandwidth cap (reported once per
+    /// allocation; what is dropped after is only counted).
+    OverBandwidth { tuple: FiveTuple, username: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +237,10 @@ pub struct Stats {
     pub dropped_rate_limited: u64,
     /// Unsigned UDP answers not sent: larger than AMPLIFICATION_FACTOR times the request.
     pub dropped_amplification: u64,
+    /// Relayed packets dropped over an allocation's bandwidth cap (`limits.allocation_bandwidth`).
+    pub dropped_allocation_bandwidth: u64,
+    /// Relayed packets dropped over the relay's bandwidth cap (`limits.total_bandwidth`).
+    pub dropped_total_bandwidth: u64,
     pub peer_refusals: u64,
     pub quota_refusals: u64,
     pub capacity_refusals: u64,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::allocation::{Allocation, Channel, Relay};
+use super::bandwidth::Bucket;
 use super::ratelimit::RateLimiter;
 use super::slab::Slab;
 use super::{EndReason, Event, Family, FiveTuple, Now, OpenError, Output, PeerPolicy, Placement, RelayId, RelayPorts, Stats, Transport};
@@ -61,6 +62,10 @@ pub struct ServerConfig {
     /// Answers a second (and burst) per source IP to UDP requests that are
     /// not authenticated (Binding, 401/438 challenges, 400/420); 0 = no limit.
     pub unauth_rate: u32,
+    /// Bytes a second one allocation may relay in each direction; 0 = unlimited.
+    pub allocation_bytes_per_second: u64,
+    /// Bytes a second the whole server may relay in each direction; 0 = unlimited.
+    pub total_bytes_per_second: u64,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +85,8 @@ impl Default for ServerConfig {
             // Off in the bare core, as quotas are; turnd's configuration
             // turns it on (limits.unauth_rate, DEFAULT_UNAUTH_RATE).
             unauth_rate: 0,
+            allocation_bytes_per_second: 0,
+            total_bytes_per_second: 0,
         }
     }
 }
@@ -98,6 +105,9 @@ pub struct Server {
     unauth: RateLimiter,
     /// Where the next partial sweep starts (see [`Server::sweep`]).
     sweep_at: u32,
+    /// The whole server's bandwidth budgets, client to peer and peer to client.
+    total_to_peer: Bucket,
+    total_from_peer: Bucket,
     pub stats: Stats,
 }
 
@@ -107,7 +117,7 @@ pub struct Server {
 /// the allocations and channels the quotas allow, and the I/O layer drains
 /// the queue after every call.
 fn push_event(events: &mut VecDeque<Event>, e: Event) {
-    if events.len() >= MAX_EVENTS && matches!(e, Event::PeerRefused { .. }) {
+    if events.len() >= MAX_EVENTS && matches!(e, Event::PeerRefused { .. } | Event::OverBandwidth { .. }) {
         return;
     }
     events.push_back(e);
@@ -266,6 +276,46 @@ fn compact(out: &mut [u8], n: usize, no_reason: bool) -> Option<usize> {
     w.finish().ok()
 }
 
+#[derive(Clone, Copy)]
+enum Direction {
+    ToPeer,
+    FromPeer,
+}
+
+/// Takes `len` bytes from the allocation's and the server's budgets for
+/// `dir`; `false` drops the packet, counted by the cap that stopped it. The
+/// first time an allocation goes over its own cap is reported as an event.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn within_budget(
+    dir: Direction,
+    a: &mut Allocation,
+    total: &mut Bucket,
+    cfg: &ServerConfig,
+    stats: &mut Stats,
+    events: &mut VecDeque<Event>,
+    len: usize,
+    now: Instant,
+) -> bool {
+    let own = match dir {
+        Direction::ToPeer => &mut a.budget_to_peer,
+        Direction::FromPeer => &mut a.budget_from_peer,
+    };
+    if !own.take(len, cfg.allocation_bytes_per_second, now) {
+        stats.dropped_allocation_bandwidth += 1;
+        if !a.over_bandwidth_reported {
+            a.over_bandwidth_reported = true;
+            push_event(events, Event::OverBandwidth { tuple: a.tuple, username: a.username.to_string() });
+        }
+        return false;
+    }
+    if !total.take(len, cfg.total_bytes_per_second, now) {
+        stats.dropped_total_bandwidth += 1;
+        return false;
+    }
+    true
+}
+
 impl Server {
     pub fn new(cfg: ServerConfig, auth: Authenticator, policy: PeerPolicy) -> Self {
         let cfg_unauth_rate = cfg.unauth_rate;
@@ -282,6 +332,8 @@ impl Server {
             data_tid: 0,
             unauth: RateLimiter::new(cfg_unauth_rate),
             sweep_at: 0,
+            total_to_peer: Bucket::new(),
+            total_from_peer: Bucket::new(),
             stats: Stats::default(),
         }
     }
@@ -431,6 +483,9 @@ impl Server {
             return Output::None;
         }
         let Some(relay) = a.relay_for(&peer) else { return Output::None };
+        if !within_budget(Direction::ToPeer, a, &mut self.total_to_peer, &self.cfg, &mut self.stats, &mut self.events, cd.data.len(), now) {
+            return Output::None;
+        }
         a.bytes_to_peer += cd.data.len() as u64;
         a.packets_to_peer += 1;
         let f = &mut self.stats.to_peer[tuple.transport as usize];
@@ -459,6 +514,9 @@ impl Server {
             return Output::None;
         }
         let Some(relay) = a.relay_for(&peer) else { return Output::None };
+        if !within_budget(Direction::ToPeer, a, &mut self.total_to_peer, &self.cfg, &mut self.stats, &mut self.events, data.len(), now) {
+            return Output::None;
+        }
         a.bytes_to_peer += data.len() as u64;
         a.packets_to_peer += 1;
         let f = &mut self.stats.to_peer[tuple.transport as usize];
@@ -485,6 +543,9 @@ impl Server {
         };
         if !a.has_permission(from.ip(), now) {
             self.stats.dropped_no_permission += 1;
+            return None;
+        }
+        if !within_budget(Direction::FromPeer, a, &mut self.total_from_peer, &self.cfg, &mut self.stats, &mut self.events, data.len(), now) {
             return None;
         }
         let n = if let Some(ch) = a.channel_for_peer(from, now) {
@@ -788,6 +849,9 @@ impl Server {
             bytes_from_peer: 0,
             packets_to_peer: 0,
             packets_from_peer: 0,
+            budget_to_peer: Bucket::new(),
+            budget_from_peer: Bucket::new(),
+            over_bandwidth_reported: false,
         };
         let n = Self::allocate_success(reply, &a, tuple, lifetime, address_error, token, out);
         let relayed = [a.v4, a.v6].iter().flatten().map(|r| r.advertised).collect();
