@@ -2,14 +2,30 @@
 
 use std::process::Command;
 
+mod common;
+
 fn check(toml: &str) -> (i32, String) {
-    let dir = std::env::temp_dir().join(format!("turnd-config-{}-{}", std::process::id(), toml.len()));
-    std::fs::create_dir_all(&dir).unwrap();
+    check_args(toml, &["--check-config"])
+}
+
+/// Runs turnd on `toml` with `args`; (exit status, stderr).
+fn check_args(toml: &str, args: &[&str]) -> (i32, String) {
+    let dir = common::temp_dir("config");
     let p = dir.join("turnd.toml");
     std::fs::write(&p, toml).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_turnd")).arg("--config").arg(&p).arg("--check-config").env("STATE_DIRECTORY", &dir).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_turnd")).arg("--config").arg(&p).args(args).env("STATE_DIRECTORY", &dir).output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A config that a start on this host accepts: loopback listeners on free
+/// ports, metrics off, relay on loopback; then `extra`.
+fn local(extra: &str) -> String {
+    format!(
+        "[auth]\nsecrets = [\"s3cret\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{}\"\n\
+         [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n[metrics]\nlisten = \"\"\n{extra}",
+        common::free_port()
+    )
 }
 
 #[test]
@@ -64,5 +80,151 @@ fn no_config_generates_and_keeps_a_secret() {
     assert_eq!(std::fs::metadata(dir.join("secret")).unwrap().permissions().mode() & 0o777, 0o600);
     assert!(run().status.success());
     assert_eq!(std::fs::read_to_string(dir.join("secret")).unwrap(), secret, "kept across restarts");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn strict_values_for_software_and_log_level() {
+    let long = "x".repeat(128);
+    let (rc, err) = check(&format!("software = \"{long}\"\n{}", local("")));
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("software"), "{err}");
+    let ok = "x".repeat(127);
+    assert_eq!(check(&format!("software = \"{ok}\"\n{}", local(""))).0, 0);
+    for level in ["warning", "debug ", "turnd=loud", ""] {
+        let (rc, err) = check(&local(&format!("[log]\nlevel = \"{level}\"\n")));
+        assert_eq!(rc, 2, "{level:?} accepted");
+        assert!(err.contains("log.level"), "{err}");
+    }
+    for level in ["warn", "info,turnd=debug", "off", "DEBUG"] {
+        let (rc, err) = check(&local(&format!("[log]\nlevel = \"{level}\"\n")));
+        assert_eq!(rc, 0, "{level:?}: {err}");
+    }
+    for bw in ["\"fast\"", "50", "\"200 Gbit/s\""] {
+        let (rc, err) = check(&local(&format!("[limits]\nallocation_bandwidth = {bw}\n")));
+        assert_eq!(rc, 2, "{bw} accepted");
+        assert!(err.contains("allocation_bandwidth"), "{err}");
+    }
+}
+
+#[test]
+fn an_empty_file_is_noted() {
+    let (rc, err) = check_args("", &["--check-config", "--file-only"]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(err.contains("is empty: running on the defaults"), "{err}");
+}
+
+#[test]
+fn addresses_must_be_on_this_host_and_ports_free() {
+    // 198.18.0.0/15 is on no interface here.
+    let (rc, err) = check(&local("").replace("ip = \"127.0.0.1\"", "ip = \"198.19.255.254\""));
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("relay.ip") && err.contains("not an address of this host"), "{err}");
+    let (rc, err) = check(&local("[[listen]]\ntransport = \"tcp\"\naddress = \"198.19.255.254:3478\"\n"));
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("listen[1].address"), "{err}");
+    // --file-only skips what depends on the host.
+    assert_eq!(check_args(&local("").replace("ip = \"127.0.0.1\"", "ip = \"198.19.255.254\""), &["--check-config", "--file-only"]).0, 0);
+
+    // A busy port names the program holding it, for a check and for a start.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let cfg = local(&format!("[[listen]]\ntransport = \"tcp\"\naddress = \"127.0.0.1:{port}\"\n"));
+    let (rc, err) = check(&cfg);
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("listen[1].address") && err.contains("in use by") && err.contains(&format!("pid {}", std::process::id())), "{err}");
+    let (rc, err) = check_args(&cfg, &[]);
+    assert_eq!(rc, 2, "a start fails the same way: {err}");
+    assert!(err.contains("listen[1].address"), "{err}");
+    let (rc, err) = check(&local("").replace("[metrics]\nlisten = \"\"", &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"")));
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("metrics.listen"), "{err}");
+}
+
+#[test]
+fn certificates_and_keys_are_loaded_and_matched() {
+    let dir = common::temp_dir("certs");
+    common::make_cert(&dir, "a.pem", "a.key", "a");
+    common::make_cert(&dir, "b.pem", "b.key", "b");
+    let run = |dir: &std::path::Path, cert: &str, key: &str, args: &[&str]| {
+        let tls_port = common::free_port();
+        check_args(
+            &local(&format!(
+                "[[listen]]\ntransport = \"tls\"\naddress = \"127.0.0.1:{tls_port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                dir.join(cert).display(),
+                dir.join(key).display()
+            )),
+            args,
+        )
+    };
+    let ok = run(&dir, "a.pem", "a.key", &["--check-config"]);
+    assert_eq!(ok.0, 0, "{}", ok.1);
+    assert!(ok.1.contains("expires on"), "a certificate valid for 2 days gets a warning: {}", ok.1);
+    // DER, empty, encrypted.
+    let der = Command::new("openssl").args(["x509", "-outform", "der", "-in"]).arg(dir.join("a.pem")).output().unwrap();
+    std::fs::write(dir.join("a.der"), der.stdout).unwrap();
+    std::fs::write(dir.join("empty.key"), "").unwrap();
+    let enc = Command::new("openssl")
+        .args(["pkey", "-aes256", "-passout", "pass:secret", "-in"])
+        .arg(dir.join("a.key"))
+        .arg("-out")
+        .arg(dir.join("enc.key"))
+        .output()
+        .unwrap();
+    assert!(enc.status.success());
+    let cases = [
+        ("missing.pem", "a.key", "cannot read"),
+        ("a.der", "a.key", "DER, not PEM"),
+        ("a.key", "a.pem", "swapped"),
+        ("a.pem", "b.key", "does not belong"),
+        ("a.pem", "empty.key", "is empty"),
+        ("a.pem", "enc.key", "encrypted"),
+    ];
+    for (cert, key, words) in cases {
+        for args in [&["--check-config"][..], &[][..]] {
+            let (rc, err) = run(&dir, cert, key, args);
+            assert_eq!(rc, 2, "{cert} {key} {args:?}: {err}");
+            assert!(err.contains("tls") && err.contains(words), "{cert} {key} {args:?}: {err}");
+        }
+    }
+    // Expired: made 10 days ago, valid for 2.
+    let out = Command::new("faketime")
+        .args(["-f", "-10d", "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .arg("-keyout")
+        .arg(dir.join("old.key"))
+        .arg("-out")
+        .arg(dir.join("old.pem"))
+        .args(["-subj", "/CN=old"])
+        .output()
+        .expect("faketime (test.sh installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (rc, err) = run(&dir, "old.pem", "old.key", &["--check-config"]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(err.contains("warning: tls.cert") && err.contains("expired on"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn warnings_for_open_secrets_and_a_wildcard_admin_listener() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = common::temp_dir("warn");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "\u{feff}s3cret\r\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = local("").replace("secrets = [\"s3cret\"]", &format!("secret_file = \"{}\"", secret.display()));
+    let (rc, err) = check(&cfg);
+    assert_eq!(rc, 0, "{err}");
+    assert!(err.contains("auth.secret_file") && err.contains("readable by every user"), "{err}");
+    assert!(err.contains("byte-order mark"), "{err}");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let (rc, err) = check(&cfg);
+    assert_eq!(rc, 0, "{err}");
+    assert!(!err.contains("warning"), "no warning for a private, clean file: {err}");
+
+    let m = common::free_port();
+    let (rc, err) = check(&local("").replace("[metrics]\nlisten = \"\"", &format!("[metrics]\nlisten = \"0.0.0.0:{m}\"\n[admin]\ntoken_file = \"{}\"", dir.join("token").display())));
+    assert_eq!(rc, 0, "{err}");
+    assert!(err.contains("warning: metrics.listen") && err.contains("admin API"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

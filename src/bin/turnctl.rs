@@ -19,7 +19,8 @@ struct Cli {
 enum Cmd {
     /// Print time-limited TURN credentials (TURN REST API, as prosody's mod_external_services computes them).
     Credentials {
-        /// The shared secret.
+        /// The shared secret. Other users of this host can read it in the process list while
+        /// turnctl runs: prefer --secret-file.
         #[arg(long, conflicts_with = "secret_file", required_unless_present = "secret_file")]
         secret: Option<String>,
         /// File holding the shared secret(s); the first one signs.
@@ -126,13 +127,8 @@ fn admin_call(
     }
 }
 
-fn read_first_secret(path: &PathBuf) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    text.lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
-        .ok_or_else(|| format!("{} holds no secret", path.display()))
+fn read_first_secret(path: &std::path::Path) -> Result<String, String> {
+    turnd::config::SecretFile::read(path).map(|f| f.first())
 }
 
 fn json_str(s: &str) -> String {

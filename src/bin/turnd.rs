@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use turnd::config::{self, Overrides};
+use turnd::net::preflight;
 
 #[derive(Parser, Debug)]
 #[command(name = "turnd", version, about = "TURN/STUN relay (RFC 8489, RFC 8656) with TURN REST API credentials")]
@@ -40,9 +41,15 @@ struct Args {
     /// Log format: text or json (overrides `log.format`).
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
-    /// Validate the configuration and exit.
+    /// Check everything a start checks, short of serving, and exit: the file, the certificate
+    /// and key, that listen and relay addresses are on this host and their ports free (a port held by a
+    /// running turnd is fine). Exit status 0 when a start would succeed, 2 otherwise.
     #[arg(long)]
     check_config: bool,
+    /// With --check-config: check the file alone, for a file meant for another host
+    /// (no certificate, address or port checks).
+    #[arg(long, requires = "check_config")]
+    file_only: bool,
 }
 
 fn main() -> ExitCode {
@@ -58,18 +65,28 @@ fn main() -> ExitCode {
         log_level: a.log_level,
         log_format: a.log_format,
     };
-    let cfg = match config::load(a.config.as_deref(), &ov.clone()) {
+    let mut cfg = match config::load(a.config.as_deref(), &ov.clone()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("turnd: configuration error: {e:#}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return config_error(&e),
     };
+    if !a.file_only {
+        let mode = if a.check_config { preflight::Mode::Check } else { preflight::Mode::Start };
+        match preflight::check(&cfg, mode, unix_now()) {
+            Ok(notes) => cfg.notes.extend(notes),
+            Err(e) => return config_error(&anyhow::Error::from(e)),
+        }
+    }
     if a.check_config {
+        for n in &cfg.notes {
+            eprintln!("turnd: warning: {n}");
+        }
         println!("configuration ok");
         return ExitCode::SUCCESS;
     }
     let set_log = init_logging(&cfg.log_level, cfg.log_json);
+    for n in &cfg.notes {
+        tracing::warn!("{n}");
+    }
     raise_fd_limit(cfg.total_quota as u64 + cfg.max_connections as u64);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -82,12 +99,26 @@ fn main() -> ExitCode {
     let reload = turnd::net::Reload { path: a.config.clone(), overrides: ov, set_log };
     match local.block_on(&rt, turnd::net::run(cfg, reload)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<config::ConfigError>().is_some() => {
+            tracing::error!("configuration error: {e:#}");
+            config_error(&e)
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("turnd: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A configuration turnd cannot run: said on stderr, exit status 2.
+fn config_error(e: &anyhow::Error) -> ExitCode {
+    eprintln!("turnd: configuration error: {e:#}");
+    ExitCode::from(2)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// Installs the subscriber; returns how to change level and format on reload.
@@ -152,11 +183,12 @@ fn raise_fd_limit(wanted: u64) {
         }
     }
     let limit = lim.rlim_cur as u64;
-    if limit < wanted + 64 {
+    let reserve = turnd::net::relay::FD_RESERVE as u64;
+    if limit < wanted + reserve {
         tracing::warn!(
             open_files_limit = limit,
-            wanted,
-            "the open-files limit is below limits.total_quota + limits.max_connections: allocations past it get 508 (raise LimitNOFILE / ulimit -n)"
+            needed = wanted + reserve,
+            "the open-files limit is below limits.total_quota + limits.max_connections + {reserve} descriptors kept for listeners, metrics and reloads: allocations and connections past it get 508 (raise LimitNOFILE / ulimit -n)"
         );
     } else {
         tracing::debug!(open_files_limit = limit, "open-files limit");

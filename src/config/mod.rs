@@ -3,6 +3,7 @@
 //! Every key is documented in `config/turnd.toml`. Validation names the key
 //! and says what is wrong; unknown keys are errors, so typos do not pass.
 
+mod bandwidth;
 mod duration;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -11,6 +12,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+pub use bandwidth::Bandwidth;
 pub use duration::Seconds;
 
 use crate::turn::RelayAddr;
@@ -26,6 +28,36 @@ pub struct ConfigError {
 
 /// Longest realm accepted (see `validate`).
 pub const MAX_REALM: usize = 32;
+/// What one allocation may relay in each direction unless configured: far
+/// above a video call (Jitsi sends at most a few Mbit/s per participant and
+/// receives a few streams more), far below what a leaked credential could
+/// otherwise push through the relay.
+pub const DEFAULT_ALLOCATION_BANDWIDTH: Bandwidth = Bandwidth(50_000_000);
+/// Longest SOFTWARE value: RFC 8489 asks for fewer than 128 characters.
+pub const MAX_SOFTWARE: usize = 127;
+/// The log levels `log.level` takes, alone or in `target=level` directives.
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// A level from the list, or a tracing filter whose every directive names a
+/// level from it ("info,turnd=debug"). tracing itself would take "warning"
+/// or "debug " as a filter for a target of that name: a filter that matches
+/// nothing and silences every line, errors included.
+fn check_log_level(s: &str) -> Result<(), String> {
+    let hint = "use error, warn, info, debug or trace, or a filter such as \"info,turnd=debug\"";
+    if s.is_empty() || s.chars().any(char::is_whitespace) {
+        return Err(format!("`{s}` is not a log level: {hint} (no spaces)"));
+    }
+    for d in s.split(',') {
+        let level = match d.rsplit_once('=') {
+            Some((target, level)) if !target.is_empty() => level,
+            _ => d,
+        };
+        if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!("`{level}` in `{s}` is not a log level: {hint}"));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(s).map(|_| ()).map_err(|e| format!("`{s}`: {e}"))
+}
 
 fn bad(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
     ConfigError { key: key.into(), msg: msg.into() }
@@ -138,6 +170,8 @@ pub struct LimitsSection {
     pub idle_timeout: Option<Seconds>,
     pub drain_timeout: Option<Seconds>,
     pub unauth_rate: Option<u32>,
+    pub allocation_bandwidth: Option<Bandwidth>,
+    pub total_bandwidth: Option<Bandwidth>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -208,6 +242,10 @@ pub struct Config {
     pub drain_timeout: u32,
     /// Unsigned UDP answers per second (and burst) per source IP; 0 = no limit.
     pub unauth_rate: u32,
+    /// What one allocation may relay, each direction; 0 = unlimited.
+    pub allocation_bandwidth: Bandwidth,
+    /// What the whole relay may relay, each direction; 0 = unlimited.
+    pub total_bandwidth: Bandwidth,
     /// Where /metrics, /healthz and /readyz are served; `None` when disabled.
     pub metrics_listen: Option<SocketAddr>,
     /// Bearer token of the admin API (served on the metrics listener); `None` when disabled.
@@ -217,18 +255,44 @@ pub struct Config {
     pub tls: Option<TlsSection>,
     pub log_level: String,
     pub log_json: bool,
+    /// Warnings about the configuration that do not stop turnd (a secret
+    /// file others can read, metrics on a wildcard address, ...): logged at
+    /// start and on every reload.
+    pub notes: Vec<String>,
 }
 
 /// Reads and validates `path` (or the defaults when `None`) with overrides.
+/// An empty file is taken as all defaults, with a note saying so.
 pub fn load(path: Option<&Path>, ov: &Overrides) -> anyhow::Result<Config> {
-    let file = match path {
+    let (file, empty) = read(path)?;
+    let mut cfg = validate(file, ov)?;
+    if let (Some(p), true) = (path, empty) {
+        cfg.notes.push(format!("config {} is empty: running on the defaults", p.display()));
+    }
+    Ok(cfg)
+}
+
+/// Like [`load`], for a reload: an empty file is refused, since it is far
+/// more often a failed save than a wish to fall back to every default
+/// (listeners moved, a new secret generated).
+pub fn load_for_reload(path: Option<&Path>, ov: &Overrides) -> anyhow::Result<Config> {
+    let (file, empty) = read(path)?;
+    if let (Some(p), true) = (path, empty) {
+        anyhow::bail!("config {} is empty (a failed save?); refused: an empty file would reset every setting to its default", p.display());
+    }
+    Ok(validate(file, ov)?)
+}
+
+/// The parsed file, and whether the file is empty (nothing but whitespace).
+fn read(path: Option<&Path>) -> anyhow::Result<(File, bool)> {
+    match path {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", p.display()))?;
-            parse_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", p.display()))?
+            let file = parse_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", p.display()))?;
+            Ok((file, text.trim_start_matches('\u{feff}').trim().is_empty()))
         }
-        None => File::default(),
-    };
-    Ok(validate(file, ov)?)
+        None => Ok((File::default(), false)),
+    }
 }
 
 /// Parses TOML text into the file structure (no validation).
@@ -266,12 +330,53 @@ pub fn detect_ip(v6: bool) -> Option<IpAddr> {
     (!ip.is_unspecified()).then_some(ip)
 }
 
-fn secret_lines(text: &str) -> Vec<Vec<u8>> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| l.as_bytes().to_vec())
-        .collect()
+/// The secrets of a secret file: one per line, blank lines and `#` comments
+/// skipped. A UTF-8 byte-order mark and carriage returns (a file saved by a
+/// Windows editor) are not part of any secret: they are stripped, and
+/// `stripped` says so, for a note in the log.
+#[derive(Debug)]
+pub struct SecretFile {
+    pub secrets: Vec<Vec<u8>>,
+    pub stripped: bool,
+}
+
+impl SecretFile {
+    pub fn parse(text: &str) -> SecretFile {
+        let body = text.strip_prefix('\u{feff}');
+        let stripped = body.is_some() || text.contains('\r');
+        let secrets = body
+            .unwrap_or(text)
+            .lines()
+            .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}'))
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| l.as_bytes().to_vec())
+            .collect();
+        SecretFile { secrets, stripped }
+    }
+
+    /// Reads `path`; an error when it cannot be read or holds no secret.
+    pub fn read(path: &Path) -> Result<SecretFile, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let f = SecretFile::parse(&text);
+        if f.secrets.is_empty() {
+            return Err(format!("{} holds no secret", path.display()));
+        }
+        Ok(f)
+    }
+
+    /// The first secret, as text (the one turnctl signs with).
+    pub fn first(&self) -> String {
+        String::from_utf8_lossy(&self.secrets[0]).into_owned()
+    }
+}
+
+/// A note when a file holding a secret can be read by every user of the host.
+fn readable_by_others(path: &Path, key: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o004 != 0).then(|| {
+        format!("{key}: {} is readable by every user of this host (mode {:o}); chmod 600 it (or 640 with turnd's group)", path.display(), mode & 0o777)
+    })
 }
 
 /// Where turnd keeps state it generates (the secret, the admin token):
@@ -310,22 +415,17 @@ pub fn generate_secret() -> String {
 /// Reads the first secret-like line of `path`, creating the file with a
 /// fresh random value (mode 0600) when it does not exist.
 pub fn load_or_create_token(path: &Path, key: &str) -> Result<String, ConfigError> {
-    let mut v = load_or_create_secret_at(path, key)?;
-    Ok(String::from_utf8_lossy(&v.remove(0)).into_owned())
+    Ok(load_or_create_secret_at(path, key)?.first())
 }
 
-fn load_or_create_secret(path: &Path) -> Result<Vec<Vec<u8>>, ConfigError> {
-    load_or_create_secret_at(path, "auth.secret_file")
-}
-
-fn load_or_create_secret_at(path: &Path, key: &str) -> Result<Vec<Vec<u8>>, ConfigError> {
+fn load_or_create_secret_at(path: &Path, key: &str) -> Result<SecretFile, ConfigError> {
     match std::fs::read_to_string(path) {
         Ok(t) => {
-            let s = secret_lines(&t);
-            if s.is_empty() {
+            let f = SecretFile::parse(&t);
+            if f.secrets.is_empty() {
                 return Err(bad(key, format!("{} holds no secret", path.display())));
             }
-            Ok(s)
+            Ok(f)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -334,7 +434,7 @@ fn load_or_create_secret_at(path: &Path, key: &str) -> Result<Vec<Vec<u8>>, Conf
             }
             let secret = generate_secret();
             match write_private(path, &format!("{secret}\n")) {
-                Ok(()) => Ok(vec![secret.into_bytes()]),
+                Ok(()) => Ok(SecretFile { secrets: vec![secret.into_bytes()], stripped: false }),
                 // Another process created it first: use theirs.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create_secret_at(path, key),
                 Err(e) => Err(bad(key, format!("cannot write {}: {e}", path.display()))),
@@ -370,6 +470,15 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         ));
     }
 
+    // RFC 8489 14.14: fewer than 128 characters. It rides in answers, so a
+    // longer one could push them past what a datagram or the 3x bound allows.
+    let software = f.software.filter(|s| !s.is_empty());
+    if let Some(sw) = &software {
+        if sw.chars().count() > MAX_SOFTWARE || sw.chars().any(char::is_control) {
+            return Err(bad("software", format!("must be at most {MAX_SOFTWARE} characters without control characters (RFC 8489)")));
+        }
+    }
+
     // Secrets: inline, from a file, or generated on first start.
     let mut secrets: Vec<Vec<u8>> = Vec::new();
     for (i, s) in f.auth.secrets.iter().enumerate() {
@@ -380,14 +489,20 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
     }
     let secret_file = ov.secret_file.clone().or(f.auth.secret_file);
     let mut secret_source = if secrets.is_empty() { SecretSource::None } else { SecretSource::Inline };
-    if let Some(p) = &secret_file {
-        let t = std::fs::read_to_string(p)
-            .map_err(|e| bad("auth.secret_file", format!("cannot read {}: {e}", p.display())))?;
-        let s = secret_lines(&t);
-        if s.is_empty() {
-            return Err(bad("auth.secret_file", format!("{} holds no secret", p.display())));
+    let mut notes = Vec::new();
+    let read_secrets = |p: &Path, key: &str, file: SecretFile, notes: &mut Vec<String>| {
+        if file.stripped {
+            notes.push(format!(
+                "{key}: {} has a byte-order mark or Windows line endings; they were stripped and are not part of the secret",
+                p.display()
+            ));
         }
-        secrets.extend(s);
+        notes.extend(readable_by_others(p, key));
+        file.secrets
+    };
+    if let Some(p) = &secret_file {
+        let file = SecretFile::read(p).map_err(|e| bad("auth.secret_file", e))?;
+        secrets.extend(read_secrets(p, "auth.secret_file", file, &mut notes));
         secret_source = SecretSource::File(p.clone());
     }
     let static_users: Vec<(String, String)> =
@@ -399,7 +514,8 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
     }
     if secrets.is_empty() && static_users.is_empty() {
         let p = default_secret_path();
-        secrets = load_or_create_secret(&p)?;
+        let file = load_or_create_secret_at(&p, "auth.secret_file")?;
+        secrets = read_secrets(&p, "auth.secret_file", file, &mut notes);
         secret_source = SecretSource::Generated(p);
     }
     let nonce_lifetime = secs("auth.nonce_lifetime", f.auth.nonce_lifetime, 600, 10)? as u64;
@@ -528,17 +644,22 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         if listeners.iter().any(|l| l.transport.is_stream() && l.address.port() == m.port()) {
             return Err(bad("metrics.listen", format!("port {} is also a TURN listener", m.port())));
         }
+        if m.ip().is_unspecified() {
+            notes.push(format!(
+                "metrics.listen: {m} serves metrics and the admin API (reload, disconnect) in cleartext on every address of this host; keep it on loopback or a private address, or firewall the port"
+            ));
+        }
     }
     let (admin_token, admin_token_file) = if f.admin.enabled.unwrap_or(true) && metrics_listen.is_some() {
         let p = f.admin.token_file.clone().unwrap_or_else(default_admin_token_path);
-        (Some(load_or_create_token(&p, "admin.token_file")?), Some(p))
+        let token = load_or_create_token(&p, "admin.token_file")?;
+        notes.extend(readable_by_others(&p, "admin.token_file"));
+        (Some(token), Some(p))
     } else {
         (None, None)
     };
     let log_level = ov.log_level.clone().or(f.log.level).unwrap_or_else(|| "info".into());
-    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-        return Err(bad("log.level", format!("`{log_level}` is not a level (error, warn, info, debug, trace) or filter")));
-    }
+    check_log_level(&log_level).map_err(|e| bad("log.level", e))?;
     let log_format = ov.log_format.clone().or(f.log.format).unwrap_or_else(|| "text".into());
     let log_json = match log_format.as_str() {
         "text" => false,
@@ -548,7 +669,7 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
 
     Ok(Config {
         realm,
-        software: f.software.filter(|s| !s.is_empty()),
+        software,
         secrets,
         secret_source,
         static_users,
@@ -573,12 +694,15 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         idle_timeout: secs("limits.idle_timeout", l.idle_timeout, 30, 1)?,
         drain_timeout: secs("limits.drain_timeout", l.drain_timeout, 60, 0)?,
         unauth_rate,
+        allocation_bandwidth: l.allocation_bandwidth.unwrap_or(DEFAULT_ALLOCATION_BANDWIDTH),
+        total_bandwidth: l.total_bandwidth.unwrap_or(Bandwidth(0)),
         metrics_listen,
         admin_token,
         admin_token_file,
         tls: f.tls.clone(),
         log_level,
         log_json,
+        notes,
     })
 }
 
@@ -597,6 +721,8 @@ impl Config {
             relay_v4: self.relay_v4,
             relay_v6: self.relay_v6,
             unauth_rate: self.unauth_rate,
+            allocation_bytes_per_second: self.allocation_bandwidth.bytes_per_second(),
+            total_bytes_per_second: self.total_bandwidth.bytes_per_second(),
         }
     }
 

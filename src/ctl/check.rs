@@ -36,6 +36,7 @@ pub struct CheckArgs {
     /// The relay's host name or address, as participants are given it.
     pub host: String,
     /// The relay's shared secret (auth.secrets); without it only Binding and TLS are checked.
+    /// Other users of this host can read it in the process list: prefer --secret-file.
     #[arg(long, conflicts_with = "secret_file")]
     pub secret: Option<String>,
     /// File holding the shared secret (first non-comment line).
@@ -153,12 +154,7 @@ impl Options {
 }
 
 fn read_secret(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("--secret-file {}: {e}", path.display()))?;
-    text.lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
-        .ok_or_else(|| format!("--secret-file {} holds no secret", path.display()))
+    crate::config::SecretFile::read(path).map(|f| f.first()).map_err(|e| format!("--secret-file: {e}"))
 }
 
 /// `3s`, `3`, `500ms`, `1m`.

@@ -11,6 +11,8 @@
 mod admin;
 pub mod batch;
 mod http;
+mod lifecycle;
+pub mod preflight;
 pub mod proxy;
 pub mod relay;
 mod stream;
@@ -21,22 +23,22 @@ mod udp;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::os::fd::AsRawFd;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::auth::{Authenticator, NonceKey};
-use crate::config::{Config, Listener, Overrides, SecretSource};
+use crate::config::Config;
 use crate::turn::{Event, FiveTuple, Now, Output, RelayId, Server, Transport};
 use batch::{PeerSends, RecvBatch, SendBatch};
 use relay::RelaySockets;
 use stream::StreamOut;
+
+pub use lifecycle::{run, Reload};
 
 /// Largest message on a TCP/TLS stream (a STUN message or padded ChannelData).
 pub const MAX_DATAGRAM: usize = 65_535;
@@ -50,6 +52,18 @@ pub type Udp = AsyncFd<std::net::UdpSocket>;
 pub struct UdpListener {
     pub socket: Rc<Udp>,
     out: SendBatch,
+    /// Removed by a reload: serves only the allocations made through it,
+    /// and closes when they have ended.
+    retiring: bool,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for UdpListener {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
 }
 
 pub struct Shard {
@@ -77,7 +91,7 @@ pub struct Shard {
     listener_names: Vec<String>,
     admin_token: Option<String>,
     /// Asks the main loop to reload; it answers on the oneshot.
-    reload_tx: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<String, String>>>,
+    reload_tx: ReloadSender,
     warnings: WarnLimiter,
     /// Receive buffers shared by the UDP tasks (one runs at a time).
     rx_batch: Rc<RefCell<RecvBatch>>,
@@ -85,8 +99,13 @@ pub struct Shard {
     /// Client datagrams of the batch being handled, on their way to peers.
     to_peers: PeerSends,
     pub send_failures: u64,
+    /// Timer ticks so far (SWEEP_PARTS a second).
+    ticks: u32,
     this: Weak<RefCell<Shard>>,
 }
+
+/// How the admin API asks the main loop to reload; it answers on the oneshot.
+pub(crate) type ReloadSender = tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<String, String>>>;
 
 impl Shard {
     /// A datagram from a client on UDP listener `conn`.
@@ -94,6 +113,10 @@ impl Shard {
         let tuple = FiveTuple { client: from, server: local, transport: Transport::Udp, conn };
         let Shard { server, relays, udp, send_failures, flush, to_peers, .. } = self;
         let Some(Some(l)) = udp.get_mut(conn as usize) else { return };
+        if l.retiring && !server.has_allocation(&tuple) {
+            server.stats.dropped_no_allocation += 1;
+            return;
+        }
         if l.out.is_full() {
             let (_, dropped) = l.out.flush(l.socket.get_ref().as_raw_fd());
             *send_failures += dropped as u64;
@@ -207,7 +230,9 @@ impl Shard {
     /// Registers a new connection if the limits allow; returns its conn id.
     fn stream_opened(&mut self, client: IpAddr, transport: Transport, out: Rc<StreamOut>) -> Option<u32> {
         let n = self.per_ip.get(&client).copied().unwrap_or(0);
-        if self.stream_count >= self.limits.max_total as usize || n >= self.limits.max_per_ip || !self.relays.fds_left_for_connection() {
+        // 0 means unlimited, as for the quotas.
+        let over = |count: usize, max: u32| max != 0 && count >= max as usize;
+        if over(self.stream_count, self.limits.max_total) || over(n as usize, self.limits.max_per_ip) || !self.relays.fds_left_for_connection() {
             self.connections_refused += 1;
             return None;
         }
@@ -309,12 +334,123 @@ impl Shard {
 
     /// One of SWEEP_PARTS steps per second of the expiry sweep: each visits
     /// a share of the allocations, so no single step stalls the relay for
-    /// long however many there are.
+    /// long however many there are. Once a second, retired listeners whose
+    /// allocations have all ended close.
     fn tick(&mut self) {
         let Shard { server, relays, .. } = self;
         let share = server.slot_count() / SWEEP_PARTS as usize + 1;
         server.sweep(std::time::Instant::now(), relays, share);
         self.after_control();
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks % SWEEP_PARTS == 0 {
+            for conn in 0..self.udp.len() as u32 {
+                if self.udp[conn as usize].as_ref().is_some_and(|l| l.retiring) && self.udp_allocations(conn) == 0 {
+                    self.close_udp(conn);
+                }
+            }
+        }
+    }
+
+    /// The core's settings from `cfg`, a shard with no listener yet, and its
+    /// flush and timer tasks.
+    fn start(cfg: &Config, reload_tx: ReloadSender) -> Rc<RefCell<Shard>> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).expect("the OS random generator is available");
+        let nonce_key = NonceKey::new(key, cfg.nonce_lifetime);
+        let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, nonce_key.clone());
+        let relays = RelaySockets::new(cfg.relay_v4.map(|r| r.local), cfg.relay_v6.map(|r| r.local), cfg.ports);
+        let flush = Rc::new(Notify::new());
+        let shard = Rc::new_cyclic(|this| {
+            RefCell::new(Shard {
+                server: Server::new(cfg.server_config(), auth, peer_policy(cfg)),
+                relays,
+                udp: Vec::new(),
+                streams: Vec::new(),
+                free_streams: Vec::new(),
+                stream_count: 0,
+                pending_proxy: 0,
+                per_ip: HashMap::new(),
+                connections: [0; 3],
+                limits: StreamLimits::from(cfg),
+                nonce_key,
+                started: std::time::Instant::now(),
+                draining: false,
+                tls_handshake_failures: 0,
+                connections_refused: 0,
+                listener_names: Vec::new(),
+                admin_token: cfg.admin_token.clone(),
+                reload_tx,
+                warnings: WarnLimiter::new(),
+                rx_batch: Rc::new(RefCell::new(RecvBatch::new())),
+                flush: flush.clone(),
+                tx: vec![0u8; MAX_DATAGRAM + OUT_HEADROOM].into_boxed_slice(),
+                to_peers: PeerSends::new(batch::gso_available()),
+                send_failures: 0,
+                ticks: 0,
+                this: this.clone(),
+            })
+        });
+        tokio::task::spawn_local(flush_loop(Rc::downgrade(&shard), flush));
+        let ticker = Rc::downgrade(&shard);
+        tokio::task::spawn_local(async move {
+            let mut iv = tokio::time::interval(Duration::from_secs(1) / SWEEP_PARTS);
+            loop {
+                iv.tick().await;
+                let Some(s) = ticker.upgrade() else { return };
+                s.borrow_mut().tick();
+            }
+        });
+        shard
+    }
+
+    /// Serves a new UDP listener socket; returns its `conn`.
+    fn add_udp(shard: &Rc<RefCell<Shard>>, s: Udp) -> u32 {
+        let s = Rc::new(s);
+        let mut sh = shard.borrow_mut();
+        let out = SendBatch::for_socket(s.get_ref().as_raw_fd());
+        let conn = sh.udp.len() as u32;
+        let task = tokio::task::spawn_local(udp::listener_loop(Rc::downgrade(shard), conn, s.clone(), sh.rx_batch.clone()));
+        sh.udp.push(Some(UdpListener { socket: s, out, retiring: false, task: Some(task) }));
+        conn
+    }
+
+    /// Allocations made through UDP listener `conn`.
+    fn udp_allocations(&self, conn: u32) -> usize {
+        self.server.allocations().filter(|a| a.tuple.transport == Transport::Udp && a.tuple.conn == conn).count()
+    }
+
+    /// A reload removed UDP listener `conn`: it closes now if no allocation
+    /// uses it, else it keeps serving those until they end.
+    fn retire_udp(&mut self, conn: u32) {
+        let n = self.udp_allocations(conn);
+        let Some(Some(l)) = self.udp.get_mut(conn as usize) else { return };
+        if n == 0 {
+            self.close_udp(conn);
+        } else {
+            l.retiring = true;
+            let addr = l.socket.get_ref().local_addr().ok();
+            tracing::info!(listener = ?addr, allocations = n, "removed UDP listener keeps serving its allocations until they end");
+        }
+    }
+
+    fn close_udp(&mut self, conn: u32) {
+        if let Some(slot) = self.udp.get_mut(conn as usize) {
+            if let Some(l) = slot.take() {
+                tracing::info!(listener = ?l.socket.get_ref().local_addr().ok(), "UDP listener closed");
+            }
+        }
+    }
+
+    /// A retiring UDP listener bound to `addr`, if there is one.
+    fn retiring_udp(&self, addr: SocketAddr) -> Option<u32> {
+        self.udp.iter().position(|l| l.as_ref().is_some_and(|l| l.retiring && l.socket.get_ref().local_addr().ok() == Some(addr))).map(|i| i as u32)
+    }
+
+    /// A reload wants a retiring listener again: it serves everyone.
+    fn revive_udp(&mut self, conn: u32) {
+        if let Some(Some(l)) = self.udp.get_mut(conn as usize) {
+            l.retiring = false;
+        }
     }
 }
 
@@ -418,6 +554,14 @@ fn log_event(e: &Event, warnings: &mut WarnLimiter) {
                 tracing::warn!(client = %tuple.client, %peer, "peer refused by policy (403)")
             }
         }
+        Event::OverBandwidth { tuple, username } => {
+            if warnings.allow() {
+                tracing::warn!(
+                    user = %username, client = %tuple.client, transport = tuple.transport.label(),
+                    "allocation over limits.allocation_bandwidth: packets beyond it are dropped (a leaked credential?)"
+                )
+            }
+        }
     }
 }
 
@@ -486,7 +630,7 @@ async fn flush_loop(shard: Weak<RefCell<Shard>>, notify: Rc<Notify>) {
 /// Receive and send buffer asked for on UDP listeners.
 const UDP_LISTENER_BUFFER: usize = 4 << 20;
 
-fn bind_udp(addr: SocketAddr) -> anyhow::Result<Udp> {
+fn bind_udp(addr: SocketAddr) -> std::io::Result<Udp> {
     use socket2::{Domain, Protocol, Socket, Type};
     let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
     let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
@@ -506,9 +650,9 @@ fn bind_udp(addr: SocketAddr) -> anyhow::Result<Udp> {
             );
         }
     }
-    s.bind(&addr.into()).with_context(|| format!("cannot bind UDP {addr}"))?;
+    s.bind(&addr.into())?;
     batch::enable_gro(s.as_raw_fd());
-    Ok(register_udp(s.into())?)
+    register_udp(s.into())
 }
 
 /// Registers a non-blocking UDP socket with the runtime, for reading.
@@ -518,7 +662,7 @@ pub fn register_udp(sock: std::net::UdpSocket) -> std::io::Result<Udp> {
     unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
 }
 
-fn bind_tcp(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
     let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
@@ -527,15 +671,9 @@ fn bind_tcp(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     }
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
-    s.bind(&addr.into()).with_context(|| {
-        if addr.port() < 1024 {
-            format!("cannot bind TCP {addr} (ports below 1024 need root or CAP_NET_BIND_SERVICE)")
-        } else {
-            format!("cannot bind TCP {addr}")
-        }
-    })?;
+    s.bind(&addr.into())?;
     s.listen(1024)?;
-    Ok(TcpListener::from_std(s.into())?)
+    TcpListener::from_std(s.into())
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -548,7 +686,7 @@ struct StreamLimits {
 
 async fn accept_loop(
     shard: Weak<RefCell<Shard>>,
-    listener: TcpListener,
+    listener: Rc<TcpListener>,
     l: crate::config::Listener,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
@@ -664,84 +802,6 @@ fn close_unused(shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, handshake_failed
     }
 }
 
-/// Where a reload reads the configuration from, and how it changes the log level.
-pub struct Reload {
-    pub path: Option<std::path::PathBuf>,
-    pub overrides: Overrides,
-    pub set_log: Box<dyn Fn(&str, bool)>,
-}
-
-/// The running listeners, so a reload can start new ones and stop removed ones.
-struct Listeners {
-    running: Vec<(Listener, tokio::task::JoinHandle<()>)>,
-}
-
-impl Listeners {
-    fn start(
-        &mut self,
-        shard: &Rc<RefCell<Shard>>,
-        l: &Listener,
-        tls: Option<&tokio_rustls::TlsAcceptor>,
-    ) -> anyhow::Result<String> {
-        let task = match l.transport {
-            Transport::Udp => {
-                let s = Rc::new(bind_udp(l.address)?);
-                let mut sh = shard.borrow_mut();
-                let out = SendBatch::for_socket(s.get_ref().as_raw_fd());
-                sh.udp.push(Some(UdpListener { socket: s.clone(), out }));
-                let conn = (sh.udp.len() - 1) as u32;
-                tokio::task::spawn_local(udp::listener_loop(Rc::downgrade(shard), conn, s, sh.rx_batch.clone()))
-            }
-            Transport::Tcp | Transport::Tls => {
-                let s = bind_tcp(l.address)?;
-                let acceptor = if l.transport == Transport::Tls {
-                    Some(tls.cloned().ok_or_else(|| anyhow::anyhow!("tls: a tls listener needs [tls] cert and key"))?)
-                } else {
-                    None
-                };
-                tokio::task::spawn_local(accept_loop(Rc::downgrade(shard), s, l.clone(), acceptor))
-            }
-        };
-        self.running.push((l.clone(), task));
-        let name = format!("{} {}", l.transport.label(), l.address);
-        shard.borrow_mut().listener_names.push(name.clone());
-        Ok(name)
-    }
-
-    /// Starts what `wanted` adds and stops what it drops; existing listeners
-    /// (and every allocation) are left alone.
-    fn update(&mut self, shard: &Rc<RefCell<Shard>>, wanted: &[Listener], tls: Option<&tokio_rustls::TlsAcceptor>) {
-        let mut keep = Vec::new();
-        for (l, task) in self.running.drain(..) {
-            if wanted.contains(&l) {
-                keep.push((l, task));
-            } else {
-                task.abort();
-                if l.transport == Transport::Udp {
-                    let mut sh = shard.borrow_mut();
-                    for s in sh.udp.iter_mut() {
-                        if s.as_ref().and_then(|s| s.socket.get_ref().local_addr().ok()) == Some(l.address) {
-                            *s = None;
-                        }
-                    }
-                }
-                let name = format!("{} {}", l.transport.label(), l.address);
-                shard.borrow_mut().listener_names.retain(|n| *n != name);
-                tracing::info!(listener = %name, "listener stopped");
-            }
-        }
-        self.running = keep;
-        for l in wanted {
-            if !self.running.iter().any(|(r, _)| r == l) {
-                match self.start(shard, l, tls) {
-                    Ok(d) => tracing::info!(listener = %d, "listener started"),
-                    Err(e) => tracing::warn!("listener {} {} not started: {e:#}", l.transport.label(), l.address),
-                }
-            }
-        }
-    }
-}
-
 impl From<&Config> for StreamLimits {
     fn from(cfg: &Config) -> Self {
         StreamLimits {
@@ -751,227 +811,6 @@ impl From<&Config> for StreamLimits {
             idle: Duration::from_secs(cfg.idle_timeout as u64),
         }
     }
-}
-
-fn log_secrets(cfg: &Config) {
-    match &cfg.secret_source {
-        SecretSource::Generated(p) => tracing::info!(file = %p.display(), "using the shared secret in this file (generated if it was missing)"),
-        SecretSource::File(p) => tracing::info!(file = %p.display(), secrets = cfg.secrets.len(), "shared secrets loaded"),
-        SecretSource::Inline => tracing::info!(secrets = cfg.secrets.len(), "shared secrets from the config"),
-        SecretSource::None => tracing::info!("no shared secret: static users only"),
-    }
-}
-
-/// Runs the relay until SIGINT or SIGTERM (then drains). Must be called inside a `LocalSet`.
-pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
-    log_secrets(&cfg);
-    let certs = match &cfg.tls {
-        Some(t) => Some(tls::CertStore::load(&t.cert, &t.key).context("tls")?),
-        None => None,
-    };
-    let acceptor = match &certs {
-        Some(c) => Some(tokio_rustls::TlsAcceptor::from(c.server_config()?)),
-        None => None,
-    };
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).expect("the OS random generator is available");
-    let nonce_key = NonceKey::new(key, cfg.nonce_lifetime);
-    let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, nonce_key.clone());
-    let relays = RelaySockets::new(cfg.relay_v4.map(|r| r.local), cfg.relay_v6.map(|r| r.local), cfg.ports);
-    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<Result<String, String>>>();
-    let flush = Rc::new(Notify::new());
-    let shard = Rc::new_cyclic(|this| {
-        RefCell::new(Shard {
-            server: Server::new(cfg.server_config(), auth, peer_policy(&cfg)),
-            relays,
-            udp: Vec::new(),
-            streams: Vec::new(),
-            free_streams: Vec::new(),
-            stream_count: 0,
-            pending_proxy: 0,
-            per_ip: HashMap::new(),
-            connections: [0; 3],
-            limits: StreamLimits::from(&cfg),
-            nonce_key,
-            started: std::time::Instant::now(),
-            draining: false,
-            tls_handshake_failures: 0,
-            connections_refused: 0,
-            listener_names: Vec::new(),
-            admin_token: cfg.admin_token.clone(),
-            reload_tx,
-            warnings: WarnLimiter::new(),
-            rx_batch: Rc::new(RefCell::new(RecvBatch::new())),
-            flush: flush.clone(),
-            tx: vec![0u8; MAX_DATAGRAM + OUT_HEADROOM].into_boxed_slice(),
-            to_peers: PeerSends::new(batch::gso_available()),
-            send_failures: 0,
-            this: this.clone(),
-        })
-    });
-    tokio::task::spawn_local(flush_loop(Rc::downgrade(&shard), flush));
-    let mut listeners = Listeners { running: Vec::new() };
-    let mut bound = Vec::new();
-    for l in &cfg.listeners {
-        bound.push(listeners.start(&shard, l, acceptor.as_ref())?);
-    }
-    let metrics = match cfg.metrics_listen {
-        Some(addr) => {
-            let l = bind_tcp(addr).context("metrics.listen")?;
-            Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&shard), l))))
-        }
-        None => None,
-    };
-    let ticker = Rc::downgrade(&shard);
-    tokio::task::spawn_local(async move {
-        let mut iv = tokio::time::interval(Duration::from_secs(1) / SWEEP_PARTS);
-        loop {
-            iv.tick().await;
-            let Some(s) = ticker.upgrade() else { return };
-            s.borrow_mut().tick();
-        }
-    });
-    // Certificates renewed on disk (certbot, Caddy) are picked up without a restart.
-    let mut cert_poll = tokio::time::interval(Duration::from_secs(5));
-    tracing::info!(
-        listeners = ?bound,
-        metrics = ?cfg.metrics_listen,
-        relay_v4 = ?cfg.relay_v4.map(|r| (r.local, r.external)),
-        relay_v6 = ?cfg.relay_v6.map(|r| (r.local, r.external)),
-        ports = %format!("{}-{}", cfg.ports.0, cfg.ports.1),
-        realm = %cfg.realm,
-        "turnd ready"
-    );
-    systemd::notify("READY=1");
-    systemd::spawn_watchdog();
-    let mut running = Running { cfg, certs, acceptor, listeners, metrics };
-
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = int.recv() => break,
-            _ = term.recv() => break,
-            _ = cert_poll.tick() => {
-                if let Some(c) = &running.certs {
-                    match c.reload_if_changed() {
-                        Some(Ok(())) => tracing::info!("TLS certificate reloaded (files changed)"),
-                        Some(Err(e)) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
-                        None => {}
-                    }
-                }
-            }
-            _ = hup.recv() => {
-                let _ = running.reload(&reload, &shard);
-            }
-            Some(reply) = reload_rx.recv() => {
-                let _ = reply.send(running.reload(&reload, &shard));
-            }
-        }
-    }
-    drain(&shard, Duration::from_secs(running.cfg.drain_timeout as u64), &mut term, &mut int).await;
-    Ok(())
-}
-
-/// What a reload may replace besides the core's settings.
-struct Running {
-    cfg: Config,
-    certs: Option<Arc<tls::CertStore>>,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
-    listeners: Listeners,
-    metrics: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
-}
-
-impl Running {
-    /// Re-reads the configuration and applies it whole, or refuses it whole.
-    /// Returns a summary or the reason for refusing.
-    fn reload(&mut self, reload: &Reload, shard: &Rc<RefCell<Shard>>) -> Result<String, String> {
-        systemd::notify("RELOADING=1");
-        let r = self.apply(reload, shard);
-        if let Err(e) = &r {
-            tracing::error!("reload refused, the running configuration stays: {e}");
-        }
-        systemd::notify("READY=1");
-        r
-    }
-
-    fn apply(&mut self, reload: &Reload, shard: &Rc<RefCell<Shard>>) -> Result<String, String> {
-        let new = crate::config::load(reload.path.as_deref(), &reload.overrides).map_err(|e| format!("{e:#}"))?;
-        match (&new.tls, &self.certs) {
-            // Same files (renewed in place): a broken one keeps the old
-            // certificate serving but does not block the rest of the reload.
-            (Some(t), Some(c)) if c.same_paths(&t.cert, &t.key) => match c.reload() {
-                Ok(()) => tracing::info!("TLS certificate reloaded"),
-                Err(e) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
-            },
-            (Some(t), Some(c)) => c.set_paths(&t.cert, &t.key).map_err(|e| format!("tls: {e:#}"))?,
-            (Some(t), None) => {
-                let c = tls::CertStore::load(&t.cert, &t.key).map_err(|e| format!("tls: {e:#}"))?;
-                let sc = c.server_config().map_err(|e| format!("tls: {e:#}"))?;
-                self.acceptor = Some(tokio_rustls::TlsAcceptor::from(sc));
-                self.certs = Some(c);
-            }
-            (None, _) => {}
-        }
-        {
-            let mut sh = shard.borrow_mut();
-            sh.apply(&new);
-            sh.admin_token = new.admin_token.clone();
-        }
-        self.listeners.update(shard, &new.listeners, self.acceptor.as_ref());
-        if new.metrics_listen != self.metrics.as_ref().map(|m| m.0) {
-            if let Some((_, t)) = self.metrics.take() {
-                t.abort();
-            }
-            if let Some(addr) = new.metrics_listen {
-                match bind_tcp(addr) {
-                    Ok(l) => self.metrics = Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(shard), l)))),
-                    Err(e) => tracing::warn!("metrics.listen {addr} not started: {e:#}"),
-                }
-            }
-        }
-        (reload.set_log)(&new.log_level, new.log_json);
-        log_secrets(&new);
-        let n = shard.borrow().server.allocation_count();
-        tracing::info!(allocations = n, "configuration reloaded");
-        self.cfg = new;
-        Ok(format!("configuration reloaded; {n} allocations kept"))
-    }
-}
-
-/// Graceful shutdown: refuse new allocations, let existing ones run until
-/// they end or `timeout` passes. A second SIGTERM or SIGINT ends it at once.
-async fn drain(
-    shard: &Rc<RefCell<Shard>>,
-    timeout: Duration,
-    term: &mut tokio::signal::unix::Signal,
-    int: &mut tokio::signal::unix::Signal,
-) {
-    systemd::notify("STOPPING=1");
-    {
-        let mut sh = shard.borrow_mut();
-        sh.draining = true;
-        sh.server.set_accepting(false);
-    }
-    let deadline = tokio::time::Instant::now() + timeout;
-    tracing::info!(allocations = shard.borrow().server.allocation_count(), timeout_s = timeout.as_secs(), "draining: no new allocations; send SIGTERM again to stop now");
-    let mut check = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("second signal: stopping now"); break; }
-            _ = int.recv() => { tracing::info!("second signal: stopping now"); break; }
-            _ = tokio::time::sleep_until(deadline) => { tracing::info!("drain timeout reached"); break; }
-            _ = check.tick() => {
-                if shard.borrow().server.allocation_count() == 0 {
-                    tracing::info!("all allocations ended");
-                    break;
-                }
-            }
-        }
-    }
-    tracing::info!(allocations = shard.borrow().server.allocation_count(), "shutting down");
 }
 
 #[cfg(test)]

@@ -27,7 +27,52 @@ fn mtime(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-fn load_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
+/// What a PEM file holds, by the labels of its sections.
+fn pem_labels(text: &str) -> Vec<&str> {
+    text.lines().filter_map(|l| l.trim().strip_prefix("-----BEGIN ")?.strip_suffix("-----")).collect()
+}
+
+/// Why a file that should be PEM is not usable, in an operator's words.
+fn pem_trouble(path: &Path, want_key: bool) -> Option<String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => return Some(format!("cannot read {}: {e}", path.display())),
+    };
+    let what = if want_key { "private key" } else { "certificate" };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Some(format!("{} is empty", path.display()));
+    }
+    if bytes.first() == Some(&0x30) {
+        let conv = if want_key { "openssl pkey -inform der -in FILE -out FILE.pem" } else { "openssl x509 -inform der -in FILE -out FILE.pem" };
+        return Some(format!("{} is DER, not PEM: convert it ({conv})", path.display()));
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let labels = pem_labels(&text);
+    let is_key = |l: &&str| l.ends_with("PRIVATE KEY");
+    if labels.is_empty() {
+        return Some(format!("{} holds no PEM {what} (no -----BEGIN line)", path.display()));
+    }
+    if labels.iter().any(|l| *l == "ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Some(format!(
+            "{} is encrypted with a passphrase; turnd needs the key unencrypted (openssl pkey -in FILE -out FILE.plain), readable only by turnd",
+            path.display()
+        ));
+    }
+    match (want_key, labels.iter().any(is_key), labels.contains(&"CERTIFICATE")) {
+        (true, false, true) => Some(format!("{} holds a certificate, not a private key: are tls.cert and tls.key swapped?", path.display())),
+        (false, true, false) => Some(format!("{} holds a private key, not a certificate: are tls.cert and tls.key swapped?", path.display())),
+        (true, false, false) => Some(format!("{} holds no PEM private key (found {})", path.display(), labels.join(", "))),
+        (false, _, false) => Some(format!("{} holds no PEM certificate (found {})", path.display(), labels.join(", "))),
+        _ => None,
+    }
+}
+
+/// Loads a certificate chain and its key, checking that they belong together.
+/// Errors say what is wrong with which file.
+pub fn load_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
+    if let Some(t) = pem_trouble(cert, false).or_else(|| pem_trouble(key, true)) {
+        return Err(anyhow!(t));
+    }
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("cannot read certificate {}", cert.display()))?
         .collect::<Result<_, _>>()
@@ -36,7 +81,17 @@ fn load_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> anyhow::Resul
         return Err(anyhow!("certificate {} holds no PEM certificate", cert.display()));
     }
     let der = PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow!("private key {}: {e}", key.display()))?;
-    CertifiedKey::from_der(chain, der, provider).map_err(|e| anyhow!("certificate {} and key {}: {e}", cert.display(), key.display()))
+    CertifiedKey::from_der(chain, der, provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            anyhow!("the private key {} does not belong to the certificate {}", key.display(), cert.display())
+        }
+        e => anyhow!("certificate {} and key {}: {e}", cert.display(), key.display()),
+    })
+}
+
+/// The leaf certificate's expiry (unix seconds), if it can be read.
+pub fn not_after(ck: &CertifiedKey) -> Option<i64> {
+    ck.cert.first().and_then(|c| crate::client::cert::CertInfo::parse(c.as_ref())).map(|i| i.not_after)
 }
 
 impl CertStore {
@@ -60,14 +115,21 @@ impl CertStore {
         self.paths() == (cert.to_owned(), key.to_owned())
     }
 
-    /// Points at other files (config reload) and loads them; on error the
-    /// current certificate and paths stay.
-    pub fn set_paths(&self, cert: &Path, key: &Path) -> anyhow::Result<()> {
-        let ck = load_key(cert, key, &self.provider)?;
+    /// Loads other files (a reload), without installing them yet.
+    pub fn load_other(&self, cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
+        load_key(cert, key, &self.provider)
+    }
+
+    /// Serves `ck`, loaded by [`CertStore::load_other`] from these files, from now on.
+    pub fn install(&self, cert: &Path, key: &Path, ck: CertifiedKey) {
         *self.paths.lock().unwrap_or_else(|e| e.into_inner()) = (cert.to_owned(), key.to_owned());
         *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = mtime(cert).zip(mtime(key));
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ck);
-        Ok(())
+    }
+
+    /// The certificate being served.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Loads the files again. On error the current certificate keeps serving.

@@ -1,0 +1,207 @@
+//! What a start checks before it serves, and all that `--check-config` does:
+//! the certificate and key load and belong together, listen, metrics and
+//! relay addresses belong to this host and their ports are free. Errors name
+//! the key at fault, so a start and a check fail the same way (exit 2).
+
+use std::net::{IpAddr, SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{Config, ConfigError};
+
+/// Certificates that expire within this many days get a warning.
+pub const CERT_WARN_DAYS: i64 = 14;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    /// Before a start: a busy port is an error whoever holds it.
+    Start,
+    /// `--check-config`: a port held by a running turnd is expected (the
+    /// check before a reload), and only noted.
+    Check,
+}
+
+fn bad(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), msg: msg.into() }
+}
+
+/// Runs every check; returns notes for the log (warnings that do not stop turnd).
+pub fn check(cfg: &Config, mode: Mode, now_unix: i64) -> Result<Vec<String>, ConfigError> {
+    let mut notes = Vec::new();
+    if let Some(t) = &cfg.tls {
+        let provider = rustls::crypto::ring::default_provider();
+        let ck = super::tls::load_key(&t.cert, &t.key, &provider).map_err(|e| bad("tls", format!("{e:#}")))?;
+        notes.extend(expiry_note(super::tls::not_after(&ck), now_unix, &t.cert));
+    }
+    for (key, relay) in [("relay.ip", cfg.relay_v4), ("relay.ipv6", cfg.relay_v6)] {
+        if let Some(r) = relay {
+            check_relay_ip(key, r.local)?;
+        }
+    }
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let key = format!("listen[{i}].address");
+        notes.extend(check_bind(&key, l.address, l.transport.is_stream(), mode)?);
+    }
+    if let Some(m) = cfg.metrics_listen {
+        notes.extend(check_bind("metrics.listen", m, true, mode)?);
+    }
+    Ok(notes)
+}
+
+/// A note when the certificate has expired or expires within CERT_WARN_DAYS.
+pub fn expiry_note(not_after: Option<i64>, now_unix: i64, cert: &std::path::Path) -> Option<String> {
+    let end = not_after?;
+    let date = crate::client::cert::format_date(end);
+    if end <= now_unix {
+        Some(format!("tls.cert: {} expired on {date}: browsers refuse turns: until it is renewed", cert.display()))
+    } else if end - now_unix < CERT_WARN_DAYS * 86_400 {
+        let days = (end - now_unix) / 86_400;
+        Some(format!("tls.cert: {} expires on {date} (in {days} days): renew it (turnd picks up renewed files by itself)", cert.display()))
+    } else {
+        None
+    }
+}
+
+/// The relay address must be one of this host's: sockets bind to it.
+pub fn check_relay_ip(key: &str, ip: IpAddr) -> Result<(), ConfigError> {
+    match probe(SocketAddr::new(ip, 0), false) {
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Err(bad(
+            key,
+            format!(
+                "{ip} is not an address of this host, so no relay socket can bind to it (behind 1:1 NAT, set it to the private address and relay.external_ip to the public one)"
+            ),
+        )),
+        Err(e) => Err(bad(key, format!("cannot open a socket on {ip}: {e}"))),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Binds `addr` as the listener would, and lets go at once.
+fn probe(addr: SocketAddr, stream: bool) -> std::io::Result<()> {
+    let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let s = if stream {
+        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        s
+    } else {
+        Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?
+    };
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())
+}
+
+fn check_bind(key: &str, addr: SocketAddr, stream: bool, mode: Mode) -> Result<Option<String>, ConfigError> {
+    match probe(addr, stream) {
+        Ok(()) => Ok(None),
+        Err(e) => bind_problem(key, addr, stream, &e, mode).map(Some),
+    }
+}
+
+/// Why `addr` could not be bound, naming `key`, for a start or a reload.
+pub fn bind_error(key: &str, addr: SocketAddr, stream: bool, e: &std::io::Error, mode: Mode) -> ConfigError {
+    match bind_problem(key, addr, stream, e, mode) {
+        Err(e) => e,
+        Ok(note) => bad(key, note),
+    }
+}
+
+/// An error for a bind that failed, or (for `--check-config` only) a note
+/// when a running turnd holds the port.
+fn bind_problem(key: &str, addr: SocketAddr, stream: bool, e: &std::io::Error, mode: Mode) -> Result<String, ConfigError> {
+    let proto = if stream { "TCP" } else { "UDP" };
+    match e.raw_os_error() {
+        Some(libc::EADDRNOTAVAIL) => Err(bad(key, format!("{} is not an address of this host", addr.ip()))),
+        Some(libc::EACCES) if addr.port() < 1024 => {
+            Err(bad(key, format!("{proto} {addr}: ports below 1024 need root or CAP_NET_BIND_SERVICE")))
+        }
+        Some(libc::EADDRINUSE) => match port_owner(stream, addr.port()) {
+            Some((pid, _)) if pid == std::process::id() => Err(bad(
+                key,
+                format!("{proto} {addr} overlaps a listener this turnd already has on port {} (a restart applies this change)", addr.port()),
+            )),
+            Some((pid, name)) if name == "turnd" && mode == Mode::Check => {
+                Ok(format!("{key}: {proto} {addr} is held by a running turnd (pid {pid}); a reload keeps it"))
+            }
+            Some((pid, name)) => Err(bad(key, format!("{proto} {addr} is in use by {name} (pid {pid})"))),
+            None => Err(bad(key, format!("{proto} {addr} is in use by another program"))),
+        },
+        _ => Err(bad(key, format!("cannot bind {proto} {addr}: {e}"))),
+    }
+}
+
+/// The process holding a socket bound to local `port` (TCP listening or UDP),
+/// from /proc: the socket's inode in /proc/net, then the process whose
+/// descriptors include it. `None` when it cannot be seen (another user's
+/// process without root, another network namespace).
+pub fn port_owner(stream: bool, port: u16) -> Option<(u32, String)> {
+    let tables: &[&str] = if stream { &["/proc/net/tcp", "/proc/net/tcp6"] } else { &["/proc/net/udp", "/proc/net/udp6"] };
+    let mut inodes = Vec::new();
+    for t in tables {
+        let Ok(text) = std::fs::read_to_string(t) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... inode (field 9)
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else { continue };
+            let Some(p) = local.rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok()) else { continue };
+            // TCP: only listening sockets (state 0A) hold a listener's port.
+            if p == port && (!stream || *state == "0A") && *inode != "0" {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc_entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+            if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                let name = std::fs::read_to_string(proc_entry.path().join("comm")).unwrap_or_default().trim().to_owned();
+                return Some((pid, if name.is_empty() { "another program".into() } else { name }));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_port_names_its_owner() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (pid, _name) = port_owner(true, addr.port()).expect("our own listener is found");
+        assert_eq!(pid, std::process::id());
+        let e = check_bind("metrics.listen", addr, true, Mode::Start).unwrap_err();
+        assert_eq!(e.key, "metrics.listen");
+        // Held by this very process: a listener of ours.
+        assert!(e.msg.contains("overlaps a listener"), "{}", e.msg);
+        drop(l);
+        assert_eq!(check_bind("metrics.listen", addr, true, Mode::Start).unwrap(), None);
+    }
+
+    #[test]
+    fn an_address_not_on_this_host_is_refused() {
+        // 198.18.0.0/15 (benchmarking) is on no interface of a test machine.
+        let ip: IpAddr = "198.19.255.254".parse().unwrap();
+        let e = check_relay_ip("relay.ip", ip).unwrap_err();
+        assert!(e.msg.contains("not an address of this host"), "{}", e.msg);
+        let e = check_bind("listen[0].address", SocketAddr::new(ip, 3478), false, Mode::Check).unwrap_err();
+        assert!(e.msg.contains("not an address of this host"), "{}", e.msg);
+        assert!(check_relay_ip("relay.ip", "127.0.0.1".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn expiry_notes() {
+        let p = std::path::Path::new("c.pem");
+        assert!(expiry_note(Some(1000), 2000, p).unwrap().contains("expired"));
+        assert!(expiry_note(Some(2000 + 3 * 86_400), 2000, p).unwrap().contains("in 3 days"));
+        assert_eq!(expiry_note(Some(2000 + 30 * 86_400), 2000, p), None);
+    }
+}
