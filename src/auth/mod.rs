@@ -104,6 +104,11 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// See [`NonceKey::subkey`].
+    pub fn subkey(&self, label: &[u8]) -> [u8; 16] {
+        self.nonce.subkey(label)
+    }
+
     pub fn new(realm: &str, secrets: Vec<Vec<u8>>, static_users: &[(String, String)], nonce: NonceKey) -> Self {
         let static_keys =
             static_users.iter().map(|(u, p)| (u.clone(), long_term_key(u, realm, p))).collect();

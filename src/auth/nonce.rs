@@ -33,6 +33,13 @@ impl NonceKey {
         full[..8].try_into().expect("8 of 32 bytes")
     }
 
+    /// A 16-byte key for another keyed function (a hash table's), derived
+    /// from this one and `label`, so tests and fuzzing that fix the nonce
+    /// key fix it too.
+    pub fn subkey(&self, label: &[u8]) -> [u8; 16] {
+        hmac_sha256(&self.key, &[b"subkey", label])[..16].try_into().expect("16 of 32 bytes")
+    }
+
     /// A keyed 8-byte tag over `parts`, domain-separated from nonces.
     pub fn token(&self, parts: &[&[u8]]) -> [u8; 8] {
         let mut all: Vec<&[u8]> = vec![b"reservation-token"];

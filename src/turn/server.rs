@@ -318,7 +318,7 @@ fn within_budget(
 
 impl Server {
     pub fn new(cfg: ServerConfig, auth: Authenticator, policy: PeerPolicy) -> Self {
-        let cfg_unauth_rate = cfg.unauth_rate;
+        let unauth = RateLimiter::new(cfg.unauth_rate, auth.subkey(b"unauth-rate"));
         Server {
             cfg,
             auth,
@@ -330,7 +330,7 @@ impl Server {
             reservations: HashMap::new(),
             accepting: true,
             data_tid: 0,
-            unauth: RateLimiter::new(cfg_unauth_rate),
+            unauth,
             sweep_at: 0,
             total_to_peer: Bucket::new(),
             total_from_peer: Bucket::new(),
@@ -342,7 +342,7 @@ impl Server {
     /// new limits apply to new requests.
     pub fn reconfigure(&mut self, cfg: ServerConfig, auth: Authenticator, policy: PeerPolicy) {
         if cfg.unauth_rate != self.unauth.rate() {
-            self.unauth = RateLimiter::new(cfg.unauth_rate);
+            self.unauth = RateLimiter::new(cfg.unauth_rate, auth.subkey(b"unauth-rate"));
         }
         self.cfg = cfg;
         self.auth = auth;
