@@ -1,7 +1,7 @@
 //! The client side of TLS: which roots to trust, a verifier that records what
 //! the server presented and what verification said about it, and the few
-//! facts an operator wants from a certificate (names, expiry), read with a
-//! minimal DER walk.
+//! facts an operator wants from a certificate (names, expiry), read with
+//! x509-parser.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -195,171 +195,56 @@ pub struct CertInfo {
     pub self_signed: bool,
 }
 
-const SEQUENCE: u8 = 0x30;
-const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
-const OID_SAN: &[u8] = &[0x55, 0x1D, 0x11];
 
 impl CertInfo {
-    /// Reads the TBSCertificate of an X.509 certificate (RFC 5280 4.1):
-    /// issuer, validity, subject and the subjectAltName extension. `None`
-    /// when the DER does not have that shape.
+    /// Reads an X.509 certificate (DER): issuer and subject common names,
+    /// validity and the subjectAltName's DNS names and IP addresses. `None`
+    /// when it does not parse.
     pub fn parse(der: &[u8]) -> Option<CertInfo> {
-        let (SEQUENCE, cert, _) = tlv(der)? else { return None };
-        let (SEQUENCE, tbs, _) = tlv(cert)? else { return None };
-        let (mut tag, _, mut rest) = tlv(tbs)?;
-        if tag == 0xA0 {
-            // explicit [0] version; the serial number follows
-            (tag, _, rest) = tlv(rest)?;
-        }
-        if tag != 0x02 {
-            return None;
-        }
-        let (SEQUENCE, _signature, rest) = tlv(rest)? else { return None };
-        let (SEQUENCE, issuer, rest) = tlv(rest)? else { return None };
-        let (SEQUENCE, validity, rest) = tlv(rest)? else { return None };
-        let (SEQUENCE, subject, rest) = tlv(rest)? else { return None };
-        let (SEQUENCE, _spki, mut rest) = tlv(rest)? else { return None };
-        let (t1, v1, after) = tlv(validity)?;
-        let (t2, v2, _) = tlv(after)?;
-        let mut info = CertInfo {
-            subject_cn: name_cn(subject),
-            issuer_cn: name_cn(issuer),
-            names: Vec::new(),
-            not_before: der_time(t1, v1)?,
-            not_after: der_time(t2, v2)?,
-            self_signed: issuer == subject,
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let cn = |name: &x509_parser::x509::X509Name<'_>| name.iter_common_name().next().and_then(|a| a.as_str().ok()).map(str::to_owned);
+        let names = match cert.subject_alternative_name() {
+            Ok(Some(san)) => san
+                .value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DNSName(d) => Some((*d).to_owned()),
+                    GeneralName::IPAddress(b) => match b.len() {
+                        4 => Some(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()),
+                        16 => <[u8; 16]>::try_from(*b).ok().map(|b| std::net::Ipv6Addr::from(b).to_string()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
         };
-        while let Some((tag, v, r)) = tlv(rest) {
-            if tag == 0xA3 {
-                info.names = san_names(v).unwrap_or_default();
-            }
-            rest = r;
-        }
-        Some(info)
+        Some(CertInfo {
+            subject_cn: cn(cert.subject()),
+            issuer_cn: cn(cert.issuer()),
+            names,
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+            self_signed: cert.subject().as_raw() == cert.issuer().as_raw(),
+        })
     }
 }
 
-/// One DER element: (tag, value, what follows).
-fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = b.split_first()?;
-    let (&l0, rest) = rest.split_first()?;
-    let (len, rest) = if l0 < 0x80 {
-        (l0 as usize, rest)
-    } else {
-        let n = (l0 & 0x7F) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        (rest[..n].iter().fold(0usize, |a, &b| a << 8 | b as usize), &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
-}
-
-/// The first commonName in a Name (SEQUENCE OF SET OF AttributeTypeAndValue).
-fn name_cn(mut name: &[u8]) -> Option<String> {
-    while let Some((_, mut set, rest)) = tlv(name) {
-        while let Some((_, atv, more)) = tlv(set) {
-            let (tag, oid, after) = tlv(atv)?;
-            if tag == 0x06 && oid == OID_CN {
-                let (_, v, _) = tlv(after)?;
-                return Some(String::from_utf8_lossy(v).into_owned());
-            }
-            set = more;
-        }
-        name = rest;
-    }
-    None
-}
-
-/// DNS names and IP addresses of the subjectAltName extension, given the
-/// value of the [3] extensions wrapper.
-fn san_names(wrapper: &[u8]) -> Option<Vec<String>> {
-    let (SEQUENCE, mut exts, _) = tlv(wrapper)? else { return None };
-    while let Some((_, ext, rest)) = tlv(exts) {
-        let (_, oid, after) = tlv(ext)?;
-        let (mut tag, mut value, after) = tlv(after)?;
-        if tag == 0x01 {
-            // the critical flag
-            (tag, value, _) = tlv(after)?;
-        }
-        if oid == OID_SAN && tag == 0x04 {
-            let (SEQUENCE, mut names, _) = tlv(value)? else { return None };
-            let mut out = Vec::new();
-            while let Some((tag, v, more)) = tlv(names) {
-                match (tag, v.len()) {
-                    (0x82, _) => out.push(String::from_utf8_lossy(v).into_owned()),
-                    (0x87, 4) => out.push(std::net::Ipv4Addr::new(v[0], v[1], v[2], v[3]).to_string()),
-                    (0x87, 16) => {
-                        let b: [u8; 16] = v.try_into().ok()?;
-                        out.push(std::net::Ipv6Addr::from(b).to_string());
-                    }
-                    _ => {}
-                }
-                names = more;
-            }
-            return Some(out);
-        }
-        exts = rest;
-    }
-    Some(Vec::new())
-}
-
-/// UTCTime (YYMMDDHHMMSSZ) or GeneralizedTime (YYYYMMDDHHMMSSZ) as unix seconds.
-fn der_time(tag: u8, v: &[u8]) -> Option<i64> {
-    let s = std::str::from_utf8(v).ok()?;
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let t = s.get(r)?;
-        if t.bytes().all(|b| b.is_ascii_digit()) { t.parse().ok() } else { None }
-    };
-    let (year, at) = match tag {
-        0x17 if s.len() == 13 => {
-            let yy = num(0..2)?;
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, 2)
-        }
-        0x18 if s.len() == 15 => (num(0..4)?, 4),
-        _ => return None,
-    };
-    if !s.ends_with('Z') {
-        return None;
-    }
-    let (mo, d, h, mi, sec) = (num(at..at + 2)?, num(at + 2..at + 4)?, num(at + 4..at + 6)?, num(at + 6..at + 8)?, num(at + 8..at + 10)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    Some(days_from_civil(year, mo, d) * 86400 + h * 3600 + mi * 60 + sec)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+fn utc(unix: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 /// `YYYY-MM-DD` of a unix time (UTC).
 pub fn format_date(unix: i64) -> String {
-    let z = unix.div_euclid(86400) + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02}")
+    utc(unix).date().to_string()
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` of a unix time.
 pub fn format_timestamp(unix: i64) -> String {
-    let t = unix.rem_euclid(86400);
-    format!("{}T{:02}:{:02}:{:02}Z", format_date(unix), t / 3600, t % 3600 / 60, t % 60)
+    let t = utc(unix);
+    format!("{}T{:02}:{:02}:{:02}Z", t.date(), t.hour(), t.minute(), t.second())
 }
 
 #[cfg(test)]
@@ -367,11 +252,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn civil_dates() {
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
-        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
-        assert_eq!(days_from_civil(2024, 2, 29), 19_782);
-        assert_eq!(days_from_civil(1969, 12, 31), -1);
+    fn dates() {
         for (unix, s) in [(0, "1970-01-01"), (19_782 * 86400 + 5, "2024-02-29"), (-1, "1969-12-31"), (4_102_444_800, "2100-01-01")] {
             assert_eq!(format_date(unix), s);
         }
@@ -380,22 +261,25 @@ mod tests {
     }
 
     #[test]
-    fn times() {
-        assert_eq!(der_time(0x17, b"700101000000Z"), Some(0));
-        assert_eq!(der_time(0x17, b"491231235959Z"), Some(days_from_civil(2049, 12, 31) * 86400 + 86399));
-        assert_eq!(der_time(0x18, b"20500101000000Z"), Some(days_from_civil(2050, 1, 1) * 86400));
-        assert_eq!(der_time(0x17, b"7001010000Z"), None);
-        assert_eq!(der_time(0x17, b"701301000000Z"), None);
-    }
-
-    #[test]
-    fn long_lengths() {
-        let mut v = vec![0x04, 0x82, 0x01, 0x00];
-        v.extend(std::iter::repeat_n(7u8, 256));
-        v.push(0xFF);
-        let (t, val, rest) = tlv(&v).unwrap();
-        assert_eq!((t, val.len(), rest), (0x04, 256, &[0xFF][..]));
-        assert!(tlv(&[0x04, 0x05, 1, 2]).is_none());
-        assert!(tlv(&[0x04, 0x80]).is_none());
+    fn reads_a_certificate() {
+        let dir = std::env::temp_dir().join(format!("turnd-certinfo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3", "-outform", "der"])
+            .arg("-keyout")
+            .arg(dir.join("k.pem"))
+            .arg("-out")
+            .arg(dir.join("c.der"))
+            .args(["-subj", "/CN=turn.example.com", "-addext", "subjectAltName=DNS:turn.example.com,IP:192.0.2.7,IP:2001:db8::7"])
+            .output()
+            .expect("openssl");
+        assert!(out.status.success());
+        let info = CertInfo::parse(&std::fs::read(dir.join("c.der")).unwrap()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(info.subject_cn.as_deref(), Some("turn.example.com"));
+        assert!(info.self_signed);
+        assert_eq!(info.names, ["turn.example.com", "192.0.2.7", "2001:db8::7"]);
+        assert!((info.not_after - info.not_before - 3 * 86400).abs() <= 1);
+        assert!(CertInfo::parse(b"not a certificate").is_none());
     }
 }

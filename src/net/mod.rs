@@ -468,38 +468,15 @@ fn peer_policy(cfg: &Config) -> crate::turn::PeerPolicy {
     cfg.peer_policy().with_host_ips(host_addresses())
 }
 
-/// The host's interface addresses (getifaddrs); empty if it fails.
+/// The host's interface addresses; empty if they cannot be read.
 fn host_addresses() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        tracing::warn!("cannot list the host's addresses: {}", std::io::Error::last_os_error());
-        return out;
-    }
-    let mut p = head;
-    while !p.is_null() {
-        // SAFETY: p walks the list getifaddrs returned; ifa_addr may be null.
-        let ifa = unsafe { &*p };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: the family says which sockaddr type ifa_addr points at.
-            match unsafe { (*ifa.ifa_addr).sa_family } as libc::c_int {
-                libc::AF_INET => {
-                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                    out.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
-                }
-                libc::AF_INET6 => {
-                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                    out.push(IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
-                }
-                _ => {}
-            }
+    match if_addrs::get_if_addrs() {
+        Ok(list) => list.into_iter().map(|i| i.ip()).collect(),
+        Err(e) => {
+            tracing::warn!("cannot list the host's addresses: {e}");
+            Vec::new()
         }
-        p = ifa.ifa_next;
     }
-    // SAFETY: head came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    out
 }
 
 /// Steps per second of the expiry sweep.
