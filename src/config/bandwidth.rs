@@ -2,7 +2,7 @@
 //! "1 Gbit/s" (bits per second, decimal prefixes, as links are sold), or 0
 //! for no limit.
 
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::Deserializer;
 use serde::Deserialize;
 
 /// A bandwidth in bits per second; 0 means unlimited.
@@ -62,23 +62,7 @@ impl std::str::FromStr for Bandwidth {
 
 impl<'de> Deserialize<'de> for Bandwidth {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Bandwidth;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a bandwidth such as \"50 Mbit/s\", or 0 for no limit")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Bandwidth, E> {
-                if v == 0 { Ok(Bandwidth(0)) } else { Err(E::custom("give a unit, e.g. \"50 Mbit/s\" (0 alone means no limit)")) }
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Bandwidth, E> {
-                self.visit_i64(v as i64)
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Bandwidth, E> {
-                v.parse().map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
+        super::text_or_number(d, "a bandwidth such as \"50 Mbit/s\", or 0 for no limit")
     }
 }
 

@@ -1,6 +1,6 @@
 //! Durations in the config: a number of seconds, or a string like "90s", "10m", "24h", "7d".
 
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::Deserializer;
 use serde::Deserialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,23 +26,7 @@ impl std::str::FromStr for Seconds {
 
 impl<'de> Deserialize<'de> for Seconds {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Seconds;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("seconds, or a string such as \"10m\" or \"24h\"")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seconds, E> {
-                u64::try_from(v).map(Seconds).map_err(|_| E::custom("must not be negative"))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seconds, E> {
-                Ok(Seconds(v))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Seconds, E> {
-                v.parse().map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
+        super::text_or_number(d, "seconds, or a string such as \"10m\" or \"24h\"")
     }
 }
 

@@ -18,6 +18,32 @@ pub use duration::Seconds;
 use crate::turn::RelayAddr;
 use crate::turn::{Cidr, PeerPolicy, ServerConfig, Transport};
 
+/// Deserializes a value written as a string or a bare number (`90`, "90s",
+/// "50 Mbit/s", 0) through its `FromStr`, which says what is wrong.
+fn text_or_number<'de, D, T>(d: D, expecting: &'static str) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    struct V<T>(&'static str, std::marker::PhantomData<T>);
+    impl<T: std::str::FromStr<Err = String>> serde::de::Visitor<'_> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
+            v.to_string().parse().map_err(E::custom)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
+            v.to_string().parse().map_err(E::custom)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+            v.parse().map_err(E::custom)
+        }
+    }
+    d.deserialize_any(V(expecting, std::marker::PhantomData))
+}
+
 /// An error that names the configuration key at fault.
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {msg}")]
