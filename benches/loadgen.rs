@@ -38,11 +38,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 use turnd::auth::{rest_password, rest_username};
+use turnd::net::batch::{from_storage, to_storage};
 use turnd::stun::integrity::long_term_key;
 use turnd::stun::{attr, frame_len, method, ChannelData, Class, FrameLen, Message, MessageWriter};
 
@@ -288,7 +287,7 @@ impl Mmsg {
     }
 
     fn addr(&self, i: usize) -> Option<SocketAddr> {
-        sockaddr_to_std(&self.addrs[i], self.hdrs[i].msg_hdr.msg_namelen)
+        from_storage(&self.addrs[i])
     }
 
     /// Receives up to `slots()` datagrams (with their source addresses if `with_addr`).
@@ -323,7 +322,7 @@ impl Mmsg {
         let h = &mut self.hdrs[i];
         match to {
             Some(a) => {
-                let l = std_to_sockaddr(a, &mut self.addrs[i]);
+                let l = to_storage(a, &mut self.addrs[i]);
                 h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
                 h.msg_hdr.msg_namelen = l;
             }
@@ -435,43 +434,6 @@ fn same_addr(a: &libc::sockaddr_storage, b: &libc::sockaddr_storage, len: usize)
     let a = unsafe { std::slice::from_raw_parts((a as *const libc::sockaddr_storage).cast::<u8>(), len) };
     let b = unsafe { std::slice::from_raw_parts((b as *const libc::sockaddr_storage).cast::<u8>(), len) };
     a == b
-}
-
-fn sockaddr_to_std(s: &libc::sockaddr_storage, len: u32) -> Option<SocketAddr> {
-    match s.ss_family as i32 {
-        libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
-            let a: &libc::sockaddr_in = unsafe { &*(s as *const _ as *const libc::sockaddr_in) };
-            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::new(ip.into(), u16::from_be(a.sin_port)))
-        }
-        libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
-            let a: &libc::sockaddr_in6 = unsafe { &*(s as *const _ as *const libc::sockaddr_in6) };
-            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::new(ip.into(), u16::from_be(a.sin6_port)))
-        }
-        _ => None,
-    }
-}
-
-fn std_to_sockaddr(a: SocketAddr, s: &mut libc::sockaddr_storage) -> u32 {
-    match a {
-        SocketAddr::V4(v4) => {
-            let sin: &mut libc::sockaddr_in = unsafe { &mut *(s as *mut _ as *mut libc::sockaddr_in) };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = v4.port().to_be();
-            sin.sin_addr = libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() };
-            size_of::<libc::sockaddr_in>() as u32
-        }
-        SocketAddr::V6(v6) => {
-            let sin6: &mut libc::sockaddr_in6 = unsafe { &mut *(s as *mut _ as *mut libc::sockaddr_in6) };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = v6.port().to_be();
-            sin6.sin6_addr = libc::in6_addr { s6_addr: v6.ip().octets() };
-            sin6.sin6_flowinfo = 0;
-            sin6.sin6_scope_id = v6.scope_id();
-            size_of::<libc::sockaddr_in6>() as u32
-        }
-    }
 }
 
 struct Epoll {
@@ -689,53 +651,10 @@ impl Drop for Peer {
     }
 }
 
-// ---------------------------------------------------------------------------
-// TLS without certificate checks (a benchmark talks to a self-signed server)
-
-#[derive(Debug)]
-struct AcceptAnyCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
+/// TLS without certificate checks (a benchmark talks to a self-signed
+/// server): the client side turnctl check uses, in its insecure mode.
 fn tls_config() -> Result<Arc<ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"stun.turn".to_vec()];
-    Ok(Arc::new(cfg))
+    turnd::client::cert::client_config(None, true).map(|(cfg, _)| cfg).map_err(|e| anyhow!(e))
 }
 
 // ---------------------------------------------------------------------------

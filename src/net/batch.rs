@@ -14,7 +14,8 @@ pub const SLOT: usize = 2048;
 /// Room in front of relayed data for the Data indication header.
 pub const HEADROOM: usize = 64;
 
-fn to_storage(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+/// Writes `addr` as the kernel's sockaddr for sendmsg; returns its length.
+pub fn to_storage(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
     match addr {
         SocketAddr::V4(a) => {
             // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
@@ -37,7 +38,8 @@ fn to_storage(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::sockl
     }
 }
 
-fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+/// Reads the address the kernel wrote (recvmsg); `None` for another family.
+pub fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match s.ss_family as libc::c_int {
         libc::AF_INET => {
             // SAFETY: the kernel wrote a sockaddr_in for AF_INET.
