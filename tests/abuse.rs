@@ -65,7 +65,7 @@ fn feed_any(c: &mut Core, t: turnd::turn::FiveTuple, bytes: &[u8]) -> Did {
     match c.server.handle_client(t, bytes, c.now, &mut c.out, &mut c.relays) {
         Output::None => Did::Nothing,
         Output::Reply(b) => Did::Reply(Resp { bytes: b.to_vec() }),
-        Output::Relay { relay, peer, data } => Did::Relay(relay, peer, data.to_vec()),
+        Output::Relay { relay, peer, data, .. } => Did::Relay(relay, peer, data.to_vec()),
     }
 }
 

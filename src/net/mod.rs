@@ -107,7 +107,12 @@ impl Shard {
                 }
                 l.out.commit(n, from);
             }
-            Output::Relay { relay, peer, data } => {
+            Output::Relay { relay, peer, data, dont_fragment: true } => {
+                // DF asked for this datagram alone: after what is queued, on its own.
+                let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+                *send_failures += dropped as u64 + !relays.send(relay, peer, data, true) as u64;
+            }
+            Output::Relay { relay, peer, data, .. } => {
                 if to_peers.is_full() {
                     let (_, dropped) = to_peers.flush(|id| relays.fd(id));
                     *send_failures += dropped as u64;
@@ -190,8 +195,8 @@ impl Shard {
                 Some(Some(out)) if out.push(b) => {}
                 _ => *send_failures += 1,
             },
-            Output::Relay { relay, peer, data } => {
-                if !relays.send(relay, peer, data) {
+            Output::Relay { relay, peer, data, dont_fragment } => {
+                if !relays.send(relay, peer, data, dont_fragment) {
                     *send_failures += 1;
                 }
             }
