@@ -285,3 +285,82 @@ fn wire_dont_fragment_is_not_fragmented() {
     assert_eq!(sizes_until(&rx, 1000, Duration::from_secs(5)), vec![1000], "an allocation with DONT-FRAGMENT sends nothing fragmented");
     assert!(server.metric("turnd_dropped_packets_total{reason=\"send_failed\"}") >= 2.0, "the refused sends are counted");
 }
+
+// ---------------------------------------------------------------------------
+// Half-close after pipelining
+
+/// 1,000 Binding requests back to back, as one write.
+fn pipelined_bindings(n: usize) -> Vec<u8> {
+    let mut all = Vec::new();
+    for i in 0..n {
+        let mut tid = [0u8; 12];
+        tid[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        all.extend(build(method::BINDING, Class::Request, tid, &[], None, false));
+    }
+    all
+}
+
+/// Counts the Binding answers in a byte stream read to its end.
+fn count_answers(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    let mut n = 0;
+    while let turnd::stun::FrameLen::Complete(len) = turnd::stun::frame_len(&bytes[at..]) {
+        if Message::parse(&bytes[at..at + len]).is_ok_and(|m| m.method() == method::BINDING && m.class() == Class::Success) {
+            n += 1;
+        }
+        at += len;
+    }
+    n
+}
+
+/// Reads until the server closes (bounded: 10 s).
+fn read_to_close(r: &mut dyn std::io::Read) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        match r.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(k) => got.extend_from_slice(&chunk[..k]),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("read: {e} after {} bytes", got.len()),
+        }
+    }
+    got
+}
+
+#[test]
+fn wire_tcp_half_close_after_pipelining_gets_every_answer() {
+    use std::io::Write;
+    let server = Turnd::start_all("");
+    for _round in 0..3 {
+        let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&pipelined_bindings(1000)).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let got = read_to_close(&mut s);
+        assert_eq!(count_answers(&got), 1000, "every pipelined request answered before the close");
+    }
+}
+
+#[test]
+fn wire_tls_close_notify_after_pipelining_gets_every_answer() {
+    use std::io::Write;
+    let server = Turnd::start_all("");
+    let addr: SocketAddr = format!("127.0.0.1:{}", server.tls_port).parse().unwrap();
+    for _round in 0..3 {
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let conn = rustls::ClientConnection::new(wire::insecure_tls_config(), "localhost".try_into().unwrap()).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(&pipelined_bindings(1000)).unwrap();
+        tls.conn.send_close_notify();
+        tls.flush().unwrap();
+        while tls.conn.wants_write() {
+            tls.conn.write_tls(&mut tls.sock).unwrap();
+        }
+        tls.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        let got = read_to_close(&mut tls);
+        assert_eq!(count_answers(&got), 1000, "every pipelined request answered before the close");
+    }
+}

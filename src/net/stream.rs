@@ -68,10 +68,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, out: Rc<StreamOut>) -> std
     let mut pending = Vec::new();
     loop {
         out.notify.notified().await;
-        if out.closed.get() {
-            let _ = wr.shutdown().await;
-            return Ok(());
-        }
+        // Everything queued goes out, also after close (answers to what the
+        // client sent before it half-closed); then the write side shuts.
+        let closed = out.closed.get();
         std::mem::swap(&mut pending, &mut *out.buf.borrow_mut());
         if out.per_message {
             let mut at = 0;
@@ -86,6 +85,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, out: Rc<StreamOut>) -> std
         pending.clear();
         if pending.capacity() > 4 * READ_CHUNK {
             pending.shrink_to(READ_CHUNK);
+        }
+        if closed {
+            let _ = wr.shutdown().await;
+            return Ok(());
         }
     }
 }
@@ -153,9 +156,23 @@ pub(super) async fn serve<S: AsyncRead + AsyncWrite>(
     idle: Duration,
 ) {
     let (rd, wr) = tokio::io::split(stream);
+    let write = write_loop(wr, out.clone());
+    tokio::pin!(write);
     let result = tokio::select! {
-        r = read_loop(rd, &shard, tuple, idle) => r,
-        r = write_loop(wr, out.clone()) => r,
+        r = read_loop(rd, &shard, tuple, idle) => match r {
+            // The client closed its side (or idled out): every message it
+            // sent has been handled; send the answers queued for it before
+            // closing, within the idle timeout (it may not be reading).
+            Ok(()) => {
+                out.close();
+                match tokio::time::timeout(idle, &mut write).await {
+                    Ok(r) => r,
+                    Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+                }
+            }
+            Err(e) => Err(e),
+        },
+        r = &mut write => r,
     };
     if let Err(e) = result {
         tracing::debug!(client = %tuple.client, error = %e, "connection ended");
