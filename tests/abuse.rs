@@ -1611,9 +1611,9 @@ fn unclaimed_reservations_are_released_even_when_claims_fail() {
 /// log says why once, and /readyz fails so probes send new sessions elsewhere.
 #[test]
 fn running_out_of_descriptors_refuses_allocations_and_reports_not_ready() {
-    // 48 descriptors: turnd's own (listeners, metrics, epoll, log) and a few
-    // dozen relay sockets.
-    let server = common::Turnd::start_limited("", 48);
+    // 64 descriptors: the reserve (turnd's own listeners, metrics, epoll,
+    // log, and room for metrics/admin connections) and a dozen relay sockets.
+    let server = common::Turnd::start_limited("", 64);
     assert_eq!(server.http_get("/readyz").0, 200);
     let mut held = Vec::new();
     let mut refused = None;

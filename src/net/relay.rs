@@ -63,10 +63,12 @@ pub struct RelaySockets {
     pub stream_fds: usize,
 }
 
-/// Descriptors kept free of relay sockets and connections, for the
-/// listeners, the metrics and admin endpoint, reloads and certificate files:
-/// so /readyz can still answer "out of file descriptors".
-pub const FD_RESERVE: usize = 32;
+/// Descriptors kept free of relay sockets and TURN connections, for the
+/// listeners, reloads and certificate files (32), and the connections to the
+/// metrics and admin endpoint (capped at `http::MAX_CONNECTIONS`): so
+/// /readyz can still answer "out of file descriptors", and idle connections
+/// there cannot take a relay socket's descriptor.
+pub const FD_RESERVE: usize = 32 + super::http::MAX_CONNECTIONS;
 
 /// The open-files soft limit (0 if unknown).
 pub fn open_files_limit() -> usize {
