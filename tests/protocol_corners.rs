@@ -175,7 +175,7 @@ fn create_permission_with_many_peers_up_to_max_permissions() {
 fn a_message_with_thousands_of_attributes_parses_and_is_answered() {
     // A Binding with 5,000 comprehension-optional attributes (ignored): answered.
     let mut c = Core::new();
-    let attrs: Vec<A> = (0..5000).map(|i| A::Raw(0x8000 | (i % 0x7000) as u16 + 0x100, vec![])).collect();
+    let attrs: Vec<A> = (0..5000).map(|i| A::Raw(0x8100 + (i % 0x7000) as u16, vec![])).collect();
     let tid = c.next_tid();
     let req = build(method::BINDING, Class::Request, tid, &attrs, None, true);
     assert_eq!(Message::parse(&req).unwrap().attribute_count(), 5000);

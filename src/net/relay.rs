@@ -270,16 +270,12 @@ impl RelayPorts for RelaySockets {
         }
         .ok_or(OpenError::FamilyUnsupported)?;
         let std_sock = self.bind_placed(ip, placement)?;
-        if dont_fragment {
-            if let Err(e) = set_dont_fragment(std_sock.as_raw_fd(), ip.is_ipv6(), true) {
-                tracing::warn!(error = %e, "cannot set DF on a relay socket: DONT-FRAGMENT gets 420");
-                if placement == Placement::EvenReserveNext {
-                    if let Ok(a) = std_sock.local_addr() {
-                        self.reserved.remove(&(a.port() + 1));
-                    }
-                }
-                return Err(OpenError::DontFragmentUnsupported);
+        if dont_fragment && let Err(e) = set_dont_fragment(std_sock.as_raw_fd(), ip.is_ipv6(), true) {
+            tracing::warn!(error = %e, "cannot set DF on a relay socket: DONT-FRAGMENT gets 420");
+            if placement == Placement::EvenReserveNext && let Ok(a) = std_sock.local_addr() {
+                self.reserved.remove(&(a.port() + 1));
             }
+            return Err(OpenError::DontFragmentUnsupported);
         }
         let local = std_sock.local_addr().map_err(|_| OpenError::Exhausted)?;
         let socket = match super::register_udp(std_sock) {
