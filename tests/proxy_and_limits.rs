@@ -120,6 +120,74 @@ fn connections_waiting_for_their_proxy_header_count_per_ip() {
     }
 }
 
+/// A Binding over a plain TCP connection: the mapped address, or None when
+/// the connection was closed unanswered.
+fn binding_over(s: &mut TcpStream) -> Option<SocketAddr> {
+    let req = wire::build(method::BINDING, Class::Request, *b"limit-test-1", &[], None, false);
+    s.write_all(&req).ok()?;
+    let mut buf = [0u8; 512];
+    let mut got = 0;
+    loop {
+        match s.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => got += k,
+        }
+        if let Ok(m) = Message::parse(&buf[..got]) {
+            return attr::decode_xor_address(m.get(attr::XOR_MAPPED_ADDRESS)?, m.transaction_id());
+        }
+    }
+}
+
+/// The per-IP limit on the wire: per address for IPv4, per /64 for IPv6 (on
+/// loopback only ::1 exists, so this checks the IPv6 path counts and uncounts;
+/// the grouping of a /64 is the unit test in src/net/stream.rs).
+#[test]
+fn per_ip_limit_holds_over_ipv4_and_ipv6() {
+    let port = common::free_port();
+    let v6_port = common::free_port();
+    let probe: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server = Turnd::start_config(probe, |_| {
+        format!(
+            "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
+             [[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
+             [[listen]]\ntransport = \"tcp\"\naddress = \"127.0.0.1:{port}\"\n\
+             [[listen]]\ntransport = \"tcp\"\naddress = \"[::1]:{v6_port}\"\n\
+             [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n[limits]\nmax_connections_per_ip = 3\nipv6_prefix_per_ip = 64\n"
+        )
+    });
+    let v6: SocketAddr = format!("[::1]:{v6_port}").parse().unwrap();
+    let open = |from: &str, to: SocketAddr| -> (TcpStream, Option<SocketAddr>) {
+        let mut s = if from == "::1" {
+            let s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s
+        } else {
+            connect_from(from, to)
+        };
+        let r = binding_over(&mut s);
+        (s, r)
+    };
+    for (from, to) in [("127.0.0.3", server.addr), ("::1", v6)] {
+        let held: Vec<TcpStream> = (0..3)
+            .map(|i| {
+                let (s, r) = open(from, to);
+                assert!(r.is_some(), "connection {i} from {from} answered");
+                s
+            })
+            .collect();
+        assert_eq!(open(from, to).1, None, "a fourth connection from {from} is refused");
+        if from != "::1" {
+            assert!(open("127.0.0.4", to).1.is_some(), "another IPv4 address is counted on its own");
+        }
+        // Closing them gives the room back (bounded: 3 s).
+        drop(held);
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while open(from, to).1.is_none() {
+            assert!(std::time::Instant::now() < deadline, "{from} still refused after its connections closed");
+        }
+    }
+}
+
 #[test]
 fn proxy_protocol_needs_its_sources_and_the_ipv6_prefix_is_validated() {
     let listen = "[[listen]]\ntransport = \"tcp\"\naddress = \"127.0.0.1:3478\"\nproxy_protocol = true\n";
