@@ -585,9 +585,6 @@ async fn accept_loop(
         let tls = tls.clone();
         let proxy = l.proxy_protocol;
         let transport = l.transport;
-        // A connection waiting for its PROXY header holds a descriptor before
-        // it counts as a connection: count it meanwhile, so slow headers
-        // cannot eat the descriptor reserve.
         if proxy && !l.proxy_protocol_from.iter().any(|c| c.contains(peer.ip().to_canonical())) {
             // Only the configured load balancers may say who the client is.
             if let Some(sh) = shard.upgrade() {
@@ -596,6 +593,9 @@ async fn accept_loop(
             tracing::debug!(%peer, "connection closed: not from listen.proxy_protocol_from");
             continue;
         }
+        // A connection waiting for its PROXY header holds a descriptor before
+        // it counts as a connection: count it meanwhile, so slow headers
+        // cannot eat the descriptor reserve.
         let waiting = if proxy {
             match PendingProxy::new(&shard, peer.ip()) {
                 Some(w) => Some(w),
