@@ -135,7 +135,7 @@ struct FakeRelays {
 }
 
 impl RelayPorts for FakeRelays {
-    fn open(&mut self, id: RelayId, family: Family, _placement: Placement) -> Result<SocketAddr, OpenError> {
+    fn open(&mut self, id: RelayId, family: Family, _placement: Placement, _dont_fragment: bool) -> Result<SocketAddr, OpenError> {
         if family != Family::V4 {
             return Err(OpenError::FamilyUnsupported);
         }
@@ -247,7 +247,7 @@ fn bench_core(c: &mut Criterion) {
     let mut out = vec![0u8; 2048];
     // The relay id of allocation 500, and a Send indication for it.
     let relay = match core.server.handle_client(t, &pkt, core.now, &mut out, &mut core.relays) {
-        Output::Relay { relay, peer, data } => {
+        Output::Relay { relay, peer, data, .. } => {
             assert_eq!(peer, core.peer);
             assert_eq!(data.len(), PAYLOAD);
             relay

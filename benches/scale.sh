@@ -72,7 +72,7 @@ ulimit -n "$(ulimit -Hn)"
 hard=$(ulimit -Hn)
 if [ "$hard" != unlimited ] && [ "$hard" -lt $((n + 100)) ]; then
   echo "scale.sh: warning: RLIMIT_NOFILE is $hard here (hard limit, not raisable without CAP_SYS_RESOURCE):" >&2
-  echo "scale.sh:   one server process can hold at most about $((hard - 48)) relay sockets (turnd keeps 32 descriptors spare), so not all $n allocations" >&2
+  echo "scale.sh:   one server process can hold at most about $((hard - 64)) relay sockets (turnd keeps 48 descriptors spare), so not all $n allocations" >&2
   echo "scale.sh:   (the generator spreads its own sockets over several processes and is not limited)" >&2
 fi
 

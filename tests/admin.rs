@@ -77,7 +77,8 @@ fn status_sessions_disconnect() {
     assert!(err.contains("token"), "{err}");
     // Unknown selector values are errors, not silent no-ops.
     let (rc, _, err) = turnctl(&server, &["disconnect", "--relayed", "not-an-address"]);
-    assert_eq!(rc, 1, "{err}");
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("--relayed"), "{err}");
 }
 
 #[test]

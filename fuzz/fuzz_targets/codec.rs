@@ -113,7 +113,7 @@ fn write_into(buf: &mut [u8], data: &[u8], fill: &[u8]) {
     let tid = [9u8; 12];
     let mut w = MessageWriter::new(buf, 0x003, turnd::stun::Class::Request, &tid);
     let mut rest = &data[2..];
-    // Fewer than MAX_ATTRS (32), so whatever finishes must parse.
+    // Whatever finishes must parse (any number of attributes does).
     let mut count = 0;
     while rest.len() >= 4 && count < 30 {
         count += 1;

@@ -52,7 +52,7 @@ struct FakeRelays {
 }
 
 impl RelayPorts for FakeRelays {
-    fn open(&mut self, id: RelayId, family: Family, placement: Placement) -> Result<SocketAddr, OpenError> {
+    fn open(&mut self, id: RelayId, family: Family, placement: Placement, _dont_fragment: bool) -> Result<SocketAddr, OpenError> {
         assert!(!self.open.contains_key(&id), "relay {id:?} opened twice");
         assert_eq!(id.family(), family);
         let port = match placement {
@@ -246,7 +246,7 @@ impl Fuzz {
                     self.tokens.push(tok.to_vec());
                 }
             }
-            Output::Relay { relay, peer, data } => {
+            Output::Relay { relay, peer, data, .. } => {
                 if trace() {
                     eprintln!("{} -> relay {relay:?} to {peer}, {} bytes", t.client, data.len());
                 }

@@ -223,6 +223,15 @@ fn main() -> ExitCode {
         Cmd::Status { admin, json } => admin_call(&admin, json, |a| a.status(), turnd::ctl::admin::render_status),
         Cmd::Sessions { admin, json } => admin_call(&admin, json, |a| a.sessions(), turnd::ctl::admin::render_sessions),
         Cmd::Disconnect { admin, user, client, relayed } => {
+            // A selector that can match nothing is a mistake, not "0 disconnected".
+            if let Some(c) = client.as_deref().filter(|c| c.parse::<std::net::IpAddr>().is_err() && c.parse::<std::net::SocketAddr>().is_err()) {
+                eprintln!("turnctl: --client: `{c}` is not IP or IP:PORT (e.g. 198.51.100.7 or 198.51.100.7:40000, [2001:db8::7]:40000)");
+                return ExitCode::from(2);
+            }
+            if let Some(r) = relayed.as_deref().filter(|r| r.parse::<std::net::SocketAddr>().is_err()) {
+                eprintln!("turnctl: --relayed: `{r}` is not IP:PORT (e.g. 203.0.113.10:50000)");
+                return ExitCode::from(2);
+            }
             let sel = match (user, client, relayed) {
                 (Some(u), _, _) => serde_json::json!({ "user": u }),
                 (_, Some(c), _) => serde_json::json!({ "client": c }),

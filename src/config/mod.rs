@@ -158,6 +158,9 @@ pub struct ListenSection {
     pub address: String,
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Load balancers allowed to send the PROXY header (CIDRs).
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<String>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -198,6 +201,7 @@ pub struct LimitsSection {
     pub unauth_rate: Option<u32>,
     pub allocation_bandwidth: Option<Bandwidth>,
     pub total_bandwidth: Option<Bandwidth>,
+    pub ipv6_prefix_per_ip: Option<u8>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -227,6 +231,8 @@ pub struct Listener {
     pub address: SocketAddr,
     /// Expect a PROXY protocol v1/v2 header first (TCP/TLS only).
     pub proxy_protocol: bool,
+    /// Sources allowed to send that header; connections from elsewhere are closed.
+    pub proxy_protocol_from: Vec<Cidr>,
 }
 
 /// Where the shared secrets came from, for the start-up log.
@@ -263,6 +269,8 @@ pub struct Config {
     pub legacy_channel_numbers: bool,
     pub max_connections: u32,
     pub max_connections_per_ip: u32,
+    /// IPv6 clients count against `max_connections_per_ip` by this prefix (/64).
+    pub ipv6_prefix_per_ip: u8,
     pub tls_handshake_timeout: u32,
     pub idle_timeout: u32,
     pub drain_timeout: u32,
@@ -549,6 +557,7 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
     // Listeners.
     let mut listen: Vec<(String, String, bool)> =
         f.listen.iter().map(|l| (l.transport.clone(), l.address.clone(), l.proxy_protocol)).collect();
+    let proxy_from: Vec<Vec<String>> = f.listen.iter().map(|l| l.proxy_protocol_from.clone()).collect();
     if !ov.listen.is_empty() {
         listen = ov
             .listen
@@ -579,7 +588,22 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         if transport == Transport::Tls && f.tls.is_none() {
             return Err(bad(format!("{key}.transport"), "a tls listener needs a [tls] section with cert and key"));
         }
-        let l = Listener { transport, address, proxy_protocol: *proxy_protocol };
+        let from_key = format!("{key}.proxy_protocol_from");
+        let proxy_protocol_from = match proxy_from.get(i).filter(|_| ov.listen.is_empty()) {
+            Some(list) => parse_cidrs(&from_key, list)?,
+            None => Vec::new(),
+        };
+        if *proxy_protocol && proxy_protocol_from.is_empty() {
+            return Err(bad(
+                from_key,
+                "list the addresses (CIDRs) of the load balancers that send the PROXY header, e.g. [\"10.0.0.0/8\"] \
+                 ([\"127.0.0.1/32\"] when it runs on this host): otherwise anyone reaching this port could claim any client address",
+            ));
+        }
+        if !*proxy_protocol && !proxy_protocol_from.is_empty() {
+            return Err(bad(from_key, "applies only with proxy_protocol = true"));
+        }
+        let l = Listener { transport, address, proxy_protocol: *proxy_protocol, proxy_protocol_from };
         if listeners.iter().any(|o| o.address == l.address && o.transport.is_stream() == l.transport.is_stream()) {
             return Err(bad(key, format!("{t} {a} is listed twice")));
         }
@@ -657,6 +681,11 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         return Err(bad("limits.max_permissions", "must be at least 1"));
     }
 
+    let ipv6_prefix_per_ip = l.ipv6_prefix_per_ip.unwrap_or(64);
+    if !(32..=128).contains(&ipv6_prefix_per_ip) {
+        return Err(bad("limits.ipv6_prefix_per_ip", format!("{ipv6_prefix_per_ip} is not a prefix length from 32 to 128 (64: one count per /64)")));
+    }
+
     let unauth_rate = l.unauth_rate.unwrap_or(crate::turn::DEFAULT_UNAUTH_RATE);
     if unauth_rate > 1_000_000 {
         return Err(bad("limits.unauth_rate", format!("{unauth_rate} is too large (at most 1000000 answers a second; 0 = no limit)")));
@@ -716,6 +745,7 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         legacy_channel_numbers: l.legacy_channel_numbers.unwrap_or(false),
         max_connections: l.max_connections.unwrap_or(10_000),
         max_connections_per_ip: l.max_connections_per_ip.unwrap_or(64),
+        ipv6_prefix_per_ip,
         tls_handshake_timeout: secs("limits.tls_handshake_timeout", l.tls_handshake_timeout, 10, 1)?,
         idle_timeout: secs("limits.idle_timeout", l.idle_timeout, 30, 1)?,
         drain_timeout: secs("limits.drain_timeout", l.drain_timeout, 60, 0)?,

@@ -82,6 +82,7 @@ pub fn render(s: &Snapshot) -> String {
         ("no_allocation", st.dropped_no_allocation),
         ("no_permission", st.dropped_no_permission),
         ("no_channel", st.dropped_no_channel),
+        ("unknown_attribute", st.dropped_unknown_attribute),
         ("rate_limited", st.dropped_rate_limited),
         ("amplification", st.dropped_amplification),
         ("allocation_bandwidth", st.dropped_allocation_bandwidth),

@@ -25,7 +25,11 @@ fn err(code: u16, msg: &str) -> Response {
 /// Checks the bearer token in constant time. `None` when authorised.
 pub(super) fn unauthorised(token: Option<&str>, req: &Request) -> Option<Response> {
     let Some(token) = token else { return Some(err(404, "the admin API is disabled (admin.enabled = false)")) };
-    let given = req.headers.iter().find(|(k, _)| k == "authorization").and_then(|(_, v)| v.strip_prefix("Bearer "));
+    // RFC 7235: the auth-scheme is case-insensitive ("bearer", "BEARER").
+    let given = req.headers.iter().find(|(k, _)| k == "authorization").and_then(|(_, v)| {
+        let (scheme, token) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then_some(token)
+    });
     match given {
         Some(g) if ct_eq(g.trim().as_bytes(), token.as_bytes()) => None,
         _ => Some(err(401, "missing or wrong admin token (see admin.token_file)")),
@@ -71,6 +75,9 @@ impl Selector {
             return Ok(Selector::User(u.to_owned()));
         }
         if let Some(c) = v.get("client").and_then(Value::as_str) {
+            if c.parse::<std::net::IpAddr>().is_err() && c.parse::<SocketAddr>().is_err() {
+                return Err(format!("client: `{c}` is not IP or IP:PORT"));
+            }
             return Ok(Selector::Client(c.to_owned()));
         }
         if let Some(r) = v.get("relayed").and_then(Value::as_str) {

@@ -12,18 +12,34 @@ use tokio::net::{TcpListener, TcpStream};
 use super::Shard;
 
 const MAX_REQUEST: usize = 8 * 1024;
-const TIMEOUT: Duration = Duration::from_secs(5);
+/// A request must arrive whole within this time.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection lives (a reload it asked for re-reads files).
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once. Their descriptors are part of the reserve
+/// relay sockets and TURN connections never use (see `relay::FD_RESERVE`),
+/// so idle connections here cannot starve allocations of descriptors; a new
+/// connection beyond this closes the oldest, so /readyz and a scrape always
+/// get through however many are left open.
+pub const MAX_CONNECTIONS: usize = 16;
 
 pub(super) async fn serve(shard: Weak<RefCell<Shard>>, listener: TcpListener) {
+    let mut open: std::collections::VecDeque<tokio::task::JoinHandle<()>> = std::collections::VecDeque::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        open.retain(|t| !t.is_finished());
+        while open.len() >= MAX_CONNECTIONS {
+            if let Some(oldest) = open.pop_front() {
+                oldest.abort();
+            }
+        }
         let shard = shard.clone();
-        tokio::task::spawn_local(async move {
+        open.push_back(tokio::task::spawn_local(async move {
             let _ = tokio::time::timeout(TIMEOUT, handle(shard, stream)).await;
-        });
+        }));
     }
 }
 
@@ -78,7 +94,7 @@ async fn read_request(stream: &mut TcpStream) -> Option<Request> {
 }
 
 async fn handle(shard: Weak<RefCell<Shard>>, mut stream: TcpStream) {
-    let Some(req) = read_request(&mut stream).await else { return };
+    let Ok(Some(req)) = tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await else { return };
     let (status, ctype, body) = match shard.upgrade() {
         None => (503, "text/plain", "shutting down\n".to_owned()),
         Some(sh) if req.path == "/admin/reload" && req.method == "POST" => {

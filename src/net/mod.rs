@@ -130,7 +130,12 @@ impl Shard {
                 }
                 l.out.commit(n, from);
             }
-            Output::Relay { relay, peer, data } => {
+            Output::Relay { relay, peer, data, dont_fragment: true } => {
+                // DF asked for this datagram alone: after what is queued, on its own.
+                let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+                *send_failures += dropped as u64 + !relays.send(relay, peer, data, true) as u64;
+            }
+            Output::Relay { relay, peer, data, .. } => {
                 if to_peers.is_full() {
                     let (_, dropped) = to_peers.flush(|id| relays.fd(id));
                     *send_failures += dropped as u64;
@@ -213,8 +218,8 @@ impl Shard {
                 Some(Some(out)) if out.push(b) => {}
                 _ => *send_failures += 1,
             },
-            Output::Relay { relay, peer, data } => {
-                if !relays.send(relay, peer, data) {
+            Output::Relay { relay, peer, data, dont_fragment } => {
+                if !relays.send(relay, peer, data, dont_fragment) {
                     *send_failures += 1;
                 }
             }
@@ -229,14 +234,15 @@ impl Shard {
 
     /// Registers a new connection if the limits allow; returns its conn id.
     fn stream_opened(&mut self, client: IpAddr, transport: Transport, out: Rc<StreamOut>) -> Option<u32> {
-        let n = self.per_ip.get(&client).copied().unwrap_or(0);
+        let key = stream::per_ip_key(client, self.limits.ipv6_prefix);
         // 0 means unlimited, as for the quotas.
-        let over = |count: usize, max: u32| max != 0 && count >= max as usize;
-        if over(self.stream_count, self.limits.max_total) || over(n as usize, self.limits.max_per_ip) || !self.relays.fds_left_for_connection() {
+        let over_total = self.limits.max_total != 0 && self.stream_count >= self.limits.max_total as usize;
+        if over_total || self.ip_limit_reached(key) || !self.relays.fds_left_for_connection() {
             self.connections_refused += 1;
             return None;
         }
-        *self.per_ip.entry(client).or_insert(0) += 1;
+        out.ip_key.set(key);
+        *self.per_ip.entry(key).or_insert(0) += 1;
         self.stream_count += 1;
         self.sync_stream_fds();
         self.connections[transport as usize] += 1;
@@ -255,22 +261,32 @@ impl Shard {
 
     fn stream_closed(&mut self, tuple: FiveTuple) {
         if let Some(slot) = self.streams.get_mut(tuple.conn as usize) {
-            if slot.take().is_some() {
+            if let Some(out) = slot.take() {
                 self.free_streams.push(tuple.conn);
                 self.stream_count -= 1;
                 self.sync_stream_fds();
                 self.connections[tuple.transport as usize] -= 1;
-                if let Some(c) = self.per_ip.get_mut(&tuple.client.ip()) {
-                    *c -= 1;
-                    if *c == 0 {
-                        self.per_ip.remove(&tuple.client.ip());
-                    }
-                }
+                self.ip_uncount(out.ip_key.get());
             }
         }
         let Shard { server, relays, .. } = self;
         server.connection_closed(&tuple, std::time::Instant::now(), relays);
         self.after_control();
+    }
+
+    /// Whether `key` ([`stream::per_ip_key`]) holds its share of connections.
+    /// Whether `key` holds its share of connections (0 = unlimited).
+    fn ip_limit_reached(&self, key: IpAddr) -> bool {
+        self.limits.max_per_ip != 0 && self.per_ip.get(&key).copied().unwrap_or(0) >= self.limits.max_per_ip
+    }
+
+    fn ip_uncount(&mut self, key: IpAddr) {
+        if let Some(c) = self.per_ip.get_mut(&key) {
+            *c -= 1;
+            if *c == 0 {
+                self.per_ip.remove(&key);
+            }
+        }
     }
 
     /// Starts receive tasks for relay sockets the core just opened, and logs events.
@@ -657,6 +673,7 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 struct StreamLimits {
     max_total: u32,
     max_per_ip: u32,
+    ipv6_prefix: u8,
     handshake: Duration,
     idle: Duration,
 }
@@ -684,11 +701,19 @@ async fn accept_loop(
         let tls = tls.clone();
         let proxy = l.proxy_protocol;
         let transport = l.transport;
+        if proxy && !l.proxy_protocol_from.iter().any(|c| c.contains(peer.ip().to_canonical())) {
+            // Only the configured load balancers may say who the client is.
+            if let Some(sh) = shard.upgrade() {
+                sh.borrow_mut().connections_refused += 1;
+            }
+            tracing::debug!(%peer, "connection closed: not from listen.proxy_protocol_from");
+            continue;
+        }
         // A connection waiting for its PROXY header holds a descriptor before
         // it counts as a connection: count it meanwhile, so slow headers
         // cannot eat the descriptor reserve.
         let waiting = if proxy {
-            match PendingProxy::new(&shard) {
+            match PendingProxy::new(&shard, peer.ip()) {
                 Some(w) => Some(w),
                 None => continue,
             }
@@ -742,21 +767,24 @@ async fn accept_loop(
 }
 
 /// An accepted connection still reading its PROXY header, counted against
-/// the descriptor budget until dropped.
-struct PendingProxy(Weak<RefCell<Shard>>);
+/// the descriptor budget and the per-IP limit of its TCP source until dropped.
+struct PendingProxy(Weak<RefCell<Shard>>, IpAddr);
 
 impl PendingProxy {
-    /// None (the connection is to be closed) when no descriptor is to spare.
-    fn new(shard: &Weak<RefCell<Shard>>) -> Option<Self> {
+    /// None (the connection is to be closed) when no descriptor is to spare
+    /// or its source holds its share of connections.
+    fn new(shard: &Weak<RefCell<Shard>>, source: IpAddr) -> Option<Self> {
         let sh = shard.upgrade()?;
         let mut sh = sh.borrow_mut();
-        if !sh.relays.fds_left_for_connection() {
+        let key = stream::per_ip_key(source, sh.limits.ipv6_prefix);
+        if !sh.relays.fds_left_for_connection() || sh.ip_limit_reached(key) {
             sh.connections_refused += 1;
             return None;
         }
+        *sh.per_ip.entry(key).or_insert(0) += 1;
         sh.pending_proxy += 1;
         sh.sync_stream_fds();
-        Some(PendingProxy(shard.clone()))
+        Some(PendingProxy(shard.clone(), key))
     }
 }
 
@@ -766,6 +794,7 @@ impl Drop for PendingProxy {
             if let Ok(mut sh) = sh.try_borrow_mut() {
                 sh.pending_proxy -= 1;
                 sh.sync_stream_fds();
+                sh.ip_uncount(self.1);
             }
         }
     }
@@ -784,6 +813,7 @@ impl From<&Config> for StreamLimits {
         StreamLimits {
             max_total: cfg.max_connections,
             max_per_ip: cfg.max_connections_per_ip,
+            ipv6_prefix: cfg.ipv6_prefix_per_ip,
             handshake: Duration::from_secs(cfg.tls_handshake_timeout as u64),
             idle: Duration::from_secs(cfg.idle_timeout as u64),
         }

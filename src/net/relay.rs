@@ -21,7 +21,25 @@ const PORT_ATTEMPTS: usize = 64;
 pub struct RelayEntry {
     pub id: RelayId,
     pub socket: Rc<Udp>,
+    /// Every datagram leaves with DF (the Allocate carried DONT-FRAGMENT).
+    dont_fragment: bool,
     task: Option<JoinHandle<()>>,
+}
+
+/// Sets (or clears) the DF bit on everything `fd` sends: IPv4 path MTU
+/// discovery "do" (never fragment locally; too large fails with EMSGSIZE) or
+/// its default "want"; IPv6 IPV6_DONTFRAG.
+fn set_dont_fragment(fd: std::os::fd::RawFd, v6: bool, on: bool) -> io::Result<()> {
+    let (level, name, value) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, on as libc::c_int)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, if on { libc::IP_PMTUDISC_DO } else { libc::IP_PMTUDISC_WANT })
+    };
+    // SAFETY: a live socket, and an int option of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(fd, level, name, &value as *const libc::c_int as *const libc::c_void, std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// The open relay sockets, indexed like the core's allocation slots so the
@@ -45,10 +63,12 @@ pub struct RelaySockets {
     pub stream_fds: usize,
 }
 
-/// Descriptors kept free of relay sockets and connections, for the
-/// listeners, the metrics and admin endpoint, reloads and certificate files:
-/// so /readyz can still answer "out of file descriptors".
-pub const FD_RESERVE: usize = 32;
+/// Descriptors kept free of relay sockets and TURN connections, for the
+/// listeners, reloads and certificate files (32), and the connections to the
+/// metrics and admin endpoint (capped at `http::MAX_CONNECTIONS`): so
+/// /readyz can still answer "out of file descriptors", and idle connections
+/// there cannot take a relay socket's descriptor.
+pub const FD_RESERVE: usize = 32 + super::http::MAX_CONNECTIONS;
 
 /// The open-files soft limit (0 if unknown).
 pub fn open_files_limit() -> usize {
@@ -145,13 +165,25 @@ impl RelaySockets {
         self.get(id).map(|e| e.socket.get_ref().as_raw_fd())
     }
 
-    /// Sends without waiting: a full socket buffer drops the datagram, as the network would.
+    /// Sends without waiting: a full socket buffer drops the datagram, as the
+    /// network would. With `dont_fragment` (a Send indication with
+    /// DONT-FRAGMENT) the datagram leaves with DF set: when the socket does
+    /// not set it on everything, it is switched on for this one send (a rare
+    /// path: browsers do not ask for it). Too large for the path, it is dropped.
     #[inline]
-    pub fn send(&self, id: RelayId, peer: SocketAddr, data: &[u8]) -> bool {
-        match self.get(id) {
-            Some(e) => super::batch::send_to(e.socket.get_ref().as_raw_fd(), data, peer),
-            None => false,
+    pub fn send(&self, id: RelayId, peer: SocketAddr, data: &[u8], dont_fragment: bool) -> bool {
+        let Some(e) = self.get(id) else { return false };
+        let fd = e.socket.get_ref().as_raw_fd();
+        if !dont_fragment || e.dont_fragment {
+            return super::batch::send_to(fd, data, peer);
         }
+        let v6 = id.family() == Family::V6;
+        if set_dont_fragment(fd, v6, true).is_err() {
+            return false;
+        }
+        let sent = super::batch::send_to(fd, data, peer);
+        let _ = set_dont_fragment(fd, v6, false);
+        sent
     }
 
     fn bind(ip: IpAddr, port: u16) -> io::Result<std::net::UdpSocket> {
@@ -231,13 +263,20 @@ impl RelaySockets {
 }
 
 impl RelayPorts for RelaySockets {
-    fn open(&mut self, id: RelayId, family: Family, placement: Placement) -> Result<SocketAddr, OpenError> {
+    fn open(&mut self, id: RelayId, family: Family, placement: Placement, dont_fragment: bool) -> Result<SocketAddr, OpenError> {
         let ip = match family {
             Family::V4 => self.v4,
             Family::V6 => self.v6,
         }
         .ok_or(OpenError::FamilyUnsupported)?;
         let std_sock = self.bind_placed(ip, placement)?;
+        if dont_fragment && let Err(e) = set_dont_fragment(std_sock.as_raw_fd(), ip.is_ipv6(), true) {
+            tracing::warn!(error = %e, "cannot set DF on a relay socket: DONT-FRAGMENT gets 420");
+            if placement == Placement::EvenReserveNext && let Ok(a) = std_sock.local_addr() {
+                self.reserved.remove(&(a.port() + 1));
+            }
+            return Err(OpenError::DontFragmentUnsupported);
+        }
         let local = std_sock.local_addr().map_err(|_| OpenError::Exhausted)?;
         let socket = match super::register_udp(std_sock) {
             Ok(s) => Rc::new(s),
@@ -250,7 +289,7 @@ impl RelayPorts for RelaySockets {
         if self.entries.len() <= i {
             self.entries.resize_with(i + 1, || None);
         }
-        self.entries[i] = Some(RelayEntry { id, socket, task: None });
+        self.entries[i] = Some(RelayEntry { id, socket, dont_fragment, task: None });
         self.opened.push(id);
         self.in_use += 1;
         Ok(local)
@@ -292,16 +331,16 @@ mod tests {
         let mut r = RelaySockets::new(Some("127.0.0.1".parse().unwrap()), None, (base, base + 9));
         let mut ports = Vec::new();
         for slot in 0..10 {
-            match r.open(id(slot), Family::V4, Placement::Any) {
+            match r.open(id(slot), Family::V4, Placement::Any, false) {
                 Ok(a) => ports.push(a.port()),
                 Err(e) => panic!("slot {slot}: {e:?} with {} of 10 in use", r.in_use()),
             }
         }
         ports.sort();
         assert_eq!(ports, (base..=base + 9).collect::<Vec<_>>());
-        assert_eq!(r.open(id(10), Family::V4, Placement::Any), Err(OpenError::Exhausted));
+        assert_eq!(r.open(id(10), Family::V4, Placement::Any, false), Err(OpenError::Exhausted));
         r.close(id(3));
-        assert!(r.open(id(11), Family::V4, Placement::Any).is_ok());
-        assert_eq!(r.open(id(12), Family::V6, Placement::Any), Err(OpenError::FamilyUnsupported));
+        assert!(r.open(id(11), Family::V4, Placement::Any, false).is_ok());
+        assert_eq!(r.open(id(12), Family::V6, Placement::Any, false), Err(OpenError::FamilyUnsupported));
     }
 }

@@ -3,7 +3,7 @@
 //! allocation per connection; closing the connection frees it.
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
@@ -29,6 +29,23 @@ pub struct StreamOut {
     per_message: bool,
     closed: Cell<bool>,
     pub dropped: Cell<u64>,
+    /// What the connection counts against in the per-IP limit ([`per_ip_key`]),
+    /// kept so a reload that changes the prefix still uncounts it right.
+    pub ip_key: Cell<IpAddr>,
+}
+
+/// The key the per-IP connection limit counts by: an IPv4 address itself
+/// (also when written IPv4-mapped), an IPv6 address cut to its first
+/// `v6_prefix` bits, since one subscriber or host usually holds a whole /64.
+pub fn per_ip_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = v6_prefix.min(128) as u32;
+            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
+        v4 => v4,
+    }
 }
 
 impl StreamOut {
@@ -39,6 +56,7 @@ impl StreamOut {
             per_message,
             closed: Cell::new(false),
             dropped: Cell::new(0),
+            ip_key: Cell::new(IpAddr::from([0u8; 4])),
         })
     }
 
@@ -68,10 +86,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, out: Rc<StreamOut>) -> std
     let mut pending = Vec::new();
     loop {
         out.notify.notified().await;
-        if out.closed.get() {
-            let _ = wr.shutdown().await;
-            return Ok(());
-        }
+        // Everything queued goes out, also after close (answers to what the
+        // client sent before it half-closed); then the write side shuts.
+        let closed = out.closed.get();
         std::mem::swap(&mut pending, &mut *out.buf.borrow_mut());
         if out.per_message {
             let mut at = 0;
@@ -86,6 +103,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, out: Rc<StreamOut>) -> std
         pending.clear();
         if pending.capacity() > 4 * READ_CHUNK {
             pending.shrink_to(READ_CHUNK);
+        }
+        if closed {
+            let _ = wr.shutdown().await;
+            return Ok(());
         }
     }
 }
@@ -153,9 +174,23 @@ pub(super) async fn serve<S: AsyncRead + AsyncWrite>(
     idle: Duration,
 ) {
     let (rd, wr) = tokio::io::split(stream);
+    let write = write_loop(wr, out.clone());
+    tokio::pin!(write);
     let result = tokio::select! {
-        r = read_loop(rd, &shard, tuple, idle) => r,
-        r = write_loop(wr, out.clone()) => r,
+        r = read_loop(rd, &shard, tuple, idle) => match r {
+            // The client closed its side (or idled out): every message it
+            // sent has been handled; send the answers queued for it before
+            // closing, within the idle timeout (it may not be reading).
+            Ok(()) => {
+                out.close();
+                match tokio::time::timeout(idle, &mut write).await {
+                    Ok(r) => r,
+                    Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+                }
+            }
+            Err(e) => Err(e),
+        },
+        r = &mut write => r,
     };
     if let Err(e) = result {
         tracing::debug!(client = %tuple.client, error = %e, "connection ended");
@@ -200,5 +235,34 @@ pub(super) async fn proxy_source(tcp: &tokio::net::TcpStream, timeout: Duration)
             }
             _ => return Err(std::io::ErrorKind::InvalidData.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::per_ip_key;
+    use std::net::IpAddr;
+
+    fn key(ip: &str, prefix: u8) -> IpAddr {
+        per_ip_key(ip.parse().unwrap(), prefix)
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_prefix_and_ipv4_by_address() {
+        // Every address of one /64 is one key; the next /64 is another.
+        let a = key("2001:db8:1:2::1", 64);
+        assert_eq!(a, key("2001:db8:1:2:ffff:ffff:ffff:ffff", 64));
+        assert_eq!(a, key("2001:db8:1:2:abcd::9", 64));
+        assert_eq!(a, "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_ne!(a, key("2001:db8:1:3::1", 64));
+        // Other prefixes.
+        assert_eq!(key("2001:db8:1:2::1", 56), key("2001:db8:1:ff::1", 56));
+        assert_ne!(key("2001:db8:1:2::1", 56), key("2001:db8:1:100::1", 56));
+        assert_ne!(key("2001:db8::1", 128), key("2001:db8::2", 128));
+        // IPv4, also IPv4-mapped, stays per address.
+        assert_eq!(key("198.51.100.7", 64), "198.51.100.7".parse::<IpAddr>().unwrap());
+        assert_eq!(key("::ffff:198.51.100.7", 64), key("198.51.100.7", 64));
+        assert_ne!(key("198.51.100.7", 64), key("198.51.100.8", 64));
+        assert_eq!(key("::1", 64), "::".parse::<IpAddr>().unwrap());
     }
 }

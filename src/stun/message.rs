@@ -4,10 +4,6 @@ use super::attr;
 use super::crc32::crc32;
 use super::{split_type, HEADER_LEN, MAGIC_COOKIE};
 
-/// Most attributes a message may carry before it is treated as malformed.
-/// Real clients send fewer than 15; the cap keeps parsing allocation-free.
-pub const MAX_ATTRS: usize = 32;
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Class {
     Request = 0,
@@ -27,8 +23,6 @@ pub enum ParseError {
     BadLength,
     #[error("attribute overruns the message")]
     TruncatedAttribute,
-    #[error("too many attributes")]
-    TooManyAttributes,
     #[error("attribute after FINGERPRINT")]
     AfterFingerprint,
     #[error("FINGERPRINT does not match")]
@@ -37,20 +31,23 @@ pub enum ParseError {
 
 #[derive(Clone, Copy, Default, Debug)]
 struct Slot {
-    typ: u16,
     /// Offset of the attribute header within the message.
     at: u32,
     len: u16,
 }
 
 /// A parsed STUN message that borrows its buffer.
+///
+/// Any number of attributes (a 64 KiB message holds at most 16,379): lookups
+/// walk the attribute headers, which `parse` has checked, so parsing needs
+/// neither a fixed-size table nor the heap.
 #[derive(Clone)]
 pub struct Message<'a> {
     buf: &'a [u8],
     method: u16,
     class: Class,
-    slots: [Slot; MAX_ATTRS],
-    n: usize,
+    /// Where the attributes before the integrity attribute end.
+    end: u32,
     integrity: Option<Slot>,
     integrity_sha256: Option<Slot>,
     fingerprint: bool,
@@ -85,8 +82,7 @@ impl<'a> Message<'a> {
             buf,
             method,
             class,
-            slots: [Slot::default(); MAX_ATTRS],
-            n: 0,
+            end: buf.len() as u32,
             integrity: None,
             integrity_sha256: None,
             fingerprint: false,
@@ -105,7 +101,7 @@ impl<'a> Message<'a> {
             if at + 4 + padded > buf.len() {
                 return Err(ParseError::TruncatedAttribute);
             }
-            let slot = Slot { typ, at: at as u32, len: vlen };
+            let slot = Slot { at: at as u32, len: vlen };
             match typ {
                 attr::FINGERPRINT => {
                     if vlen != 4 {
@@ -125,13 +121,10 @@ impl<'a> Message<'a> {
                 }
                 _ if msg.integrity.is_some() || msg.integrity_sha256.is_some() => {}
                 attr::MESSAGE_INTEGRITY => msg.integrity = Some(slot),
-                _ => {
-                    if msg.n == MAX_ATTRS {
-                        return Err(ParseError::TooManyAttributes);
-                    }
-                    msg.slots[msg.n] = slot;
-                    msg.n += 1;
-                }
+                _ => {}
+            }
+            if typ == attr::FINGERPRINT || msg.integrity.is_some() || msg.integrity_sha256.is_some() {
+                msg.end = msg.end.min(at as u32);
             }
             at += 4 + padded;
         }
@@ -159,22 +152,27 @@ impl<'a> Message<'a> {
 
     /// The value of the first attribute of type `typ` (RFC 8489: later duplicates are ignored).
     pub fn get(&self, typ: u16) -> Option<&'a [u8]> {
-        self.slots[..self.n].iter().find(|s| s.typ == typ).map(|s| self.value(s))
+        self.attributes().find(|(t, _)| *t == typ).map(|(_, v)| v)
     }
 
     /// Values of every attribute of type `typ`, in order (e.g. several XOR-PEER-ADDRESS).
     pub fn get_all(&self, typ: u16) -> impl Iterator<Item = &'a [u8]> + '_ {
-        self.slots[..self.n].iter().filter(move |s| s.typ == typ).map(|s| self.value(s))
+        self.attributes().filter(move |(t, _)| *t == typ).map(|(_, v)| v)
     }
 
     /// Every attribute before the integrity attribute as (type, value), in order.
-    pub fn attributes(&self) -> impl Iterator<Item = (u16, &'a [u8])> + '_ {
-        self.slots[..self.n].iter().map(|s| (s.typ, self.value(s)))
+    pub fn attributes(&self) -> Attributes<'a> {
+        Attributes { buf: &self.buf[..self.end as usize], at: HEADER_LEN }
     }
 
     /// All attribute types before the integrity attribute, in order.
-    pub fn attribute_types(&self) -> impl Iterator<Item = u16> + '_ {
-        self.slots[..self.n].iter().map(|s| s.typ)
+    pub fn attribute_types(&self) -> impl Iterator<Item = u16> + 'a {
+        self.attributes().map(|(t, _)| t)
+    }
+
+    /// How many attributes precede the integrity attribute.
+    pub fn attribute_count(&self) -> usize {
+        self.attributes().count()
     }
 
     fn value(&self, s: &Slot) -> &'a [u8] {
@@ -223,6 +221,27 @@ impl<'a> Message<'a> {
             Some(IntegrityKind::Sha1) => self.verify_integrity(key),
             None => false,
         }
+    }
+}
+
+/// Walks the attribute headers `Message::parse` checked: (type, value) in order.
+#[derive(Clone)]
+pub struct Attributes<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Attributes<'a> {
+    type Item = (u16, &'a [u8]);
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        let h = self.buf.get(self.at..self.at + 4)?;
+        let typ = u16::from_be_bytes([h[0], h[1]]);
+        let len = u16::from_be_bytes([h[2], h[3]]) as usize;
+        let value = self.buf.get(self.at + 4..self.at + 4 + len)?;
+        self.at += 4 + ((len + 3) & !3);
+        Some((typ, value))
     }
 }
 

@@ -12,7 +12,7 @@ mod writer;
 
 pub use crc32::crc32_update;
 pub use channel::{ChannelData, frame_len, FrameLen, CHANNEL_MAX, CHANNEL_MAX_RFC5766, CHANNEL_MIN};
-pub use message::{Class, IntegrityKind, Message, ParseError, MAX_ATTRS};
+pub use message::{Attributes, Class, IntegrityKind, Message, ParseError};
 pub use writer::{MessageWriter, WriteError, MAX_MESSAGE};
 
 /// The magic cookie every RFC 5389+ message carries in bytes 4..8.

@@ -87,6 +87,9 @@ pub enum OpenError {
     FamilyUnsupported,
     /// No free port, or the system refused a socket (508).
     Exhausted,
+    /// The socket cannot set the DF bit that DONT-FRAGMENT asked for (420
+    /// with DONT-FRAGMENT in UNKNOWN-ATTRIBUTES, RFC 8656 7.2).
+    DontFragmentUnsupported,
 }
 
 /// Where a new relay socket should go.
@@ -106,8 +109,11 @@ pub enum Placement {
 /// Relay sockets, as the I/O layer provides them.
 pub trait RelayPorts {
     /// Opens a UDP socket on the relay address of `family` as `placement`
-    /// says, and returns its local address.
-    fn open(&mut self, id: RelayId, family: Family, placement: Placement) -> Result<SocketAddr, OpenError>;
+    /// says, and returns its local address. With `dont_fragment` (the
+    /// Allocate carried DONT-FRAGMENT) every datagram the socket sends must
+    /// leave with the DF bit set (RFC 8656 14), or the open fails with
+    /// [`OpenError::DontFragmentUnsupported`].
+    fn open(&mut self, id: RelayId, family: Family, placement: Placement, dont_fragment: bool) -> Result<SocketAddr, OpenError>;
     /// Closes the socket; no more packets for `id` will be accepted.
     fn close(&mut self, id: RelayId);
     /// Gives back a port held for a reservation that was never claimed.
@@ -143,8 +149,11 @@ pub enum Output<'a> {
     None,
     /// Send these bytes back to the client on the same transport.
     Reply(&'a [u8]),
-    /// Send `data` from relay socket `relay` to `peer`.
-    Relay { relay: RelayId, peer: SocketAddr, data: &'a [u8] },
+    /// Send `data` from relay socket `relay` to `peer`. `dont_fragment`: a
+    /// Send indication with DONT-FRAGMENT, so this datagram must leave with
+    /// the DF bit set even if the socket does not set it on all it sends
+    /// (RFC 8656 11.3, 14).
+    Relay { relay: RelayId, peer: SocketAddr, data: &'a [u8], dont_fragment: bool },
 }
 
 /// Things the core tells the I/O layer about, for logs, metrics and
@@ -233,6 +242,8 @@ pub struct Stats {
     pub dropped_no_allocation: u64,
     pub dropped_no_permission: u64,
     pub dropped_no_channel: u64,
+    /// Indications with a comprehension-required attribute the method does not know (RFC 8489 6.3.1).
+    pub dropped_unknown_attribute: u64,
     /// Unsigned UDP answers not sent: over the per-source rate (`limits.unauth_rate`).
     pub dropped_rate_limited: u64,
     /// Unsigned UDP answers not sent: larger than AMPLIFICATION_FACTOR times the request.

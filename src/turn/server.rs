@@ -13,7 +13,7 @@ use super::slab::Slab;
 use super::{EndReason, Event, Family, FiveTuple, Now, OpenError, Output, PeerPolicy, Placement, RelayId, RelayPorts, Stats, Transport};
 use crate::auth::{quota_key, Authenticated, AuthFailure, Authenticator};
 use crate::stun::attr::{self, comprehension_required};
-use crate::stun::{method, ChannelData, Class, IntegrityKind, Message, MessageWriter, CHANNEL_MAX, CHANNEL_MIN, MAX_ATTRS};
+use crate::stun::{method, ChannelData, Class, IntegrityKind, Message, MessageWriter, CHANNEL_MAX, CHANNEL_MIN};
 
 /// Queued events beyond which refused-peer reports are dropped.
 const MAX_EVENTS: usize = 4096;
@@ -108,6 +108,9 @@ pub struct Server {
     /// The whole server's bandwidth budgets, client to peer and peer to client.
     total_to_peer: Bucket,
     total_from_peer: Bucket,
+    /// The peers of the CreatePermission being handled: reused, so it grows
+    /// once to `max_permissions` + 1 and no request allocates.
+    peer_scratch: Vec<IpAddr>,
     pub stats: Stats,
 }
 
@@ -224,6 +227,7 @@ fn known_attribute(m: u16, t: u16) -> bool {
         method::REFRESH => matches!(t, LIFETIME | REQUESTED_ADDRESS_FAMILY),
         method::CREATE_PERMISSION => t == XOR_PEER_ADDRESS,
         method::CHANNEL_BIND => matches!(t, CHANNEL_NUMBER | XOR_PEER_ADDRESS),
+        method::SEND => matches!(t, XOR_PEER_ADDRESS | DATA | DONT_FRAGMENT),
         _ => false,
     }
 }
@@ -334,6 +338,7 @@ impl Server {
             sweep_at: 0,
             total_to_peer: Bucket::new(),
             total_from_peer: Bucket::new(),
+            peer_scratch: Vec::new(),
             stats: Stats::default(),
         }
     }
@@ -491,7 +496,7 @@ impl Server {
         let f = &mut self.stats.to_peer[tuple.transport as usize];
         f.packets += 1;
         f.bytes += cd.data.len() as u64;
-        Output::Relay { relay: relay.id, peer: self.to_wire(peer), data: cd.data }
+        Output::Relay { relay: relay.id, peer: self.to_wire(peer), data: cd.data, dont_fragment: false }
     }
 
     fn send_indication<'a>(&mut self, tuple: FiveTuple, msg: &Message<'a>, now: Instant) -> Output<'a> {
@@ -499,8 +504,24 @@ impl Server {
             self.stats.dropped_no_allocation += 1;
             return Output::None;
         };
-        let peer = msg.get(attr::XOR_PEER_ADDRESS).and_then(|v| attr::decode_xor_address(v, msg.transaction_id()));
-        let (Some(peer), Some(data)) = (peer, msg.get(attr::DATA)) else {
+        // One walk over the attributes: the two it needs, DONT-FRAGMENT, and
+        // whether any comprehension-required one is unknown (RFC 8489 6.3.1:
+        // such an indication is discarded, not relayed).
+        let (mut peer, mut data, mut dont_fragment) = (None, None, false);
+        for (t, v) in msg.attributes() {
+            match t {
+                attr::XOR_PEER_ADDRESS if peer.is_none() => peer = Some(v),
+                attr::DATA if data.is_none() => data = Some(v),
+                attr::DONT_FRAGMENT => dont_fragment = true,
+                _ if comprehension_required(t) && !known_attribute(method::SEND, t) => {
+                    self.stats.dropped_unknown_attribute += 1;
+                    return Output::None;
+                }
+                _ => {}
+            }
+        }
+        let peer = peer.and_then(|v| attr::decode_xor_address(v, msg.transaction_id()));
+        let (Some(peer), Some(data)) = (peer, data) else {
             self.stats.dropped_malformed += 1;
             return Output::None;
         };
@@ -522,7 +543,7 @@ impl Server {
         let f = &mut self.stats.to_peer[tuple.transport as usize];
         f.packets += 1;
         f.bytes += data.len() as u64;
-        Output::Relay { relay: relay.id, peer: self.to_wire(peer), data }
+        Output::Relay { relay: relay.id, peer: self.to_wire(peer), data, dont_fragment }
     }
 
     /// Handles a datagram that arrived on relay socket `relay` from `from`.
@@ -805,13 +826,23 @@ impl Server {
             self.reservations.remove(&t);
         }
         let (slot, generation) = self.allocs.vacant();
-        let first = match self.open_relay(relays, slot, generation, primary, placement) {
+        // RFC 8656 7.2, 14: DONT-FRAGMENT asks for the DF bit on everything
+        // the relay sends for this allocation; the socket sets it.
+        let dont_fragment = msg.get(attr::DONT_FRAGMENT).is_some();
+        let first = match self.open_relay(relays, slot, generation, primary, placement, dont_fragment) {
             Ok(r) => r,
             Err(code) => {
                 if let Placement::Reserved(port) = placement {
                     relays.release(Family::V4, port);
                 }
                 self.stats.capacity_refusals += (code == 508) as u64;
+                if code == 420 {
+                    // The DF bit cannot be set: DONT-FRAGMENT is then an
+                    // unknown comprehension-required attribute (RFC 8656 7.2).
+                    return reply.write(out, Class::Error, 420, |w| {
+                        w.error_code(420, reason(420)).attr(attr::UNKNOWN_ATTRIBUTES, &attr::DONT_FRAGMENT.to_be_bytes());
+                    });
+                }
                 return reply.err(out, code);
             }
         };
@@ -828,7 +859,7 @@ impl Server {
         let mut address_error = None;
         if dual {
             let second = if placement == Placement::Even { Placement::Even } else { Placement::Any };
-            match self.open_relay(relays, slot, generation, Family::V6, second) {
+            match self.open_relay(relays, slot, generation, Family::V6, second, dont_fragment) {
                 Ok(r) => v6 = Some(r),
                 Err(code) => address_error = Some(code),
             }
@@ -871,6 +902,7 @@ impl Server {
         generation: u32,
         family: Family,
         placement: Placement,
+        dont_fragment: bool,
     ) -> Result<Relay, u16> {
         let cfg = match family {
             Family::V4 => self.cfg.relay_v4,
@@ -878,10 +910,11 @@ impl Server {
         };
         let Some(cfg) = cfg else { return Err(440) };
         let id = RelayId::new(slot, generation, family);
-        match relays.open(id, family, placement) {
+        match relays.open(id, family, placement, dont_fragment) {
             Ok(local) => Ok(Relay { id, advertised: SocketAddr::new(cfg.external, local.port()), local_port: local.port() }),
             Err(OpenError::FamilyUnsupported) => Err(440),
             Err(OpenError::Exhausted) => Err(508),
+            Err(OpenError::DontFragmentUnsupported) => Err(420),
         }
     }
 
@@ -974,21 +1007,40 @@ impl Server {
             Ok(s) => s,
             Err(code) => return reply.err(out, code),
         };
-        let mut ips = [IpAddr::from([0u8; 4]); MAX_ATTRS];
-        let mut n = 0;
+        let mut ips = std::mem::take(&mut self.peer_scratch);
+        ips.clear();
+        let r = self.permit_peers(tuple, msg, slot, now, reply, out, &mut ips);
+        self.peer_scratch = ips;
+        r
+    }
+
+    /// CreatePermission for the peers in `msg` (collected into `ips`).
+    #[allow(clippy::too_many_arguments)]
+    fn permit_peers(
+        &mut self,
+        tuple: FiveTuple,
+        msg: &Message,
+        slot: u32,
+        now: Instant,
+        reply: &Reply,
+        out: &mut [u8],
+        ips: &mut Vec<IpAddr>,
+    ) -> Handled {
+        // As many XOR-PEER-ADDRESS as the message holds; more than the cap
+        // could ever grant is refused below without keeping them all.
+        let cap = self.cfg.max_permissions;
+        let mut n = 0usize;
         for v in msg.get_all(attr::XOR_PEER_ADDRESS) {
-            match attr::decode_xor_address(v, msg.transaction_id()) {
-                Some(p) if n < ips.len() => {
-                    ips[n] = p.ip();
-                    n += 1;
-                }
-                _ => return reply.err(out, 400),
+            let Some(p) = attr::decode_xor_address(v, msg.transaction_id()) else { return reply.err(out, 400) };
+            n += 1;
+            if ips.len() <= cap {
+                ips.push(p.ip());
             }
         }
         if n == 0 {
             return reply.err(out, 400);
         }
-        let ips = &ips[..n];
+        let ips = &ips[..];
         let a = self.allocs.get(slot)?;
         // All or nothing: one refused peer fails the whole request.
         for ip in ips {
@@ -1003,10 +1055,9 @@ impl Server {
                 return reply.err(out, 403);
             }
         }
-        let cap = self.cfg.max_permissions;
         let a = self.allocs.get_mut(slot)?;
         prune(&mut self.events, a, now);
-        if a.permissions.len() + a.new_permissions(ips) > cap {
+        if n > cap || a.permissions.len() + a.new_permissions(ips) > cap {
             self.stats.quota_refusals += 1;
             return reply.err(out, 508);
         }

@@ -22,14 +22,22 @@ pub struct FakeRelays {
     pub open: HashSet<RelayId>,
     pub exhausted: bool,
     pub last_even: bool,
+    /// Whether the last socket opened was asked to set DF on all it sends.
+    pub last_dont_fragment: bool,
+    /// Refuse DONT-FRAGMENT, as a platform that cannot set DF would.
+    pub no_dont_fragment: bool,
     pub reserved: HashSet<u16>,
 }
 
 impl RelayPorts for FakeRelays {
-    fn open(&mut self, id: RelayId, family: Family, placement: Placement) -> Result<SocketAddr, OpenError> {
+    fn open(&mut self, id: RelayId, family: Family, placement: Placement, dont_fragment: bool) -> Result<SocketAddr, OpenError> {
         if self.exhausted {
             return Err(OpenError::Exhausted);
         }
+        if dont_fragment && self.no_dont_fragment {
+            return Err(OpenError::DontFragmentUnsupported);
+        }
+        self.last_dont_fragment = dont_fragment;
         self.last_even = placement != Placement::Any;
         let port = match placement {
             Placement::Reserved(p) => {
@@ -163,7 +171,7 @@ impl Core {
         let auth = Authenticator::new(REALM, secrets, &[("static".into(), "pw".into())], NonceKey::new([9; 32], 600));
         Core {
             server: Server::new(cfg, auth, policy),
-            relays: FakeRelays { next_port: 50001, open: HashSet::new(), exhausted: false, last_even: false, reserved: HashSet::new() },
+            relays: FakeRelays { next_port: 50001, open: HashSet::new(), exhausted: false, last_even: false, last_dont_fragment: false, no_dont_fragment: false, reserved: HashSet::new() },
             now: Now { mono: Instant::now(), unix: UNIX0 },
             out: vec![0u8; 70_000],
             tid: 0,
@@ -199,7 +207,7 @@ impl Core {
     /// Feeds bytes that should be relayed; returns (relay, peer, data).
     pub fn feed_relay(&mut self, t: FiveTuple, bytes: &[u8]) -> Option<(RelayId, SocketAddr, Vec<u8>)> {
         match self.server.handle_client(t, bytes, self.now, &mut self.out, &mut self.relays) {
-            Output::Relay { relay, peer, data } => Some((relay, peer, data.to_vec())),
+            Output::Relay { relay, peer, data, .. } => Some((relay, peer, data.to_vec())),
             Output::None => None,
             Output::Reply(_) => panic!("expected a relay action, got a reply"),
         }

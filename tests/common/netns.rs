@@ -161,6 +161,24 @@ impl NetNs {
         })
     }
 
+    /// A UDP socket bound to `addr` inside the namespace (made the same way
+    /// as [`NetNs::tcp_listener`]): a peer that receives what the host sends
+    /// over the veth (incoming traffic is not filtered).
+    pub fn udp_socket(&self, addr: SocketAddr) -> std::net::UdpSocket {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("netns: open {path}: {e}"));
+                // SAFETY: as in tcp_listener: only this helper thread moves.
+                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "netns: setns({path}): {}", std::io::Error::last_os_error());
+                std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("netns: bind {addr} in {}: {e}", self.name))
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+
     /// Outgoing UDP packets the namespace's firewall has dropped so far.
     pub fn udp_drops(&self) -> u64 {
         match self.firewall {
