@@ -1,49 +1,11 @@
 //! turnd: the TURN/STUN relay server.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 
+use turnd::cli::turnd::Args;
 use turnd::config::{self, Overrides};
-
-#[derive(Parser, Debug)]
-#[command(name = "turnd", version, about = "TURN/STUN relay (RFC 8489, RFC 8656) with TURN REST API credentials")]
-struct Args {
-    /// Configuration file (TOML). Without one, turnd serves UDP and TCP on 0.0.0.0:3478 with a generated secret.
-    #[arg(short, long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Listener as [udp|tcp|tls://]IP:PORT, repeatable; replaces the [[listen]] entries.
-    #[arg(long, value_name = "ADDR")]
-    listen: Vec<String>,
-    /// Realm (overrides `realm`).
-    #[arg(long)]
-    realm: Option<String>,
-    /// IPv4 address relay sockets bind to (overrides `relay.ip`).
-    #[arg(long, value_name = "IP")]
-    relay_ip: Option<String>,
-    /// Public IPv4 address advertised behind 1:1 NAT (overrides `relay.external_ip`).
-    #[arg(long, value_name = "IP")]
-    external_ip: Option<String>,
-    /// Relay port range LOW-HIGH (overrides `relay.ports`).
-    #[arg(long, value_name = "LOW-HIGH")]
-    ports: Option<String>,
-    /// File with the shared secret(s), one per line (overrides `auth.secret_file`).
-    #[arg(long, value_name = "FILE")]
-    secret_file: Option<PathBuf>,
-    /// CIDR to allow as a peer despite the deny list, repeatable (added to `peers.allow`).
-    #[arg(long, value_name = "CIDR")]
-    allow_peer: Vec<String>,
-    /// Log level or filter (overrides `log.level`).
-    #[arg(long, value_name = "LEVEL")]
-    log_level: Option<String>,
-    /// Log format: text or json (overrides `log.format`).
-    #[arg(long, value_name = "FORMAT")]
-    log_format: Option<String>,
-    /// Validate the configuration and exit.
-    #[arg(long)]
-    check_config: bool,
-}
 
 fn main() -> ExitCode {
     let a = Args::parse();
