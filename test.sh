@@ -2,8 +2,9 @@
 # The whole test suite, as CI runs it. Installs what the tests need when it
 # is missing (Debian's coturn for turnutils_uclient, iptables for the
 # network-namespace test, chromium for the browser test, prosody and
-# docker-compose for the deploy tests, a Python virtualenv with slixmpp and
-# PyYAML in .venv), then runs cargo test.
+# docker-compose for the deploy tests, dpkg and binutils for the Debian
+# package test, a Python virtualenv with slixmpp and PyYAML in .venv), then
+# runs cargo test.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,6 +34,15 @@ if ! command -v prosody >/dev/null 2>&1; then
 fi
 if ! command -v docker-compose >/dev/null 2>&1; then
   missing+=(docker-compose)  # `docker-compose config` on deploy/*/compose.yaml in tests/deploy.rs
+fi
+if ! command -v dpkg-deb >/dev/null 2>&1; then
+  missing+=(dpkg)        # builds and installs the package in tests/debian_package.rs
+fi
+if ! command -v strip >/dev/null 2>&1; then
+  missing+=(binutils)    # strip: deploy/debian/build-deb.sh drops debug sections
+fi
+if ! command -v setpriv >/dev/null 2>&1; then
+  missing+=(util-linux)  # setpriv: run as uid 65532 / the turnd user (deploy and package tests)
 fi
 if ! command -v python3 >/dev/null 2>&1; then
   missing+=(python3 python3-venv)

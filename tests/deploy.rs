@@ -823,7 +823,8 @@ fn docs_troubleshoot_peer_refusals_without_opening_a_private_range() {
     assert!(step.contains("JVB_ADVERTISE_PRIVATE_CANDIDATES"), "the peer-refusal step does not point at the bridge's setting: {step}");
     assert!(!step.contains("[peers] allow") || step.contains("never"), "the peer-refusal step tells the operator to allow a peer range: {step}");
     // Which prosody the tests run and which the pinned image runs.
-    for needle in ["prosody 0.12", "prosody 13", "TCP 80", "renew", "?transport=udp", "forceTurnRelay"] {
+    let deb = format!("turnd_{}_amd64.deb", env!("CARGO_PKG_VERSION"));
+    for needle in ["prosody 0.12", "prosody 13", "TCP 80", "renew", "?transport=udp", "forceTurnRelay", "deploy/debian/build-deb.sh", &deb] {
         assert!(readme.contains(needle), "deploy/README.md does not mention {needle:?}");
     }
 }
