@@ -211,8 +211,18 @@ fn package_builds_installs_runs_and_purges_cleanly() {
             .env("STATE_DIRECTORY", "/var/lib/turnd");
         c
     };
-    let out = run(&mut as_turnd(Command::new("/usr/bin/turnd").args(["--config", "/etc/turnd/turnd.toml", "--check-config"])));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok"));
+    // The check exactly as deploy/README.md gives it to operators.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/README.md")).unwrap();
+    let check = readme
+        .lines()
+        .find(|l| l.starts_with("runuser -u turnd") && l.contains("--check-config"))
+        .expect("deploy/README.md shows the package's config check");
+    let out = run(Command::new("timeout").args(["30", "sh", "-c", check]).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok"), "{check}");
+    for f in ["/var/lib/turnd/secret", "/var/lib/turnd/admin-token"] {
+        let m = std::fs::metadata(f).unwrap_or_else(|e| panic!("{f} after the check: {e}"));
+        assert_eq!(m.uid(), uid, "{f} belongs to turnd, so the service can read it");
+    }
 
     // A real start: the installed config with its listeners and metrics moved
     // to free loopback ports (other tests run beside this one).
@@ -240,11 +250,14 @@ fn package_builds_installs_runs_and_purges_cleanly() {
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let (mapped, local) = answer.unwrap_or_else(|| panic!("no Binding answer from the installed turnd within 10 s:\n{log}"));
     assert_eq!(mapped, local, "XOR-MAPPED-ADDRESS is where the request came from");
+    // The metrics listener, once turnd says it is ready (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("turnd ready") {
+        assert!(Instant::now() < deadline, "no \"turnd ready\" within 10 s:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (code, _) = common::http_get(&format!("127.0.0.1:{metrics}"), "/healthz");
     assert_eq!(code, 200, "/healthz of the installed turnd");
-    // It kept its generated secret and admin token in the state directory, as the turnd user.
-    let secret = std::fs::metadata("/var/lib/turnd/secret").expect("a generated secret in /var/lib/turnd");
-    assert_eq!(secret.uid(), uid, "the secret belongs to turnd");
     let mut child = guard.child.take().unwrap();
     let _ = child.kill();
     let _ = child.wait();
