@@ -1,5 +1,5 @@
-//! The relay's Debian package: deploy/debian/build-deb.sh packages the
-//! binaries this test run built (no second, release build), dpkg installs it
+//! The relay's Debian package: deploy/debian/build-deb.sh (cargo-deb) packages
+//! the binaries this test run built (no second, release build), dpkg installs it
 //! on this machine, the files, the conffile, the user and the state directory
 //! are where they belong, the installed turnd accepts the installed config and
 //! answers a STUN Binding on loopback as the turnd user, and `dpkg --purge`
@@ -103,16 +103,13 @@ fn package_builds_installs_runs_and_purges_cleanly() {
     std::fs::set_permissions(&dir, PermissionsExt::from_mode(0o755)).unwrap();
     let mut guard = Installed { child: None, dir: dir.clone() };
 
-    // Build from the binaries of this test run.
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_turnd")).parent().unwrap().to_owned();
+    // Build from the binaries of this test run (target/debug), not a release build.
+    assert!(Path::new(env!("CARGO_BIN_EXE_turnd")).parent().unwrap().ends_with("debug"));
     let out = run(Command::new("timeout")
         .arg("120")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/debian/build-deb.sh"))
-        .arg("--bin-dir")
-        .arg(&bin_dir)
-        .arg("--out")
-        .arg(&dir)
-        .arg("--fast"));
+        .args(["--no-build", "--profile", "dev", "--fast", "--out"])
+        .arg(&dir));
     let deb = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
     let arch = String::from_utf8(run(Command::new("dpkg").arg("--print-architecture")).stdout).unwrap();
     assert_eq!(

@@ -117,8 +117,8 @@ fn family(name: &str) -> i32 {
 /// (an allow list): socket() with any other family fails with
 /// EAFNOSUPPORT; every other system call passes.
 fn address_family_filter(allowed: &[i32]) -> Vec<libc::sock_filter> {
-    const LD_W_ABS: u16 = 0x00 | 0x00 | 0x20; // BPF_LD | BPF_W | BPF_ABS
-    const JEQ_K: u16 = 0x05 | 0x10 | 0x00; // BPF_JMP | BPF_JEQ | BPF_K
+    const LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS (0x20)
+    const JEQ_K: u16 = 0x15; // BPF_JMP (5) | BPF_JEQ (0x10) | BPF_K (0)
     const RET_K: u16 = 0x06; // BPF_RET | BPF_K
     #[cfg(target_arch = "x86_64")]
     const ARCH: u32 = 0xc000_003e; // AUDIT_ARCH_X86_64
