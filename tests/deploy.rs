@@ -707,6 +707,7 @@ fn certbot_hook_installs_a_key_the_container_can_read_in_every_order() {
         return;
     }
     let dir = common::temp_dir("deploy-hook");
+    let _cleanup = RemoveOnDrop(dir.clone());
     // certbot's lineage: the key readable by root only.
     let live = dir.join("live");
     std::fs::create_dir_all(&live).unwrap();
@@ -753,7 +754,15 @@ fn certbot_hook_installs_a_key_the_container_can_read_in_every_order() {
     check(&tls, 4242, "first issue with TURND_TLS_GROUP");
     run_hook(&dir, &tls, None);
     check(&tls, 4242, "renewal without TURND_TLS_GROUP");
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Removes a directory when dropped, also when an assertion fails.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[test]

@@ -180,7 +180,17 @@ fn start_under_families(allowed: &[i32], name: &str) -> String {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().expect("start turnd under the seccomp filter");
+    /// Stops turnd and removes its directory, also when an assertion fails.
+    struct Run(std::process::Child, std::path::PathBuf);
+    impl Drop for Run {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let mut run = Run(cmd.spawn().expect("start turnd under the seccomp filter"), dir.clone());
+    let child = &mut run.0;
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -193,9 +203,6 @@ fn start_under_families(allowed: &[i32], name: &str) -> String {
         assert!(Instant::now() < deadline, "turnd not ready within 10 s under the filter: {text}");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
     text
 }
 
