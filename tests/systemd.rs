@@ -192,7 +192,8 @@ fn start_under_families(allowed: &[i32], name: &str) -> String {
     let mut run = Run(cmd.spawn().expect("start turnd under the seccomp filter"), dir.clone());
     let child = &mut run.0;
     let deadline = Instant::now() + Duration::from_secs(10);
-    let text = loop {
+    // The log up to "turnd ready" (the guard then stops turnd).
+    loop {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         if text.contains("turnd ready") {
             break text;
@@ -202,8 +203,7 @@ fn start_under_families(allowed: &[i32], name: &str) -> String {
         }
         assert!(Instant::now() < deadline, "turnd not ready within 10 s under the filter: {text}");
         std::thread::sleep(Duration::from_millis(20));
-    };
-    text
+    }
 }
 
 #[test]
