@@ -2,8 +2,9 @@
 # The whole test suite, as CI runs it. Installs what the tests need when it
 # is missing (Debian's coturn for turnutils_uclient, iptables for the
 # network-namespace test, chromium for the browser test, prosody and
-# docker-compose for the deploy tests, a Python virtualenv with slixmpp and
-# PyYAML in .venv), then runs cargo test.
+# docker-compose for the deploy tests, cargo-deb, dpkg-dev and binutils for
+# the Debian package test, a Python virtualenv with slixmpp and PyYAML in
+# .venv), then runs cargo test.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -34,6 +35,15 @@ fi
 if ! command -v docker-compose >/dev/null 2>&1; then
   missing+=(docker-compose)  # `docker-compose config` on deploy/*/compose.yaml in tests/deploy.rs
 fi
+if ! command -v dpkg-shlibdeps >/dev/null 2>&1; then
+  missing+=(dpkg-dev)    # cargo-deb's automatic Depends (tests/debian_package.rs)
+fi
+if ! command -v strip >/dev/null 2>&1; then
+  missing+=(binutils)    # cargo-deb strips the packaged binaries
+fi
+if ! command -v setpriv >/dev/null 2>&1; then
+  missing+=(util-linux)  # setpriv: run as uid 65532 / the turnd user (deploy and package tests)
+fi
 if ! command -v python3 >/dev/null 2>&1; then
   missing+=(python3 python3-venv)
 elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
@@ -56,6 +66,13 @@ if ! .venv/bin/python3 -c 'import slixmpp, yaml' >/dev/null 2>&1; then
   echo "test.sh: creating .venv with slixmpp and PyYAML"
   python3 -m venv .venv
   .venv/bin/pip install -q 'slixmpp==1.17.0' 'PyYAML==6.0.3'
+fi
+
+# cargo-deb builds the Debian package of tests/debian_package.rs
+# (deploy/debian/build-deb.sh); about 80 s to compile once per machine.
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "test.sh: installing cargo-deb"
+  cargo install -q cargo-deb --locked --version 3.8.0
 fi
 
 # Two cores: keep test parallelism modest. The output is kept to sum up below.

@@ -308,10 +308,14 @@ for k in "${answers[@]}"; do
 done
 put "$site" 0644 "$site_text"
 
-# The relay: readable by the container's group when set up as root.
+# The relay: readable by the container's group when set up as root. A copy
+# made with scp or rsync (without numeric owners) loses that group; running
+# setup.sh again as root on the relay sets it back, even when nothing else
+# changes.
 make_dir "$turn_dir/etc" 0750
 fix_perms "$turn_dir/etc" 0750 "$TURND_GID"
 make_dir "$turn_dir/etc/tls" 0750
+fix_perms "$turn_dir/etc/tls" 0750 "$TURND_GID"
 put "$secret_file" 0640 "$secret_text" "$TURND_GID"
 # (Rendered into variables first: a failure inside $(...) then stops the script.)
 text=$(render "$turn_dir/turnd.toml.template")
@@ -338,16 +342,17 @@ else
   echo "Nothing changed: every file already matches these answers."
 fi
 if [ "$rotate" -eq 1 ]; then
-  echo "New shared secret. Reload the relay first (it now accepts the new and the old one),"
-  echo "then restart prosody on the Jitsi VPS (docker compose up -d prosody). After TURN_TTL"
-  echo "seconds, delete the old secret (second line of deploy/turn/etc/secret) and reload the relay."
+  echo "New shared secret. 1. Copy deploy/turn/etc/secret to every relay (run setup.sh there again"
+  echo "as root, or chgrp $TURND_GID it) and reload them: they now accept the new and the old one."
+  echo "2. Then copy deploy/jitsi/.env to the Jitsi VPS and run docker compose up -d prosody there."
+  echo "3. After TURN_TTL seconds, delete the old secret (second line of the relays' secret file)"
+  echo "and reload the relays."
 fi
 if [ "$(id -u)" -ne 0 ]; then
   echo
-  echo "Not run as root: on the relay VPS, let the container read its files:"
-  echo "  sudo chgrp -R $TURND_GID $turn_dir/etc"
-  echo "and on the Jitsi VPS, give the containers their data directories:"
-  echo "  sudo chown -R $JITSI_UID:$JITSI_UID $jitsi_dir/config"
+  echo "Not run as root: the containers cannot read these files yet. On the relay VPS, run"
+  echo "setup.sh again as root there (sudo deploy/setup.sh), or: sudo chgrp -R $TURND_GID deploy/turn/etc"
+  echo "On the Jitsi VPS: sudo chown -R $JITSI_UID:$JITSI_UID deploy/jitsi/config"
 fi
 
 relay_rules=$("$turn_dir/ufw.sh" --print)
@@ -361,17 +366,22 @@ $(for h in "${hosts[@]}"; do [ "$h" = "${val[TURN_DOMAIN]}" ] || echo "  $h.  A 
 
 Firewall on the relay VPS (deploy/turn/ufw.sh applies these; mirror them in the provider's firewall):
 $(sed 's/^/  /' <<<"$relay_rules")
-  plus TCP 80 while certbot --standalone issues or renews the certificate
 
 Firewall on the Jitsi VPS (deploy/jitsi/ufw.sh applies these):
 $(sed 's/^/  /' <<<"$jitsi_rules")
   and the videobridge must accept UDP ${val[TURN_IP]} -> ${val[MEET_IP]}:10000 (the relay forwards media there)
 
-Next (deploy/README.md has the details):
-  relay VPS:  certbot certonly --standalone -d ${val[TURN_DOMAIN]} -m ${val[ACME_EMAIL]} --agree-tos \\
-                --deploy-hook $turn_dir/certbot-deploy-hook.sh
-              cd $turn_dir && docker compose up -d --build
-  anywhere:   turnctl check ${val[TURN_DOMAIN]} --secret-file $secret_file
-  Jitsi VPS:  copy deploy/jitsi/ (with .env) there, then: cd deploy/jitsi && docker compose up -d
+Next (deploy/README.md has the details; run these as root, from the checkout's top directory):
+  relay VPS:  deploy/setup.sh     (again, on the relay itself: after a copy, gives deploy/turn/etc
+                                   back to the container's group $TURND_GID; changes nothing else)
+              ufw allow OpenSSH && deploy/turn/ufw.sh && ufw enable
+              apt-get install certbot
+              certbot certonly --standalone -d ${val[TURN_DOMAIN]} -m ${val[ACME_EMAIL]} --agree-tos \\
+                --deploy-hook \$PWD/deploy/turn/certbot-deploy-hook.sh
+              cd deploy/turn && docker compose up -d --build
+  anywhere:   turnctl check ${val[TURN_DOMAIN]} --secret-file deploy/turn/etc/secret
+  Jitsi VPS:  copy deploy/jitsi/ (with .env, mode 0600) there, then:
+              cd deploy/jitsi && ufw allow OpenSSH && ./ufw.sh && ufw enable
+              chown -R $JITSI_UID:$JITSI_UID config && docker compose up -d
   Cal.com:    Jitsi app server URL https://${val[MEET_DOMAIN]} (no trailing slash)
 EOF

@@ -8,8 +8,11 @@
 # it, the defaults: TURN on UDP and TCP 3478, TURN over TLS on TCP 443, relay
 # ports UDP 49152-65535. The metrics/admin listener stays on 127.0.0.1 and
 # gets no rule. Keep your SSH rule (ufw allow OpenSSH) before `ufw enable`.
-# certbot's standalone challenge also needs TCP 80 while it runs: add
-# `ufw allow 80/tcp` if you issue the certificate that way (or use a DNS challenge).
+#
+# TCP 80 stays open for certbot: its standalone HTTP-01 challenge needs the
+# port at the first issue and again at every renewal (every 60 days or so);
+# nothing listens there in between. If you get the certificate with a DNS
+# challenge instead, remove that rule: ufw delete allow 80/tcp
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -34,6 +37,7 @@ rules=(
   "allow ${TURN_PORT}/tcp comment 'turnd TURN over TCP'"
   "allow ${TURNS_PORT}/tcp comment 'turnd TURN over TLS'"
   "allow ${RELAY_PORTS/-/:}/udp comment 'turnd relay ports'"
+  "allow 80/tcp comment 'certbot HTTP-01 challenge (issue and renewals)'"
 )
 
 if [ "${1:-}" = "--print" ]; then

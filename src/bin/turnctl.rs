@@ -1,100 +1,17 @@
 //! turnctl: the operator tool for turnd.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 use turnd::auth::{rest_password, rest_username};
+use turnd::cli::turnctl::{AdminArgs, Cli, Cmd};
 use turnd::config::Seconds;
 
-#[derive(Parser)]
-#[command(name = "turnctl", version, about = "Operator tool for the turnd TURN relay")]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Print time-limited TURN credentials (TURN REST API, as prosody's mod_external_services computes them).
-    Credentials {
-        /// The shared secret. Other users of this host can read it in the process list while
-        /// turnctl runs: prefer --secret-file.
-        #[arg(long, conflicts_with = "secret_file", required_unless_present = "secret_file")]
-        secret: Option<String>,
-        /// File holding the shared secret(s); the first one signs.
-        #[arg(long, value_name = "FILE")]
-        secret_file: Option<PathBuf>,
-        /// User part appended to the expiry (EXPIRY:USER).
-        #[arg(long)]
-        user: Option<String>,
-        /// Validity, in seconds or with a unit (30m, 24h).
-        #[arg(long, default_value = "24h")]
-        ttl: String,
-        /// TURN host to put in the URIs (turn:HOST:3478, turns:HOST:443).
-        #[arg(long)]
-        host: Option<String>,
-        /// Print the TURN REST API JSON response.
-        #[arg(long, conflicts_with = "format")]
-        json: bool,
-        /// Output to paste elsewhere: `ice` (an RTCIceServer JSON array for a browser) or
-        /// `env` (docker-jitsi-meet .env lines for the prosody container; needs --host).
-        #[arg(long, value_parser = ["ice", "env"])]
-        format: Option<String>,
-    },
-    /// Generate a strong random shared secret.
-    Secret,
-    /// Show the running relay: version, uptime, listeners, allocations, relay ports.
-    Status {
-        #[command(flatten)]
-        admin: AdminArgs,
-        #[arg(long)]
-        json: bool,
-    },
-    /// List allocations: user, client, transport, relayed address, peers, bytes, age.
-    Sessions {
-        #[command(flatten)]
-        admin: AdminArgs,
-        #[arg(long)]
-        json: bool,
-    },
-    /// End allocations of a user (USER or EXPIRY:USER), a client (IP or IP:PORT) or a relayed address.
-    Disconnect {
-        #[command(flatten)]
-        admin: AdminArgs,
-        #[arg(long, group = "which", required = true)]
-        user: Option<String>,
-        #[arg(long, group = "which")]
-        client: Option<String>,
-        #[arg(long, group = "which")]
-        relayed: Option<String>,
-    },
-    /// Reload turnd's configuration, secrets and certificates (like SIGHUP); reports a refusal.
-    Reload {
-        #[command(flatten)]
-        admin: AdminArgs,
-    },
-    /// From a participant's network: STUN, allocations and a relay round trip over UDP, TCP and TLS, the certificate, and what it means.
-    Check(turnd::ctl::check::CheckArgs),
-}
-
-/// How to reach turnd's admin API (on its metrics listener).
-#[derive(clap::Args)]
-struct AdminArgs {
-    /// turnd's metrics/admin listener (metrics.listen).
-    #[arg(long, default_value = "127.0.0.1:9641", value_name = "IP:PORT")]
-    admin: std::net::SocketAddr,
-    /// File holding the admin token (admin.token_file). Default: turnd's state directory.
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
-}
-
-impl AdminArgs {
-    fn connect(&self) -> Result<turnd::ctl::admin::Admin, String> {
-        let path = self.token_file.clone().unwrap_or_else(turnd::config::default_admin_token_path);
-        turnd::ctl::admin::Admin::from_token_file(self.admin, &path)
-    }
+/// Connects to the admin API the arguments name.
+fn connect(args: &AdminArgs) -> Result<turnd::ctl::admin::Admin, String> {
+    let path = args.token_file.clone().unwrap_or_else(turnd::config::default_admin_token_path);
+    turnd::ctl::admin::Admin::from_token_file(args.admin, &path)
 }
 
 /// Runs an admin call and prints its result; exit 1 on failure.
@@ -104,7 +21,7 @@ fn admin_call(
     call: impl FnOnce(&turnd::ctl::admin::Admin) -> Result<serde_json::Value, turnd::ctl::admin::AdminError>,
     render: impl FnOnce(&serde_json::Value) -> String,
 ) -> ExitCode {
-    let admin = match args.connect() {
+    let admin = match connect(args) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("turnctl: {e}");

@@ -1,56 +1,12 @@
 //! turnd: the TURN/STUN relay server.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 
+use turnd::cli::turnd::Args;
 use turnd::config::{self, Overrides};
 use turnd::net::preflight;
-
-#[derive(Parser, Debug)]
-#[command(name = "turnd", version, about = "TURN/STUN relay (RFC 8489, RFC 8656) with TURN REST API credentials")]
-struct Args {
-    /// Configuration file (TOML). Without one, turnd serves UDP and TCP on 0.0.0.0:3478 with a generated secret.
-    #[arg(short, long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Listener as [udp|tcp|tls://]IP:PORT, repeatable; replaces the [[listen]] entries.
-    #[arg(long, value_name = "ADDR")]
-    listen: Vec<String>,
-    /// Realm (overrides `realm`).
-    #[arg(long)]
-    realm: Option<String>,
-    /// IPv4 address relay sockets bind to (overrides `relay.ip`).
-    #[arg(long, value_name = "IP")]
-    relay_ip: Option<String>,
-    /// Public IPv4 address advertised behind 1:1 NAT (overrides `relay.external_ip`).
-    #[arg(long, value_name = "IP")]
-    external_ip: Option<String>,
-    /// Relay port range LOW-HIGH (overrides `relay.ports`).
-    #[arg(long, value_name = "LOW-HIGH")]
-    ports: Option<String>,
-    /// File with the shared secret(s), one per line (overrides `auth.secret_file`).
-    #[arg(long, value_name = "FILE")]
-    secret_file: Option<PathBuf>,
-    /// CIDR to allow as a peer despite the deny list, repeatable (added to `peers.allow`).
-    #[arg(long, value_name = "CIDR")]
-    allow_peer: Vec<String>,
-    /// Log level or filter (overrides `log.level`).
-    #[arg(long, value_name = "LEVEL")]
-    log_level: Option<String>,
-    /// Log format: text or json (overrides `log.format`).
-    #[arg(long, value_name = "FORMAT")]
-    log_format: Option<String>,
-    /// Check everything a start checks, short of serving, and exit: the file, the certificate
-    /// and key, that listen and relay addresses are on this host and their ports free (a port held by a
-    /// running turnd is fine). Exit status 0 when a start would succeed, 2 otherwise.
-    #[arg(long)]
-    check_config: bool,
-    /// With --check-config: check the file alone, for a file meant for another host
-    /// (no certificate, address or port checks).
-    #[arg(long, requires = "check_config")]
-    file_only: bool,
-}
 
 fn main() -> ExitCode {
     let a = Args::parse();

@@ -125,6 +125,11 @@ fn bind_problem(key: &str, addr: SocketAddr, stream: bool, e: &std::io::Error, m
                 Ok(format!("{key}: {proto} {addr} is held by a running turnd (pid {pid}); a reload keeps it"))
             }
             Some((pid, name)) => Err(bad(key, format!("{proto} {addr} is in use by {name} (pid {pid})"))),
+            // Held by a process this check cannot see (another container,
+            // another user's process): perhaps the running turnd itself.
+            None if mode == Mode::Check => Ok(format!(
+                "{key}: {proto} {addr} is in use by a process this check cannot see; unless it is the running turnd, a start will fail"
+            )),
             None => Err(bad(key, format!("{proto} {addr} is in use by another program"))),
         },
         _ => Err(bad(key, format!("cannot bind {proto} {addr}: {e}"))),

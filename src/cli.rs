@@ -1,0 +1,153 @@
+//! The command lines of `turnd` and `turnctl` (clap), here rather than in
+//! src/bin so that `turnd-docgen` can render man pages and shell completions
+//! from the same definitions the programs parse.
+
+/// `turnd`'s command line.
+pub mod turnd {
+    use std::path::PathBuf;
+
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    #[command(name = "turnd", version, about = "TURN/STUN relay (RFC 8489, RFC 8656) with TURN REST API credentials")]
+    pub struct Args {
+        /// Configuration file (TOML). Without one, turnd serves UDP and TCP on 0.0.0.0:3478 with a generated secret.
+        #[arg(short, long, value_name = "FILE")]
+        pub config: Option<PathBuf>,
+        /// Listener as [udp|tcp|tls://]IP:PORT, repeatable; replaces the [[listen]] entries.
+        #[arg(long, value_name = "ADDR")]
+        pub listen: Vec<String>,
+        /// Realm (overrides `realm`).
+        #[arg(long)]
+        pub realm: Option<String>,
+        /// IPv4 address relay sockets bind to (overrides `relay.ip`).
+        #[arg(long, value_name = "IP")]
+        pub relay_ip: Option<String>,
+        /// Public IPv4 address advertised behind 1:1 NAT (overrides `relay.external_ip`).
+        #[arg(long, value_name = "IP")]
+        pub external_ip: Option<String>,
+        /// Relay port range LOW-HIGH (overrides `relay.ports`).
+        #[arg(long, value_name = "LOW-HIGH")]
+        pub ports: Option<String>,
+        /// File with the shared secret(s), one per line (overrides `auth.secret_file`).
+        #[arg(long, value_name = "FILE")]
+        pub secret_file: Option<PathBuf>,
+        /// CIDR to allow as a peer despite the deny list, repeatable (added to `peers.allow`).
+        #[arg(long, value_name = "CIDR")]
+        pub allow_peer: Vec<String>,
+        /// Log level or filter (overrides `log.level`).
+        #[arg(long, value_name = "LEVEL")]
+        pub log_level: Option<String>,
+        /// Log format: text or json (overrides `log.format`).
+        #[arg(long, value_name = "FORMAT")]
+        pub log_format: Option<String>,
+        /// Check everything a start checks, short of serving, and exit: the file, the certificate
+        /// and key, that listen and relay addresses are on this host and their ports free (a port held by a
+        /// running turnd is fine). Exit status 0 when a start would succeed, 2 otherwise.
+        #[arg(long)]
+        pub check_config: bool,
+        /// With --check-config: check the file alone, for a file meant for another host
+        /// (no certificate, address or port checks).
+        #[arg(long, requires = "check_config")]
+        pub file_only: bool,
+    }
+
+    /// The clap definition, for man pages and completions.
+    pub fn command() -> clap::Command {
+        <Args as clap::CommandFactory>::command()
+    }
+}
+
+/// `turnctl`'s command line.
+pub mod turnctl {
+    use std::path::PathBuf;
+
+    use clap::{Parser, Subcommand};
+
+    #[derive(Parser)]
+    #[command(name = "turnctl", version, about = "Operator tool for the turnd TURN relay")]
+    pub struct Cli {
+        #[command(subcommand)]
+        pub cmd: Cmd,
+    }
+
+    #[derive(Subcommand)]
+    pub enum Cmd {
+        /// Print time-limited TURN credentials (TURN REST API, as prosody's mod_external_services computes them).
+        Credentials {
+            /// The shared secret. Other users of this host can read it in the process list while
+            /// turnctl runs: prefer --secret-file.
+            #[arg(long, conflicts_with = "secret_file", required_unless_present = "secret_file")]
+            secret: Option<String>,
+            /// File holding the shared secret(s); the first one signs.
+            #[arg(long, value_name = "FILE")]
+            secret_file: Option<PathBuf>,
+            /// User part appended to the expiry (EXPIRY:USER).
+            #[arg(long)]
+            user: Option<String>,
+            /// Validity, in seconds or with a unit (30m, 24h).
+            #[arg(long, default_value = "24h")]
+            ttl: String,
+            /// TURN host to put in the URIs (turn:HOST:3478, turns:HOST:443).
+            #[arg(long)]
+            host: Option<String>,
+            /// Print the TURN REST API JSON response.
+            #[arg(long, conflicts_with = "format")]
+            json: bool,
+            /// Output to paste elsewhere: `ice` (an RTCIceServer JSON array for a browser) or
+            /// `env` (docker-jitsi-meet .env lines for the prosody container; needs --host).
+            #[arg(long, value_parser = ["ice", "env"])]
+            format: Option<String>,
+        },
+        /// Generate a strong random shared secret.
+        Secret,
+        /// Show the running relay: version, uptime, listeners, allocations, relay ports.
+        Status {
+            #[command(flatten)]
+            admin: AdminArgs,
+            #[arg(long)]
+            json: bool,
+        },
+        /// List allocations: user, client, transport, relayed address, peers, bytes, age.
+        Sessions {
+            #[command(flatten)]
+            admin: AdminArgs,
+            #[arg(long)]
+            json: bool,
+        },
+        /// End allocations of a user (USER or EXPIRY:USER), a client (IP or IP:PORT) or a relayed address.
+        Disconnect {
+            #[command(flatten)]
+            admin: AdminArgs,
+            #[arg(long, group = "which", required = true)]
+            user: Option<String>,
+            #[arg(long, group = "which")]
+            client: Option<String>,
+            #[arg(long, group = "which")]
+            relayed: Option<String>,
+        },
+        /// Reload turnd's configuration, secrets and certificates (like SIGHUP); reports a refusal.
+        Reload {
+            #[command(flatten)]
+            admin: AdminArgs,
+        },
+        /// From a participant's network: STUN, allocations and a relay round trip over UDP, TCP and TLS, the certificate, and what it means.
+        Check(crate::ctl::check::CheckArgs),
+    }
+
+    /// How to reach turnd's admin API (on its metrics listener).
+    #[derive(clap::Args)]
+    pub struct AdminArgs {
+        /// turnd's metrics/admin listener (metrics.listen).
+        #[arg(long, default_value = "127.0.0.1:9641", value_name = "IP:PORT")]
+        pub admin: std::net::SocketAddr,
+        /// File holding the admin token (admin.token_file). Default: turnd's state directory.
+        #[arg(long, value_name = "FILE")]
+        pub token_file: Option<PathBuf>,
+    }
+
+    /// The clap definition, for man pages and completions.
+    pub fn command() -> clap::Command {
+        <Cli as clap::CommandFactory>::command()
+    }
+}

@@ -1,0 +1,283 @@
+//! The relay's Debian package: deploy/debian/build-deb.sh (cargo-deb) packages
+//! the binaries this test run built (no second, release build), dpkg installs it
+//! on this machine, the files, the conffile, the user and the state directory
+//! are where they belong, the installed turnd accepts the installed config and
+//! answers a STUN Binding on loopback as the turnd user, and `dpkg --purge`
+//! leaves nothing behind.
+//!
+//! It changes the real system (/usr/bin, /etc/turnd, a `turnd` user), so it
+//! runs only as root, purges the package even when an assertion fails, and
+//! refuses to touch a turnd package it did not install.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use turnd::stun::{attr, method, Class, Message};
+
+const PACKAGE: &str = "turnd";
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn installed() -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status}", PACKAGE])
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout != b"not-installed")
+}
+
+/// Purges the package (and stops the turnd it started) when dropped, so a
+/// failed assertion does not leave the package installed.
+struct Installed {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("timeout").args(["60", "dpkg", "--purge", PACKAGE]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn gunzip(path: &Path) -> String {
+    String::from_utf8(run(Command::new("gzip").arg("-dc").arg(path)).stdout).unwrap()
+}
+
+/// A STUN Binding to `server` from a fresh socket, repeated every 100 ms
+/// until answered or `deadline`; the address the server saw us at.
+fn binding(server: SocketAddr, deadline: Instant) -> Option<(SocketAddr, SocketAddr)> {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    let tid: [u8; 12] = std::array::from_fn(|i| (std::process::id() >> (i % 4 * 8)) as u8 ^ i as u8);
+    req.extend_from_slice(&tid);
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        sock.send_to(&req, server).unwrap();
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let m = Message::parse(&buf[..n]).expect("a STUN answer");
+            assert_eq!((m.method(), m.class()), (method::BINDING, Class::Success), "Binding answer");
+            assert_eq!(m.transaction_id(), &tid);
+            assert_eq!(from, server);
+            let mapped = attr::decode_xor_address(m.get(attr::XOR_MAPPED_ADDRESS).expect("XOR-MAPPED-ADDRESS"), &tid).unwrap();
+            return Some((mapped, sock.local_addr().unwrap()));
+        }
+    }
+    None
+}
+
+#[test]
+fn package_builds_installs_runs_and_purges_cleanly() {
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 || !common_have("dpkg") {
+        eprintln!("not root or no dpkg: the package is not installed here");
+        return;
+    }
+    assert!(
+        !installed(),
+        "a {PACKAGE} package is already installed on this machine; this test installs and purges its own \
+         (remove it first: dpkg --purge {PACKAGE})"
+    );
+    let started = Instant::now();
+    let dir = common::temp_dir("deb");
+    std::fs::set_permissions(&dir, PermissionsExt::from_mode(0o755)).unwrap();
+    let mut guard = Installed { child: None, dir: dir.clone() };
+
+    // Build from the binaries of this test run (target/debug), not a release build.
+    assert!(Path::new(env!("CARGO_BIN_EXE_turnd")).parent().unwrap().ends_with("debug"));
+    let out = run(Command::new("timeout")
+        .arg("120")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/debian/build-deb.sh"))
+        .args(["--no-build", "--profile", "dev", "--fast", "--out"])
+        .arg(&dir));
+    let deb = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let arch = String::from_utf8(run(Command::new("dpkg").arg("--print-architecture")).stdout).unwrap();
+    assert_eq!(
+        deb.file_name().unwrap().to_str().unwrap(),
+        format!("turnd_{}_{}.deb", env!("CARGO_PKG_VERSION"), arch.trim()),
+        "package file name"
+    );
+    let built = started.elapsed();
+
+    // Install.
+    run(Command::new("timeout").arg("120").args(["dpkg", "-i"]).arg(&deb).env("DEBIAN_FRONTEND", "noninteractive"));
+    assert!(installed());
+    let files: Vec<String> = String::from_utf8(run(Command::new("dpkg").args(["-L", PACKAGE])).stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let listed: BTreeSet<&str> = files.iter().map(String::as_str).collect();
+    for f in [
+        "/usr/bin/turnd",
+        "/usr/bin/turnctl",
+        "/lib/systemd/system/turnd.service",
+        "/etc/turnd/turnd.toml",
+        "/usr/share/man/man1/turnd.1.gz",
+        "/usr/share/man/man1/turnctl.1.gz",
+        "/usr/share/man/man1/turnctl-check.1.gz",
+        "/usr/share/bash-completion/completions/turnd",
+        "/usr/share/bash-completion/completions/turnctl",
+        "/usr/share/zsh/vendor-completions/_turnd",
+        "/usr/share/zsh/vendor-completions/_turnctl",
+        "/usr/share/fish/vendor_completions.d/turnd.fish",
+        "/usr/share/fish/vendor_completions.d/turnctl.fish",
+        "/usr/share/turnd/certbot-deploy-hook.sh",
+    ] {
+        assert!(listed.contains(f), "the package does not list {f}: {files:?}");
+        assert!(Path::new(f).is_file(), "{f} is not installed");
+    }
+    for b in ["/usr/bin/turnd", "/usr/bin/turnctl"] {
+        assert_eq!(std::fs::metadata(b).unwrap().mode() & 0o777, 0o755, "{b} mode");
+        let v = run(Command::new(b).arg("--version"));
+        assert!(String::from_utf8_lossy(&v.stdout).contains(env!("CARGO_PKG_VERSION")), "{b} --version");
+    }
+
+    // The config is the documented one, and a conffile (upgrades keep edits).
+    let conf = std::fs::read_to_string("/etc/turnd/turnd.toml").unwrap();
+    assert_eq!(conf, std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/turnd.toml")).unwrap());
+    let conffiles = String::from_utf8(run(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", PACKAGE])).stdout).unwrap();
+    assert!(conffiles.contains("/etc/turnd/turnd.toml"), "not a conffile: {conffiles:?}");
+
+    // The unit runs the installed binary as the package's user.
+    let unit = std::fs::read_to_string("/lib/systemd/system/turnd.service").unwrap();
+    for line in ["ExecStart=/usr/bin/turnd --config /etc/turnd/turnd.toml", "User=turnd", "Group=turnd", "StateDirectory=turnd", "Type=notify"] {
+        assert!(unit.lines().any(|l| l == line), "the installed unit lacks {line:?}:\n{unit}");
+    }
+    assert!(!unit.contains("DynamicUser=yes") && !unit.contains("SupplementaryGroups="), "static user only:\n{unit}");
+    if common_have("systemd-analyze") {
+        let out = Command::new("systemd-analyze").args(["verify", "/lib/systemd/system/turnd.service"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && err.trim().is_empty(), "systemd-analyze verify on the installed unit: {err}");
+    }
+
+    // Man pages and completions come from the clap definitions.
+    let man = gunzip(Path::new("/usr/share/man/man1/turnd.1.gz"));
+    assert!(man.contains(".TH turnd 1") && man.contains("check\\-config"), "turnd(1):\n{man}");
+    let man = gunzip(Path::new("/usr/share/man/man1/turnctl-check.1.gz"));
+    assert!(man.contains(".TH turnctl-check 1") && man.contains("secret\\-file"), "turnctl-check(1):\n{man}");
+    if common_have("man") {
+        let out = run(Command::new("man").args(["-P", "cat", "turnd"]).env("MANWIDTH", "80"));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("--check-config"), "man turnd");
+    }
+    let bash = std::fs::read_to_string("/usr/share/bash-completion/completions/turnctl").unwrap();
+    assert!(bash.contains("complete -F") && bash.contains("credentials") && bash.contains("--secret-file"), "bash completion");
+    let out = run(Command::new("bash").arg("-n").arg("/usr/share/bash-completion/completions/turnctl"));
+    assert!(out.stderr.is_empty());
+    assert!(std::fs::read_to_string("/usr/share/zsh/vendor-completions/_turnd").unwrap().starts_with("#compdef turnd"));
+    assert!(std::fs::read_to_string("/usr/share/fish/vendor_completions.d/turnd.fish").unwrap().contains("complete -c turnd"));
+
+    // The system user and its state directory.
+    let pw = String::from_utf8(run(Command::new("getent").args(["passwd", "turnd"])).stdout).unwrap();
+    let fields: Vec<&str> = pw.trim().split(':').collect();
+    let uid: u32 = fields[2].parse().unwrap();
+    assert!(uid < 1000, "a system user: {pw}");
+    assert_eq!(fields[5], "/var/lib/turnd");
+    assert!(fields[6].ends_with("nologin"), "no login shell: {pw}");
+    let state = std::fs::metadata("/var/lib/turnd").unwrap();
+    assert_eq!((state.uid(), state.mode() & 0o777), (uid, 0o700), "/var/lib/turnd");
+
+    // The installed turnd, as the turnd user (as the unit runs it), accepts
+    // the installed config.
+    // (setpriv execs the program: the child's pid is turnd's.)
+    let as_turnd = |cmd: &mut Command| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=turnd", "--regid=turnd", "--init-groups", "--"])
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            .env("STATE_DIRECTORY", "/var/lib/turnd");
+        c
+    };
+    // The check exactly as deploy/README.md gives it to operators.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/README.md")).unwrap();
+    let check = readme
+        .lines()
+        .find(|l| l.starts_with("runuser -u turnd") && l.contains("--check-config"))
+        .expect("deploy/README.md shows the package's config check");
+    let out = run(Command::new("timeout").args(["30", "sh", "-c", check]).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok"), "{check}");
+    for f in ["/var/lib/turnd/secret", "/var/lib/turnd/admin-token"] {
+        let m = std::fs::metadata(f).unwrap_or_else(|e| panic!("{f} after the check: {e}"));
+        assert_eq!(m.uid(), uid, "{f} belongs to turnd, so the service can read it");
+    }
+
+    // A real start: the installed config with its listeners and metrics moved
+    // to free loopback ports (other tests run beside this one).
+    let port = common::free_port();
+    let metrics = common::free_port();
+    let mut cfg: toml::Table = conf.parse().unwrap();
+    cfg.get_mut("metrics").and_then(|m| m.as_table_mut()).expect("a [metrics] table").insert("listen".into(), format!("127.0.0.1:{metrics}").into());
+    let cfg_path = dir.join("turnd.toml");
+    std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
+    std::fs::set_permissions(&cfg_path, PermissionsExt::from_mode(0o644)).unwrap();
+    let log_path = dir.join("turnd.log");
+    let child = as_turnd(
+        Command::new("/usr/bin/turnd")
+            .arg("--config")
+            .arg(&cfg_path)
+            .args(["--listen", &format!("udp://127.0.0.1:{port}"), "--relay-ip", "127.0.0.1", "--ports", "20000-29999"]),
+    )
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log_path).unwrap())
+    .spawn()
+    .unwrap();
+    guard.child = Some(child);
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let answer = binding(server, Instant::now() + Duration::from_secs(10));
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let (mapped, local) = answer.unwrap_or_else(|| panic!("no Binding answer from the installed turnd within 10 s:\n{log}"));
+    assert_eq!(mapped, local, "XOR-MAPPED-ADDRESS is where the request came from");
+    // The metrics listener, once turnd says it is ready (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("turnd ready") {
+        assert!(Instant::now() < deadline, "no \"turnd ready\" within 10 s:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, _) = common::http_get(&format!("127.0.0.1:{metrics}"), "/healthz");
+    assert_eq!(code, 200, "/healthz of the installed turnd");
+    let mut child = guard.child.take().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Purge: nothing of the package, its user or its state is left.
+    let out = run(Command::new("timeout").args(["60", "dpkg", "--purge", PACKAGE]));
+    assert!(!installed(), "still installed after purge");
+    let left: Vec<&String> = files.iter().filter(|f| {
+        let p = Path::new(f.as_str());
+        // Shared directories (/usr/bin, /usr/share/man, ...) stay, as they should.
+        p.exists() && !(p.is_dir() && std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_some()))
+    }).collect();
+    assert!(left.is_empty(), "left after purge: {left:?}\n{}", String::from_utf8_lossy(&out.stdout));
+    for p in ["/etc/turnd", "/var/lib/turnd", "/usr/share/turnd"] {
+        assert!(!Path::new(p).exists(), "{p} is left after purge");
+    }
+    let user = Command::new("getent").args(["passwd", "turnd"]).output().unwrap();
+    assert!(!user.status.success(), "the turnd user is left after purge");
+    let group = Command::new("getent").args(["group", "turnd"]).output().unwrap();
+    assert!(!group.status.success(), "the turnd group is left after purge");
+    eprintln!("package built in {built:?}; whole test {:?}", started.elapsed());
+}
+
+fn common_have(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().is_ok_and(|o| o.status.success())
+}
