@@ -67,11 +67,12 @@ pub enum AuthFailure {
 }
 
 impl AuthFailure {
-    pub fn code(self) -> u16 {
+    pub fn code(self) -> crate::stun::ErrorCode {
+        use crate::stun::ErrorCode;
         match self {
-            AuthFailure::BadRequest => 400,
-            AuthFailure::StaleNonce => 438,
-            _ => 401,
+            AuthFailure::BadRequest => ErrorCode::BadRequest,
+            AuthFailure::StaleNonce => ErrorCode::StaleNonce,
+            _ => ErrorCode::Unauthorized,
         }
     }
     pub fn label(self) -> &'static str {

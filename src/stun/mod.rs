@@ -6,11 +6,13 @@
 pub mod attr;
 mod channel;
 mod crc32;
+mod error_code;
 pub mod integrity;
 mod message;
 mod writer;
 
 pub use crc32::crc32_update;
+pub use error_code::ErrorCode;
 pub use channel::{ChannelData, frame_len, FrameLen, CHANNEL_MAX, CHANNEL_MAX_RFC5766, CHANNEL_MIN};
 pub use message::{Attributes, Class, IntegrityKind, Message, ParseError};
 pub use writer::{MessageWriter, WriteError, MAX_MESSAGE};

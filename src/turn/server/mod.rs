@@ -1,0 +1,311 @@
+//! The TURN server: its state and settings, and where a client's packet goes
+//! (RFC 8489, RFC 8656). Requests are answered in `requests.rs` (with the
+//! framing in `reply.rs`), ChannelData, Send and peer datagrams take the data
+//! path in `relaying.rs`, and allocations end in `expiry.rs`.
+
+mod expiry;
+mod relaying;
+mod reply;
+mod requests;
+
+use reply::{compact, known_attribute, Answer, Handled, Reply};
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::allocation::{Allocation, Channel, Relay};
+use super::bandwidth::Bucket;
+use super::ratelimit::RateLimiter;
+use super::slab::Slab;
+use super::{EndReason, Event, Family, FiveTuple, Now, OpenError, Output, PeerPolicy, Placement, RelayId, RelayPorts, Stats, Transport};
+use crate::auth::{quota_key, Authenticated, AuthFailure, Authenticator};
+use crate::stun::attr::{self, comprehension_required};
+use crate::stun::{method, ChannelData, Class, ErrorCode, IntegrityKind, Message, MessageWriter, CHANNEL_MAX, CHANNEL_MIN};
+
+/// Queued events beyond which refused-peer reports are dropped.
+const MAX_EVENTS: usize = 4096;
+/// UNKNOWN-ATTRIBUTES lists at most this many types.
+const MAX_UNKNOWN: usize = 8;
+/// How long a port reserved by EVEN-PORT's R bit waits for its token (RFC 8656: about 30 s).
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// Reservations held at once; beyond this, EVEN-PORT with R gets 508.
+const MAX_RESERVATIONS: usize = 4096;
+/// An answer without MESSAGE-INTEGRITY over UDP (the source address is
+/// unproven) is at most this many times the request (QUIC's anti-amplification
+/// bound, RFC 9000 8.1). Larger ones lose SOFTWARE and the reason phrase, and
+/// are dropped when that is not enough.
+pub const AMPLIFICATION_FACTOR: usize = 3;
+/// Default answers per second per source IP to unauthenticated UDP requests.
+pub const DEFAULT_UNAUTH_RATE: u32 = 100;
+
+/// A relay port held back for a later Allocate with RESERVATION-TOKEN.
+struct Reservation {
+    port: u16,
+    expires: Instant,
+}
+
+/// A relay address: where sockets bind, and what clients are told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayAddr {
+    pub local: IpAddr,
+    pub external: IpAddr,
+}
+
+/// The core's settings. Lifetimes in seconds; a quota of 0 means unlimited.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub software: Option<Arc<str>>,
+    pub default_lifetime: u32,
+    pub max_lifetime: u32,
+    pub permission_lifetime: u32,
+    pub channel_lifetime: u32,
+    pub user_quota: u32,
+    pub total_quota: u32,
+    pub max_permissions: usize,
+    /// Highest channel number accepted: 0x4FFF (RFC 8656) or 0x7FFF (RFC 5766 clients).
+    pub channel_max: u16,
+    pub relay_v4: Option<RelayAddr>,
+    pub relay_v6: Option<RelayAddr>,
+    /// Answers a second (and burst) per source IP to UDP requests that are
+    /// not authenticated (Binding, 401/438 challenges, 400/420); 0 = no limit.
+    pub unauth_rate: u32,
+    /// Bytes a second one allocation may relay in each direction; 0 = unlimited.
+    pub allocation_bytes_per_second: u64,
+    /// Bytes a second the whole server may relay in each direction; 0 = unlimited.
+    pub total_bytes_per_second: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            software: None,
+            default_lifetime: 600,
+            max_lifetime: 3600,
+            permission_lifetime: 300,
+            channel_lifetime: 600,
+            user_quota: 0,
+            total_quota: 0,
+            max_permissions: 64,
+            channel_max: CHANNEL_MAX,
+            relay_v4: None,
+            relay_v6: None,
+            // Off in the bare core, as quotas are; turnd's configuration
+            // turns it on (limits.unauth_rate, DEFAULT_UNAUTH_RATE).
+            unauth_rate: 0,
+            allocation_bytes_per_second: 0,
+            total_bytes_per_second: 0,
+        }
+    }
+}
+
+pub struct Server {
+    cfg: ServerConfig,
+    auth: Authenticator,
+    policy: PeerPolicy,
+    allocs: Slab<Allocation>,
+    by_tuple: HashMap<FiveTuple, u32>,
+    per_user: HashMap<Box<str>, u32>,
+    events: VecDeque<Event>,
+    reservations: HashMap<[u8; 8], Reservation>,
+    accepting: bool,
+    data_tid: u64,
+    unauth: RateLimiter,
+    /// Where the next partial sweep starts (see [`Server::sweep`]).
+    sweep_at: u32,
+    /// The whole server's bandwidth budgets, client to peer and peer to client.
+    total_to_peer: Bucket,
+    total_from_peer: Bucket,
+    /// The peers of the CreatePermission being handled: reused, so it grows
+    /// once to `max_permissions` + 1 and no request allocates.
+    peer_scratch: Vec<IpAddr>,
+    pub stats: Stats,
+}
+
+/// Queues an event. Beyond MAX_EVENTS, refused-peer reports (which a flood
+/// can make without end) are dropped; allocation and channel events are
+/// always kept, so a mirror of the bindings stays exact. Those are bounded by
+/// the allocations and channels the quotas allow, and the I/O layer drains
+/// the queue after every call.
+fn push_event(events: &mut VecDeque<Event>, e: Event) {
+    if events.len() >= MAX_EVENTS && matches!(e, Event::PeerRefused { .. } | Event::OverBandwidth { .. }) {
+        return;
+    }
+    events.push_back(e);
+}
+
+/// Reports that channel `c` of the allocation with these relays ended.
+fn channel_unbound(events: &mut VecDeque<Event>, tuple: FiveTuple, v4: Option<Relay>, v6: Option<Relay>, c: &Channel) {
+    if let Some(r) = if c.peer.is_ipv4() { v4 } else { v6 } {
+        push_event(events, Event::ChannelUnbound { relay: r.id, tuple, channel: c.number, peer: c.peer });
+    }
+}
+
+/// Prunes `a`, reporting the channel bindings that expired.
+fn prune(events: &mut VecDeque<Event>, a: &mut Allocation, now: Instant) {
+    let (tuple, v4, v6) = (a.tuple, a.v4, a.v6);
+    a.prune(now, |c| channel_unbound(events, tuple, v4, v6, c));
+}
+
+/// Sizes of the core's tables (see [`Server::footprint`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Footprint {
+    pub allocations: usize,
+    pub tuples: usize,
+    pub users: usize,
+    pub reservations: usize,
+    pub permissions: usize,
+    pub channels: usize,
+    pub events: usize,
+}
+
+impl Server {
+    pub fn new(cfg: ServerConfig, auth: Authenticator, policy: PeerPolicy) -> Self {
+        let unauth = RateLimiter::new(cfg.unauth_rate, auth.subkey(b"unauth-rate"));
+        Server {
+            cfg,
+            auth,
+            policy,
+            allocs: Slab::new(),
+            by_tuple: HashMap::new(),
+            per_user: HashMap::new(),
+            events: VecDeque::new(),
+            reservations: HashMap::new(),
+            accepting: true,
+            data_tid: 0,
+            unauth,
+            sweep_at: 0,
+            total_to_peer: Bucket::new(),
+            total_from_peer: Bucket::new(),
+            peer_scratch: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Swaps in new settings (reload). Existing allocations keep running;
+    /// new limits apply to new requests.
+    pub fn reconfigure(&mut self, cfg: ServerConfig, auth: Authenticator, policy: PeerPolicy) {
+        if cfg.unauth_rate != self.unauth.rate() {
+            self.unauth = RateLimiter::new(cfg.unauth_rate, auth.subkey(b"unauth-rate"));
+        }
+        self.cfg = cfg;
+        self.auth = auth;
+        self.policy = policy;
+    }
+
+    /// Stops or resumes accepting new allocations (graceful drain).
+    pub fn set_accepting(&mut self, accepting: bool) {
+        self.accepting = accepting;
+    }
+
+    pub fn has_allocation(&self, tuple: &FiveTuple) -> bool {
+        self.by_tuple.contains_key(tuple)
+    }
+
+    pub fn allocation_count(&self) -> usize {
+        self.allocs.len()
+    }
+
+    /// How many entries each table holds: what a flood would have to grow.
+    /// Unauthenticated traffic leaves all of them at zero (the rate limiter's
+    /// table is fixed-size and allocated up front).
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            allocations: self.allocs.len(),
+            tuples: self.by_tuple.len(),
+            users: self.per_user.len(),
+            reservations: self.reservations.len(),
+            permissions: self.allocations().map(|a| a.permissions.len()).sum(),
+            channels: self.allocations().map(|a| a.channels.len()).sum(),
+            events: self.events.len(),
+        }
+    }
+
+    pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.allocs.slots().map(|(_, a)| a)
+    }
+
+    /// Whether events wait to be polled (cheap check for the hot path).
+    #[inline]
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    /// The client an allocation's relay socket belongs to.
+    #[inline]
+    pub fn client_of(&mut self, relay: RelayId) -> Option<FiveTuple> {
+        self.allocs.get_gen_mut(relay.slot(), relay.generation()).map(|a| a.tuple)
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn event(&mut self, e: Event) {
+        push_event(&mut self.events, e);
+    }
+
+    /// Handles one datagram (or one framed stream message) from a client.
+    pub fn handle_client<'a>(
+        &mut self,
+        tuple: FiveTuple,
+        pkt: &'a [u8],
+        now: Now,
+        out: &'a mut [u8],
+        relays: &mut dyn RelayPorts,
+    ) -> Output<'a> {
+        if ChannelData::is_channel_data(pkt) {
+            return self.client_channel_data(tuple, pkt, now.mono);
+        }
+        let msg = match Message::parse(pkt) {
+            Ok(m) => m,
+            Err(_) => {
+                self.stats.dropped_malformed += 1;
+                return Output::None;
+            }
+        };
+        let udp = tuple.transport == Transport::Udp;
+        // A request without integrity only ever gets an unsigned answer: spend
+        // the source's token before doing any work for it.
+        if udp && msg.class() == Class::Request && !msg.has_integrity() && !self.unauth.allow(tuple.client.ip(), now.mono) {
+            self.stats.dropped_rate_limited += 1;
+            return Output::None;
+        }
+        match msg.class() {
+            Class::Request => match self.request(tuple, &msg, now, &mut *out, relays) {
+                Some(Answer { len: mut n, code, signed }) => {
+                    // An unsigned answer over UDP may go to a spoofed source:
+                    // rate-limit it per source and keep it small.
+                    if !signed && udp {
+                        // (Requests without integrity were counted above.)
+                        if msg.has_integrity() && !self.unauth.allow(tuple.client.ip(), now.mono) {
+                            self.stats.dropped_rate_limited += 1;
+                            return Output::None;
+                        }
+                        let limit = AMPLIFICATION_FACTOR * pkt.len();
+                        if n > limit {
+                            // Without SOFTWARE first, then without the reason phrase too.
+                            for no_reason in [false, true] {
+                                if n > limit {
+                                    n = compact(out, n, no_reason).unwrap_or(usize::MAX);
+                                }
+                            }
+                            if n > limit {
+                                self.stats.dropped_amplification += 1;
+                                return Output::None;
+                            }
+                        }
+                    }
+                    *self.stats.responses.entry((msg.method(), code)).or_insert(0) += 1;
+                    let out: &'a [u8] = out;
+                    Output::Reply(&out[..n])
+                }
+                None => Output::None,
+            },
+            Class::Indication if msg.method() == method::SEND => self.send_indication(tuple, &msg, now.mono),
+            _ => Output::None,
+        }
+    }
+
+}
