@@ -43,7 +43,7 @@ fn main() -> ExitCode {
     for n in &cfg.notes {
         tracing::warn!("{n}");
     }
-    raise_fd_limit(cfg.total_quota as u64 + cfg.max_connections as u64);
+    raise_fd_limit(cfg.core.total_quota as u64 + cfg.max_connections as u64);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -248,25 +248,17 @@ pub enum SecretSource {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub realm: String,
-    pub software: Option<String>,
+    /// The sans-IO core's settings: lifetimes, quotas, relay addresses,
+    /// channel numbers, SOFTWARE, rate and bandwidth limits.
+    pub core: ServerConfig,
     pub secrets: Vec<Vec<u8>>,
     pub secret_source: SecretSource,
     pub static_users: Vec<(String, String)>,
     pub nonce_lifetime: u64,
     pub listeners: Vec<Listener>,
-    pub relay_v4: Option<RelayAddr>,
-    pub relay_v6: Option<RelayAddr>,
     pub ports: (u16, u16),
     pub allow: Vec<Cidr>,
     pub deny: Vec<Cidr>,
-    pub default_lifetime: u32,
-    pub max_lifetime: u32,
-    pub permission_lifetime: u32,
-    pub channel_lifetime: u32,
-    pub user_quota: u32,
-    pub total_quota: u32,
-    pub max_permissions: u32,
-    pub legacy_channel_numbers: bool,
     pub max_connections: u32,
     pub max_connections_per_ip: u32,
     /// IPv6 clients count against `max_connections_per_ip` by this prefix (/64).
@@ -274,12 +266,6 @@ pub struct Config {
     pub tls_handshake_timeout: u32,
     pub idle_timeout: u32,
     pub drain_timeout: u32,
-    /// Unsigned UDP answers per second (and burst) per source IP; 0 = no limit.
-    pub unauth_rate: u32,
-    /// What one allocation may relay, each direction; 0 = unlimited.
-    pub allocation_bandwidth: Bandwidth,
-    /// What the whole relay may relay, each direction; 0 = unlimited.
-    pub total_bandwidth: Bandwidth,
     /// Where /metrics, /healthz and /readyz are served; `None` when disabled.
     pub metrics_listen: Option<SocketAddr>,
     /// Bearer token of the admin API (served on the metrics listener); `None` when disabled.
@@ -722,36 +708,40 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         other => return Err(bad("log.format", format!("`{other}` is not text or json"))),
     };
 
-    Ok(Config {
-        realm,
-        software,
-        secrets,
-        secret_source,
-        static_users,
-        nonce_lifetime,
-        listeners,
-        relay_v4,
-        relay_v6,
-        ports,
-        allow,
-        deny,
+    let legacy_channels = l.legacy_channel_numbers.unwrap_or(false);
+    let core = ServerConfig {
+        software: software.as_deref().map(Arc::from),
         default_lifetime,
         max_lifetime,
         permission_lifetime,
         channel_lifetime,
         user_quota: l.user_quota.unwrap_or(0),
         total_quota: l.total_quota.unwrap_or(10_000),
-        max_permissions,
-        legacy_channel_numbers: l.legacy_channel_numbers.unwrap_or(false),
+        max_permissions: max_permissions as usize,
+        channel_max: if legacy_channels { crate::stun::CHANNEL_MAX_RFC5766 } else { crate::stun::CHANNEL_MAX },
+        relay_v4,
+        relay_v6,
+        unauth_rate,
+        allocation_bytes_per_second: l.allocation_bandwidth.unwrap_or(DEFAULT_ALLOCATION_BANDWIDTH).bytes_per_second(),
+        total_bytes_per_second: l.total_bandwidth.unwrap_or(Bandwidth(0)).bytes_per_second(),
+    };
+    Ok(Config {
+        realm,
+        core,
+        secrets,
+        secret_source,
+        static_users,
+        nonce_lifetime,
+        listeners,
+        ports,
+        allow,
+        deny,
         max_connections: l.max_connections.unwrap_or(10_000),
         max_connections_per_ip: l.max_connections_per_ip.unwrap_or(64),
         ipv6_prefix_per_ip,
         tls_handshake_timeout: secs("limits.tls_handshake_timeout", l.tls_handshake_timeout, 10, 1)?,
         idle_timeout: secs("limits.idle_timeout", l.idle_timeout, 30, 1)?,
         drain_timeout: secs("limits.drain_timeout", l.drain_timeout, 60, 0)?,
-        unauth_rate,
-        allocation_bandwidth: l.allocation_bandwidth.unwrap_or(DEFAULT_ALLOCATION_BANDWIDTH),
-        total_bandwidth: l.total_bandwidth.unwrap_or(Bandwidth(0)),
         metrics_listen,
         admin_token,
         admin_token_file,
@@ -763,29 +753,10 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
 }
 
 impl Config {
-    pub fn server_config(&self) -> ServerConfig {
-        ServerConfig {
-            software: self.software.as_deref().map(Arc::from),
-            default_lifetime: self.default_lifetime,
-            max_lifetime: self.max_lifetime,
-            permission_lifetime: self.permission_lifetime,
-            channel_lifetime: self.channel_lifetime,
-            user_quota: self.user_quota,
-            total_quota: self.total_quota,
-            max_permissions: self.max_permissions as usize,
-            channel_max: if self.legacy_channel_numbers { crate::stun::CHANNEL_MAX_RFC5766 } else { crate::stun::CHANNEL_MAX },
-            relay_v4: self.relay_v4,
-            relay_v6: self.relay_v6,
-            unauth_rate: self.unauth_rate,
-            allocation_bytes_per_second: self.allocation_bandwidth.bytes_per_second(),
-            total_bytes_per_second: self.total_bandwidth.bytes_per_second(),
-        }
-    }
-
     /// The server's own addresses, which peers may reach only on relay ports.
     pub fn own_ips(&self) -> Vec<IpAddr> {
         let mut v: Vec<IpAddr> = Vec::new();
-        for r in [self.relay_v4, self.relay_v6].iter().flatten() {
+        for r in [self.core.relay_v4, self.core.relay_v6].iter().flatten() {
             v.push(r.local);
             v.push(r.external);
         }

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use super::{accept_loop, bind_tcp, bind_udp, http, preflight, systemd, tls, Shard, Udp};
-use crate::config::{Config, ConfigError, Listener, Overrides, SecretSource};
+use crate::config::{Bandwidth, Config, ConfigError, Listener, Overrides, SecretSource};
 use crate::turn::Transport;
 
 /// Where a reload reads the configuration from, and how it changes the log level.
@@ -203,12 +203,12 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     tracing::info!(
         listeners = ?shard.borrow().listener_names,
         metrics = ?cfg.metrics_listen,
-        relay_v4 = ?cfg.relay_v4.map(|r| (r.local, r.external)),
-        relay_v6 = ?cfg.relay_v6.map(|r| (r.local, r.external)),
+        relay_v4 = ?cfg.core.relay_v4.map(|r| (r.local, r.external)),
+        relay_v6 = ?cfg.core.relay_v6.map(|r| (r.local, r.external)),
         ports = %format!("{}-{}", cfg.ports.0, cfg.ports.1),
         realm = %cfg.realm,
-        allocation_bandwidth = %cfg.allocation_bandwidth,
-        total_bandwidth = %cfg.total_bandwidth,
+        allocation_bandwidth = %Bandwidth(cfg.core.allocation_bytes_per_second * 8),
+        total_bandwidth = %Bandwidth(cfg.core.total_bytes_per_second * 8),
         "turnd ready"
     );
     systemd::notify("READY=1");
@@ -292,7 +292,7 @@ impl Running {
             }
             (None, _) => TlsStep::Unchanged,
         };
-        for (key, now, was) in [("relay.ip", new.relay_v4, self.cfg.relay_v4), ("relay.ipv6", new.relay_v6, self.cfg.relay_v6)] {
+        for (key, now, was) in [("relay.ip", new.core.relay_v4, self.cfg.core.relay_v4), ("relay.ipv6", new.core.relay_v6, self.cfg.core.relay_v6)] {
             if let Some(r) = now.filter(|r| Some(r.local) != was.map(|w| w.local)) {
                 preflight::check_relay_ip(key, r.local).map_err(|e| e.to_string())?;
             }

@@ -343,8 +343,8 @@ impl Shard {
     /// Applies a reloaded configuration to the core. Existing allocations stay.
     fn apply(&mut self, cfg: &Config) {
         let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, self.nonce_key.clone());
-        self.server.reconfigure(cfg.server_config(), auth, peer_policy(cfg));
-        self.relays.reconfigure(cfg.relay_v4.map(|r| r.local), cfg.relay_v6.map(|r| r.local), cfg.ports);
+        self.server.reconfigure(cfg.core.clone(), auth, peer_policy(cfg));
+        self.relays.reconfigure(cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local), cfg.ports);
         self.limits = StreamLimits::from(cfg);
     }
 
@@ -374,11 +374,11 @@ impl Shard {
         getrandom::fill(&mut key).expect("the OS random generator is available");
         let nonce_key = NonceKey::new(key, cfg.nonce_lifetime);
         let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, nonce_key.clone());
-        let relays = RelaySockets::new(cfg.relay_v4.map(|r| r.local), cfg.relay_v6.map(|r| r.local), cfg.ports);
+        let relays = RelaySockets::new(cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local), cfg.ports);
         let flush = Rc::new(Notify::new());
         let shard = Rc::new_cyclic(|this| {
             RefCell::new(Shard {
-                server: Server::new(cfg.server_config(), auth, peer_policy(cfg)),
+                server: Server::new(cfg.core.clone(), auth, peer_policy(cfg)),
                 relays,
                 udp: Vec::new(),
                 streams: Vec::new(),

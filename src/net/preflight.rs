@@ -33,7 +33,7 @@ pub fn check(cfg: &Config, mode: Mode, now_unix: i64) -> Result<Vec<String>, Con
         let ck = super::tls::load_key(&t.cert, &t.key, &provider).map_err(|e| bad("tls", format!("{e:#}")))?;
         notes.extend(expiry_note(super::tls::not_after(&ck), now_unix, &t.cert));
     }
-    for (key, relay) in [("relay.ip", cfg.relay_v4), ("relay.ipv6", cfg.relay_v6)] {
+    for (key, relay) in [("relay.ip", cfg.core.relay_v4), ("relay.ipv6", cfg.core.relay_v6)] {
         if let Some(r) = relay {
             check_relay_ip(key, r.local)?;
         }
