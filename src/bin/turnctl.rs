@@ -48,20 +48,6 @@ fn read_first_secret(path: &std::path::Path) -> Result<String, String> {
     turnd::config::SecretFile::read(path).map(|f| f.first())
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
 fn main() -> ExitCode {
     match Cli::parse().cmd {
         Cmd::Credentials { secret, secret_file, user, ttl, host, json, format } => {
@@ -108,22 +94,9 @@ fn main() -> ExitCode {
                 println!("TURNS_PORT=443");
                 println!("TURN_TTL={ttl}");
             } else if format.as_deref() == Some("ice") {
-                let u: Vec<String> = uris.iter().map(|u| json_str(u)).collect();
-                println!(
-                    "[{{\"urls\":[{}],\"username\":{},\"credential\":{}}}]",
-                    u.join(","),
-                    json_str(&username),
-                    json_str(&password)
-                );
+                println!("{}", serde_json::json!([{ "urls": uris, "username": username, "credential": password }]));
             } else if json {
-                let u: Vec<String> = uris.iter().map(|u| json_str(u)).collect();
-                println!(
-                    "{{\"username\":{},\"password\":{},\"ttl\":{},\"uris\":[{}]}}",
-                    json_str(&username),
-                    json_str(&password),
-                    ttl,
-                    u.join(",")
-                );
+                println!("{}", serde_json::json!({ "username": username, "password": password, "ttl": ttl, "uris": uris }));
             } else {
                 println!("username: {username}");
                 println!("password: {password}");

@@ -107,7 +107,7 @@ async fn handle(shard: Weak<RefCell<Shard>>, mut stream: TcpStream) {
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         match sh.reload_tx.send(tx) {
                             Ok(()) => Ok(rx),
-                            Err(_) => Err((503, "application/json", "{\"error\":\"shutting down\"}\n".to_owned())),
+                            Err(_) => Err((503, "application/json", format!("{}\n", serde_json::json!({ "error": "shutting down" })))),
                         }
                     }
                 }
