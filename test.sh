@@ -75,6 +75,10 @@ if ! cargo deb --version >/dev/null 2>&1; then
   cargo install -q cargo-deb --locked --version 3.8.0
 fi
 
+# Lints first: clippy with warnings denied, including the [lints] table's
+# rule that every unsafe block says why it is sound.
+cargo clippy --all-targets --locked -- -D warnings
+
 # Two cores: keep test parallelism modest. The output is kept to sum up below.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -256,8 +256,10 @@ impl Mmsg {
             cap,
             bufs: vec![0u8; n * cap],
             iovs: Vec::with_capacity(n),
+            // SAFETY: all-zero is a valid sockaddr_storage.
             addrs: vec![unsafe { zeroed() }; n],
             hdrs: Vec::with_capacity(n),
+            // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
             ghdrs: vec![unsafe { zeroed() }; n],
             ctrl: vec![[0u64; 4]; n],
             runs: Vec::with_capacity(n),
@@ -266,6 +268,7 @@ impl Mmsg {
             m.iovs.push(libc::iovec { iov_base: m.bufs[i * cap..].as_mut_ptr().cast(), iov_len: cap });
         }
         for i in 0..n {
+            // SAFETY: all-zero is a valid mmsghdr; its pointers are set below.
             let mut h: libc::mmsghdr = unsafe { zeroed() };
             h.msg_hdr.msg_iov = &mut m.iovs[i];
             h.msg_hdr.msg_iovlen = 1;
@@ -310,6 +313,7 @@ impl Mmsg {
                 h.msg_hdr.msg_namelen = 0;
             }
         }
+        // SAFETY: the headers point into buffers, addresses and iovecs this batch owns and keeps alive across the call.
         let r = unsafe {
             libc::recvmmsg(fd, self.hdrs[from..].as_mut_ptr(), (to - from) as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
         };
@@ -376,7 +380,9 @@ impl Mmsg {
                 let c = &mut self.ctrl[r];
                 *c = [0; 4];
                 g.msg_hdr.msg_control = c.as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE only computes a size.
                 g.msg_hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
+                // SAFETY: the control buffer is large enough for one u16 cmsg (CMSG_SPACE(2) above), so the header pointers stay inside it.
                 unsafe {
                     let cm = libc::CMSG_FIRSTHDR(&g.msg_hdr);
                     (*cm).cmsg_level = SOL_UDP;
@@ -393,6 +399,7 @@ impl Mmsg {
         let mut at = 0;
         let mut sent = 0;
         while at < nruns {
+            // SAFETY: the headers point into this batch's buffers, alive for the call; the count stays within the slice.
             let r = unsafe { libc::sendmmsg(fd, self.ghdrs[at..].as_mut_ptr(), (nruns - at) as u32, libc::MSG_DONTWAIT) };
             if r <= 0 {
                 let e = io::Error::last_os_error();
@@ -417,6 +424,7 @@ impl Mmsg {
     fn send(&mut self, fd: RawFd, from: usize, to: usize) -> usize {
         let mut at = from;
         while at < to {
+            // SAFETY: as above: the headers point into this batch's buffers; the count stays within the slice.
             let r = unsafe { libc::sendmmsg(fd, self.hdrs[at..].as_mut_ptr(), (to - at) as u32, libc::MSG_DONTWAIT) };
             if r <= 0 {
                 if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
@@ -431,7 +439,9 @@ impl Mmsg {
 }
 
 fn same_addr(a: &libc::sockaddr_storage, b: &libc::sockaddr_storage, len: usize) -> bool {
+    // SAFETY: both references are to sockaddr_storage (128 bytes) and len is a sockaddr length the kernel or to_storage wrote, at most that.
     let a = unsafe { std::slice::from_raw_parts((a as *const libc::sockaddr_storage).cast::<u8>(), len) };
+    // SAFETY: as above.
     let b = unsafe { std::slice::from_raw_parts((b as *const libc::sockaddr_storage).cast::<u8>(), len) };
     a == b
 }
@@ -443,6 +453,7 @@ struct Epoll {
 
 impl Epoll {
     fn new(max: usize) -> Result<Epoll> {
+        // SAFETY: epoll_create1 takes a flag and returns a new descriptor or -1.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error()).context("epoll_create1");
@@ -452,6 +463,7 @@ impl Epoll {
 
     fn add(&self, fd: RawFd, events: u32, token: u64) -> Result<()> {
         let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: ev is a valid epoll_event for the duration of the call.
         if unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
             return Err(io::Error::last_os_error()).context("epoll_ctl");
         }
@@ -460,6 +472,7 @@ impl Epoll {
 
     /// Waits up to `timeout_ms`; returns the number of ready events.
     fn wait(&mut self, timeout_ms: i32) -> usize {
+        // SAFETY: events has room for events.len() entries, the count passed.
         let n = unsafe { libc::epoll_wait(self.fd, self.events.as_mut_ptr(), self.events.len() as i32, timeout_ms) };
         n.max(0) as usize
     }
@@ -472,6 +485,7 @@ impl Epoll {
 
 impl Drop for Epoll {
     fn drop(&mut self) {
+        // SAFETY: this Epoll owns the descriptor and closes it once.
         unsafe { libc::close(self.fd) };
     }
 }
@@ -481,12 +495,14 @@ struct Ticker(RawFd);
 
 impl Ticker {
     fn new(period: Duration) -> Result<Ticker> {
+        // SAFETY: timerfd_create takes flags and returns a new descriptor or -1.
         let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error()).context("timerfd_create");
         }
         let ts = libc::timespec { tv_sec: period.as_secs() as _, tv_nsec: period.subsec_nanos() as _ };
         let spec = libc::itimerspec { it_interval: ts, it_value: ts };
+        // SAFETY: spec is a valid itimerspec; the old value is not asked for.
         if unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) } < 0 {
             return Err(io::Error::last_os_error()).context("timerfd_settime");
         }
@@ -494,17 +510,20 @@ impl Ticker {
     }
     fn clear(&self) {
         let mut b = [0u8; 8];
+        // SAFETY: b has room for the 8 bytes read.
         unsafe { libc::read(self.0, b.as_mut_ptr().cast(), 8) };
     }
 }
 
 impl Drop for Ticker {
     fn drop(&mut self) {
+        // SAFETY: this Ticker owns the descriptor and closes it once.
         unsafe { libc::close(self.0) };
     }
 }
 
 fn set_buffers(fd: RawFd) {
+    // SAFETY: the caller's socket stays open for the duration of this function.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let sock = socket2::SockRef::from(&fd);
     let _ = sock.set_recv_buffer_size(SOCK_BUF);
@@ -522,6 +541,7 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
     let f: Vec<&str> = rest.split_ascii_whitespace().collect();
     // Field 3 (state) is f[0]; utime is field 14, stime field 15.
     let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf reads a constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Some(ticks as f64 / hz)
 }

@@ -299,7 +299,7 @@ fn permissions_gate_send_indications_and_expire() {
 fn create_permission_errors() {
     let mut c = Core::new();
     let t = tuple(40015);
-    assert_eq!(c.rest_creds(t, "", 60, SECRET).username.is_empty(), false);
+    assert!(!c.rest_creds(t, "", 60, SECRET).username.is_empty());
     let (cr, _) = c.allocate(t, "hank");
     assert_eq!(c.request(t, method::CREATE_PERMISSION, &[], Some(&cr)).code(), Some(400));
     // An IPv6 peer on an IPv4-only allocation: 443.

@@ -88,6 +88,7 @@ fn binding(server: SocketAddr, deadline: Instant) -> Option<(SocketAddr, SocketA
 
 #[test]
 fn package_builds_installs_runs_and_purges_cleanly() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 || !common_have("dpkg") {
         eprintln!("not root or no dpkg: the package is not installed here");

@@ -73,8 +73,11 @@ impl Drop for Site {
 }
 
 /// Every file and directory under `root`: content, mode, owner and mtime.
-fn snapshot(root: &Path) -> BTreeMap<String, (Vec<u8>, u32, u32, u32, i64, i64)> {
-    fn walk(root: &Path, p: &Path, out: &mut BTreeMap<String, (Vec<u8>, u32, u32, u32, i64, i64)>) {
+/// Each file under a tree: (content, mode, uid, gid, mtime s, mtime ns), by path.
+type Snapshot = BTreeMap<String, (Vec<u8>, u32, u32, u32, i64, i64)>;
+
+fn snapshot(root: &Path) -> Snapshot {
+    fn walk(root: &Path, p: &Path, out: &mut Snapshot) {
         let m = std::fs::symlink_metadata(p).unwrap();
         let content = if m.is_file() { std::fs::read(p).unwrap() } else { Vec::new() };
         let rel = p.strip_prefix(root).unwrap().display().to_string();
@@ -90,7 +93,7 @@ fn snapshot(root: &Path) -> BTreeMap<String, (Vec<u8>, u32, u32, u32, i64, i64)>
     out
 }
 
-fn assert_same(a: &BTreeMap<String, (Vec<u8>, u32, u32, u32, i64, i64)>, b: &BTreeMap<String, (Vec<u8>, u32, u32, u32, i64, i64)>, what: &str) {
+fn assert_same(a: &Snapshot, b: &Snapshot, what: &str) {
     let keys_a: BTreeSet<_> = a.keys().collect();
     let keys_b: BTreeSet<_> = b.keys().collect();
     assert_eq!(keys_a, keys_b, "{what}: files were added or removed");
@@ -155,7 +158,7 @@ fn setup_writes_both_sides_from_one_secret_and_a_rerun_changes_nothing() {
     assert_eq!(mode("jitsi/.env"), 0o600);
     assert_eq!(mode("turn/etc/secret"), 0o640);
     assert_eq!(mode("jitsi/prosody-external-services.cfg.lua"), 0o600);
-    if unsafe { libc::geteuid() } == 0 {
+    if is_root() {
         let gid = std::fs::metadata(site.path("turn/etc/secret")).unwrap().gid();
         assert_eq!(gid, 65532, "as root, the relay's files belong to the container's group");
     }
@@ -639,8 +642,8 @@ fn docs_name_the_pinned_release_the_tools_and_the_systemd_route() {
 const CONTAINER_ID: u32 = 65532;
 
 fn is_root() -> bool {
-    let euid = unsafe { libc::geteuid() };
-    euid == 0
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Whether uid/gid 65532 (no supplementary groups) can read `path` (and, for

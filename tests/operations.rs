@@ -85,9 +85,7 @@ fn sighup_rotates_the_secret_and_keeps_allocations() {
     let dir = common::temp_dir("rotate");
     let secret_file = dir.join("secret");
     std::fs::write(&secret_file, "old-secret-123\n").unwrap();
-    let server = Turnd::start(&format!(
-        "[limits]\nlegacy_channel_numbers = true\n[log]\nlevel = \"info\"\n# secret file\n"
-    ));
+    let server = Turnd::start("[limits]\nlegacy_channel_numbers = true\n[log]\nlevel = \"info\"\n# secret file\n");
     // Point the running config at a secret file, via reload.
     let cfg = std::fs::read_to_string(&server.config).unwrap();
     let with_file = cfg.replace(&format!("secrets = [\"{SECRET}\"]"), &format!("secret_file = \"{}\"", secret_file.display()));

@@ -207,11 +207,10 @@ fn uclient(mode: &[&str], host: &str, port: &str, user: &str, pass: &str, peer: 
     for line in text.lines() {
         if let Some(rest) = line.split("start_mclient: tot_send_msgs=").nth(1) {
             let mut it = rest.split(", tot_recv_msgs=");
-            if let (Some(a), Some(b)) = (it.next(), it.next()) {
-                if let (Ok(a), Ok(b)) = (a.trim().parse(), b.trim().parse()) {
+            if let (Some(a), Some(b)) = (it.next(), it.next())
+                && let (Ok(a), Ok(b)) = (a.trim().parse(), b.trim().parse()) {
                     (sent, received) = (a, b);
                 }
-            }
         }
         if let Some(rest) = line.split("Total lost packets ").nth(1) {
             lost = rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);

@@ -60,7 +60,7 @@ fn sighup_swaps_the_certificate_without_dropping_traffic() {
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
-    let line = text.lines().filter(|l| l.contains("Total lost packets")).last().unwrap_or_else(|| panic!("{text}"));
+    let line = text.lines().rfind(|l| l.contains("Total lost packets")).unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains("Total lost packets 0 "), "traffic lost across the reload: {line}");
     assert!(text.contains("tot_send_msgs=300, tot_recv_msgs=300"), "{text}");
 }

@@ -90,7 +90,7 @@ fn gso_bursts_through_the_relay_arrive_as_the_datagrams_sent() {
 
     // Client -> peer: 24 ChannelData of one size and a shorter last one, in
     // one GSO send (turnd receives them as one GRO buffer).
-    let sizes: Vec<usize> = std::iter::repeat(300).take(24).chain([120]).collect();
+    let sizes: Vec<usize> = std::iter::repeat_n(300, 24).chain([120]).collect();
     let msgs: Vec<Vec<u8>> = sizes
         .iter()
         .enumerate()

@@ -53,6 +53,7 @@ const MAX_STALE: u8 = 3;
 
 fn mono_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec to write.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -61,6 +62,7 @@ fn mono_ns() -> u64 {
 #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
 fn raise_nofile() -> (u64, u64) {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: r is a valid rlimit to write.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
     let mut hard = r.rlim_max as u64;
     if r.rlim_max == libc::RLIM_INFINITY {
@@ -69,6 +71,7 @@ fn raise_nofile() -> (u64, u64) {
     }
     if (r.rlim_cur as u64) < hard {
         let want = libc::rlimit { rlim_cur: hard as libc::rlim_t, rlim_max: r.rlim_max };
+        // SAFETY: want is a valid rlimit.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
             r.rlim_cur = hard as libc::rlim_t;
         }
@@ -255,11 +258,13 @@ struct Worker {
 }
 
 fn send_fd(fd: RawFd, b: &[u8]) -> bool {
+    // SAFETY: b is valid for b.len() bytes for the call.
     let r = unsafe { libc::send(fd, b.as_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
     r == b.len() as isize
 }
 
 fn recv_fd(fd: RawFd, b: &mut [u8]) -> Option<usize> {
+    // SAFETY: b is valid for writes of b.len() bytes for the call.
     let r = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
     (r > 0).then_some(r as usize)
 }

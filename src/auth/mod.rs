@@ -5,6 +5,8 @@
 //! one can be rotated in while the old one still verifies. Nonces are
 //! stateless: they carry their own expiry and an HMAC bound to the client IP.
 
+#![forbid(unsafe_code)]
+
 mod nonce;
 
 use std::collections::HashMap;

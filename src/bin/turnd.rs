@@ -78,7 +78,7 @@ fn unix_now() -> i64 {
 }
 
 /// Installs the subscriber; returns how to change level and format on reload.
-fn init_logging(level: &str, json: bool) -> Box<dyn Fn(&str, bool)> {
+fn init_logging(level: &str, json: bool) -> turnd::net::SetLog {
     use std::io::IsTerminal as _;
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{fmt, reload, EnvFilter, Layer};
@@ -138,7 +138,7 @@ fn raise_fd_limit(wanted: u64) {
             }
         }
     }
-    let limit = lim.rlim_cur as u64;
+    let limit = lim.rlim_cur;
     let reserve = turnd::net::relay::FD_RESERVE as u64;
     if limit < wanted + reserve {
         tracing::warn!(

@@ -493,11 +493,10 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
     // RFC 8489 14.14: fewer than 128 characters. It rides in answers, so a
     // longer one could push them past what a datagram or the 3x bound allows.
     let software = f.software.filter(|s| !s.is_empty());
-    if let Some(sw) = &software {
-        if sw.chars().count() > MAX_SOFTWARE || sw.chars().any(char::is_control) {
+    if let Some(sw) = &software
+        && (sw.chars().count() > MAX_SOFTWARE || sw.chars().any(char::is_control)) {
             return Err(bad("software", format!("must be at most {MAX_SOFTWARE} characters without control characters (RFC 8489)")));
         }
-    }
 
     // Secrets: inline, from a file, or generated on first start.
     let mut secrets: Vec<Vec<u8>> = Vec::new();
@@ -602,11 +601,10 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         Some(s) => Some(parse_ip("relay.ip", &s)?),
         None => Some(detect_ip(false).unwrap_or(IpAddr::from([127, 0, 0, 1]))),
     };
-    if let Some(ip) = local_v4 {
-        if !ip.is_ipv4() || ip.is_unspecified() {
+    if let Some(ip) = local_v4
+        && (!ip.is_ipv4() || ip.is_unspecified()) {
             return Err(bad("relay.ip", format!("`{ip}` must be a concrete IPv4 address of this host")));
         }
-    }
     let ext_v4 = match ov.external_ip.clone().or(f.relay.external_ip) {
         Some(s) => {
             let e = parse_ip("relay.external_ip", &s)?;
@@ -642,11 +640,10 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
     let ports_s = ov.ports.clone().or(f.relay.ports).unwrap_or_else(|| "49152-65535".into());
     let ports = parse_port_range(&ports_s).map_err(|e| bad("relay.ports", e))?;
     for l in &listeners {
-        if relay_v4.map(|r| r.local) == Some(l.address.ip()) || l.address.ip().is_unspecified() {
-            if (ports.0..=ports.1).contains(&l.address.port()) {
+        if (relay_v4.map(|r| r.local) == Some(l.address.ip()) || l.address.ip().is_unspecified())
+            && (ports.0..=ports.1).contains(&l.address.port()) {
                 return Err(bad("relay.ports", format!("overlaps the listener port {}", l.address.port())));
             }
-        }
     }
 
     let mut allow_s = f.peers.allow.clone();

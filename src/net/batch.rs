@@ -85,6 +85,12 @@ pub struct RecvBatch {
     ctrl: Box<[Cmsg]>,
 }
 
+impl Default for RecvBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RecvBatch {
     pub fn new() -> Self {
         RecvBatch {
@@ -92,6 +98,7 @@ impl RecvBatch {
             // SAFETY: all-zero is a valid value for these plain C structs.
             addrs: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
             iovs: (0..BATCH).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect(),
+            // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
             hdrs: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
             ctrl: vec![[0u64; 3]; BATCH].into_boxed_slice(),
         }
@@ -246,6 +253,12 @@ pub struct SendBatch {
     pub coalesced: u64,
 }
 
+impl Default for SendBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl SendBatch {
     pub fn new() -> Self {
         SendBatch {
@@ -256,6 +269,7 @@ impl SendBatch {
             addrs: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
             addr_lens: [0; BATCH],
             iovs: (0..BATCH).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect(),
+            // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
             hdrs: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
             runs: [(0, 0); BATCH],
             ctrl: vec![[0u64; 3]; BATCH].into_boxed_slice(),
@@ -421,6 +435,7 @@ impl PeerSends {
             iovs: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH],
             // SAFETY: all-zero is a valid value for these plain C structs.
             addrs: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
+            // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
             hdrs: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
             ctrl: [0; 3],
             count: 0,
@@ -658,10 +673,9 @@ mod tests {
             let mut sb = if gso { SendBatch::new() } else { SendBatch::without_gso() };
             // 10 equal to b, a shorter one ending the run, 3 to c, 2 to b, one
             // too large to coalesce, then 2 more equal ones to b.
-            let plan: Vec<(SocketAddr, usize)> = std::iter::repeat((tb, 1204))
-                .take(10)
+            let plan: Vec<(SocketAddr, usize)> = std::iter::repeat_n((tb, 1204), 10)
                 .chain([(tb, 100)])
-                .chain(std::iter::repeat((tc, 1204)).take(3))
+                .chain(std::iter::repeat_n((tc, 1204), 3))
                 .chain([(tb, 500), (tb, 500), (tb, 2000), (tb, 40), (tb, 40)])
                 .collect();
             for (i, (to, len)) in plan.iter().enumerate() {

@@ -23,11 +23,14 @@ use super::{accept_loop, bind_tcp, bind_udp, http, preflight, systemd, tls, Shar
 use crate::config::{Bandwidth, Config, ConfigError, Listener, Overrides, SecretSource};
 use crate::turn::Transport;
 
+/// Sets the log level (or filter) and whether lines are JSON.
+pub type SetLog = Box<dyn Fn(&str, bool)>;
+
 /// Where a reload reads the configuration from, and how it changes the log level.
 pub struct Reload {
     pub path: Option<std::path::PathBuf>,
     pub overrides: Overrides,
-    pub set_log: Box<dyn Fn(&str, bool)>,
+    pub set_log: SetLog,
 }
 
 /// A listener's socket, kept across reloads while its address stays.
@@ -92,12 +95,11 @@ impl Listeners {
                 steps.push(Step::Keep(a, l.clone()));
                 continue;
             }
-            if l.transport == Transport::Udp {
-                if let Some(conn) = shard.retiring_udp(l.address) {
+            if l.transport == Transport::Udp
+                && let Some(conn) = shard.retiring_udp(l.address) {
                     steps.push(Step::Revive(conn, l.clone()));
                     continue;
                 }
-            }
             let key = format!("listen[{i}].address");
             let stream = l.transport.is_stream();
             let socket = if stream { bind_tcp(l.address).map(NewSocket::Stream) } else { bind_udp(l.address).map(NewSocket::Udp) };

@@ -38,7 +38,7 @@ use batch::{PeerSends, RecvBatch, SendBatch};
 use relay::RelaySockets;
 use stream::StreamOut;
 
-pub use lifecycle::{run, Reload};
+pub use lifecycle::{run, Reload, SetLog};
 
 /// Largest message on a TCP/TLS stream (a STUN message or padded ChannelData).
 pub const MAX_DATAGRAM: usize = 65_535;
@@ -260,15 +260,14 @@ impl Shard {
     }
 
     fn stream_closed(&mut self, tuple: FiveTuple) {
-        if let Some(slot) = self.streams.get_mut(tuple.conn as usize) {
-            if let Some(out) = slot.take() {
+        if let Some(slot) = self.streams.get_mut(tuple.conn as usize)
+            && let Some(out) = slot.take() {
                 self.free_streams.push(tuple.conn);
                 self.stream_count -= 1;
                 self.sync_stream_fds();
                 self.connections[tuple.transport as usize] -= 1;
                 self.ip_uncount(out.ip_key.get());
             }
-        }
         let Shard { server, relays, .. } = self;
         server.connection_closed(&tuple, std::time::Instant::now(), relays);
         self.after_control();
@@ -358,7 +357,7 @@ impl Shard {
         server.sweep(std::time::Instant::now(), relays, share);
         self.after_control();
         self.ticks = self.ticks.wrapping_add(1);
-        if self.ticks % SWEEP_PARTS == 0 {
+        if self.ticks.is_multiple_of(SWEEP_PARTS) {
             for conn in 0..self.udp.len() as u32 {
                 if self.udp[conn as usize].as_ref().is_some_and(|l| l.retiring) && self.udp_allocations(conn) == 0 {
                     self.close_udp(conn);
@@ -450,11 +449,10 @@ impl Shard {
     }
 
     fn close_udp(&mut self, conn: u32) {
-        if let Some(slot) = self.udp.get_mut(conn as usize) {
-            if let Some(l) = slot.take() {
+        if let Some(slot) = self.udp.get_mut(conn as usize)
+            && let Some(l) = slot.take() {
                 tracing::info!(listener = ?l.socket.get_ref().local_addr().ok(), "UDP listener closed");
             }
-        }
     }
 
     /// A retiring UDP listener bound to `addr`, if there is one.
@@ -635,14 +633,13 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<Udp> {
     let _ = s.set_recv_buffer_size(UDP_LISTENER_BUFFER);
     let _ = s.set_send_buffer_size(UDP_LISTENER_BUFFER);
     // Linux reports twice what it granted (bookkeeping included).
-    if let Ok(got) = s.recv_buffer_size() {
-        if got / 2 < UDP_LISTENER_BUFFER {
+    if let Ok(got) = s.recv_buffer_size()
+        && got / 2 < UDP_LISTENER_BUFFER {
             tracing::warn!(
                 listener = %addr, granted_kib = got / 2 / 1024, wanted_kib = UDP_LISTENER_BUFFER / 1024,
                 "UDP receive buffer smaller than wanted: bursts may be dropped under load; raise net.core.rmem_max (see deploy/README.md)"
             );
         }
-    }
     s.bind(&addr.into())?;
     batch::enable_gro(s.as_raw_fd());
     register_udp(s.into())
@@ -790,13 +787,12 @@ impl PendingProxy {
 
 impl Drop for PendingProxy {
     fn drop(&mut self) {
-        if let Some(sh) = self.0.upgrade() {
-            if let Ok(mut sh) = sh.try_borrow_mut() {
+        if let Some(sh) = self.0.upgrade()
+            && let Ok(mut sh) = sh.try_borrow_mut() {
                 sh.pending_proxy -= 1;
                 sh.sync_stream_fds();
                 sh.ip_uncount(self.1);
             }
-        }
     }
 }
 

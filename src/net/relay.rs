@@ -150,12 +150,11 @@ impl RelaySockets {
     }
 
     pub fn set_task(&mut self, id: RelayId, task: JoinHandle<()>) {
-        if let Some(Some(e)) = self.entries.get_mut(index(id)) {
-            if e.id == id {
+        if let Some(Some(e)) = self.entries.get_mut(index(id))
+            && e.id == id {
                 e.task = Some(task);
                 return;
             }
-        }
         task.abort();
     }
 
@@ -301,16 +300,14 @@ impl RelayPorts for RelaySockets {
 
     fn close(&mut self, id: RelayId) {
         let i = index(id);
-        if let Some(slot) = self.entries.get_mut(i) {
-            if slot.as_ref().is_some_and(|e| e.id == id) {
-                if let Some(e) = slot.take() {
+        if let Some(slot) = self.entries.get_mut(i)
+            && slot.as_ref().is_some_and(|e| e.id == id)
+                && let Some(e) = slot.take() {
                     if let Some(t) = e.task {
                         t.abort();
                     }
                     self.in_use -= 1;
                 }
-            }
-        }
         self.opened.retain(|o| *o != id);
     }
 }

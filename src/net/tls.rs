@@ -52,7 +52,7 @@ fn pem_trouble(path: &Path, want_key: bool) -> Option<String> {
     if labels.is_empty() {
         return Some(format!("{} holds no PEM {what} (no -----BEGIN line)", path.display()));
     }
-    if labels.iter().any(|l| *l == "ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+    if labels.contains(&"ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
         return Some(format!(
             "{} is encrypted with a passphrase; turnd needs the key unencrypted (openssl pkey -in FILE -out FILE.plain), readable only by turnd",
             path.display()

@@ -67,7 +67,7 @@ pub fn frame_len(buf: &[u8]) -> FrameLen {
     let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
     let total = match buf[0] & 0xC0 {
         0x00 => {
-            if len % 4 != 0 {
+            if !len.is_multiple_of(4) {
                 return FrameLen::Invalid;
             }
             HEADER_LEN + len

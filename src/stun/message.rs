@@ -74,7 +74,7 @@ impl<'a> Message<'a> {
             return Err(ParseError::NotStun);
         }
         let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-        if len % 4 != 0 || HEADER_LEN + len != buf.len() {
+        if !len.is_multiple_of(4) || HEADER_LEN + len != buf.len() {
             return Err(ParseError::BadLength);
         }
         let (method, class) = split_type(u16::from_be_bytes([buf[0], buf[1]]));
@@ -114,11 +114,10 @@ impl<'a> Message<'a> {
                     }
                     msg.fingerprint = true;
                 }
-                attr::MESSAGE_INTEGRITY_SHA256 => {
-                    if msg.integrity_sha256.is_none() {
+                attr::MESSAGE_INTEGRITY_SHA256
+                    if msg.integrity_sha256.is_none() => {
                         msg.integrity_sha256 = Some(slot);
                     }
-                }
                 _ if msg.integrity.is_some() || msg.integrity_sha256.is_some() => {}
                 attr::MESSAGE_INTEGRITY => msg.integrity = Some(slot),
                 _ => {}

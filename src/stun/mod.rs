@@ -3,6 +3,8 @@
 //! Parsing borrows the input and never allocates; writing goes into a caller
 //! buffer and never panics on a short buffer (it reports [`WriteError`]).
 
+#![forbid(unsafe_code)]
+
 pub mod attr;
 mod channel;
 mod crc32;

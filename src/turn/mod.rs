@@ -5,6 +5,8 @@
 //! runtime: relay sockets are opened and closed through the [`RelayPorts`]
 //! trait the I/O layer implements, so tests drive it with a fake.
 
+#![forbid(unsafe_code)]
+
 mod allocation;
 pub mod bandwidth;
 pub mod policy;

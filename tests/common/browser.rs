@@ -186,6 +186,7 @@ impl Drop for Browser {
         // renderer, GPU, network and zygote processes with it. `ip netns
         // exec` execs its program, so a wrapped Chromium leads it too.
         let pgid = self.child.id() as libc::pid_t;
+        // SAFETY: kill takes plain integers; a stale group id only fails with ESRCH.
         unsafe {
             libc::kill(-pgid, libc::SIGKILL);
         }

@@ -183,11 +183,10 @@ impl Turnd {
                 panic!("turnd exited early with {st}: {}", self.log());
             }
             let _ = s.send_to(&req, self.addr);
-            if let Ok((n, _)) = s.recv_from(&mut buf) {
-                if n >= 20 && buf[0] == 0x01 && buf[1] == 0x01 {
+            if let Ok((n, _)) = s.recv_from(&mut buf)
+                && n >= 20 && buf[0] == 0x01 && buf[1] == 0x01 {
                     return;
                 }
-            }
         }
         panic!("turnd did not answer a Binding within 5 s: {}", self.log());
     }

@@ -74,7 +74,7 @@ impl Server {
         let f = &mut self.stats.to_peer[tuple.transport as usize];
         f.packets += 1;
         f.bytes += cd.data.len() as u64;
-        Output::Relay { relay: relay.id, peer: self.to_wire(peer), data: cd.data, dont_fragment: false }
+        Output::Relay { relay: relay.id, peer: self.bound_address(peer), data: cd.data, dont_fragment: false }
     }
 
     pub(super) fn send_indication<'a>(&mut self, tuple: FiveTuple, msg: &Message<'a>, now: Instant) -> Output<'a> {
@@ -121,7 +121,7 @@ impl Server {
         let f = &mut self.stats.to_peer[tuple.transport as usize];
         f.packets += 1;
         f.bytes += data.len() as u64;
-        Output::Relay { relay: relay.id, peer: self.to_wire(peer), data, dont_fragment }
+        Output::Relay { relay: relay.id, peer: self.bound_address(peer), data, dont_fragment }
     }
 
     /// Handles a datagram that arrived on relay socket `relay` from `from`.
@@ -135,7 +135,7 @@ impl Server {
         now: Instant,
         out: &'a mut [u8],
     ) -> Option<(FiveTuple, &'a [u8])> {
-        let from = self.from_wire(from);
+        let from = self.advertised_address(from);
         let Some(a) = self.allocs.get_gen_mut(relay.slot(), relay.generation()) else {
             self.stats.dropped_no_allocation += 1;
             return None;
@@ -185,7 +185,7 @@ impl Server {
     /// Our external relay address -> the local one sockets bind (hairpin
     /// between two allocations behind 1:1 NAT).
     #[inline]
-    pub(super) fn to_wire(&self, peer: SocketAddr) -> SocketAddr {
+    pub(super) fn bound_address(&self, peer: SocketAddr) -> SocketAddr {
         let r = if peer.is_ipv4() { self.cfg.relay_v4 } else { self.cfg.relay_v6 };
         match r {
             Some(r) if r.local != r.external && peer.ip() == r.external => SocketAddr::new(r.local, peer.port()),
@@ -193,8 +193,10 @@ impl Server {
         }
     }
 
+    /// The local relay address a datagram came from -> the external one
+    /// clients know (hairpin from another allocation behind 1:1 NAT).
     #[inline]
-    pub(super) fn from_wire(&self, from: SocketAddr) -> SocketAddr {
+    pub(super) fn advertised_address(&self, from: SocketAddr) -> SocketAddr {
         let r = if from.is_ipv4() { self.cfg.relay_v4 } else { self.cfg.relay_v6 };
         match r {
             Some(r) if r.local != r.external && from.ip() == r.local => SocketAddr::new(r.external, from.port()),

@@ -301,7 +301,7 @@ impl Server {
 
     pub(super) fn refresh(&mut self, req: &Request, out: &mut [u8], relays: &mut dyn RelayPorts) -> Handled {
         let Request { tuple, msg, ref auth, now, ref reply } = *req;
-        let slot = match self.own_allocation(&tuple, &auth) {
+        let slot = match self.own_allocation(&tuple, auth) {
             Ok(s) => s,
             Err(code) => return reply.err(out, code),
         };
@@ -399,7 +399,7 @@ impl Server {
     pub(super) fn channel_bind(&mut self, req: &Request, out: &mut [u8]) -> Handled {
         let Request { tuple, msg, ref auth, ref reply, .. } = *req;
         let now = req.now.mono;
-        let slot = match self.own_allocation(&tuple, &auth) {
+        let slot = match self.own_allocation(&tuple, auth) {
             Ok(s) => s,
             Err(code) => return reply.err(out, code),
         };
