@@ -292,6 +292,70 @@ mod tests {
         assert!(e.starts_with("HTTPS_PROXY: "), "{e}");
     }
 
+    /// A one-connection stand-in proxy on loopback: reads the request
+    /// header, sends `answer`, then echoes what follows. Returns its address
+    /// and, once done, the request it read.
+    fn fake_proxy(answer: &'static [u8]) -> (u16, std::thread::JoinHandle<String>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap_or(0) == 1 {
+                head.push(b[0]);
+            }
+            c.write_all(answer).unwrap();
+            let mut buf = [0u8; 64];
+            if let Ok(n) = c.read(&mut buf) {
+                let _ = c.write_all(&buf[..n]);
+            }
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        (port, t)
+    }
+
+    #[test]
+    fn connect_tunnels_on_200() {
+        let (port, t) = fake_proxy(b"HTTP/1.1 200 Connection established\r\nX: y\r\n\r\n");
+        let p = HttpProxy::parse(&format!("http://al%40ice:pw@127.0.0.1:{port}")).unwrap();
+        let mut s = p.connect("2001:db8::1", 443, Duration::from_secs(5)).unwrap();
+        s.write_all(b"ping").unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"ping");
+        let req = t.join().unwrap();
+        assert!(req.starts_with("CONNECT [2001:db8::1]:443 HTTP/1.1\r\nHost: [2001:db8::1]:443\r\n"), "{req}");
+        // base64("al@ice:pw")
+        assert!(req.contains("Proxy-Authorization: Basic YWxAaWNlOnB3\r\n"), "{req}");
+    }
+
+    #[test]
+    fn connect_reports_refusals_and_non_proxies() {
+        let (port, t) = fake_proxy(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
+        let p = HttpProxy::parse(&format!("127.0.0.1:{port}")).unwrap();
+        match p.connect("turn.example.com", 3478, Duration::from_secs(5)) {
+            Err(Error::ProxyRefused { status: 403, target, reason, .. }) => {
+                assert_eq!((target.as_str(), reason.as_str()), ("turn.example.com:3478", "Forbidden"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!t.join().unwrap().contains("Proxy-Authorization"));
+        let (port, t) = fake_proxy(b"SSH-2.0-OpenSSH_9.2\r\n\r\n");
+        let p = HttpProxy::parse(&format!("127.0.0.1:{port}")).unwrap();
+        let e = p.connect("turn.example.com", 443, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(&e, Error::Proxy(d) if d.contains("not an HTTP proxy")), "{e:?}");
+        t.join().unwrap();
+        // Nothing listening: refused, said as a proxy problem.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let p = HttpProxy::parse(&format!("127.0.0.1:{port}")).unwrap();
+        let e = p.connect("turn.example.com", 443, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(&e, Error::Proxy(d) if d.contains("cannot connect")), "{e:?}");
+    }
+
     #[test]
     fn no_proxy_lists() {
         assert!(no_proxy_covers("*", "anything"));
