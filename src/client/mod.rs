@@ -2,7 +2,8 @@
 //! our codec: Binding, Allocate with long-term credentials (401 challenge,
 //! 438 stale nonce), CreatePermission, Send and Data indications, Refresh.
 //! One client is one 5-tuple, so at most one allocation. Every call is
-//! bounded by the client's timeout. `turnctl check` uses it; so may a load
+//! bounded by the client's timeout. TCP and TLS can go through an HTTP
+//! proxy ([`Client::connect_via`], `proxy.rs`). `turnctl check` uses it; so may a load
 //! generator.
 
 pub mod cert;

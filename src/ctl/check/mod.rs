@@ -6,7 +6,9 @@
 //! trip between two of the relay's own allocations (each sends a Send
 //! indication to the other's relayed address and expects it back as a Data
 //! indication). Then the TLS certificate's facts, and what it all means for
-//! participants, as a table or as JSON. Exit status 0 when some transport
+//! participants, as a table or as JSON. With an HTTP proxy (`--proxy`, or
+//! HTTPS_PROXY/ALL_PROXY unless NO_PROXY names the relay), TCP and TLS go
+//! through it with CONNECT and UDP is not tried. Exit status 0 when some transport
 //! relays (without a secret: when some Binding works), 1 otherwise, 2 for
 //! usage errors.
 
