@@ -12,7 +12,10 @@
 //!
 //! From the client, headless Chromium with `--proxy-server` relays its data
 //! channel through `turns:HOST:443` (the selected pair relay over TLS) and
-//! squid logs the CONNECT; `turnctl check --proxy` (and with HTTPS_PROXY)
+//! squid logs the CONNECT; a real call (fake camera and microphone, see
+//! `common/call.rs`) carries audio and video both ways between Chromium
+//! there and Chromium in a fourth namespace with plain UDP (where the
+//! videobridge stands), which turnd relays to; `turnctl check --proxy` (and with HTTPS_PROXY)
 //! relays over TLS on 443 through the proxy, reports TCP 3478 refused by
 //! the proxy and UDP not tried, and exits 0.
 //!
@@ -22,6 +25,8 @@
 mod common;
 #[path = "common/browser.rs"]
 mod browser;
+#[path = "common/call.rs"]
+mod call;
 #[path = "common/netns.rs"]
 mod netns;
 
@@ -203,6 +208,10 @@ fn proxy_only_network_relays_over_tls_443_through_squid() {
     let proxy_out = proxy_ns.ns_ip().to_string(); // squid, towards turnd
     let proxy_in = client_ns.host_ip(); // squid, towards the client
     let proxy_url = format!("http://{proxy_in}:{PROXY_PORT}");
+    // Where the videobridge stands: ordinary UDP, reached from the relay.
+    let bridge_ns = NetNs::create_open();
+    let relay_ip = bridge_ns.host_ip().to_string();
+    let bridge_ip = bridge_ns.ns_ip().to_string();
 
     let udp_addr: SocketAddr = format!("{host}:{PLAIN_PORT}").parse().unwrap();
     let server = Turnd::start_config(udp_addr, |dir| {
@@ -214,8 +223,8 @@ fn proxy_only_network_relays_over_tls_443_through_squid() {
              [[listen]]\ntransport = \"tcp\"\naddress = \"{host}:{PLAIN_PORT}\"\n\
              [[listen]]\ntransport = \"tls\"\naddress = \"{host}:{TLS_PORT}\"\n\
              [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
-             [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n\
-             [peers]\nallow = [\"127.0.0.0/8\"]\n",
+             [relay]\nip = \"{relay_ip}\"\nports = \"20000-29999\"\n\
+             [peers]\nallow = [\"{bridge_ip}/32\"]\n",
             realm = common::REALM,
             cert = dir.join("cert.pem").display(),
             key = dir.join("key.pem").display(),
@@ -262,13 +271,32 @@ fn proxy_only_network_relays_over_tls_443_through_squid() {
         Some(&in_client),
         &[&proxy_flag],
     );
-    browser::assert_relayed(&r, &tls_url, "tls", "127.0.0.1", &|| diag("Chromium behind the proxy did not relay", &browser::pretty(&r)));
+    browser::assert_relayed(&r, &tls_url, "tls", &relay_ip, &|| diag("Chromium behind the proxy did not relay", &browser::pretty(&r)));
     eprintln!("Chromium behind {proxy_url}: {}", browser::describe(&r));
     // Through squid: turnd sees the proxy's address, squid logs the tunnel.
     let tls_allocs = allocations(&server.log(), &proxy_out, "tls");
     assert!(tls_allocs >= 2, "{}", diag(&format!("turnd logged {tls_allocs} TLS allocations from the proxy {proxy_out}"), ""));
     let line = squid.wait_access(&["CONNECT", &format!("{host}:{TLS_PORT}"), "TCP_TUNNEL/200"]);
     eprintln!("squid: {line}");
+
+    // A real call from behind the proxy: camera and microphone both ways
+    // between the participant (relay-only over turns:443 through squid)
+    // and the other side on plain UDP.
+    let tunnels = |log: &str| log.lines().filter(|l| l.contains("TCP_TUNNEL/200") && l.contains(&format!("{host}:{TLS_PORT}"))).count();
+    let tunnels_before = tunnels(&squid.access_log());
+    let context = || diag("", "");
+    let (p, b) = call::run_call(&client_ns, &tls_url, &[&proxy_flag], &bridge_ns, &context);
+    call::assert_call(&p, &b, &tls_url, "tls", &relay_ip, &bridge_ip, &context);
+    eprintln!("call from behind {proxy_url} to {bridge_ip}, relayed via {relay_ip}:");
+    eprintln!("{}", call::figures("participant receives", &p));
+    eprintln!("{}", call::figures("other side receives", &b));
+    // The call's TURN connection went through squid too (logged once the
+    // browser, and with it the tunnel, is gone).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tunnels(&squid.access_log()) <= tunnels_before {
+        assert!(Instant::now() < deadline, "{}", diag("squid logged no CONNECT tunnel for the call", ""));
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // turnctl check through the proxy, by flag: TLS on 443 relays, TCP
     // 3478 is refused by the proxy's stock rule, UDP is not tried.
