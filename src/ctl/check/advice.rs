@@ -38,7 +38,8 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
         ));
         return m;
     }
-    let addr = r.address.map(|a| a.to_string()).unwrap_or_default();
+    // Through a proxy the name may not be resolved here: say the name.
+    let addr = r.address.map(|a| a.to_string()).unwrap_or_else(|| r.host.clone());
     let udp = r.get(Transport::Udp);
     let tcp = r.get(Transport::Tcp);
     let tls = r.get(Transport::Tls);
@@ -256,7 +257,15 @@ fn proxy_meanings(r: &Report, proxy: &str, works: &dyn Fn(Option<&TransportResul
              may reach it."
         ));
     }
-    for t in r.transports.iter().filter(|t| t.binding.failure() == Some(FailKind::ProxyRefused)) {
+    let refused = |t: &&TransportResult| t.binding.failure() == Some(FailKind::ProxyRefused);
+    let wants_credentials = |t: &TransportResult| matches!(&t.binding, Outcome::Failed(_, d) if d.contains("(407)"));
+    if r.transports.iter().filter(refused).any(wants_credentials) {
+        m.push(
+            "The proxy wants credentials (407): give them in the URL, --proxy http://USER:PASS@HOST:PORT (or in HTTPS_PROXY)."
+                .into(),
+        );
+    }
+    for t in r.transports.iter().filter(refused).filter(|t| !wants_credentials(t)) {
         if t.transport != Transport::Tls && works(tls) {
             m.push(format!(
                 "The proxy refuses CONNECT to port {}: only {tls_port} passes; browsers behind it can use turns: on {tls_port}.",

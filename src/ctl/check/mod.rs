@@ -349,6 +349,60 @@ mod tests {
         assert!(parse_timeout("soon").is_err());
     }
 
+    /// A report through a proxy: UDP skipped, TCP 3478 refused by the proxy
+    /// with `tcp`, TLS relaying.
+    fn proxied(tcp: Outcome) -> Report {
+        let mut udp = TransportResult::new(Transport::Udp, 3478);
+        udp.binding = Outcome::Skipped("not tried: UDP cannot go through an HTTP proxy".into());
+        let mut t = TransportResult::new(Transport::Tcp, 3478);
+        t.binding = tcp;
+        let mut tls = TransportResult::new(Transport::Tls, 443);
+        tls.binding = Outcome::Ok(String::new());
+        tls.allocate = Outcome::Ok(String::new());
+        tls.relay = Outcome::Ok(String::new());
+        let mut r = Report {
+            host: "turn.example.com".into(),
+            address: None,
+            resolve_error: None,
+            relay_checked: true,
+            timeout: Duration::from_secs(3),
+            insecure: false,
+            auth: AuthState::Ok,
+            transports: vec![udp, t, tls],
+            cert: None,
+            meanings: Vec::new(),
+            proxy: Some("http://proxy:3128".into()),
+        };
+        r.meanings = meanings(&r);
+        r
+    }
+
+    #[test]
+    fn proxy_meanings() {
+        let refused = |status: u16, reason: &str| {
+            let (k, d) = probes::describe(
+                &ClientError::ProxyRefused { proxy: "p".into(), target: "t:3478".into(), status, reason: reason.into() },
+                Transport::Tcp,
+                3478,
+            );
+            Outcome::Failed(k, d)
+        };
+        let r = proxied(refused(403, "Forbidden"));
+        assert_eq!(r.exit_code(), 0);
+        let all = r.meanings.join("\n");
+        assert!(
+            all.contains("The proxy refuses CONNECT to port 3478: only 443 passes; browsers behind it can use turns: on 443."),
+            "{all}"
+        );
+        assert!(all.contains("UDP was not tried"), "{all}");
+        assert!(!all.contains("TCP 3478 does not work from here"), "{all}");
+        assert!(r.render().contains("through the HTTP proxy http://proxy:3128"));
+        let r = proxied(refused(407, "Proxy Authentication Required"));
+        let all = r.meanings.join("\n");
+        assert!(all.contains("The proxy wants credentials (407)"), "{all}");
+        assert!(!all.contains("refuses CONNECT"), "{all}");
+    }
+
     #[test]
     fn spans() {
         assert_eq!(fmt_span(45), "45 s");
