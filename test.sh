@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what the tests need when it
 # is missing (Debian's coturn for turnutils_uclient, iptables for the
-# network-namespace test, chromium for the browser test, prosody and
+# network-namespace test, chromium for the browser tests, squid for the
+# proxy-only network test, prosody and
 # docker-compose for the deploy tests, cargo-deb, dpkg-dev and binutils for
 # the Debian package test, a Python virtualenv with slixmpp and PyYAML in
 # .venv), then runs cargo test.
@@ -29,6 +30,9 @@ fi
 if ! command -v chromium >/dev/null 2>&1; then
   missing+=(chromium)    # headless browser of tests/browser_chromium.rs and tests/netns_udp_blocked.rs
 fi
+if [ ! -x /usr/sbin/squid ]; then
+  missing+=(squid)       # the HTTP proxy of tests/proxy_only.rs (run by the test itself)
+fi
 if ! command -v prosody >/dev/null 2>&1; then
   missing+=(prosody)     # the real XMPP server of tests/prosody.rs (Debian: 0.12)
 fi
@@ -53,6 +57,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}"
   need_root apt-get update -qq
   need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # tests/proxy_only.rs runs its own squid in a namespace; the packaged service is not needed.
+  if [[ " ${missing[*]} " == *" squid "* ]] && command -v systemctl >/dev/null 2>&1 &&
+    systemctl is-active --quiet squid 2>/dev/null; then
+    need_root systemctl disable --now squid >/dev/null 2>&1 || true
+  fi
   # The tests start their own prosody on loopback; the packaged service is not needed.
   if [[ " ${missing[*]} " == *" prosody "* ]] && command -v systemctl >/dev/null 2>&1 &&
     systemctl is-active --quiet prosody 2>/dev/null; then

@@ -37,6 +37,10 @@ impl Run {
 /// Runs `cmd` to completion; kills it after `limit` (then the test fails).
 fn run_bounded(cmd: &mut Command, limit: Duration) -> Run {
     let t0 = Instant::now();
+    // turnctl check honours proxy variables; these runs go direct.
+    for v in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+        cmd.env_remove(v);
+    }
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     let t_out = std::thread::spawn(move || {

@@ -2,10 +2,12 @@
 //! our codec: Binding, Allocate with long-term credentials (401 challenge,
 //! 438 stale nonce), CreatePermission, Send and Data indications, Refresh.
 //! One client is one 5-tuple, so at most one allocation. Every call is
-//! bounded by the client's timeout. `turnctl check` uses it; so may a load
+//! bounded by the client's timeout. TCP and TLS can go through an HTTP
+//! proxy ([`Client::connect_via`], `proxy.rs`). `turnctl check` uses it; so may a load
 //! generator.
 
 pub mod cert;
+pub mod proxy;
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -44,6 +46,12 @@ pub enum Error {
     Closed,
     #[error("unexpected answer: {0}")]
     Protocol(String),
+    /// The HTTP proxy answered CONNECT with something other than 2xx.
+    #[error("the proxy {proxy} refused CONNECT {target}: {status} {reason}")]
+    ProxyRefused { proxy: String, target: String, status: u16, reason: String },
+    /// The HTTP proxy could not be reached or did not speak HTTP.
+    #[error("proxy {0}")]
+    Proxy(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -126,36 +134,33 @@ impl Client {
                     io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Error::ConnectTimeout(timeout),
                     _ => Error::Io(e),
                 })?;
-                s.set_nodelay(true)?;
-                s.set_write_timeout(Some(timeout))?;
-                if transport == Transport::Tcp {
-                    Conn::Tcp(s)
-                } else {
-                    let t = tls.ok_or_else(|| Error::Protocol("TLS without a TLS configuration".into()))?;
-                    let mut c = rustls::ClientConnection::new(t.config.clone(), t.name.clone()).map_err(Error::Tls)?;
-                    let mut s = s;
-                    let deadline = Instant::now() + timeout;
-                    while c.is_handshaking() {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        if left.is_zero() {
-                            return Err(Error::Timeout(timeout));
-                        }
-                        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-                        match c.complete_io(&mut s) {
-                            Ok((0, 0)) if c.is_handshaking() => return Err(Error::Closed),
-                            Ok(_) => {}
-                            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                                return Err(Error::Timeout(timeout));
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(Error::Closed),
-                            Err(e) => return Err(tls_error(e)),
-                        }
-                    }
-                    Conn::Tls(Box::new(rustls::StreamOwned::new(c, s)))
-                }
+                over_stream(transport, s, timeout, tls)?
             }
         };
-        Ok(Client {
+        Ok(Client::new(conn, timeout))
+    }
+
+    /// Like [`Client::connect`] over TCP or TLS, through an HTTP proxy: a
+    /// CONNECT tunnel to `host:port` (the proxy resolves `host`), then TURN
+    /// (or the TLS handshake and TURN) inside it. UDP cannot go through a
+    /// proxy: asking for it is an error.
+    pub fn connect_via(
+        proxy: &proxy::HttpProxy,
+        transport: Transport,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+        tls: Option<&TlsTarget>,
+    ) -> Result<Client> {
+        if transport == Transport::Udp {
+            return Err(Error::Protocol("UDP cannot go through an HTTP proxy".into()));
+        }
+        let s = proxy.connect(host, port, timeout)?;
+        Ok(Client::new(over_stream(transport, s, timeout, tls)?, timeout))
+    }
+
+    fn new(conn: Conn, timeout: Duration) -> Client {
+        Client {
             conn,
             rx: Vec::new(),
             timeout,
@@ -164,7 +169,7 @@ impl Client {
             nonce: None,
             key: None,
             data: VecDeque::new(),
-        })
+        }
     }
 
     /// The credentials for requests that need them (Allocate, Refresh,
@@ -398,6 +403,36 @@ impl Client {
             }
         }
     }
+}
+
+/// A connected TCP stream as a TURN connection: as is for TCP, after a
+/// completed TLS handshake (within `timeout`) for TLS.
+fn over_stream(transport: Transport, mut s: TcpStream, timeout: Duration, tls: Option<&TlsTarget>) -> Result<Conn> {
+    s.set_nodelay(true)?;
+    s.set_write_timeout(Some(timeout))?;
+    if transport != Transport::Tls {
+        return Ok(Conn::Tcp(s));
+    }
+    let t = tls.ok_or_else(|| Error::Protocol("TLS without a TLS configuration".into()))?;
+    let mut c = rustls::ClientConnection::new(t.config.clone(), t.name.clone()).map_err(Error::Tls)?;
+    let deadline = Instant::now() + timeout;
+    while c.is_handshaking() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Timeout(timeout));
+        }
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        match c.complete_io(&mut s) {
+            Ok((0, 0)) if c.is_handshaking() => return Err(Error::Closed),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(Error::Timeout(timeout));
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(Error::Closed),
+            Err(e) => return Err(tls_error(e)),
+        }
+    }
+    Ok(Conn::Tls(Box::new(rustls::StreamOwned::new(c, s))))
 }
 
 fn parse(buf: &[u8]) -> Result<Message<'_>> {

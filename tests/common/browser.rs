@@ -53,6 +53,27 @@ const RESULT_MARGIN: Duration = Duration::from_secs(10);
 /// The HTTP server thread ends by itself after this long at the latest.
 const SERVER_LIFETIME: Duration = Duration::from_secs(180);
 
+/// Chromium's flags for every test (see the file comment).
+const FLAGS: &[&str] = &[
+    "chromium",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-dev-shm-usage",
+    "--mute-audio",
+    // TURN over TLS to a self-signed certificate (see the file comment).
+    "--ignore-certificate-errors",
+    // WebRTC may use `lo` (needed when it is the only interface).
+    "--allow-loopback-in-peer-connection",
+];
+
 /// Builds the command that runs Chromium from its argv (`chromium`, flags,
 /// page URL). `None` runs it directly; a test can instead run it in a
 /// network namespace: `|argv| { let mut c = Command::new("ip");
@@ -166,14 +187,53 @@ fn serve_one(conn: TcpStream, results: &mpsc::Sender<String>) -> std::io::Result
 
 /// A running Chromium in its own process group; the whole group is killed
 /// and the profile removed on drop (also when the test panics).
-struct Browser {
+pub struct Browser {
     child: Child,
     profile: PathBuf,
     log: PathBuf,
 }
 
 impl Browser {
-    fn log(&self) -> String {
+    /// Starts headless Chromium on `url` with the flags of this file
+    /// (plus `extra`), in its own process group, optionally through `wrap`
+    /// (e.g. in a network namespace). Killed with its group on drop.
+    pub fn launch(url: &str, extra: &[&str], wrap: Option<Wrap>) -> Browser {
+        assert!(
+            chromium_installed(),
+            "chromium is missing: this test needs Debian's `chromium` package \
+             (test.sh installs it: apt-get install -y chromium)"
+        );
+        let profile = common::temp_dir("chromium-profile");
+        let log = profile.join("chromium.log");
+        let mut argv: Vec<OsString> = FLAGS.iter().chain(extra).map(OsString::from).collect();
+        let mut dir_arg = OsString::from("--user-data-dir=");
+        dir_arg.push(profile.as_os_str());
+        argv.push(dir_arg);
+        argv.push(OsString::from(url));
+        let mut cmd = match wrap {
+            Some(w) => w(&argv),
+            None => {
+                let mut c = Command::new(&argv[0]);
+                c.args(&argv[1..]);
+                c
+            }
+        };
+        let log_file = std::fs::File::create(&log).expect("create the chromium log");
+        cmd.stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .process_group(0);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+        Browser { child, profile, log }
+    }
+
+    /// Whether Chromium has exited (and how).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The last lines of Chromium's own output.
+    pub fn log(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
@@ -230,13 +290,21 @@ pub fn run_browser_case(
     page_timeout: Duration,
     wrap: Option<Wrap>,
 ) -> Value {
-    assert!(
-        chromium_installed(),
-        "chromium is missing: this test needs Debian's `chromium` package \
-         (test.sh installs it: apt-get install -y chromium)"
-    );
-    let profile = common::temp_dir("chromium-profile");
-    let log = profile.join("chromium.log");
+    run_browser_case_with(server, page_url, turn_url, username, password, page_timeout, wrap, &[])
+}
+
+/// `run_browser_case` with more Chromium flags (e.g. `--proxy-server=...`).
+#[allow(clippy::too_many_arguments)]
+pub fn run_browser_case_with(
+    server: &PageServer,
+    page_url: &str,
+    turn_url: &str,
+    username: &str,
+    password: &str,
+    page_timeout: Duration,
+    wrap: Option<Wrap>,
+    extra: &[&str],
+) -> Value {
     let url = format!(
         "{page_url}?turn={}&user={}&pass={}&n={MESSAGES}&timeout={}",
         query_escape(turn_url),
@@ -244,48 +312,7 @@ pub fn run_browser_case(
         query_escape(password),
         page_timeout.as_millis()
     );
-    let mut argv: Vec<OsString> = [
-        "chromium",
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--no-default-browser-check",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-extensions",
-        "--disable-dev-shm-usage",
-        "--mute-audio",
-        // TURN over TLS to a self-signed certificate (see the file comment).
-        "--ignore-certificate-errors",
-        // WebRTC may use `lo` (needed when it is the only interface).
-        "--allow-loopback-in-peer-connection",
-    ]
-    .iter()
-    .map(OsString::from)
-    .collect();
-    let mut dir_arg = OsString::from("--user-data-dir=");
-    dir_arg.push(profile.as_os_str());
-    argv.push(dir_arg);
-    argv.push(OsString::from(&url));
-
-    let mut cmd = match wrap {
-        Some(w) => w(&argv),
-        None => {
-            let mut c = Command::new(&argv[0]);
-            c.args(&argv[1..]);
-            c
-        }
-    };
-    let log_file = std::fs::File::create(&log).expect("create the chromium log");
-    cmd.stdin(Stdio::null())
-        .stdout(log_file.try_clone().unwrap())
-        .stderr(log_file)
-        .process_group(0);
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
-    let mut browser = Browser { child, profile, log };
+    let mut browser = Browser::launch(&url, extra, wrap);
 
     let result_timeout = page_timeout + RESULT_MARGIN;
     let deadline = Instant::now() + result_timeout;

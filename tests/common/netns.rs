@@ -34,6 +34,8 @@ pub struct NetNs {
     name: String,
     /// Host-side veth name, once created.
     host_if: Option<String>,
+    /// The namespace holding the "host" end, when not the host itself.
+    upstream: Option<String>,
     host_ip: Ipv4Addr,
     ns_ip: Ipv4Addr,
     firewall: Firewall,
@@ -46,8 +48,28 @@ impl NetNs {
     /// well). Panics with a clear message when not root or when network
     /// namespaces are unavailable.
     pub fn create_udp_blocked() -> NetNs {
+        Self::create(None, true)
+    }
+
+    /// A namespace joined to the host by a veth pair, with no firewall and
+    /// no default route: it reaches the host end of its /30 (and what the
+    /// host serves there), nothing else.
+    pub fn create_open() -> NetNs {
+        Self::create(None, false)
+    }
+
+    /// A namespace joined to `upstream` (another namespace) by a veth pair,
+    /// with no firewall and no route but its /30: `host_ip()` is the
+    /// upstream end, the only address it reaches. Namespaces do not forward
+    /// (ip_forward is off in each new one), so nothing behind `upstream` is
+    /// reachable from here except through a program there, such as a proxy.
+    pub fn create_behind(upstream: &NetNs) -> NetNs {
+        Self::create(Some(upstream.name()), false)
+    }
+
+    fn create(upstream: Option<&str>, with_firewall: bool) -> NetNs {
         preflight();
-        let firewall = pick_firewall();
+        let firewall = if with_firewall { pick_firewall() } else { Firewall::Iptables };
         reap_stale();
         let pid = std::process::id();
 
@@ -61,6 +83,7 @@ impl NetNs {
                 ns = Some(NetNs {
                     name,
                     host_if: None,
+                    upstream: upstream.map(str::to_owned),
                     host_ip: Ipv4Addr::UNSPECIFIED,
                     ns_ip: Ipv4Addr::UNSPECIFIED,
                     firewall,
@@ -78,7 +101,10 @@ impl NetNs {
         //    reservation of the subnet between parallel tests and processes.
         let start = pid.wrapping_mul(97).wrapping_add(COUNTER.load(Ordering::Relaxed).wrapping_mul(7919));
         let used = run(Command::new("ip").args(["-o", "-4", "addr", "show"]));
-        let used = String::from_utf8_lossy(&used.stdout).into_owned();
+        let mut used = String::from_utf8_lossy(&used.stdout).into_owned();
+        if let Some(u) = upstream {
+            used += &String::from_utf8_lossy(&run(Command::new("ip").args(["-n", u, "-o", "-4", "addr", "show"])).stdout);
+        }
         for k in 0..256u32 {
             let idx = start.wrapping_add(k) % SUBNETS;
             let net = BASE + 4 * idx;
@@ -87,7 +113,16 @@ impl NetNs {
                 continue;
             }
             let (hif, nif) = (format!("tdh{idx:x}"), format!("tdn{idx:x}"));
-            let out = run(Command::new("ip").args(["link", "add", &hif, "type", "veth", "peer", "name", &nif, "netns", &ns.name]));
+            // On the host end: `ip` itself, or `ip -n UPSTREAM`.
+            let up = |args: &[&str]| {
+                let mut c = Command::new("ip");
+                if let Some(u) = upstream {
+                    c.args(["-n", u]);
+                }
+                c.args(args);
+                c
+            };
+            let out = run(&mut up(&["link", "add", &hif, "type", "veth", "peer", "name", &nif, "netns", &ns.name]));
             if !out.status.success() {
                 if stderr(&out).contains("exist") {
                     continue;
@@ -97,8 +132,8 @@ impl NetNs {
             ns.host_if = Some(hif.clone());
             ns.host_ip = host_ip;
             ns.ns_ip = ns_ip;
-            must(Command::new("ip").args(["addr", "add", &format!("{host_ip}/30"), "dev", &hif]));
-            must(Command::new("ip").args(["link", "set", &hif, "up"]));
+            must(&mut up(&["addr", "add", &format!("{host_ip}/30"), "dev", &hif]));
+            must(&mut up(&["link", "set", &hif, "up"]));
             must(&mut ns.ip_cmd(&["addr", "add", &format!("{ns_ip}/30"), "dev", &nif]));
             must(&mut ns.ip_cmd(&["link", "set", &nif, "up"]));
             must(&mut ns.ip_cmd(&["link", "set", "lo", "up"]));
@@ -107,7 +142,9 @@ impl NetNs {
         assert!(ns.host_if.is_some(), "netns: no free /30 in 198.18.0.0/15");
 
         // 3. The firewall inside the namespace.
-        ns.install_firewall();
+        if with_firewall {
+            ns.install_firewall();
+        }
         ns.wait_link_up();
         ns
     }
@@ -274,7 +311,7 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace destroys its veth end and with it the pair.
         let _ = try_run(Command::new("ip").args(["netns", "del", &self.name]));
-        if let Some(hif) = &self.host_if {
+        if let Some(hif) = self.host_if.as_ref().filter(|_| self.upstream.is_none()) {
             // The kernel tears the namespace down asynchronously: give it a
             // moment, then delete the host end ourselves if still there.
             let deadline = Instant::now() + Duration::from_secs(3);

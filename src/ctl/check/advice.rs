@@ -38,14 +38,18 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
         ));
         return m;
     }
-    let addr = r.address.map(|a| a.to_string()).unwrap_or_default();
+    // Through a proxy the name may not be resolved here: say the name.
+    let addr = r.address.map(|a| a.to_string()).unwrap_or_else(|| r.host.clone());
     let udp = r.get(Transport::Udp);
     let tcp = r.get(Transport::Tcp);
     let tls = r.get(Transport::Tls);
     let port_of = |t: Option<&TransportResult>| t.map(|x| x.port).unwrap_or(0);
 
+    let proxy_trouble =
+        r.transports.iter().any(|t| matches!(t.binding.failure(), Some(FailKind::Proxy | FailKind::ProxyRefused)));
+
     // Nothing answered at all.
-    if !r.transports.iter().any(|t| t.binding.is_ok()) {
+    if !r.transports.iter().any(|t| t.binding.is_ok()) && !proxy_trouble {
         let kinds: Vec<FailKind> = r.transports.iter().filter_map(|t| t.binding.failure()).collect();
         let list = r.transports.iter().map(|t| format!("{} {}", t.name(), t.port)).collect::<Vec<_>>().join(", ");
         if kinds.iter().all(|k| *k == FailKind::Refused) {
@@ -96,6 +100,10 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
         t.is_some_and(|t| if r.relay_checked { t.relays() } else { t.binding.is_ok() })
     };
     let tried_and_failed = |t: Option<&TransportResult>| t.is_some_and(|t| !works(Some(t)));
+
+    if let Some(p) = &r.proxy {
+        proxy_meanings(r, p, &works, &mut m);
+    }
     let any_binding = r.transports.iter().any(|t| t.binding.is_ok());
     let auth_problem = matches!(r.auth, AuthState::WrongSecret | AuthState::ClockSkew(_) | AuthState::Refused);
 
@@ -138,7 +146,7 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
                 m.push(format!("{lead}."));
             }
         }
-        if tried_and_failed(tcp) && tcp.is_some_and(|t| t.binding.failure().is_some()) {
+        if tried_and_failed(tcp) && tcp.is_some_and(|t| t.binding.failure().is_some_and(|k| k != FailKind::ProxyRefused)) {
             if works(tls) {
                 m.push(format!("TCP {} does not work from here; TLS on {} covers the same participants.", port_of(tcp), port_of(tls)));
             } else {
@@ -175,7 +183,11 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
         }
     }
     if !r.ok() {
-        if r.relay_checked {
+        if r.proxy.is_some() && r.relay_checked {
+            m.push("Nothing relays through the proxy: participants behind it will see no video.".into());
+        } else if r.proxy.is_some() {
+            m.push("No transport answered through the proxy: participants behind it cannot reach the relay.".into());
+        } else if r.relay_checked {
             m.push("Nothing relays: participants behind strict firewalls will see no video.".into());
         } else {
             m.push("No transport answered: participants cannot reach the relay from a network like this one.".into());
@@ -233,3 +245,46 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
     m
 }
 
+
+/// What going through an HTTP proxy found: refusals of CONNECT by port, a
+/// proxy that cannot be used, and that only TCP/TLS can pass it.
+fn proxy_meanings(r: &Report, proxy: &str, works: &dyn Fn(Option<&TransportResult>) -> bool, m: &mut Vec<String>) {
+    let tls = r.get(Transport::Tls);
+    let tls_port = tls.map(|t| t.port).unwrap_or(443);
+    if r.transports.iter().any(|t| t.binding.failure() == Some(FailKind::Proxy)) {
+        m.push(format!(
+            "Cannot use the proxy {proxy} (see the table): check its address and port (--proxy, HTTPS_PROXY) and that this machine \
+             may reach it."
+        ));
+    }
+    let refused = |t: &&TransportResult| t.binding.failure() == Some(FailKind::ProxyRefused);
+    let wants_credentials = |t: &TransportResult| matches!(&t.binding, Outcome::Failed(_, d) if d.contains("(407)"));
+    if r.transports.iter().filter(refused).any(wants_credentials) {
+        m.push(
+            "The proxy wants credentials (407): give them in the URL, --proxy http://USER:PASS@HOST:PORT (or in HTTPS_PROXY)."
+                .into(),
+        );
+    }
+    for t in r.transports.iter().filter(refused).filter(|t| !wants_credentials(t)) {
+        if t.transport != Transport::Tls && works(tls) {
+            m.push(format!(
+                "The proxy refuses CONNECT to port {}: only {tls_port} passes; browsers behind it can use turns: on {tls_port}.",
+                t.port
+            ));
+        } else {
+            m.push(format!(
+                "The proxy refuses CONNECT to port {}: participants behind it cannot reach the relay there. Serve TURN over TLS on 443 \
+                 (the port such proxies allow) or ask the proxy's administrators to allow CONNECT to {}:{}.",
+                t.port, r.host, t.port
+            ));
+        }
+    }
+    if r.transports.iter().any(|t| t.transport == Transport::Udp) {
+        m.push(format!(
+            "UDP was not tried: an HTTP proxy carries no UDP. Participants behind this proxy reach the relay only over TCP through \
+             it, in practice turns: on {tls_port}, which browsers send through the proxy with CONNECT. If this network also lets UDP \
+             out directly, check that without the proxy (NO_PROXY={} or --proxy '').",
+            r.host
+        ));
+    }
+}

@@ -6,7 +6,9 @@
 //! trip between two of the relay's own allocations (each sends a Send
 //! indication to the other's relayed address and expects it back as a Data
 //! indication). Then the TLS certificate's facts, and what it all means for
-//! participants, as a table or as JSON. Exit status 0 when some transport
+//! participants, as a table or as JSON. With an HTTP proxy (`--proxy`, or
+//! HTTPS_PROXY/ALL_PROXY unless NO_PROXY names the relay), TCP and TLS go
+//! through it with CONNECT and UDP is not tried. Exit status 0 when some transport
 //! relays (without a secret: when some Binding works), 1 otherwise, 2 for
 //! usage errors.
 
@@ -21,6 +23,7 @@ use serde_json::{json, Value};
 
 use crate::auth::{rest_password, rest_username};
 use crate::client::cert::{self, CertInfo, Trust};
+use crate::client::proxy::HttpProxy;
 use crate::client::{fmt_duration, Allocation, Client, Credentials, Error as ClientError, TlsTarget, Transport};
 
 mod advice;
@@ -76,6 +79,11 @@ pub struct CheckArgs {
     /// One JSON object, for monitoring.
     #[arg(long)]
     pub json: bool,
+    /// Reach the relay's TCP and TLS ports through this HTTP proxy (CONNECT), as browsers behind
+    /// it do: http://[USER:PASS@]HOST:PORT. Default: HTTPS_PROXY or ALL_PROXY (unless NO_PROXY
+    /// names the relay); `--proxy ''` ignores them. UDP is not tried: a proxy cannot carry it.
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
     #[arg(long)]
     pub no_udp: bool,
     #[arg(long)]
@@ -113,6 +121,8 @@ pub struct Options {
     pub timeout: Duration,
     pub transports: Vec<Transport>,
     pub insecure: bool,
+    /// TCP and TLS go through this proxy; UDP is then not tried.
+    pub proxy: Option<HttpProxy>,
     tls: Option<(Arc<rustls::ClientConfig>, Arc<cert::Observer>, ServerName<'static>)>,
 }
 
@@ -148,7 +158,13 @@ impl Options {
         } else {
             None
         };
+        let proxy = match a.proxy.as_deref().map(str::trim) {
+            Some("") => None,
+            Some(url) => Some(HttpProxy::parse(url).map_err(|e| format!("--proxy: {e}"))?),
+            None => HttpProxy::from_env(&host, |k| std::env::var(k).ok()).transpose()?,
+        };
         Ok(Options {
+            proxy,
             host,
             secret,
             user: a.user.clone(),
@@ -161,6 +177,25 @@ impl Options {
             tls,
         })
     }
+}
+
+impl Options {
+    /// A client to `server` over `t`: through the proxy for TCP and TLS
+    /// when there is one (the tunnel goes to HOST as given, for the proxy to
+    /// resolve), else directly.
+    pub(super) fn connect(&self, t: Transport, server: SocketAddr, tls: Option<&TlsTarget>) -> Result<Client, ClientError> {
+        match &self.proxy {
+            Some(p) if t != Transport::Udp => Client::connect_via(p, t, &self.host, server.port(), self.timeout, tls),
+            _ => Client::connect(t, server, self.timeout, tls),
+        }
+    }
+}
+
+/// UDP when TCP and TLS go through a proxy: not tried, and why.
+fn udp_not_proxied(o: &Options) -> Probe {
+    let mut result = TransportResult::new(Transport::Udp, o.port);
+    result.binding = Outcome::Skipped("not tried: UDP cannot go through an HTTP proxy".into());
+    Probe { result, held: Vec::new(), unauthorized: None }
 }
 
 fn read_secret(path: &std::path::Path) -> Result<String, String> {
@@ -197,8 +232,13 @@ pub fn run(o: &Options) -> Report {
         transports: Vec::new(),
         cert: None,
         meanings: Vec::new(),
+        proxy: o.proxy.as_ref().map(HttpProxy::display),
     };
-    let ip = match resolve(&o.host, o.timeout) {
+    // Through a proxy, the proxy resolves the name (this network may have
+    // no DNS for it); `ip` then only carries the port.
+    let through_proxy = o.proxy.is_some() && o.host.parse::<IpAddr>().is_err();
+    let resolved = if through_proxy { Ok(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)) } else { resolve(&o.host, o.timeout) };
+    let ip = match resolved {
         Ok(ip) => ip,
         Err(e) => {
             for &t in &o.transports {
@@ -212,11 +252,11 @@ pub fn run(o: &Options) -> Report {
             return report;
         }
     };
-    report.address = Some(ip);
+    report.address = (!through_proxy).then_some(ip);
 
     // Phase 1, all transports at once: Binding and Allocates.
     let probes: Vec<Probe> = std::thread::scope(|s| {
-        let handles: Vec<_> = o.transports.iter().map(|&t| s.spawn(move || probe(t, ip, o))).collect();
+        let handles: Vec<_> = o.transports.iter().map(|&t| s.spawn(move || if t == Transport::Udp && o.proxy.is_some() { udp_not_proxied(o) } else { probe(t, ip, o) })).collect();
         handles.into_iter().map(|h| h.join().expect("probe thread")).collect()
     });
     let mut held = Vec::new();
@@ -307,6 +347,60 @@ mod tests {
         assert_eq!(parse_timeout("500ms"), Ok(Duration::from_millis(500)));
         assert!(parse_timeout("0").is_err());
         assert!(parse_timeout("soon").is_err());
+    }
+
+    /// A report through a proxy: UDP skipped, TCP 3478 refused by the proxy
+    /// with `tcp`, TLS relaying.
+    fn proxied(tcp: Outcome) -> Report {
+        let mut udp = TransportResult::new(Transport::Udp, 3478);
+        udp.binding = Outcome::Skipped("not tried: UDP cannot go through an HTTP proxy".into());
+        let mut t = TransportResult::new(Transport::Tcp, 3478);
+        t.binding = tcp;
+        let mut tls = TransportResult::new(Transport::Tls, 443);
+        tls.binding = Outcome::Ok(String::new());
+        tls.allocate = Outcome::Ok(String::new());
+        tls.relay = Outcome::Ok(String::new());
+        let mut r = Report {
+            host: "turn.example.com".into(),
+            address: None,
+            resolve_error: None,
+            relay_checked: true,
+            timeout: Duration::from_secs(3),
+            insecure: false,
+            auth: AuthState::Ok,
+            transports: vec![udp, t, tls],
+            cert: None,
+            meanings: Vec::new(),
+            proxy: Some("http://proxy:3128".into()),
+        };
+        r.meanings = meanings(&r);
+        r
+    }
+
+    #[test]
+    fn proxy_meanings() {
+        let refused = |status: u16, reason: &str| {
+            let (k, d) = probes::describe(
+                &ClientError::ProxyRefused { proxy: "p".into(), target: "t:3478".into(), status, reason: reason.into() },
+                Transport::Tcp,
+                3478,
+            );
+            Outcome::Failed(k, d)
+        };
+        let r = proxied(refused(403, "Forbidden"));
+        assert_eq!(r.exit_code(), 0);
+        let all = r.meanings.join("\n");
+        assert!(
+            all.contains("The proxy refuses CONNECT to port 3478: only 443 passes; browsers behind it can use turns: on 443."),
+            "{all}"
+        );
+        assert!(all.contains("UDP was not tried"), "{all}");
+        assert!(!all.contains("TCP 3478 does not work from here"), "{all}");
+        assert!(r.render().contains("through the HTTP proxy http://proxy:3128"));
+        let r = proxied(refused(407, "Proxy Authentication Required"));
+        let all = r.meanings.join("\n");
+        assert!(all.contains("The proxy wants credentials (407)"), "{all}");
+        assert!(!all.contains("refuses CONNECT"), "{all}");
     }
 
     #[test]

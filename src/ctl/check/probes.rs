@@ -53,6 +53,14 @@ pub(super) fn describe(e: &ClientError, t: Transport, port: u16) -> (FailKind, S
         ClientError::Response { code, reason } => (FailKind::ErrorResponse, format!("refused: {code} {reason}")),
         ClientError::Closed => (FailKind::Closed, "the relay closed the connection".into()),
         ClientError::Protocol(p) => (FailKind::Protocol, p.clone()),
+        ClientError::ProxyRefused { status: 407, .. } => (
+            FailKind::ProxyRefused,
+            "the proxy wants credentials (407): give them in the URL, http://USER:PASS@HOST:PORT".into(),
+        ),
+        ClientError::ProxyRefused { status, reason, .. } => {
+            (FailKind::ProxyRefused, format!("the proxy refused CONNECT to port {port} ({status} {reason})"))
+        }
+        ClientError::Proxy(d) => (FailKind::Proxy, format!("cannot use the proxy {d}")),
     }
 }
 
@@ -104,7 +112,7 @@ pub(super) fn probe(t: Transport, ip: IpAddr, o: &Options) -> Probe {
     let mut p = Probe { result: TransportResult::new(t, port), held: Vec::new(), unauthorized: None };
     let tls = o.tls.as_ref().map(|(cfg, _, name)| TlsTarget { config: cfg.clone(), name: name.clone() });
     let r = &mut p.result;
-    let mut a = match Client::connect(t, server, o.timeout, tls.as_ref()) {
+    let mut a = match o.connect(t, server, tls.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             r.binding = failed(&e, t, port);
@@ -143,7 +151,7 @@ pub(super) fn probe(t: Transport, ip: IpAddr, o: &Options) -> Probe {
         }
     }
     // A second allocation on the same transport, to pair with the first.
-    if let Ok(mut b) = Client::connect(t, server, o.timeout, tls.as_ref()) {
+    if let Ok(mut b) = o.connect(t, server, tls.as_ref()) {
         b.set_credentials(creds);
         if let Ok(alloc) = b.allocate() {
             p.held.push(Held { transport: t, client: b, alloc });

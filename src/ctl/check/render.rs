@@ -13,8 +13,12 @@ impl Report {
         };
         out += &format!("turnctl check {}{addr}\n", self.host);
         let mapped = self.get(Transport::Udp).and_then(|t| t.mapped).or_else(|| self.transports.iter().find_map(|t| t.mapped));
+        if let Some(p) = &self.proxy {
+            out += &format!("through the HTTP proxy {p} (TCP and TLS; UDP cannot go through it)\n");
+        }
         if let Some(m) = mapped {
-            out += &format!("this machine, as the relay sees it: {}\n", m.ip());
+            let whose = if self.proxy.is_some() { " (the proxy's address)" } else { "" };
+            out += &format!("this machine, as the relay sees it: {}{whose}\n", m.ip());
         }
         out += "\n";
         let rows: Vec<[String; 6]> = std::iter::once(["transport", "port", "binding", "allocate", "relay", "notes"].map(String::from))
@@ -23,6 +27,11 @@ impl Report {
                     Some((_, d)) => d.to_owned(),
                     None => {
                         let mut n = Vec::new();
+                        if let Outcome::Skipped(d) = &t.binding
+                            && !d.is_empty()
+                        {
+                            n.push(d.clone());
+                        }
                         if let Some(a) = t.relayed {
                             n.push(format!("relayed {a}"));
                         }
@@ -179,6 +188,7 @@ impl Report {
             "transports": transports,
             "certificate": cert,
             "meanings": self.meanings,
+            "proxy": self.proxy,
         })
     }
 }

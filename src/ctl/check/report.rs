@@ -18,6 +18,10 @@ pub enum FailKind {
     ErrorResponse,
     Protocol,
     Io,
+    /// The HTTP proxy answered CONNECT with a refusal.
+    ProxyRefused,
+    /// The HTTP proxy could not be reached or used.
+    Proxy,
 }
 
 impl FailKind {
@@ -36,6 +40,8 @@ impl FailKind {
             FailKind::ErrorResponse => "error_response",
             FailKind::Protocol => "protocol",
             FailKind::Io => "io",
+            FailKind::ProxyRefused => "proxy_refused",
+            FailKind::Proxy => "proxy",
         }
     }
 }
@@ -195,6 +201,8 @@ pub struct Report {
     pub transports: Vec<TransportResult>,
     pub cert: Option<CertReport>,
     pub meanings: Vec<String>,
+    /// The HTTP proxy TCP and TLS went through (password hidden).
+    pub proxy: Option<String>,
 }
 
 impl Report {

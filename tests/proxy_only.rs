@@ -1,0 +1,344 @@
+//! A network whose only way out is an HTTP proxy, built for real: three
+//! parties, addresses from 198.18.0.0/15 only.
+//! - the server: turnd on the host (UDP and TCP 3478, TLS 443), on the host
+//!   end of the proxy namespace's veth;
+//! - the proxy: a namespace joined to the host, running Debian's squid with
+//!   the stock access rules of /etc/squid/squid.conf (CONNECT only to port
+//!   443: `http_access deny CONNECT !SSL_ports`), plus one line allowing
+//!   this test's clients;
+//! - the client: a namespace joined only to the proxy namespace, with no
+//!   route but its /30 (namespaces do not forward): it reaches squid and
+//!   nothing else.
+//!
+//! From the client, headless Chromium with `--proxy-server` relays its data
+//! channel through `turns:HOST:443` (the selected pair relay over TLS) and
+//! squid logs the CONNECT; a real call (fake camera and microphone, see
+//! `common/call.rs`) carries audio and video both ways between Chromium
+//! there and Chromium in a fourth namespace with plain UDP (where the
+//! videobridge stands), which turnd relays to; `turnctl check --proxy` (and with HTTPS_PROXY)
+//! relays over TLS on 443 through the proxy, reports TCP 3478 refused by
+//! the proxy and UDP not tried, and exits 0.
+//!
+//! Needs root, `ip netns`, squid and chromium; test.sh installs the
+//! packages. Fails, never skips, when something is missing.
+
+mod common;
+#[path = "common/browser.rs"]
+mod browser;
+#[path = "common/call.rs"]
+mod call;
+#[path = "common/netns.rs"]
+mod netns;
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use browser::{PageServer, PAGE_TIMEOUT};
+use common::{Turnd, SECRET};
+use netns::NetNs;
+use serde_json::Value;
+
+const TLS_PORT: u16 = 443;
+const PLAIN_PORT: u16 = 3478;
+const PROXY_PORT: u16 = 3128;
+const STOCK_CONF: &str = "/etc/squid/squid.conf";
+
+/// squid in the foreground (`-N`) in a namespace, with a config file and
+/// logs in a temporary directory; killed (with its process group) and the
+/// directory removed on drop.
+struct Squid {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Squid {
+    /// Starts squid in `ns` listening on `listen`, allowing clients from
+    /// 198.18.0.0/15 under Debian's stock rules. Ready when its cache.log
+    /// says it accepts connections (bounded: 15 s).
+    fn start(ns: &NetNs, listen: SocketAddr) -> Squid {
+        assert!(
+            std::path::Path::new("/usr/sbin/squid").exists() && std::path::Path::new(STOCK_CONF).exists(),
+            "squid is missing: this test needs Debian's `squid` package (test.sh installs it: apt-get install -y squid)"
+        );
+        let stock = std::fs::read_to_string(STOCK_CONF).expect("read the stock squid.conf");
+        let rules: Vec<&str> = stock
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter(|l| l.starts_with("acl ") || l.starts_with("http_access "))
+            .collect();
+        // The rule this network is about, as Debian ships it.
+        assert!(rules.contains(&"acl SSL_ports port 443"), "{STOCK_CONF} has no `acl SSL_ports port 443`:\n{rules:#?}");
+        assert!(
+            rules.contains(&"http_access deny CONNECT !SSL_ports"),
+            "{STOCK_CONF} has no `http_access deny CONNECT !SSL_ports`:\n{rules:#?}"
+        );
+        let dir = common::temp_dir("squid");
+        // squid drops to the `proxy` user: it must write its logs here.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let mut conf = String::new();
+        for r in rules.iter().filter(|r| r.starts_with("acl ")) {
+            conf += &format!("{r}\n");
+        }
+        conf += "acl testnet src 198.18.0.0/15\n";
+        for r in rules.iter().filter(|r| r.starts_with("http_access ") && **r != "http_access deny all") {
+            conf += &format!("{r}\n");
+        }
+        // Where Debian's file says "INSERT YOUR OWN RULE(S) HERE".
+        conf += "http_access allow testnet\nhttp_access deny all\n";
+        conf += &format!(
+            "http_port {listen}\n\
+             pid_filename none\n\
+             access_log stdio:{d}/access.log\n\
+             cache_log {d}/cache.log\n\
+             cache_store_log none\n\
+             coredump_dir {d}\n\
+             netdb_filename none\n\
+             pinger_enable off\n\
+             logfile_rotate 0\n\
+             cache deny all\n\
+             dns_nameservers 127.0.0.1\n\
+             shutdown_lifetime 0 seconds\n",
+            d = dir.display()
+        );
+        let conf_path = dir.join("squid.conf");
+        std::fs::write(&conf_path, &conf).unwrap();
+        let out = std::fs::File::create(dir.join("squid.out")).unwrap();
+        let child = ns
+            .command("squid")
+            .args(["-N", "-f"])
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .expect("start squid");
+        let mut squid = Squid { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !squid.cache_log().contains("Accepting HTTP Socket connections at") {
+            if let Ok(Some(st)) = squid.child.try_wait() {
+                panic!("squid exited ({st}):\n{}\n{}", squid.cache_log(), squid.output());
+            }
+            assert!(Instant::now() < deadline, "squid not ready within 15 s:\n{}\n{}", squid.cache_log(), squid.output());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        squid
+    }
+
+    fn cache_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cache.log")).unwrap_or_default()
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(self.dir.join("squid.out")).unwrap_or_default()
+    }
+
+    fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+
+    /// Waits (bounded: 10 s) for an access.log line containing all of
+    /// `needles`. squid logs a CONNECT tunnel when it closes.
+    fn wait_access(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(l) = self.access_log().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return l.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "squid's access.log has no line with {needles:?} within 10 s:\n{}",
+                self.access_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        // `ip netns exec` execs squid, which leads its own process group.
+        let pgid = self.child.id() as libc::pid_t;
+        // SAFETY: signalling a process group this test started.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// "allocation created" lines of turnd's log for `client_ip` over `transport`.
+fn allocations(log: &str, client_ip: &str, transport: &str) -> usize {
+    let client = format!("client={client_ip}:");
+    log.lines()
+        .filter(|l| l.contains("allocation created") && l.contains(&client))
+        .filter(|l| l.contains(&format!("transport={transport}")) || l.contains(&format!("transport=\"{transport}\"")))
+        .count()
+}
+
+/// `turnctl check` in the client namespace (bounded by `timeout`), with
+/// no proxy variables but those in `env`: (exit status, stdout, stderr).
+fn check_in(ns: &NetNs, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut c = ns.command("timeout");
+    c.args(["-k", "2", "40", env!("CARGO_BIN_EXE_turnctl"), "check"]).args(args);
+    for v in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy"] {
+        c.env_remove(v);
+    }
+    c.envs(env.iter().copied());
+    let out = c.stdin(Stdio::null()).output().expect("run turnctl check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn proxy_only_network_relays_over_tls_443_through_squid() {
+    let t0 = Instant::now();
+    let proxy_ns = NetNs::create_open();
+    let client_ns = NetNs::create_behind(&proxy_ns);
+    let host = proxy_ns.host_ip().to_string(); // turnd, on the host
+    let proxy_out = proxy_ns.ns_ip().to_string(); // squid, towards turnd
+    let proxy_in = client_ns.host_ip(); // squid, towards the client
+    let proxy_url = format!("http://{proxy_in}:{PROXY_PORT}");
+    // Where the videobridge stands: ordinary UDP, reached from the relay.
+    let bridge_ns = NetNs::create_open();
+    let relay_ip = bridge_ns.host_ip().to_string();
+    let bridge_ip = bridge_ns.ns_ip().to_string();
+
+    let udp_addr: SocketAddr = format!("{host}:{PLAIN_PORT}").parse().unwrap();
+    let server = Turnd::start_config(udp_addr, |dir| {
+        common::make_cert(dir, "cert.pem", "key.pem", "turnd-proxy");
+        format!(
+            "realm = \"{realm}\"\n\
+             [auth]\nsecrets = [\"{SECRET}\"]\n\
+             [[listen]]\ntransport = \"udp\"\naddress = \"{host}:{PLAIN_PORT}\"\n\
+             [[listen]]\ntransport = \"tcp\"\naddress = \"{host}:{PLAIN_PORT}\"\n\
+             [[listen]]\ntransport = \"tls\"\naddress = \"{host}:{TLS_PORT}\"\n\
+             [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+             [relay]\nip = \"{relay_ip}\"\nports = \"20000-29999\"\n\
+             [peers]\nallow = [\"{bridge_ip}/32\"]\n",
+            realm = common::REALM,
+            cert = dir.join("cert.pem").display(),
+            key = dir.join("key.pem").display(),
+        )
+    });
+    let squid = Squid::start(&proxy_ns, SocketAddr::new(proxy_in.into(), PROXY_PORT));
+    let diag = |what: &str, text: &str| {
+        format!(
+            "{what}\n--- output ---\n{text}\n--- squid access.log ---\n{}\n--- squid cache.log ---\n{}\n--- turnd log ---\n{}",
+            squid.access_log(),
+            squid.cache_log(),
+            server.log()
+        )
+    };
+
+    // The client has no way out but the proxy: a direct TCP connect to
+    // turnd's port 443 fails at once (no route).
+    let direct = client_ns
+        .command("timeout")
+        .args(["-k", "1", "5", "bash", "-c", &format!("exec 3<>/dev/tcp/{host}/{TLS_PORT}")])
+        .output()
+        .expect("run bash");
+    let direct_err = String::from_utf8_lossy(&direct.stderr).into_owned();
+    assert!(!direct.status.success(), "{}", diag("the client reached turnd without the proxy", &direct_err));
+    assert!(direct_err.contains("unreachable"), "{}", diag("a direct connect failed for another reason than no route", &direct_err));
+
+    // Chromium behind the proxy: relay-only over turns:443, data channel.
+    let (username, password) = browser::credentials();
+    let page = PageServer::on(client_ns.tcp_listener("127.0.0.1:0".parse().unwrap()));
+    let in_client = |argv: &[OsString]| {
+        let mut c = client_ns.command(argv[0].to_str().unwrap());
+        c.args(&argv[1..]);
+        c
+    };
+    let tls_url = format!("turns:{host}:{TLS_PORT}?transport=tcp");
+    let proxy_flag = format!("--proxy-server={proxy_url}");
+    let r = browser::run_browser_case_with(
+        &page,
+        &page.page_url(),
+        &tls_url,
+        &username,
+        &password,
+        PAGE_TIMEOUT,
+        Some(&in_client),
+        &[&proxy_flag],
+    );
+    browser::assert_relayed(&r, &tls_url, "tls", &relay_ip, &|| diag("Chromium behind the proxy did not relay", &browser::pretty(&r)));
+    eprintln!("Chromium behind {proxy_url}: {}", browser::describe(&r));
+    // Through squid: turnd sees the proxy's address, squid logs the tunnel.
+    let tls_allocs = allocations(&server.log(), &proxy_out, "tls");
+    assert!(tls_allocs >= 2, "{}", diag(&format!("turnd logged {tls_allocs} TLS allocations from the proxy {proxy_out}"), ""));
+    let line = squid.wait_access(&["CONNECT", &format!("{host}:{TLS_PORT}"), "TCP_TUNNEL/200"]);
+    eprintln!("squid: {line}");
+
+    // A real call from behind the proxy: camera and microphone both ways
+    // between the participant (relay-only over turns:443 through squid)
+    // and the other side on plain UDP.
+    let tunnels = |log: &str| log.lines().filter(|l| l.contains("TCP_TUNNEL/200") && l.contains(&format!("{host}:{TLS_PORT}"))).count();
+    let tunnels_before = tunnels(&squid.access_log());
+    let context = || diag("", "");
+    let (p, b) = call::run_call(&client_ns, &tls_url, &[&proxy_flag], &bridge_ns, &context);
+    call::assert_call(&p, &b, &tls_url, "tls", &relay_ip, &bridge_ip, &context);
+    eprintln!("call from behind {proxy_url} to {bridge_ip}, relayed via {relay_ip}:");
+    eprintln!("{}", call::figures("participant receives", &p));
+    eprintln!("{}", call::figures("other side receives", &b));
+    // The call's TURN connection went through squid too (logged once the
+    // browser, and with it the tunnel, is gone).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tunnels(&squid.access_log()) <= tunnels_before {
+        assert!(Instant::now() < deadline, "{}", diag("squid logged no CONNECT tunnel for the call", ""));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // turnctl check through the proxy, by flag: TLS on 443 relays, TCP
+    // 3478 is refused by the proxy's stock rule, UDP is not tried.
+    let (rc, out, err) = check_in(&client_ns, &[&host, "--secret", SECRET, "--insecure", "--proxy", &proxy_url], &[]);
+    let text = format!("{out}{err}");
+    eprintln!("turnctl check --proxy {proxy_url} (exit {rc}):\n{out}{err}");
+    assert_eq!(rc, 0, "{}", diag("turnctl check through the proxy must exit 0 (TLS relays)", &text));
+    let lower = out.to_lowercase();
+    assert!(
+        lower.contains("the proxy refuses connect to port 3478: only 443 passes; browsers behind it can use turns: on 443"),
+        "{}",
+        diag("no clear word on the proxy refusing port 3478", &text)
+    );
+    assert!(lower.contains("udp was not tried"), "{}", diag("the report does not say UDP was not tried", &text));
+    assert!(out.contains(&format!("through the HTTP proxy {proxy_url}")), "{}", diag("the report does not name the proxy", &text));
+    squid.wait_access(&["TCP_DENIED/403", "CONNECT", &format!("{host}:{PLAIN_PORT}")]);
+
+    // The same from the environment (HTTPS_PROXY), as JSON.
+    let (rc, out, err) = check_in(&client_ns, &[&host, "--secret", SECRET, "--insecure", "--json"], &[("HTTPS_PROXY", &proxy_url)]);
+    let j: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{}", diag(&format!("bad JSON ({e})"), &format!("{out}{err}"))));
+    let ctx = || diag("turnctl check --json with HTTPS_PROXY", &format!("{out}{err}"));
+    assert_eq!(rc, 0, "{}", ctx());
+    assert_eq!(j["proxy"].as_str(), Some(proxy_url.as_str()), "{}", ctx());
+    assert_eq!(j["relaying"], serde_json::json!(["tls"]), "{}", ctx());
+    let t = |name: &str| j["transports"].as_array().and_then(|a| a.iter().find(|t| t["transport"] == name)).cloned().unwrap_or_default();
+    assert_eq!(t("udp")["binding"]["status"], "skipped", "{}", ctx());
+    assert!(t("udp")["binding"]["detail"].as_str().unwrap_or("").contains("UDP cannot go through an HTTP proxy"), "{}", ctx());
+    assert_eq!(t("tcp")["binding"]["error"], "proxy_refused", "{}", ctx());
+    assert!(t("tcp")["binding"]["detail"].as_str().unwrap_or("").contains("403"), "{}", ctx());
+    assert_eq!(t("tls")["relays"], true, "{}", ctx());
+    // Seen by the relay as the proxy.
+    assert_eq!(t("tls")["mapped_address"].as_str().map(|a| a.split(':').next().unwrap_or("")), Some(proxy_out.as_str()), "{}", ctx());
+
+    // NO_PROXY naming the relay turns the environment's proxy off: then
+    // nothing gets out of this network at all.
+    let (rc, out, _) = check_in(
+        &client_ns,
+        &[&host, "--secret", SECRET, "--insecure", "--timeout", "1s", "--json"],
+        &[("HTTPS_PROXY", &proxy_url), ("NO_PROXY", &host)],
+    );
+    let j: Value = serde_json::from_str(&out).unwrap_or_default();
+    assert_eq!(rc, 1, "{}", diag("without the proxy nothing may relay from the client", &out));
+    assert!(j["proxy"].is_null(), "{}", diag("NO_PROXY was ignored", &out));
+    eprintln!("done in {:.1} s", t0.elapsed().as_secs_f64());
+}
