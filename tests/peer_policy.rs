@@ -2,7 +2,7 @@
 //! and in IPv4-in-IPv6 forms) pass, `peers.allow` overrides the deny list and
 //! `peers.deny` adds to it. Every refused address form on every peer-carrying
 //! path, our own ports, and requests naming several peers are in the abuse
-//! suite (tests/abuse.rs).
+//! suite (tests/abuse_core.rs, tests/abuse_wire.rs).
 
 #[path = "common/core.rs"]
 mod harness;
