@@ -6,7 +6,7 @@
 #                      [--out FILE.md] [--no-build]
 #
 # Starts each server fresh for every run, pinned to one core (taskset -c
-# $SERVER_CPU, default 0), drives it with benches/loadgen.rs pinned to the
+# $SERVER_CPU, default 0), drives it with benches/loadgen/ pinned to the
 # other (taskset -c $GEN_CPU, default 1), alternates turnd, coturn (and the
 # protocol-free floor relay where it applies) run by run, and prints a
 # markdown table of medians and the turnd/coturn ratios. Raw results (one JSON

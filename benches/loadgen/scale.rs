@@ -1,4 +1,4 @@
-//! Scale mode (`--scale N`): issue 7's capacity targets.
+//! Scale mode (`--scale N`): the capacity targets.
 //!
 //! N allocations, each from its own UDP socket, each doing the full
 //! authenticated setup: Allocate (answered 401) -> Allocate with
