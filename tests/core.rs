@@ -616,27 +616,55 @@ fn every_channel_binding_is_matched_by_one_unbinding() {
 }
 
 #[test]
-fn a_partial_sweep_spreads_expiry_over_calls() {
+fn the_core_reports_its_next_deadline_and_expires_in_bounded_batches() {
     let mut c = Core::new();
+    assert_eq!(c.server.poll_timeout(), None, "nothing pending");
+    let start = c.now.mono;
     for i in 0..10 {
         c.allocate(tuple(40100 + i), "vic");
     }
-    assert_eq!(c.server.slot_count(), 10);
-    // Past the lifetime without the harness's full sweep.
-    c.now = c.now.advance(std::time::Duration::from_secs(601));
-    let mut counts = Vec::new();
-    for _ in 0..4 {
-        c.server.sweep(c.now.mono, &mut c.relays, 3);
-        counts.push(c.server.allocation_count());
+    assert_eq!(c.server.poll_timeout(), Some(start + Duration::from_secs(600)), "the allocations' lifetime");
+    assert!(c.server.take_timer_moved(), "an earlier deadline than none was filed");
+    assert!(!c.server.take_timer_moved());
+    // A permission (300 s) is due before its allocation (600 s).
+    let t = tuple(40100);
+    let cr = c.rest_creds(t, "vic", 3600, SECRET);
+    assert_eq!(c.request(t, method::CREATE_PERMISSION, &[peer("8.8.8.8:1")], Some(&cr)).class(), Class::Success);
+    assert_eq!(c.server.poll_timeout(), Some(start + Duration::from_secs(300)));
+    assert!(c.server.take_timer_moved(), "the I/O layer is told to wake sooner");
+    // Before it, nothing to do.
+    assert!(!c.server.expire(start + Duration::from_secs(299), &mut c.relays, 100));
+    assert_eq!(c.server.allocation_count(), 10);
+    // At it, the permission goes and the allocation's own lifetime is next.
+    assert!(!c.server.expire(start + Duration::from_secs(300), &mut c.relays, 100));
+    assert_eq!(c.server.footprint().permissions, 0);
+    assert_eq!(c.server.poll_timeout(), Some(start + Duration::from_secs(600)));
+    // Past the lifetime, three at a time: the caller is told when more is due.
+    let late = start + Duration::from_secs(601);
+    let (mut left, mut calls) = (10, 0);
+    loop {
+        let more = c.server.expire(late, &mut c.relays, 3);
+        let now_left = c.server.allocation_count();
+        assert!(left - now_left <= 3, "at most 3 deadlines a call: {left} -> {now_left}");
+        left = now_left;
+        calls += 1;
+        assert!(calls <= 6, "bounded");
+        if !more {
+            break;
+        }
     }
-    assert_eq!(counts, vec![7, 4, 1, 0]);
+    assert_eq!(left, 0);
+    assert!(calls >= 4, "ten allocations take four calls or more at three a call");
     assert!(c.relays.open.is_empty());
-    // With nothing due, sweeping ends nothing.
-    c.allocate(tuple(40200), "wes");
-    for _ in 0..5 {
-        c.server.sweep(c.now.mono, &mut c.relays, 3);
-    }
-    assert_eq!(c.server.allocation_count(), 1);
+    assert_eq!(c.server.poll_timeout(), None);
+    // A refreshed allocation is not ended at its old deadline.
+    c.now.mono = late;
+    let t = tuple(40200);
+    let (cr, _) = c.allocate(t, "wes");
+    assert_eq!(c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 3600)], Some(&cr)).class(), Class::Success);
+    assert!(!c.server.expire(late + Duration::from_secs(601), &mut c.relays, 100));
+    assert_eq!(c.server.allocation_count(), 1, "refreshed to an hour");
+    assert_eq!(c.server.poll_timeout(), Some(late + Duration::from_secs(3600)));
 }
 
 /// Sends `n` ChannelData packets of `len` bytes on channel 0x4000 at

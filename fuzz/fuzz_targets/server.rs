@@ -458,9 +458,11 @@ impl Fuzz {
                     x => x as u64 % 64,
                 };
                 self.now = self.now.advance(Duration::from_secs(secs));
-                // A whole sweep, or a partial one as the I/O layer runs it.
+                // Everything due, or a bounded batch as the I/O layer runs it.
                 match inp.u8() % 4 {
-                    0 => self.server.sweep(self.now.mono, &mut self.relays, inp.u8() as usize % 4),
+                    0 => {
+                        let _ = self.server.expire(self.now.mono, &mut self.relays, inp.u8() as usize % 4);
+                    }
                     _ => self.server.handle_timeout(self.now.mono, &mut self.relays),
                 }
             }

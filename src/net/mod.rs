@@ -99,8 +99,8 @@ pub struct Shard {
     /// Client datagrams of the batch being handled, on their way to peers.
     to_peers: PeerSends,
     pub send_failures: u64,
-    /// Timer ticks so far (SWEEP_PARTS a second).
-    ticks: u32,
+    /// Wakes the timer task when the core filed an earlier deadline.
+    timer: Rc<Notify>,
     this: Weak<RefCell<Shard>>,
 }
 
@@ -299,6 +299,9 @@ impl Shard {
         while let Some(e) = self.server.poll_event() {
             log_event(&e, &mut self.warnings);
         }
+        if self.server.take_timer_moved() {
+            self.timer.notify_one();
+        }
     }
 
     /// Everything a metrics scrape reports.
@@ -347,21 +350,20 @@ impl Shard {
         self.limits = StreamLimits::from(cfg);
     }
 
-    /// One of SWEEP_PARTS steps per second of the expiry sweep: each visits
-    /// a share of the allocations, so no single step stalls the relay for
-    /// long however many there are. Once a second, retired listeners whose
-    /// allocations have all ended close.
-    fn tick(&mut self) {
+    /// Expires what the core has due, a bounded batch at a time; returns
+    /// whether more is due.
+    fn expire_due(&mut self) -> bool {
         let Shard { server, relays, .. } = self;
-        let share = server.slot_count() / SWEEP_PARTS as usize + 1;
-        server.sweep(std::time::Instant::now(), relays, share);
+        let more = server.expire(std::time::Instant::now(), relays, EXPIRE_BATCH);
         self.after_control();
-        self.ticks = self.ticks.wrapping_add(1);
-        if self.ticks.is_multiple_of(SWEEP_PARTS) {
-            for conn in 0..self.udp.len() as u32 {
-                if self.udp[conn as usize].as_ref().is_some_and(|l| l.retiring) && self.udp_allocations(conn) == 0 {
-                    self.close_udp(conn);
-                }
+        more
+    }
+
+    /// Once a second: retired UDP listeners whose allocations have all ended close.
+    fn housekeeping(&mut self) {
+        for conn in 0..self.udp.len() as u32 {
+            if self.udp[conn as usize].as_ref().is_some_and(|l| l.retiring) && self.udp_allocations(conn) == 0 {
+                self.close_udp(conn);
             }
         }
     }
@@ -401,18 +403,20 @@ impl Shard {
                 tx: vec![0u8; MAX_DATAGRAM + OUT_HEADROOM].into_boxed_slice(),
                 to_peers: PeerSends::new(batch::gso_available()),
                 send_failures: 0,
-                ticks: 0,
+                timer: Rc::new(Notify::new()),
                 this: this.clone(),
             })
         });
         tokio::task::spawn_local(flush_loop(Rc::downgrade(&shard), flush));
-        let ticker = Rc::downgrade(&shard);
+        let timer = shard.borrow().timer.clone();
+        tokio::task::spawn_local(timer_loop(Rc::downgrade(&shard), timer));
+        let house = Rc::downgrade(&shard);
         tokio::task::spawn_local(async move {
-            let mut iv = tokio::time::interval(Duration::from_secs(1) / SWEEP_PARTS);
+            let mut iv = tokio::time::interval(Duration::from_secs(1));
             loop {
                 iv.tick().await;
-                let Some(s) = ticker.upgrade() else { return };
-                s.borrow_mut().tick();
+                let Some(s) = house.upgrade() else { return };
+                s.borrow_mut().housekeeping();
             }
         });
         shard
@@ -493,8 +497,8 @@ fn host_addresses() -> Vec<IpAddr> {
     }
 }
 
-/// Steps per second of the expiry sweep.
-const SWEEP_PARTS: u32 = 10;
+/// Deadlines handled before the timer task lets other tasks run.
+const EXPIRE_BATCH: usize = 256;
 
 const WARN_BURST: u32 = 10;
 const WARN_WINDOW: Duration = Duration::from_secs(10);
@@ -607,6 +611,33 @@ pub(super) async fn recv_loop<T: Copy>(
 
 async fn relay_loop(shard: Weak<RefCell<Shard>>, id: RelayId, socket: Rc<Udp>, rx: Rc<RefCell<RecvBatch>>) {
     recv_loop(shard, socket, rx, std::time::Instant::now, move |sh, from, data, now| sh.on_peer(id, from, data, now)).await
+}
+
+/// Sleeps until the core's next deadline (or until it files an earlier
+/// one), then lets it expire what is due, in batches.
+async fn timer_loop(shard: Weak<RefCell<Shard>>, moved: Rc<Notify>) {
+    loop {
+        let next = match shard.upgrade() {
+            Some(s) => s.borrow().server.poll_timeout(),
+            None => return,
+        };
+        match next {
+            Some(at) => tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => {}
+                _ = moved.notified() => continue,
+            },
+            None => {
+                moved.notified().await;
+                continue;
+            }
+        }
+        let Some(s) = shard.upgrade() else { return };
+        let more = s.borrow_mut().expire_due();
+        drop(s);
+        if more {
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 /// Flushes the UDP send batches after the tasks woken together have queued.

@@ -57,6 +57,8 @@ pub struct Allocation {
     pub budget_from_peer: Bucket,
     /// Going over the cap has been reported.
     pub over_bandwidth_reported: bool,
+    /// The deadline this allocation is filed under in the server's timers.
+    pub timer: Option<Instant>,
 }
 
 impl Allocation {
@@ -99,6 +101,14 @@ impl Allocation {
 
     /// Drops expired permissions and channels whose cooldown ended, and
     /// hands each binding that expired since the last call to `ended`.
+    /// When something of this allocation next expires: itself, a
+    /// permission, a channel binding, or a channel's cooldown.
+    pub fn deadline(&self) -> Instant {
+        let perms = self.permissions.iter().map(|p| p.expires);
+        let chans = self.channels.iter().map(|c| if c.ended { c.expires + CHANNEL_COOLDOWN } else { c.expires });
+        perms.chain(chans).fold(self.expires, Instant::min)
+    }
+
     pub fn prune(&mut self, now: Instant, mut ended: impl FnMut(&Channel)) {
         self.permissions.retain(|p| p.expires > now);
         for c in self.channels.iter_mut().filter(|c| c.expires <= now && !c.ended) {

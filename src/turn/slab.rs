@@ -73,11 +73,7 @@ impl<T> Slab<T> {
         e.value.as_mut()
     }
 
-    /// Slots ever used, live or free: the bound of a slot index.
-    pub fn slot_count(&self) -> usize {
-        self.entries.len()
-    }
-
+    /// The live values with their slots.
     pub fn slots(&self) -> impl Iterator<Item = (u32, &T)> {
         self.entries.iter().enumerate().filter_map(|(i, e)| Some((i as u32, e.value.as_ref()?)))
     }

@@ -1,5 +1,6 @@
-//! Ending allocations: expiry (a sweep spread over calls), deletion,
-//! closed connections and the admin API's disconnect.
+//! Ending allocations: expiry (deadlines filed in a heap; the I/O layer
+//! sleeps until [`Server::poll_timeout`]), deletion, closed connections and
+//! the admin API's disconnect.
 
 use super::*;
 
@@ -31,46 +32,92 @@ impl Server {
         });
     }
 
-    /// Expires allocations, permissions, channels and reservations: a whole
-    /// sweep. Call about once a second, or spread the work with [`Server::sweep`].
-    pub fn handle_timeout(&mut self, now: Instant, relays: &mut dyn RelayPorts) {
-        self.sweep_at = 0;
-        self.sweep(now, relays, usize::MAX);
-    }
-
-    /// Visits at most `max` allocation slots, from where the last call
-    /// stopped (wrapping), expiring what is due; and every expired
-    /// reservation. Calling it ten times a second with a tenth of
-    /// [`Server::slot_count`] visits every allocation about once a second
-    /// without a pause that grows with their number.
-    pub fn sweep(&mut self, now: Instant, relays: &mut dyn RelayPorts, max: usize) {
-        self.reservations.retain(|_, r| {
-            if r.expires <= now {
-                relays.release(Family::V4, r.port);
-                false
-            } else {
-                true
-            }
-        });
-        let slots = self.allocs.slot_count();
-        for _ in 0..max.min(slots) {
-            if self.sweep_at as usize >= slots {
-                self.sweep_at = 0;
-            }
-            let s = self.sweep_at;
-            self.sweep_at += 1;
-            let Some(a) = self.allocs.get_mut(s) else { continue };
-            if a.expires <= now {
-                self.remove(s, EndReason::Expired, now, relays);
-                continue;
-            }
-            prune(&mut self.events, a, now);
+    /// Files `slot` under its next deadline when that is earlier than the
+    /// one it is filed under (a later one is found when the earlier fires).
+    pub(super) fn schedule(&mut self, slot: u32) {
+        let Some(a) = self.allocs.get_mut(slot) else { return };
+        let d = a.deadline();
+        if a.timer.is_none_or(|t| d < t) {
+            a.timer = Some(d);
+            self.file_timer(d, slot);
         }
     }
 
-    /// Allocation slots (live or free) a full sweep visits.
-    pub fn slot_count(&self) -> usize {
-        self.allocs.slot_count()
+    pub(super) fn file_timer(&mut self, at: Instant, slot: u32) {
+        if self.timers.peek().is_none_or(|Reverse((first, _))| at < *first) {
+            self.timer_moved = true;
+        }
+        self.timers.push(Reverse((at, slot)));
+        // Stale entries (a deadline moved earlier, then the later one's
+        // allocation refreshed again and again) are bounded: past a few per
+        // allocation, file everything anew.
+        if self.timers.len() > 4 * (self.allocs.len() + self.reservations.len()) + 1024 {
+            self.timers.clear();
+            let slots: Vec<u32> = self.allocs.slots().map(|(s, _)| s).collect();
+            for s in slots {
+                if let Some(a) = self.allocs.get_mut(s) {
+                    a.timer = None;
+                }
+                self.schedule(s);
+            }
+            let expiries: Vec<Instant> = self.reservations.values().map(|r| r.expires).collect();
+            self.timers.extend(expiries.into_iter().map(|e| Reverse((e, RESERVATIONS))));
+        }
+    }
+
+    /// When [`Server::handle_timeout`] next has something to do: the
+    /// earliest deadline filed (an allocation, permission, channel or
+    /// reservation expiring). `None` when nothing is pending.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Whether a deadline earlier than any before was filed since the last
+    /// call: an I/O layer sleeping until the old [`Server::poll_timeout`]
+    /// must wake sooner.
+    pub fn take_timer_moved(&mut self) -> bool {
+        std::mem::take(&mut self.timer_moved)
+    }
+
+    /// Expires everything due at `now`: allocations, permissions, channels
+    /// and reservations.
+    pub fn handle_timeout(&mut self, now: Instant, relays: &mut dyn RelayPorts) {
+        while self.expire(now, relays, usize::MAX) {}
+    }
+
+    /// Handles at most `max` due deadlines, so that a mass expiry does not
+    /// stall the relay; returns whether more are due (call again soon).
+    pub fn expire(&mut self, now: Instant, relays: &mut dyn RelayPorts, max: usize) -> bool {
+        for _ in 0..max {
+            match self.timers.peek() {
+                Some(Reverse((at, _))) if *at <= now => {}
+                _ => return false,
+            }
+            let Some(Reverse((at, slot))) = self.timers.pop() else { return false };
+            if slot == RESERVATIONS {
+                self.reservations.retain(|_, r| {
+                    if r.expires <= now {
+                        relays.release(Family::V4, r.port);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                continue;
+            }
+            let Some(a) = self.allocs.get_mut(slot) else { continue };
+            if a.timer != Some(at) {
+                continue; // stale: filed again since
+            }
+            a.timer = None;
+            if a.expires <= now {
+                self.remove(slot, EndReason::Expired, now, relays);
+                continue;
+            }
+            prune(&mut self.events, a, now);
+            self.schedule(slot);
+        }
+        self.timers.peek().is_some_and(|Reverse((at, _))| *at <= now)
     }
 
     /// Frees the allocation of a closed TCP/TLS connection.

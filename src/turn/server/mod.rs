@@ -10,7 +10,8 @@ mod requests;
 
 use reply::{compact, known_attribute, Answer, Handled, Reply};
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +31,8 @@ const MAX_EVENTS: usize = 4096;
 const MAX_UNKNOWN: usize = 8;
 /// How long a port reserved by EVEN-PORT's R bit waits for its token (RFC 8656: about 30 s).
 const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// The slot number under which reservation expiries are filed in the timers.
+const RESERVATIONS: u32 = u32::MAX;
 /// Reservations held at once; beyond this, EVEN-PORT with R gets 508.
 const MAX_RESERVATIONS: usize = 4096;
 /// An answer without MESSAGE-INTEGRITY over UDP (the source address is
@@ -112,8 +115,13 @@ pub struct Server {
     accepting: bool,
     data_tid: u64,
     unauth: RateLimiter,
-    /// Where the next partial sweep starts (see [`Server::sweep`]).
-    sweep_at: u32,
+    /// Allocations by the deadline they are filed under (see
+    /// `Allocation::timer`); entries whose deadline no longer matches are
+    /// stale and skipped.
+    timers: BinaryHeap<Reverse<(Instant, u32)>>,
+    /// A deadline earlier than any before was filed since the I/O layer
+    /// last asked (it may be sleeping until a later one).
+    timer_moved: bool,
     /// The whole server's bandwidth budgets, client to peer and peer to client.
     total_to_peer: Bucket,
     total_from_peer: Bucket,
@@ -175,7 +183,8 @@ impl Server {
             accepting: true,
             data_tid: 0,
             unauth,
-            sweep_at: 0,
+            timers: BinaryHeap::new(),
+            timer_moved: false,
             total_to_peer: Bucket::new(),
             total_from_peer: Bucket::new(),
             peer_scratch: Vec::new(),
@@ -229,7 +238,7 @@ impl Server {
     /// Whether events wait to be polled (cheap check for the hot path).
     #[inline]
     pub fn has_events(&self) -> bool {
-        !self.events.is_empty()
+        !self.events.is_empty() || self.timer_moved
     }
 
     /// The client an allocation's relay socket belongs to.

@@ -202,7 +202,9 @@ impl Server {
         let token = (placement == Placement::EvenReserveNext).then(|| {
             let t = self.auth.token(slot, generation, now.unix);
             let port = first.local_port + 1;
-            self.reservations.insert(t, Reservation { port, expires: now.mono + RESERVATION_LIFETIME });
+            let expires = now.mono + RESERVATION_LIFETIME;
+            self.reservations.insert(t, Reservation { port, expires });
+            self.file_timer(expires, RESERVATIONS);
             t
         });
         let (v4, mut v6) = match primary {
@@ -236,6 +238,7 @@ impl Server {
             budget_to_peer: Bucket::new(),
             budget_from_peer: Bucket::new(),
             over_bandwidth_reported: false,
+            timer: None,
         };
         let n = Self::allocate_success(reply, &a, tuple, lifetime, address_error, token, out);
         let relayed = [a.v4, a.v6].iter().flatten().map(|r| r.advertised).collect();
@@ -244,6 +247,7 @@ impl Server {
         self.by_tuple.insert(tuple, slot);
         *self.per_user.entry(qkey.into()).or_insert(0) += 1;
         self.stats.allocations_created += 1;
+        self.schedule(slot);
         self.event(Event::AllocationCreated { tuple, username: auth.username.to_owned(), relayed, lifetime });
         n
     }
@@ -333,6 +337,7 @@ impl Server {
         let a = self.allocs.get_mut(slot)?;
         a.expires = now.mono + Duration::from_secs(lifetime as u64);
         a.lifetime = lifetime;
+        self.schedule(slot);
         reply.ok(out, |w| {
             w.u32(attr::LIFETIME, lifetime);
         })
@@ -393,6 +398,7 @@ impl Server {
         for ip in ips {
             a.permit(*ip, expires);
         }
+        self.schedule(slot);
         reply.ok(out, |_| {})
     }
 
@@ -445,6 +451,7 @@ impl Server {
         }
         a.permit(peer.ip(), now + Duration::from_secs(self.cfg.permission_lifetime as u64));
         let relay = a.relay_for(&peer)?.id;
+        self.schedule(slot);
         self.event(Event::ChannelBound { relay, tuple, channel: number, peer });
         reply.ok(out, |_| {})
     }
