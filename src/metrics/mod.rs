@@ -19,6 +19,8 @@ pub struct Snapshot {
     pub tls_handshake_failures: u64,
     pub connections_refused: u64,
     pub send_failures: u64,
+    /// Media toward TCP/TLS clients dropped for being older than the stream's age bound.
+    pub stale_media: u64,
     pub relay_ports_in_use: u64,
     pub relay_ports_total: u64,
     pub uptime_seconds: u64,
@@ -88,6 +90,7 @@ pub fn render(s: &Snapshot) -> String {
         ("allocation_bandwidth", st.dropped_allocation_bandwidth),
         ("total_bandwidth", st.dropped_total_bandwidth),
         ("send_failed", s.send_failures),
+        ("stale", s.stale_media),
     ] {
         dropped.with_label_values(&[reason]).inc_by(n);
     }

@@ -101,6 +101,8 @@ pub struct Shard {
     pub send_failures: u64,
     /// Wakes the timer task when the core filed an earlier deadline.
     timer: Rc<Notify>,
+    /// Media dropped toward TCP/TLS clients for being too old.
+    stale: Rc<stream::StaleDrops>,
     this: Weak<RefCell<Shard>>,
 }
 
@@ -182,7 +184,7 @@ impl Shard {
             Transport::Tcp | Transport::Tls => {
                 if let Some((_, bytes)) = server.handle_peer(id, from, data, now, tx) {
                     match streams.get(tuple.conn as usize) {
-                        Some(Some(out)) if out.push(bytes) => {}
+                        Some(Some(out)) if out.push(bytes, true, now) => {}
                         _ => *send_failures += 1,
                     }
                 }
@@ -215,7 +217,7 @@ impl Shard {
         match server.handle_client(tuple, msg, Now::system(), tx, relays) {
             Output::None => {}
             Output::Reply(b) => match streams.get(tuple.conn as usize) {
-                Some(Some(out)) if out.push(b) => {}
+                Some(Some(out)) if out.push(b, false, std::time::Instant::now()) => {}
                 _ => *send_failures += 1,
             },
             Output::Relay { relay, peer, data, dont_fragment } => {
@@ -322,6 +324,7 @@ impl Shard {
             tls_handshake_failures: self.tls_handshake_failures,
             connections_refused: self.connections_refused,
             send_failures: self.send_failures,
+            stale_media: self.stale.messages.get(),
             relay_ports_in_use: self.relays.in_use() as u64,
             relay_ports_total: self.relays.port_range_size() as u64,
             uptime_seconds: self.started.elapsed().as_secs(),
@@ -404,6 +407,7 @@ impl Shard {
                 to_peers: PeerSends::new(batch::gso_available()),
                 send_failures: 0,
                 timer: Rc::new(Notify::new()),
+                stale: stream::StaleDrops::new(),
                 this: this.clone(),
             })
         });
@@ -724,6 +728,7 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
+        stream::limit_kernel_unsent(&tcp);
         let Some(limits) = shard.upgrade().map(|s| s.borrow().limits) else { return };
         let shard = shard.clone();
         let tls = tls.clone();
@@ -763,7 +768,8 @@ async fn accept_loop(
             } else {
                 peer
             };
-            let out = StreamOut::new(tls.is_some());
+            let Some(stale) = shard.upgrade().map(|s| s.borrow().stale.clone()) else { return };
+            let out = StreamOut::new(tls.is_some(), stale);
             let conn = {
                 let Some(sh) = shard.upgrade() else { return };
                 let mut sh = sh.borrow_mut();

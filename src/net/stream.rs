@@ -3,9 +3,10 @@
 //! allocation per connection; closing the connection frees it.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::rc::{Rc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -14,24 +15,160 @@ use super::Shard;
 use crate::stun::{frame_len, FrameLen};
 use crate::turn::FiveTuple;
 
-/// Bytes queued toward one client before further data is dropped (a slow
-/// reader loses packets, as on UDP, instead of growing memory).
+/// Bytes of media queued toward one client before further media is dropped
+/// (a slow reader loses packets, as on UDP, instead of growing memory).
+/// Answers to its requests may take as much again.
 pub const MAX_QUEUED: usize = 256 * 1024;
+/// Media (relayed ChannelData and Data indications) older than this when the
+/// connection could take it is dropped instead of sent: after a stalled
+/// link comes back, a call wants what is being said now, not a backlog that
+/// keeps it seconds behind. Answers to requests are never dropped.
+pub const MAX_MEDIA_AGE: Duration = Duration::from_millis(200);
+/// What one write hands to TLS and the kernel at most; between writes the
+/// queue is checked for stale media again.
+const WRITE_CHUNK: usize = 16 * 1024;
+/// Unsent bytes the kernel keeps for a connection before it stops taking
+/// more (TCP_NOTSENT_LOWAT): little, so media waits in the queue above,
+/// where it can still be dropped when it grows old, not in the kernel.
+pub const KERNEL_UNSENT: u32 = 16 * 1024;
 /// Largest frame: a 64 KiB STUN message or padded ChannelData.
 const MAX_FRAME: usize = 20 + 65_535 + 3;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// The send side of one connection, filled by the core's replies and relayed data.
 pub struct StreamOut {
-    buf: RefCell<Vec<u8>>,
+    queue: RefCell<Queue>,
     notify: Notify,
     /// Write each message in its own TLS record (some clients read one message per record).
     per_message: bool,
     closed: Cell<bool>,
-    pub dropped: Cell<u64>,
+    /// Where dropped stale media is counted and reported.
+    stale: Rc<StaleDrops>,
     /// What the connection counts against in the per-IP limit ([`per_ip_key`]),
     /// kept so a reload that changes the prefix still uncounts it right.
     pub ip_key: Cell<IpAddr>,
+}
+
+/// Framed messages waiting for the connection, back to back in `bytes` from
+/// `head`, with one entry per message (no allocation per message once the
+/// buffers have grown).
+#[derive(Default)]
+struct Queue {
+    bytes: Vec<u8>,
+    head: usize,
+    msgs: VecDeque<Queued>,
+    media_bytes: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Queued {
+    len: usize,
+    at: Instant,
+    media: bool,
+}
+
+/// Stale media dropped on every connection, for the metrics and a
+/// rate-limited log line.
+pub struct StaleDrops {
+    pub messages: Cell<u64>,
+    log: RefCell<super::WarnLimiter>,
+}
+
+impl StaleDrops {
+    pub fn new() -> Rc<Self> {
+        Rc::new(StaleDrops { messages: Cell::new(0), log: RefCell::new(super::WarnLimiter::new()) })
+    }
+
+    fn record(&self, client: SocketAddr, n: u64, bytes: usize) {
+        self.messages.set(self.messages.get() + n);
+        if self.log.borrow_mut().allow() {
+            tracing::info!(
+                %client, messages = n, bytes, max_age_ms = MAX_MEDIA_AGE.as_millis() as u64,
+                "client not reading fast enough: dropped media that would have arrived late"
+            );
+        }
+    }
+}
+
+impl Queue {
+    fn pending(&self) -> usize {
+        self.bytes.len() - self.head
+    }
+
+    /// Drops media older than MAX_MEDIA_AGE from the front (up to the first
+    /// answer or fresh message), to make room for newer media; returns the
+    /// messages dropped.
+    fn drop_stale_front(&mut self, now: Instant) -> u64 {
+        let mut n = 0;
+        while let Some(m) = self.msgs.front().copied() {
+            if !m.media || now.saturating_duration_since(m.at) <= MAX_MEDIA_AGE {
+                break;
+            }
+            self.msgs.pop_front();
+            self.head += m.len;
+            self.media_bytes -= m.len;
+            n += 1;
+        }
+        n
+    }
+
+    /// Moves what is fresh from the front into `out` (about `max` bytes, at
+    /// least one message), dropping media older than MAX_MEDIA_AGE on the
+    /// way; returns the messages and bytes dropped.
+    fn take(&mut self, out: &mut Vec<u8>, now: Instant, max: usize) -> (u64, usize) {
+        let (mut dropped, mut dropped_bytes) = (0u64, 0usize);
+        while let Some(m) = self.msgs.front().copied() {
+            let stale = m.media && now.saturating_duration_since(m.at) > MAX_MEDIA_AGE;
+            if !stale && !out.is_empty() && out.len() + m.len > max {
+                break;
+            }
+            self.msgs.pop_front();
+            let bytes = &self.bytes[self.head..self.head + m.len];
+            self.head += m.len;
+            if m.media {
+                self.media_bytes -= m.len;
+            }
+            if stale {
+                dropped += 1;
+                dropped_bytes += m.len;
+            } else {
+                out.extend_from_slice(bytes);
+            }
+        }
+        if self.msgs.is_empty() {
+            self.bytes.clear();
+            self.head = 0;
+            if self.bytes.capacity() > 4 * MAX_QUEUED {
+                self.bytes.shrink_to(MAX_QUEUED);
+            }
+        } else if self.head > MAX_QUEUED {
+            self.bytes.drain(..self.head);
+            self.head = 0;
+        }
+        (dropped, dropped_bytes)
+    }
+}
+
+/// Keeps the kernel's unsent data for `tcp` small (TCP_NOTSENT_LOWAT), so
+/// that what a slow client cannot take waits where old media can still be
+/// dropped. Best effort: without it, the kernel's send buffer holds more.
+pub fn limit_kernel_unsent(tcp: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let v: libc::c_int = KERNEL_UNSENT as libc::c_int;
+    // SAFETY: the descriptor is the open socket `tcp` owns; the option value
+    // is a c_int of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
+    }
 }
 
 /// The key the per-IP connection limit counts by: an IPv4 address itself
@@ -49,29 +186,46 @@ pub fn per_ip_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
 }
 
 impl StreamOut {
-    pub fn new(per_message: bool) -> Rc<Self> {
+    pub fn new(per_message: bool, stale: Rc<StaleDrops>) -> Rc<Self> {
         Rc::new(StreamOut {
-            buf: RefCell::new(Vec::new()),
+            queue: RefCell::new(Queue::default()),
             notify: Notify::new(),
             per_message,
             closed: Cell::new(false),
-            dropped: Cell::new(0),
+            stale,
             ip_key: Cell::new(IpAddr::from([0u8; 4])),
         })
     }
 
-    /// Queues one framed message; false (and dropped) when the queue is full.
-    pub fn push(&self, msg: &[u8]) -> bool {
+    /// Queues one framed message, `media` (relayed data, which may be dropped
+    /// when it grows old) or an answer (never dropped); false (and dropped)
+    /// when the queue is full.
+    pub fn push(&self, msg: &[u8], media: bool, now: Instant) -> bool {
         if self.closed.get() {
             return false;
         }
-        let mut b = self.buf.borrow_mut();
-        if b.len() + msg.len() > MAX_QUEUED {
-            self.dropped.set(self.dropped.get() + 1);
+        let mut q = self.queue.borrow_mut();
+        if media && q.media_bytes + msg.len() > MAX_QUEUED {
+            // A stalled client: the oldest media goes first, so what it gets
+            // when it reads again is the newest.
+            let n = q.drop_stale_front(now);
+            self.stale.messages.set(self.stale.messages.get() + n);
+            if q.head > MAX_QUEUED {
+                let h = q.head;
+                q.bytes.drain(..h);
+                q.head = 0;
+            }
+        }
+        let full = if media { q.media_bytes + msg.len() > MAX_QUEUED } else { q.pending() + msg.len() > 2 * MAX_QUEUED };
+        if full {
             return false;
         }
-        b.extend_from_slice(msg);
-        drop(b);
+        q.bytes.extend_from_slice(msg);
+        q.msgs.push_back(Queued { len: msg.len(), at: now, media });
+        if media {
+            q.media_bytes += msg.len();
+        }
+        drop(q);
         self.notify.notify_one();
         true
     }
@@ -82,14 +236,24 @@ impl StreamOut {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, out: Rc<StreamOut>) -> std::io::Result<()> {
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, out: Rc<StreamOut>, client: SocketAddr) -> std::io::Result<()> {
     let mut pending = Vec::new();
     loop {
-        out.notify.notified().await;
         // Everything queued goes out, also after close (answers to what the
         // client sent before it half-closed); then the write side shuts.
         let closed = out.closed.get();
-        std::mem::swap(&mut pending, &mut *out.buf.borrow_mut());
+        let (dropped, bytes) = out.queue.borrow_mut().take(&mut pending, Instant::now(), WRITE_CHUNK);
+        if dropped > 0 {
+            out.stale.record(client, dropped, bytes);
+        }
+        if pending.is_empty() {
+            if closed {
+                let _ = wr.shutdown().await;
+                return Ok(());
+            }
+            out.notify.notified().await;
+            continue;
+        }
         if out.per_message {
             let mut at = 0;
             while let FrameLen::Complete(n) = frame_len(&pending[at..]) {
@@ -101,13 +265,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, out: Rc<StreamOut>) -> std
         }
         wr.flush().await?;
         pending.clear();
-        if pending.capacity() > 4 * READ_CHUNK {
-            pending.shrink_to(READ_CHUNK);
-        }
-        if closed {
-            let _ = wr.shutdown().await;
-            return Ok(());
-        }
     }
 }
 
@@ -174,7 +331,7 @@ pub(super) async fn serve<S: AsyncRead + AsyncWrite>(
     idle: Duration,
 ) {
     let (rd, wr) = tokio::io::split(stream);
-    let write = write_loop(wr, out.clone());
+    let write = write_loop(wr, out.clone(), tuple.client);
     tokio::pin!(write);
     let result = tokio::select! {
         r = read_loop(rd, &shard, tuple, idle) => match r {
