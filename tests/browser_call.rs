@@ -36,10 +36,9 @@ mod call;
 #[path = "common/netns.rs"]
 mod netns;
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
-use common::{Turnd, SECRET};
+use common::Turnd;
 use netns::NetNs;
 
 const TLS_PORT: u16 = 443;
@@ -48,24 +47,7 @@ const PLAIN_PORT: u16 = 3478;
 /// turnd with UDP/TCP 3478 and TLS 443 on `host`, relaying from `relay_ip`
 /// to `peer_ip` only.
 fn start_turnd(host: &str, relay_ip: &str, peer_ip: &str) -> Turnd {
-    let udp_addr: SocketAddr = format!("{host}:{PLAIN_PORT}").parse().unwrap();
-    Turnd::start_config(udp_addr, |dir| {
-        common::make_cert(dir, "cert.pem", "key.pem", "turnd-call");
-        format!(
-            "realm = \"{realm}\"\n\
-             [auth]\nsecrets = [\"{SECRET}\"]\n\
-             [[listen]]\ntransport = \"udp\"\naddress = \"{host}:{PLAIN_PORT}\"\n\
-             [[listen]]\ntransport = \"tcp\"\naddress = \"{host}:{PLAIN_PORT}\"\n\
-             [[listen]]\ntransport = \"tls\"\naddress = \"{host}:{TLS_PORT}\"\n\
-             [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
-             [relay]\nip = \"{relay_ip}\"\nports = \"20000-29999\"\n\
-             [peers]\nallow = [\"{peer_ip}/32\"]\n\
-             [log]\nlevel = \"debug\"\n",
-            realm = common::REALM,
-            cert = dir.join("cert.pem").display(),
-            key = dir.join("key.pem").display(),
-        )
-    })
+    Turnd::start_three(host, PLAIN_PORT, TLS_PORT, relay_ip, &format!("[peers]\nallow = [\"{peer_ip}/32\"]\n[log]\nlevel = \"debug\"\n"))
 }
 
 /// "allocation created" lines of turnd's log for `client_ip` over `transport`.

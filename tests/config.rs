@@ -228,3 +228,13 @@ fn warnings_for_open_secrets_and_a_wildcard_admin_listener() {
     assert!(err.contains("warning: metrics.listen") && err.contains("admin API"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_admin_section_is_documented_with_its_keys() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/turnd.toml")).unwrap();
+    let section = text.split("\n[admin]\n").nth(1).expect("config/turnd.toml documents [admin]");
+    let section = section.split("\n[").next().unwrap();
+    for key in ["enabled = ", "token_file = "] {
+        assert!(section.lines().any(|l| l.trim_start_matches("# ").starts_with(key)), "[admin] {key} is not documented");
+    }
+}

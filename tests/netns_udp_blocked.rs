@@ -86,26 +86,8 @@ fn allocations(log: &str, client_ip: &str, transport: &str) -> usize {
 /// self-signed certificate), relaying on 127.0.0.1 to peers on 127.0.0.0/8.
 /// Ready once a UDP Binding from the host to HOST:3478 is answered.
 fn start_turnd(ns: &NetNs) -> Turnd {
-    let host = ns.host_ip().to_string();
-    let udp_addr: SocketAddr = format!("{host}:{PLAIN_PORT}").parse().unwrap();
-    Turnd::start_config(udp_addr, |dir| {
-        common::make_cert(dir, "cert.pem", "key.pem", "turnd-netns");
-        format!(
-            "realm = \"{realm}\"\n\
-             [auth]\nsecrets = [\"{SECRET}\"]\n\
-             [[listen]]\ntransport = \"udp\"\naddress = \"{host}:{PLAIN_PORT}\"\n\
-             [[listen]]\ntransport = \"tcp\"\naddress = \"{host}:{PLAIN_PORT}\"\n\
-             [[listen]]\ntransport = \"tls\"\naddress = \"{host}:{TLS_PORT}\"\n\
-             [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
-             [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n\
-             [peers]\nallow = [\"127.0.0.0/8\"]\n\
-             [limits]\nlegacy_channel_numbers = true\n\
-             [log]\nlevel = \"debug\"\n",
-            realm = common::REALM,
-            cert = dir.join("cert.pem").display(),
-            key = dir.join("key.pem").display(),
-        )
-    })
+    let extra = "[peers]\nallow = [\"127.0.0.0/8\"]\n[limits]\nlegacy_channel_numbers = true\n[log]\nlevel = \"debug\"\n";
+    Turnd::start_three(&ns.host_ip().to_string(), PLAIN_PORT, TLS_PORT, "127.0.0.1", extra)
 }
 
 #[test]

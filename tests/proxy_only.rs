@@ -213,23 +213,7 @@ fn proxy_only_network_relays_over_tls_443_through_squid() {
     let relay_ip = bridge_ns.host_ip().to_string();
     let bridge_ip = bridge_ns.ns_ip().to_string();
 
-    let udp_addr: SocketAddr = format!("{host}:{PLAIN_PORT}").parse().unwrap();
-    let server = Turnd::start_config(udp_addr, |dir| {
-        common::make_cert(dir, "cert.pem", "key.pem", "turnd-proxy");
-        format!(
-            "realm = \"{realm}\"\n\
-             [auth]\nsecrets = [\"{SECRET}\"]\n\
-             [[listen]]\ntransport = \"udp\"\naddress = \"{host}:{PLAIN_PORT}\"\n\
-             [[listen]]\ntransport = \"tcp\"\naddress = \"{host}:{PLAIN_PORT}\"\n\
-             [[listen]]\ntransport = \"tls\"\naddress = \"{host}:{TLS_PORT}\"\n\
-             [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
-             [relay]\nip = \"{relay_ip}\"\nports = \"20000-29999\"\n\
-             [peers]\nallow = [\"{bridge_ip}/32\"]\n",
-            realm = common::REALM,
-            cert = dir.join("cert.pem").display(),
-            key = dir.join("key.pem").display(),
-        )
-    });
+    let server = Turnd::start_three(&host, PLAIN_PORT, TLS_PORT, &relay_ip, &format!("[peers]\nallow = [\"{bridge_ip}/32\"]\n"));
     let squid = Squid::start(&proxy_ns, SocketAddr::new(proxy_in.into(), PROXY_PORT));
     let diag = |what: &str, text: &str| {
         format!(

@@ -95,3 +95,10 @@ fn ice_server_and_jitsi_env_formats() {
     assert_eq!(rc, 2);
     assert!(err.contains("--host"), "{err}");
 }
+
+#[test]
+fn the_secret_flag_says_others_can_read_it() {
+    let (rc, out, _) = turnctl(&["credentials", "--help"]);
+    assert_eq!(rc, 0);
+    assert!(out.contains("process list") && out.contains("--secret-file"), "{out}");
+}

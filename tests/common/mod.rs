@@ -120,6 +120,26 @@ impl Turnd {
         Self::spawn(dir, &cfg, probe, 0)
     }
 
+    /// UDP and TCP on `host:plain_port` and TLS on `host:tls_port` (a fresh
+    /// self-signed certificate), relaying from `relay_ip`, then `extra`
+    /// (peers, limits, log): turnd on the host end of a test's namespace.
+    pub fn start_three(host: &str, plain_port: u16, tls_port: u16, relay_ip: &str, extra: &str) -> Turnd {
+        let probe: SocketAddr = format!("{host}:{plain_port}").parse().unwrap();
+        Self::start_config(probe, |dir| {
+            make_cert(dir, "cert.pem", "key.pem", "turnd-netns");
+            format!(
+                "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
+                 [[listen]]\ntransport = \"udp\"\naddress = \"{host}:{plain_port}\"\n\
+                 [[listen]]\ntransport = \"tcp\"\naddress = \"{host}:{plain_port}\"\n\
+                 [[listen]]\ntransport = \"tls\"\naddress = \"{host}:{tls_port}\"\n\
+                 [tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+                 [relay]\nip = \"{relay_ip}\"\nports = \"20000-29999\"\n{extra}",
+                dir.join("cert.pem").display(),
+                dir.join("key.pem").display(),
+            )
+        })
+    }
+
     /// Writes `cfg` to `dir/turnd.toml`, runs turnd on it (log in
     /// `dir/turnd.log`) and waits until `addr` answers over UDP.
     fn spawn(dir: PathBuf, cfg: &str, addr: SocketAddr, tls_port: u16) -> Turnd {
