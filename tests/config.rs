@@ -47,6 +47,10 @@ fn errors_name_the_key() {
         ("[[listen]]\ntransport = \"tls\"\naddress = \"0.0.0.0:443\"\n", "listen[0].transport"),
         ("[peers]\nallow = [\"10.0.0.0/40\"]\n", "peers.allow"),
         ("[peers]\ndeny = [\"nope\"]\n", "peers.deny"),
+        ("[peers]\nallow = [\"203.0.113.10:0\"]\n", "peers.allow"),
+        ("[peers]\nallow = [\"203.0.113.10:99999\"]\n", "peers.allow"),
+        ("[peers]\nallow = [\"::1:10000\"]\n", "peers.allow"),
+        ("[peers]\ndeny = [\"203.0.113.10:10000\"]\n", "peers.deny"),
         ("[limits]\nmax_lifetime = \"10s\"\n", "limits.max_lifetime"),
         ("[limits]\ndefault_lifetime = \"2h\"\n", "limits.default_lifetime"),
         ("[limits]\nmax_permissions = 0\n", "limits.max_permissions"),
@@ -65,6 +69,12 @@ fn errors_name_the_key() {
         assert_eq!(rc, 2, "{toml:?} should fail");
         assert!(err.contains(key), "{toml:?}: message should name {key}: {err}");
     }
+}
+
+#[test]
+fn exact_peer_addresses_are_accepted_in_allow() {
+    let (rc, err) = check(&local("[peers]\nallow = [\"10.0.0.0/8\", \"127.0.0.1:10000\", \"[::1]:10000\"]\n"));
+    assert_eq!(rc, 0, "{err}");
 }
 
 #[test]

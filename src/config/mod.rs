@@ -258,6 +258,8 @@ pub struct Config {
     pub relay_v6: Option<RelayAddr>,
     pub ports: (u16, u16),
     pub allow: Vec<Cidr>,
+    /// Exact `IP:PORT` entries of `peers.allow`: that address and port only.
+    pub allow_addrs: Vec<SocketAddr>,
     pub deny: Vec<Cidr>,
     pub default_lifetime: u32,
     pub max_lifetime: u32,
@@ -340,6 +342,30 @@ fn parse_ip(key: &str, s: &str) -> Result<IpAddr, ConfigError> {
 
 fn parse_cidrs(key: &str, list: &[String]) -> Result<Vec<Cidr>, ConfigError> {
     list.iter().map(|s| s.parse::<Cidr>().map_err(|e| bad(key, e))).collect()
+}
+
+/// `peers.allow`: CIDRs (or single addresses) and exact `IP:PORT` /
+/// `[IPv6]:PORT` entries.
+fn parse_allow(key: &str, list: &[String]) -> Result<(Vec<Cidr>, Vec<SocketAddr>), ConfigError> {
+    let (mut cidrs, mut addrs) = (Vec::new(), Vec::new());
+    for s in list {
+        match s.parse::<Cidr>() {
+            Ok(c) => {
+                cidrs.push(c);
+                continue;
+            }
+            Err(e) if s.contains('/') => return Err(bad(key, e)),
+            Err(_) => {}
+        }
+        match s.trim().parse::<SocketAddr>() {
+            Ok(a) if a.port() == 0 => return Err(bad(key, format!("`{s}` names port 0; give the peer's real port"))),
+            Ok(a) => addrs.push(a),
+            Err(_) => {
+                return Err(bad(key, format!("`{s}` is not an IP address, a CIDR, or IP:PORT ([IPv6]:PORT for IPv6)")));
+            }
+        }
+    }
+    Ok((cidrs, addrs))
 }
 
 /// Parses `LOW-HIGH`.
@@ -665,7 +691,7 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
 
     let mut allow_s = f.peers.allow.clone();
     allow_s.extend(ov.allow_peers.iter().cloned());
-    let allow = parse_cidrs("peers.allow", &allow_s)?;
+    let (allow, allow_addrs) = parse_allow("peers.allow", &allow_s)?;
     let deny = parse_cidrs("peers.deny", &f.peers.deny)?;
 
     let l = &f.limits;
@@ -734,6 +760,7 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         relay_v6,
         ports,
         allow,
+        allow_addrs,
         deny,
         default_lifetime,
         max_lifetime,
@@ -797,5 +824,6 @@ impl Config {
 
     pub fn peer_policy(&self) -> PeerPolicy {
         PeerPolicy::new(self.allow.clone(), self.deny.clone(), self.own_ips(), self.ports)
+            .with_allowed_addresses(self.allow_addrs.clone())
     }
 }
