@@ -46,6 +46,14 @@ impl NetNs {
     /// well). Panics with a clear message when not root or when network
     /// namespaces are unavailable.
     pub fn create_udp_blocked() -> NetNs {
+        let ns = Self::create_open();
+        ns.install_firewall();
+        ns
+    }
+
+    /// A namespace joined to the host by a veth pair, with no firewall
+    /// (add one with [`NetNs::drop_inbound_udp`]).
+    pub fn create_open() -> NetNs {
         preflight();
         let firewall = pick_firewall();
         reap_stale();
@@ -106,10 +114,48 @@ impl NetNs {
         }
         assert!(ns.host_if.is_some(), "netns: no free /30 in 198.18.0.0/15");
 
-        // 3. The firewall inside the namespace.
-        ns.install_firewall();
         ns.wait_link_up();
         ns
+    }
+
+    /// Inside the namespace, drops incoming UDP to ports `low..=high` that
+    /// arrives over the veth (not over `lo`): a firewall in front of a
+    /// relay's port range, which traffic between two sockets of the
+    /// namespace itself never crosses.
+    pub fn drop_inbound_udp(&self, low: u16, high: u16) {
+        match self.firewall {
+            Firewall::Iptables => {
+                let range = format!("{low}:{high}");
+                must(self.command("iptables").args(["-w", "5", "-A", "INPUT", "!", "-i", "lo", "-p", "udp", "--dport", &range, "-j", "DROP"]));
+            }
+            Firewall::Nft => {
+                let rules = format!(
+                    "table inet turnd_test_in {{\n\
+                       chain input {{\n\
+                         type filter hook input priority 0; policy accept;\n\
+                         iifname != \"lo\" udp dport {low}-{high} counter drop\n\
+                       }}\n\
+                     }}\n"
+                );
+                let path = std::env::temp_dir().join(format!("{}-in.nft", self.name));
+                std::fs::write(&path, rules).expect("write nft rules");
+                let out = run(self.command("nft").arg("-f").arg(&path));
+                let _ = std::fs::remove_file(&path);
+                assert!(out.status.success(), "netns: nft -f failed: {}", stderr(&out));
+            }
+        }
+    }
+
+    /// Removes what [`NetNs::drop_inbound_udp`] added.
+    pub fn allow_inbound_udp(&self) {
+        match self.firewall {
+            Firewall::Iptables => {
+                must(self.command("iptables").args(["-w", "5", "-F", "INPUT"]));
+            }
+            Firewall::Nft => {
+                must(self.command("nft").args(["delete", "table", "inet", "turnd_test_in"]));
+            }
+        }
     }
 
     pub fn name(&self) -> &str {

@@ -106,7 +106,9 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
         if all_work {
             let list = r.transports.iter().map(|t| format!("{} {}", t.name(), t.port)).collect::<Vec<_>>().join(", ");
             let what = if r.relay_checked { "relays" } else { "answers" };
-            if r.transports.len() == 3 {
+            if r.peer_leg.failed() {
+                m.push(format!("Every transport {what} between two of the relay's own allocations ({list}), but see below."));
+            } else if r.transports.len() == 3 {
                 m.push(format!(
                     "Every transport {what} ({list}): participants on any network that can reach this relay get through."
                 ));
@@ -164,6 +166,20 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
                 m.push(format!("{}: the relay refused the allocation ({d}): it may be draining, full, or over a quota.", t.name()));
             }
         }
+        if r.peer_leg.failed() {
+            let port = r.peer_leg.to.map(|t| format!(" (the relayed port {} is one of them)", t.port())).unwrap_or_default();
+            m.push(format!(
+                "Peers cannot reach the relay: a UDP datagram sent from this machine straight to a relayed address, as a videobridge \
+                 sends media, never arrived, although the relay reaches its own allocations inside the host. The relay host's firewall \
+                 or its provider's (cloud security group) most likely drops inbound UDP to the relay port range: open inbound UDP \
+                 on the relay port range, UDP LOW-HIGH as in relay.ports (49152-65535 by default){port}. Until then participants join \
+                 but get no audio or video through this relay."
+            ));
+        } else if let Some(why) = r.peer_leg.untested() {
+            m.push(format!(
+                "The peer leg (media from the videobridge into relayed addresses) was not tested from here: {why}."
+            ));
+        }
         if r.relay_checked
             && let Some(t) = r.transports.iter().find_map(|t| t.relayed.filter(|a| is_private(a.ip())))
             && r.address.is_some_and(|a| !is_private(a))
@@ -175,7 +191,9 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
         }
     }
     if !r.ok() {
-        if r.relay_checked {
+        if r.relay_checked && r.transports.iter().any(TransportResult::relays) {
+            m.push("Clients reach the relay, but media from peers does not: calls through this relay carry no audio or video.".into());
+        } else if r.relay_checked {
             m.push("Nothing relays: participants behind strict firewalls will see no video.".into());
         } else {
             m.push("No transport answered: participants cannot reach the relay from a network like this one.".into());
