@@ -131,6 +131,86 @@ pub struct MetricsSection {
 pub struct TlsSection {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Server names (SNI) that TLS listeners answer as TURN when
+    /// `passthrough` sends other names to a web server.
+    #[serde(default)]
+    pub turn_names: Vec<String>,
+    #[serde(default)]
+    pub passthrough: Option<PassthroughSection>,
+}
+
+/// `[tls.passthrough]`: TLS connections for other names go, untouched, to a
+/// web server on another local port.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PassthroughSection {
+    pub backend: String,
+    pub proxy_protocol: Option<String>,
+    pub idle_timeout: Option<Seconds>,
+}
+
+/// Which header goes first to the passthrough backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyHeader {
+    None,
+    V1,
+    V2,
+}
+
+/// SNI routing on TLS listeners, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Passthrough {
+    /// Lower-case names answered as TURN; other names go to `backend`.
+    pub turn_names: Vec<String>,
+    pub backend: SocketAddr,
+    pub proxy_header: ProxyHeader,
+    /// A passed-through connection with no byte either way for this long closes.
+    pub idle_timeout: u32,
+}
+
+/// Checks `[tls] turn_names` and `[tls.passthrough]`.
+fn parse_passthrough(t: &TlsSection, listeners: &[Listener]) -> Result<Option<Passthrough>, ConfigError> {
+    let Some(p) = &t.passthrough else {
+        if !t.turn_names.is_empty() {
+            return Err(bad("tls.turn_names", "has an effect only with [tls.passthrough] (a backend for the other names)"));
+        }
+        return Ok(None);
+    };
+    if t.turn_names.is_empty() {
+        return Err(bad("tls.turn_names", "must list the TURN host name(s) when [tls.passthrough] is set, e.g. [\"turn.example.com\"]"));
+    }
+    let mut names = Vec::new();
+    for n in &t.turn_names {
+        let l = n.trim().trim_end_matches('.').to_ascii_lowercase();
+        let ok = !l.is_empty() && l.len() <= 253 && l.split('.').all(|p| !p.is_empty() && p.len() <= 63 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        if !ok {
+            return Err(bad("tls.turn_names", format!("`{n}` is not a host name")));
+        }
+        names.push(l);
+    }
+    let backend: SocketAddr = p
+        .backend
+        .trim()
+        .parse()
+        .map_err(|_| bad("tls.passthrough.backend", format!("`{}` is not IP:PORT (the web server, e.g. 127.0.0.1:8443)", p.backend)))?;
+    if backend.port() == 0 || backend.ip().is_unspecified() {
+        return Err(bad("tls.passthrough.backend", format!("`{backend}` needs a concrete address and port")));
+    }
+    let proxy_header = match p.proxy_protocol.as_deref().unwrap_or("none") {
+        "none" => ProxyHeader::None,
+        "v1" => ProxyHeader::V1,
+        "v2" => ProxyHeader::V2,
+        other => return Err(bad("tls.passthrough.proxy_protocol", format!("`{other}` is not none, v1 or v2"))),
+    };
+    let idle_timeout = secs("tls.passthrough.idle_timeout", p.idle_timeout, 600, 1)?;
+    let tls_listeners: Vec<&Listener> = listeners.iter().filter(|l| l.transport == Transport::Tls).collect();
+    if tls_listeners.is_empty() {
+        return Err(bad("tls.passthrough", "needs a [[listen]] with transport = \"tls\""));
+    }
+    if tls_listeners.iter().any(|l| l.address.port() == backend.port() && (l.address.ip() == backend.ip() || l.address.ip().is_unspecified())) {
+        return Err(bad("tls.passthrough.backend", format!("`{backend}` is turnd's own TLS listener (a loop)")));
+    }
+    Ok(Some(Passthrough { turn_names: names, backend, proxy_header, idle_timeout }))
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -289,6 +369,8 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     /// Certificate chain and key (PEM) for TLS listeners.
     pub tls: Option<TlsSection>,
+    /// SNI routing on TLS listeners (`[tls] turn_names`, `[tls.passthrough]`).
+    pub passthrough: Option<Passthrough>,
     pub log_level: String,
     pub log_json: bool,
     /// Warnings about the configuration that do not stop turnd (a secret
@@ -748,6 +830,11 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         other => return Err(bad("log.format", format!("`{other}` is not text or json"))),
     };
 
+    let passthrough = match &f.tls {
+        Some(t) => parse_passthrough(t, &listeners)?,
+        None => None,
+    };
+
     Ok(Config {
         realm,
         software,
@@ -782,6 +869,7 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         metrics_listen,
         admin_token,
         admin_token_file,
+        passthrough,
         tls: f.tls.clone(),
         log_level,
         log_json,

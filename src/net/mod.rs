@@ -12,9 +12,11 @@ mod admin;
 pub mod batch;
 mod http;
 mod lifecycle;
+pub mod passthrough;
 pub mod preflight;
 pub mod proxy;
 pub mod relay;
+pub mod sni;
 mod stream;
 mod systemd;
 pub mod tls;
@@ -82,6 +84,8 @@ pub struct Shard {
     per_ip: HashMap<IpAddr, u32>,
     connections: [u64; 3],
     limits: StreamLimits,
+    /// SNI routing on TLS listeners (`[tls.passthrough]`), replaced on reload.
+    passthrough: Option<Rc<crate::config::Passthrough>>,
     nonce_key: NonceKey,
     started: std::time::Instant,
     draining: bool,
@@ -346,6 +350,7 @@ impl Shard {
         self.server.reconfigure(cfg.server_config(), auth, peer_policy(cfg));
         self.relays.reconfigure(cfg.relay_v4.map(|r| r.local), cfg.relay_v6.map(|r| r.local), cfg.ports);
         self.limits = StreamLimits::from(cfg);
+        self.passthrough = cfg.passthrough.clone().map(Rc::new);
     }
 
     /// One of SWEEP_PARTS steps per second of the expiry sweep: each visits
@@ -388,6 +393,7 @@ impl Shard {
                 per_ip: HashMap::new(),
                 connections: [0; 3],
                 limits: StreamLimits::from(cfg),
+                passthrough: cfg.passthrough.clone().map(Rc::new),
                 nonce_key,
                 started: std::time::Instant::now(),
                 draining: false,
@@ -735,6 +741,13 @@ async fn accept_loop(
             } else {
                 peer
             };
+            let tcp = match tls {
+                Some(_) => match route_hello(&shard, tcp, client, local, limits.handshake).await {
+                    Some(t) => t,
+                    None => return,
+                },
+                None => tcp,
+            };
             let out = StreamOut::new(tls.is_some());
             let conn = {
                 let Some(sh) = shard.upgrade() else { return };
@@ -764,6 +777,38 @@ async fn accept_loop(
             }
         });
     }
+}
+
+/// With `[tls.passthrough]`: peeks at the ClientHello and, for a name that
+/// is not TURN's, passes the connection to the backend (counted like a
+/// connection waiting for its PROXY header). Gives the connection back when
+/// TURN is to take it.
+async fn route_hello(
+    shard: &Weak<RefCell<Shard>>,
+    tcp: tokio::net::TcpStream,
+    client: SocketAddr,
+    local: SocketAddr,
+    timeout: Duration,
+) -> Option<tokio::net::TcpStream> {
+    let Some(route) = shard.upgrade().and_then(|s| s.borrow().passthrough.clone()) else { return Some(tcp) };
+    let hello = match passthrough::peek_hello(&tcp, timeout).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(%client, error = %e, "connection closed: no readable TLS ClientHello");
+            if let Some(sh) = shard.upgrade() {
+                sh.borrow_mut().tls_handshake_failures += 1;
+            }
+            return None;
+        }
+    };
+    if !passthrough::to_backend(&route, &hello) {
+        return Some(tcp);
+    }
+    let _counted = PendingProxy::new(shard, client.ip())?;
+    if let Err(e) = passthrough::serve(tcp, client, local, &route, timeout).await {
+        tracing::debug!(%client, backend = %route.backend, error = %e, "passed-through connection ended");
+    }
+    None
 }
 
 /// An accepted connection still reading its PROXY header, counted against

@@ -1,0 +1,176 @@
+//! One TLS port for TURN and a web server (SNI routing). turnd peeks at the
+//! ClientHello: the TURN name (or ALPN stun.turn) gets TURN over TLS, any
+//! other name passes through untouched to the web server behind it, with a
+//! PROXY protocol header when configured. Here the web server is
+//! `openssl s_server -www`, fetched with curl by its name on turnd's port,
+//! and a raw TCP backend checks the PROXY v2 header and that the bytes after
+//! it are exactly the client's.
+
+#[path = "common/core.rs"]
+mod harness;
+#[path = "common/wire.rs"]
+mod wire;
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::channel;
+use turnd::stun::{method, Class};
+use wire::{peer_at, Incoming, StreamClient};
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// turnd with UDP on a free port (for readiness) and TLS on `tls_port`,
+/// SNI routing to `backend`.
+fn turnd(tls_port: u16, backend: SocketAddr, proxy: &str) -> common::Turnd {
+    let port = common::free_port();
+    let probe: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    common::Turnd::start_config(probe, |dir| {
+        common::make_cert(dir, "cert.pem", "key.pem", "turn.example");
+        format!(
+            "realm = \"{realm}\"\n[auth]\nsecrets = [\"{secret}\"]\n\
+             [[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
+             [[listen]]\ntransport = \"tls\"\naddress = \"127.0.0.1:{tls_port}\"\n\
+             [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nturn_names = [\"turn.example\"]\n\
+             [tls.passthrough]\nbackend = \"{backend}\"\nproxy_protocol = \"{proxy}\"\n\
+             [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n\
+             [peers]\nallow = [\"127.0.0.0/8\"]\n",
+            realm = common::REALM,
+            secret = common::SECRET,
+            cert = dir.join("cert.pem").display(),
+            key = dir.join("key.pem").display(),
+        )
+    })
+}
+
+/// A TLS client stream to `addr` with `sni` and `alpn`.
+fn tls_to(addr: SocketAddr, sni: &str, alpn: &[&str]) -> Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let mut cfg = (*wire::insecure_tls_config()).clone();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), sni.to_owned().try_into().unwrap()).unwrap();
+    Box::new(rustls::StreamOwned::new(conn, tcp))
+}
+
+fn relays(mut c: StreamClient, echo: SocketAddr, what: &str) {
+    let _ = c.allocate("alice", common::SECRET);
+    assert_eq!(c.transact(method::CHANNEL_BIND, &[channel(0x4000), peer_at(echo)]).class(), Class::Success, "{what}");
+    c.send_channel(0x4000, b"over one port");
+    assert_eq!(c.recv(Duration::from_secs(3)), Some(Incoming::Channel { number: 0x4000, data: b"over one port".to_vec() }), "{what}");
+}
+
+#[test]
+fn one_port_serves_https_by_name_and_turn_by_the_turn_name() {
+    let dir = common::temp_dir("sni-web");
+    common::make_cert(&dir, "web.pem", "web-key.pem", "web.example");
+    let web_port = common::free_port();
+    let web = Killed(
+        Command::new("openssl")
+            .args(["s_server", "-www", "-quiet", "-accept"])
+            .arg(format!("127.0.0.1:{web_port}"))
+            .arg("-cert")
+            .arg(dir.join("web.pem"))
+            .arg("-key")
+            .arg(dir.join("web-key.pem"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server"),
+    );
+    let web_addr: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect_timeout(&web_addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "openssl s_server did not listen within 5 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tls_port = common::free_port();
+    let server = turnd(tls_port, web_addr, "none");
+    let tls_addr: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+
+    // The web page, by the web name, on turnd's TLS port.
+    let out = Command::new("timeout")
+        .args(["20", "curl", "-sk", "--resolve", &format!("web.example:{tls_port}:127.0.0.1")])
+        .arg(format!("https://web.example:{tls_port}/"))
+        .output()
+        .unwrap();
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && page.contains("s_server"), "curl: {out:?}\n{}", server.log());
+    // The certificate curl saw is the web server's, not turnd's.
+    let out = Command::new("timeout")
+        .args(["20", "curl", "-skv", "-o", "/dev/null", "--resolve", &format!("web.example:{tls_port}:127.0.0.1")])
+        .arg(format!("https://web.example:{tls_port}/"))
+        .output()
+        .unwrap();
+    let verbose = String::from_utf8_lossy(&out.stderr);
+    assert!(verbose.contains("CN=web.example"), "{verbose}");
+
+    // TURN by the TURN name, and by ALPN stun.turn whatever the name.
+    let echo = common::EchoPeer::start();
+    relays(StreamClient::over(tls_to(tls_addr, "turn.example", &[])), echo.addr, "SNI turn.example");
+    relays(StreamClient::over(tls_to(tls_addr, "web.example", &["stun.turn"])), echo.addr, "ALPN stun.turn");
+    drop(web);
+}
+
+#[test]
+fn passthrough_sends_a_proxy_v2_header_then_the_client_bytes_untouched() {
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let tls_port = common::free_port();
+    let server = turnd(tls_port, backend_addr, "v2");
+    let tls_addr: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+
+    // The client's first flight: a ClientHello for web.example.
+    let mut conn = rustls::ClientConnection::new(wire::insecure_tls_config(), "web.example".try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    let mut c = TcpStream::connect(tls_addr).unwrap();
+    // In two TCP segments, to be read across them.
+    c.set_nodelay(true).unwrap();
+    c.write_all(&hello[..7]).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    c.write_all(&hello[7..]).unwrap();
+
+    backend.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut b = loop {
+        match backend.accept() {
+            Ok((b, _)) => break b,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("the backend got no connection within 5 s ({e}): {}", server.log()),
+        }
+    };
+    b.set_nonblocking(false).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = vec![0u8; 28 + hello.len()];
+    b.read_exact(&mut got).unwrap_or_else(|e| panic!("backend read: {e}\n{}", server.log()));
+    assert_eq!(&got[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    assert_eq!(&got[12..16], &[0x21, 0x11, 0, 12]);
+    let client = c.local_addr().unwrap();
+    assert_eq!(&got[16..20], &[127, 0, 0, 1]);
+    assert_eq!(&got[24..26], &client.port().to_be_bytes(), "the client's port");
+    assert_eq!(&got[26..28], &tls_port.to_be_bytes());
+    assert_eq!(&got[28..], &hello[..], "the ClientHello, untouched");
+    // And both ways after that.
+    b.write_all(b"from the web server").unwrap();
+    let mut back = [0u8; 19];
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"from the web server");
+    drop(c);
+    let mut rest = Vec::new();
+    assert_eq!(b.read_to_end(&mut rest).unwrap(), 0, "the client's close reaches the backend");
+}
