@@ -59,6 +59,8 @@ fn tls_to(addr: SocketAddr, sni: &str, alpn: &[&str]) -> Box<rustls::StreamOwned
     cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
     let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
     tcp.set_nodelay(true).unwrap();
+    // A handshake that goes nowhere fails the test instead of hanging it.
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(cfg), sni.to_owned().try_into().unwrap()).unwrap();
     Box::new(rustls::StreamOwned::new(conn, tcp))
 }
@@ -173,4 +175,58 @@ fn passthrough_sends_a_proxy_v2_header_then_the_client_bytes_untouched() {
     drop(c);
     let mut rest = Vec::new();
     assert_eq!(b.read_to_end(&mut rest).unwrap(), 0, "the client's close reaches the backend");
+}
+
+/// Whether a connection for web.example reaches `backend` within 3 s.
+fn reaches(tls_addr: SocketAddr, backend: &TcpListener) -> bool {
+    let mut conn = rustls::ClientConnection::new(wire::insecure_tls_config(), "web.example".try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    let mut c = TcpStream::connect(tls_addr).unwrap();
+    c.write_all(&hello).unwrap();
+    backend.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Ok((mut b, _)) = backend.accept() {
+            b.set_nonblocking(false).unwrap();
+            b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut got = vec![0u8; hello.len()];
+            return b.read_exact(&mut got).is_ok() && got == hello;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+fn reload(server: &common::Turnd, cfg: &str) {
+    std::fs::write(&server.config, cfg).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_turnctl"))
+        .args(["reload", "--admin", &format!("127.0.0.1:{}", server.metrics_port)])
+        .arg("--token-file")
+        .arg(server.dir.join("admin-token"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "reload: {out:?}\n{}", server.log());
+}
+
+#[test]
+fn passthrough_is_switched_off_and_moved_by_a_reload() {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tls_port = common::free_port();
+    let server = turnd(tls_port, a.local_addr().unwrap(), "none");
+    let tls_addr: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+    assert!(reaches(tls_addr, &a), "{}", server.log());
+    let original = std::fs::read_to_string(&server.config).unwrap();
+
+    // Off: web.example is answered by turnd itself (TURN relays for it).
+    let (head, tail) = original.split_once("turn_names").unwrap();
+    let tail = &tail[tail.find("[relay]").unwrap()..];
+    reload(&server, &format!("{head}{tail}"));
+    let echo = common::EchoPeer::start();
+    relays(StreamClient::over(tls_to(tls_addr, "web.example", &[])), echo.addr, "passthrough off");
+
+    // On again, to another backend.
+    reload(&server, &original.replace(&a.local_addr().unwrap().to_string(), &b.local_addr().unwrap().to_string()));
+    assert!(reaches(tls_addr, &b), "{}", server.log());
 }
