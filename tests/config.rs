@@ -85,6 +85,25 @@ fn exact_peer_addresses_are_accepted_in_allow() {
 }
 
 #[test]
+fn a_passthrough_backend_that_does_not_listen_is_noted() {
+    let dir = common::temp_dir("config-sni");
+    common::make_cert(&dir, "cert.pem", "key.pem", "turn.example");
+    let toml = local(&format!(
+        "[[listen]]\ntransport = \"tls\"\naddress = \"127.0.0.1:{}\"\n\
+         [tls]\ncert = \"{}\"\nkey = \"{}\"\nturn_names = [\"turn.example\"]\n\
+         [tls.passthrough]\nbackend = \"127.0.0.1:{}\"\nproxy_protocol = \"v2\"\n",
+        common::free_port(),
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display(),
+        common::free_port()
+    ));
+    let (rc, err) = check(&toml);
+    assert_eq!(rc, 0, "{err}");
+    assert!(err.contains("tls.passthrough.backend: nothing accepts connections"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn no_config_generates_and_keeps_a_secret() {
     let dir = std::env::temp_dir().join(format!("turnd-nocfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
