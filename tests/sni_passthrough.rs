@@ -4,13 +4,16 @@
 //! PROXY protocol header when configured. Here the web server is
 //! `openssl s_server -www`, fetched with curl by its name on turnd's port,
 //! and a raw TCP backend checks the PROXY v2 header and that the bytes after
-//! it are exactly the client's.
+//! it are exactly the client's. Chromium relays over `turns:` by the TURN
+//! name on that same port.
 
 #[path = "common/core.rs"]
 mod harness;
 #[path = "common/wire.rs"]
 mod wire;
 mod common;
+#[path = "common/browser.rs"]
+mod browser;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -33,6 +36,10 @@ impl Drop for Killed {
 /// turnd with UDP on a free port (for readiness) and TLS on `tls_port`,
 /// SNI routing to `backend`.
 fn turnd(tls_port: u16, backend: SocketAddr, proxy: &str) -> common::Turnd {
+    turnd_with(tls_port, backend, proxy, "")
+}
+
+fn turnd_with(tls_port: u16, backend: SocketAddr, proxy: &str, extra: &str) -> common::Turnd {
     let port = common::free_port();
     let probe: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     common::Turnd::start_config(probe, |dir| {
@@ -44,13 +51,31 @@ fn turnd(tls_port: u16, backend: SocketAddr, proxy: &str) -> common::Turnd {
              [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nturn_names = [\"turn.example\"]\n\
              [tls.passthrough]\nbackend = \"{backend}\"\nproxy_protocol = \"{proxy}\"\n\
              [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n\
-             [peers]\nallow = [\"127.0.0.0/8\"]\n",
+             [peers]\nallow = [\"127.0.0.0/8\"]\n{extra}",
             realm = common::REALM,
             secret = common::SECRET,
             cert = dir.join("cert.pem").display(),
             key = dir.join("key.pem").display(),
         )
     })
+}
+
+/// Takes the connection turnd's start-up check makes to see that the
+/// backend listens (it sends nothing and closes), so that the next one
+/// accepted is a client's.
+fn skip_probe(backend: &TcpListener) {
+    backend.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut b = loop {
+        match backend.accept() {
+            Ok((b, _)) => break b,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("turnd never checked that the backend listens: {e}"),
+        }
+    };
+    b.set_nonblocking(false).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    assert_eq!(b.read(&mut [0u8; 64]).unwrap(), 0, "the start-up check sends nothing");
 }
 
 /// A TLS client stream to `addr` with `sni` and `alpn`.
@@ -131,6 +156,7 @@ fn passthrough_sends_a_proxy_v2_header_then_the_client_bytes_untouched() {
     let backend_addr = backend.local_addr().unwrap();
     let tls_port = common::free_port();
     let server = turnd(tls_port, backend_addr, "v2");
+    skip_probe(&backend);
     let tls_addr: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
 
     // The client's first flight: a ClientHello for web.example.
@@ -215,6 +241,7 @@ fn passthrough_is_switched_off_and_moved_by_a_reload() {
     let b = TcpListener::bind("127.0.0.1:0").unwrap();
     let tls_port = common::free_port();
     let server = turnd(tls_port, a.local_addr().unwrap(), "none");
+    skip_probe(&a);
     let tls_addr: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
     assert!(reaches(tls_addr, &a), "{}", server.log());
     let original = std::fs::read_to_string(&server.config).unwrap();
@@ -229,4 +256,26 @@ fn passthrough_is_switched_off_and_moved_by_a_reload() {
     // On again, to another backend.
     reload(&server, &original.replace(&a.local_addr().unwrap().to_string(), &b.local_addr().unwrap().to_string()));
     assert!(reaches(tls_addr, &b), "{}", server.log());
+}
+
+#[test]
+fn chromium_relays_by_the_turn_name_on_the_shared_port() {
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tls_port = common::free_port();
+    let turnd = turnd_with(tls_port, backend.local_addr().unwrap(), "none", "[limits]\nlegacy_channel_numbers = true\n");
+    let turn_url = format!("turns:turn.example:{tls_port}?transport=tcp");
+    let server = browser::PageServer::start("127.0.0.1");
+    let (username, password) = browser::credentials();
+    // turn.example resolves to 127.0.0.1 inside Chromium only.
+    let wrap = |argv: &[std::ffi::OsString]| {
+        let mut c = Command::new(&argv[0]);
+        c.arg("--host-resolver-rules=MAP turn.example 127.0.0.1").args(&argv[1..]);
+        c
+    };
+    let r = browser::run_browser_case(&server, &server.page_url(), &turn_url, &username, &password, browser::PAGE_TIMEOUT, Some(&wrap));
+    let context = || format!("{turn_url}: page result:\n{}\n--- turnd log ---\n{}", browser::pretty(&r), turnd.log());
+    browser::assert_relayed(&r, &turn_url, "tls", "127.0.0.1", &context);
+    skip_probe(&backend);
+    assert!(backend.accept().is_err(), "nothing went to the web server");
+    eprintln!("{}", browser::describe(&r));
 }
