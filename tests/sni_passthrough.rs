@@ -279,3 +279,61 @@ fn chromium_relays_by_the_turn_name_on_the_shared_port() {
     assert!(backend.accept().is_err(), "nothing went to the web server");
     eprintln!("{}", browser::describe(&r));
 }
+
+/// A passed-through connection counts against the per-IP limit: with one
+/// connection per IP, a second one from the same address is closed, for
+/// the web server as for TURN, until the first ends.
+#[test]
+fn passed_through_connections_count_against_the_per_ip_limit() {
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tls_port = common::free_port();
+    let server = turnd_with(tls_port, backend.local_addr().unwrap(), "none", "[limits]\nmax_connections_per_ip = 1\n");
+    let tls_addr: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+    skip_probe(&backend);
+    let first = TcpStream::connect(tls_addr).unwrap();
+    assert!(reaches_with(&first, &backend), "{}", server.log());
+    // The second: turnd closes it without passing it on.
+    let mut second = TcpStream::connect(tls_addr).unwrap();
+    second.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    second.write_all(&client_hello("web.example")).unwrap();
+    assert_eq!(second.read(&mut [0u8; 64]).unwrap_or(0), 0, "closed");
+    assert!(backend.accept().is_err(), "the second never reached the web server");
+    // The first ends: the address may connect again.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let again = TcpStream::connect(tls_addr).unwrap();
+        if reaches_with(&again, &backend) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the limit was not released: {}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn client_hello(name: &str) -> Vec<u8> {
+    let mut conn = rustls::ClientConnection::new(wire::insecure_tls_config(), name.to_owned().try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    hello
+}
+
+/// Sends a ClientHello for web.example on `c`; whether `backend` gets it within 1 s.
+fn reaches_with(mut c: &TcpStream, backend: &TcpListener) -> bool {
+    let hello = client_hello("web.example");
+    if c.write_all(&hello).is_err() {
+        return false;
+    }
+    backend.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        if let Ok((mut b, _)) = backend.accept() {
+            b.set_nonblocking(false).unwrap();
+            b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut got = vec![0u8; hello.len()];
+            return b.read_exact(&mut got).is_ok() && got == hello;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}

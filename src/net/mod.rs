@@ -81,6 +81,9 @@ pub struct Shard {
     stream_count: usize,
     /// Accepted connections still reading their PROXY header.
     pending_proxy: usize,
+    /// TLS connections passed through to the web server (`[tls.passthrough]`):
+    /// each holds two descriptors and counts as a connection.
+    passed_through: usize,
     per_ip: HashMap<IpAddr, u32>,
     connections: [u64; 3],
     limits: StreamLimits,
@@ -233,14 +236,14 @@ impl Shard {
 
     /// Tells the relay sockets how many descriptors connections hold.
     fn sync_stream_fds(&mut self) {
-        self.relays.stream_fds = self.stream_count + self.pending_proxy;
+        self.relays.stream_fds = self.stream_count + self.pending_proxy + 2 * self.passed_through;
     }
 
     /// Registers a new connection if the limits allow; returns its conn id.
     fn stream_opened(&mut self, client: IpAddr, transport: Transport, out: Rc<StreamOut>) -> Option<u32> {
         let key = stream::per_ip_key(client, self.limits.ipv6_prefix);
         // 0 means unlimited, as for the quotas.
-        let over_total = self.limits.max_total != 0 && self.stream_count >= self.limits.max_total as usize;
+        let over_total = self.limits.max_total != 0 && self.stream_count + self.passed_through >= self.limits.max_total as usize;
         if over_total || self.ip_limit_reached(key) || !self.relays.fds_left_for_connection() {
             self.connections_refused += 1;
             return None;
@@ -390,6 +393,7 @@ impl Shard {
                 free_streams: Vec::new(),
                 stream_count: 0,
                 pending_proxy: 0,
+                passed_through: 0,
                 per_ip: HashMap::new(),
                 connections: [0; 3],
                 limits: StreamLimits::from(cfg),
@@ -780,8 +784,8 @@ async fn accept_loop(
 }
 
 /// With `[tls.passthrough]`: peeks at the ClientHello and, for a name that
-/// is not TURN's, passes the connection to the backend (counted like a
-/// connection waiting for its PROXY header). Gives the connection back when
+/// is not TURN's, passes the connection to the backend ([`PassedThrough`]
+/// counts it). Gives the connection back when
 /// TURN is to take it.
 async fn route_hello(
     shard: &Weak<RefCell<Shard>>,
@@ -804,11 +808,47 @@ async fn route_hello(
     if !passthrough::to_backend(&route, &hello) {
         return Some(tcp);
     }
-    let _counted = PendingProxy::new(shard, client.ip())?;
+    let _counted = PassedThrough::new(shard, client.ip())?;
     if let Err(e) = passthrough::serve(tcp, client, local, &route, timeout).await {
         tracing::debug!(%client, backend = %route.backend, error = %e, "passed-through connection ended");
     }
     None
+}
+
+/// A connection passed through to the web server, counted against the
+/// connection limits (total and per IP) and the descriptor budget (two: the
+/// client's and the backend's) until dropped.
+struct PassedThrough(Weak<RefCell<Shard>>, IpAddr);
+
+impl PassedThrough {
+    /// None (the connection is to be closed) when a limit is reached.
+    fn new(shard: &Weak<RefCell<Shard>>, source: IpAddr) -> Option<Self> {
+        let sh = shard.upgrade()?;
+        let mut sh = sh.borrow_mut();
+        let key = stream::per_ip_key(source, sh.limits.ipv6_prefix);
+        let over_total = sh.limits.max_total != 0 && sh.stream_count + sh.passed_through >= sh.limits.max_total as usize;
+        if over_total || sh.ip_limit_reached(key) || !sh.relays.fds_left_for_connection() {
+            sh.connections_refused += 1;
+            tracing::debug!(client = %source, "connection refused: connection limit reached");
+            return None;
+        }
+        *sh.per_ip.entry(key).or_insert(0) += 1;
+        sh.passed_through += 1;
+        sh.sync_stream_fds();
+        Some(PassedThrough(shard.clone(), key))
+    }
+}
+
+impl Drop for PassedThrough {
+    fn drop(&mut self) {
+        if let Some(sh) = self.0.upgrade()
+            && let Ok(mut sh) = sh.try_borrow_mut()
+        {
+            sh.passed_through -= 1;
+            sh.sync_stream_fds();
+            sh.ip_uncount(self.1);
+        }
+    }
 }
 
 /// An accepted connection still reading its PROXY header, counted against
