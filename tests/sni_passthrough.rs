@@ -337,3 +337,29 @@ fn reaches_with(mut c: &TcpStream, backend: &TcpListener) -> bool {
     }
     false
 }
+
+/// A client that sends no (or half a) ClientHello is closed after
+/// limits.tls_handshake_timeout, and bytes that are not TLS at once.
+#[test]
+fn a_missing_or_bad_client_hello_is_closed_in_time() {
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tls_port = common::free_port();
+    let server = turnd_with(tls_port, backend.local_addr().unwrap(), "none", "[limits]\ntls_handshake_timeout = 1\n");
+    let tls_addr: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+    skip_probe(&backend);
+    let hello = client_hello("web.example");
+    for (what, bytes, within) in [
+        ("nothing", &[][..], Duration::from_secs(3)),
+        ("half a ClientHello", &hello[..hello.len() / 2], Duration::from_secs(3)),
+        ("HTTP", &b"GET / HTTP/1.1\r\nHost: web.example\r\n\r\n"[..], Duration::from_millis(900)),
+    ] {
+        let mut c = TcpStream::connect(tls_addr).unwrap();
+        c.write_all(bytes).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let t0 = Instant::now();
+        let n = c.read(&mut [0u8; 64]).unwrap_or(0);
+        assert_eq!(n, 0, "{what}: closed without an answer");
+        assert!(t0.elapsed() < within, "{what}: closed after {:?}: {}", t0.elapsed(), server.log());
+    }
+    assert!(backend.accept().is_err(), "nothing reached the web server");
+}

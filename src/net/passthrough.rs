@@ -48,7 +48,12 @@ pub async fn peek_hello(tcp: &TcpStream, timeout: Duration) -> std::io::Result<H
             Ok(Peeked::Hello(h)) => return Ok(h),
             Ok(Peeked::Incomplete) if n < MAX_HELLO => {
                 // More of the hello is on its way (another TCP segment):
-                // wait for it without spinning on the same peek.
+                // wait for it without spinning on the same peek, and no
+                // longer than the timeout (peek returns at once while the
+                // bytes already there stay unread).
+                if Instant::now() >= deadline {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
                 if n == last {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
