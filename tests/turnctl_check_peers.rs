@@ -121,6 +121,7 @@ fn check_sees_a_firewall_on_the_relay_port_range_and_passes_without_it() {
     ] {
         assert!(r.1.contains(needle), "missing {needle:?}: {}", diag(&r));
     }
+    assert!(!r.1.contains("ran on the relay host itself"), "checked from another machine: {}", diag(&r));
     eprintln!("{}", r.1);
 
     // Firewall gone: clean again.

@@ -175,6 +175,17 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
                  on the relay port range, UDP LOW-HIGH as in relay.ports (49152-65535 by default){port}. Until then participants join \
                  but get no audio or video through this relay."
             ));
+            let on_relay_host = match (r.peer_leg.from, r.peer_leg.to) {
+                (Some(f), Some(t)) => f.ip() == t.ip() || r.address == Some(f.ip()),
+                _ => false,
+            };
+            if on_relay_host {
+                m.push(
+                    "This check ran on the relay host itself: sending to its own public address needs the provider to loop it back \
+                     (hairpin NAT), which some do not. Run it from another machine (the videobridge host) to be sure."
+                        .into(),
+                );
+            }
         } else if let Some(why) = r.peer_leg.untested() {
             m.push(format!(
                 "The peer leg (media from the videobridge into relayed addresses) was not tested from here: {why}."
