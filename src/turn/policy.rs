@@ -380,6 +380,13 @@ mod tests {
         assert!(!p.permits("192.0.2.7:4001".parse().unwrap()));
         assert!(!p.permits_port("192.0.2.7:50000".parse().unwrap()));
         assert!(!p.permits_ip("192.0.2.8".parse().unwrap()));
+        // IPv6, written [IPv6]:PORT.
+        let v6: IpAddr = "2001:db8:5::5".parse().unwrap();
+        let p6 = PeerPolicy::new(vec![], vec![], vec![v6], (49152, 65535)).with_allowed_addresses(vec!["[2001:db8:5::5]:10000".parse().unwrap()]);
+        assert!(p6.permits_ip(v6));
+        assert!(p6.permits("[2001:db8:5::5]:10000".parse().unwrap()));
+        assert!(!p6.permits("[2001:db8:5::5]:3478".parse().unwrap()));
+        assert!(!p6.permits_port("[2001:db8:5::5]:9641".parse().unwrap()));
         // A public address keeps all its ports: an entry adds, never takes away.
         let q = PeerPolicy::new(vec![], vec![], vec![], (49152, 65535)).with_allowed_addresses(vec!["8.8.8.8:53".parse().unwrap()]);
         assert!(q.permits("8.8.8.8:443".parse().unwrap()));
