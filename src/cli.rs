@@ -32,8 +32,8 @@ pub mod turnd {
         /// File with the shared secret(s), one per line (overrides `auth.secret_file`).
         #[arg(long, value_name = "FILE")]
         pub secret_file: Option<PathBuf>,
-        /// CIDR to allow as a peer despite the deny list, repeatable (added to `peers.allow`).
-        #[arg(long, value_name = "CIDR")]
+        /// CIDR or IP:PORT to allow as a peer despite the deny list, repeatable (added to `peers.allow`).
+        #[arg(long, value_name = "CIDR|IP:PORT")]
         pub allow_peer: Vec<String>,
         /// Log level or filter (overrides `log.level`).
         #[arg(long, value_name = "LEVEL")]

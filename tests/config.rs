@@ -47,6 +47,17 @@ fn errors_name_the_key() {
         ("[[listen]]\ntransport = \"tls\"\naddress = \"0.0.0.0:443\"\n", "listen[0].transport"),
         ("[peers]\nallow = [\"10.0.0.0/40\"]\n", "peers.allow"),
         ("[peers]\ndeny = [\"nope\"]\n", "peers.deny"),
+        ("[peers]\nallow = [\"203.0.113.10:0\"]\n", "peers.allow"),
+        ("[peers]\nallow = [\"203.0.113.10:99999\"]\n", "peers.allow"),
+        ("[peers]\nallow = [\"::1:10000\"]\n", "peers.allow"),
+        ("[peers]\ndeny = [\"203.0.113.10:10000\"]\n", "peers.deny"),
+        ("[tls]\ncert = \"c\"\nkey = \"k\"\nturn_names = [\"turn.example.com\"]\n", "tls.turn_names"),
+        ("[tls]\ncert = \"c\"\nkey = \"k\"\n[tls.passthrough]\nbackend = \"127.0.0.1:8443\"\n", "tls.turn_names"),
+        ("[tls]\ncert = \"c\"\nkey = \"k\"\nturn_names = [\"a b\"]\n[tls.passthrough]\nbackend = \"127.0.0.1:8443\"\n", "tls.turn_names"),
+        ("[tls]\ncert = \"c\"\nkey = \"k\"\nturn_names = [\"t.example\"]\n[tls.passthrough]\nbackend = \"web:8443\"\n", "tls.passthrough.backend"),
+        ("[tls]\ncert = \"c\"\nkey = \"k\"\nturn_names = [\"t.example\"]\n[tls.passthrough]\nbackend = \"127.0.0.1:8443\"\nproxy_protocol = \"v3\"\n", "tls.passthrough.proxy_protocol"),
+        ("[tls]\ncert = \"c\"\nkey = \"k\"\nturn_names = [\"t.example\"]\n[tls.passthrough]\nbackend = \"127.0.0.1:8443\"\n", "tls.passthrough"),
+        ("[tls]\ncert = \"c\"\nkey = \"k\"\nturn_names = [\"t.example\"]\n[tls.passthrough]\nbackend = \"127.0.0.1:8443\"\nport = 1\n", "port"),
         ("[limits]\nmax_lifetime = \"10s\"\n", "limits.max_lifetime"),
         ("[limits]\ndefault_lifetime = \"2h\"\n", "limits.default_lifetime"),
         ("[limits]\nmax_permissions = 0\n", "limits.max_permissions"),
@@ -65,6 +76,31 @@ fn errors_name_the_key() {
         assert_eq!(rc, 2, "{toml:?} should fail");
         assert!(err.contains(key), "{toml:?}: message should name {key}: {err}");
     }
+}
+
+#[test]
+fn exact_peer_addresses_are_accepted_in_allow() {
+    let (rc, err) = check(&local("[peers]\nallow = [\"10.0.0.0/8\", \"127.0.0.1:10000\", \"[::1]:10000\"]\n"));
+    assert_eq!(rc, 0, "{err}");
+}
+
+#[test]
+fn a_passthrough_backend_that_does_not_listen_is_noted() {
+    let dir = common::temp_dir("config-sni");
+    common::make_cert(&dir, "cert.pem", "key.pem", "turn.example");
+    let toml = local(&format!(
+        "[[listen]]\ntransport = \"tls\"\naddress = \"127.0.0.1:{}\"\n\
+         [tls]\ncert = \"{}\"\nkey = \"{}\"\nturn_names = [\"turn.example\"]\n\
+         [tls.passthrough]\nbackend = \"127.0.0.1:{}\"\nproxy_protocol = \"v2\"\n",
+        common::free_port(),
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display(),
+        common::free_port()
+    ));
+    let (rc, err) = check(&toml);
+    assert_eq!(rc, 0, "{err}");
+    assert!(err.contains("tls.passthrough.backend: nothing accepts connections"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

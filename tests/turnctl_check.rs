@@ -129,6 +129,7 @@ fn every_transport_relays_against_a_running_turnd() {
         assert_eq!(&row(&r.stdout, name)[..5], &[name, p.as_str(), "ok", "ok", "ok"], "{}", r.text());
     }
     assert!(r.stdout.contains(&format!("Every transport relays (UDP {port}, TCP {port}, TLS {tls_port})")), "{}", r.text());
+    assert!(r.stdout.contains("peer leg     ok: UDP from 127.0.0.1:"), "{}", r.text());
     assert!(r.stdout.contains(&format!("certificate  TLS {tls_port} for 127.0.0.1: verified")), "{}", r.text());
     assert!(r.stdout.contains("Certificate expires in "), "{}", r.text());
 
@@ -432,6 +433,9 @@ fn from_a_udp_blocked_network_tls_on_443_relays() {
     assert_eq!(tls["relays"], true, "{}", diag(&r));
     assert_eq!(tls["mapped_address"].as_str().unwrap().split(':').next(), Some(ns.ns_ip().to_string().as_str()));
     assert_eq!(j["certificate"]["verified"], true, "{}", diag(&r));
+    // The peer leg needs UDP from here: not tested, and that is no failure.
+    assert_eq!(j["peer_leg"]["tested"], false, "{}", diag(&r));
+    assert!(j["peer_leg"]["result"]["detail"].as_str().unwrap().contains("run turnctl check on the videobridge host"), "{}", diag(&r));
 
     let r = in_ns(&[]);
     assert_eq!(r.code, 0, "{}", diag(&r));
@@ -442,5 +446,6 @@ fn from_a_udp_blocked_network_tls_on_443_relays() {
         "{}",
         diag(&r)
     );
+    assert!(r.stdout.contains("peer leg     not tested: UDP does not get out from here"), "{}", diag(&r));
     eprintln!("{}", r.stdout);
 }

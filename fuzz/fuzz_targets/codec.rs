@@ -1,6 +1,6 @@
 //! The codec on arbitrary bytes: STUN parsing and every attribute decoder,
 //! integrity and fingerprint checks, re-encoding, ChannelData, stream framing,
-//! the PROXY protocol parser, REST usernames and nonces; and the writer on
+//! the PROXY protocol parser, the TLS ClientHello reader (SNI, ALPN), REST usernames and nonces; and the writer on
 //! arbitrary attribute lists and buffer sizes.
 //!
 //! Besides "no panic": whatever parses re-encodes to the same attributes,
@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use libfuzzer_sys::fuzz_target;
 use turnd::auth::{parse_rest_username, quota_key, NonceKey};
-use turnd::net::proxy;
+use turnd::net::{proxy, sni};
 use turnd::stun::{attr, frame_len, message_type, split_type, ChannelData, FrameLen, Message, MessageWriter, HEADER_LEN, MAX_MESSAGE};
 
 fn stun(data: &[u8]) {
@@ -148,8 +148,25 @@ fn write_into(buf: &mut [u8], data: &[u8], fill: &[u8]) {
     }
 }
 
+/// The ClientHello reader: never panics; a result needs at most one record,
+/// and a name it returns is a plausible lower-case host name.
+fn client_hello(data: &[u8]) {
+    match sni::parse(data) {
+        Ok(sni::Peeked::Hello(h)) => {
+            assert!(data.len() > 5);
+            if let Some(n) = h.server_name {
+                assert!(!n.is_empty() && n.len() <= 255 && !n.bytes().any(|b| b.is_ascii_uppercase()));
+            }
+            assert!(h.alpn.iter().all(|a| !a.is_empty()));
+        }
+        Ok(sni::Peeked::Incomplete) => assert!(data.len() < sni::MAX_HELLO),
+        Err(_) => {}
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     stun(data);
+    client_hello(data);
     channel_data(data);
     proxy_header(data);
     credentials(data);

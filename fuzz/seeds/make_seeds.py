@@ -6,8 +6,8 @@ this script documents and regenerates them. fuzz/run.sh gives libFuzzer the
 seeds as a read-only second corpus directory.
 
 codec: the four RFC 5769 vectors (read from tests/vectors/rfc5769.rs), TURN
-messages built here (with MESSAGE-INTEGRITY and FINGERPRINT), ChannelData and
-PROXY protocol v1/v2 headers.
+messages built here (with MESSAGE-INTEGRITY and FINGERPRINT), ChannelData,
+PROXY protocol v1/v2 headers and TLS ClientHellos (SNI, ALPN).
 
 server: operation lists in the input format of fuzz_targets/server.rs:
   op = kind:u8 (mod 11), then
@@ -86,6 +86,26 @@ def xor_addr(ip4, port):
     return struct.pack(">BBH4s", 0, 1, port ^ (COOKIE >> 16), bytes(a ^ b for a, b in zip(bytes(ip4), struct.pack(">I", COOKIE))))
 
 
+def sni_ext(name):
+    n = name.encode()
+    entry = b"\0" + struct.pack(">H", len(n)) + n
+    return struct.pack(">H", len(entry)) + entry
+
+
+def alpn_ext(names):
+    body = b"".join(bytes([len(n)]) + n for n in names)
+    return struct.pack(">H", len(body)) + body
+
+
+def client_hello(exts):
+    """One TLS record holding a ClientHello with these (type, data) extensions."""
+    body = b"\x03\x03" + bytes(32) + b"\0" + b"\0\x02\x13\x01" + b"\x01\0"
+    e = b"".join(struct.pack(">HH", t, len(d)) + d for t, d in exts)
+    body += struct.pack(">H", len(e)) + e
+    hs = b"\x01" + struct.pack(">I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack(">H", len(hs)) + hs
+
+
 def codec_seeds():
     text = open(os.path.join(ROOT, "tests", "vectors", "rfc5769.rs")).read()
     for name in ["REQ", "RESP_V4", "RESP_V6", "REQ_LONG_TERM"]:
@@ -110,6 +130,9 @@ def codec_seeds():
     write("codec", "proxy_v2_v4", v2 + bytes([0x21, 0x11, 0, 12, 198, 51, 100, 1, 192, 0, 2, 1, 0x9C, 0x40, 0x01, 0xBB]))
     write("codec", "proxy_v2_v6", v2 + bytes([0x21, 0x21, 0, 36]) + bytes(range(32)) + b"\x9c\x40\x01\xbb")
     write("codec", "proxy_v2_local", v2 + bytes([0x20, 0x00, 0, 0]))
+    write("codec", "client_hello_sni_alpn", client_hello([(0, sni_ext("web.example")), (16, alpn_ext([b"h2", b"http/1.1"])), (10, b"\0\x02\0\x1d")]))
+    write("codec", "client_hello_turn", client_hello([(0, sni_ext("turn.example")), (16, alpn_ext([b"stun.turn"]))]))
+    write("codec", "client_hello_bare", client_hello([]))
     write("codec", "rest_username", b"1800003600:alice")
     write("codec", "writer_recipe", b"\x80\x00\x01" + b"\x80\x13\x00\x10" + b"\x00\x00\x00\x00" + b"\x80\x22\xff\xf0")
 

@@ -447,3 +447,68 @@ fn data_indication(buf: &[u8]) -> Option<(SocketAddr, Vec<u8>)> {
     let peer = attr::decode_xor_address(m.get(attr::XOR_PEER_ADDRESS)?, m.transaction_id())?;
     Some((peer, m.get(attr::DATA)?.to_vec()))
 }
+
+/// A plain UDP socket standing where a peer (a videobridge) stands: it
+/// learns its own address as the relay sees it (a STUN Binding to the
+/// relay's UDP listener) and sends datagrams straight to relayed addresses,
+/// from outside the relay, as media from a videobridge arrives.
+pub struct UdpPeer {
+    sock: UdpSocket,
+    timeout: Duration,
+}
+
+impl UdpPeer {
+    /// An unconnected socket of `toward`'s address family on any port.
+    pub fn bind(toward: SocketAddr, timeout: Duration) -> Result<UdpPeer> {
+        let local: SocketAddr = if toward.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+        Ok(UdpPeer { sock: UdpSocket::bind(local)?, timeout })
+    }
+
+    /// This socket's address as `server` sees it (STUN Binding,
+    /// retransmitted from 250 ms, doubling, until the timeout).
+    pub fn binding(&self, server: SocketAddr) -> Result<SocketAddr> {
+        let tid = random_tid();
+        let mut req = [0u8; 64];
+        let mut w = MessageWriter::new(&mut req, method::BINDING, Class::Request, &tid);
+        w.fingerprint();
+        let n = w.finish().map_err(|_| Error::Protocol("request too large".into()))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut rto = FIRST_RTO;
+        let mut buf = [0u8; BUF];
+        loop {
+            self.sock.send_to(&req[..n], server)?;
+            let resend = (Instant::now() + rto).min(deadline);
+            rto *= 2;
+            loop {
+                let left = resend.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                self.sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+                match self.sock.recv_from(&mut buf) {
+                    Ok((len, from)) if from == server => {
+                        let Ok(m) = Message::parse(&buf[..len]) else { continue };
+                        if m.transaction_id() != &tid || m.class() != Class::Success {
+                            continue;
+                        }
+                        return m
+                            .get(attr::XOR_MAPPED_ADDRESS)
+                            .and_then(|v| attr::decode_xor_address(v, m.transaction_id()))
+                            .ok_or_else(|| Error::Protocol("Binding response without XOR-MAPPED-ADDRESS".into()));
+                    }
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
+                    Err(e) => return Err(Error::Io(e)),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(self.timeout));
+            }
+        }
+    }
+
+    /// One datagram to `to`, straight from this socket.
+    pub fn send_to(&self, to: SocketAddr, data: &[u8]) -> Result<()> {
+        self.sock.send_to(data, to).map(drop).map_err(Error::Io)
+    }
+}

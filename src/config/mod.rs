@@ -131,6 +131,86 @@ pub struct MetricsSection {
 pub struct TlsSection {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Server names (SNI) that TLS listeners answer as TURN when
+    /// `passthrough` sends other names to a web server.
+    #[serde(default)]
+    pub turn_names: Vec<String>,
+    #[serde(default)]
+    pub passthrough: Option<PassthroughSection>,
+}
+
+/// `[tls.passthrough]`: TLS connections for other names go, untouched, to a
+/// web server on another local port.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PassthroughSection {
+    pub backend: String,
+    pub proxy_protocol: Option<String>,
+    pub idle_timeout: Option<Seconds>,
+}
+
+/// Which header goes first to the passthrough backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyHeader {
+    None,
+    V1,
+    V2,
+}
+
+/// SNI routing on TLS listeners, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Passthrough {
+    /// Lower-case names answered as TURN; other names go to `backend`.
+    pub turn_names: Vec<String>,
+    pub backend: SocketAddr,
+    pub proxy_header: ProxyHeader,
+    /// A passed-through connection with no byte either way for this long closes.
+    pub idle_timeout: u32,
+}
+
+/// Checks `[tls] turn_names` and `[tls.passthrough]`.
+fn parse_passthrough(t: &TlsSection, listeners: &[Listener]) -> Result<Option<Passthrough>, ConfigError> {
+    let Some(p) = &t.passthrough else {
+        if !t.turn_names.is_empty() {
+            return Err(bad("tls.turn_names", "has an effect only with [tls.passthrough] (a backend for the other names)"));
+        }
+        return Ok(None);
+    };
+    if t.turn_names.is_empty() {
+        return Err(bad("tls.turn_names", "must list the TURN host name(s) when [tls.passthrough] is set, e.g. [\"turn.example.com\"]"));
+    }
+    let mut names = Vec::new();
+    for n in &t.turn_names {
+        let l = n.trim().trim_end_matches('.').to_ascii_lowercase();
+        let ok = !l.is_empty() && l.len() <= 253 && l.split('.').all(|p| !p.is_empty() && p.len() <= 63 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        if !ok {
+            return Err(bad("tls.turn_names", format!("`{n}` is not a host name")));
+        }
+        names.push(l);
+    }
+    let backend: SocketAddr = p
+        .backend
+        .trim()
+        .parse()
+        .map_err(|_| bad("tls.passthrough.backend", format!("`{}` is not IP:PORT (the web server, e.g. 127.0.0.1:8443)", p.backend)))?;
+    if backend.port() == 0 || backend.ip().is_unspecified() {
+        return Err(bad("tls.passthrough.backend", format!("`{backend}` needs a concrete address and port")));
+    }
+    let proxy_header = match p.proxy_protocol.as_deref().unwrap_or("none") {
+        "none" => ProxyHeader::None,
+        "v1" => ProxyHeader::V1,
+        "v2" => ProxyHeader::V2,
+        other => return Err(bad("tls.passthrough.proxy_protocol", format!("`{other}` is not none, v1 or v2"))),
+    };
+    let idle_timeout = secs("tls.passthrough.idle_timeout", p.idle_timeout, 600, 1)?;
+    let tls_listeners: Vec<&Listener> = listeners.iter().filter(|l| l.transport == Transport::Tls).collect();
+    if tls_listeners.is_empty() {
+        return Err(bad("tls.passthrough", "needs a [[listen]] with transport = \"tls\""));
+    }
+    if tls_listeners.iter().any(|l| l.address.port() == backend.port() && (l.address.ip() == backend.ip() || l.address.ip().is_unspecified())) {
+        return Err(bad("tls.passthrough.backend", format!("`{backend}` is turnd's own TLS listener (a loop)")));
+    }
+    Ok(Some(Passthrough { turn_names: names, backend, proxy_header, idle_timeout }))
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -258,6 +338,8 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     pub ports: (u16, u16),
     pub allow: Vec<Cidr>,
+    /// Exact `IP:PORT` entries of `peers.allow`: that address and port only.
+    pub allow_addrs: Vec<SocketAddr>,
     pub deny: Vec<Cidr>,
     pub max_connections: u32,
     pub max_connections_per_ip: u32,
@@ -273,6 +355,8 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     /// Certificate chain and key (PEM) for TLS listeners.
     pub tls: Option<TlsSection>,
+    /// SNI routing on TLS listeners (`[tls] turn_names`, `[tls.passthrough]`).
+    pub passthrough: Option<Passthrough>,
     pub log_level: String,
     pub log_json: bool,
     /// Warnings about the configuration that do not stop turnd (a secret
@@ -326,6 +410,30 @@ fn parse_ip(key: &str, s: &str) -> Result<IpAddr, ConfigError> {
 
 fn parse_cidrs(key: &str, list: &[String]) -> Result<Vec<Cidr>, ConfigError> {
     list.iter().map(|s| s.parse::<Cidr>().map_err(|e| bad(key, e))).collect()
+}
+
+/// `peers.allow`: CIDRs (or single addresses) and exact `IP:PORT` /
+/// `[IPv6]:PORT` entries.
+fn parse_allow(key: &str, list: &[String]) -> Result<(Vec<Cidr>, Vec<SocketAddr>), ConfigError> {
+    let (mut cidrs, mut addrs) = (Vec::new(), Vec::new());
+    for s in list {
+        match s.parse::<Cidr>() {
+            Ok(c) => {
+                cidrs.push(c);
+                continue;
+            }
+            Err(e) if s.contains('/') => return Err(bad(key, e)),
+            Err(_) => {}
+        }
+        match s.trim().parse::<SocketAddr>() {
+            Ok(a) if a.port() == 0 => return Err(bad(key, format!("`{s}` names port 0; give the peer's real port"))),
+            Ok(a) => addrs.push(a),
+            Err(_) => {
+                return Err(bad(key, format!("`{s}` is not an IP address, a CIDR, or IP:PORT ([IPv6]:PORT for IPv6)")));
+            }
+        }
+    }
+    Ok((cidrs, addrs))
 }
 
 /// Parses `LOW-HIGH`.
@@ -648,7 +756,7 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
 
     let mut allow_s = f.peers.allow.clone();
     allow_s.extend(ov.allow_peers.iter().cloned());
-    let allow = parse_cidrs("peers.allow", &allow_s)?;
+    let (allow, allow_addrs) = parse_allow("peers.allow", &allow_s)?;
     let deny = parse_cidrs("peers.deny", &f.peers.deny)?;
 
     let l = &f.limits;
@@ -705,6 +813,11 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         other => return Err(bad("log.format", format!("`{other}` is not text or json"))),
     };
 
+    let passthrough = match &f.tls {
+        Some(t) => parse_passthrough(t, &listeners)?,
+        None => None,
+    };
+
     let legacy_channels = l.legacy_channel_numbers.unwrap_or(false);
     let core = ServerConfig {
         software: software.as_deref().map(Arc::from),
@@ -732,6 +845,7 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         listeners,
         ports,
         allow,
+        allow_addrs,
         deny,
         max_connections: l.max_connections.unwrap_or(10_000),
         max_connections_per_ip: l.max_connections_per_ip.unwrap_or(64),
@@ -742,6 +856,7 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         metrics_listen,
         admin_token,
         admin_token_file,
+        passthrough,
         tls: f.tls.clone(),
         log_level,
         log_json,
@@ -765,5 +880,6 @@ impl Config {
 
     pub fn peer_policy(&self) -> PeerPolicy {
         PeerPolicy::new(self.allow.clone(), self.deny.clone(), self.own_ips(), self.ports)
+            .with_allowed_addresses(self.allow_addrs.clone())
     }
 }

@@ -12,9 +12,11 @@ mod admin;
 pub mod batch;
 mod http;
 mod lifecycle;
+pub mod passthrough;
 pub mod preflight;
 pub mod proxy;
 pub mod relay;
+pub mod sni;
 mod stream;
 mod systemd;
 pub mod tls;
@@ -79,9 +81,14 @@ pub struct Shard {
     stream_count: usize,
     /// Accepted connections still reading their PROXY header.
     pending_proxy: usize,
+    /// TLS connections passed through to the web server (`[tls.passthrough]`):
+    /// each holds two descriptors and counts as a connection.
+    passed_through: usize,
     per_ip: HashMap<IpAddr, u32>,
     connections: [u64; 3],
     limits: StreamLimits,
+    /// SNI routing on TLS listeners (`[tls.passthrough]`), replaced on reload.
+    passthrough: Option<Rc<crate::config::Passthrough>>,
     nonce_key: NonceKey,
     started: std::time::Instant,
     draining: bool,
@@ -231,14 +238,14 @@ impl Shard {
 
     /// Tells the relay sockets how many descriptors connections hold.
     fn sync_stream_fds(&mut self) {
-        self.relays.stream_fds = self.stream_count + self.pending_proxy;
+        self.relays.stream_fds = self.stream_count + self.pending_proxy + 2 * self.passed_through;
     }
 
     /// Registers a new connection if the limits allow; returns its conn id.
     fn stream_opened(&mut self, client: IpAddr, transport: Transport, out: Rc<StreamOut>) -> Option<u32> {
         let key = stream::per_ip_key(client, self.limits.ipv6_prefix);
         // 0 means unlimited, as for the quotas.
-        let over_total = self.limits.max_total != 0 && self.stream_count >= self.limits.max_total as usize;
+        let over_total = self.limits.max_total != 0 && self.stream_count + self.passed_through >= self.limits.max_total as usize;
         if over_total || self.ip_limit_reached(key) || !self.relays.fds_left_for_connection() {
             self.connections_refused += 1;
             return None;
@@ -351,6 +358,7 @@ impl Shard {
         self.server.reconfigure(cfg.core.clone(), auth, peer_policy(cfg));
         self.relays.reconfigure(cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local), cfg.ports);
         self.limits = StreamLimits::from(cfg);
+        self.passthrough = cfg.passthrough.clone().map(Rc::new);
     }
 
     /// Expires what the core has due, a bounded batch at a time; returns
@@ -389,9 +397,11 @@ impl Shard {
                 free_streams: Vec::new(),
                 stream_count: 0,
                 pending_proxy: 0,
+                passed_through: 0,
                 per_ip: HashMap::new(),
                 connections: [0; 3],
                 limits: StreamLimits::from(cfg),
+                passthrough: cfg.passthrough.clone().map(Rc::new),
                 nonce_key,
                 started: std::time::Instant::now(),
                 draining: false,
@@ -728,7 +738,6 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        stream::limit_kernel_unsent(&tcp);
         let Some(limits) = shard.upgrade().map(|s| s.borrow().limits) else { return };
         let shard = shard.clone();
         let tls = tls.clone();
@@ -768,6 +777,14 @@ async fn accept_loop(
             } else {
                 peer
             };
+            let tcp = match tls {
+                Some(_) => match route_hello(&shard, tcp, client, local, limits.handshake).await {
+                    Some(t) => t,
+                    None => return,
+                },
+                None => tcp,
+            };
+            stream::limit_kernel_unsent(&tcp);
             let Some(stale) = shard.upgrade().map(|s| s.borrow().stale.clone()) else { return };
             let out = StreamOut::new(tls.is_some(), stale);
             let conn = {
@@ -797,6 +814,74 @@ async fn accept_loop(
                 None => stream::serve(shard, tcp, tuple, out, limits.idle).await,
             }
         });
+    }
+}
+
+/// With `[tls.passthrough]`: peeks at the ClientHello and, for a name that
+/// is not TURN's, passes the connection to the backend ([`PassedThrough`]
+/// counts it). Gives the connection back when
+/// TURN is to take it.
+async fn route_hello(
+    shard: &Weak<RefCell<Shard>>,
+    tcp: tokio::net::TcpStream,
+    client: SocketAddr,
+    local: SocketAddr,
+    timeout: Duration,
+) -> Option<tokio::net::TcpStream> {
+    let Some(route) = shard.upgrade().and_then(|s| s.borrow().passthrough.clone()) else { return Some(tcp) };
+    let hello = match passthrough::peek_hello(&tcp, timeout).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(%client, error = %e, "connection closed: no readable TLS ClientHello");
+            if let Some(sh) = shard.upgrade() {
+                sh.borrow_mut().tls_handshake_failures += 1;
+            }
+            return None;
+        }
+    };
+    if !passthrough::to_backend(&route, &hello) {
+        return Some(tcp);
+    }
+    let _counted = PassedThrough::new(shard, client.ip())?;
+    if let Err(e) = passthrough::serve(tcp, client, local, &route, timeout).await {
+        tracing::debug!(%client, backend = %route.backend, error = %e, "passed-through connection ended");
+    }
+    None
+}
+
+/// A connection passed through to the web server, counted against the
+/// connection limits (total and per IP) and the descriptor budget (two: the
+/// client's and the backend's) until dropped.
+struct PassedThrough(Weak<RefCell<Shard>>, IpAddr);
+
+impl PassedThrough {
+    /// None (the connection is to be closed) when a limit is reached.
+    fn new(shard: &Weak<RefCell<Shard>>, source: IpAddr) -> Option<Self> {
+        let sh = shard.upgrade()?;
+        let mut sh = sh.borrow_mut();
+        let key = stream::per_ip_key(source, sh.limits.ipv6_prefix);
+        let over_total = sh.limits.max_total != 0 && sh.stream_count + sh.passed_through >= sh.limits.max_total as usize;
+        if over_total || sh.ip_limit_reached(key) || !sh.relays.fds_left_for_connection() {
+            sh.connections_refused += 1;
+            tracing::debug!(client = %source, "connection refused: connection limit reached");
+            return None;
+        }
+        *sh.per_ip.entry(key).or_insert(0) += 1;
+        sh.passed_through += 1;
+        sh.sync_stream_fds();
+        Some(PassedThrough(shard.clone(), key))
+    }
+}
+
+impl Drop for PassedThrough {
+    fn drop(&mut self) {
+        if let Some(sh) = self.0.upgrade()
+            && let Ok(mut sh) = sh.try_borrow_mut()
+        {
+            sh.passed_through -= 1;
+            sh.sync_stream_fds();
+            sh.ip_uncount(self.1);
+        }
     }
 }
 

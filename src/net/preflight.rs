@@ -45,7 +45,21 @@ pub fn check(cfg: &Config, mode: Mode, now_unix: i64) -> Result<Vec<String>, Con
     if let Some(m) = cfg.metrics_listen {
         notes.extend(check_bind("metrics.listen", m, true, mode)?);
     }
+    if let Some(p) = &cfg.passthrough {
+        notes.extend(backend_note(p.backend));
+    }
     Ok(notes)
+}
+
+/// A note when nothing accepts connections at the passthrough backend (yet:
+/// the web server may start after turnd, so this does not stop it).
+fn backend_note(backend: SocketAddr) -> Option<String> {
+    match std::net::TcpStream::connect_timeout(&backend, std::time::Duration::from_secs(1)) {
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "tls.passthrough.backend: nothing accepts connections at {backend} now ({e}): connections for other names than tls.turn_names are closed until the web server listens there"
+        )),
+    }
 }
 
 /// A note when the certificate has expired or expires within CERT_WARN_DAYS.

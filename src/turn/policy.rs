@@ -10,6 +10,10 @@
 //! its listener, metrics or admin ports. The same port rule covers every
 //! other address of the host ([`PeerPolicy::with_host_ips`]), so allowing a
 //! private range that holds the host does not open its other services.
+//! An exact `IP:PORT` in `allow` ([`PeerPolicy::with_allowed_addresses`])
+//! opens that one address and port, even on this host (a videobridge next to
+//! the relay): a permission for its IP may be installed, and data may go to
+//! that port; the IP's other ports stay as the rest of the policy says.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -134,6 +138,8 @@ pub struct PeerPolicy {
     /// allow such as 0.0.0.0/0.
     loopback_allowed: bool,
     relay_ports: (u16, u16),
+    /// Exact `IP:PORT` entries of `allow`, IPv4-mapped forms made IPv4.
+    allow_addrs: Vec<SocketAddr>,
 }
 
 /// Whether `c` lies inside loopback (127.0.0.0/8 or ::1).
@@ -157,7 +163,33 @@ impl PeerPolicy {
         let mut all: Vec<Cidr> = DEFAULT_DENY.iter().map(|s| s.parse().expect("default list parses")).collect();
         all.extend(deny);
         let loopback_allowed = allow.iter().any(within_loopback);
-        PeerPolicy { allow, deny: all, own_ips, host_ips: Vec::new(), loopback_allowed, relay_ports }
+        PeerPolicy { allow, deny: all, own_ips, host_ips: Vec::new(), loopback_allowed, relay_ports, allow_addrs: Vec::new() }
+    }
+
+    /// Adds exact `IP:PORT` allow entries: that address and port may be
+    /// reached even when it is this host's (a videobridge on the relay's
+    /// own address), and a permission for that IP may be installed. Other
+    /// ports of that IP are judged as before: on this host only relay ports;
+    /// elsewhere, whatever the ranges say (an IP refused by the deny list is
+    /// reachable on the named port alone).
+    pub fn with_allowed_addresses(mut self, addrs: Vec<SocketAddr>) -> Self {
+        let mut addrs: Vec<SocketAddr> = addrs.into_iter().map(|a| SocketAddr::new(a.ip().to_canonical(), a.port())).collect();
+        addrs.sort();
+        addrs.dedup();
+        self.allow_addrs = addrs;
+        self
+    }
+
+    /// Whether `addr` is one of the exact `IP:PORT` allow entries.
+    #[inline]
+    fn is_allowed_address(&self, addr: SocketAddr) -> bool {
+        !self.allow_addrs.is_empty() && self.allow_addrs.contains(&SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+    }
+
+    /// Whether `ip` is the IP of an exact `IP:PORT` allow entry.
+    fn names_address_of(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allow_addrs.iter().any(|a| a.ip() == ip)
     }
 
     /// Adds the host's interface addresses to the port rule: on them, only
@@ -188,8 +220,14 @@ impl PeerPolicy {
         Self::forms(ip).iter().flatten().any(|f| self.own_ips.contains(f))
     }
 
-    /// May a permission be installed for `ip`?
+    /// May a permission be installed for `ip`? Yes also for the IP of an
+    /// exact `IP:PORT` allow entry (data is then held to that port).
     pub fn permits_ip(&self, ip: IpAddr) -> bool {
+        self.permits_ip_by_ranges(ip) || self.names_address_of(ip)
+    }
+
+    /// `permits_ip` by the CIDR lists and own addresses alone.
+    fn permits_ip_by_ranges(&self, ip: IpAddr) -> bool {
         let forms = Self::forms(ip);
         if forms.iter().flatten().any(|f| self.allow.iter().any(|c| c.contains(*f))) {
             return true;
@@ -201,10 +239,19 @@ impl PeerPolicy {
         !forms.iter().flatten().any(|f| self.deny.iter().any(|c| c.contains(*f)))
     }
 
-    /// False only for the server's own address on a port outside the relay
-    /// range (its listener, metrics or admin port). Cheap enough per packet.
+    /// For a peer whose IP already has a permission: false for the server's
+    /// own address on a port outside the relay range (its listener, metrics
+    /// or admin port) unless that exact address is allowed, and false for
+    /// an IP permitted only through an exact `IP:PORT` entry on any other
+    /// port. Cheap enough per packet (the entry list is usually empty).
     #[inline]
     pub fn permits_port(&self, addr: SocketAddr) -> bool {
+        if self.is_allowed_address(addr) {
+            return true;
+        }
+        if !self.allow_addrs.is_empty() && self.names_address_of(addr.ip()) && !self.permits_ip_by_ranges(addr.ip()) {
+            return false;
+        }
         (self.relay_ports.0..=self.relay_ports.1).contains(&addr.port())
             || !Self::forms(addr.ip()).iter().flatten().any(|f| self.is_this_host(*f))
     }
@@ -223,7 +270,7 @@ impl PeerPolicy {
     /// May data be sent to `addr`? Adds the rule that the server's own
     /// addresses are reachable only on relay ports.
     pub fn permits(&self, addr: SocketAddr) -> bool {
-        self.permits_port(addr) && self.permits_ip(addr.ip())
+        self.is_allowed_address(addr) || (self.permits_port(addr) && self.permits_ip_by_ranges(addr.ip()))
     }
 
     /// Whether `ip` is one of the server's own addresses.
@@ -311,6 +358,38 @@ mod tests {
         assert!(!p.permits("203.0.113.9:3478".parse().unwrap()));
         assert!(!p.permits("[::ffff:203.0.113.9]:9641".parse().unwrap()));
         assert!(!p.permits("203.0.113.10:50000".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_exact_address_entry_opens_that_port_only() {
+        let own: IpAddr = "203.0.113.10".parse().unwrap();
+        let p = PeerPolicy::new(vec![], vec![], vec![own], (49152, 65535))
+            .with_allowed_addresses(vec!["203.0.113.10:10000".parse().unwrap(), "[::ffff:192.0.2.7]:4000".parse().unwrap()]);
+        assert!(p.permits_ip(own));
+        assert!(p.permits("203.0.113.10:10000".parse().unwrap()), "the videobridge on the relay's address");
+        assert!(p.permits("[::ffff:203.0.113.10]:10000".parse().unwrap()), "its IPv4-mapped form");
+        assert!(p.permits_port("203.0.113.10:10000".parse().unwrap()));
+        for a in ["203.0.113.10:10001", "203.0.113.10:3478", "203.0.113.10:9641", "203.0.113.10:22"] {
+            assert!(!p.permits(a.parse().unwrap()), "{a}");
+            assert!(!p.permits_port(a.parse().unwrap()), "{a}");
+        }
+        assert!(p.permits("203.0.113.10:50000".parse().unwrap()), "relay ports as before");
+        // A documentation address (denied by default) named with a port: that port alone.
+        assert!(p.permits_ip("192.0.2.7".parse().unwrap()));
+        assert!(p.permits("192.0.2.7:4000".parse().unwrap()));
+        assert!(!p.permits("192.0.2.7:4001".parse().unwrap()));
+        assert!(!p.permits_port("192.0.2.7:50000".parse().unwrap()));
+        assert!(!p.permits_ip("192.0.2.8".parse().unwrap()));
+        // IPv6, written [IPv6]:PORT.
+        let v6: IpAddr = "2001:db8:5::5".parse().unwrap();
+        let p6 = PeerPolicy::new(vec![], vec![], vec![v6], (49152, 65535)).with_allowed_addresses(vec!["[2001:db8:5::5]:10000".parse().unwrap()]);
+        assert!(p6.permits_ip(v6));
+        assert!(p6.permits("[2001:db8:5::5]:10000".parse().unwrap()));
+        assert!(!p6.permits("[2001:db8:5::5]:3478".parse().unwrap()));
+        assert!(!p6.permits_port("[2001:db8:5::5]:9641".parse().unwrap()));
+        // A public address keeps all its ports: an entry adds, never takes away.
+        let q = PeerPolicy::new(vec![], vec![], vec![], (49152, 65535)).with_allowed_addresses(vec!["8.8.8.8:53".parse().unwrap()]);
+        assert!(q.permits("8.8.8.8:443".parse().unwrap()));
     }
 
     #[test]

@@ -140,6 +140,15 @@ impl Turnd {
         })
     }
 
+    /// `start_config` with turnd run through `wrap`, a command that execs
+    /// the rest of its arguments (e.g. `ip netns exec NAME` to run it in a
+    /// network namespace).
+    pub fn start_config_wrapped(probe: SocketAddr, wrap: &[String], make_config: impl FnOnce(&std::path::Path) -> String) -> Turnd {
+        let dir = temp_dir("turnd");
+        let cfg = make_config(&dir);
+        Self::spawn_wrapped(dir, &cfg, probe, 0, wrap)
+    }
+
     /// Writes `cfg` to `dir/turnd.toml`, runs turnd on it (log in
     /// `dir/turnd.log`) and waits until `addr` answers over UDP.
     fn spawn(dir: PathBuf, cfg: &str, addr: SocketAddr, tls_port: u16) -> Turnd {

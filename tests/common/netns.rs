@@ -51,9 +51,9 @@ impl NetNs {
         Self::create(None, true)
     }
 
-    /// A namespace joined to the host by a veth pair, with no firewall and
-    /// no default route: it reaches the host end of its /30 (and what the
-    /// host serves there), nothing else.
+    /// A namespace joined to the host by a veth pair, with no firewall (add
+    /// one with [`NetNs::drop_inbound_udp`]) and no default route: it reaches
+    /// the host end of its /30 (and what the host serves there), nothing else.
     pub fn create_open() -> NetNs {
         Self::create(None, false)
     }
@@ -69,7 +69,8 @@ impl NetNs {
 
     fn create(upstream: Option<&str>, with_firewall: bool) -> NetNs {
         preflight();
-        let firewall = if with_firewall { pick_firewall() } else { Firewall::Iptables };
+        // Open namespaces may get a firewall later (drop_inbound_udp).
+        let firewall = pick_firewall();
         reap_stale();
         let pid = std::process::id();
 
@@ -147,6 +148,46 @@ impl NetNs {
         }
         ns.wait_link_up();
         ns
+    }
+
+    /// Inside the namespace, drops incoming UDP to ports `low..=high` that
+    /// arrives over the veth (not over `lo`): a firewall in front of a
+    /// relay's port range, which traffic between two sockets of the
+    /// namespace itself never crosses.
+    pub fn drop_inbound_udp(&self, low: u16, high: u16) {
+        match self.firewall {
+            Firewall::Iptables => {
+                let range = format!("{low}:{high}");
+                must(self.command("iptables").args(["-w", "5", "-A", "INPUT", "!", "-i", "lo", "-p", "udp", "--dport", &range, "-j", "DROP"]));
+            }
+            Firewall::Nft => {
+                let rules = format!(
+                    "table inet turnd_test_in {{\n\
+                       chain input {{\n\
+                         type filter hook input priority 0; policy accept;\n\
+                         iifname != \"lo\" udp dport {low}-{high} counter drop\n\
+                       }}\n\
+                     }}\n"
+                );
+                let path = std::env::temp_dir().join(format!("{}-in.nft", self.name));
+                std::fs::write(&path, rules).expect("write nft rules");
+                let out = run(self.command("nft").arg("-f").arg(&path));
+                let _ = std::fs::remove_file(&path);
+                assert!(out.status.success(), "netns: nft -f failed: {}", stderr(&out));
+            }
+        }
+    }
+
+    /// Removes what [`NetNs::drop_inbound_udp`] added.
+    pub fn allow_inbound_udp(&self) {
+        match self.firewall {
+            Firewall::Iptables => {
+                must(self.command("iptables").args(["-w", "5", "-F", "INPUT"]));
+            }
+            Firewall::Nft => {
+                must(self.command("nft").args(["delete", "table", "inet", "turnd_test_in"]));
+            }
+        }
     }
 
     pub fn name(&self) -> &str {

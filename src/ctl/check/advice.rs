@@ -114,7 +114,9 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
         if all_work {
             let list = r.transports.iter().map(|t| format!("{} {}", t.name(), t.port)).collect::<Vec<_>>().join(", ");
             let what = if r.relay_checked { "relays" } else { "answers" };
-            if r.transports.len() == 3 {
+            if r.peer_leg.failed() {
+                m.push(format!("Every transport {what} between two of the relay's own allocations ({list}), but see below."));
+            } else if r.transports.len() == 3 {
                 m.push(format!(
                     "Every transport {what} ({list}): participants on any network that can reach this relay get through."
                 ));
@@ -172,6 +174,31 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
                 m.push(format!("{}: the relay refused the allocation ({d}): it may be draining, full, or over a quota.", t.name()));
             }
         }
+        if r.peer_leg.failed() {
+            let port = r.peer_leg.to.map(|t| format!(" (the relayed port {} is one of them)", t.port())).unwrap_or_default();
+            m.push(format!(
+                "Peers cannot reach the relay: a UDP datagram sent from this machine straight to a relayed address, as a videobridge \
+                 sends media, never arrived, although the relay reaches its own allocations inside the host. The relay host's firewall \
+                 or its provider's (cloud security group) most likely drops inbound UDP to the relay port range: open inbound UDP \
+                 on the relay port range, UDP LOW-HIGH as in relay.ports (49152-65535 by default){port}. Until then participants join \
+                 but get no audio or video through this relay."
+            ));
+            let on_relay_host = match (r.peer_leg.from, r.peer_leg.to) {
+                (Some(f), Some(t)) => f.ip() == t.ip() || r.address == Some(f.ip()),
+                _ => false,
+            };
+            if on_relay_host {
+                m.push(
+                    "This check ran on the relay host itself: sending to its own public address needs the provider to loop it back \
+                     (hairpin NAT), which some do not. Run it from another machine (the videobridge host) to be sure."
+                        .into(),
+                );
+            }
+        } else if let Some(why) = r.peer_leg.untested() {
+            m.push(format!(
+                "The peer leg (media from the videobridge into relayed addresses) was not tested from here: {why}."
+            ));
+        }
         if r.relay_checked
             && let Some(t) = r.transports.iter().find_map(|t| t.relayed.filter(|a| is_private(a.ip())))
             && r.address.is_some_and(|a| !is_private(a))
@@ -187,6 +214,8 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
             m.push("Nothing relays through the proxy: participants behind it will see no video.".into());
         } else if r.proxy.is_some() {
             m.push("No transport answered through the proxy: participants behind it cannot reach the relay.".into());
+        } else if r.relay_checked && r.transports.iter().any(TransportResult::relays) {
+            m.push("Clients reach the relay, but media from peers does not: calls through this relay carry no audio or video.".into());
         } else if r.relay_checked {
             m.push("Nothing relays: participants behind strict firewalls will see no video.".into());
         } else {

@@ -5,12 +5,19 @@
 //! authenticated Allocate (two, so they can be paired) and a relay round
 //! trip between two of the relay's own allocations (each sends a Send
 //! indication to the other's relayed address and expects it back as a Data
-//! indication). Then the TLS certificate's facts, and what it all means for
-//! participants, as a table or as JSON. With an HTTP proxy (`--proxy`, or
-//! HTTPS_PROXY/ALL_PROXY unless NO_PROXY names the relay), TCP and TLS go
-//! through it with CONNECT and UDP is not tried. Exit status 0 when some transport
-//! relays (without a secret: when some Binding works), 1 otherwise, 2 for
-//! usage errors.
+//! indication). Then the peer leg from outside the relay: from its own plain
+//! UDP socket, after a CreatePermission for its own address as the relay
+//! sees it, this machine sends straight to a relayed address, as a
+//! videobridge sends media, and expects the datagram at the client as a Data
+//! indication (the round trip above never leaves the relay host, so a
+//! firewall on the relay port range is only seen here). Then the TLS
+//! certificate's facts, and what it all means for participants, as a table
+//! or as JSON. With an HTTP proxy (`--proxy`, or HTTPS_PROXY/ALL_PROXY unless
+//! NO_PROXY names the relay), TCP and TLS go through it with CONNECT, and UDP
+//! (and with it the peer leg) is not tried. Exit status 0 when some transport
+//! relays and peers reach the relayed address (or that leg cannot be tested
+//! from here: UDP blocked; without a secret: when some Binding works), 1
+//! otherwise, 2 for usage errors.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -24,9 +31,10 @@ use serde_json::{json, Value};
 use crate::auth::{rest_password, rest_username};
 use crate::client::cert::{self, CertInfo, Trust};
 use crate::client::proxy::HttpProxy;
-use crate::client::{fmt_duration, Allocation, Client, Credentials, Error as ClientError, TlsTarget, Transport};
+use crate::client::{fmt_duration, Allocation, Client, Credentials, Error as ClientError, TlsTarget, Transport, UdpPeer};
 
 mod advice;
+mod peer;
 mod probes;
 mod render;
 mod report;
@@ -34,6 +42,7 @@ mod report;
 pub use advice::fmt_span;
 pub use report::*;
 use advice::{meanings, plural};
+use peer::peer_leg;
 use probes::*;
 
 /// How long the check's own credentials are valid.
@@ -230,6 +239,7 @@ pub fn run(o: &Options) -> Report {
         insecure: o.insecure,
         auth: if o.secret.is_some() { AuthState::Untested } else { AuthState::NotChecked },
         transports: Vec::new(),
+        peer_leg: PeerLeg::skipped(""),
         cert: None,
         meanings: Vec::new(),
         proxy: o.proxy.as_ref().map(HttpProxy::display),
@@ -322,6 +332,9 @@ pub fn run(o: &Options) -> Report {
             Err((k, d)) => r.relay = Outcome::Failed(k, format!("{d}{with}")),
         }
     }
+
+    // Phase 2b: the peer leg, from outside the relay.
+    report.peer_leg = peer_leg(&mut held, &report.transports, ip, o);
 
     // Phase 3: delete the allocations (best effort, briefly).
     for h in &mut held {

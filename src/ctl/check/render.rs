@@ -82,6 +82,12 @@ impl Report {
             out += line.trim_end();
             out += "\n";
         }
+        match (&self.peer_leg.outcome, self.peer_leg.from, self.peer_leg.to) {
+            (Outcome::Ok(d), Some(f), Some(t)) => out += &format!("\npeer leg     ok: UDP from {f} straight to relayed {t} {d}\n"),
+            (Outcome::Failed(_, d), _, _) => out += &format!("\npeer leg     FAILED: {d}\n"),
+            (Outcome::Skipped(d), _, _) if !d.is_empty() => out += &format!("\npeer leg     not tested: {d}\n"),
+            _ => {}
+        }
         if let Some(c) = &self.cert {
             out += "\n";
             let verdict = match (&c.trust, &c.problem) {
@@ -186,6 +192,12 @@ impl Report {
             "timeout_ms": self.timeout.as_millis() as u64,
             "relaying": self.transports.iter().filter(|t| t.relays()).map(|t| t.transport.label()).collect::<Vec<_>>(),
             "transports": transports,
+            "peer_leg": {
+                "tested": !matches!(self.peer_leg.outcome, Outcome::Skipped(_)),
+                "result": self.peer_leg.outcome.to_json(),
+                "from": self.peer_leg.from.map(|a| a.to_string()),
+                "to": self.peer_leg.to.map(|a| a.to_string()),
+            },
             "certificate": cert,
             "meanings": self.meanings,
             "proxy": self.proxy,

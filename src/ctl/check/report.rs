@@ -173,6 +173,40 @@ impl CertReport {
     }
 }
 
+/// The peer leg tested from outside the relay: a datagram from this
+/// machine's own UDP socket straight to a relayed address (as a videobridge
+/// sends media), expected back at the client as a Data indication. The
+/// relay round trip between two of its own allocations never leaves the
+/// relay host, so only this sees a firewall on the relay port range.
+#[derive(Clone, Debug)]
+pub struct PeerLeg {
+    /// Ok: it arrived. Failed: it did not (or the test broke). Skipped with
+    /// a reason: not testable from here; with none: nothing to test (no
+    /// secret, no allocation).
+    pub outcome: Outcome,
+    /// This machine's socket as the relay sees it.
+    pub from: Option<SocketAddr>,
+    /// The relayed address it was sent to.
+    pub to: Option<SocketAddr>,
+}
+
+impl PeerLeg {
+    pub(super) fn skipped(why: impl Into<String>) -> PeerLeg {
+        PeerLeg { outcome: Outcome::Skipped(why.into()), from: None, to: None }
+    }
+    /// Tried, and nothing came through.
+    pub fn failed(&self) -> bool {
+        self.outcome.failure().is_some()
+    }
+    /// Not testable from here (a reason is given).
+    pub fn untested(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Skipped(d) if !d.is_empty() => Some(d),
+            _ => None,
+        }
+    }
+}
+
 /// How the credentials fared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthState {
@@ -199,6 +233,7 @@ pub struct Report {
     pub insecure: bool,
     pub auth: AuthState,
     pub transports: Vec<TransportResult>,
+    pub peer_leg: PeerLeg,
     pub cert: Option<CertReport>,
     pub meanings: Vec<String>,
     /// The HTTP proxy TCP and TLS went through (password hidden).
@@ -206,10 +241,12 @@ pub struct Report {
 }
 
 impl Report {
-    /// Some transport relays (without a secret: some Binding works).
+    /// Some transport relays and peers reach the relayed address (or that
+    /// leg could not be tested from here); without a secret: some Binding
+    /// works. A relay whose peers cannot reach it carries no call.
     pub fn ok(&self) -> bool {
         if self.relay_checked {
-            self.transports.iter().any(TransportResult::relays)
+            self.transports.iter().any(TransportResult::relays) && !self.peer_leg.failed()
         } else {
             self.transports.iter().any(|t| t.binding.is_ok())
         }
