@@ -214,3 +214,16 @@ fn proxy_protocol_needs_its_sources_and_the_ipv6_prefix_is_validated() {
         assert_eq!(check(&format!("[limits]\nipv6_prefix_per_ip = {good}\n")).0, 0, "{good}");
     }
 }
+
+#[test]
+fn half_a_proxy_header_is_cut_at_the_handshake_timeout() {
+    let server = proxied("[\"127.0.0.0/8\"]", "tls_handshake_timeout = 1\n");
+    let mut s = connect_from("127.0.0.1", server.addr);
+    s.write_all(b"PROXY TCP4 1.2.3.4 ").unwrap();
+    let started = std::time::Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let mut b = [0u8; 16];
+    let r = std::io::Read::read(&mut s, &mut b);
+    let waited = started.elapsed();
+    assert!(matches!(r, Ok(0) | Err(_)) && waited < Duration::from_secs(3), "still open after {waited:?}: {r:?}");
+}

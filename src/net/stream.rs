@@ -387,6 +387,12 @@ pub(super) async fn proxy_source(tcp: &tokio::net::TcpStream, timeout: Duration)
                 return Ok(source);
             }
             Ok(Parsed::Incomplete) if n < MAX_HEADER => {
+                // The peek above returns at once while part of a header sits
+                // unread: the deadline is checked here too, or a client that
+                // sends half a header and stops holds the connection forever.
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
                 // Wait for more bytes without busy-looping on the same peek.
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

@@ -382,6 +382,7 @@ mod tests {
             insecure: false,
             auth: AuthState::Ok,
             transports: vec![udp, t, tls],
+            peer_leg: PeerLeg::skipped("not tested: UDP does not go through an HTTP proxy"),
             cert: None,
             meanings: Vec::new(),
             proxy: Some("http://proxy:3128".into()),
