@@ -100,6 +100,9 @@ allow = ["127.0.0.0/8"]
 [limits]
 # Every generated client comes from 127.0.0.1: no per-source limit on 401s.
 unauth_rate = 0
+# A saturating client sends far more than a call: no bandwidth cap (coturn
+# has none by default either).
+allocation_bandwidth = 0
 [metrics]
 listen = "127.0.0.1:$mport"
 [admin]

@@ -108,6 +108,7 @@ allow = ["127.0.0.0/8"]
 total_quota = $quota
 user_quota = 0
 unauth_rate = 0
+allocation_bandwidth = 0
 [metrics]
 listen = "127.0.0.1:$mport"
 [admin]
