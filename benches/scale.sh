@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's scale targets on loopback: N allocations held at once, the
+# The scale targets on loopback: N allocations held at once, the
 # authenticated setup rate, and the server's RSS and descriptors per
 # allocation; turnd, then coturn for comparison. See benches/README.md.
 #
