@@ -14,6 +14,7 @@ mod http;
 mod lifecycle;
 pub mod passthrough;
 pub mod preflight;
+mod peek;
 pub mod proxy;
 pub mod relay;
 pub mod sni;

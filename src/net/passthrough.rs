@@ -35,34 +35,12 @@ pub fn to_backend(p: &Passthrough, hello: &Hello) -> bool {
 /// ClientHello, within `timeout`.
 pub async fn peek_hello(tcp: &TcpStream, timeout: Duration) -> std::io::Result<Hello> {
     let mut buf = vec![0u8; MAX_HELLO];
-    let deadline = Instant::now() + timeout;
-    let mut last = 0;
-    loop {
-        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        match sni::parse(&buf[..n]) {
-            Ok(Peeked::Hello(h)) => return Ok(h),
-            Ok(Peeked::Incomplete) if n < MAX_HELLO => {
-                // More of the hello is on its way (another TCP segment):
-                // wait for it without spinning on the same peek, and no
-                // longer than the timeout (peek returns at once while the
-                // bytes already there stay unread).
-                if Instant::now() >= deadline {
-                    return Err(std::io::ErrorKind::TimedOut.into());
-                }
-                if n == last {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                last = n;
-            }
-            Ok(Peeked::Incomplete) => return Err(std::io::ErrorKind::InvalidData.into()),
-            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-        }
-    }
+    super::peek::peek_until(tcp, &mut buf, timeout, |b| match sni::parse(b) {
+        Ok(Peeked::Hello(h)) => super::peek::Peeked::Done(h),
+        Ok(Peeked::Incomplete) => super::peek::Peeked::More,
+        Err(_) => super::peek::Peeked::Invalid,
+    })
+    .await
 }
 
 /// The PROXY protocol header naming `client` -> `local` (IPv4 written as

@@ -360,45 +360,28 @@ pub(super) async fn serve<S: AsyncRead + AsyncWrite>(
 
 /// Where a connection came from, after an optional PROXY protocol header.
 pub(super) async fn proxy_source(tcp: &tokio::net::TcpStream, timeout: Duration) -> std::io::Result<Option<SocketAddr>> {
+    use super::peek::{peek_until, Peeked};
     use super::proxy::{parse, Parsed, MAX_HEADER};
     let mut buf = [0u8; MAX_HEADER];
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        match parse(&buf[..n]) {
-            Ok(Parsed::Done { len, source }) => {
-                // Consume exactly the header; what follows is TLS or STUN.
-                let mut skip = vec![0u8; len];
-                let mut got = 0;
-                while got < len {
-                    tcp.readable().await?;
-                    match tcp.try_read(&mut skip[got..]) {
-                        Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                        Ok(k) => got += k,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
-                return Ok(source);
-            }
-            Ok(Parsed::Incomplete) if n < MAX_HEADER => {
-                // The peek above returns at once while part of a header sits
-                // unread: the deadline is checked here too, or a client that
-                // sends half a header and stops holds the connection forever.
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(std::io::ErrorKind::TimedOut.into());
-                }
-                // Wait for more bytes without busy-looping on the same peek.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            _ => return Err(std::io::ErrorKind::InvalidData.into()),
+    let (len, source) = peek_until(tcp, &mut buf, timeout, |b| match parse(b) {
+        Ok(Parsed::Done { len, source }) => Peeked::Done((len, source)),
+        Ok(Parsed::Incomplete) => Peeked::More,
+        _ => Peeked::Invalid,
+    })
+    .await?;
+    // Consume exactly the header; what follows is TLS or STUN.
+    let mut skip = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        tcp.readable().await?;
+        match tcp.try_read(&mut skip[got..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
+    Ok(source)
 }
 
 #[cfg(test)]
