@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use serde_json::{json, Value};
 
-use super::http::Request;
+use super::request::Request;
 use super::Shard;
 use crate::auth::quota_key;
 use crate::stun::integrity::ct_eq;

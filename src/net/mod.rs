@@ -17,6 +17,7 @@ pub mod preflight;
 mod peek;
 pub mod proxy;
 pub mod relay;
+mod request;
 pub mod sni;
 mod stream;
 mod systemd;
