@@ -7,65 +7,23 @@ mod common;
 #[path = "common/netns.rs"]
 mod netns;
 
-use std::io::Read;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::{Turnd, SECRET};
+use common::{Run, Turnd, SECRET};
 use netns::NetNs;
 use serde_json::Value;
 
 const TURNCTL: &str = env!("CARGO_BIN_EXE_turnctl");
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}\n{}", self.stdout, self.stderr))
-    }
-    fn text(&self) -> String {
-        format!("exit {} after {:?}\n--- stdout ---\n{}--- stderr ---\n{}", self.code, self.elapsed, self.stdout, self.stderr)
-    }
-}
-
-/// Runs `cmd` to completion; kills it after `limit` (then the test fails).
+/// Runs `cmd` to completion (see [`common::run_bounded`]), without the
+/// proxy variables: turnctl check honours them, and these runs go direct.
 fn run_bounded(cmd: &mut Command, limit: Duration) -> Run {
-    let t0 = Instant::now();
-    // turnctl check honours proxy variables; these runs go direct.
     for v in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
         cmd.env_remove(v);
     }
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
-    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = so.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = se.read_to_string(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} still ran after {limit:?}: killed");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let elapsed = t0.elapsed();
-    Run { code: status.code().unwrap_or(-1), stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap(), elapsed }
+    common::run_bounded(cmd, limit)
 }
 
 fn check(args: &[&str]) -> Run {

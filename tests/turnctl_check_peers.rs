@@ -12,46 +12,15 @@ mod common;
 #[path = "common/netns.rs"]
 mod netns;
 
-use std::io::Read;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::{Turnd, SECRET};
 use netns::NetNs;
 use serde_json::Value;
 
 const TURNCTL: &str = env!("CARGO_BIN_EXE_turnctl");
-
-/// Runs `cmd` to completion (killed after `limit`, then the test fails):
-/// (exit code, stdout, stderr).
-fn run_bounded(cmd: &mut Command, limit: Duration) -> (i32, String, String) {
-    let t0 = Instant::now();
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
-    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = so.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = se.read_to_string(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} still ran after {limit:?}: killed");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    (status.code().unwrap_or(-1), t_out.join().unwrap(), t_err.join().unwrap())
-}
 
 #[test]
 fn check_sees_a_firewall_on_the_relay_port_range_and_passes_without_it() {
@@ -74,17 +43,17 @@ fn check_sees_a_firewall_on_the_relay_port_range_and_passes_without_it() {
     let check = |extra: &[&str]| {
         let mut c = Command::new(TURNCTL);
         c.args(["check", &relay, "--secret", SECRET, "--no-tls", "--timeout", "2s"]).args(extra);
-        run_bounded(&mut c, Duration::from_secs(40))
+        common::run_bounded(&mut c, Duration::from_secs(40))
     };
-    let diag = |r: &(i32, String, String)| {
-        format!("exit {}\n--- stdout ---\n{}--- stderr ---\n{}--- firewall ---\n{}--- turnd ---\n{}", r.0, r.1, r.2, ns.firewall_rules(), server.log())
+    let diag = |r: &common::Run| {
+        format!("exit {}\n--- stdout ---\n{}--- stderr ---\n{}--- firewall ---\n{}--- turnd ---\n{}", r.code, r.stdout, r.stderr, ns.firewall_rules(), server.log())
     };
-    let json = |r: &(i32, String, String)| -> Value { serde_json::from_str(&r.1).unwrap_or_else(|e| panic!("not JSON ({e}): {}", diag(r))) };
+    let json = |r: &common::Run| -> Value { serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", diag(r))) };
     let host = ns.host_ip().to_string();
 
     // Open: every leg works, exit 0.
     let r = check(&["--json"]);
-    assert_eq!(r.0, 0, "{}", diag(&r));
+    assert_eq!(r.code, 0, "{}", diag(&r));
     let j = json(&r);
     let leg = &j["peer_leg"];
     assert_eq!(leg["tested"], true, "{}", diag(&r));
@@ -92,14 +61,14 @@ fn check_sees_a_firewall_on_the_relay_port_range_and_passes_without_it() {
     assert_eq!(leg["from"].as_str().unwrap().split(':').next(), Some(host.as_str()), "{leg}");
     assert_eq!(leg["to"].as_str().unwrap().split(':').next(), Some(relay.as_str()), "{leg}");
     let r = check(&[]);
-    assert_eq!(r.0, 0, "{}", diag(&r));
-    assert!(r.1.contains("peer leg     ok: UDP from "), "{}", diag(&r));
-    assert!(!r.1.contains("Peers cannot reach the relay"), "{}", diag(&r));
+    assert_eq!(r.code, 0, "{}", diag(&r));
+    assert!(r.stdout.contains("peer leg     ok: UDP from "), "{}", diag(&r));
+    assert!(!r.stdout.contains("Peers cannot reach the relay"), "{}", diag(&r));
 
     // The provider's firewall: inbound UDP to the relay ports dropped on the veth.
     ns.drop_inbound_udp(20000, 29999);
     let r = check(&["--json"]);
-    assert_eq!(r.0, 1, "a relay whose peers cannot reach it carries no call: {}", diag(&r));
+    assert_eq!(r.code, 1, "a relay whose peers cannot reach it carries no call: {}", diag(&r));
     let j = json(&r);
     assert_eq!(j["ok"], false);
     let udp = j["transports"].as_array().unwrap().iter().find(|t| t["transport"] == "udp").unwrap();
@@ -111,7 +80,7 @@ fn check_sees_a_firewall_on_the_relay_port_range_and_passes_without_it() {
     let meanings = j["meanings"].to_string();
     assert!(meanings.contains("drops inbound UDP to the relay port range"), "{}", diag(&r));
     let r = check(&[]);
-    assert_eq!(r.0, 1, "{}", diag(&r));
+    assert_eq!(r.code, 1, "{}", diag(&r));
     for needle in [
         "peer leg     FAILED: sent from ",
         "Peers cannot reach the relay",
@@ -119,13 +88,13 @@ fn check_sees_a_firewall_on_the_relay_port_range_and_passes_without_it() {
         "open inbound UDP on the relay port range, UDP LOW-HIGH as in relay.ports (49152-65535 by default) (the relayed port 2",
         "Clients reach the relay, but media from peers does not",
     ] {
-        assert!(r.1.contains(needle), "missing {needle:?}: {}", diag(&r));
+        assert!(r.stdout.contains(needle), "missing {needle:?}: {}", diag(&r));
     }
-    assert!(!r.1.contains("ran on the relay host itself"), "checked from another machine: {}", diag(&r));
-    eprintln!("{}", r.1);
+    assert!(!r.stdout.contains("ran on the relay host itself"), "checked from another machine: {}", diag(&r));
+    eprintln!("{}", r.stdout);
 
     // Firewall gone: clean again.
     ns.allow_inbound_udp();
     let r = check(&[]);
-    assert_eq!(r.0, 0, "{}", diag(&r));
+    assert_eq!(r.code, 0, "{}", diag(&r));
 }

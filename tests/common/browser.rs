@@ -139,9 +139,9 @@ impl Drop for PageServer {
     }
 }
 
-/// One HTTP/1.1 request per connection (`Connection: close`), bounded in time
-/// and size: GET /relay.html, POST /result, anything else 404.
-fn serve_one(conn: TcpStream, results: &mpsc::Sender<String>) -> std::io::Result<()> {
+/// Reads one HTTP/1.1 request from `conn` (5 s timeouts, at most 1 MiB):
+/// method, path without the query, body.
+pub fn read_request(conn: &TcpStream) -> std::io::Result<(String, String, Vec<u8>)> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
@@ -160,9 +160,19 @@ fn serve_one(conn: TcpStream, results: &mpsc::Sender<String>) -> std::io::Result
             content_length = v.trim().parse().unwrap_or(0);
         }
     }
+    let mut body = vec![0u8; content_length.min(1 << 20)];
+    reader.read_exact(&mut body)?;
     let mut parts = request_line.split_whitespace();
-    let method = parts.next().unwrap_or("");
-    let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
+    let method = parts.next().unwrap_or("").to_owned();
+    let path = parts.next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
+    Ok((method, path, body))
+}
+
+/// One HTTP/1.1 request per connection (`Connection: close`), bounded in time
+/// and size: GET /relay.html, POST /result, anything else 404.
+fn serve_one(conn: TcpStream, results: &mpsc::Sender<String>) -> std::io::Result<()> {
+    let (method, path, body) = read_request(&conn)?;
+    let (method, path) = (method.as_str(), path.as_str());
     let mut out = conn;
     match (method, path) {
         ("GET", "/relay.html") => {
@@ -175,8 +185,6 @@ fn serve_one(conn: TcpStream, results: &mpsc::Sender<String>) -> std::io::Result
             out.write_all(PAGE.as_bytes())?;
         }
         ("POST", "/result") => {
-            let mut body = vec![0u8; content_length.min(1 << 20)];
-            reader.read_exact(&mut body)?;
             out.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")?;
             let _ = results.send(String::from_utf8_lossy(&body).into_owned());
         }

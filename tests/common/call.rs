@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -87,30 +87,9 @@ impl Drop for CallServer {
 /// One request per connection, bounded in time and size: GET /call.html,
 /// POST and GET /signal/offer|answer, POST /result/ROLE.
 fn serve(conn: TcpStream, state: &Mutex<HashMap<String, String>>, results: &Sender<(String, String)>) -> std::io::Result<()> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(conn.try_clone()?).take(1 << 20);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    let mut content_length = 0usize;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':')
-            && k.trim().eq_ignore_ascii_case("content-length")
-        {
-            content_length = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0u8; content_length.min(1 << 20)];
-    reader.read_exact(&mut body)?;
+    let (method, path, body) = browser::read_request(&conn)?;
     let body = String::from_utf8_lossy(&body).into_owned();
-    let mut parts = request_line.split_whitespace();
-    let method = parts.next().unwrap_or("");
-    let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
+    let (method, path) = (method.as_str(), path.as_str());
     let reply = |status: &str, ctype: &str, text: &str| {
         format!(
             "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nCache-Control: no-store\r\nContent-Length: {}\r\n\

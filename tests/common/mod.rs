@@ -385,3 +385,54 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
+
+/// What a bounded run of a command gave.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// stdout as JSON (the test fails when it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}\n{}", self.stdout, self.stderr))
+    }
+
+    /// Everything it printed, for an assertion message.
+    pub fn text(&self) -> String {
+        format!("exit {} after {:?}\n--- stdout ---\n{}--- stderr ---\n{}", self.code, self.elapsed, self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` to completion, reading its output as it goes; kills it after
+/// `limit` (then the test fails).
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Run {
+    use std::io::Read;
+    let t0 = Instant::now();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = so.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = se.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still ran after {limit:?}: killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Run { code: status.code().unwrap_or(-1), stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap(), elapsed: t0.elapsed() }
+}
