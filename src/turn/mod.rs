@@ -9,6 +9,7 @@
 
 mod allocation;
 pub mod bandwidth;
+pub mod ledger;
 pub mod policy;
 pub mod ratelimit;
 mod server;
@@ -18,6 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 pub use allocation::{Allocation, Channel, Permission, CHANNEL_COOLDOWN};
+pub use ledger::{Ledger, LocalLedger, QuotaRefusal, Reservation};
 pub use policy::{Cidr, PeerPolicy};
 pub use server::{Footprint, RelayAddr, Server, ServerConfig, AMPLIFICATION_FACTOR, DEFAULT_UNAUTH_RATE};
 

@@ -8,13 +8,7 @@ impl Server {
     pub(super) fn remove(&mut self, slot: u32, reason: EndReason, now: Instant, relays: &mut dyn RelayPorts) {
         let Some(a) = self.allocs.remove(slot) else { return };
         self.by_tuple.remove(&a.tuple);
-        let qkey = quota_key(&a.username);
-        if let Some(c) = self.per_user.get_mut(qkey) {
-            *c -= 1;
-            if *c == 0 {
-                self.per_user.remove(qkey);
-            }
-        }
+        self.ledger.give_back(quota_key(&a.username));
         for r in [a.v4, a.v6].iter().flatten() {
             relays.close(r.id);
         }
@@ -51,7 +45,7 @@ impl Server {
         // Stale entries (a deadline moved earlier, then the later one's
         // allocation refreshed again and again) are bounded: past a few per
         // allocation, file everything anew.
-        if self.timers.len() > 4 * (self.allocs.len() + self.reservations.len()) + 1024 {
+        if self.timers.len() > 4 * (self.allocs.len() + self.ledger.reservations()) + 1024 {
             self.timers.clear();
             let slots: Vec<u32> = self.allocs.slots().map(|(s, _)| s).collect();
             for s in slots {
@@ -60,8 +54,9 @@ impl Server {
                 }
                 self.schedule(s);
             }
-            let expiries: Vec<Instant> = self.reservations.values().map(|r| r.expires).collect();
-            self.timers.extend(expiries.into_iter().map(|e| Reverse((e, RESERVATIONS))));
+            if let Some(e) = self.ledger.next_reservation_expiry() {
+                self.timers.push(Reverse((e, RESERVATIONS)));
+            }
         }
     }
 
@@ -95,14 +90,12 @@ impl Server {
             }
             let Some(Reverse((at, slot))) = self.timers.pop() else { return false };
             if slot == RESERVATIONS {
-                self.reservations.retain(|_, r| {
-                    if r.expires <= now {
-                        relays.release(Family::V4, r.port);
-                        false
-                    } else {
-                        true
-                    }
-                });
+                self.ledger.expire_reservations(now, &mut |port| relays.release(Family::V4, port));
+                // Shared with other cores, the table may hold later expiries
+                // this core did not file (or filed before a rebuild).
+                if let Some(e) = self.ledger.next_reservation_expiry() {
+                    self.file_timer(e, RESERVATIONS);
+                }
                 continue;
             }
             let Some(a) = self.allocs.get_mut(slot) else { continue };

@@ -21,6 +21,7 @@ use super::bandwidth::Bucket;
 use super::ratelimit::RateLimiter;
 use super::slab::Slab;
 use super::{EndReason, Event, Family, FiveTuple, Now, OpenError, Output, PeerPolicy, Placement, RelayId, RelayPorts, Stats, Transport};
+use super::{Ledger, LocalLedger, QuotaRefusal, Reservation};
 use crate::auth::{quota_key, Authenticated, AuthFailure, Authenticator};
 use crate::stun::attr::{self, comprehension_required};
 use crate::stun::{method, ChannelData, Class, ErrorCode, IntegrityKind, Message, MessageWriter, CHANNEL_MAX, CHANNEL_MIN};
@@ -42,12 +43,6 @@ const MAX_RESERVATIONS: usize = 4096;
 pub const AMPLIFICATION_FACTOR: usize = 3;
 /// Default answers per second per source IP to unauthenticated UDP requests.
 pub const DEFAULT_UNAUTH_RATE: u32 = 100;
-
-/// A relay port held back for a later Allocate with RESERVATION-TOKEN.
-struct Reservation {
-    port: u16,
-    expires: Instant,
-}
 
 /// A relay address: where sockets bind, and what clients are told.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,9 +104,10 @@ pub struct Server {
     policy: PeerPolicy,
     allocs: Slab<Allocation>,
     by_tuple: HashMap<FiveTuple, u32>,
-    per_user: HashMap<Box<str>, u32>,
     events: VecDeque<Event>,
-    reservations: HashMap<[u8; 8], Reservation>,
+    /// Quotas and reservations: this core's own, or shared with the other
+    /// cores of the relay.
+    ledger: Box<dyn Ledger>,
     accepting: bool,
     data_tid: u64,
     unauth: RateLimiter,
@@ -170,6 +166,12 @@ pub struct Footprint {
 
 impl Server {
     pub fn new(cfg: ServerConfig, auth: Authenticator, policy: PeerPolicy) -> Self {
+        Self::with_ledger(cfg, auth, policy, Box::new(LocalLedger::default()))
+    }
+
+    /// A core that counts quotas and keeps reservations in `ledger` (shared
+    /// with the relay's other cores).
+    pub fn with_ledger(cfg: ServerConfig, auth: Authenticator, policy: PeerPolicy, ledger: Box<dyn Ledger>) -> Self {
         let unauth = RateLimiter::new(cfg.unauth_rate, auth.subkey(b"unauth-rate"));
         Server {
             cfg,
@@ -177,9 +179,8 @@ impl Server {
             policy,
             allocs: Slab::new(),
             by_tuple: HashMap::new(),
-            per_user: HashMap::new(),
             events: VecDeque::new(),
-            reservations: HashMap::new(),
+            ledger,
             accepting: true,
             data_tid: 0,
             unauth,
@@ -223,8 +224,8 @@ impl Server {
         Footprint {
             allocations: self.allocs.len(),
             tuples: self.by_tuple.len(),
-            users: self.per_user.len(),
-            reservations: self.reservations.len(),
+            users: self.ledger.users(),
+            reservations: self.ledger.reservations(),
             permissions: self.allocations().map(|a| a.permissions.len()).sum(),
             channels: self.allocations().map(|a| a.channels.len()).sum(),
             events: self.events.len(),

@@ -121,7 +121,7 @@ impl Server {
         let placement = match (even, token) {
             (Some(v), _) if v.len() != 1 => return reply.err(out, ErrorCode::BadRequest),
             (Some(v), _) if v[0] & 0x80 != 0 => {
-                if self.reservations.len() >= MAX_RESERVATIONS {
+                if self.ledger.reservations() >= MAX_RESERVATIONS {
                     self.stats.capacity_refusals += 1;
                     return reply.err(out, ErrorCode::InsufficientCapacity);
                 }
@@ -130,13 +130,13 @@ impl Server {
             (Some(_), _) => Placement::Even,
             (None, Some(t)) => {
                 let Ok(t) = <[u8; 8]>::try_from(t) else { return reply.err(out, ErrorCode::BadRequest) };
-                match self.reservations.get(&t) {
+                match self.ledger.reservation(&t) {
                     Some(r) if r.expires > now.mono => {
                         claim = Some(t);
                         Placement::Reserved(r.port)
                     }
                     Some(_) => {
-                        if let Some(r) = self.reservations.remove(&t) {
+                        if let Some(r) = self.ledger.unreserve(&t) {
                             relays.release(Family::V4, r.port);
                         }
                         self.stats.capacity_refusals += 1;
@@ -163,23 +163,32 @@ impl Server {
             },
             _ => (Family::V4, false),
         };
-        let qkey = quota_key(auth.username);
-        if self.cfg.user_quota > 0 && self.per_user.get(qkey).copied().unwrap_or(0) >= self.cfg.user_quota {
-            self.stats.quota_refusals += 1;
-            return reply.err(out, ErrorCode::AllocationQuotaReached);
-        }
-        if self.cfg.total_quota > 0 && self.allocs.len() >= self.cfg.total_quota as usize {
-            self.stats.capacity_refusals += 1;
-            return reply.err(out, ErrorCode::InsufficientCapacity);
-        }
         let lifetime = match msg.get(attr::LIFETIME).map(attr::decode_u32) {
             Some(Some(l)) => l.clamp(self.cfg.default_lifetime.min(self.cfg.max_lifetime), self.cfg.max_lifetime),
             Some(None) => return reply.err(out, ErrorCode::BadRequest),
             None => self.cfg.default_lifetime.min(self.cfg.max_lifetime),
         };
-        if let Some(t) = claim {
-            self.reservations.remove(&t);
+        // Checked and counted at once (other cores may be counting too);
+        // given back below if the relay socket cannot be opened.
+        let qkey = quota_key(auth.username);
+        match self.ledger.take(qkey, self.cfg.user_quota, self.cfg.total_quota) {
+            Ok(()) => {}
+            Err(QuotaRefusal::User) => {
+                self.stats.quota_refusals += 1;
+                return reply.err(out, ErrorCode::AllocationQuotaReached);
+            }
+            Err(QuotaRefusal::Total) => {
+                self.stats.capacity_refusals += 1;
+                return reply.err(out, ErrorCode::InsufficientCapacity);
+            }
         }
+        if let Some(t) = claim
+            && self.ledger.unreserve(&t).is_none() {
+                // Claimed meanwhile by the same token on another core.
+                self.ledger.give_back(qkey);
+                self.stats.capacity_refusals += 1;
+                return reply.err(out, ErrorCode::InsufficientCapacity);
+            }
         let (slot, generation) = self.allocs.vacant();
         // RFC 8656 7.2, 14: DONT-FRAGMENT asks for the DF bit on everything
         // the relay sends for this allocation; the socket sets it.
@@ -187,6 +196,7 @@ impl Server {
         let first = match self.open_relay(relays, slot, generation, primary, placement, dont_fragment) {
             Ok(r) => r,
             Err(code) => {
+                self.ledger.give_back(qkey);
                 if let Placement::Reserved(port) = placement {
                     relays.release(Family::V4, port);
                 }
@@ -203,7 +213,7 @@ impl Server {
             let t = self.auth.token(slot, generation, now.unix);
             let port = first.local_port + 1;
             let expires = now.mono + RESERVATION_LIFETIME;
-            self.reservations.insert(t, Reservation { port, expires });
+            self.ledger.reserve(t, Reservation { port, expires });
             self.file_timer(expires, RESERVATIONS);
             t
         });
@@ -245,7 +255,6 @@ impl Server {
         let inserted = self.allocs.insert(a);
         debug_assert_eq!(inserted, slot);
         self.by_tuple.insert(tuple, slot);
-        *self.per_user.entry(qkey.into()).or_insert(0) += 1;
         self.stats.allocations_created += 1;
         self.schedule(slot);
         self.event(Event::AllocationCreated { tuple, username: auth.username.to_owned(), relayed, lifetime });
