@@ -35,6 +35,9 @@ pub mod turnd {
         /// CIDR or IP:PORT to allow as a peer despite the deny list, repeatable (added to `peers.allow`).
         #[arg(long, value_name = "CIDR|IP:PORT")]
         pub allow_peer: Vec<String>,
+        /// Threads relaying, one shard each (overrides `threads`; a restart, not a reload, changes it).
+        #[arg(long, value_name = "N")]
+        pub threads: Option<String>,
         /// Log level or filter (overrides `log.level`).
         #[arg(long, value_name = "LEVEL")]
         pub log_level: Option<String>,

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         allow_peers: a.allow_peer,
         log_level: a.log_level,
         log_format: a.log_format,
+        threads: a.threads,
     };
     let mut cfg = match config::load(a.config.as_deref(), &ov.clone()) {
         Ok(c) => c,

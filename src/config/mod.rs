@@ -94,6 +94,7 @@ fn bad(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
 pub struct File {
     pub realm: Option<String>,
     pub software: Option<String>,
+    pub threads: Option<NumberOrText>,
     #[serde(default)]
     pub auth: AuthSection,
     #[serde(default)]
@@ -303,6 +304,7 @@ pub struct Overrides {
     pub allow_peers: Vec<String>,
     pub log_level: Option<String>,
     pub log_format: Option<String>,
+    pub threads: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -328,6 +330,8 @@ pub enum SecretSource {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub realm: String,
+    /// Shards: threads that each relay for the clients the kernel hands them.
+    pub threads: usize,
     /// The sans-IO core's settings: lifetimes, quotas, relay addresses,
     /// channel numbers, SOFTWARE, rate and bandwidth limits.
     pub core: ServerConfig,
@@ -587,6 +591,40 @@ fn secs(key: &str, v: Option<Seconds>, default: u32, min: u32) -> Result<u32, Co
     Ok(s as u32)
 }
 
+/// A key written as a bare number or as text (`threads = 4`, `threads = "auto"`).
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum NumberOrText {
+    Number(i64),
+    Text(String),
+}
+
+impl NumberOrText {
+    fn into_text(self) -> String {
+        match self {
+            NumberOrText::Number(n) => n.to_string(),
+            NumberOrText::Text(s) => s,
+        }
+    }
+}
+
+/// Most shards accepted: far beyond any relay's cores, low enough that a
+/// typo does not start thousands of threads.
+pub const MAX_THREADS: usize = 256;
+
+/// `threads`: a number, or "auto" (the default): one per CPU turnd may run
+/// on (its affinity mask and CPU quota).
+fn parse_threads(v: Option<String>) -> Result<usize, ConfigError> {
+    let auto = || std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
+    match v.as_deref().map(str::trim) {
+        None | Some("auto") => Ok(auto()),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+            _ => Err(bad("threads", format!("`{s}` is not a thread count: use 1 to {MAX_THREADS}, or \"auto\" for one per CPU turnd may run on"))),
+        },
+    }
+}
+
 pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
     let realm = ov.realm.clone().or(f.realm).unwrap_or_else(|| "turnd".into());
     // At most 32: the 401 challenge to a minimal Allocate (28 bytes) must stay
@@ -605,6 +643,8 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         && (sw.chars().count() > MAX_SOFTWARE || sw.chars().any(char::is_control)) {
             return Err(bad("software", format!("must be at most {MAX_SOFTWARE} characters without control characters (RFC 8489)")));
         }
+
+    let threads = parse_threads(ov.threads.clone().or(f.threads.map(NumberOrText::into_text)))?;
 
     // Secrets: inline, from a file, or generated on first start.
     let mut secrets: Vec<Vec<u8>> = Vec::new();
@@ -837,6 +877,7 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
     };
     Ok(Config {
         realm,
+        threads,
         core,
         secrets,
         secret_source,

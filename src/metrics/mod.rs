@@ -25,6 +25,36 @@ pub struct Snapshot {
     pub relay_ports_total: u64,
     pub uptime_seconds: u64,
     pub draining: bool,
+    /// Allocations and connections of each shard, in shard order.
+    pub shards: Vec<ShardCounts>,
+}
+
+/// What one shard holds (for `turnctl status`; metrics show the sums).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardCounts {
+    pub allocations: u64,
+    pub connections: u64,
+}
+
+impl Snapshot {
+    /// Adds the counts of another shard's snapshot to these.
+    pub fn add(&mut self, o: &Snapshot) {
+        self.stats.add(&o.stats);
+        for (k, n) in &o.allocations {
+            match self.allocations.iter_mut().find(|(kk, _)| kk == k) {
+                Some((_, m)) => *m += n,
+                None => self.allocations.push((*k, *n)),
+            }
+        }
+        for (a, b) in self.connections.iter_mut().zip(o.connections) {
+            *a += b;
+        }
+        self.tls_handshake_failures += o.tls_handshake_failures;
+        self.connections_refused += o.connections_refused;
+        self.send_failures += o.send_failures;
+        self.stale_media += o.stale_media;
+        self.shards.extend_from_slice(&o.shards);
+    }
 }
 
 const AUTH_REASONS: [&str; 7] = ["challenge", "bad_request", "stale_nonce", "wrong_realm", "expired", "unknown_user", "bad_integrity"];
@@ -49,6 +79,9 @@ pub fn render(s: &Snapshot) -> String {
     let info = gauge(&r, "turnd_build_info", "Build information; always 1.", &["version"]);
     info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     gauge(&r, "turnd_uptime_seconds", "Seconds since start.", &[]).with_label_values(&[] as &[&str]).set(s.uptime_seconds as i64);
+    gauge(&r, "turnd_shards", "Threads relaying, one shard each (the threads key).", &[])
+        .with_label_values(&[] as &[&str])
+        .set(s.shards.len() as i64);
     gauge(&r, "turnd_draining", "1 while shutting down gracefully (new allocations refused).", &[])
         .with_label_values(&[] as &[&str])
         .set(s.draining as i64);

@@ -2,15 +2,14 @@
 //! Kept off the public ports (default 127.0.0.1:9641); requests are small,
 //! bounded in size and time, and answered with `Connection: close`.
 
-use std::cell::RefCell;
 use std::rc::Weak;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
+use super::control::Control;
 use super::request::{read_request, Request};
-use super::Shard;
 
 /// A request must arrive whole within this time.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -23,7 +22,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// get through however many are left open.
 pub const MAX_CONNECTIONS: usize = 16;
 
-pub(super) async fn serve(shard: Weak<RefCell<Shard>>, listener: TcpListener) {
+pub(super) async fn serve(ctl: Weak<Control>, listener: TcpListener) {
     let mut open: std::collections::VecDeque<tokio::task::JoinHandle<()>> = std::collections::VecDeque::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -36,26 +35,26 @@ pub(super) async fn serve(shard: Weak<RefCell<Shard>>, listener: TcpListener) {
                 oldest.abort();
             }
         }
-        let shard = shard.clone();
+        let ctl = ctl.clone();
         open.push_back(tokio::task::spawn_local(async move {
-            let _ = tokio::time::timeout(TIMEOUT, handle(shard, stream)).await;
+            let _ = tokio::time::timeout(TIMEOUT, handle(ctl, stream)).await;
         }));
     }
 }
 
-async fn handle(shard: Weak<RefCell<Shard>>, mut stream: TcpStream) {
+async fn handle(ctl: Weak<Control>, mut stream: TcpStream) {
     let Ok(Some(req)) = tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await else { return };
-    let (status, ctype, body) = match shard.upgrade() {
+    let (status, ctype, body) = match ctl.upgrade() {
         None => (503, "text/plain", "shutting down\n".to_owned()),
-        Some(sh) if req.path == "/admin/reload" && req.method == "POST" => {
+        Some(ctl) if req.path == "/admin/reload" && req.method == "POST" => {
             // The reload itself runs in the main loop; wait for its verdict.
             let asked = {
-                let sh = sh.borrow();
-                match super::admin::unauthorised(sh.admin_token.as_deref(), &req) {
+                let token = ctl.admin_token.borrow().clone();
+                match super::admin::unauthorised(token.as_deref(), &req) {
                     Some(r) => Err(r),
                     None => {
                         let (tx, rx) = tokio::sync::oneshot::channel();
-                        match sh.reload_tx.send(tx) {
+                        match ctl.reload_tx.send(tx) {
                             Ok(()) => Ok(rx),
                             Err(_) => Err((503, "application/json", format!("{}\n", serde_json::json!({ "error": "shutting down" })))),
                         }
@@ -71,7 +70,7 @@ async fn handle(shard: Weak<RefCell<Shard>>, mut stream: TcpStream) {
                 },
             }
         }
-        Some(sh) => route(&mut sh.borrow_mut(), &req),
+        Some(ctl) => route(&ctl, &req).await,
     };
     let reason = match status {
         200 => "OK",
@@ -89,19 +88,22 @@ async fn handle(shard: Weak<RefCell<Shard>>, mut stream: TcpStream) {
     let _ = stream.shutdown().await;
 }
 
-fn route(sh: &mut Shard, req: &Request) -> (u16, &'static str, String) {
+async fn route(ctl: &Control, req: &Request) -> (u16, &'static str, String) {
     match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", crate::metrics::render(&sh.snapshot())),
+        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", crate::metrics::render(&ctl.snapshot().await)),
         ("GET", "/healthz") => (200, "text/plain", "ok\n".into()),
-        ("GET", "/readyz") => match sh.not_ready() {
+        ("GET", "/readyz") => match ctl.not_ready() {
             None => (200, "text/plain", "ready\n".into()),
             Some(why) => (503, "text/plain", format!("{why}\n")),
         },
         (_, "/metrics" | "/healthz" | "/readyz") => (405, "text/plain", "use GET\n".into()),
-        (_, p) if p.starts_with("/admin/") => match super::admin::unauthorised(sh.admin_token.as_deref(), req) {
-            Some(r) => r,
-            None => super::admin::route(sh, req).unwrap_or((404, "text/plain", "not found\n".into())),
-        },
+        (_, p) if p.starts_with("/admin/") => {
+            let token = ctl.admin_token.borrow().clone();
+            match super::admin::unauthorised(token.as_deref(), req) {
+                Some(r) => r,
+                None => super::admin::route(ctl, req).await.unwrap_or((404, "text/plain", "not found\n".into())),
+            }
+        }
         _ => (404, "text/plain", "not found\n".into()),
     }
 }

@@ -1,27 +1,30 @@
-//! The process around the shard: start, reload as a transaction, drain and
+//! The process around the shards: start, reload as a transaction, drain and
 //! signals, and the listeners a reload adds, keeps and removes.
 //!
 //! A reload first does everything that can fail (read and validate the file,
-//! load certificates, check relay addresses, bind every new socket) without
-//! touching what runs; only when all of it succeeded does it switch. A
+//! load certificates, check relay addresses, bind every new socket of every
+//! shard) without touching what runs; only when all of it succeeded does it
+//! switch, on every shard. A
 //! refused reload leaves the running configuration and every socket as they
 //! were, and says why. A UDP listener that a reload removes keeps serving the
 //! allocations made through it until they end, then closes; new clients get
 //! no answer on it.
 
-use std::cell::RefCell;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use super::{accept_loop, bind_tcp, bind_udp, http, preflight, systemd, tls, Shard, Udp};
+use super::control::Control;
+use super::shard::{Command, Step as ShardStep};
+use super::shared::Shared;
+use super::sockets::{bind_tcp, bind_tcp_group, bind_udp_group};
+use super::{http, preflight, relay, systemd, tls};
 use crate::config::{Bandwidth, Config, ConfigError, Listener, Overrides, SecretSource};
-use crate::turn::Transport;
+use crate::turn::{PeerPolicy, Transport};
 
 /// Sets the log level (or filter) and whether lines are JSON.
 pub type SetLog = Box<dyn Fn(&str, bool)>;
@@ -33,27 +36,17 @@ pub struct Reload {
     pub set_log: SetLog,
 }
 
-/// A listener's socket, kept across reloads while its address stays.
-enum Socket {
-    /// Index of the listener in the shard's UDP listeners (its `conn`).
+/// A listener's group of sockets (one per shard), by the id the shards know
+/// it by; kept across reloads while its address stays.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Group {
     Udp(u32),
-    Stream(Rc<TcpListener>),
+    Stream(u32),
 }
 
 struct Active {
     l: Listener,
-    socket: Socket,
-    /// The accept loop of a TCP/TLS listener (a UDP listener's task lives
-    /// with its socket in the shard).
-    task: Option<JoinHandle<()>>,
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
+    group: Group,
 }
 
 /// What a reload does with one wanted listener, decided before anything changes.
@@ -62,12 +55,13 @@ enum Step {
     Keep(usize, Listener),
     /// A removed UDP listener still serving its allocations: serve again.
     Revive(u32, Listener),
-    Bind(Listener, NewSocket),
+    Bind(Listener, NewGroup),
 }
 
-enum NewSocket {
-    Udp(Udp),
-    Stream(TcpListener),
+/// Sockets bound for a new listener, one per shard.
+enum NewGroup {
+    Udp(Vec<std::net::UdpSocket>),
+    Stream(Vec<std::net::TcpListener>),
 }
 
 fn name(l: &Listener) -> String {
@@ -80,15 +74,23 @@ fn same_socket(a: &Listener, b: &Listener) -> bool {
     a.address == b.address && a.transport.is_stream() == b.transport.is_stream()
 }
 
-#[derive(Default)]
 struct Listeners {
+    shards: usize,
     active: Vec<Active>,
+    /// UDP listeners a reload removed, serving the allocations made through
+    /// them until those end; their groups close whole, never shrink.
+    retiring: Vec<(u32, Listener)>,
+    next_id: u32,
 }
 
 impl Listeners {
-    /// Binds what `wanted` adds. Nothing running changes; on error the
-    /// sockets bound so far are closed again.
-    fn prepare(&self, shard: &Shard, wanted: &[Listener]) -> Result<Vec<Step>, ConfigError> {
+    fn new(shards: usize) -> Self {
+        Listeners { shards, active: Vec::new(), retiring: Vec::new(), next_id: 0 }
+    }
+
+    /// Binds what `wanted` adds, a socket per shard. Nothing running
+    /// changes; on error the sockets bound so far are closed again.
+    fn prepare(&self, wanted: &[Listener]) -> Result<Vec<Step>, ConfigError> {
         let mut steps = Vec::new();
         for (i, l) in wanted.iter().enumerate() {
             if let Some(a) = self.active.iter().position(|a| same_socket(&a.l, l)) {
@@ -96,35 +98,40 @@ impl Listeners {
                 continue;
             }
             if l.transport == Transport::Udp
-                && let Some(conn) = shard.retiring_udp(l.address) {
-                    steps.push(Step::Revive(conn, l.clone()));
+                && let Some((conn, _)) = self.retiring.iter().find(|(_, r)| r.address == l.address) {
+                    steps.push(Step::Revive(*conn, l.clone()));
                     continue;
                 }
             let key = format!("listen[{i}].address");
             let stream = l.transport.is_stream();
-            let socket = if stream { bind_tcp(l.address).map(NewSocket::Stream) } else { bind_udp(l.address).map(NewSocket::Udp) };
-            match socket {
-                Ok(s) => steps.push(Step::Bind(l.clone(), s)),
+            let group = if stream {
+                bind_tcp_group(l.address, self.shards).map(NewGroup::Stream)
+            } else {
+                bind_udp_group(l.address, self.shards).map(NewGroup::Udp)
+            };
+            match group {
+                Ok(g) => steps.push(Step::Bind(l.clone(), g)),
                 Err(e) => return Err(preflight::bind_error(&key, l.address, stream, &e, preflight::Mode::Start)),
             }
         }
         Ok(steps)
     }
 
-    /// Puts a prepared set of listeners in service; what `steps` does not
-    /// keep is stopped (a UDP listener with allocations retires instead).
-    fn commit(&mut self, shard: &Rc<RefCell<Shard>>, steps: Vec<Step>, acceptor: Option<&TlsAcceptor>) {
+    /// Puts a prepared set of listeners in service: returns what each shard
+    /// is to do. What `steps` does not keep is stopped (a UDP listener
+    /// retires instead, until its allocations end: see [`Listeners::close_finished`]).
+    fn commit(&mut self, steps: Vec<Step>) -> Vec<Vec<ShardStep>> {
+        let mut per: Vec<Vec<ShardStep>> = (0..self.shards).map(|_| Vec::new()).collect();
+        let mut all = |make: &dyn Fn() -> ShardStep| per.iter_mut().for_each(|p| p.push(make()));
         let mut old: Vec<Option<Active>> = std::mem::take(&mut self.active).into_iter().map(Some).collect();
+        let mut adds: Vec<(u32, NewGroup, Listener)> = Vec::new();
         for step in steps {
             let active = match step {
                 Step::Keep(i, l) => {
                     let Some(mut a) = old[i].take() else { continue };
                     if a.l != l {
-                        if let Socket::Stream(s) = &a.socket {
-                            if let Some(t) = a.task.take() {
-                                t.abort();
-                            }
-                            a.task = Some(spawn_accept(shard, s.clone(), &l, acceptor));
+                        if let Group::Stream(id) = a.group {
+                            all(&|| ShardStep::ChangeStream(id, l.clone()));
                             tracing::info!(listener = %name(&l), proxy_protocol = l.proxy_protocol, "listener changed");
                         }
                         a.l = l;
@@ -132,37 +139,74 @@ impl Listeners {
                     a
                 }
                 Step::Revive(conn, l) => {
-                    shard.borrow_mut().revive_udp(conn);
+                    self.retiring.retain(|(c, _)| *c != conn);
+                    all(&|| ShardStep::ReviveUdp(conn));
                     tracing::info!(listener = %name(&l), "listener serving again");
-                    Active { l, socket: Socket::Udp(conn), task: None }
+                    Active { l, group: Group::Udp(conn) }
                 }
-                Step::Bind(l, NewSocket::Udp(s)) => {
-                    let conn = Shard::add_udp(shard, s);
-                    tracing::info!(listener = %name(&l), "listener started");
-                    Active { l, socket: Socket::Udp(conn), task: None }
-                }
-                Step::Bind(l, NewSocket::Stream(s)) => {
-                    let s = Rc::new(s);
-                    let task = spawn_accept(shard, s.clone(), &l, acceptor);
-                    tracing::info!(listener = %name(&l), "listener started");
-                    Active { l, socket: Socket::Stream(s), task: Some(task) }
+                Step::Bind(l, g) => {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    tracing::info!(listener = %name(&l), shards = self.shards, "listener started");
+                    let group = match g {
+                        NewGroup::Udp(_) => Group::Udp(id),
+                        NewGroup::Stream(_) => Group::Stream(id),
+                    };
+                    adds.push((id, g, l.clone()));
+                    Active { l, group }
                 }
             };
             self.active.push(active);
         }
         for a in old.into_iter().flatten() {
-            if let Socket::Udp(conn) = a.socket {
-                shard.borrow_mut().retire_udp(conn);
+            match a.group {
+                Group::Udp(conn) => {
+                    all(&|| ShardStep::RetireUdp(conn));
+                    tracing::info!(listener = %name(&a.l), "listener removed: it serves the allocations made through it until they end");
+                    self.retiring.push((conn, a.l));
+                }
+                Group::Stream(id) => {
+                    all(&|| ShardStep::RemoveStream(id));
+                    tracing::info!(listener = %name(&a.l), "listener removed");
+                }
             }
-            tracing::info!(listener = %name(&a.l), "listener removed");
         }
-        shard.borrow_mut().listener_names = self.active.iter().map(|a| name(&a.l)).collect();
+        for (id, g, l) in adds {
+            match g {
+                NewGroup::Udp(socks) => {
+                    for (p, s) in per.iter_mut().zip(socks) {
+                        p.push(ShardStep::AddUdp(id, s));
+                    }
+                }
+                NewGroup::Stream(socks) => {
+                    for (p, s) in per.iter_mut().zip(socks) {
+                        p.push(ShardStep::AddStream(id, s, l.clone()));
+                    }
+                }
+            }
+        }
+        per
     }
-}
 
-fn spawn_accept(shard: &Rc<RefCell<Shard>>, s: Rc<TcpListener>, l: &Listener, acceptor: Option<&TlsAcceptor>) -> JoinHandle<()> {
-    let tls = if l.transport == Transport::Tls { acceptor.cloned() } else { None };
-    tokio::task::spawn_local(accept_loop(Rc::downgrade(shard), s, l.clone(), tls))
+    fn names(&self) -> Vec<String> {
+        self.active.iter().map(|a| name(&a.l)).collect()
+    }
+
+    /// Closes the groups of retired UDP listeners no allocation uses on any
+    /// shard any more.
+    async fn close_finished(&mut self, ctl: &Control) {
+        let mut i = 0;
+        while i < self.retiring.len() {
+            let (conn, _) = self.retiring[i];
+            if ctl.udp_allocations(conn).await == Some(0) {
+                let (_, l) = self.retiring.remove(i);
+                ctl.tell_all(|| Command::CloseUdp(conn));
+                tracing::info!(listener = %name(&l), "UDP listener closed");
+            } else {
+                i += 1;
+            }
+        }
+    }
 }
 
 fn log_secrets(cfg: &Config) {
@@ -172,6 +216,27 @@ fn log_secrets(cfg: &Config) {
         SecretSource::Inline => tracing::info!(secrets = cfg.secrets.len(), "shared secrets from the config"),
         SecretSource::None => tracing::info!("no shared secret: static users only"),
     }
+}
+
+/// The configured peer policy, with the port rule extended to every address
+/// of this host (read at start and on reload).
+fn peer_policy(cfg: &Config) -> PeerPolicy {
+    cfg.peer_policy().with_host_ips(host_addresses())
+}
+
+/// The host's interface addresses; empty if they cannot be read.
+fn host_addresses() -> Vec<IpAddr> {
+    match if_addrs::get_if_addrs() {
+        Ok(list) => list.into_iter().map(|i| i.ip()).collect(),
+        Err(e) => {
+            tracing::warn!("cannot list the host's addresses: {e}");
+            Vec::new()
+        }
+    }
+}
+
+fn port_range(cfg: &Config) -> usize {
+    (cfg.ports.1 - cfg.ports.0) as usize + 1
 }
 
 /// Runs the relay until SIGINT or SIGTERM (then drains). Must be called
@@ -189,21 +254,27 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         None => None,
     };
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel();
-    let shard = Shard::start(&cfg, reload_tx);
-    let mut listeners = Listeners::default();
-    let steps = listeners.prepare(&shard.borrow(), &cfg.listeners)?;
-    listeners.commit(&shard, steps, acceptor.as_ref());
+    let policy = peer_policy(&cfg);
+    let shared = Shared::new(relay::fd_budget(), port_range(&cfg));
+    let mut listeners = Listeners::new(cfg.threads);
+    let steps = listeners.prepare(&cfg.listeners)?;
+    let ctl = Rc::new(Control::start(&cfg, &policy, shared, reload_tx)?);
+    ctl.apply(Arc::new(cfg.clone()), &policy, acceptor.as_ref(), listeners.commit(steps)).await;
+    *ctl.listener_names.borrow_mut() = listeners.names();
     let metrics = match cfg.metrics_listen {
         Some(addr) => {
             let l = bind_tcp(addr).map_err(|e| preflight::bind_error("metrics.listen", addr, true, &e, preflight::Mode::Start))?;
-            Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&shard), l))))
+            Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&ctl), l))))
         }
         None => None,
     };
     // Certificates renewed on disk (certbot, Caddy) are picked up without a restart.
     let mut cert_poll = tokio::time::interval(Duration::from_secs(5));
+    // Retired UDP listeners close once their allocations have ended.
+    let mut retired_poll = tokio::time::interval(Duration::from_secs(1));
     tracing::info!(
-        listeners = ?shard.borrow().listener_names,
+        listeners = ?listeners.names(),
+        threads = cfg.threads,
         metrics = ?cfg.metrics_listen,
         relay_v4 = ?cfg.core.relay_v4.map(|r| (r.local, r.external)),
         relay_v6 = ?cfg.core.relay_v6.map(|r| (r.local, r.external)),
@@ -214,7 +285,9 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         "turnd ready"
     );
     systemd::notify("READY=1");
-    systemd::spawn_watchdog();
+    if let Some(period) = systemd::watchdog_period() {
+        tokio::task::spawn_local(watchdog(Rc::downgrade(&ctl), period));
+    }
     let mut running = Running { cfg, certs, acceptor, listeners, metrics };
 
     use tokio::signal::unix::{signal, SignalKind};
@@ -234,17 +307,32 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
                     }
                 }
             }
+            _ = retired_poll.tick() => running.listeners.close_finished(&ctl).await,
             _ = hup.recv() => {
-                let _ = running.reload(&reload, &shard);
+                let _ = running.reload(&reload, &ctl).await;
             }
             Some(reply) = reload_rx.recv() => {
                 let reply: tokio::sync::oneshot::Sender<Result<String, String>> = reply;
-                let _ = reply.send(running.reload(&reload, &shard));
+                let _ = reply.send(running.reload(&reload, &ctl).await);
             }
         }
     }
-    drain(&shard, Duration::from_secs(running.cfg.drain_timeout as u64), &mut term, &mut int).await;
+    drain(&ctl, Duration::from_secs(running.cfg.drain_timeout as u64), &mut term, &mut int).await;
     Ok(())
+}
+
+/// Pings the systemd watchdog at `period` while every shard's event loop
+/// answers within it, so a stuck shard stops the pings and systemd
+/// restarts the service.
+async fn watchdog(ctl: std::rc::Weak<Control>, period: Duration) {
+    let mut iv = tokio::time::interval(period);
+    loop {
+        iv.tick().await;
+        let Some(c) = ctl.upgrade() else { return };
+        if c.alive(period).await {
+            systemd::notify("WATCHDOG=1");
+        }
+    }
 }
 
 /// What a reload may replace besides the core's settings.
@@ -269,11 +357,11 @@ enum TlsStep {
 }
 
 impl Running {
-    /// Re-reads the configuration and applies it whole, or refuses it whole.
-    /// Returns a summary or the reason for refusing.
-    fn reload(&mut self, reload: &Reload, shard: &Rc<RefCell<Shard>>) -> Result<String, String> {
+    /// Re-reads the configuration and applies it whole to every shard, or
+    /// refuses it whole. Returns a summary or the reason for refusing.
+    async fn reload(&mut self, reload: &Reload, ctl: &Rc<Control>) -> Result<String, String> {
         systemd::notify("RELOADING=1");
-        let r = self.apply(reload, shard);
+        let r = self.apply(reload, ctl).await;
         if let Err(e) = &r {
             tracing::error!("reload refused, the running configuration stays: {e}");
         }
@@ -281,9 +369,15 @@ impl Running {
         r
     }
 
-    fn apply(&mut self, reload: &Reload, shard: &Rc<RefCell<Shard>>) -> Result<String, String> {
+    async fn apply(&mut self, reload: &Reload, ctl: &Rc<Control>) -> Result<String, String> {
         // Everything that can fail, with nothing running touched.
         let new = crate::config::load_for_reload(reload.path.as_deref(), &reload.overrides).map_err(|e| format!("{e:#}"))?;
+        if new.threads != self.cfg.threads {
+            return Err(format!(
+                "threads: {} now, {} in the file: a reload cannot change it (clients would move to shards that do not know them); restart turnd to apply it",
+                self.cfg.threads, new.threads
+            ));
+        }
         let tls_step = match (&new.tls, &self.certs) {
             (Some(t), Some(c)) if c.same_paths(&t.cert, &t.key) => TlsStep::Reread,
             (Some(t), Some(c)) => TlsStep::Other(t.cert.clone(), t.key.clone(), c.load_other(&t.cert, &t.key).map_err(|e| format!("tls: {e:#}"))?),
@@ -299,7 +393,7 @@ impl Running {
                 preflight::check_relay_ip(key, r.local).map_err(|e| e.to_string())?;
             }
         }
-        let steps = self.listeners.prepare(&shard.borrow(), &new.listeners).map_err(|e| e.to_string())?;
+        let steps = self.listeners.prepare(&new.listeners).map_err(|e| e.to_string())?;
         let metrics_changed = new.metrics_listen != self.metrics.as_ref().map(|m| m.0);
         let metrics_socket = match new.metrics_listen {
             Some(addr) if metrics_changed => Some(
@@ -308,7 +402,7 @@ impl Running {
             _ => None,
         };
 
-        // Nothing below fails: switch.
+        // Nothing below fails: switch, on every shard.
         match tls_step {
             TlsStep::Unchanged => {}
             TlsStep::Reread => match self.certs.as_ref().map(|c| c.reload()) {
@@ -326,18 +420,17 @@ impl Running {
                 self.acceptor = Some(a);
             }
         }
-        {
-            let mut sh = shard.borrow_mut();
-            sh.apply(&new);
-            sh.admin_token = new.admin_token.clone();
-        }
-        self.listeners.commit(shard, steps, self.acceptor.as_ref());
+        ctl.shared.set_port_range(port_range(&new));
+        let per_shard = self.listeners.commit(steps);
+        ctl.apply(Arc::new(new.clone()), &peer_policy(&new), self.acceptor.as_ref(), per_shard).await;
+        *ctl.admin_token.borrow_mut() = new.admin_token.clone();
+        *ctl.listener_names.borrow_mut() = self.listeners.names();
         if metrics_changed {
             if let Some((_, t)) = self.metrics.take() {
                 t.abort();
             }
             if let (Some(addr), Some(l)) = (new.metrics_listen, metrics_socket) {
-                self.metrics = Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(shard), l))));
+                self.metrics = Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(ctl), l))));
             }
         }
         (reload.set_log)(&new.log_level, new.log_json);
@@ -345,7 +438,7 @@ impl Running {
         for n in &new.notes {
             tracing::warn!("{n}");
         }
-        let n = shard.borrow().server.allocation_count();
+        let n = ctl.shared.allocations();
         tracing::info!(allocations = n, "configuration reloaded");
         self.cfg = new;
         Ok(format!("configuration reloaded; {n} allocations kept"))
@@ -355,19 +448,15 @@ impl Running {
 /// Graceful shutdown: refuse new allocations, let existing ones run until
 /// they end or `timeout` passes. A second SIGTERM or SIGINT ends it at once.
 async fn drain(
-    shard: &Rc<RefCell<Shard>>,
+    ctl: &Control,
     timeout: Duration,
     term: &mut tokio::signal::unix::Signal,
     int: &mut tokio::signal::unix::Signal,
 ) {
     systemd::notify("STOPPING=1");
-    {
-        let mut sh = shard.borrow_mut();
-        sh.draining = true;
-        sh.server.set_accepting(false);
-    }
+    ctl.drain();
     let deadline = tokio::time::Instant::now() + timeout;
-    tracing::info!(allocations = shard.borrow().server.allocation_count(), timeout_s = timeout.as_secs(), "draining: no new allocations; send SIGTERM again to stop now");
+    tracing::info!(allocations = ctl.shared.allocations(), timeout_s = timeout.as_secs(), "draining: no new allocations; send SIGTERM again to stop now");
     let mut check = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
@@ -375,12 +464,12 @@ async fn drain(
             _ = int.recv() => { tracing::info!("second signal: stopping now"); break; }
             _ = tokio::time::sleep_until(deadline) => { tracing::info!("drain timeout reached"); break; }
             _ = check.tick() => {
-                if shard.borrow().server.allocation_count() == 0 {
+                if ctl.shared.allocations() == 0 {
                     tracing::info!("all allocations ended");
                     break;
                 }
             }
         }
     }
-    tracing::info!(allocations = shard.borrow().server.allocation_count(), "shutting down");
+    tracing::info!(allocations = ctl.shared.allocations(), "shutting down");
 }

@@ -11,8 +11,9 @@ use tokio::task::JoinHandle;
 
 use super::Udp;
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
+use super::shared::Shared;
 use crate::turn::{Family, OpenError, Placement, RelayId, RelayPorts};
 
 /// Attempts at a random port before reporting the range exhausted.
@@ -51,16 +52,11 @@ pub struct RelaySockets {
     entries: Vec<Option<RelayEntry>>,
     /// Sockets opened during the last core call, whose receive task must be started.
     pub opened: Vec<RelayId>,
+    /// Sockets open on this shard.
     in_use: usize,
-    /// IPv4 ports held for reservations (EVEN-PORT with R), by port.
-    reserved: HashMap<u16, std::net::UdpSocket>,
-    /// When a relay socket last failed for want of file descriptors.
-    pub out_of_fds_at: Option<std::time::Instant>,
-    /// Descriptors relay sockets may use: the open-files limit less a reserve.
-    fd_budget: usize,
-    /// Descriptors held by TCP/TLS connections, including accepted ones
-    /// still waiting for their PROXY header (kept up to date by the shard).
-    pub stream_fds: usize,
+    /// What every shard counts: ports in use, reserved ports' sockets
+    /// (EVEN-PORT with R), descriptors.
+    shared: Arc<Shared>,
 }
 
 /// Descriptors kept free of relay sockets and TURN connections, for the
@@ -80,10 +76,6 @@ pub fn open_files_limit() -> usize {
     usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
 }
 
-/// How long after running out of file descriptors the relay reports itself
-/// not ready (so a load balancer or probe sends new sessions elsewhere).
-pub const OUT_OF_FDS_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// A random u32 from the OS CSPRNG (never a predictable sequence).
 fn random_u32() -> u32 {
     let mut b = [0u8; 4];
@@ -95,16 +87,18 @@ fn index(id: RelayId) -> usize {
     (id.0 & 0x1_FFFF_FFFF) as usize
 }
 
+/// Descriptors relay sockets and connections may use: the open-files limit
+/// less [`FD_RESERVE`].
+pub fn fd_budget() -> usize {
+    match open_files_limit() {
+        0 => usize::MAX,
+        n => n.saturating_sub(FD_RESERVE),
+    }
+}
+
 impl RelaySockets {
-    pub fn new(v4: Option<IpAddr>, v6: Option<IpAddr>, ports: (u16, u16)) -> Self {
-        RelaySockets { v4, v6, ports, entries: Vec::new(), opened: Vec::new(), in_use: 0, reserved: HashMap::new(),
-            out_of_fds_at: None,
-            fd_budget: match open_files_limit() {
-                0 => usize::MAX,
-                n => n.saturating_sub(FD_RESERVE),
-            },
-            stream_fds: 0,
-        }
+    pub fn new(v4: Option<IpAddr>, v6: Option<IpAddr>, ports: (u16, u16), shared: Arc<Shared>) -> Self {
+        RelaySockets { v4, v6, ports, entries: Vec::new(), opened: Vec::new(), in_use: 0, shared }
     }
 
     /// New relay addresses and port range apply to sockets opened from now on.
@@ -114,30 +108,19 @@ impl RelaySockets {
         self.ports = ports;
     }
 
-    /// Relay sockets open plus ports held for reservations.
+    /// Relay sockets open on every shard plus ports held for reservations.
     pub fn in_use(&self) -> usize {
-        self.in_use + self.reserved.len()
+        self.shared.relay_ports_in_use()
     }
 
     /// Starts or extends an out-of-descriptors episode, logged once.
     fn fds_exhausted(&mut self, e: &io::Error) {
-        if !self.out_of_fds() {
+        if self.shared.fds_exhausted() {
             tracing::error!(
-                error = %e, relay_sockets = self.in_use(), connections = self.stream_fds,
+                error = %e, descriptors_in_use = self.shared.fds_in_use(),
                 "out of file descriptors: new allocations get 508 and /readyz fails; raise the open-files limit (LimitNOFILE) or lower limits.total_quota"
             );
         }
-        self.out_of_fds_at = Some(std::time::Instant::now());
-    }
-
-    /// Whether new connections would eat into the descriptor reserve.
-    pub fn fds_left_for_connection(&self) -> bool {
-        self.in_use() + self.stream_fds < self.fd_budget
-    }
-
-    /// Whether a relay socket failed for want of descriptors recently.
-    pub fn out_of_fds(&self) -> bool {
-        self.out_of_fds_at.is_some_and(|t| t.elapsed() < OUT_OF_FDS_HOLD)
     }
 
     pub fn port_range_size(&self) -> usize {
@@ -202,7 +185,7 @@ impl RelaySockets {
     /// Binds a socket as `placement` asks, retrying random ports.
     fn bind_placed(&mut self, ip: IpAddr, placement: Placement) -> Result<std::net::UdpSocket, OpenError> {
         if let Placement::Reserved(port) = placement {
-            return self.reserved.remove(&port).ok_or(OpenError::Exhausted);
+            return self.shared.take_reserved(port).ok_or(OpenError::Exhausted);
         }
         let (lo, hi) = self.ports;
         let span = (hi - lo) as u32 + 1;
@@ -210,7 +193,7 @@ impl RelaySockets {
             return Err(OpenError::Exhausted);
         }
         let need = if placement == Placement::EvenReserveNext { 2 } else { 1 };
-        if self.in_use() + self.stream_fds + need > self.fd_budget {
+        if self.shared.fds_in_use() + need > self.shared.fd_budget() {
             self.fds_exhausted(&io::Error::from_raw_os_error(libc::EMFILE));
             return Err(OpenError::Exhausted);
         }
@@ -245,9 +228,7 @@ impl RelaySockets {
             };
             if placement == Placement::EvenReserveNext {
                 match Self::bind(ip, port as u16 + 1) {
-                    Ok(next) => {
-                        self.reserved.insert(port as u16 + 1, next);
-                    }
+                    Ok(next) => self.shared.hold_reserved(port as u16 + 1, next),
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
                         self.fds_exhausted(&e);
                         return Err(OpenError::Exhausted);
@@ -272,7 +253,7 @@ impl RelayPorts for RelaySockets {
         if dont_fragment && let Err(e) = set_dont_fragment(std_sock.as_raw_fd(), ip.is_ipv6(), true) {
             tracing::warn!(error = %e, "cannot set DF on a relay socket: DONT-FRAGMENT gets 420");
             if placement == Placement::EvenReserveNext && let Ok(a) = std_sock.local_addr() {
-                self.reserved.remove(&(a.port() + 1));
+                drop(self.shared.take_reserved(a.port() + 1));
             }
             return Err(OpenError::DontFragmentUnsupported);
         }
@@ -291,11 +272,12 @@ impl RelayPorts for RelaySockets {
         self.entries[i] = Some(RelayEntry { id, socket, dont_fragment, task: None });
         self.opened.push(id);
         self.in_use += 1;
+        self.shared.relay_opened();
         Ok(local)
     }
 
     fn release(&mut self, _family: Family, port: u16) {
-        self.reserved.remove(&port);
+        drop(self.shared.take_reserved(port));
     }
 
     fn close(&mut self, id: RelayId) {
@@ -307,6 +289,7 @@ impl RelayPorts for RelaySockets {
                         t.abort();
                     }
                     self.in_use -= 1;
+                    self.shared.relay_closed();
                 }
         self.opened.retain(|o| *o != id);
     }
@@ -325,7 +308,7 @@ mod tests {
         // Ten ports: random picks alone would often miss the last free ones.
         // Below the ephemeral range and the test relay range, so nothing else holds them.
         let base = 12000 + (std::process::id() % 100) as u16 * 10;
-        let mut r = RelaySockets::new(Some("127.0.0.1".parse().unwrap()), None, (base, base + 9));
+        let mut r = RelaySockets::new(Some("127.0.0.1".parse().unwrap()), None, (base, base + 9), Shared::new(1000, 10));
         let mut ports = Vec::new();
         for slot in 0..10 {
             match r.open(id(slot), Family::V4, Placement::Any, false) {

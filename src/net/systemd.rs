@@ -20,16 +20,8 @@ pub fn notify(state: &str) {
     };
 }
 
-/// Pings the watchdog from the event loop at half the configured interval,
-/// so a stuck loop stops the pings and systemd restarts the service.
-pub fn spawn_watchdog() {
-    let Some(usec) = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok()) else { return };
-    let period = Duration::from_micros(usec / 2).max(Duration::from_millis(100));
-    tokio::task::spawn_local(async move {
-        let mut iv = tokio::time::interval(period);
-        loop {
-            iv.tick().await;
-            notify("WATCHDOG=1");
-        }
-    });
+/// How often to ping the watchdog when systemd runs one: half its interval.
+pub fn watchdog_period() -> Option<Duration> {
+    let usec = std::env::var("WATCHDOG_USEC").ok()?.parse::<u64>().ok()?;
+    Some(Duration::from_micros(usec / 2).max(Duration::from_millis(100)))
 }

@@ -269,4 +269,35 @@ impl Stats {
     pub fn total_ended(&self) -> u64 {
         self.allocations_ended.iter().sum()
     }
+
+    /// Adds another core's counters to these (the sum over a relay's cores).
+    pub fn add(&mut self, o: &Stats) {
+        fn add_all<const N: usize>(a: &mut [u64; N], b: &[u64; N]) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
+        self.allocations_created += o.allocations_created;
+        add_all(&mut self.allocations_ended, &o.allocations_ended);
+        for (a, b) in self.to_peer.iter_mut().chain(self.from_peer.iter_mut()).zip(o.to_peer.iter().chain(&o.from_peer)) {
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+        }
+        self.dropped_malformed += o.dropped_malformed;
+        self.dropped_no_allocation += o.dropped_no_allocation;
+        self.dropped_no_permission += o.dropped_no_permission;
+        self.dropped_no_channel += o.dropped_no_channel;
+        self.dropped_unknown_attribute += o.dropped_unknown_attribute;
+        self.dropped_rate_limited += o.dropped_rate_limited;
+        self.dropped_amplification += o.dropped_amplification;
+        self.dropped_allocation_bandwidth += o.dropped_allocation_bandwidth;
+        self.dropped_total_bandwidth += o.dropped_total_bandwidth;
+        self.peer_refusals += o.peer_refusals;
+        self.quota_refusals += o.quota_refusals;
+        self.capacity_refusals += o.capacity_refusals;
+        add_all(&mut self.auth_failures, &o.auth_failures);
+        for (k, n) in &o.responses {
+            *self.responses.entry(*k).or_insert(0) += n;
+        }
+    }
 }

@@ -1,0 +1,205 @@
+//! Accepting TCP and TLS connections: the PROXY header when configured,
+//! SNI routing to a web server sharing port 443, the connection limits, the
+//! TLS handshake; then the stream code serves the connection.
+
+use std::cell::RefCell;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use super::shared::{ConnectionLimits, Held, Shared};
+use super::stream::{self, StreamOut};
+use super::{passthrough, Shard};
+use crate::config::Config;
+use crate::turn::FiveTuple;
+
+#[derive(Clone, Copy, Debug)]
+pub struct StreamLimits {
+    pub connections: ConnectionLimits,
+    pub ipv6_prefix: u8,
+    handshake: Duration,
+    idle: Duration,
+}
+
+pub(super) async fn accept_loop(
+    shard: Weak<RefCell<Shard>>,
+    listener: Rc<TcpListener>,
+    l: crate::config::Listener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let Ok(local) = listener.local_addr() else { return };
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(limits) = shard.upgrade().map(|s| s.borrow().limits) else { return };
+        let shard = shard.clone();
+        let tls = tls.clone();
+        let proxy = l.proxy_protocol;
+        let transport = l.transport;
+        if proxy && !l.proxy_protocol_from.iter().any(|c| c.contains(peer.ip().to_canonical())) {
+            // Only the configured load balancers may say who the client is.
+            if let Some(sh) = shard.upgrade() {
+                sh.borrow_mut().connections_refused += 1;
+            }
+            tracing::debug!(%peer, "connection closed: not from listen.proxy_protocol_from");
+            continue;
+        }
+        // A connection waiting for its PROXY header holds a descriptor before
+        // it counts as a connection: count it meanwhile, so slow headers
+        // cannot eat the descriptor reserve.
+        let waiting = if proxy {
+            match Counted::new(&shard, peer.ip(), Held::ProxyHeader) {
+                Some(w) => Some(w),
+                None => continue,
+            }
+        } else {
+            None
+        };
+        tokio::task::spawn_local(async move {
+            let client = if proxy {
+                let r = stream::proxy_source(&tcp, limits.handshake).await;
+                drop(waiting);
+                match r {
+                    Ok(Some(src)) => src,
+                    Ok(None) => peer,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "bad PROXY protocol header");
+                        return;
+                    }
+                }
+            } else {
+                peer
+            };
+            let tcp = match tls {
+                Some(_) => match route_hello(&shard, tcp, client, local, limits.handshake).await {
+                    Some(t) => t,
+                    None => return,
+                },
+                None => tcp,
+            };
+            stream::limit_kernel_unsent(&tcp);
+            let Some(stale) = shard.upgrade().map(|s| s.borrow().stale.clone()) else { return };
+            let out = StreamOut::new(tls.is_some(), stale);
+            let conn = {
+                let Some(sh) = shard.upgrade() else { return };
+                let mut sh = sh.borrow_mut();
+                match sh.stream_opened(client.ip(), transport, out.clone()) {
+                    Some(c) => c,
+                    None => {
+                        tracing::debug!(%client, "connection refused: connection limit reached");
+                        return;
+                    }
+                }
+            };
+            let tuple = FiveTuple { client, server: local, transport, conn };
+            match tls {
+                Some(acceptor) => match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls_stream)) => stream::serve(shard, tls_stream, tuple, out, limits.idle).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%client, error = %e, "TLS handshake failed");
+                        close_unused(&shard, tuple, true);
+                    }
+                    Err(_) => {
+                        tracing::debug!(%client, "TLS handshake timed out");
+                        close_unused(&shard, tuple, true);
+                    }
+                },
+                None => stream::serve(shard, tcp, tuple, out, limits.idle).await,
+            }
+        });
+    }
+}
+
+/// With `[tls.passthrough]`: peeks at the ClientHello and, for a name that
+/// is not TURN's, passes the connection to the backend ([`Counted`]
+/// counts it). Gives the connection back when
+/// TURN is to take it.
+async fn route_hello(
+    shard: &Weak<RefCell<Shard>>,
+    tcp: tokio::net::TcpStream,
+    client: SocketAddr,
+    local: SocketAddr,
+    timeout: Duration,
+) -> Option<tokio::net::TcpStream> {
+    let Some(route) = shard.upgrade().and_then(|s| s.borrow().passthrough.clone()) else { return Some(tcp) };
+    let hello = match passthrough::peek_hello(&tcp, timeout).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(%client, error = %e, "connection closed: no readable TLS ClientHello");
+            if let Some(sh) = shard.upgrade() {
+                sh.borrow_mut().tls_handshake_failures += 1;
+            }
+            return None;
+        }
+    };
+    if !passthrough::to_backend(&route, &hello) {
+        return Some(tcp);
+    }
+    let _counted = Counted::new(shard, client.ip(), Held::PassedThrough)?;
+    if let Err(e) = passthrough::serve(tcp, client, local, &route, timeout).await {
+        tracing::debug!(%client, backend = %route.backend, error = %e, "passed-through connection ended");
+    }
+    None
+}
+
+/// A connection counted against the limits shared by every shard (total
+/// and per IP) and the descriptor budget until dropped: a TLS connection
+/// passed through to the web server, or one still reading its PROXY header.
+struct Counted {
+    shared: Arc<Shared>,
+    key: IpAddr,
+    held: Held,
+}
+
+impl Counted {
+    /// None (the connection is to be closed) when a limit is reached; the
+    /// shard counts the refusal.
+    fn new(shard: &Weak<RefCell<Shard>>, source: IpAddr, held: Held) -> Option<Self> {
+        let sh = shard.upgrade()?;
+        let mut sh = sh.borrow_mut();
+        let key = stream::per_ip_key(source, sh.limits.ipv6_prefix);
+        if !sh.shared.admit(key, sh.limits.connections, held) {
+            sh.connections_refused += 1;
+            tracing::debug!(client = %source, "connection refused: connection limit reached");
+            return None;
+        }
+        Some(Counted { shared: sh.shared.clone(), key, held })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.shared.release(self.key, self.held);
+    }
+}
+
+fn close_unused(shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, handshake_failed: bool) {
+    if let Some(sh) = shard.upgrade() {
+        let mut sh = sh.borrow_mut();
+        sh.tls_handshake_failures += handshake_failed as u64;
+        sh.stream_closed(tuple);
+    }
+}
+
+impl From<&Config> for StreamLimits {
+    fn from(cfg: &Config) -> Self {
+        StreamLimits {
+            connections: ConnectionLimits { max_total: cfg.max_connections, max_per_ip: cfg.max_connections_per_ip },
+            ipv6_prefix: cfg.ipv6_prefix_per_ip,
+            handshake: Duration::from_secs(cfg.tls_handshake_timeout as u64),
+            idle: Duration::from_secs(cfg.idle_timeout as u64),
+        }
+    }
+}
+

@@ -1,0 +1,168 @@
+//! The shards as the rest of the process sees them: their threads, and the
+//! fan-out of everything that concerns all of them. A start or reload is
+//! applied to every shard (what can fail was done before: see
+//! [`super::lifecycle`]); a scrape sums their snapshots; the admin API's
+//! sessions and disconnect go to each; the systemd watchdog is fed only
+//! while every shard's event loop answers.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::TlsAcceptor;
+
+use super::sessions::Selector;
+use super::shard::{self, Apply, Command, Step};
+use super::shared::Shared;
+use crate::auth::NonceKey;
+use crate::config::Config;
+use crate::metrics::Snapshot;
+use crate::turn::PeerPolicy;
+
+/// How long a scrape or an admin request waits for a shard.
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+/// How the admin API asks the main loop to reload; it answers on the oneshot.
+pub(crate) type ReloadSender = mpsc::UnboundedSender<oneshot::Sender<Result<String, String>>>;
+
+pub struct Control {
+    inboxes: Vec<mpsc::UnboundedSender<Command>>,
+    pub shared: Arc<Shared>,
+    /// The admin API's bearer token; replaced on reload.
+    pub admin_token: RefCell<Option<String>>,
+    /// "udp 0.0.0.0:3478" and so on, for status.
+    pub listener_names: RefCell<Vec<String>>,
+    pub reload_tx: ReloadSender,
+}
+
+impl Control {
+    /// Starts `cfg.threads` shard threads, with no listener yet.
+    pub fn start(cfg: &Config, policy: &PeerPolicy, shared: Arc<Shared>, reload_tx: ReloadSender) -> anyhow::Result<Control> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).expect("the OS random generator is available");
+        // One nonce key for all: a nonce handed out by one shard is good on
+        // another (a client's TCP and UDP legs may land on different ones).
+        let nonce_key = NonceKey::new(key, cfg.nonce_lifetime);
+        let cfg = Arc::new(cfg.clone());
+        let mut inboxes = Vec::new();
+        for index in 0..cfg.threads {
+            let (tx, inbox) = mpsc::unbounded_channel();
+            let (started_tx, started) = std::sync::mpsc::channel();
+            let spawn = shard::Spawn { index, cfg: cfg.clone(), shared: shared.clone(), nonce_key: nonce_key.clone(), policy: policy.clone(), inbox };
+            std::thread::Builder::new()
+                .name(format!("turnd-shard-{index}"))
+                .spawn(move || shard::run(spawn, started_tx))
+                .map_err(|e| anyhow::anyhow!("cannot start shard thread {index}: {e}"))?;
+            match started.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => anyhow::bail!("cannot start the runtime of shard {index}: {e}"),
+                Err(_) => anyhow::bail!("shard {index} ended at start"),
+            }
+            inboxes.push(tx);
+        }
+        Ok(Control { inboxes, shared, admin_token: RefCell::new(cfg.admin_token.clone()), listener_names: RefCell::default(), reload_tx })
+    }
+
+    /// Sends a command to every shard.
+    pub fn tell_all(&self, make: impl Fn() -> Command) {
+        for tx in &self.inboxes {
+            let _ = tx.send(make());
+        }
+    }
+
+    /// Asks every shard and waits for each answer up to `wait`; `None` for
+    /// a shard that did not answer in time.
+    async fn ask_all<T>(&self, make: impl Fn(oneshot::Sender<T>) -> Command, wait: Duration) -> Vec<Option<T>> {
+        let mut pending = Vec::with_capacity(self.inboxes.len());
+        for tx in &self.inboxes {
+            let (otx, orx) = oneshot::channel();
+            let _ = tx.send(make(otx));
+            pending.push(orx);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut out = Vec::with_capacity(pending.len());
+        for (i, rx) in pending.into_iter().enumerate() {
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(v)) => out.push(Some(v)),
+                _ => {
+                    tracing::warn!(shard = i, "shard did not answer in time");
+                    out.push(None);
+                }
+            }
+        }
+        out
+    }
+
+    /// Applies settings and listener changes to every shard (`steps[i]` to
+    /// shard i) and waits until each has.
+    pub async fn apply(&self, cfg: Arc<Config>, policy: &PeerPolicy, acceptor: Option<&TlsAcceptor>, steps: Vec<Vec<Step>>) {
+        let mut waits = Vec::new();
+        for (tx, steps) in self.inboxes.iter().zip(steps) {
+            let (done, wait) = oneshot::channel();
+            let a = Apply { cfg: cfg.clone(), policy: policy.clone(), acceptor: acceptor.cloned(), steps, done };
+            let _ = tx.send(Command::Apply(Box::new(a)));
+            waits.push(wait);
+        }
+        for (i, w) in waits.into_iter().enumerate() {
+            if tokio::time::timeout(ANSWER_WAIT, w).await.is_err() {
+                tracing::warn!(shard = i, "shard is slow to apply the configuration");
+            }
+        }
+    }
+
+    /// The metrics of every shard, summed.
+    pub async fn snapshot(&self) -> Snapshot {
+        let mut sum = Snapshot::default();
+        for s in self.ask_all(Command::Snapshot, ANSWER_WAIT).await.iter().flatten() {
+            sum.add(s);
+        }
+        sum.relay_ports_in_use = self.shared.relay_ports_in_use() as u64;
+        sum.relay_ports_total = self.shared.port_range() as u64;
+        sum.uptime_seconds = self.shared.started.elapsed().as_secs();
+        sum.draining = self.shared.draining();
+        sum
+    }
+
+    /// Every allocation, as the admin API lists them.
+    pub async fn sessions(&self) -> Vec<serde_json::Value> {
+        self.ask_all(Command::Sessions, ANSWER_WAIT).await.into_iter().flatten().flatten().collect()
+    }
+
+    /// Ends the allocations `sel` selects on every shard; how many.
+    pub async fn disconnect(&self, sel: Selector) -> usize {
+        let sel = Arc::new(sel);
+        self.ask_all(|tx| Command::Disconnect(sel.clone(), tx), ANSWER_WAIT).await.into_iter().flatten().sum()
+    }
+
+    /// Allocations made through UDP listener group `conn` on every shard;
+    /// `None` when a shard did not say.
+    pub async fn udp_allocations(&self, conn: u32) -> Option<usize> {
+        self.ask_all(|tx| Command::UdpAllocations(conn, tx), ANSWER_WAIT).await.into_iter().sum()
+    }
+
+    /// Whether every shard's event loop answers within `wait`.
+    pub async fn alive(&self, wait: Duration) -> bool {
+        self.ask_all(Command::Ping, wait).await.iter().all(Option::is_some)
+    }
+
+    /// Graceful shutdown: every shard refuses new allocations.
+    pub fn drain(&self) {
+        self.shared.set_draining();
+        self.tell_all(|| Command::Drain);
+    }
+
+    /// Why the relay cannot take new allocations, if it cannot.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        let s = &self.shared;
+        if s.draining() {
+            Some("draining: shutting down")
+        } else if s.relay_ports_in_use() >= s.port_range() {
+            Some("no relay port free")
+        } else if s.out_of_fds() {
+            Some("out of file descriptors: raise the open-files limit")
+        } else {
+            None
+        }
+    }
+}

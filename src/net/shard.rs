@@ -1,0 +1,630 @@
+//! A shard: one thread with a tokio current-thread runtime, its own sans-IO
+//! [`Server`], its listener sockets (one of each SO_REUSEPORT group), its
+//! relay sockets and its TCP/TLS connections. Every packet is handled on
+//! the shard whose socket received it, with no lock and no hop to another
+//! thread.
+//!
+//! Tasks for each socket wait for readiness, then borrow the shard and
+//! drain what is queued with recvmmsg. Datagrams to UDP clients are written
+//! straight into a per-listener send batch and leave with one sendmmsg when
+//! the tasks woken together have run. Nothing is awaited while the shard is
+//! borrowed, and packets live in buffers allocated once: no allocation per
+//! packet. The process around the shards ([`super::control`]) talks to each
+//! through its [`Command`] inbox.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use super::accept::{accept_loop, StreamLimits};
+use super::batch::{self, PeerSends, RecvBatch, SendBatch};
+use super::events::{log_event, WarnLimiter};
+use super::relay::RelaySockets;
+use super::sessions::{session, Selector};
+use super::shared::{Held, Shared, SharedLedger};
+use super::sockets::{register_udp, Udp};
+use super::stream::{self, StreamOut};
+use crate::auth::{Authenticator, NonceKey};
+use crate::config::{Config, Listener};
+use crate::turn::{FiveTuple, Now, Output, PeerPolicy, RelayId, Server, Transport};
+
+/// Largest message on a TCP/TLS stream (a STUN message or padded ChannelData).
+pub const MAX_DATAGRAM: usize = 65_535;
+/// Room for the Data indication header added around peer data.
+const OUT_HEADROOM: usize = 64;
+/// Deadlines handled before the timer task lets other tasks run.
+const EXPIRE_BATCH: usize = 256;
+
+/// What the process asks of a shard.
+pub enum Command {
+    /// Settings and listener changes of a start or a reload; `done` when applied.
+    Apply(Box<Apply>),
+    Snapshot(oneshot::Sender<crate::metrics::Snapshot>),
+    Sessions(oneshot::Sender<Vec<serde_json::Value>>),
+    Disconnect(Arc<Selector>, oneshot::Sender<usize>),
+    /// Allocations made through UDP listener group `conn`.
+    UdpAllocations(u32, oneshot::Sender<usize>),
+    /// Closes retired UDP listener group `conn` (no shard has allocations on it).
+    CloseUdp(u32),
+    /// Refuse new allocations (graceful shutdown).
+    Drain,
+    /// Answered by a live event loop (the systemd watchdog asks).
+    Ping(oneshot::Sender<()>),
+}
+
+pub struct Apply {
+    pub cfg: Arc<Config>,
+    pub policy: PeerPolicy,
+    /// Serves the TLS listeners started or changed from now on.
+    pub acceptor: Option<TlsAcceptor>,
+    pub steps: Vec<Step>,
+    pub done: oneshot::Sender<()>,
+}
+
+/// One change to a shard's listeners; a listener group has the same id on
+/// every shard.
+pub enum Step {
+    AddUdp(u32, std::net::UdpSocket),
+    /// Removed by a reload: serve only the allocations made through it.
+    RetireUdp(u32),
+    /// Added again while retiring: serve everyone.
+    ReviveUdp(u32),
+    AddStream(u32, std::net::TcpListener, Listener),
+    /// Same socket, other settings (PROXY protocol, TCP became TLS).
+    ChangeStream(u32, Listener),
+    RemoveStream(u32),
+}
+
+/// A UDP listener and the datagrams queued for its clients.
+struct UdpListener {
+    socket: Rc<Udp>,
+    out: SendBatch,
+    /// Removed by a reload: serves only the allocations made through it,
+    /// and closes when they have ended.
+    retiring: bool,
+    task: JoinHandle<()>,
+}
+
+impl Drop for UdpListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct StreamListener {
+    socket: Rc<TcpListener>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for StreamListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct Shard {
+    pub index: usize,
+    pub server: Server,
+    pub relays: RelaySockets,
+    pub shared: Arc<Shared>,
+    /// UDP listeners by `conn` (the id of their group); `None` when closed.
+    udp: Vec<Option<UdpListener>>,
+    /// TCP/TLS listeners by the id of their group.
+    stream_listeners: HashMap<u32, StreamListener>,
+    acceptor: Option<TlsAcceptor>,
+    /// Wakes the task that flushes the listeners' send batches.
+    flush: Rc<Notify>,
+    /// TCP/TLS connections by the `conn` of their 5-tuple.
+    streams: Vec<Option<Rc<StreamOut>>>,
+    free_streams: Vec<u32>,
+    connections: [u64; 3],
+    pub limits: StreamLimits,
+    /// SNI routing on TLS listeners (`[tls.passthrough]`), replaced on reload.
+    pub passthrough: Option<Rc<crate::config::Passthrough>>,
+    nonce_key: NonceKey,
+    pub tls_handshake_failures: u64,
+    pub connections_refused: u64,
+    warnings: WarnLimiter,
+    /// Receive buffers shared by the UDP tasks (one runs at a time).
+    rx_batch: Rc<RefCell<RecvBatch>>,
+    tx: Box<[u8]>,
+    /// Client datagrams of the batch being handled, on their way to peers.
+    to_peers: PeerSends,
+    pub send_failures: u64,
+    /// Wakes the timer task when the core filed an earlier deadline.
+    timer: Rc<Notify>,
+    /// Media dropped toward TCP/TLS clients for being too old.
+    pub stale: Rc<stream::StaleDrops>,
+    this: Weak<RefCell<Shard>>,
+}
+
+impl Shard {
+    /// A datagram from a client on UDP listener `conn`.
+    fn on_client(&mut self, conn: u32, local: SocketAddr, from: SocketAddr, pkt: &[u8], now: Now) {
+        let tuple = FiveTuple { client: from, server: local, transport: Transport::Udp, conn };
+        let Shard { server, relays, udp, send_failures, flush, to_peers, .. } = self;
+        let Some(Some(l)) = udp.get_mut(conn as usize) else { return };
+        if l.retiring && !server.has_allocation(&tuple) {
+            server.stats.dropped_no_allocation += 1;
+            return;
+        }
+        if l.out.is_full() {
+            let (_, dropped) = l.out.flush(l.socket.get_ref().as_raw_fd());
+            *send_failures += dropped as u64;
+        }
+        match server.handle_client(tuple, pkt, now, l.out.slot(), relays) {
+            Output::None => {}
+            Output::Reply(b) => {
+                let n = b.len();
+                if l.out.is_empty() {
+                    flush.notify_one();
+                }
+                l.out.commit(n, from);
+            }
+            Output::Relay { relay, peer, data, dont_fragment: true } => {
+                // DF asked for this datagram alone: after what is queued, on its own.
+                let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+                *send_failures += dropped as u64 + !relays.send(relay, peer, data, true) as u64;
+            }
+            Output::Relay { relay, peer, data, .. } => {
+                if to_peers.is_full() {
+                    let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+                    *send_failures += dropped as u64;
+                }
+                // SAFETY: `data` lies in `pkt`, in the receive batch that
+                // recv_loop holds borrowed until it has called flush_to_peers
+                // (and it clears the queue before receiving again).
+                unsafe { to_peers.push(relay, peer, data) };
+            }
+        }
+        if server.has_events() || !relays.opened.is_empty() {
+            self.after_control();
+        }
+    }
+
+    /// A datagram from a peer on relay socket `id`.
+    #[inline]
+    fn on_peer(&mut self, id: RelayId, from: SocketAddr, data: &[u8], now: std::time::Instant) {
+        let Shard { server, udp, streams, tx, send_failures, flush, .. } = self;
+        // Where the answer goes decides where the core writes it: straight into
+        // the listener's send batch for UDP clients.
+        let Some(tuple) = server.client_of(id) else {
+            server.stats.dropped_no_allocation += 1;
+            return;
+        };
+        match tuple.transport {
+            Transport::Udp => {
+                let Some(Some(l)) = udp.get_mut(tuple.conn as usize) else {
+                    *send_failures += 1;
+                    return;
+                };
+                if l.out.is_full() {
+                    let (_, dropped) = l.out.flush(l.socket.get_ref().as_raw_fd());
+                    *send_failures += dropped as u64;
+                }
+                if let Some((_, bytes)) = server.handle_peer(id, from, data, now, l.out.slot()) {
+                    let n = bytes.len();
+                    if l.out.is_empty() {
+                        flush.notify_one();
+                    }
+                    l.out.commit(n, tuple.client);
+                }
+            }
+            Transport::Tcp | Transport::Tls => {
+                if let Some((_, bytes)) = server.handle_peer(id, from, data, now, tx) {
+                    match streams.get(tuple.conn as usize) {
+                        Some(Some(out)) if out.push(bytes, true, now) => {}
+                        _ => *send_failures += 1,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the client datagrams of the batch just handled to their peers.
+    fn flush_to_peers(&mut self) {
+        if !self.to_peers.is_empty() {
+            let Shard { relays, to_peers, .. } = self;
+            let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+            self.send_failures += dropped as u64;
+        }
+    }
+
+    /// Sends every queued datagram to UDP clients.
+    fn flush_udp(&mut self) {
+        for l in self.udp.iter_mut().flatten() {
+            if !l.out.is_empty() {
+                let (_, dropped) = l.out.flush(l.socket.get_ref().as_raw_fd());
+                self.send_failures += dropped as u64;
+            }
+        }
+    }
+
+    /// One framed message from a TCP/TLS client.
+    pub fn on_stream(&mut self, tuple: FiveTuple, msg: &[u8]) {
+        let Shard { server, relays, streams, tx, send_failures, .. } = self;
+        match server.handle_client(tuple, msg, Now::system(), tx, relays) {
+            Output::None => {}
+            Output::Reply(b) => match streams.get(tuple.conn as usize) {
+                Some(Some(out)) if out.push(b, false, std::time::Instant::now()) => {}
+                _ => *send_failures += 1,
+            },
+            Output::Relay { relay, peer, data, dont_fragment } => {
+                if !relays.send(relay, peer, data, dont_fragment) {
+                    *send_failures += 1;
+                }
+            }
+        }
+        self.after_control();
+    }
+
+    /// Registers a new connection if the limits shared by every shard
+    /// allow; returns its conn id.
+    pub fn stream_opened(&mut self, client: IpAddr, transport: Transport, out: Rc<StreamOut>) -> Option<u32> {
+        let key = stream::per_ip_key(client, self.limits.ipv6_prefix);
+        if !self.shared.admit(key, self.limits.connections, Held::Connection) {
+            self.connections_refused += 1;
+            return None;
+        }
+        out.ip_key.set(key);
+        self.connections[transport as usize] += 1;
+        let conn = match self.free_streams.pop() {
+            Some(c) => {
+                self.streams[c as usize] = Some(out);
+                c
+            }
+            None => {
+                self.streams.push(Some(out));
+                (self.streams.len() - 1) as u32
+            }
+        };
+        Some(conn)
+    }
+
+    pub fn stream_closed(&mut self, tuple: FiveTuple) {
+        if let Some(slot) = self.streams.get_mut(tuple.conn as usize)
+            && let Some(out) = slot.take() {
+                self.free_streams.push(tuple.conn);
+                self.connections[tuple.transport as usize] -= 1;
+                self.shared.release(out.ip_key.get(), Held::Connection);
+            }
+        let Shard { server, relays, .. } = self;
+        server.connection_closed(&tuple, std::time::Instant::now(), relays);
+        self.after_control();
+    }
+
+    /// Starts receive tasks for relay sockets the core just opened, and logs events.
+    pub(crate) fn after_control(&mut self) {
+        while let Some(id) = self.relays.opened.pop() {
+            if let Some(e) = self.relays.get(id) {
+                let task = tokio::task::spawn_local(relay_loop(self.this.clone(), id, e.socket.clone(), self.rx_batch.clone()));
+                self.relays.set_task(id, task);
+            }
+        }
+        while let Some(e) = self.server.poll_event() {
+            log_event(&e, &mut self.warnings);
+        }
+        if self.server.take_timer_moved() {
+            self.timer.notify_one();
+        }
+    }
+
+    /// This shard's part of a metrics scrape (the process sums the shards).
+    fn snapshot(&self) -> crate::metrics::Snapshot {
+        let mut by: HashMap<(Transport, &'static str), u64> = HashMap::new();
+        for a in self.server.allocations() {
+            let fam = match (a.v4.is_some(), a.v6.is_some()) {
+                (true, true) => "dual",
+                (false, true) => "ipv6",
+                _ => "ipv4",
+            };
+            *by.entry((a.tuple.transport, fam)).or_insert(0) += 1;
+        }
+        crate::metrics::Snapshot {
+            stats: self.server.stats.clone(),
+            allocations: by.into_iter().collect(),
+            connections: self.connections,
+            tls_handshake_failures: self.tls_handshake_failures,
+            connections_refused: self.connections_refused,
+            send_failures: self.send_failures,
+            stale_media: self.stale.messages.get(),
+            shards: vec![crate::metrics::ShardCounts {
+                allocations: self.server.allocation_count() as u64,
+                connections: self.connections.iter().sum(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Applies a configuration to the core. Existing allocations stay.
+    fn apply(&mut self, a: Apply) {
+        let cfg = &a.cfg;
+        let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, self.nonce_key.clone());
+        self.server.reconfigure(core_config(cfg), auth, a.policy);
+        self.relays.reconfigure(cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local), cfg.ports);
+        self.limits = StreamLimits::from(&**cfg);
+        self.passthrough = cfg.passthrough.clone().map(Rc::new);
+        if a.acceptor.is_some() {
+            self.acceptor = a.acceptor;
+        }
+        let Some(shard) = self.this.upgrade() else { return };
+        for step in a.steps {
+            self.step(&shard, step);
+        }
+        let _ = a.done.send(());
+    }
+
+    fn step(&mut self, shard: &Rc<RefCell<Shard>>, step: Step) {
+        match step {
+            Step::AddUdp(conn, socket) => match register_udp(socket) {
+                Ok(s) => {
+                    let s = Rc::new(s);
+                    let out = SendBatch::for_socket(s.get_ref().as_raw_fd());
+                    let task = tokio::task::spawn_local(listener_loop(Rc::downgrade(shard), conn, s.clone(), self.rx_batch.clone()));
+                    let i = conn as usize;
+                    if self.udp.len() <= i {
+                        self.udp.resize_with(i + 1, || None);
+                    }
+                    self.udp[i] = Some(UdpListener { socket: s, out, retiring: false, task });
+                }
+                Err(e) => tracing::error!(shard = self.index, error = %e, "cannot serve a UDP listener socket"),
+            },
+            Step::RetireUdp(conn) | Step::ReviveUdp(conn) => {
+                if let Some(Some(l)) = self.udp.get_mut(conn as usize) {
+                    l.retiring = matches!(step, Step::RetireUdp(_));
+                }
+            }
+            Step::AddStream(id, socket, l) => match TcpListener::from_std(socket) {
+                Ok(s) => {
+                    let s = Rc::new(s);
+                    let task = self.spawn_accept(shard, s.clone(), &l);
+                    self.stream_listeners.insert(id, StreamListener { socket: s, task });
+                }
+                Err(e) => tracing::error!(shard = self.index, error = %e, "cannot serve a TCP listener socket"),
+            },
+            Step::ChangeStream(id, l) => {
+                if let Some(s) = self.stream_listeners.get(&id).map(|sl| sl.socket.clone()) {
+                    let task = self.spawn_accept(shard, s.clone(), &l);
+                    // Dropping the old one aborts its accept loop.
+                    self.stream_listeners.insert(id, StreamListener { socket: s, task });
+                }
+            }
+            Step::RemoveStream(id) => {
+                self.stream_listeners.remove(&id);
+            }
+        }
+    }
+
+    fn spawn_accept(&self, shard: &Rc<RefCell<Shard>>, s: Rc<TcpListener>, l: &Listener) -> JoinHandle<()> {
+        let tls = if l.transport == Transport::Tls { self.acceptor.clone() } else { None };
+        tokio::task::spawn_local(accept_loop(Rc::downgrade(shard), s, l.clone(), tls))
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Apply(a) => self.apply(*a),
+            Command::Snapshot(tx) => {
+                let _ = tx.send(self.snapshot());
+            }
+            Command::Sessions(tx) => {
+                let now = std::time::Instant::now();
+                let _ = tx.send(self.server.allocations().map(|a| session(a, now, self.index)).collect());
+            }
+            Command::Disconnect(sel, tx) => {
+                let Shard { server, relays, .. } = self;
+                let n = server.disconnect(|a| sel.matches(a), std::time::Instant::now(), relays);
+                self.after_control();
+                let _ = tx.send(n);
+            }
+            Command::UdpAllocations(conn, tx) => {
+                let n = self.server.allocations().filter(|a| a.tuple.transport == Transport::Udp && a.tuple.conn == conn).count();
+                let _ = tx.send(n);
+            }
+            Command::CloseUdp(conn) => {
+                if let Some(slot) = self.udp.get_mut(conn as usize) {
+                    *slot = None;
+                }
+            }
+            Command::Drain => self.server.set_accepting(false),
+            Command::Ping(tx) => {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Expires what the core has due, a bounded batch at a time; returns
+    /// whether more is due.
+    fn expire_due(&mut self) -> bool {
+        let Shard { server, relays, .. } = self;
+        let more = server.expire(std::time::Instant::now(), relays, EXPIRE_BATCH);
+        self.after_control();
+        more
+    }
+
+    /// A shard with no listener yet, and its flush and timer tasks. Must
+    /// run inside a `LocalSet`.
+    fn start(index: usize, cfg: &Config, shared: Arc<Shared>, nonce_key: NonceKey, policy: PeerPolicy) -> Rc<RefCell<Shard>> {
+        let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, nonce_key.clone());
+        let relays = RelaySockets::new(cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local), cfg.ports, shared.clone());
+        let ledger = Box::new(SharedLedger(shared.clone()));
+        let flush = Rc::new(Notify::new());
+        let shard = Rc::new_cyclic(|this| {
+            RefCell::new(Shard {
+                index,
+                server: Server::with_ledger(core_config(cfg), auth, policy, ledger),
+                relays,
+                shared,
+                udp: Vec::new(),
+                stream_listeners: HashMap::new(),
+                acceptor: None,
+                streams: Vec::new(),
+                free_streams: Vec::new(),
+                connections: [0; 3],
+                limits: StreamLimits::from(cfg),
+                passthrough: cfg.passthrough.clone().map(Rc::new),
+                nonce_key,
+                tls_handshake_failures: 0,
+                connections_refused: 0,
+                warnings: WarnLimiter::new(),
+                rx_batch: Rc::new(RefCell::new(RecvBatch::new())),
+                flush: flush.clone(),
+                tx: vec![0u8; MAX_DATAGRAM + OUT_HEADROOM].into_boxed_slice(),
+                to_peers: PeerSends::new(batch::gso_available()),
+                send_failures: 0,
+                timer: Rc::new(Notify::new()),
+                stale: stream::StaleDrops::new(),
+                this: this.clone(),
+            })
+        });
+        tokio::task::spawn_local(flush_loop(Rc::downgrade(&shard), flush));
+        let timer = shard.borrow().timer.clone();
+        tokio::task::spawn_local(timer_loop(Rc::downgrade(&shard), timer));
+        shard
+    }
+}
+
+/// The core's settings for one of `cfg.threads` shards: the relay's total
+/// bandwidth cap is split evenly between them (each relays its own clients).
+fn core_config(cfg: &Config) -> crate::turn::ServerConfig {
+    let mut core = cfg.core.clone();
+    if core.total_bytes_per_second > 0 {
+        core.total_bytes_per_second = core.total_bytes_per_second.div_ceil(cfg.threads.max(1) as u64);
+    }
+    core
+}
+
+/// What a shard thread starts from.
+pub struct Spawn {
+    pub index: usize,
+    pub cfg: Arc<Config>,
+    pub shared: Arc<Shared>,
+    pub nonce_key: NonceKey,
+    pub policy: PeerPolicy,
+    pub inbox: mpsc::UnboundedReceiver<Command>,
+}
+
+/// Runs shard `s.index` on this thread until its inbox closes. Says on
+/// `started` whether its runtime could be built.
+pub fn run(s: Spawn, started: std::sync::mpsc::Sender<std::io::Result<()>>) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = started.send(Err(e));
+            return;
+        }
+    };
+    let _ = started.send(Ok(()));
+    let local = tokio::task::LocalSet::new();
+    let Spawn { index, cfg, shared, nonce_key, policy, mut inbox } = s;
+    local.block_on(&rt, async move {
+        let shard = Shard::start(index, &cfg, shared, nonce_key, policy);
+        drop(cfg);
+        while let Some(c) = inbox.recv().await {
+            shard.borrow_mut().command(c);
+        }
+    });
+}
+
+/// Waits for datagrams on `socket`, receives them in batches and hands each
+/// to `on` with the shard borrowed. Ends when the socket or the shard goes.
+async fn recv_loop<T: Copy>(
+    shard: Weak<RefCell<Shard>>,
+    socket: Rc<Udp>,
+    rx: Rc<RefCell<RecvBatch>>,
+    now: impl Fn() -> T,
+    on: impl Fn(&mut Shard, SocketAddr, &[u8], T),
+) {
+    let fd = socket.get_ref().as_raw_fd();
+    loop {
+        let Ok(mut guard) = socket.readable().await else { return };
+        let full = {
+            let Some(shard) = shard.upgrade() else { return };
+            let mut sh = shard.borrow_mut();
+            let mut rb = rx.borrow_mut();
+            // Nothing queued may point into `rb` once it receives again (only
+            // a batch cut short by a panic could have left something).
+            sh.to_peers.clear();
+            // Errors (an ICMP error queued by an earlier send) surface once; go on.
+            let n = rb.recv(fd).unwrap_or(0);
+            let t = now();
+            for i in 0..n {
+                match rb.get(i) {
+                    // One datagram, or a GRO run of them: each goes on alone.
+                    Some((from, data, seg)) => {
+                        for d in data.chunks(seg) {
+                            on(&mut sh, from, d, t);
+                        }
+                    }
+                    None => sh.server.stats.dropped_malformed += 1,
+                }
+            }
+            // Before `rb` can receive again: datagrams queued for peers point into it.
+            sh.flush_to_peers();
+            n == batch::BATCH
+        };
+        if full {
+            // More is queued: let the other sockets (and the flush) have a
+            // turn before the next batch, so one busy socket cannot starve them.
+            drop(guard);
+            tokio::task::yield_now().await;
+        } else {
+            // A short batch drained the queue; a new datagram re-arms readiness.
+            guard.clear_ready();
+        }
+    }
+}
+
+/// A UDP listener: STUN, TURN control and ChannelData from clients.
+async fn listener_loop(shard: Weak<RefCell<Shard>>, conn: u32, socket: Rc<Udp>, rx: Rc<RefCell<RecvBatch>>) {
+    let Ok(local) = socket.get_ref().local_addr() else { return };
+    recv_loop(shard, socket, rx, Now::system, move |sh, from, pkt, now| sh.on_client(conn, local, from, pkt, now)).await
+}
+
+/// A relay socket: datagrams from peers.
+async fn relay_loop(shard: Weak<RefCell<Shard>>, id: RelayId, socket: Rc<Udp>, rx: Rc<RefCell<RecvBatch>>) {
+    recv_loop(shard, socket, rx, std::time::Instant::now, move |sh, from, data, now| sh.on_peer(id, from, data, now)).await
+}
+
+/// Sleeps until the core's next deadline (or until it files an earlier
+/// one), then lets it expire what is due, in batches.
+async fn timer_loop(shard: Weak<RefCell<Shard>>, moved: Rc<Notify>) {
+    loop {
+        let next = match shard.upgrade() {
+            Some(s) => s.borrow().server.poll_timeout(),
+            None => return,
+        };
+        match next {
+            Some(at) => tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => {}
+                _ = moved.notified() => continue,
+            },
+            None => {
+                moved.notified().await;
+                continue;
+            }
+        }
+        let Some(s) = shard.upgrade() else { return };
+        let more = s.borrow_mut().expire_due();
+        drop(s);
+        if more {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Flushes the UDP send batches after the tasks woken together have queued.
+async fn flush_loop(shard: Weak<RefCell<Shard>>, notify: Rc<Notify>) {
+    loop {
+        notify.notified().await;
+        let Some(sh) = shard.upgrade() else { return };
+        sh.borrow_mut().flush_udp();
+    }
+}

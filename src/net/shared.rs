@@ -1,0 +1,301 @@
+//! What the shards of one relay share: the allocation quotas and EVEN-PORT
+//! reservations (the core's [`Ledger`]), the sockets holding reserved ports,
+//! the TCP/TLS connection limits, the open-files budget and whether the
+//! relay is draining.
+//!
+//! Everything here is touched when an allocation or a connection starts or
+//! ends, never per packet: a mutex is cheap at that rate, and keeps the
+//! limits exact however many shards count at once.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::turn::ledger::{expire_from, give_back_to, take_from};
+use crate::turn::{Ledger, QuotaRefusal, Reservation};
+
+/// How long after running out of file descriptors the relay reports itself
+/// not ready (so a load balancer or probe sends new sessions elsewhere).
+pub const OUT_OF_FDS_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Default)]
+struct Quotas {
+    total: usize,
+    per_user: HashMap<Box<str>, u32>,
+    reservations: HashMap<[u8; 8], Reservation>,
+}
+
+#[derive(Default)]
+struct Connections {
+    /// Connections counted against `limits.max_connections`.
+    total: usize,
+    /// Connections by [`super::stream::per_ip_key`].
+    per_ip: HashMap<IpAddr, u32>,
+}
+
+/// What a counted connection holds (see [`Shared::admit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// A TCP/TLS client connection: one descriptor, one connection.
+    Connection,
+    /// A TLS connection passed through to the web server: two descriptors
+    /// (the client's and the backend's), one connection.
+    PassedThrough,
+    /// An accepted connection still reading its PROXY header: one descriptor,
+    /// counted per IP of its TCP source, not yet a connection.
+    ProxyHeader,
+}
+
+impl Held {
+    fn fds(self) -> usize {
+        if self == Held::PassedThrough { 2 } else { 1 }
+    }
+
+    fn is_connection(self) -> bool {
+        self != Held::ProxyHeader
+    }
+}
+
+/// Connection limits as configured (0 = unlimited).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    pub max_total: u32,
+    pub max_per_ip: u32,
+}
+
+pub struct Shared {
+    quotas: Mutex<Quotas>,
+    /// Sockets holding ports reserved by EVEN-PORT's R bit, by port: the
+    /// shard that claims the token may not be the one that reserved it.
+    reserved: Mutex<HashMap<u16, std::net::UdpSocket>>,
+    connections: Mutex<Connections>,
+    /// Relay sockets open on every shard (reserved ports not included).
+    relay_sockets: AtomicUsize,
+    /// Descriptors held by TCP/TLS connections on every shard.
+    stream_fds: AtomicUsize,
+    /// Descriptors relay sockets and connections may use: the open-files
+    /// limit less a reserve.
+    fd_budget: usize,
+    out_of_fds_at: Mutex<Option<Instant>>,
+    /// Ports in the relay range (changed by a reload).
+    port_range: AtomicUsize,
+    draining: AtomicBool,
+    pub started: Instant,
+}
+
+/// A poisoned lock only means another shard panicked while holding it; the
+/// counts inside are still whole (every update is a single step).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn new(fd_budget: usize, port_range: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            quotas: Mutex::default(),
+            reserved: Mutex::default(),
+            connections: Mutex::default(),
+            relay_sockets: AtomicUsize::new(0),
+            stream_fds: AtomicUsize::new(0),
+            fd_budget,
+            out_of_fds_at: Mutex::new(None),
+            port_range: AtomicUsize::new(port_range),
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+        })
+    }
+
+    /// Allocations on every shard.
+    pub fn allocations(&self) -> usize {
+        lock(&self.quotas).total
+    }
+
+    pub fn set_port_range(&self, n: usize) {
+        self.port_range.store(n, Ordering::Relaxed);
+    }
+
+    pub fn port_range(&self) -> usize {
+        self.port_range.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Relay ports in use on every shard: open sockets and reserved ports.
+    pub fn relay_ports_in_use(&self) -> usize {
+        self.relay_sockets.load(Ordering::Relaxed) + lock(&self.reserved).len()
+    }
+
+    pub fn relay_opened(&self) {
+        self.relay_sockets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn relay_closed(&self) {
+        self.relay_sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Holds `socket` for a reserved port until it is claimed or released.
+    pub fn hold_reserved(&self, port: u16, socket: std::net::UdpSocket) {
+        lock(&self.reserved).insert(port, socket);
+    }
+
+    /// The socket of a reserved port, taken out (claimed, or dropped to release it).
+    pub fn take_reserved(&self, port: u16) -> Option<std::net::UdpSocket> {
+        lock(&self.reserved).remove(&port)
+    }
+
+    /// Descriptors in use by relay sockets and connections.
+    pub fn fds_in_use(&self) -> usize {
+        self.relay_ports_in_use() + self.stream_fds.load(Ordering::Relaxed)
+    }
+
+    pub fn fd_budget(&self) -> usize {
+        self.fd_budget
+    }
+
+    /// Whether a new connection would eat into the descriptor reserve.
+    pub fn fds_left_for_connection(&self) -> bool {
+        self.fds_in_use() < self.fd_budget
+    }
+
+    /// Starts or extends an out-of-descriptors episode; true when it starts
+    /// (the caller logs it once).
+    pub fn fds_exhausted(&self) -> bool {
+        let mut at = lock(&self.out_of_fds_at);
+        let new = !at.is_some_and(|t| t.elapsed() < OUT_OF_FDS_HOLD);
+        *at = Some(Instant::now());
+        new
+    }
+
+    /// Whether a relay socket failed for want of descriptors recently.
+    pub fn out_of_fds(&self) -> bool {
+        lock(&self.out_of_fds_at).is_some_and(|t| t.elapsed() < OUT_OF_FDS_HOLD)
+    }
+
+    /// Counts a connection from `key` (its per-IP key) if the limits and the
+    /// descriptor budget allow; false when it is to be closed. Every `true`
+    /// is matched by one [`Shared::release`] with the same arguments.
+    pub fn admit(&self, key: IpAddr, limits: ConnectionLimits, held: Held) -> bool {
+        let mut c = lock(&self.connections);
+        let over_total = held.is_connection() && limits.max_total != 0 && c.total >= limits.max_total as usize;
+        let over_ip = limits.max_per_ip != 0 && c.per_ip.get(&key).copied().unwrap_or(0) >= limits.max_per_ip;
+        if over_total || over_ip || !self.fds_left_for_connection() {
+            return false;
+        }
+        *c.per_ip.entry(key).or_insert(0) += 1;
+        c.total += held.is_connection() as usize;
+        self.stream_fds.fetch_add(held.fds(), Ordering::Relaxed);
+        true
+    }
+
+    pub fn release(&self, key: IpAddr, held: Held) {
+        let mut c = lock(&self.connections);
+        if let Some(n) = c.per_ip.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&key);
+            }
+        }
+        c.total -= held.is_connection() as usize;
+        self.stream_fds.fetch_sub(held.fds(), Ordering::Relaxed);
+    }
+
+    /// Reservations not claimed by `now`, taken out; their sockets close.
+    fn expire_reservations(&self, now: Instant, release: &mut dyn FnMut(u16)) {
+        expire_from(&mut lock(&self.quotas).reservations, now, release)
+    }
+}
+
+/// The core's [`Ledger`], shared by every shard.
+pub struct SharedLedger(pub Arc<Shared>);
+
+impl Ledger for SharedLedger {
+    fn take(&mut self, user: &str, user_quota: u32, total_quota: u32) -> Result<(), QuotaRefusal> {
+        let q = &mut *lock(&self.0.quotas);
+        take_from(&mut q.total, &mut q.per_user, user, user_quota, total_quota)
+    }
+
+    fn give_back(&mut self, user: &str) {
+        let q = &mut *lock(&self.0.quotas);
+        give_back_to(&mut q.total, &mut q.per_user, user)
+    }
+
+    fn allocations(&self) -> usize {
+        self.0.allocations()
+    }
+
+    fn users(&self) -> usize {
+        lock(&self.0.quotas).per_user.len()
+    }
+
+    fn reservations(&self) -> usize {
+        lock(&self.0.quotas).reservations.len()
+    }
+
+    fn reserve(&mut self, token: [u8; 8], r: Reservation) {
+        lock(&self.0.quotas).reservations.insert(token, r);
+    }
+
+    fn reservation(&self, token: &[u8; 8]) -> Option<Reservation> {
+        lock(&self.0.quotas).reservations.get(token).copied()
+    }
+
+    fn unreserve(&mut self, token: &[u8; 8]) -> Option<Reservation> {
+        lock(&self.0.quotas).reservations.remove(token)
+    }
+
+    fn expire_reservations(&mut self, now: Instant, release: &mut dyn FnMut(u16)) {
+        self.0.expire_reservations(now, release)
+    }
+
+    fn next_reservation_expiry(&self) -> Option<Instant> {
+        lock(&self.0.quotas).reservations.values().map(|r| r.expires).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limits_hold_across_every_holder() {
+        let s = Shared::new(10, 100);
+        let lim = ConnectionLimits { max_total: 3, max_per_ip: 2 };
+        let a: IpAddr = "198.18.0.1".parse().unwrap();
+        let b: IpAddr = "198.18.0.2".parse().unwrap();
+        assert!(s.admit(a, lim, Held::Connection));
+        assert!(s.admit(a, lim, Held::PassedThrough));
+        assert!(!s.admit(a, lim, Held::Connection), "per IP");
+        // A PROXY header wait counts per IP, not as a connection.
+        assert!(s.admit(b, lim, Held::ProxyHeader));
+        assert!(s.admit(b, lim, Held::Connection));
+        assert!(!s.admit(b, lim, Held::ProxyHeader), "per IP");
+        assert_eq!(s.fds_in_use(), 5);
+        s.release(a, Held::PassedThrough);
+        s.release(b, Held::ProxyHeader);
+        assert_eq!(s.fds_in_use(), 2);
+        assert!(s.admit(b, lim, Held::Connection));
+        assert!(!s.admit("198.18.0.3".parse().unwrap(), lim, Held::Connection), "total");
+    }
+
+    #[test]
+    fn the_descriptor_budget_counts_relay_ports_and_connections() {
+        let s = Shared::new(3, 100);
+        let lim = ConnectionLimits { max_total: 0, max_per_ip: 0 };
+        s.relay_opened();
+        s.hold_reserved(40000, std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        assert_eq!(s.relay_ports_in_use(), 2);
+        assert!(s.admit("198.18.0.1".parse().unwrap(), lim, Held::Connection));
+        assert!(!s.fds_left_for_connection());
+        assert!(!s.admit("198.18.0.1".parse().unwrap(), lim, Held::Connection));
+        drop(s.take_reserved(40000));
+        assert!(s.fds_left_for_connection());
+    }
+}
