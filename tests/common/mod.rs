@@ -180,6 +180,13 @@ impl Turnd {
             }
             None => Command::new(env!("CARGO_BIN_EXE_turnd")),
         };
+        // ./test.sh runs the suite again with one shard (TURND_TEST_THREADS=1),
+        // except where a test's config sets the number itself.
+        if let Ok(n) = std::env::var("TURND_TEST_THREADS")
+            && !cfg.lines().any(|l| l.trim_start().starts_with("threads"))
+        {
+            cmd.arg("--threads").arg(n);
+        }
         let child = cmd
             .arg("--config")
             .arg(&config)
