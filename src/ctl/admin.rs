@@ -102,6 +102,10 @@ pub fn render_status(v: &Value) -> String {
         s(&by["tls"])
     );
     o += &format!("connections: tcp {}, tls {}\n", s(&v["connections"]["tcp"]), s(&v["connections"]["tls"]));
+    if let Some(sh) = v["shards"].as_array() {
+        let each: Vec<String> = sh.iter().map(|x| format!("{}/{}", s(&x["allocations"]), s(&x["connections"]))).collect();
+        o += &format!("shards:      {} (allocations/connections each: {})\n", sh.len(), each.join(" "));
+    }
     o += &format!("relay ports: {} in use of {}\n", s(&v["relay_ports"]["in_use"]), s(&v["relay_ports"]["total"]));
     o += &format!(
         "relayed:     {} packets to peers, {} to clients\n",
