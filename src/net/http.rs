@@ -10,17 +10,16 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::control::Control;
 use super::request::{read_request, Request};
+use super::shared::HTTP_CONNECTIONS;
 
 /// A request must arrive whole within this time.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a connection lives (a reload it asked for re-reads files).
 const TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections served at once. Their descriptors are part of the reserve
-/// relay sockets and TURN connections never use (see `relay::FD_RESERVE`),
-/// so idle connections here cannot starve allocations of descriptors; a new
-/// connection beyond this closes the oldest, so /readyz and a scrape always
-/// get through however many are left open.
-pub const MAX_CONNECTIONS: usize = 16;
+/// Connections served at once (their descriptors are kept in reserve: see
+/// [`HTTP_CONNECTIONS`]); a new connection beyond this closes the oldest, so
+/// /readyz and a scrape always get through however many are left open.
+const MAX_CONNECTIONS: usize = HTTP_CONNECTIONS;
 
 pub(super) async fn serve(ctl: Weak<Control>, listener: TcpListener) {
     let mut open: std::collections::VecDeque<tokio::task::JoinHandle<()>> = std::collections::VecDeque::new();

@@ -20,9 +20,9 @@ use tokio_rustls::TlsAcceptor;
 
 use super::control::Control;
 use super::shard::{Command, Step as ShardStep};
-use super::shared::Shared;
+use super::shared::{self, Shared};
 use super::sockets::{bind_tcp, bind_tcp_group, bind_udp_group};
-use super::{http, preflight, relay, systemd, tls};
+use super::{http, preflight, systemd, tls};
 use crate::config::{Bandwidth, Config, ConfigError, Listener, Overrides, SecretSource};
 use crate::turn::{PeerPolicy, Transport};
 
@@ -255,7 +255,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     };
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel();
     let policy = peer_policy(&cfg);
-    let shared = Shared::new(relay::fd_budget(), port_range(&cfg));
+    let shared = Shared::new(shared::fd_budget(), port_range(&cfg));
     let mut listeners = Listeners::new(cfg.threads);
     let steps = listeners.prepare(&cfg.listeners)?;
     let ctl = Rc::new(Control::start(&cfg, &policy, shared, reload_tx)?);

@@ -13,6 +13,7 @@ use super::Udp;
 
 use std::sync::Arc;
 
+pub use super::shared::FD_RESERVE;
 use super::shared::Shared;
 use crate::turn::{Family, OpenError, Placement, RelayId, RelayPorts};
 
@@ -59,23 +60,6 @@ pub struct RelaySockets {
     shared: Arc<Shared>,
 }
 
-/// Descriptors kept free of relay sockets and TURN connections, for the
-/// listeners, reloads and certificate files (32), and the connections to the
-/// metrics and admin endpoint (capped at `http::MAX_CONNECTIONS`): so
-/// /readyz can still answer "out of file descriptors", and idle connections
-/// there cannot take a relay socket's descriptor.
-pub const FD_RESERVE: usize = 32 + super::http::MAX_CONNECTIONS;
-
-/// The open-files soft limit (0 if unknown).
-pub fn open_files_limit() -> usize {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 0;
-    }
-    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
-}
-
 /// A random u32 from the OS CSPRNG (never a predictable sequence).
 fn random_u32() -> u32 {
     let mut b = [0u8; 4];
@@ -85,15 +69,6 @@ fn random_u32() -> u32 {
 
 fn index(id: RelayId) -> usize {
     (id.0 & 0x1_FFFF_FFFF) as usize
-}
-
-/// Descriptors relay sockets and connections may use: the open-files limit
-/// less [`FD_RESERVE`].
-pub fn fd_budget() -> usize {
-    match open_files_limit() {
-        0 => usize::MAX,
-        n => n.saturating_sub(FD_RESERVE),
-    }
 }
 
 impl RelaySockets {

@@ -16,6 +16,38 @@ use std::time::Instant;
 use crate::turn::ledger::{expire_from, give_back_to, take_from};
 use crate::turn::{Ledger, QuotaRefusal, Reservation};
 
+/// Connections the metrics and admin endpoint serves at once (`http.rs`).
+/// Their descriptors are part of [`FD_RESERVE`], which relay sockets and
+/// TURN connections never use, so idle connections there cannot starve
+/// allocations of descriptors.
+pub const HTTP_CONNECTIONS: usize = 16;
+
+/// Descriptors kept free of relay sockets and TURN connections, for the
+/// listeners, reloads and certificate files (32), and the connections to the
+/// metrics and admin endpoint (capped at [`HTTP_CONNECTIONS`]): so
+/// /readyz can still answer "out of file descriptors", and idle connections
+/// there cannot take a relay socket's descriptor.
+pub const FD_RESERVE: usize = 32 + HTTP_CONNECTIONS;
+
+/// The open-files soft limit (0 if unknown).
+pub fn open_files_limit() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+}
+
+/// Descriptors relay sockets and connections may use: the open-files limit
+/// less [`FD_RESERVE`].
+pub fn fd_budget() -> usize {
+    match open_files_limit() {
+        0 => usize::MAX,
+        n => n.saturating_sub(FD_RESERVE),
+    }
+}
+
 /// How long after running out of file descriptors the relay reports itself
 /// not ready (so a load balancer or probe sends new sessions elsewhere).
 pub const OUT_OF_FDS_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
