@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{EchoPeer, Turnd, SECRET};
+use common::{thread_named, EchoPeer, StoppedThread, Turnd, SECRET};
 use harness::{transport_udp, A};
 use serde_json::Value;
 use turnd::stun::{attr, method, Class};
@@ -286,40 +286,6 @@ fn reload_and_drain_reach_every_shard() {
     for (shard, clients) in before.iter_mut().enumerate() {
         assert!(echoes(&mut clients[0].0, peer.addr, b"still here", Duration::from_secs(2)), "shard {shard} stopped relaying while draining");
     }
-}
-
-/// Stops one thread of another process (not the whole process, as SIGSTOP
-/// would) with ptrace; it runs again when dropped.
-struct StoppedThread(libc::pid_t);
-
-impl StoppedThread {
-    fn stop(tid: libc::pid_t) -> StoppedThread {
-        // SAFETY: plain ptrace calls on a thread id; no memory is shared.
-        unsafe {
-            assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0), 0, "PTRACE_SEIZE: {}", std::io::Error::last_os_error());
-            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0), 0, "PTRACE_INTERRUPT: {}", std::io::Error::last_os_error());
-            let mut status = 0;
-            assert_eq!(libc::waitpid(tid, &mut status, libc::__WALL), tid, "waitpid: {}", std::io::Error::last_os_error());
-        }
-        StoppedThread(tid)
-    }
-}
-
-impl Drop for StoppedThread {
-    fn drop(&mut self) {
-        // SAFETY: detaching lets the thread run on.
-        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0) };
-    }
-}
-
-/// The thread id of `name` in process `pid`.
-fn thread_named(pid: u32, name: &str) -> libc::pid_t {
-    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        if std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name) {
-            return e.file_name().to_string_lossy().parse().unwrap();
-        }
-    }
-    panic!("no thread {name} in {pid}");
 }
 
 #[test]

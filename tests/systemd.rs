@@ -101,6 +101,57 @@ fn sd_notify_readiness_reload_watchdog_and_stop() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Whether a WATCHDOG=1 ping arrives within `wait`.
+fn pinged_within(sock: &UnixDatagram, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf)
+            && String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+                return true;
+            }
+    }
+    false
+}
+
+#[test]
+fn the_watchdog_is_fed_only_while_every_shard_answers() {
+    let dir = common::temp_dir("watchdog");
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let port = common::free_port();
+    let cfg = dir.join("turnd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "threads = 2\n[auth]\nsecrets = [\"x\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
+             [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n[metrics]\nlisten = \"\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turnd"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    recv_until(&sock, "WATCHDOG=1", deadline);
+    {
+        let _stuck = common::StoppedThread::stop(common::thread_named(child.id(), "turnd-shard-1"));
+        // A ping already on its way may still arrive; then none while the shard is stuck.
+        pinged_within(&sock, Duration::from_millis(400));
+        assert!(!pinged_within(&sock, Duration::from_millis(1500)), "the watchdog was fed while a shard was stuck");
+    }
+    assert!(pinged_within(&sock, Duration::from_secs(3)), "no watchdog ping after the shard ran again");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Address families by the names systemd's RestrictAddressFamilies= takes.
 fn family(name: &str) -> i32 {
     match name {
