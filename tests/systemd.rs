@@ -130,25 +130,35 @@ fn the_watchdog_is_fed_only_while_every_shard_answers() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turnd"))
-        .arg("--config")
-        .arg(&cfg)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "400000")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed however the test ends (a failed assertion must not leave it running).
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_turnd"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "400000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     recv_until(&sock, "WATCHDOG=1", deadline);
     {
-        let _stuck = common::StoppedThread::stop(common::thread_named(child.id(), "turnd-shard-1"));
+        let _stuck = common::StoppedThread::stop(common::thread_named(child.0.id(), "turnd-shard-1"));
         // A ping already on its way may still arrive; then none while the shard is stuck.
         pinged_within(&sock, Duration::from_millis(400));
         assert!(!pinged_within(&sock, Duration::from_millis(1500)), "the watchdog was fed while a shard was stuck");
     }
     assert!(pinged_within(&sock, Duration::from_secs(3)), "no watchdog ping after the shard ran again");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -258,16 +258,16 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     let shared = Shared::new(shared::fd_budget(), port_range(&cfg));
     let mut listeners = Listeners::new(cfg.threads);
     let steps = listeners.prepare(&cfg.listeners)?;
-    let ctl = Rc::new(Control::start(&cfg, &policy, shared, reload_tx)?);
-    ctl.apply(Arc::new(cfg.clone()), &policy, acceptor.as_ref(), listeners.commit(steps)).await;
-    *ctl.listener_names.borrow_mut() = listeners.names();
-    let metrics = match cfg.metrics_listen {
-        Some(addr) => {
-            let l = bind_tcp(addr).map_err(|e| preflight::bind_error("metrics.listen", addr, true, &e, preflight::Mode::Start))?;
-            Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&ctl), l))))
-        }
+    // Bound before any shard serves: once a client gets an answer, /metrics,
+    // /readyz and the admin API answer too.
+    let metrics_socket = match cfg.metrics_listen {
+        Some(addr) => Some((addr, bind_tcp(addr).map_err(|e| preflight::bind_error("metrics.listen", addr, true, &e, preflight::Mode::Start))?)),
         None => None,
     };
+    let ctl = Rc::new(Control::start(&cfg, &policy, shared, reload_tx)?);
+    let metrics = metrics_socket.map(|(addr, l)| (addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&ctl), l))));
+    ctl.apply(Arc::new(cfg.clone()), &policy, acceptor.as_ref(), listeners.commit(steps)).await;
+    *ctl.listener_names.borrow_mut() = listeners.names();
     // Certificates renewed on disk (certbot, Caddy) are picked up without a restart.
     let mut cert_poll = tokio::time::interval(Duration::from_secs(5));
     // Retired UDP listeners close once their allocations have ended.
