@@ -220,19 +220,30 @@ impl Shard {
         }
     }
 
-    /// One framed message from a TCP/TLS client.
+    /// One framed message from a TCP/TLS client. Relayed data joins
+    /// `to_peers`, which stream::handle_frames flushes after the read.
     fn on_stream(&mut self, tuple: FiveTuple, msg: &[u8]) {
-        let Shard { server, relays, streams, tx, send_failures, .. } = self;
+        let Shard { server, relays, streams, tx, send_failures, to_peers, .. } = self;
         match server.handle_client(tuple, msg, Now::system(), tx, relays) {
             Output::None => {}
             Output::Reply(b) => match streams.get(tuple.conn as usize) {
                 Some(Some(out)) if out.push(b, false, std::time::Instant::now()) => {}
                 _ => *send_failures += 1,
             },
-            Output::Relay { relay, peer, data, dont_fragment } => {
-                if !relays.send(relay, peer, data, dont_fragment) {
-                    *send_failures += 1;
+            Output::Relay { relay, peer, data, dont_fragment: true } => {
+                // DF asked for this datagram alone: after what is queued, on its own.
+                let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+                *send_failures += dropped as u64 + !relays.send(relay, peer, data, true) as u64;
+            }
+            Output::Relay { relay, peer, data, .. } => {
+                if to_peers.is_full() {
+                    let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+                    *send_failures += dropped as u64;
                 }
+                // SAFETY: `data` lies in `msg`, in the read buffer that
+                // stream::handle_frames holds borrowed until it has called
+                // flush_to_peers (and it clears the queue before it starts).
+                unsafe { to_peers.push(relay, peer, data) };
             }
         }
         self.after_control();
