@@ -369,14 +369,14 @@ impl Conn {
     fn read_ready(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, got: &mut bool) -> std::io::Result<Read> {
         SCRATCH.with_borrow_mut(|scratch| {
             for _ in 0..READS_PER_WAKE {
-                let n = match self.tcp.try_read(scratch) {
-                    Ok(0) if self.tls.is_some() => {
+                let (n, drained) = match self.read_some(scratch) {
+                    Ok((0, _)) if self.tls.is_some() => {
                         // The TCP connection ended without close_notify: what
                         // it carried may be cut short.
                         return Err(std::io::ErrorKind::UnexpectedEof.into());
                     }
-                    Ok(0) => return Ok(Read::Closed),
-                    Ok(n) => n,
+                    Ok((0, _)) => return Ok(Read::Closed),
+                    Ok(r) => r,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Read::Drained),
                     Err(e) => return Err(e),
                 };
@@ -385,9 +385,47 @@ impl Conn {
                 } else if self.decrypt(shard, tuple, &scratch[..n], got)? {
                     return Ok(Read::Closed);
                 }
+                if drained {
+                    return Ok(Read::Drained);
+                }
             }
             Ok(Read::More)
         })
+    }
+
+    /// One read into `buf`: the bytes read, and whether that emptied the
+    /// socket (a read shorter than `buf`). Then the socket's readiness is
+    /// cleared at once, sparing the read that would only say WouldBlock
+    /// (data arriving meanwhile sets it again: tokio clears only the
+    /// readiness it had seen before the read).
+    fn read_some(&self, buf: &mut [u8]) -> std::io::Result<(usize, bool)> {
+        use std::os::fd::AsRawFd as _;
+        let mut n = 0;
+        let r = self.tcp.try_io(tokio::io::Interest::READABLE, || {
+            let k = loop {
+                // SAFETY: `buf` is valid for writes of its length for the
+                // call; the descriptor is the open socket `self.tcp` owns.
+                let k = unsafe { libc::recv(self.tcp.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if k >= 0 {
+                    break k;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            };
+            n = k as usize;
+            if n > 0 && n < buf.len() {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        });
+        match r {
+            Ok(()) => Ok((n, false)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && n > 0 => Ok((n, true)),
+            Err(e) => Err(e),
+        }
     }
 
     /// Takes TLS records from `input`, handling the messages they carry;
