@@ -224,3 +224,56 @@ fn gro_run_from_a_peer_reaches_the_tls_client_whole_and_in_order() {
     // Nothing more than was sent.
     assert!(c.recv(Duration::from_millis(200)).is_none());
 }
+
+/// Bytes after a client's close_notify, in the same read as it, are
+/// ignored: the requests before it are answered and the connection closes
+/// (rustls takes nothing after close_notify, so they must not be offered
+/// to it again and again).
+#[test]
+fn bytes_after_close_notify_in_the_same_read_are_ignored() {
+    use turnd::stun::Message;
+    let server = Turnd::start_all("");
+    let addr: SocketAddr = format!("127.0.0.1:{}", server.tls_port).parse().unwrap();
+    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut conn = rustls::ClientConnection::new(insecure_tls_config(), "localhost".try_into().unwrap()).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    let mut bytes = Vec::new();
+    for i in 0..20u8 {
+        let req = harness::build(method::BINDING, Class::Request, [i; 12], &[], None, false);
+        conn.writer().write_all(&req).unwrap();
+    }
+    conn.send_close_notify();
+    while conn.wants_write() {
+        conn.write_tls(&mut bytes).unwrap();
+    }
+    // Records after the close_notify, in the same write: more than rustls
+    // takes in at once (4 KiB), so some are still to be offered to it after
+    // it has seen the close_notify.
+    for _ in 0..3 {
+        bytes.extend_from_slice(&[0x17, 0x03, 0x03, 0x10, 0x00]);
+        bytes.extend_from_slice(&[0x5a; 0x1000]);
+    }
+    tcp.write_all(&bytes).unwrap();
+    let mut got = Vec::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut stream = rustls::Stream::new(&mut conn, &mut tcp);
+    let mut chunk = [0u8; 4096];
+    while Instant::now() < until {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(k) => got.extend_from_slice(&chunk[..k]),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("read: {e} after {} bytes", got.len()),
+        }
+    }
+    let mut at = 0;
+    let mut answers = 0;
+    while let turnd::stun::FrameLen::Complete(len) = turnd::stun::frame_len(&got[at..]) {
+        answers += Message::parse(&got[at..at + len]).is_ok_and(|m| m.class() == Class::Success) as usize;
+        at += len;
+    }
+    assert_eq!(answers, 20, "every request before the close_notify answered, then the connection closed");
+}

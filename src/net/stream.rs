@@ -434,8 +434,9 @@ impl Conn {
         let mut closed = false;
         loop {
             let tls = self.tls.as_mut().expect("a TLS connection");
-            if !input.is_empty() {
-                tls.read_tls(&mut input)?;
+            // After close_notify rustls takes nothing more: what follows it is dropped.
+            if !input.is_empty() && tls.read_tls(&mut input)? == 0 {
+                input = &[];
             }
             let state = match tls.process_new_packets() {
                 Ok(s) => s,
