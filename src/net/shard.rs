@@ -137,7 +137,7 @@ pub struct Shard {
     rx_batch: Rc<RefCell<RecvBatch>>,
     tx: Box<[u8]>,
     /// Client datagrams of the batch being handled, on their way to peers.
-    to_peers: PeerSends,
+    pub(super) to_peers: PeerSends,
     pub send_failures: u64,
     /// Wakes the timer task when the core filed an earlier deadline.
     timer: Rc<Notify>,
@@ -230,7 +230,7 @@ impl Shard {
     }
 
     /// Sends the client datagrams of the batch just handled to their peers.
-    fn flush_to_peers(&mut self) {
+    pub(super) fn flush_to_peers(&mut self) {
         if !self.to_peers.is_empty() {
             let Shard { relays, to_peers, .. } = self;
             let (_, dropped) = to_peers.flush(|id| relays.fd(id));
@@ -248,19 +248,30 @@ impl Shard {
         }
     }
 
-    /// One framed message from a TCP/TLS client.
+    /// One framed message from a TCP/TLS client. Relayed data joins
+    /// `to_peers`, which stream::handle_frames flushes after the read.
     pub fn on_stream(&mut self, tuple: FiveTuple, msg: &[u8]) {
-        let Shard { server, relays, streams, tx, send_failures, .. } = self;
+        let Shard { server, relays, streams, tx, send_failures, to_peers, .. } = self;
         match server.handle_client(tuple, msg, Now::system(), tx, relays) {
             Output::None => {}
             Output::Reply(b) => match streams.get(tuple.conn as usize) {
                 Some(Some(out)) if out.push(b, false, std::time::Instant::now()) => {}
                 _ => *send_failures += 1,
             },
-            Output::Relay { relay, peer, data, dont_fragment } => {
-                if !relays.send(relay, peer, data, dont_fragment) {
-                    *send_failures += 1;
+            Output::Relay { relay, peer, data, dont_fragment: true } => {
+                // DF asked for this datagram alone: after what is queued, on its own.
+                let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+                *send_failures += dropped as u64 + !relays.send(relay, peer, data, true) as u64;
+            }
+            Output::Relay { relay, peer, data, .. } => {
+                if to_peers.is_full() {
+                    let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+                    *send_failures += dropped as u64;
                 }
+                // SAFETY: `data` lies in `msg`, in the read buffer that
+                // stream::handle_frames holds borrowed until it has called
+                // flush_to_peers (and it clears the queue before it starts).
+                unsafe { to_peers.push(relay, peer, data) };
             }
         }
         self.after_control();

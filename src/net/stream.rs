@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use rustls::ServerConnection;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::Shard;
@@ -33,7 +34,6 @@ const WRITE_CHUNK: usize = 16 * 1024;
 pub const KERNEL_UNSENT: u32 = 16 * 1024;
 /// Largest frame: a 64 KiB STUN message or padded ChannelData.
 const MAX_FRAME: usize = 20 + 65_535 + 3;
-const READ_CHUNK: usize = 16 * 1024;
 
 /// The send side of one connection, filled by the core's replies and relayed data.
 pub struct StreamOut {
@@ -236,120 +236,394 @@ impl StreamOut {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, out: Rc<StreamOut>, client: SocketAddr) -> std::io::Result<()> {
-    let mut pending = Vec::new();
-    loop {
-        // Everything queued goes out, also after close (answers to what the
-        // client sent before it half-closed); then the write side shuts.
-        let closed = out.closed.get();
-        let (dropped, bytes) = out.queue.borrow_mut().take(&mut pending, Instant::now(), WRITE_CHUNK);
-        if dropped > 0 {
-            out.stale.record(client, dropped, bytes);
-        }
-        if pending.is_empty() {
-            if closed {
-                let _ = wr.shutdown().await;
-                return Ok(());
-            }
-            out.notify.notified().await;
-            continue;
-        }
-        if out.per_message {
-            let mut at = 0;
-            while let FrameLen::Complete(n) = frame_len(&pending[at..]) {
-                wr.write_all(&pending[at..at + n]).await?;
-                at += n;
-            }
-        } else {
-            wr.write_all(&pending).await?;
-        }
-        wr.flush().await?;
-        pending.clear();
+/// What [`serve`] takes: a TCP connection, or a TLS one whose handshake is done.
+pub(super) trait Accepted {
+    fn into_parts(self) -> (TcpStream, Option<ServerConnection>);
+}
+
+impl Accepted for TcpStream {
+    fn into_parts(self) -> (TcpStream, Option<ServerConnection>) {
+        (self, None)
     }
 }
 
-/// Reads frames and hands them to the core until the peer closes, the stream
-/// breaks framing, or the connection idles without an allocation.
-async fn read_loop<R: AsyncRead + Unpin>(
-    mut rd: R,
-    shard: &Weak<RefCell<Shard>>,
-    tuple: FiveTuple,
-    idle: Duration,
-) -> std::io::Result<()> {
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    // Idle time counts from the last complete message, so a client that
-    // trickles a partial frame a byte at a time (slowloris) is cut too.
-    let mut deadline = tokio::time::Instant::now() + idle;
+impl Accepted for tokio_rustls::server::TlsStream<TcpStream> {
+    fn into_parts(self) -> (TcpStream, Option<ServerConnection>) {
+        let (tcp, tls) = self.into_inner();
+        (tcp, Some(tls))
+    }
+}
+
+/// Bytes read from a socket per system call at most.
+const READ_SIZE: usize = 64 * 1024;
+/// Reads per wake-up before the other tasks get a turn.
+const READS_PER_WAKE: usize = 8;
+/// Plaintext gathered from TLS records before its messages are handled.
+const TLS_HANDLE_AT: usize = 16 * 1024;
+
+thread_local! {
+    /// What every connection of this thread's shard reads into: one buffer
+    /// for all, since a read is handled whole before another task runs.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_SIZE].into_boxed_slice());
+}
+
+/// Non-blocking reads and writes on the socket for rustls: WouldBlock when
+/// the socket is not ready.
+struct TryIo<'a>(&'a TcpStream);
+
+impl std::io::Read for TryIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl std::io::Write for TryIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Hands every complete frame at the front of `data` to the core and sends
+/// what they relay to peers, gathered (a burst to one peer leaves in one
+/// system call); returns the bytes used.
+fn handle_frames(shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, data: &[u8]) -> std::io::Result<usize> {
+    let Some(sh) = shard.upgrade() else { return Err(std::io::ErrorKind::NotConnected.into()) };
+    let mut sh = sh.borrow_mut();
+    // Nothing queued may point elsewhere (only a batch cut short by a panic
+    // could have left something).
+    sh.to_peers.clear();
+    let mut at = 0;
+    let mut result = Ok(());
     loop {
-        if buf.capacity() - buf.len() < 2048 {
-            buf.reserve(READ_CHUNK.min(MAX_FRAME + READ_CHUNK - buf.len()));
-        }
-        let n = match tokio::time::timeout_at(deadline, rd.read_buf(&mut buf)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                // Idle: fine while an allocation lives (media may pause), not otherwise.
-                let Some(sh) = shard.upgrade() else { return Ok(()) };
-                if sh.borrow().server.has_allocation(&tuple) {
-                    deadline = tokio::time::Instant::now() + idle;
-                    continue;
-                }
-                return Ok(());
+        match frame_len(&data[at..]) {
+            FrameLen::Complete(len) => {
+                sh.on_stream(tuple, &data[at..at + len]);
+                at += len;
             }
+            FrameLen::Incomplete => break,
+            FrameLen::Invalid => {
+                result = Err(std::io::ErrorKind::InvalidData.into());
+                break;
+            }
+        }
+    }
+    // Before `data` can change: relayed messages queued for peers point into it.
+    sh.flush_to_peers();
+    result.map(|()| at)
+}
+
+/// How a read ended.
+enum Read {
+    /// The socket has nothing more for now.
+    Drained,
+    /// Reads left off with more waiting, to let other tasks run.
+    More,
+    /// The client closed its side (FIN, or TLS close_notify).
+    Closed,
+}
+
+/// One client connection: its socket, TLS state and buffers.
+struct Conn {
+    tcp: TcpStream,
+    tls: Option<ServerConnection>,
+    /// The start of a message not complete yet (and, over TLS, plaintext
+    /// not handled yet).
+    rx: Vec<u8>,
+    /// Over TCP, messages taken from the queue and not yet written
+    /// (`tx_at` of them written); over TLS, rustls holds them as records.
+    tx: Vec<u8>,
+    tx_at: usize,
+}
+
+impl Conn {
+    /// Handles the complete messages in `rx` followed by `data`, keeping the
+    /// start of an incomplete one; returns whether a message was complete.
+    fn feed(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, data: &[u8]) -> std::io::Result<bool> {
+        let used = if self.rx.is_empty() {
+            let used = handle_frames(shard, tuple, data)?;
+            self.rx.extend_from_slice(&data[used..]);
+            used
+        } else {
+            self.rx.extend_from_slice(data);
+            let used = handle_frames(shard, tuple, &self.rx)?;
+            self.rx.drain(..used);
+            used
         };
-        if n == 0 {
-            return Ok(());
+        if self.rx.len() > MAX_FRAME {
+            return Err(std::io::ErrorKind::InvalidData.into());
         }
-        let Some(sh) = shard.upgrade() else { return Ok(()) };
-        let mut sh = sh.borrow_mut();
-        let mut at = 0;
-        loop {
-            match frame_len(&buf[at..]) {
-                FrameLen::Complete(len) => {
-                    sh.on_stream(tuple, &buf[at..at + len]);
-                    at += len;
+        if self.rx.is_empty() && self.rx.capacity() > 2 * READ_SIZE {
+            self.rx = Vec::new();
+        }
+        Ok(used > 0)
+    }
+
+    /// Reads what the socket holds and handles every complete message in
+    /// it; `got` is set when one was complete.
+    fn read_ready(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, got: &mut bool) -> std::io::Result<Read> {
+        SCRATCH.with_borrow_mut(|scratch| {
+            for _ in 0..READS_PER_WAKE {
+                let (n, drained) = match self.read_some(scratch) {
+                    Ok((0, _)) if self.tls.is_some() => {
+                        // The TCP connection ended without close_notify: what
+                        // it carried may be cut short.
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    Ok((0, _)) => return Ok(Read::Closed),
+                    Ok(r) => r,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Read::Drained),
+                    Err(e) => return Err(e),
+                };
+                if self.tls.is_none() {
+                    *got |= self.feed(shard, tuple, &scratch[..n])?;
+                } else if self.decrypt(shard, tuple, &scratch[..n], got)? {
+                    return Ok(Read::Closed);
                 }
-                FrameLen::Incomplete => break,
-                FrameLen::Invalid => return Err(std::io::ErrorKind::InvalidData.into()),
+                if drained {
+                    return Ok(Read::Drained);
+                }
+            }
+            Ok(Read::More)
+        })
+    }
+
+    /// One read into `buf`: the bytes read, and whether that emptied the
+    /// socket (a read shorter than `buf`). Then the socket's readiness is
+    /// cleared at once, sparing the read that would only say WouldBlock
+    /// (data arriving meanwhile sets it again: tokio clears only the
+    /// readiness it had seen before the read).
+    fn read_some(&self, buf: &mut [u8]) -> std::io::Result<(usize, bool)> {
+        use std::os::fd::AsRawFd as _;
+        let mut n = 0;
+        let r = self.tcp.try_io(tokio::io::Interest::READABLE, || {
+            let k = loop {
+                // SAFETY: `buf` is valid for writes of its length for the
+                // call; the descriptor is the open socket `self.tcp` owns.
+                let k = unsafe { libc::recv(self.tcp.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if k >= 0 {
+                    break k;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            };
+            n = k as usize;
+            if n > 0 && n < buf.len() {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        });
+        match r {
+            Ok(()) => Ok((n, false)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && n > 0 => Ok((n, true)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes TLS records from `input`, handling the messages they carry;
+    /// returns true when the client sent close_notify.
+    fn decrypt(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, mut input: &[u8], got: &mut bool) -> std::io::Result<bool> {
+        let mut closed = false;
+        loop {
+            let tls = self.tls.as_mut().expect("a TLS connection");
+            // After close_notify rustls takes nothing more: what follows it is dropped.
+            if !input.is_empty() && tls.read_tls(&mut input)? == 0 {
+                input = &[];
+            }
+            let state = match tls.process_new_packets() {
+                Ok(s) => s,
+                Err(e) => {
+                    // Tell the client why (an alert), as far as the socket takes it.
+                    let _ = tls.write_tls(&mut TryIo(&self.tcp));
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+                }
+            };
+            closed |= state.peer_has_closed();
+            if state.plaintext_bytes_to_read() > 0 {
+                let mut r = tls.reader();
+                while let Ok(chunk) = std::io::BufRead::fill_buf(&mut r) {
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    self.rx.extend_from_slice(chunk);
+                    let n = chunk.len();
+                    std::io::BufRead::consume(&mut r, n);
+                }
+            }
+            if input.is_empty() || self.rx.len() >= TLS_HANDLE_AT {
+                *got |= self.feed(shard, tuple, &[])?;
+            }
+            if input.is_empty() {
+                return Ok(closed);
             }
         }
-        if at > 0 {
-            deadline = tokio::time::Instant::now() + idle;
+    }
+
+    /// Writes what waits, one system call at a time until done or the
+    /// socket is full; false when it is full.
+    fn write_pending(&mut self) -> std::io::Result<bool> {
+        match &mut self.tls {
+            Some(tls) => {
+                // All records waiting go in one writev.
+                while tls.wants_write() {
+                    match tls.write_tls(&mut TryIo(&self.tcp)) {
+                        Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            None => {
+                while self.tx_at < self.tx.len() {
+                    match self.tcp.try_write(&self.tx[self.tx_at..]) {
+                        Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                        Ok(n) => self.tx_at += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                        Err(e) => return Err(e),
+                    }
+                }
+                self.tx.clear();
+                self.tx_at = 0;
+            }
         }
-        buf.drain(..at);
-        if buf.len() > MAX_FRAME {
-            return Err(std::io::ErrorKind::InvalidData.into());
+        Ok(true)
+    }
+
+    /// Writes what is queued for the client: all the messages queued (up to
+    /// WRITE_CHUNK at a time) leave in one system call, over TLS each in its
+    /// own record when `per_message`. Returns false when the socket is full
+    /// and something still waits.
+    fn write_ready(&mut self, out: &StreamOut, client: SocketAddr) -> std::io::Result<bool> {
+        loop {
+            if !self.write_pending()? {
+                return Ok(false);
+            }
+            let (dropped, bytes) = out.queue.borrow_mut().take(&mut self.tx, Instant::now(), WRITE_CHUNK);
+            if dropped > 0 {
+                out.stale.record(client, dropped, bytes);
+            }
+            if self.tx.is_empty() {
+                return Ok(true);
+            }
+            if let Some(tls) = &mut self.tls {
+                let mut w = tls.writer();
+                if out.per_message {
+                    let mut at = 0;
+                    while let FrameLen::Complete(n) = frame_len(&self.tx[at..]) {
+                        std::io::Write::write_all(&mut w, &self.tx[at..at + n])?;
+                        at += n;
+                    }
+                } else {
+                    std::io::Write::write_all(&mut w, &self.tx)?;
+                }
+                self.tx.clear();
+            }
+        }
+    }
+
+    /// Sends what is left, then close_notify over TLS, then FIN; gives up at `deadline`.
+    async fn shutdown(&mut self, deadline: tokio::time::Instant) -> std::io::Result<()> {
+        if let Some(tls) = &mut self.tls {
+            tls.send_close_notify();
+        }
+        while !self.write_pending()? {
+            match tokio::time::timeout_at(deadline, self.tcp.writable()).await {
+                Ok(r) => r?,
+                Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+            }
+        }
+        socket2::SockRef::from(&self.tcp).shutdown(std::net::Shutdown::Write)
+    }
+
+    /// Serves the connection until the client closes (and what is queued
+    /// for it has gone), the stream breaks framing, or it idles without an
+    /// allocation.
+    async fn run(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, out: &StreamOut, idle: Duration) -> std::io::Result<()> {
+        use tokio::time::Instant as TokioInstant;
+        let mut reading = true;
+        // Idle time counts from the last complete message, so a client that
+        // trickles a partial frame a byte at a time (slowloris) is cut too.
+        let mut last_msg = TokioInstant::now();
+        let sleep = tokio::time::sleep_until(last_msg + idle);
+        tokio::pin!(sleep);
+        // What the handshake read past its end is already decrypted.
+        if self.tls.is_some() {
+            let mut got = false;
+            if self.decrypt(shard, tuple, &[], &mut got)? {
+                reading = false;
+                out.close();
+                sleep.as_mut().reset(TokioInstant::now() + idle);
+            }
+        }
+        loop {
+            // Everything queued goes out, also after close (answers to what
+            // the client sent before it closed its side); then ours closes.
+            let sent = self.write_ready(out, tuple.client)?;
+            if sent && out.closed.get() {
+                return self.shutdown(TokioInstant::now() + idle).await;
+            }
+            tokio::select! {
+                r = self.tcp.readable(), if reading => {
+                    r?;
+                    let mut got = false;
+                    let read = self.read_ready(shard, tuple, &mut got)?;
+                    if got {
+                        last_msg = TokioInstant::now();
+                    }
+                    match read {
+                        Read::Drained => {}
+                        Read::More => tokio::task::yield_now().await,
+                        Read::Closed => {
+                            // Every message it sent has been handled; send the
+                            // answers queued for it before closing, within the
+                            // idle timeout (it may not be reading).
+                            reading = false;
+                            out.close();
+                            sleep.as_mut().reset(TokioInstant::now() + idle);
+                        }
+                    }
+                }
+                r = self.tcp.writable(), if !sent => r?,
+                _ = out.notify.notified(), if sent => {}
+                _ = &mut sleep => {
+                    if !reading {
+                        return Err(std::io::ErrorKind::TimedOut.into());
+                    }
+                    let now = TokioInstant::now();
+                    if now < last_msg + idle {
+                        sleep.as_mut().reset(last_msg + idle);
+                        continue;
+                    }
+                    // Idle: fine while an allocation lives (media may pause), not otherwise.
+                    let Some(sh) = shard.upgrade() else { return Ok(()) };
+                    if sh.borrow().server.has_allocation(&tuple) {
+                        last_msg = now;
+                        sleep.as_mut().reset(now + idle);
+                    } else {
+                        reading = false;
+                        out.close();
+                        sleep.as_mut().reset(now + idle);
+                    }
+                }
+            }
         }
     }
 }
 
 /// Runs one client connection to the end, then frees its allocation.
-pub(super) async fn serve<S: AsyncRead + AsyncWrite>(
-    shard: Weak<RefCell<Shard>>,
-    stream: S,
-    tuple: FiveTuple,
-    out: Rc<StreamOut>,
-    idle: Duration,
-) {
-    let (rd, wr) = tokio::io::split(stream);
-    let write = write_loop(wr, out.clone(), tuple.client);
-    tokio::pin!(write);
-    let result = tokio::select! {
-        r = read_loop(rd, &shard, tuple, idle) => match r {
-            // The client closed its side (or idled out): every message it
-            // sent has been handled; send the answers queued for it before
-            // closing, within the idle timeout (it may not be reading).
-            Ok(()) => {
-                out.close();
-                match tokio::time::timeout(idle, &mut write).await {
-                    Ok(r) => r,
-                    Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-                }
-            }
-            Err(e) => Err(e),
-        },
-        r = &mut write => r,
-    };
-    if let Err(e) = result {
+pub(super) async fn serve(shard: Weak<RefCell<Shard>>, stream: impl Accepted, tuple: FiveTuple, out: Rc<StreamOut>, idle: Duration) {
+    let (tcp, tls) = stream.into_parts();
+    let mut conn = Conn { tcp, tls, rx: Vec::new(), tx: Vec::new(), tx_at: 0 };
+    if let Err(e) = conn.run(&shard, tuple, &out, idle).await {
         tracing::debug!(client = %tuple.client, error = %e, "connection ended");
     }
     out.close();
