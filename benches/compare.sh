@@ -17,7 +17,8 @@
 # LOADGEN_ARGS (extra loadgen flags for every run), GSO=0 (plain sendmmsg in
 # the generator's UDP sends instead of UDP GSO), SERVER_CPU, GEN_CPU,
 # SEARCH_SECS (time bound of each participants search, default 120), NICE
-# (nice value for the server and the generator, e.g. -10).
+# (nice value for the server and the generator, e.g. -10), RTPRIO (SCHED_FIFO
+# priority for both instead, e.g. 10: for a machine where other programs run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +35,7 @@ while [ $# -gt 0 ]; do
     --servers) servers="$2"; shift ;;
     --out) out="$2"; shift ;;
     --no-build) build=0 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -67,6 +68,13 @@ on_gen_cpu=(taskset -c "$GEN_CPU")
 if [ -n "${NICE:-}" ]; then
   on_server_cpu+=(nice -n "$NICE")
   on_gen_cpu+=(nice -n "$NICE")
+fi
+# RTPRIO=N (root): SCHED_FIFO priority N instead, so that a wake-up runs at
+# once rather than after another program's time slice. Both only block in
+# epoll, and the kernel keeps 5% of each core for others (sched_rt_runtime_us).
+if [ -n "${RTPRIO:-}" ]; then
+  on_server_cpu+=(chrt -f "$RTPRIO")
+  on_gen_cpu+=(chrt -f "$RTPRIO")
 fi
 
 # --- build ---
@@ -259,7 +267,8 @@ for sc in "${SCENARIOS[@]}"; do
           --warmup "$warmup" --json --label "$label" "${extra[@]}" $lg ${LOADGEN_ARGS:-} 2>"$WORK/loadgen.err"); then
         echo "$line" >>"$results"
       else
-        err=$(tr -d '"\\' <"$WORK/loadgen.err" | tr '\n' ' ' | cut -c1-200)
+        # (the participants search prints a line per step before its error)
+        err=$(grep -v '^loadgen: participants [0-9]*: ' "$WORK/loadgen.err" | tr -d '"\\' | tr '\n' ' ' | cut -c1-300)
         echo "compare.sh: $label failed: $err" >&2
         echo "{\"label\":\"$label\",\"error\":\"$err\"}" >>"$results"
       fi
@@ -268,6 +277,6 @@ for sc in "${SCENARIOS[@]}"; do
   done
 done
 
-meta="$(date -u +%Y-%m-%dT%H:%MZ), $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //') x$ncpu, turnd $(git describe --always --dirty 2>/dev/null || echo '?'), coturn $("$TURNSERVER" --version 2>/dev/null | head -1 || echo '?'), $runs run(s) of ${duration}s after ${warmup}s warm-up${NICE:+, server and generator at nice $NICE}, load average $load_start at the start and $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+meta="$(date -u +%Y-%m-%dT%H:%MZ), $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //') x$ncpu, turnd $(git describe --always --dirty 2>/dev/null || echo '?'), coturn $("$TURNSERVER" --version 2>/dev/null | head -1 || echo '?'), $runs run(s) of ${duration}s after ${warmup}s warm-up${NICE:+, server and generator at nice $NICE}${RTPRIO:+, server and generator at SCHED_FIFO priority $RTPRIO}, load average $load_start at the start and $(cut -d' ' -f1-3 /proc/loadavg) at the end"
 python3 benches/compare_table.py "$results" "$meta" | tee "$out"
 echo "compare.sh: table in $out, raw results in $results" >&2

@@ -229,13 +229,26 @@ fn step(cx: &mut Ctx, base: Instant, n: usize, wu: f64, du: f64) -> Result<Step>
     let setup_start = Instant::now();
     let mut clients = Vec::with_capacity(n);
     let mut sched = Vec::with_capacity(n);
+    let mut retries = 0u32;
     let frame_ns = 1_000_000_000 / a.fps as u64;
     let audio_ns = if a.audio_pps > 0 { 1_000_000_000 / a.audio_pps as u64 } else { u64::MAX / 4 };
     for i in 0..n {
-        let mut conn = Conn::connect(a.server, cx.kind, cx.tls.as_ref(), Instant::now() + ready)
-            .with_context(|| format!("participant {i}: connect"))?;
-        let (session, _relayed) =
-            setup_turn(&mut conn, &cx.creds, cx.peer, false, &mut cx.tids).with_context(|| format!("participant {i}"))?;
+        let mut attempt = 0;
+        let (mut conn, session) = loop {
+            let mut conn = Conn::connect(a.server, cx.kind, cx.tls.as_ref(), Instant::now() + ready)
+                .with_context(|| format!("participant {i}: connect"))?;
+            match setup_turn(&mut conn, &cx.creds, cx.peer, false, &mut cx.tids) {
+                Ok((session, _relayed)) => break (conn, session),
+                // A UDP port of an earlier step's participant, whose
+                // allocation the server still holds (its Refresh 0 lost):
+                // another socket, another port.
+                Err(e) if attempt < 3 && cx.kind == Kind::Udp && format!("{e:#}").contains("error 437") => {
+                    attempt += 1;
+                    retries += 1;
+                }
+                Err(e) => return Err(e).with_context(|| format!("participant {i}")),
+            }
+        };
         if let Link::Tls(_, t) = &mut conn.link {
             t.set_buffer_limit(None);
         }
@@ -399,6 +412,7 @@ fn step(cx: &mut Ctx, base: Instant, n: usize, wu: f64, du: f64) -> Result<Step>
         "warmup_s": wu,
         "duration_s": secs,
         "setup_s": setup_secs,
+        "setup_437_retries": retries,
         "offered_mps": offered as f64 / secs,
         "forwarded_pps": forwarded / secs,
         "to_peer_pps": peer_rx as f64 / secs,
