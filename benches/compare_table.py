@@ -37,7 +37,7 @@ def participants_tables(groups):
     if searches:
         print("\nVideo participants per server core (30 frames/s of 9 × 1200 B + 50 audio packets/s each, "
               "≈2.5 Mbit/s each way): the largest N with at most 0.5% loss and a p99 round trip through the relay "
-              "of at most 20 ms; medians of the runs' searches. Limit: what the first failing step ran into "
+              "of at most 20 ms; medians of the runs' searches. Limit: what the smallest failing step (just above N) ran into "
               "(generator = the load generator's own core was saturated, so N is a lower bound for the server):\n")
         print("| transport | turnd N | coturn N | turnd/coturn | turnd limit | coturn limit | turnd server CPU % at N "
               "| coturn server CPU % at N |")

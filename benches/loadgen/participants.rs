@@ -178,11 +178,12 @@ fn search(cx: &mut Ctx, base: Instant, wu: f64, du: f64) -> Result<Value> {
             }
         };
     }
-    // What stopped N from growing: the failing step's busiest side.
+    // What stopped N from growing: the busiest side in the smallest failing step.
     let limit = match &hi {
         None => "cap: every step passed",
         Some(h) => match h.json["limit"].as_str() {
             Some("generator") => "generator: its core was saturated or it fell behind in the failing step",
+            Some("both") => "both: the server's core and the generator's were saturated in the failing step",
             Some("contention") => "contention: neither core saturated, the server waited for its core (other programs)",
             _ => "server: loss or latency with the generator below saturation",
         },
@@ -392,7 +393,10 @@ fn step(cx: &mut Ctx, base: Instant, n: usize, wu: f64, du: f64) -> Result<Step>
     let us = |h: &Histogram, q: f64| h.quantile(q).map(|ns| ns as f64 / 1000.0);
     let p99 = us(&hist, 0.99);
     let gen_busy = loadgen_pct.is_some_and(|p| p >= GEN_BUSY_PCT) || skipped * 1000 > offered;
-    let limit = if server_pct.is_some_and(|p| p >= GEN_BUSY_PCT) {
+    let server_busy = server_pct.is_some_and(|p| p >= GEN_BUSY_PCT);
+    let limit = if server_busy && gen_busy {
+        "both"
+    } else if server_busy {
         "server"
     } else if gen_busy {
         "generator"
