@@ -4,6 +4,7 @@ labelled SCENARIO:SERVER:RUN) into markdown: medians per scenario and server,
 then the turnd/coturn ratios (and turnd against the floor relay), and the p99
 round-trip latency each server adds to the direct path (no server)."""
 import json
+import re
 import statistics
 import sys
 from collections import OrderedDict
@@ -26,6 +27,59 @@ def ratio(a, b, digits=2):
     if a is None or b is None or b == 0:
         return "–"
     return f"{a / b:.{digits}f}×"
+
+
+def participants_tables(groups):
+    """The video-participants scenarios: the largest N per core (SCENARIO =
+    TRANSPORT-participants) and the cost at a fixed N (TRANSPORT-participants-N)."""
+    searches = [s for s in groups if re.fullmatch(r"\w+-participants", s)]
+    fixed = [s for s in groups if re.fullmatch(r"\w+-participants-\d+", s)]
+    if searches:
+        print("\nVideo participants per server core (30 frames/s of 9 × 1200 B + 50 audio packets/s each, "
+              "≈2.5 Mbit/s each way): the largest N with at most 0.5% loss and a p99 round trip through the relay "
+              "of at most 20 ms; medians of the runs' searches. Limit: what the smallest failing step (just above N) ran into "
+              "(generator = the load generator's own core was saturated, so N is a lower bound for the server):\n")
+        print("| transport | turnd N | coturn N | turnd/coturn | turnd limit | coturn limit | turnd server CPU % at N "
+              "| coturn server CPU % at N |")
+        print("|---|---:|---:|---:|---|---|---:|---:|")
+        for sc in searches:
+            row = {}
+            for server in ("turnd", "coturn"):
+                rs = groups[sc].get(server, [])
+                n = med([r.get("max_participants") for r in rs])
+                limits = [str(r.get("limit") or "?").split(":")[0] for r in rs]
+                lim = max(set(limits), key=limits.count) if limits else "–"
+                if limits and len(set(limits)) > 1:
+                    lim += f" ({limits.count(lim)}/{len(limits)})"
+                row[server] = (n, lim, med([r.get("server_cpu_pct") for r in rs]))
+            t, c = row["turnd"], row["coturn"]
+            print(f"| {sc.split('-')[0].upper()} | {fmt(t[0])} | {fmt(c[0])} | {ratio(t[0], c[0])} | {t[1]} | {c[1]} "
+                  f"| {fmt(t[2], 0)} | {fmt(c[2], 0)} |")
+    if fixed:
+        print("\nVideo participants at a fixed N: server CPU per relayed packet (client → peer plus peer → client), "
+              "loss (to the peer / back to the clients) and the round trip through the relay; medians:\n")
+        print("| scenario | server | relayed pkts/s | CPU µs / pkt | turnd/coturn | loss % (to peer / to client) "
+              "| RTT p50 / p99 ms | one way p99 ms | server CPU % | loadgen CPU % |")
+        print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
+        for sc in fixed:
+            us = {}
+            for server in ("turnd", "coturn"):
+                rs = groups[sc].get(server, [])
+                us[server] = med([r.get("server_cpu_us_per_pkt") for r in rs])
+            for server in ("turnd", "coturn"):
+                rs = groups[sc].get(server, [])
+                if not rs:
+                    continue
+                g = lambda k: med([r.get(k) for r in rs])
+                ms = lambda v: None if v is None else v / 1000
+                p50 = ms(med([r["rtt_us"].get("p50") for r in rs]))
+                p99 = ms(med([r["rtt_us"].get("p99") for r in rs]))
+                ow = ms(med([(r.get("oneway_to_peer_us") or {}).get("p99") for r in rs]))
+                rat = ratio(us["turnd"], us["coturn"]) if server == "turnd" else ""
+                print(f"| {sc} | {server} | {fmt(g('forwarded_pps'))} | {fmt(us[server], 2)} | {rat} "
+                      f"| {fmt(g('loss_pct'), 3)} ({fmt(g('loss_to_peer_pct'), 3)} / {fmt(g('loss_to_client_pct'), 3)}) "
+                      f"| {fmt(p50, 2)} / {fmt(p99, 2)} | {fmt(ow, 2)} | {fmt(g('server_cpu_pct'), 1)} "
+                      f"| {fmt(g('loadgen_cpu_pct'), 1)} |")
 
 
 def main():
@@ -99,6 +153,7 @@ def main():
                     return "–"
                 return f"{x['p50'] - d['p50']:,.0f} / {x['p99'] - d['p99']:,.0f}"
             print(f"| {scenario} | {fmt(d['p50'])} / {fmt(d['p99'])} | {add('turnd')} | {add('coturn')} | {add('floor')} |")
+    participants_tables(groups)
     if errors:
         print("\nFailed runs:\n")
         for e in errors:

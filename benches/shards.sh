@@ -39,7 +39,9 @@ all=target/bench/shards-$stamp.jsonl
 for run in $(seq "$runs"); do
   for cpus in 0 0-1; do
     one=target/bench/shards-$stamp-$run-$cpus.md
-    SERVER_CPU=$cpus GEN_CPU=1 benches/compare.sh --no-build --servers turnd --runs 1 \
+    n=1
+    [ "$cpus" = 0 ] || n=2
+    TURND_THREADS=$n SERVER_CPU=$cpus GEN_CPU=1 benches/compare.sh --no-build --servers turnd --runs 1 \
       --duration "$duration" --warmup "$warmup" --only udp-chan-125k,udp-chan-sat --out "$one" >/dev/null
     sed "s/\"label\":\"\\([^:]*\\):turnd:[0-9]*\"/\"label\":\"\\1\",\"cpus\":\"$cpus\"/" "${one%.md}.jsonl" >>"$all"
     rm -f "$one" "${one%.md}.jsonl"

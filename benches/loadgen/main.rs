@@ -49,6 +49,7 @@ use turnd::stun::{attr, frame_len, method, ChannelData, Class, FrameLen, Message
 mod conn;
 mod floor;
 mod batch_io;
+mod participants;
 mod peer;
 mod scale;
 mod setup;
@@ -218,6 +219,51 @@ struct Args {
     scale_peer: Option<SocketAddr>,
     #[arg(long, hide = true, default_value_t = 0)]
     scale_expiry: u64,
+    /// Participants mode: N simulated video participants (frame bursts and
+    /// audio, see participants.rs) for one --warmup + --duration window.
+    #[arg(long, conflicts_with_all = ["raw", "direct", "indications", "floor_relay", "scale"])]
+    participants: Option<usize>,
+    /// Participants mode: find the largest N that meets --max-loss and
+    /// --max-p99-ms, in short steps (--step-warmup + --step-duration each).
+    #[arg(long, conflicts_with_all = ["participants", "raw", "direct", "indications", "floor_relay", "scale"])]
+    participants_search: bool,
+    /// Participants: video frames per second per participant.
+    #[arg(long, default_value_t = 30)]
+    fps: u32,
+    /// Participants: packets per video frame (1200 bytes each).
+    #[arg(long, default_value_t = 9)]
+    frame_pkts: usize,
+    /// Participants: audio packets per second per participant (100-160 bytes).
+    #[arg(long, default_value_t = 50)]
+    audio_pps: u32,
+    /// Participants: each frame and audio packet leaves up to this much
+    /// early or late (uniform), milliseconds.
+    #[arg(long, default_value_t = 2.0)]
+    jitter_ms: f64,
+    /// Search: the first N tried (then doubled until a step fails, then bisected).
+    #[arg(long, default_value_t = 50)]
+    search_start: usize,
+    /// Search: the largest N tried.
+    #[arg(long, default_value_t = 1500)]
+    search_max: usize,
+    /// Search: most steps.
+    #[arg(long, default_value_t = 12)]
+    search_steps: usize,
+    /// Search: no new step starts after this many seconds.
+    #[arg(long, default_value_t = 150.0)]
+    search_secs: f64,
+    /// Search: seconds of traffic before each step's window.
+    #[arg(long, default_value_t = 1.0)]
+    step_warmup: f64,
+    /// Search: each step's timed window, seconds.
+    #[arg(long, default_value_t = 3.0)]
+    step_duration: f64,
+    /// Search: a step passes with at most this loss, percent.
+    #[arg(long, default_value_t = 0.5)]
+    max_loss: f64,
+    /// Search: and at most this p99 round trip through the relay, milliseconds.
+    #[arg(long, default_value_t = 20.0)]
+    max_p99_ms: f64,
     /// Ignored: `cargo bench` appends it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -232,6 +278,7 @@ fn main() {
     } else {
         match args.floor_relay {
             Some(listen) => floor_relay(listen, &args),
+            None if args.participants.is_some() || args.participants_search => participants::run(&args),
             None => run(&args),
         }
     };
@@ -492,23 +539,7 @@ fn run(args: &Args) -> Result<()> {
 
     // --- teardown: Refresh(0) on UDP, best effort; streams just close ---
     if !args.raw && kind == Kind::Udp {
-        let creds = creds.as_ref().unwrap();
-        for cl in g.clients.iter_mut() {
-            if let Some(s) = &cl.session {
-                let req = build(method::REFRESH, Class::Request, next_tid(&mut tids), |w| {
-                    w.u32(attr::LIFETIME, 0)
-                        .attr(attr::USERNAME, creds.username.as_bytes())
-                        .attr(attr::REALM, s.realm.as_bytes())
-                        .attr(attr::NONCE, &s.nonce)
-                        .integrity(&s.key)
-                        .fingerprint();
-                });
-                if let Link::Udp(u) = &cl.conn.link {
-                    let _ = u.send(&req);
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        deallocate(&g.clients, creds.as_ref().unwrap(), &mut tids);
     }
     let (peer_rx, peer_tx) = peer_stop(peer);
 
@@ -517,6 +548,24 @@ fn run(args: &Args) -> Result<()> {
         _ => bail!("the run ended before its timed window"),
     };
     report(args, kind, &g, s0, s1, setup_secs, closed, peer_rx.saturating_sub(peer_tx))
+}
+
+/// Refresh with LIFETIME 0 for every UDP client, best effort (streams simply close).
+fn deallocate(clients: &[Client], creds: &Creds, tids: &mut u64) {
+    for cl in clients {
+        if let (Some(s), Link::Udp(u)) = (&cl.session, &cl.conn.link) {
+            let req = build(method::REFRESH, Class::Request, next_tid(tids), |w| {
+                w.u32(attr::LIFETIME, 0)
+                    .attr(attr::USERNAME, creds.username.as_bytes())
+                    .attr(attr::REALM, s.realm.as_bytes())
+                    .attr(attr::NONCE, &s.nonce)
+                    .integrity(&s.key)
+                    .fingerprint();
+            });
+            let _ = u.send(&req);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(50));
 }
 
 /// Stops the peer thread; returns its totals.

@@ -16,6 +16,20 @@ pub(super) fn cpu_seconds(pid: &str) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
+/// Time the process's threads spent runnable but waiting for a CPU, in
+/// seconds (/proc/PID/task/*/schedstat, second field): how much other
+/// programs on its core held it back.
+pub(super) fn sched_wait_seconds(pid: &str) -> Option<f64> {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(t) = t else { continue };
+        if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+            ns += s.split_ascii_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    Some(ns as f64 / 1e9)
+}
+
 // ---------------------------------------------------------------------------
 // Latency histogram: log-linear, 64 sub-buckets per power of two (under 1.6% error).
 
