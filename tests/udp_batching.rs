@@ -12,46 +12,12 @@ mod wire;
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use common::send_gso;
 use harness::*;
 use turnd::stun::{method, ChannelData, Class};
 use wire::{data, peer_at, Incoming, UdpClient};
-
-/// Sends `segs` (equal sizes, the last possibly shorter) to `to` as one UDP GSO send.
-fn send_gso(sock: &UdpSocket, to: SocketAddr, segs: &[Vec<u8>]) {
-    let seg = segs[0].len();
-    assert!(segs.iter().all(|s| s.len() <= seg));
-    let buf: Vec<u8> = segs.concat();
-    let std::net::SocketAddr::V4(v4) = to else { panic!("IPv4 only") };
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
-        sin_zero: [0; 8],
-    };
-    let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
-    let mut ctrl = [0u64; 3];
-    // SAFETY: plain C structs filled field by field; the cmsg fits `ctrl`
-    // (CMSG_SPACE(2) = 24 bytes) and every pointer outlives the call.
-    let n = unsafe {
-        let mut h: libc::msghdr = std::mem::zeroed();
-        h.msg_name = (&sin as *const libc::sockaddr_in as *mut libc::sockaddr_in).cast();
-        h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        h.msg_iov = &mut iov;
-        h.msg_iovlen = 1;
-        h.msg_control = ctrl.as_mut_ptr().cast();
-        h.msg_controllen = libc::CMSG_SPACE(2) as usize;
-        let c = libc::CMSG_FIRSTHDR(&h);
-        (*c).cmsg_level = libc::SOL_UDP;
-        (*c).cmsg_type = libc::UDP_SEGMENT;
-        (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg as u16);
-        libc::sendmsg(sock.as_raw_fd(), &h, 0)
-    };
-    assert_eq!(n, buf.len() as isize, "GSO send: {}", std::io::Error::last_os_error());
-}
 
 /// Receives `n` datagrams on `sock` (bounded: 5 s in all).
 fn recv_n(sock: &UdpSocket, n: usize) -> Vec<(SocketAddr, Vec<u8>)> {

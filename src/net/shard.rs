@@ -169,20 +169,11 @@ impl Shard {
                 }
                 l.out.commit(n, from);
             }
-            Output::Relay { relay, peer, data, dont_fragment: true } => {
-                // DF asked for this datagram alone: after what is queued, on its own.
-                let (_, dropped) = to_peers.flush(|id| relays.fd(id));
-                *send_failures += dropped as u64 + !relays.send(relay, peer, data, true) as u64;
-            }
-            Output::Relay { relay, peer, data, .. } => {
-                if to_peers.is_full() {
-                    let (_, dropped) = to_peers.flush(|id| relays.fd(id));
-                    *send_failures += dropped as u64;
-                }
+            Output::Relay { relay, peer, data, dont_fragment } => {
                 // SAFETY: `data` lies in `pkt`, in the receive batch that
                 // recv_loop holds borrowed until it has called flush_to_peers
                 // (and it clears the queue before receiving again).
-                unsafe { to_peers.push(relay, peer, data) };
+                *send_failures += unsafe { to_peer(to_peers, relays, relay, peer, data, dont_fragment) };
             }
         }
         if server.has_events() || !relays.opened.is_empty() {
@@ -258,20 +249,11 @@ impl Shard {
                 Some(Some(out)) if out.push(b, false, std::time::Instant::now()) => {}
                 _ => *send_failures += 1,
             },
-            Output::Relay { relay, peer, data, dont_fragment: true } => {
-                // DF asked for this datagram alone: after what is queued, on its own.
-                let (_, dropped) = to_peers.flush(|id| relays.fd(id));
-                *send_failures += dropped as u64 + !relays.send(relay, peer, data, true) as u64;
-            }
-            Output::Relay { relay, peer, data, .. } => {
-                if to_peers.is_full() {
-                    let (_, dropped) = to_peers.flush(|id| relays.fd(id));
-                    *send_failures += dropped as u64;
-                }
+            Output::Relay { relay, peer, data, dont_fragment } => {
                 // SAFETY: `data` lies in `msg`, in the read buffer that
                 // stream::handle_frames holds borrowed until it has called
                 // flush_to_peers (and it clears the queue before it starts).
-                unsafe { to_peers.push(relay, peer, data) };
+                *send_failures += unsafe { to_peer(to_peers, relays, relay, peer, data, dont_fragment) };
             }
         }
         self.after_control();
@@ -500,6 +482,28 @@ impl Shard {
         tokio::task::spawn_local(timer_loop(Rc::downgrade(&shard), timer));
         shard
     }
+}
+
+/// Queues a client's datagram for `peer` on relay socket `relay`, to leave
+/// with the batch; one that asked for DONT-FRAGMENT leaves alone, after what
+/// is queued. Returns the datagrams that could not be sent.
+///
+/// # Safety
+/// `data` must stay valid and unchanged until `to_peers` is flushed or cleared.
+#[inline]
+unsafe fn to_peer(to_peers: &mut PeerSends, relays: &RelaySockets, relay: RelayId, peer: SocketAddr, data: &[u8], dont_fragment: bool) -> u64 {
+    if dont_fragment {
+        let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+        return dropped as u64 + !relays.send(relay, peer, data, true) as u64;
+    }
+    let mut failed = 0;
+    if to_peers.is_full() {
+        let (_, dropped) = to_peers.flush(|id| relays.fd(id));
+        failed = dropped as u64;
+    }
+    // SAFETY: the caller keeps `data` alive until the queue is flushed.
+    unsafe { to_peers.push(relay, peer, data) };
+    failed
 }
 
 /// The core's settings for one of `cfg.threads` shards: the relay's total
