@@ -58,47 +58,73 @@ fn recv_until(sock: &UnixDatagram, want: &str, deadline: Instant) -> Vec<String>
     panic!("no {want} from turnd; got {seen:?}");
 }
 
+/// turnd (with `threads` shards, or its default) under a notify socket and a
+/// 400 ms watchdog, as systemd runs it; killed and cleaned up however the
+/// test ends.
+struct Notified {
+    child: std::process::Child,
+    sock: UnixDatagram,
+    dir: std::path::PathBuf,
+}
+
+impl Notified {
+    fn start(name: &str, threads: Option<usize>) -> Notified {
+        let dir = common::temp_dir(name);
+        let sock_path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&sock_path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let port = common::free_port();
+        let cfg = dir.join("turnd.toml");
+        let threads = threads.map(|n| format!("threads = {n}\n")).unwrap_or_default();
+        std::fs::write(
+            &cfg,
+            format!(
+                "{threads}[auth]\nsecrets = [\"x\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
+                 [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n[metrics]\nlisten = \"\"\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_turnd"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "400000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Notified { child, sock, dir }
+    }
+
+    fn signal(&self, sig: &str) {
+        Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+    }
+}
+
+impl Drop for Notified {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn sd_notify_readiness_reload_watchdog_and_stop() {
-    let dir = common::temp_dir("notify");
-    let sock_path = dir.join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    let port = common::free_port();
-    let cfg = dir.join("turnd.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[auth]\nsecrets = [\"x\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
-             [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n[metrics]\nlisten = \"\"\n"
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turnd"))
-        .arg("--config")
-        .arg(&cfg)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "400000")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut t = Notified::start("notify", None);
     let deadline = Instant::now() + Duration::from_secs(10);
-    recv_until(&sock, "READY=1", deadline);
-    recv_until(&sock, "WATCHDOG=1", deadline);
-    Command::new("kill").arg("-HUP").arg(child.id().to_string()).status().unwrap();
-    let seen = recv_until(&sock, "READY=1", deadline);
+    recv_until(&t.sock, "READY=1", deadline);
+    recv_until(&t.sock, "WATCHDOG=1", deadline);
+    t.signal("HUP");
+    let seen = recv_until(&t.sock, "READY=1", deadline);
     assert!(seen.iter().any(|m| m.contains("RELOADING=1")), "{seen:?}");
-    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
-    recv_until(&sock, "STOPPING=1", deadline);
+    t.signal("TERM");
+    recv_until(&t.sock, "STOPPING=1", deadline);
     let exit_deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
+    while t.child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < exit_deadline, "turnd did not exit after draining no allocations");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Whether a WATCHDOG=1 ping arrives within `wait`.
@@ -116,50 +142,15 @@ fn pinged_within(sock: &UnixDatagram, wait: Duration) -> bool {
 
 #[test]
 fn the_watchdog_is_fed_only_while_every_shard_answers() {
-    let dir = common::temp_dir("watchdog");
-    let sock_path = dir.join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    let port = common::free_port();
-    let cfg = dir.join("turnd.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "threads = 2\n[auth]\nsecrets = [\"x\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
-             [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n[metrics]\nlisten = \"\"\n"
-        ),
-    )
-    .unwrap();
-    // Killed however the test ends (a failed assertion must not leave it running).
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_turnd"))
-            .arg("--config")
-            .arg(&cfg)
-            .env("NOTIFY_SOCKET", &sock_path)
-            .env("WATCHDOG_USEC", "400000")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    recv_until(&sock, "WATCHDOG=1", deadline);
+    let t = Notified::start("watchdog", Some(2));
+    recv_until(&t.sock, "WATCHDOG=1", Instant::now() + Duration::from_secs(10));
     {
-        let _stuck = common::StoppedThread::stop(common::thread_named(child.0.id(), "turnd-shard-1"));
+        let _stuck = common::StoppedThread::stop(common::thread_named(t.child.id(), "turnd-shard-1"));
         // A ping already on its way may still arrive; then none while the shard is stuck.
-        pinged_within(&sock, Duration::from_millis(400));
-        assert!(!pinged_within(&sock, Duration::from_millis(1500)), "the watchdog was fed while a shard was stuck");
+        pinged_within(&t.sock, Duration::from_millis(400));
+        assert!(!pinged_within(&t.sock, Duration::from_millis(1500)), "the watchdog was fed while a shard was stuck");
     }
-    assert!(pinged_within(&sock, Duration::from_secs(3)), "no watchdog ping after the shard ran again");
-    drop(child);
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(pinged_within(&t.sock, Duration::from_secs(3)), "no watchdog ping after the shard ran again");
 }
 
 /// Address families by the names systemd's RestrictAddressFamilies= takes.
