@@ -13,21 +13,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{EchoPeer, Turnd, SECRET};
+use common::{turnctl_reload, EchoPeer, Turnd, SECRET};
 use harness::{channel, A};
 use turnd::stun::{attr, method, Class};
 use wire::{peer_at, Incoming, StreamClient, UdpClient};
-
-fn turnctl_reload(server: &Turnd) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_turnctl"))
-        .args(["reload", "--admin", &format!("127.0.0.1:{}", server.metrics_port)])
-        .arg("--token-file")
-        .arg(server.dir.join("admin-token"))
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
 
 /// A client with an allocation and channel 0x4000 bound to `peer`.
 fn call(server: SocketAddr, peer: SocketAddr) -> UdpClient {

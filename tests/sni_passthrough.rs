@@ -226,13 +226,8 @@ fn reaches(tls_addr: SocketAddr, backend: &TcpListener) -> bool {
 
 fn reload(server: &common::Turnd, cfg: &str) {
     std::fs::write(&server.config, cfg).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_turnctl"))
-        .args(["reload", "--admin", &format!("127.0.0.1:{}", server.metrics_port)])
-        .arg("--token-file")
-        .arg(server.dir.join("admin-token"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "reload: {out:?}\n{}", server.log());
+    let (rc, text) = common::turnctl_reload(server);
+    assert_eq!(rc, 0, "reload: {text}\n{}", server.log());
 }
 
 #[test]

@@ -53,8 +53,6 @@ pub struct RelaySockets {
     entries: Vec<Option<RelayEntry>>,
     /// Sockets opened during the last core call, whose receive task must be started.
     pub opened: Vec<RelayId>,
-    /// Sockets open on this shard.
-    in_use: usize,
     /// What every shard counts: ports in use, reserved ports' sockets
     /// (EVEN-PORT with R), descriptors.
     shared: Arc<Shared>,
@@ -73,7 +71,7 @@ fn index(id: RelayId) -> usize {
 
 impl RelaySockets {
     pub fn new(v4: Option<IpAddr>, v6: Option<IpAddr>, ports: (u16, u16), shared: Arc<Shared>) -> Self {
-        RelaySockets { v4, v6, ports, entries: Vec::new(), opened: Vec::new(), in_use: 0, shared }
+        RelaySockets { v4, v6, ports, entries: Vec::new(), opened: Vec::new(), shared }
     }
 
     /// New relay addresses and port range apply to sockets opened from now on.
@@ -246,7 +244,6 @@ impl RelayPorts for RelaySockets {
         }
         self.entries[i] = Some(RelayEntry { id, socket, dont_fragment, task: None });
         self.opened.push(id);
-        self.in_use += 1;
         self.shared.relay_opened();
         Ok(local)
     }
@@ -263,7 +260,6 @@ impl RelayPorts for RelaySockets {
                     if let Some(t) = e.task {
                         t.abort();
                     }
-                    self.in_use -= 1;
                     self.shared.relay_closed();
                 }
         self.opened.retain(|o| *o != id);

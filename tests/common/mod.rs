@@ -511,3 +511,15 @@ pub fn send_gso(sock: &UdpSocket, to: SocketAddr, segs: &[Vec<u8>]) {
     };
     assert_eq!(n, buf.len() as isize, "GSO send: {}", std::io::Error::last_os_error());
 }
+
+/// `turnctl reload` against `server`'s admin API: (exit status, what it printed).
+pub fn turnctl_reload(server: &Turnd) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_turnctl"))
+        .args(["reload", "--admin", &format!("127.0.0.1:{}", server.metrics_port)])
+        .arg("--token-file")
+        .arg(server.dir.join("admin-token"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
