@@ -37,7 +37,11 @@ pub fn free_port() -> u16 {
 }
 
 pub fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("turnd-test-{}-{}-{}", name, std::process::id(), free_port()));
+    // A counter, not only a free port: two tests of one process may be
+    // handed the same free port, and must never share a directory.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("turnd-test-{}-{}-{}-{}", name, std::process::id(), n, free_port()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
