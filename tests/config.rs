@@ -208,19 +208,21 @@ fn certificates_and_keys_are_loaded_and_matched() {
         .output()
         .unwrap();
     assert!(enc.status.success());
+    // Each error names the key of the file at fault.
     let cases = [
-        ("missing.pem", "a.key", "cannot read"),
-        ("a.der", "a.key", "DER, not PEM"),
-        ("a.key", "a.pem", "swapped"),
-        ("a.pem", "b.key", "does not belong"),
-        ("a.pem", "empty.key", "is empty"),
-        ("a.pem", "enc.key", "encrypted"),
+        ("missing.pem", "a.key", "tls.cert", "cannot read"),
+        ("a.der", "a.key", "tls.cert", "DER, not PEM"),
+        ("a.key", "a.pem", "tls.cert", "swapped"),
+        ("a.pem", "missing.key", "tls.key", "cannot read"),
+        ("a.pem", "b.key", "tls.key", "does not belong"),
+        ("a.pem", "empty.key", "tls.key", "is empty"),
+        ("a.pem", "enc.key", "tls.key", "encrypted"),
     ];
-    for (cert, key, words) in cases {
+    for (cert, key, name, words) in cases {
         for args in [&["--check-config"][..], &[][..]] {
             let (rc, err) = run(&dir, cert, key, args);
             assert_eq!(rc, 2, "{cert} {key} {args:?}: {err}");
-            assert!(err.contains("tls") && err.contains(words), "{cert} {key} {args:?}: {err}");
+            assert!(err.contains(&format!("configuration error: {name}: ")) && err.contains(words), "{cert} {key} {args:?}: {err}");
         }
     }
     // Expired: made 10 days ago, valid for 2.

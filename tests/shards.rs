@@ -2,7 +2,8 @@
 //! both, and everything that must hold for the whole relay does: quotas
 //! under concurrent Allocates, an EVEN-PORT reservation claimed from the
 //! other shard, hairpin between shards, reload, drain, metrics and the admin
-//! API across shards, and a stopped shard that does not stall the other.
+//! API across shards, a stopped shard that does not stall the other, and a
+//! reload that one shard cannot take, refused on every shard.
 
 mod common;
 #[path = "common/core.rs"]
@@ -22,9 +23,14 @@ use turnd::stun::{attr, method, Class};
 use wire::{peer_at, Incoming, UdpClient};
 
 fn start(limits: &str) -> Turnd {
+    start_wrapped(limits, &[])
+}
+
+/// `start`, with turnd run through `wrap` (e.g. `env VAR=VALUE`).
+fn start_wrapped(limits: &str, wrap: &[String]) -> Turnd {
     let port = common::free_port();
     let probe: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    Turnd::start_config(probe, move |dir| {
+    Turnd::start_config_wrapped(probe, wrap, move |dir| {
         let secret = dir.join("secret");
         std::fs::write(&secret, SECRET).unwrap();
         format!(
@@ -305,4 +311,99 @@ fn a_stopped_shard_does_not_stall_the_other() {
     drop(stopped);
     // Shard 0 runs again: what waited in its socket is relayed, then new packets.
     assert!(echoes(&mut on[0][0].0, peer.addr, b"thawed", Duration::from_secs(2)), "shard 0 did not resume");
+}
+
+/// Allocates fresh clients with `secret` until both shards have taken one
+/// (at most 64 tries); panics if one answers anything but success.
+fn secret_works_on_both_shards(t: &Turnd, secret: &str) {
+    let mut on = [0; 2];
+    for i in 0..64 {
+        if on.iter().all(|n| *n > 0) {
+            return;
+        }
+        let mut c = UdpClient::new("127.0.0.1", t.addr);
+        c.allocate(&format!("check{i}"), secret);
+        on[shard_of(t, c.sock.local_addr().unwrap()).unwrap() as usize] += 1;
+    }
+    panic!("allocations with this secret reached one shard only: {on:?}");
+}
+
+/// Whether `secret` is refused (401) on both shards: 16 fresh clients, the
+/// kernel's hash spreads them (2^-16 odds that all land on one shard).
+fn secret_refused(t: &Turnd, secret: &str) -> bool {
+    (0..16).all(|i| UdpClient::new("127.0.0.1", t.addr).try_allocate(&format!("refused{i}"), secret).code() == Some(401))
+}
+
+const NEW_SECRET: &str = "the-new-secret-0123456789";
+
+/// Adds a UDP listener on `port` to the config file and switches the secret.
+fn stage_reload(t: &Turnd, port: u16) {
+    std::fs::write(t.dir.join("secret"), NEW_SECRET).unwrap();
+    let cfg = std::fs::read_to_string(&t.config).unwrap();
+    std::fs::write(&t.config, format!("{cfg}\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n")).unwrap();
+}
+
+#[test]
+fn a_listener_one_shard_cannot_take_refuses_the_reload_on_every_shard() {
+    let extra = common::free_port();
+    // Shard 1 cannot take a socket for port `extra` (the test hook stands in
+    // for a runtime that refuses a socket); shard 0 can.
+    let hook = format!("TURND_TEST_REFUSE_PREPARE=1:{extra}");
+    let t = start_wrapped("", &["env".to_owned(), hook]);
+    let _ = clients_on_both(&t, 1);
+    let original = std::fs::read_to_string(&t.config).unwrap();
+    stage_reload(&t, extra);
+    let (status, r) = admin(&t, "POST", "/admin/reload", "");
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(r["reloaded"], false, "{r}");
+    assert_eq!(r["shard"], 1, "{r}");
+    assert_eq!(r["step"], "shard prepare", "{r}");
+    let msg = r["error"].as_str().unwrap();
+    assert!(msg.contains(&format!("shard 1 cannot serve listener udp 127.0.0.1:{extra}")) && msg.contains("no shard switched"), "{msg}");
+    assert!(t.log().contains("reload refused"), "{}", t.log());
+    // Every shard runs the old configuration: the old secret on both, the new
+    // one on neither, and no shard serves the new port (the test can bind it
+    // without SO_REUSEPORT, so every socket of that group is closed).
+    secret_works_on_both_shards(&t, SECRET);
+    assert!(secret_refused(&t, NEW_SECRET), "a shard switched to the new secret");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::UdpSocket::bind(("127.0.0.1", extra)).is_err() {
+        assert!(Instant::now() < deadline, "port {extra} is still held after the refused reload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The bookkeeping went back too: the file without the refused listener
+    // (and the new secret) reloads, on both shards.
+    std::fs::write(&t.config, original).unwrap();
+    let (status, r) = admin(&t, "POST", "/admin/reload", "");
+    assert_eq!(status, 200, "{r}");
+    secret_works_on_both_shards(&t, NEW_SECRET);
+    assert!(secret_refused(&t, SECRET), "a shard kept the old secret");
+}
+
+#[test]
+fn a_stopped_shard_refuses_the_reload_and_status_names_it() {
+    let t = start("");
+    let _ = clients_on_both(&t, 1);
+    let extra = common::free_port();
+    stage_reload(&t, extra);
+    let stopped = StoppedThread::stop(thread_named(t.pid(), "turnd-shard-1"));
+    let (status, r) = admin(&t, "POST", "/admin/reload", "");
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(r["shard"], 1, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("shard 1 did not answer"), "{r}");
+    // Status says which shard is missing, in JSON and for people.
+    let (status, s) = admin(&t, "GET", "/admin/status", "");
+    assert_eq!(status, 200, "{s}");
+    assert_eq!(s["shards_not_answering"], serde_json::json!([1]), "{s}");
+    assert_eq!(s["shards"].as_array().unwrap().len(), 1, "{s}");
+    let text = turnd::ctl::admin::render_status(&s);
+    assert!(text.contains("WARNING:     shard 1 did not answer"), "{text}");
+    drop(stopped);
+    // Running again, shard 1 drops what it prepared: both shards run the old
+    // configuration, and status lists both.
+    secret_works_on_both_shards(&t, SECRET);
+    assert!(secret_refused(&t, NEW_SECRET), "a shard switched to the new secret");
+    let (_, s) = admin(&t, "GET", "/admin/status", "");
+    assert_eq!(s["shards_not_answering"], serde_json::json!([]), "{s}");
+    assert_eq!(s["shards"].as_array().unwrap().len(), 2, "{s}");
 }

@@ -106,6 +106,10 @@ pub fn render_status(v: &Value) -> String {
         let each: Vec<String> = sh.iter().map(|x| format!("{}/{}", s(&x["allocations"]), s(&x["connections"]))).collect();
         o += &format!("shards:      {} (allocations/connections each: {})\n", sh.len(), each.join(" "));
     }
+    if let Some(silent) = v["shards_not_answering"].as_array().filter(|a| !a.is_empty()) {
+        let list: Vec<String> = silent.iter().map(s).collect();
+        o += &format!("WARNING:     shard {} did not answer in time (its thread is stuck or stopped): its counts are missing above\n", list.join(", "));
+    }
     o += &format!("relay ports: {} in use of {}\n", s(&v["relay_ports"]["in_use"]), s(&v["relay_ports"]["total"]));
     o += &format!(
         "relayed:     {} packets to peers, {} to clients\n",

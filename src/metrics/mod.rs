@@ -25,13 +25,17 @@ pub struct Snapshot {
     pub relay_ports_total: u64,
     pub uptime_seconds: u64,
     pub draining: bool,
-    /// Allocations and connections of each shard, in shard order.
+    /// Allocations and connections of each shard that answered, in shard order.
     pub shards: Vec<ShardCounts>,
+    /// Shards that did not answer the scrape in time (stuck or stopped):
+    /// their counts are missing from the sums.
+    pub silent_shards: Vec<usize>,
 }
 
 /// What one shard holds (for `turnctl status`; metrics show the sums).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShardCounts {
+    pub index: usize,
     pub allocations: u64,
     pub connections: u64,
 }
@@ -81,7 +85,10 @@ pub fn render(s: &Snapshot) -> String {
     gauge(&r, "turnd_uptime_seconds", "Seconds since start.", &[]).with_label_values(&[] as &[&str]).set(s.uptime_seconds as i64);
     gauge(&r, "turnd_shards", "Threads relaying, one shard each (the threads key).", &[])
         .with_label_values(&[] as &[&str])
-        .set(s.shards.len() as i64);
+        .set((s.shards.len() + s.silent_shards.len()) as i64);
+    gauge(&r, "turnd_shards_not_answering", "Shards whose event loop did not answer this scrape in time (stuck or stopped).", &[])
+        .with_label_values(&[] as &[&str])
+        .set(s.silent_shards.len() as i64);
     gauge(&r, "turnd_draining", "1 while shutting down gracefully (new allocations refused).", &[])
         .with_label_values(&[] as &[&str])
         .set(s.draining as i64);

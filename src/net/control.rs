@@ -1,7 +1,7 @@
 //! The shards as the rest of the process sees them: their threads, and the
 //! fan-out of everything that concerns all of them. A start or reload is
-//! applied to every shard (what can fail was done before: see
-//! [`super::lifecycle`]); a scrape sums their snapshots; the admin API's
+//! applied to every shard in two phases (every shard prepares, then all
+//! switch, or none does: see [`Control::apply`]); a scrape sums their snapshots; the admin API's
 //! sessions and disconnect go to each; the systemd watchdog is fed only
 //! while every shard's event loop answers.
 
@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 
 use super::sessions::Selector;
+use super::reload::ReloadError;
 use super::shard::{self, Apply, Command, Step};
 use super::shared::Shared;
 use crate::auth::NonceKey;
@@ -24,7 +25,7 @@ use crate::turn::PeerPolicy;
 const ANSWER_WAIT: Duration = Duration::from_secs(5);
 
 /// How the admin API asks the main loop to reload; it answers on the oneshot.
-pub(crate) type ReloadSender = mpsc::UnboundedSender<oneshot::Sender<Result<String, String>>>;
+pub(crate) type ReloadSender = mpsc::UnboundedSender<oneshot::Sender<Result<String, ReloadError>>>;
 
 pub struct Control {
     inboxes: Vec<mpsc::UnboundedSender<Command>>,
@@ -34,6 +35,8 @@ pub struct Control {
     /// "udp 0.0.0.0:3478" and so on, for status.
     pub listener_names: RefCell<Vec<String>>,
     pub reload_tx: ReloadSender,
+    /// Numbers the applies, so a late Commit or Abort cannot hit another one.
+    applies: std::cell::Cell<u64>,
 }
 
 impl Control {
@@ -61,7 +64,7 @@ impl Control {
             }
             inboxes.push(tx);
         }
-        Ok(Control { inboxes, shared, admin_token: RefCell::new(cfg.admin_token.clone()), listener_names: RefCell::default(), reload_tx })
+        Ok(Control { inboxes, shared, admin_token: RefCell::new(cfg.admin_token.clone()), listener_names: RefCell::default(), reload_tx, applies: Default::default() })
     }
 
     /// Sends a command to every shard.
@@ -95,27 +98,52 @@ impl Control {
     }
 
     /// Applies settings and listener changes to every shard (`steps[i]` to
-    /// shard i) and waits until each has.
-    pub async fn apply(&self, cfg: Arc<Config>, policy: &PeerPolicy, acceptor: Option<&TlsAcceptor>, steps: Vec<Vec<Step>>) {
+    /// shard i), all or nothing: every shard first prepares (takes its new
+    /// sockets into its runtime, the part that can fail) and says so; only
+    /// when every one has within [`ANSWER_WAIT`] do all switch. A shard that
+    /// fails or does not answer refuses the change on every shard.
+    pub async fn apply(&self, cfg: Arc<Config>, policy: &PeerPolicy, acceptor: Option<&TlsAcceptor>, steps: Vec<Vec<Step>>) -> Result<(), ReloadError> {
+        let id = self.applies.get() + 1;
+        self.applies.set(id);
         let mut waits = Vec::new();
         for (tx, steps) in self.inboxes.iter().zip(steps) {
             let (done, wait) = oneshot::channel();
-            let a = Apply { cfg: cfg.clone(), policy: policy.clone(), acceptor: acceptor.cloned(), steps, done };
-            let _ = tx.send(Command::Apply(Box::new(a)));
+            let a = Apply { id, cfg: cfg.clone(), policy: policy.clone(), acceptor: acceptor.cloned(), steps, done };
+            let _ = tx.send(Command::Prepare(Box::new(a)));
             waits.push(wait);
         }
-        for (i, w) in waits.into_iter().enumerate() {
-            if tokio::time::timeout(ANSWER_WAIT, w).await.is_err() {
-                tracing::warn!(shard = i, "shard is slow to apply the configuration");
+        let deadline = tokio::time::Instant::now() + ANSWER_WAIT;
+        let mut refused = None;
+        for (shard, w) in waits.into_iter().enumerate() {
+            refused = match tokio::time::timeout_at(deadline, w).await {
+                Ok(Ok(Ok(()))) => continue,
+                Ok(Ok(Err(f))) => Some(ReloadError::ShardStep { shard, listener: f.listener, error: f.error }),
+                Ok(Err(_)) | Err(_) => Some(ReloadError::ShardSilent { shard, wait: ANSWER_WAIT }),
+            };
+            break;
+        }
+        if let Some(e) = refused {
+            // A shard that answers later finds the Abort next in its inbox.
+            self.tell_all(|| Command::Abort(id));
+            return Err(e);
+        }
+        for (shard, ok) in self.ask_all(|done| Command::Commit(id, done), ANSWER_WAIT).await.into_iter().enumerate() {
+            if ok.is_none() {
+                // It prepared, so the switch is next in its inbox and cannot fail.
+                tracing::warn!(shard, "shard prepared the change but has not confirmed the switch yet");
             }
         }
+        Ok(())
     }
 
     /// The metrics of every shard, summed.
     pub async fn snapshot(&self) -> Snapshot {
         let mut sum = Snapshot::default();
-        for s in self.ask_all(Command::Snapshot, ANSWER_WAIT).await.iter().flatten() {
-            sum.add(s);
+        for (i, s) in self.ask_all(Command::Snapshot, ANSWER_WAIT).await.iter().enumerate() {
+            match s {
+                Some(s) => sum.add(s),
+                None => sum.silent_shards.push(i),
+            }
         }
         sum.relay_ports_in_use = self.shared.relay_ports_in_use() as u64;
         sum.relay_ports_total = self.shared.port_range() as u64;

@@ -64,7 +64,11 @@ async fn handle(ctl: Weak<Control>, mut stream: TcpStream) {
                 Err(r) => r,
                 Ok(rx) => match rx.await {
                     Ok(Ok(msg)) => (200, "application/json", format!("{}\n", serde_json::json!({ "reloaded": true, "message": msg }))),
-                    Ok(Err(e)) => (400, "application/json", format!("{}\n", serde_json::json!({ "reloaded": false, "error": e }))),
+                    Ok(Err(e)) => (
+                        400,
+                        "application/json",
+                        format!("{}\n", serde_json::json!({ "reloaded": false, "error": e.to_string(), "step": e.step(), "shard": e.shard() })),
+                    ),
                     Err(_) => (503, "application/json", "{\"error\":\"shutting down\"}\n".to_owned()),
                 },
             }

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use super::control::Control;
+use super::reload::ReloadError;
 use super::shard::{Command, Step as ShardStep};
 use super::shared::{self, Shared};
 use super::sockets::{bind_tcp, bind_tcp_group, bind_udp_group};
@@ -44,6 +45,7 @@ enum Group {
     Stream(u32),
 }
 
+#[derive(Clone)]
 struct Active {
     l: Listener,
     group: Group,
@@ -74,6 +76,7 @@ fn same_socket(a: &Listener, b: &Listener) -> bool {
     a.address == b.address && a.transport.is_stream() == b.transport.is_stream()
 }
 
+#[derive(Clone)]
 struct Listeners {
     shards: usize,
     active: Vec<Active>,
@@ -118,10 +121,12 @@ impl Listeners {
     }
 
     /// Puts a prepared set of listeners in service: returns what each shard
-    /// is to do. What `steps` does not keep is stopped (a UDP listener
-    /// retires instead, until its allocations end: see [`Listeners::close_finished`]).
-    fn commit(&mut self, steps: Vec<Step>) -> Vec<Vec<ShardStep>> {
+    /// is to do, and what to log once every shard has done it. What `steps`
+    /// does not keep is stopped (a UDP listener retires instead, until its
+    /// allocations end: see [`Listeners::close_finished`]).
+    fn commit(&mut self, steps: Vec<Step>) -> (Vec<Vec<ShardStep>>, Vec<String>) {
         let mut per: Vec<Vec<ShardStep>> = (0..self.shards).map(|_| Vec::new()).collect();
+        let mut log = Vec::new();
         let mut all = |make: &dyn Fn() -> ShardStep| per.iter_mut().for_each(|p| p.push(make()));
         let mut old: Vec<Option<Active>> = std::mem::take(&mut self.active).into_iter().map(Some).collect();
         let mut adds: Vec<(u32, NewGroup, Listener)> = Vec::new();
@@ -132,7 +137,7 @@ impl Listeners {
                     if a.l != l {
                         if let Group::Stream(id) = a.group {
                             all(&|| ShardStep::ChangeStream(id, l.clone()));
-                            tracing::info!(listener = %name(&l), proxy_protocol = l.proxy_protocol, "listener changed");
+                            log.push(format!("listener changed: {} (proxy_protocol {})", name(&l), l.proxy_protocol));
                         }
                         a.l = l;
                     }
@@ -141,13 +146,13 @@ impl Listeners {
                 Step::Revive(conn, l) => {
                     self.retiring.retain(|(c, _)| *c != conn);
                     all(&|| ShardStep::ReviveUdp(conn));
-                    tracing::info!(listener = %name(&l), "listener serving again");
+                    log.push(format!("listener serving again: {}", name(&l)));
                     Active { l, group: Group::Udp(conn) }
                 }
                 Step::Bind(l, g) => {
                     let id = self.next_id;
                     self.next_id += 1;
-                    tracing::info!(listener = %name(&l), shards = self.shards, "listener started");
+                    log.push(format!("listener started: {} (on {} shards)", name(&l), self.shards));
                     let group = match g {
                         NewGroup::Udp(_) => Group::Udp(id),
                         NewGroup::Stream(_) => Group::Stream(id),
@@ -162,12 +167,12 @@ impl Listeners {
             match a.group {
                 Group::Udp(conn) => {
                     all(&|| ShardStep::RetireUdp(conn));
-                    tracing::info!(listener = %name(&a.l), "listener removed: it serves the allocations made through it until they end");
+                    log.push(format!("listener removed: {} (it serves the allocations made through it until they end)", name(&a.l)));
                     self.retiring.push((conn, a.l));
                 }
                 Group::Stream(id) => {
                     all(&|| ShardStep::RemoveStream(id));
-                    tracing::info!(listener = %name(&a.l), "listener removed");
+                    log.push(format!("listener removed: {}", name(&a.l)));
                 }
             }
         }
@@ -185,7 +190,7 @@ impl Listeners {
                 }
             }
         }
-        per
+        (per, log)
     }
 
     fn names(&self) -> Vec<String> {
@@ -246,7 +251,7 @@ fn port_range(cfg: &Config) -> usize {
 pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     log_secrets(&cfg);
     let certs = match &cfg.tls {
-        Some(t) => Some(tls::CertStore::load(&t.cert, &t.key).map_err(|e| ConfigError { key: "tls".into(), msg: format!("{e:#}") })?),
+        Some(t) => Some(tls::CertStore::load(&t.cert, &t.key)?),
         None => None,
     };
     let acceptor = match &certs {
@@ -266,7 +271,9 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     };
     let ctl = Rc::new(Control::start(&cfg, &policy, shared, reload_tx)?);
     let metrics = metrics_socket.map(|(addr, l)| (addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&ctl), l))));
-    ctl.apply(Arc::new(cfg.clone()), &policy, acceptor.as_ref(), listeners.commit(steps)).await;
+    let (per_shard, log) = listeners.commit(steps);
+    ctl.apply(Arc::new(cfg.clone()), &policy, acceptor.as_ref(), per_shard).await?;
+    log.iter().for_each(|l| tracing::info!("{l}"));
     *ctl.listener_names.borrow_mut() = listeners.names();
     // Certificates renewed on disk (certbot, Caddy) are picked up without a restart.
     let mut cert_poll = tokio::time::interval(Duration::from_secs(5));
@@ -312,7 +319,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
                 let _ = running.reload(&reload, &ctl).await;
             }
             Some(reply) = reload_rx.recv() => {
-                let reply: tokio::sync::oneshot::Sender<Result<String, String>> = reply;
+                let reply: tokio::sync::oneshot::Sender<Result<String, ReloadError>> = reply;
                 let _ = reply.send(running.reload(&reload, &ctl).await);
             }
         }
@@ -359,50 +366,61 @@ enum TlsStep {
 impl Running {
     /// Re-reads the configuration and applies it whole to every shard, or
     /// refuses it whole. Returns a summary or the reason for refusing.
-    async fn reload(&mut self, reload: &Reload, ctl: &Rc<Control>) -> Result<String, String> {
+    async fn reload(&mut self, reload: &Reload, ctl: &Rc<Control>) -> Result<String, ReloadError> {
         systemd::notify("RELOADING=1");
         let r = self.apply(reload, ctl).await;
         if let Err(e) = &r {
-            tracing::error!("reload refused, the running configuration stays: {e}");
+            tracing::error!(step = e.step(), shard = e.shard(), "reload refused, the running configuration stays: {e}");
         }
         systemd::notify("READY=1");
         r
     }
 
-    async fn apply(&mut self, reload: &Reload, ctl: &Rc<Control>) -> Result<String, String> {
+    async fn apply(&mut self, reload: &Reload, ctl: &Rc<Control>) -> Result<String, ReloadError> {
         // Everything that can fail, with nothing running touched.
-        let new = crate::config::load_for_reload(reload.path.as_deref(), &reload.overrides).map_err(|e| format!("{e:#}"))?;
+        let new = crate::config::load_for_reload(reload.path.as_deref(), &reload.overrides).map_err(|e| ReloadError::File(format!("{e:#}")))?;
         if new.threads != self.cfg.threads {
-            return Err(format!(
-                "threads: {} now, {} in the file: a reload cannot change it (clients would move to shards that do not know them); restart turnd to apply it",
-                self.cfg.threads, new.threads
-            ));
+            return Err(ReloadError::Threads { running: self.cfg.threads, file: new.threads });
         }
         let tls_step = match (&new.tls, &self.certs) {
             (Some(t), Some(c)) if c.same_paths(&t.cert, &t.key) => TlsStep::Reread,
-            (Some(t), Some(c)) => TlsStep::Other(t.cert.clone(), t.key.clone(), c.load_other(&t.cert, &t.key).map_err(|e| format!("tls: {e:#}"))?),
+            (Some(t), Some(c)) => TlsStep::Other(t.cert.clone(), t.key.clone(), c.load_other(&t.cert, &t.key)?),
             (Some(t), None) => {
-                let c = tls::CertStore::load(&t.cert, &t.key).map_err(|e| format!("tls: {e:#}"))?;
-                let sc = c.server_config().map_err(|e| format!("tls: {e:#}"))?;
+                let c = tls::CertStore::load(&t.cert, &t.key)?;
+                let sc = c.server_config().map_err(|e| ConfigError { key: "tls".into(), msg: format!("{e:#}") })?;
                 TlsStep::New(c, TlsAcceptor::from(sc))
             }
             (None, _) => TlsStep::Unchanged,
         };
         for (key, now, was) in [("relay.ip", new.core.relay_v4, self.cfg.core.relay_v4), ("relay.ipv6", new.core.relay_v6, self.cfg.core.relay_v6)] {
             if let Some(r) = now.filter(|r| Some(r.local) != was.map(|w| w.local)) {
-                preflight::check_relay_ip(key, r.local).map_err(|e| e.to_string())?;
+                preflight::check_relay_ip(key, r.local)?;
             }
         }
-        let steps = self.listeners.prepare(&new.listeners).map_err(|e| e.to_string())?;
+        let steps = self.listeners.prepare(&new.listeners)?;
         let metrics_changed = new.metrics_listen != self.metrics.as_ref().map(|m| m.0);
         let metrics_socket = match new.metrics_listen {
-            Some(addr) if metrics_changed => Some(
-                bind_tcp(addr).map_err(|e| preflight::bind_error("metrics.listen", addr, true, &e, preflight::Mode::Start).to_string())?,
-            ),
+            Some(addr) if metrics_changed => {
+                Some(bind_tcp(addr).map_err(|e| preflight::bind_error("metrics.listen", addr, true, &e, preflight::Mode::Start))?)
+            }
             _ => None,
         };
 
-        // Nothing below fails: switch, on every shard.
+        // Every shard prepares, then all switch, or none does (and the
+        // listener bookkeeping goes back to what runs).
+        let before = self.listeners.clone();
+        let (per_shard, log) = self.listeners.commit(steps);
+        let acceptor = match &tls_step {
+            TlsStep::New(_, a) => Some(a),
+            _ => self.acceptor.as_ref(),
+        };
+        if let Err(e) = ctl.apply(Arc::new(new.clone()), &peer_policy(&new), acceptor, per_shard).await {
+            self.listeners = before;
+            return Err(e);
+        }
+
+        // Nothing below fails.
+        log.iter().for_each(|l| tracing::info!("{l}"));
         match tls_step {
             TlsStep::Unchanged => {}
             TlsStep::Reread => match self.certs.as_ref().map(|c| c.reload()) {
@@ -421,8 +439,6 @@ impl Running {
             }
         }
         ctl.shared.set_port_range(port_range(&new));
-        let per_shard = self.listeners.commit(steps);
-        ctl.apply(Arc::new(new.clone()), &peer_policy(&new), self.acceptor.as_ref(), per_shard).await;
         *ctl.admin_token.borrow_mut() = new.admin_token.clone();
         *ctl.listener_names.borrow_mut() = self.listeners.names();
         if metrics_changed {

@@ -23,6 +23,7 @@ mod peek;
 pub mod preflight;
 pub mod proxy;
 pub mod relay;
+mod reload;
 mod request;
 mod sessions;
 mod shard;
@@ -34,6 +35,7 @@ mod systemd;
 pub mod tls;
 
 pub use lifecycle::{run, Reload, SetLog};
+pub use reload::ReloadError;
 pub use sockets::{register_udp, Udp};
 
 use events::WarnLimiter;

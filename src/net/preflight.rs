@@ -30,7 +30,7 @@ pub fn check(cfg: &Config, mode: Mode, now_unix: i64) -> Result<Vec<String>, Con
     let mut notes = Vec::new();
     if let Some(t) = &cfg.tls {
         let provider = rustls::crypto::ring::default_provider();
-        let ck = super::tls::load_key(&t.cert, &t.key, &provider).map_err(|e| bad("tls", format!("{e:#}")))?;
+        let ck = super::tls::load_key(&t.cert, &t.key, &provider)?;
         notes.extend(expiry_note(super::tls::not_after(&ck), now_unix, &t.cert));
     }
     for (key, relay) in [("relay.ip", cfg.core.relay_v4), ("relay.ipv6", cfg.core.relay_v6)] {
@@ -139,15 +139,32 @@ fn bind_problem(key: &str, addr: SocketAddr, stream: bool, e: &std::io::Error, m
                 Ok(format!("{key}: {proto} {addr} is held by a running turnd (pid {pid}); a reload keeps it"))
             }
             Some((pid, name)) => Err(bad(key, format!("{proto} {addr} is in use by {name} (pid {pid})"))),
-            // Held by a process this check cannot see (another container,
-            // another user's process): perhaps the running turnd itself.
-            None if mode == Mode::Check => Ok(format!(
+            // Held by a process this check cannot see (another user's
+            // process, another container): perhaps the running turnd itself,
+            // but only if a turnd runs here at all.
+            None if mode == Mode::Check && another_turnd_runs() => Ok(format!(
                 "{key}: {proto} {addr} is in use by a process this check cannot see; unless it is the running turnd, a start will fail"
+            )),
+            None if mode == Mode::Check => Err(bad(
+                key,
+                format!("{proto} {addr} is in use by a process this check cannot see, and no turnd runs on this host: a start would fail"),
             )),
             None => Err(bad(key, format!("{proto} {addr} is in use by another program"))),
         },
         _ => Err(bad(key, format!("cannot bind {proto} {addr}: {e}"))),
     }
+}
+
+/// Whether a process named turnd other than this one runs on this host
+/// (every user can read a process's name).
+fn another_turnd_runs() -> bool {
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return true };
+    procs.flatten().any(|p| {
+        p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|pid| {
+            pid != me && std::fs::read_to_string(p.path().join("comm")).is_ok_and(|c| c.trim() == "turnd")
+        })
+    })
 }
 
 /// The process holding a socket bound to local `port` (TCP listening or UDP),

@@ -45,8 +45,14 @@ const EXPIRE_BATCH: usize = 256;
 
 /// What the process asks of a shard.
 pub enum Command {
-    /// Settings and listener changes of a start or a reload; `done` when applied.
-    Apply(Box<Apply>),
+    /// First phase of a start or reload: take the new listener sockets into
+    /// this shard's runtime (what can fail here) and hold the new settings;
+    /// answers whether it could. Nothing running changes.
+    Prepare(Box<Apply>),
+    /// Second phase: switch to what reload `id` prepared. Cannot fail.
+    Commit(u64, oneshot::Sender<()>),
+    /// Reload `id` is refused on some shard: drop what it prepared here.
+    Abort(u64),
     Snapshot(oneshot::Sender<crate::metrics::Snapshot>),
     Sessions(oneshot::Sender<Vec<serde_json::Value>>),
     Disconnect(Arc<Selector>, oneshot::Sender<usize>),
@@ -61,12 +67,41 @@ pub enum Command {
 }
 
 pub struct Apply {
+    /// The reload this belongs to (its Commit or Abort names it).
+    pub id: u64,
     pub cfg: Arc<Config>,
     pub policy: PeerPolicy,
     /// Serves the TLS listeners started or changed from now on.
     pub acceptor: Option<TlsAcceptor>,
     pub steps: Vec<Step>,
-    pub done: oneshot::Sender<()>,
+    /// Whether this shard could take every step; why not.
+    pub done: oneshot::Sender<Result<(), StepFailed>>,
+}
+
+/// A step a shard could not prepare: which listener, and the error.
+#[derive(Debug, Clone)]
+pub struct StepFailed {
+    pub listener: String,
+    pub error: String,
+}
+
+/// An [`Apply`] whose fallible part is done, waiting for its Commit.
+struct Prepared {
+    id: u64,
+    cfg: Arc<Config>,
+    policy: PeerPolicy,
+    acceptor: Option<TlsAcceptor>,
+    steps: Vec<Ready>,
+}
+
+/// A [`Step`] with its socket already registered in this shard's runtime.
+enum Ready {
+    AddUdp(u32, Udp),
+    RetireUdp(u32),
+    ReviveUdp(u32),
+    AddStream(u32, TcpListener, Listener),
+    ChangeStream(u32, Listener),
+    RemoveStream(u32),
 }
 
 /// One change to a shard's listeners; a listener group has the same id on
@@ -143,6 +178,12 @@ pub struct Shard {
     timer: Rc<Notify>,
     /// Media dropped toward TCP/TLS clients for being too old.
     pub stale: Rc<stream::StaleDrops>,
+    /// A prepared reload waiting for its Commit or Abort.
+    prepared: Option<Prepared>,
+    /// Test hook (`TURND_TEST_REFUSE_PREPARE=INDEX:PORT`): shard INDEX cannot
+    /// take a new listener socket on PORT, as a shard whose runtime refuses a
+    /// socket would; the reload tests use it to fail one shard only.
+    refuse_prepare: Option<u16>,
     this: Weak<RefCell<Shard>>,
 }
 
@@ -330,6 +371,7 @@ impl Shard {
             send_failures: self.send_failures,
             stale_media: self.stale.messages.get(),
             shards: vec![crate::metrics::ShardCounts {
+                index: self.index,
                 allocations: self.server.allocation_count() as u64,
                 connections: self.connections.iter().sum(),
             }],
@@ -337,60 +379,111 @@ impl Shard {
         }
     }
 
-    /// Applies a configuration to the core. Existing allocations stay.
-    fn apply(&mut self, a: Apply) {
-        let cfg = &a.cfg;
+    /// First phase: registers every new socket with this shard's runtime
+    /// (the part of a listener change that can fail) and keeps the result
+    /// for [`Shard::commit`]. On failure nothing is kept and nothing changed.
+    fn prepare(&mut self, a: Apply) {
+        let Apply { id, cfg, policy, acceptor, steps, done } = a;
+        let mut ready = Vec::with_capacity(steps.len());
+        let mut failed = None;
+        for step in steps {
+            let r = match step {
+                Step::AddUdp(conn, socket) => {
+                    let addr = socket.local_addr().ok();
+                    let listener = addr.map(|a| format!("udp {a}")).unwrap_or_else(|| "udp".into());
+                    self.refused(addr).and_then(|()| register_udp(socket)).map(|s| Ready::AddUdp(conn, s)).map_err(|e| (listener, e))
+                }
+                Step::AddStream(id, socket, l) => {
+                    let listener = format!("{} {}", l.transport.label(), l.address);
+                    self.refused(Some(l.address)).and_then(|()| TcpListener::from_std(socket)).map(|s| Ready::AddStream(id, s, l)).map_err(|e| (listener, e))
+                }
+                Step::RetireUdp(c) => Ok(Ready::RetireUdp(c)),
+                Step::ReviveUdp(c) => Ok(Ready::ReviveUdp(c)),
+                Step::ChangeStream(id, l) => Ok(Ready::ChangeStream(id, l)),
+                Step::RemoveStream(id) => Ok(Ready::RemoveStream(id)),
+            };
+            match r {
+                Ok(r) => ready.push(r),
+                Err((listener, e)) => {
+                    failed = Some(StepFailed { listener, error: e.to_string() });
+                    break;
+                }
+            }
+        }
+        // Dropping `ready` on failure closes the sockets registered so far.
+        let answer = match failed {
+            Some(f) => {
+                tracing::error!(shard = self.index, listener = %f.listener, error = %f.error, "cannot take a listener socket: the reload is refused");
+                Err(f)
+            }
+            None => {
+                self.prepared = Some(Prepared { id, cfg, policy, acceptor, steps: ready });
+                Ok(())
+            }
+        };
+        let _ = done.send(answer);
+    }
+
+    /// The test hook's refusal of a new listener at `addr`, as an I/O error.
+    fn refused(&self, addr: Option<SocketAddr>) -> std::io::Result<()> {
+        match addr {
+            Some(a) if self.refuse_prepare == Some(a.port()) => Err(std::io::Error::other("refused by TURND_TEST_REFUSE_PREPARE")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Second phase: switches to the configuration reload `id` prepared.
+    /// Existing allocations stay. Nothing here fails.
+    fn commit(&mut self, id: u64) {
+        let Some(p) = self.prepared.take_if(|p| p.id == id) else {
+            tracing::error!(shard = self.index, reload = id, "asked to switch to a configuration it did not prepare");
+            return;
+        };
+        let cfg = &p.cfg;
         let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, self.nonce_key.clone());
-        self.server.reconfigure(core_config(cfg), auth, a.policy);
+        self.server.reconfigure(core_config(cfg), auth, p.policy);
         self.relays.reconfigure(cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local), cfg.ports);
         self.limits = StreamLimits::from(&**cfg);
         self.passthrough = cfg.passthrough.clone().map(Rc::new);
-        if a.acceptor.is_some() {
-            self.acceptor = a.acceptor;
+        if p.acceptor.is_some() {
+            self.acceptor = p.acceptor;
         }
         let Some(shard) = self.this.upgrade() else { return };
-        for step in a.steps {
+        for step in p.steps {
             self.step(&shard, step);
         }
-        let _ = a.done.send(());
     }
 
-    fn step(&mut self, shard: &Rc<RefCell<Shard>>, step: Step) {
+    fn step(&mut self, shard: &Rc<RefCell<Shard>>, step: Ready) {
         match step {
-            Step::AddUdp(conn, socket) => match register_udp(socket) {
-                Ok(s) => {
-                    let s = Rc::new(s);
-                    let out = SendBatch::for_socket(s.get_ref().as_raw_fd());
-                    let task = tokio::task::spawn_local(listener_loop(Rc::downgrade(shard), conn, s.clone(), self.rx_batch.clone()));
-                    let i = conn as usize;
-                    if self.udp.len() <= i {
-                        self.udp.resize_with(i + 1, || None);
-                    }
-                    self.udp[i] = Some(UdpListener { socket: s, out, retiring: false, task });
+            Ready::AddUdp(conn, s) => {
+                let s = Rc::new(s);
+                let out = SendBatch::for_socket(s.get_ref().as_raw_fd());
+                let task = tokio::task::spawn_local(listener_loop(Rc::downgrade(shard), conn, s.clone(), self.rx_batch.clone()));
+                let i = conn as usize;
+                if self.udp.len() <= i {
+                    self.udp.resize_with(i + 1, || None);
                 }
-                Err(e) => tracing::error!(shard = self.index, error = %e, "cannot serve a UDP listener socket"),
-            },
-            Step::RetireUdp(conn) | Step::ReviveUdp(conn) => {
+                self.udp[i] = Some(UdpListener { socket: s, out, retiring: false, task });
+            }
+            Ready::RetireUdp(conn) | Ready::ReviveUdp(conn) => {
                 if let Some(Some(l)) = self.udp.get_mut(conn as usize) {
-                    l.retiring = matches!(step, Step::RetireUdp(_));
+                    l.retiring = matches!(step, Ready::RetireUdp(_));
                 }
             }
-            Step::AddStream(id, socket, l) => match TcpListener::from_std(socket) {
-                Ok(s) => {
-                    let s = Rc::new(s);
-                    let task = self.spawn_accept(shard, s.clone(), &l);
-                    self.stream_listeners.insert(id, StreamListener { socket: s, task });
-                }
-                Err(e) => tracing::error!(shard = self.index, error = %e, "cannot serve a TCP listener socket"),
-            },
-            Step::ChangeStream(id, l) => {
+            Ready::AddStream(id, s, l) => {
+                let s = Rc::new(s);
+                let task = self.spawn_accept(shard, s.clone(), &l);
+                self.stream_listeners.insert(id, StreamListener { socket: s, task });
+            }
+            Ready::ChangeStream(id, l) => {
                 if let Some(s) = self.stream_listeners.get(&id).map(|sl| sl.socket.clone()) {
                     let task = self.spawn_accept(shard, s.clone(), &l);
                     // Dropping the old one aborts its accept loop.
                     self.stream_listeners.insert(id, StreamListener { socket: s, task });
                 }
             }
-            Step::RemoveStream(id) => {
+            Ready::RemoveStream(id) => {
                 self.stream_listeners.remove(&id);
             }
         }
@@ -403,7 +496,16 @@ impl Shard {
 
     fn command(&mut self, c: Command) {
         match c {
-            Command::Apply(a) => self.apply(*a),
+            Command::Prepare(a) => self.prepare(*a),
+            Command::Commit(id, done) => {
+                self.commit(id);
+                let _ = done.send(());
+            }
+            Command::Abort(id) => {
+                if self.prepared.take_if(|p| p.id == id).is_some() {
+                    tracing::info!(shard = self.index, "reload refused elsewhere: what this shard prepared is dropped");
+                }
+            }
             Command::Snapshot(tx) => {
                 let _ = tx.send(self.snapshot());
             }
@@ -474,6 +576,8 @@ impl Shard {
                 send_failures: 0,
                 timer: Rc::new(Notify::new()),
                 stale: stream::StaleDrops::new(),
+                prepared: None,
+                refuse_prepare: refuse_prepare_hook(index),
                 this: this.clone(),
             })
         });
@@ -482,6 +586,13 @@ impl Shard {
         tokio::task::spawn_local(timer_loop(Rc::downgrade(&shard), timer));
         shard
     }
+}
+
+/// The port `TURND_TEST_REFUSE_PREPARE=INDEX:PORT` makes shard `index` refuse.
+fn refuse_prepare_hook(index: usize) -> Option<u16> {
+    let v = std::env::var("TURND_TEST_REFUSE_PREPARE").ok()?;
+    let (shard, port) = v.trim().split_once(':')?;
+    (shard.parse::<usize>().ok()? == index).then(|| port.parse().ok()).flatten()
 }
 
 /// Queues a client's datagram for `peer` on relay socket `relay`, to leave

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
-use anyhow::{anyhow, Context as _};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+
+use crate::config::ConfigError;
 
 /// ALPN names for TURN over TLS (RFC 7443). Clients that offer no ALPN are accepted too.
 pub const ALPN: &[&[u8]] = &[b"stun.turn", b"stun.nat-discovery"];
@@ -68,24 +69,30 @@ fn pem_trouble(path: &Path, want_key: bool) -> Option<String> {
 }
 
 /// Loads a certificate chain and its key, checking that they belong together.
-/// Errors say what is wrong with which file.
-pub fn load_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
-    if let Some(t) = pem_trouble(cert, false).or_else(|| pem_trouble(key, true)) {
-        return Err(anyhow!(t));
+/// Errors say what is wrong with which file, under the key that names it
+/// (`tls.cert` or `tls.key`).
+pub fn load_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, ConfigError> {
+    let on_cert = |msg: String| ConfigError { key: "tls.cert".into(), msg };
+    let on_key = |msg: String| ConfigError { key: "tls.key".into(), msg };
+    if let Some(t) = pem_trouble(cert, false) {
+        return Err(on_cert(t));
+    }
+    if let Some(t) = pem_trouble(key, true) {
+        return Err(on_key(t));
     }
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("cannot read certificate {}", cert.display()))?
+        .map_err(|e| on_cert(format!("cannot read certificate {}: {e}", cert.display())))?
         .collect::<Result<_, _>>()
-        .map_err(|e| anyhow!("certificate {}: {e}", cert.display()))?;
+        .map_err(|e| on_cert(format!("certificate {}: {e}", cert.display())))?;
     if chain.is_empty() {
-        return Err(anyhow!("certificate {} holds no PEM certificate", cert.display()));
+        return Err(on_cert(format!("certificate {} holds no PEM certificate", cert.display())));
     }
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow!("private key {}: {e}", key.display()))?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| on_key(format!("private key {}: {e}", key.display())))?;
     CertifiedKey::from_der(chain, der, provider).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => {
-            anyhow!("the private key {} does not belong to the certificate {}", key.display(), cert.display())
+            on_key(format!("the private key {} does not belong to the certificate {}", key.display(), cert.display()))
         }
-        e => anyhow!("certificate {} and key {}: {e}", cert.display(), key.display()),
+        e => on_cert(format!("certificate {} and key {}: {e}", cert.display(), key.display())),
     })
 }
 
@@ -95,7 +102,7 @@ pub fn not_after(ck: &CertifiedKey) -> Option<i64> {
 }
 
 impl CertStore {
-    pub fn load(cert: &Path, key: &Path) -> anyhow::Result<Arc<CertStore>> {
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<CertStore>, ConfigError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let ck = load_key(cert, key, &provider)?;
         Ok(Arc::new(CertStore {
@@ -116,7 +123,7 @@ impl CertStore {
     }
 
     /// Loads other files (a reload), without installing them yet.
-    pub fn load_other(&self, cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
+    pub fn load_other(&self, cert: &Path, key: &Path) -> Result<CertifiedKey, ConfigError> {
         load_key(cert, key, &self.provider)
     }
 
@@ -133,7 +140,7 @@ impl CertStore {
     }
 
     /// Loads the files again. On error the current certificate keeps serving.
-    pub fn reload(&self) -> anyhow::Result<()> {
+    pub fn reload(&self) -> Result<(), ConfigError> {
         let (cert, key) = self.paths();
         let stamp = mtime(&cert).zip(mtime(&key));
         let ck = load_key(&cert, &key, &self.provider);
@@ -144,7 +151,7 @@ impl CertStore {
     }
 
     /// Reloads when either file's modification time changed; `None` when unchanged.
-    pub fn reload_if_changed(&self) -> Option<anyhow::Result<()>> {
+    pub fn reload_if_changed(&self) -> Option<Result<(), ConfigError>> {
         let (cert, key) = self.paths();
         let now = mtime(&cert).zip(mtime(&key));
         if now.is_none() || *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) == now {
