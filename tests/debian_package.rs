@@ -5,9 +5,16 @@
 //! answers a STUN Binding on loopback as the turnd user, and `dpkg --purge`
 //! leaves nothing behind.
 //!
-//! It changes the real system (/usr/bin, /etc/turnd, a `turnd` user), so it
-//! runs only as root, purges the package even when an assertion fails, and
-//! refuses to touch a turnd package it did not install.
+//! A second test installs over the state turnd leaves when run as root before
+//! the package (/var/lib/turnd/secret owned by root, mode 0600): postinst says
+//! it hands the directory to the turnd user, the service's documented check
+//! then passes as that user, and a symbolic link in its place is refused.
+//!
+//! They change the real system (/usr/bin, /etc/turnd, /var/lib/turnd, a
+//! `turnd` user), so they run only as root, one at a time, from a clean state:
+//! an existing /etc/turnd or /var/lib/turnd is moved aside and put back
+//! exactly, and the package purged, even when an assertion fails. They refuse
+//! to touch a turnd package, or a turnd user, they did not create.
 
 mod common;
 
@@ -16,11 +23,19 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use turnd::stun::{attr, method, Class, Message};
 
 const PACKAGE: &str = "turnd";
+/// What the package (or turnd run as root) creates outside its own files.
+const STATE: &str = "/var/lib/turnd";
+const CONFIG_DIR: &str = "/etc/turnd";
+
+/// One test at a time installs the package: cargo runs a file's tests in
+/// parallel threads, and both use the same system paths.
+static SYSTEM: Mutex<()> = Mutex::new(());
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
@@ -34,18 +49,77 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-fn installed() -> bool {
+/// dpkg's state of the package: "installed", "half-configured", ..., or
+/// "not-installed".
+fn status() -> String {
     Command::new("dpkg-query")
         .args(["-W", "-f=${db:Status-Status}", PACKAGE])
         .output()
-        .is_ok_and(|o| o.status.success() && o.stdout != b"not-installed")
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(|| "not-installed".to_owned(), |o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn installed() -> bool {
+    status() != "not-installed"
 }
 
 /// Purges the package (and stops the turnd it started) when dropped, so a
-/// failed assertion does not leave the package installed.
+/// failed assertion does not leave the package installed, then puts back
+/// what was at /var/lib/turnd and /etc/turnd before the test.
 struct Installed {
     child: Option<Child>,
     dir: PathBuf,
+    /// (path, where the test moved what was there).
+    aside: Vec<(PathBuf, PathBuf)>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Installed {
+    /// The system as the package's first install finds it, or `None` when
+    /// this is not root with dpkg: the package not installed (refused), no
+    /// turnd user (purge would delete it: refused), no /etc/turnd and no
+    /// /var/lib/turnd (moved aside, to be restored on drop).
+    fn begin(name: &str) -> Option<Installed> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if euid != 0 || !common_have("dpkg") {
+            eprintln!("not root or no dpkg: the package is not installed here");
+            return None;
+        }
+        // A test that failed released the lock poisoned; the state it left
+        // was restored by its guard.
+        let serial = SYSTEM.lock().unwrap_or_else(PoisonError::into_inner);
+        assert!(
+            !installed(),
+            "a {PACKAGE} package is already installed on this machine; this test installs and purges its own \
+             (remove it first: dpkg --purge {PACKAGE})"
+        );
+        for db in ["passwd", "group"] {
+            let found = Command::new("getent").args([db, "turnd"]).output().unwrap();
+            assert!(
+                !found.status.success(),
+                "a turnd entry exists in {db} without the package: this test's purge would delete it; \
+                 remove it first or run the test elsewhere: {}",
+                String::from_utf8_lossy(&found.stdout).trim()
+            );
+        }
+        let dir = common::temp_dir(name);
+        std::fs::set_permissions(&dir, PermissionsExt::from_mode(0o755)).unwrap();
+        let mut guard = Installed { child: None, dir, aside: Vec::new(), _serial: serial };
+        let stamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        for p in [STATE, CONFIG_DIR] {
+            let p = Path::new(p);
+            if p.symlink_metadata().is_ok() {
+                // Beside it, so the rename keeps it whole (same file system).
+                let to = PathBuf::from(format!("{}.debian-package-test-{}-{stamp}", p.display(), std::process::id()));
+                std::fs::rename(p, &to).unwrap_or_else(|e| panic!("move {} aside to {}: {e}", p.display(), to.display()));
+                eprintln!("moved {} aside to {} until the test ends", p.display(), to.display());
+                guard.aside.push((p.to_owned(), to));
+            }
+        }
+        Some(guard)
+    }
 }
 
 impl Drop for Installed {
@@ -56,7 +130,98 @@ impl Drop for Installed {
         }
         let _ = Command::new("timeout").args(["60", "dpkg", "--purge", PACKAGE]).stdout(Stdio::null()).stderr(Stdio::null()).status();
         let _ = std::fs::remove_dir_all(&self.dir);
+        // What the test made there (purge removes it; a failed test may not
+        // have got that far) goes, what was there before comes back.
+        for p in [STATE, CONFIG_DIR] {
+            let p = Path::new(p);
+            let removed = match p.symlink_metadata() {
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+                Ok(_) => std::fs::remove_file(p),
+                Err(_) => Ok(()),
+            };
+            if let Err(e) = removed {
+                eprintln!("cannot remove {} the test left: {e}", p.display());
+            }
+        }
+        for (p, from) in self.aside.drain(..) {
+            match std::fs::rename(&from, &p) {
+                Ok(()) => eprintln!("restored {}", p.display()),
+                Err(e) => eprintln!("cannot restore {} from {}: {e}", p.display(), from.display()),
+            }
+        }
     }
+}
+
+/// Builds the package from the binaries of this test run (target/debug), not
+/// a release build, into `dir`.
+fn build_deb(dir: &Path) -> PathBuf {
+    assert!(Path::new(env!("CARGO_BIN_EXE_turnd")).parent().unwrap().ends_with("debug"));
+    let out = run(Command::new("timeout")
+        .arg("120")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/debian/build-deb.sh"))
+        .args(["--no-build", "--profile", "dev", "--fast", "--out"])
+        .arg(dir));
+    let deb = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let arch = String::from_utf8(run(Command::new("dpkg").arg("--print-architecture")).stdout).unwrap();
+    assert_eq!(
+        deb.file_name().unwrap().to_str().unwrap(),
+        format!("turnd_{}_{}.deb", env!("CARGO_PKG_VERSION"), arch.trim()),
+        "package file name"
+    );
+    deb
+}
+
+fn dpkg_install(deb: &Path) -> Command {
+    let mut c = Command::new("timeout");
+    c.arg("120").args(["dpkg", "-i"]).arg(deb).env("DEBIAN_FRONTEND", "noninteractive");
+    c
+}
+
+/// The config check exactly as deploy/README.md gives it to operators (as
+/// the turnd user); its output.
+fn documented_check() -> Output {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/README.md")).unwrap();
+    let check = readme
+        .lines()
+        .find(|l| l.starts_with("runuser -u turnd") && l.contains("--check-config"))
+        .expect("deploy/README.md shows the package's config check");
+    Command::new("timeout").args(["30", "sh", "-c", check]).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").output().unwrap()
+}
+
+fn turnd_ids() -> (u32, u32) {
+    let pw = String::from_utf8(run(Command::new("getent").args(["passwd", "turnd"])).stdout).unwrap();
+    let fields: Vec<&str> = pw.trim().split(':').collect();
+    (fields[2].parse().unwrap(), fields[3].parse().unwrap())
+}
+
+/// (owner, group, permission bits) of `path`, not following a link.
+fn owner_mode(path: &str) -> (u32, u32, u32) {
+    let m = std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+/// Purges the package and checks that nothing of it, its user or its state
+/// is left.
+fn purge_leaves_nothing(files: &[String]) {
+    let out = run(Command::new("timeout").args(["60", "dpkg", "--purge", PACKAGE]));
+    assert!(!installed(), "still installed after purge");
+    let left: Vec<&String> = files.iter().filter(|f| {
+        let p = Path::new(f.as_str());
+        // Shared directories (/usr/bin, /usr/share/man, ...) stay, as they should.
+        p.exists() && !(p.is_dir() && std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_some()))
+    }).collect();
+    assert!(left.is_empty(), "left after purge: {left:?}\n{}", String::from_utf8_lossy(&out.stdout));
+    for p in [CONFIG_DIR, STATE, "/usr/share/turnd"] {
+        assert!(Path::new(p).symlink_metadata().is_err(), "{p} is left after purge");
+    }
+    let user = Command::new("getent").args(["passwd", "turnd"]).output().unwrap();
+    assert!(!user.status.success(), "the turnd user is left after purge");
+    let group = Command::new("getent").args(["group", "turnd"]).output().unwrap();
+    assert!(!group.status.success(), "the turnd group is left after purge");
+}
+
+fn package_files() -> Vec<String> {
+    String::from_utf8(run(Command::new("dpkg").args(["-L", PACKAGE])).stdout).unwrap().lines().map(str::to_owned).collect()
 }
 
 fn gunzip(path: &Path) -> String {
@@ -88,46 +253,21 @@ fn binding(server: SocketAddr, deadline: Instant) -> Option<(SocketAddr, SocketA
 
 #[test]
 fn package_builds_installs_runs_and_purges_cleanly() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 || !common_have("dpkg") {
-        eprintln!("not root or no dpkg: the package is not installed here");
-        return;
-    }
-    assert!(
-        !installed(),
-        "a {PACKAGE} package is already installed on this machine; this test installs and purges its own \
-         (remove it first: dpkg --purge {PACKAGE})"
-    );
+    let Some(mut guard) = Installed::begin("deb") else { return };
     let started = Instant::now();
-    let dir = common::temp_dir("deb");
-    std::fs::set_permissions(&dir, PermissionsExt::from_mode(0o755)).unwrap();
-    let mut guard = Installed { child: None, dir: dir.clone() };
-
-    // Build from the binaries of this test run (target/debug), not a release build.
-    assert!(Path::new(env!("CARGO_BIN_EXE_turnd")).parent().unwrap().ends_with("debug"));
-    let out = run(Command::new("timeout")
-        .arg("120")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/debian/build-deb.sh"))
-        .args(["--no-build", "--profile", "dev", "--fast", "--out"])
-        .arg(&dir));
-    let deb = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    let arch = String::from_utf8(run(Command::new("dpkg").arg("--print-architecture")).stdout).unwrap();
-    assert_eq!(
-        deb.file_name().unwrap().to_str().unwrap(),
-        format!("turnd_{}_{}.deb", env!("CARGO_PKG_VERSION"), arch.trim()),
-        "package file name"
-    );
+    let dir = guard.dir.clone();
+    let deb = build_deb(&dir);
     let built = started.elapsed();
 
     // Install.
-    run(Command::new("timeout").arg("120").args(["dpkg", "-i"]).arg(&deb).env("DEBIAN_FRONTEND", "noninteractive"));
+    let out = run(&mut dpkg_install(&deb));
     assert!(installed());
-    let files: Vec<String> = String::from_utf8(run(Command::new("dpkg").args(["-L", PACKAGE])).stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("already existed"),
+        "a first install into a clean state takes over nothing:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let files = package_files();
     let listed: BTreeSet<&str> = files.iter().map(String::as_str).collect();
     for f in [
         "/usr/bin/turnd",
@@ -209,14 +349,14 @@ fn package_builds_installs_runs_and_purges_cleanly() {
             .env("STATE_DIRECTORY", "/var/lib/turnd");
         c
     };
-    // The check exactly as deploy/README.md gives it to operators.
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/README.md")).unwrap();
-    let check = readme
-        .lines()
-        .find(|l| l.starts_with("runuser -u turnd") && l.contains("--check-config"))
-        .expect("deploy/README.md shows the package's config check");
-    let out = run(Command::new("timeout").args(["30", "sh", "-c", check]).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok"), "{check}");
+    let out = documented_check();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("configuration ok"),
+        "the documented check as turnd ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     for f in ["/var/lib/turnd/secret", "/var/lib/turnd/admin-token"] {
         let m = std::fs::metadata(f).unwrap_or_else(|e| panic!("{f} after the check: {e}"));
         assert_eq!(m.uid(), uid, "{f} belongs to turnd, so the service can read it");
@@ -261,24 +401,91 @@ fn package_builds_installs_runs_and_purges_cleanly() {
     let _ = child.wait();
 
     // Purge: nothing of the package, its user or its state is left.
-    let out = run(Command::new("timeout").args(["60", "dpkg", "--purge", PACKAGE]));
-    assert!(!installed(), "still installed after purge");
-    let left: Vec<&String> = files.iter().filter(|f| {
-        let p = Path::new(f.as_str());
-        // Shared directories (/usr/bin, /usr/share/man, ...) stay, as they should.
-        p.exists() && !(p.is_dir() && std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_some()))
-    }).collect();
-    assert!(left.is_empty(), "left after purge: {left:?}\n{}", String::from_utf8_lossy(&out.stdout));
-    for p in ["/etc/turnd", "/var/lib/turnd", "/usr/share/turnd"] {
-        assert!(!Path::new(p).exists(), "{p} is left after purge");
-    }
-    let user = Command::new("getent").args(["passwd", "turnd"]).output().unwrap();
-    assert!(!user.status.success(), "the turnd user is left after purge");
-    let group = Command::new("getent").args(["group", "turnd"]).output().unwrap();
-    assert!(!group.status.success(), "the turnd group is left after purge");
+    purge_leaves_nothing(&files);
     eprintln!("package built in {built:?}; whole test {:?}", started.elapsed());
 }
 
 fn common_have(cmd: &str) -> bool {
     Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().is_ok_and(|o| o.status.success())
+}
+
+/// turnd run as root before the package (`cargo run --bin turnd`, or a
+/// manual install) leaves its secret and admin token in /var/lib/turnd owned
+/// by root; the package hands them to its user, says so, and the documented
+/// check then passes as that user with the same secret. A symbolic link in
+/// place of the directory is refused, and what it points to left alone.
+#[test]
+fn package_takes_over_state_that_turnd_made_as_root() {
+    let Some(guard) = Installed::begin("deb-takeover") else { return };
+    let started = Instant::now();
+    let deb = build_deb(&guard.dir);
+
+    // turnd as root, with no StateDirectory: its state goes to /var/lib/turnd.
+    let out = run(Command::new("timeout")
+        .arg("30")
+        .arg(env!("CARGO_BIN_EXE_turnd"))
+        .arg("--config")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/turnd.toml"))
+        .arg("--check-config")
+        .env_remove("STATE_DIRECTORY"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok"));
+    let secret = format!("{STATE}/secret");
+    let token = format!("{STATE}/admin-token");
+    assert_eq!(owner_mode(&secret), (0, 0, 0o600), "{secret} as turnd run as root leaves it");
+    assert_eq!(owner_mode(&token), (0, 0, 0o600), "{token} as turnd run as root leaves it");
+    assert_eq!(owner_mode(STATE).0, 0, "{STATE} as turnd run as root leaves it");
+    let secret_before = std::fs::read(&secret).unwrap();
+
+    let out = run(&mut dpkg_install(&deb));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(installed());
+    assert!(
+        said.contains("turnd: /var/lib/turnd already existed; it and what it holds now belong to the turnd user")
+            && said.lines().any(|l| l.trim() == secret)
+            && said.lines().any(|l| l.trim() == token),
+        "postinst says which files it handed to turnd:\n{said}"
+    );
+    let (uid, gid) = turnd_ids();
+    assert_eq!(owner_mode(STATE), (uid, gid, 0o700), "{STATE}");
+    assert_eq!(owner_mode(&secret), (uid, gid, 0o600), "{secret}");
+    assert_eq!(owner_mode(&token), (uid, gid, 0o600), "{token}");
+    assert_eq!(std::fs::read(&secret).unwrap(), secret_before, "the secret is kept (clients use it), only its owner changes");
+
+    let out = documented_check();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("configuration ok"),
+        "the documented check as turnd after the takeover ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Configuring again (a reinstall, an upgrade) finds nothing to take over.
+    let out = run(&mut dpkg_install(&deb));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("already existed"), "{}", String::from_utf8_lossy(&out.stdout));
+    let files = package_files();
+    purge_leaves_nothing(&files);
+
+    // /var/lib/turnd a symbolic link: chown -R there would hand over what it
+    // points to. The package refuses to configure and changes nothing there.
+    let elsewhere = guard.dir.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("secret"), "not turnd's\n").unwrap();
+    std::fs::set_permissions(elsewhere.join("secret"), PermissionsExt::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, STATE).unwrap();
+    let out = dpkg_install(&deb).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "dpkg -i with {STATE} a symbolic link succeeded:\n{err}");
+    assert!(
+        err.contains("turnd: /var/lib/turnd is a symbolic link") && err.contains("dpkg --configure turnd"),
+        "postinst says why it refuses and what to do:\n{err}"
+    );
+    assert_eq!(status(), "half-configured", "the package is left unconfigured");
+    assert!(std::fs::symlink_metadata(STATE).unwrap().file_type().is_symlink(), "{STATE} is left as it was");
+    let s = elsewhere.join("secret");
+    assert_eq!(owner_mode(s.to_str().unwrap()), (0, 0, 0o600), "the link's target is untouched");
+    assert_eq!(owner_mode(elsewhere.to_str().unwrap()).0, 0, "the link's target is untouched");
+    purge_leaves_nothing(&files);
+    assert!(s.is_file(), "purge removes the link, not what it points to");
+    eprintln!("takeover test {:?}", started.elapsed());
 }
