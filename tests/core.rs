@@ -694,9 +694,10 @@ fn bandwidth_caps_hold_each_direction_and_the_whole_relay() {
     c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 3600)], Some(&cr));
     assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
     // 4 Mbit/s offered for 10 s (1,000-byte packets every 2 ms): the burst
-    // (125 packets) and then 1 Mbit/s (125 a second) pass.
+    // and then 1 Mbit/s pass, each packet charged what it takes on the wire
+    // (1,000 bytes + 28 of IPv4/UDP + 4 of ChannelData): 125,000 x 11 / 1,032.
     let (passed, relay) = relay_paced(&mut c, t, 5_000, 1_000, Duration::from_millis(2));
-    assert!((1_370..=1_376).contains(&passed), "{passed} of 5000 passed");
+    assert!((1_329..=1_335).contains(&passed), "{passed} of 5000 passed");
     assert_eq!(c.server.stats.dropped_allocation_bandwidth, 5_000 - passed as u64);
     assert_eq!(c.server.stats.to_peer[0].packets, passed as u64, "only what passed is counted as relayed");
     // Reported once, however many are dropped.
@@ -711,7 +712,8 @@ fn bandwidth_caps_hold_each_direction_and_the_whole_relay() {
         let now = base + Duration::from_millis(i as u64);
         from_peer += c.server.handle_peer(relay, "8.8.8.8:5000".parse().unwrap(), &[0u8; 1_000], now, &mut c.out).is_some() as u32;
     }
-    assert!((370..=376).contains(&from_peer), "{from_peer} of 2000 peer packets passed");
+    // 125,000 x 3 / 1,032.
+    assert!((360..=366).contains(&from_peer), "{from_peer} of 2000 peer packets passed");
 
     // A relay-wide cap of 1 Mbit/s shared by two allocations without their own cap.
     let cfg = ServerConfig { total_bytes_per_second: 125_000, ..config() };
@@ -732,7 +734,37 @@ fn bandwidth_caps_hold_each_direction_and_the_whole_relay() {
         }
     }
     let total = passed[0] + passed[1];
-    assert!((745..=751).contains(&total), "{passed:?} passed in 5 s");
+    // 125,000 x 6 / 1,032.
+    assert!((723..=729).contains(&total), "{passed:?} passed in 5 s");
     assert_eq!(c.server.stats.dropped_total_bandwidth, 5_000 - total as u64);
     assert_eq!(c.server.stats.dropped_allocation_bandwidth, 0);
+}
+
+#[test]
+fn empty_and_tiny_messages_are_charged_what_they_take_on_the_wire() {
+    // 1 Mbit/s: 200,000 empty ChannelData messages in 2 s. Each empty one is
+    // worth its headers on the wire (28 bytes of IPv4/UDP to the peer, 4 of
+    // ChannelData from the client), so the burst and 2 s at the rate pass:
+    // 125,000 x 3 / 32 = 11,718, not all 200,000.
+    let cfg = ServerConfig { allocation_bytes_per_second: 125_000, ..config() };
+    let mut c = Core::with(cfg, policy(), vec![SECRET.to_vec()]);
+    let t = tuple(40043);
+    let (cr, _) = c.allocate(t, "tiny");
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
+    let start = c.now.mono;
+    let empty = ChannelData::header(0x4000, 0);
+    let mut passed = 0u32;
+    for i in 0..200_000u32 {
+        c.now.mono = start + Duration::from_micros(10) * i;
+        if let Some((_, _, data)) = c.feed_relay(t, &empty) {
+            assert!(data.is_empty());
+            passed += 1;
+        }
+    }
+    assert!((11_700..=11_720).contains(&passed), "{passed} of 200,000 empty messages passed");
+    // 1-byte messages: what leaves on the wire (payload and IPv4/UDP
+    // headers) stays under the cap, however small the payload.
+    let (passed, _) = relay_paced(&mut c, t, 100_000, 1, Duration::from_micros(20));
+    let wire_bits_per_s = passed as f64 * (1.0 + 28.0) * 8.0 / 2.0;
+    assert!(wire_bits_per_s <= 1_000_000.0, "{passed} one-byte messages in 2 s: {wire_bits_per_s} bit/s on the wire");
 }

@@ -11,9 +11,26 @@ pub(super) enum Direction {
     FromPeer,
 }
 
-/// Takes `len` bytes from the allocation's and the server's budgets for
-/// `dir`; `false` drops the packet, counted by the cap that stopped it. The
-/// first time an allocation goes over its own cap is reported as an event.
+/// What a relayed payload of `len` bytes to or from `peer` costs against the
+/// caps: what it takes on the wire, not only its payload. The datagram on the
+/// peer's leg carries IP and UDP headers (28 bytes over IPv4, 48 over IPv6)
+/// and the client's leg at least the 4-byte ChannelData header. So an empty
+/// ChannelData message is worth 32 bytes (over IPv4): relayed, as RFC 8656
+/// allows, but a flood of empty or tiny messages is held to the cap in wire
+/// bytes like any other.
+#[inline]
+pub(super) fn wire_cost(len: usize, peer: &SocketAddr) -> usize {
+    let ip_udp = if peer.is_ipv4() { 28 } else { 48 };
+    len + ip_udp + CHANNEL_HEADER
+}
+
+/// The ChannelData header, the least framing a relayed payload has on the client's leg.
+const CHANNEL_HEADER: usize = 4;
+
+/// Takes `len` bytes (see [`wire_cost`]) from the allocation's and the
+/// server's budgets for `dir`; `false` drops the packet, counted by the cap
+/// that stopped it. The first time an allocation goes over its own cap is
+/// reported as an event.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub(super) fn within_budget(
@@ -66,7 +83,7 @@ impl Server {
             return Output::None;
         }
         let Some(relay) = a.relay_for(&peer) else { return Output::None };
-        if !within_budget(Direction::ToPeer, a, &mut self.total_to_peer, &self.cfg, &mut self.stats, &mut self.events, cd.data.len(), now) {
+        if !within_budget(Direction::ToPeer, a, &mut self.total_to_peer, &self.cfg, &mut self.stats, &mut self.events, wire_cost(cd.data.len(), &peer), now) {
             return Output::None;
         }
         a.bytes_to_peer += cd.data.len() as u64;
@@ -113,7 +130,7 @@ impl Server {
             return Output::None;
         }
         let Some(relay) = a.relay_for(&peer) else { return Output::None };
-        if !within_budget(Direction::ToPeer, a, &mut self.total_to_peer, &self.cfg, &mut self.stats, &mut self.events, data.len(), now) {
+        if !within_budget(Direction::ToPeer, a, &mut self.total_to_peer, &self.cfg, &mut self.stats, &mut self.events, wire_cost(data.len(), &peer), now) {
             return Output::None;
         }
         a.bytes_to_peer += data.len() as u64;
@@ -144,7 +161,7 @@ impl Server {
             self.stats.dropped_no_permission += 1;
             return None;
         }
-        if !within_budget(Direction::FromPeer, a, &mut self.total_from_peer, &self.cfg, &mut self.stats, &mut self.events, data.len(), now) {
+        if !within_budget(Direction::FromPeer, a, &mut self.total_from_peer, &self.cfg, &mut self.stats, &mut self.events, wire_cost(data.len(), &from), now) {
             return None;
         }
         let n = if let Some(ch) = a.channel_for_peer(from, now) {
