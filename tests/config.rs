@@ -276,3 +276,30 @@ fn the_admin_section_is_documented_with_its_keys() {
         assert!(section.lines().any(|l| l.trim_start_matches("# ").starts_with(key)), "[admin] {key} is not documented");
     }
 }
+
+#[test]
+fn a_passthrough_backend_that_is_turnds_own_listener_in_any_spelling_is_a_loop() {
+    let port = common::free_port();
+    for (listen, backend) in [
+        ("127.0.0.1", format!("127.0.0.1:{port}")),
+        ("127.0.0.1", format!("[::ffff:127.0.0.1]:{port}")),
+        ("0.0.0.0", format!("[::ffff:127.0.0.1]:{port}")),
+        ("0.0.0.0", format!("198.18.0.1:{port}")),
+        ("[::]", format!("[::1]:{port}")),
+    ] {
+        let toml = format!(
+            "[auth]\nsecrets = [\"s3cret\"]\n[[listen]]\ntransport = \"tls\"\naddress = \"{listen}:{port}\"\n\
+             [tls]\ncert = \"c\"\nkey = \"k\"\nturn_names = [\"turn.example\"]\n[tls.passthrough]\nbackend = \"{backend}\"\n"
+        );
+        let (rc, err) = check_args(&toml, &["--check-config", "--file-only"]);
+        assert_eq!(rc, 2, "{listen} {backend}: {err}");
+        assert!(err.contains("tls.passthrough.backend") && err.contains("a loop"), "{listen} {backend}: {err}");
+    }
+    // Another port, or the other family on a wildcard listener, is no loop.
+    let toml = format!(
+        "[auth]\nsecrets = [\"s3cret\"]\n[[listen]]\ntransport = \"tls\"\naddress = \"0.0.0.0:{port}\"\n\
+         [tls]\ncert = \"c\"\nkey = \"k\"\nturn_names = [\"turn.example\"]\n[tls.passthrough]\nbackend = \"[::1]:{port}\"\n"
+    );
+    let (_, err) = check_args(&toml, &["--check-config", "--file-only"]);
+    assert!(!err.contains("a loop"), "{err}");
+}

@@ -194,6 +194,9 @@ fn parse_passthrough(t: &TlsSection, listeners: &[Listener]) -> Result<Option<Pa
         .trim()
         .parse()
         .map_err(|_| bad("tls.passthrough.backend", format!("`{}` is not IP:PORT (the web server, e.g. 127.0.0.1:8443)", p.backend)))?;
+    // `[::ffff:127.0.0.1]:443` is 127.0.0.1:443: compare (and connect) in
+    // canonical form, or a loop through turnd's own listener would pass.
+    let backend = SocketAddr::new(backend.ip().to_canonical(), backend.port());
     if backend.port() == 0 || backend.ip().is_unspecified() {
         return Err(bad("tls.passthrough.backend", format!("`{backend}` needs a concrete address and port")));
     }
@@ -208,7 +211,10 @@ fn parse_passthrough(t: &TlsSection, listeners: &[Listener]) -> Result<Option<Pa
     if tls_listeners.is_empty() {
         return Err(bad("tls.passthrough", "needs a [[listen]] with transport = \"tls\""));
     }
-    if tls_listeners.iter().any(|l| l.address.port() == backend.port() && (l.address.ip() == backend.ip() || l.address.ip().is_unspecified())) {
+    if tls_listeners.iter().any(|l| {
+        let ip = l.address.ip().to_canonical();
+        l.address.port() == backend.port() && (ip == backend.ip() || (ip.is_unspecified() && ip.is_ipv4() == backend.is_ipv4()))
+    }) {
         return Err(bad("tls.passthrough.backend", format!("`{backend}` is turnd's own TLS listener (a loop)")));
     }
     Ok(Some(Passthrough { turn_names: names, backend, proxy_header, idle_timeout }))
