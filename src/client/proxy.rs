@@ -26,6 +26,17 @@ pub struct HttpProxy {
 }
 
 impl HttpProxy {
+    /// Sends `user:pass` (as read from a file or the environment, not the
+    /// command line) as the proxy's Basic credentials.
+    pub fn with_auth(mut self, user_pass: &str) -> Result<HttpProxy, String> {
+        let up = user_pass.trim();
+        if up.is_empty() || !up.contains(':') {
+            return Err("proxy credentials must be USER:PASS".into());
+        }
+        self.auth = Some(up.to_owned());
+        Ok(self)
+    }
+
     /// `http://[user:pass@]host[:port]` (port 80 when left out; `http://`
     /// may be left out too).
     pub fn parse(url: &str) -> Result<HttpProxy, String> {
@@ -268,6 +279,9 @@ mod tests {
         assert_eq!(HttpProxy::parse("http://proxy.corp").unwrap().port, 80);
         let p = HttpProxy::parse("HTTP://al%40ice:p%3Ass@[2001:db8::1]:3128").unwrap();
         assert_eq!((p.host.as_str(), p.port, p.auth.as_deref()), ("2001:db8::1", 3128, Some("al@ice:p:ss")));
+        let p = HttpProxy::parse("http://proxy.corp:3128").unwrap().with_auth("bob:pa:ss\n").unwrap();
+        assert_eq!(p.auth.as_deref(), Some("bob:pa:ss"));
+        assert!(HttpProxy::parse("http://proxy.corp:3128").unwrap().with_auth("nopassword").is_err());
         assert_eq!(p.display(), "http://al@ice:***@[2001:db8::1]:3128");
         for bad in ["https://p:3128", "socks5://p:1080", "http://:3128", "http://p:99999", "http://p:0", "http://p:3128/path"] {
             assert!(HttpProxy::parse(bad).is_err(), "{bad}");

@@ -93,6 +93,11 @@ pub struct CheckArgs {
     /// names the relay); `--proxy ''` ignores them. UDP is not tried: a proxy cannot carry it.
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
+    /// The proxy's credentials, USER:PASS on the first line of FILE, kept out of the process
+    /// list (a password in --proxy's URL is visible to other users of this host). Also read
+    /// from the TURNCTL_PROXY_AUTH environment variable.
+    #[arg(long, value_name = "FILE")]
+    pub proxy_auth_file: Option<PathBuf>,
     #[arg(long)]
     pub no_udp: bool,
     #[arg(long)]
@@ -171,6 +176,22 @@ impl Options {
             Some("") => None,
             Some(url) => Some(HttpProxy::parse(url).map_err(|e| format!("--proxy: {e}"))?),
             None => HttpProxy::from_env(&host, |k| std::env::var(k).ok()).transpose()?,
+        };
+        let auth = match &a.proxy_auth_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| format!("--proxy-auth-file: cannot read {}: {e}", f.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            None => std::env::var("TURNCTL_PROXY_AUTH").ok().filter(|v| !v.trim().is_empty()),
+        };
+        let proxy = match (proxy, auth) {
+            (Some(p), Some(up)) => Some(p.with_auth(&up).map_err(|e| format!("--proxy-auth-file: {e}"))?),
+            (None, Some(_)) if a.proxy_auth_file.is_some() => return Err("--proxy-auth-file: no proxy (give --proxy or HTTPS_PROXY)".into()),
+            (p, _) => p,
         };
         Ok(Options {
             proxy,
