@@ -279,8 +279,8 @@ mod tests {
         assert_eq!(HttpProxy::parse("http://proxy.corp").unwrap().port, 80);
         let p = HttpProxy::parse("HTTP://al%40ice:p%3Ass@[2001:db8::1]:3128").unwrap();
         assert_eq!((p.host.as_str(), p.port, p.auth.as_deref()), ("2001:db8::1", 3128, Some("al@ice:p:ss")));
-        let p = HttpProxy::parse("http://proxy.corp:3128").unwrap().with_auth("bob:pa:ss\n").unwrap();
-        assert_eq!(p.auth.as_deref(), Some("bob:pa:ss"));
+        let q = HttpProxy::parse("http://proxy.corp:3128").unwrap().with_auth("bob:pa:ss\n").unwrap();
+        assert_eq!(q.auth.as_deref(), Some("bob:pa:ss"));
         assert!(HttpProxy::parse("http://proxy.corp:3128").unwrap().with_auth("nopassword").is_err());
         assert_eq!(p.display(), "http://al@ice:***@[2001:db8::1]:3128");
         for bad in ["https://p:3128", "socks5://p:1080", "http://:3128", "http://p:99999", "http://p:0", "http://p:3128/path"] {
