@@ -303,3 +303,47 @@ fn a_passthrough_backend_that_is_turnds_own_listener_in_any_spelling_is_a_loop()
     let (_, err) = check_args(&toml, &["--check-config", "--file-only"]);
     assert!(!err.contains("a loop"), "{err}");
 }
+
+/// The shipped config with every commented example uncommented: a line
+/// `# key = value` or `# [section]` whose text is TOML on its own (prose
+/// that merely starts like a key is left alone). Trailing `# example`
+/// remarks stay, as TOML comments.
+fn uncommented_examples(text: &str) -> (String, usize) {
+    let mut n = 0;
+    let out = text
+        .lines()
+        .map(|l| {
+            let Some(body) = l.strip_prefix("# ") else { return l.to_owned() };
+            let header = body.starts_with('[') && body.trim_end().ends_with(']') && !body.contains(' ');
+            let key_value = body.split_once(" = ").is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+                && toml::from_str::<toml::Table>(body).is_ok();
+            if header || key_value {
+                n += 1;
+                body.to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    (out, n)
+}
+
+#[test]
+fn every_commented_example_in_the_shipped_config_parses_and_validates() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/turnd.toml")).unwrap();
+    let (all, n) = uncommented_examples(&text);
+    assert!(n >= 20, "only {n} commented examples found: the scan no longer matches the file");
+    // The schema: every key known, every value of its type.
+    if let Err(e) = turnd::config::parse_str(&all) {
+        panic!("the shipped config with its examples uncommented does not parse: {e}\n{all}");
+    }
+    // And the whole file validates as a file for another host would (with
+    // the example secret file standing in a temporary directory).
+    let dir = common::temp_dir("examples");
+    std::fs::write(dir.join("secret"), "example-secret-0123456789").unwrap();
+    let all = all.replace("\"/etc/turnd/secret\"", &format!("\"{}\"", dir.join("secret").display()));
+    let (rc, err) = check_args(&all, &["--check-config", "--file-only"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(rc, 0, "{err}\n{all}");
+}
