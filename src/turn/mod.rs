@@ -4,6 +4,77 @@
 //! current time, and returns what to send where. It owns no socket, clock or
 //! runtime: relay sockets are opened and closed through the [`RelayPorts`]
 //! trait the I/O layer implements, so tests drive it with a fake.
+//!
+//! # Driving it
+//!
+//! The I/O layer owes the core these calls, and nothing else reaches it:
+//!
+//! 1. Each datagram, or framed stream message, from a client goes to
+//!    [`Server::handle_client`]. Its [`Output`] is acted on at once: `Reply`
+//!    goes back to the client on the same transport; `Relay` leaves from
+//!    relay socket `relay` to `peer` (the bytes borrow the input: send or
+//!    queue-and-flush them before reusing that buffer).
+//! 2. Each datagram on a relay socket goes to [`Server::handle_peer`]; what
+//!    it returns goes to that client.
+//! 3. Time: sleep until [`Server::poll_timeout`], waking sooner when
+//!    [`Server::take_timer_moved`] says an earlier deadline was filed; then
+//!    call [`Server::expire`] (a bounded batch) until it says nothing more is due.
+//! 4. After any call, drain [`Server::poll_event`] (logs, metrics, and a fast
+//!    path mirroring channel bindings); report an ended TCP/TLS connection
+//!    with [`Server::connection_closed`].
+//!
+//! The core reaches back only through [`RelayPorts`], synchronously, inside
+//! those calls: the I/O layer opens a socket there and starts receiving on it
+//! once the call returns.
+//!
+//! ```
+//! use std::net::SocketAddr;
+//! use turnd::auth::{Authenticator, NonceKey};
+//! use turnd::turn::*;
+//!
+//! /// A real layer binds UDP sockets here and starts receiving on them.
+//! struct Sockets(Vec<RelayId>);
+//! impl RelayPorts for Sockets {
+//!     fn open(&mut self, id: RelayId, _: Family, _: Placement, _: bool) -> Result<SocketAddr, OpenError> {
+//!         self.0.push(id);
+//!         Ok("198.18.0.1:50000".parse().unwrap())
+//!     }
+//!     fn close(&mut self, id: RelayId) {
+//!         self.0.retain(|o| *o != id);
+//!     }
+//!     fn release(&mut self, _: Family, _: u16) {}
+//! }
+//!
+//! let auth = Authenticator::new("example", vec![b"secret".to_vec()], &[], NonceKey::new([7; 32], 600));
+//! let policy = PeerPolicy::new(vec![], vec![], vec![], (49152, 65535));
+//! let mut server = Server::new(ServerConfig::default(), auth, policy);
+//! let mut relays = Sockets(Vec::new());
+//! let mut out = vec![0u8; 65_536];
+//! let client: SocketAddr = "198.18.0.2:40000".parse().unwrap();
+//! let tuple = FiveTuple { client, server: "198.18.0.1:3478".parse().unwrap(), transport: Transport::Udp, conn: 0 };
+//!
+//! // 1. A STUN Binding request from the client: answered.
+//! let mut binding = [0u8; 20];
+//! binding[1] = 0x01;
+//! binding[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
+//! binding[8..20].copy_from_slice(b"transaction1");
+//! match server.handle_client(tuple, &binding, Now::system(), &mut out, &mut relays) {
+//!     Output::Reply(bytes) => assert_eq!(bytes[..2], [0x01, 0x01]), // a Binding success, to `client`
+//!     Output::Relay { .. } | Output::None => unreachable!(),
+//! }
+//! // 2. Datagrams from peers go to `server.handle_peer(relay, from, bytes, now, &mut out)`.
+//!
+//! // 4. Events, after every call.
+//! while let Some(event) = server.poll_event() {
+//!     println!("{event:?}");
+//! }
+//! // 3. Timers: nothing is due without an allocation.
+//! assert!(server.take_timer_moved() || server.poll_timeout().is_none());
+//! if let Some(at) = server.poll_timeout() {
+//!     while server.expire(at, &mut relays, 256) {}
+//! }
+//! assert!(relays.0.is_empty());
+//! ```
 
 #![forbid(unsafe_code)]
 
