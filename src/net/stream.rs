@@ -44,9 +44,6 @@ pub struct StreamOut {
     closed: Cell<bool>,
     /// Where dropped stale media is counted and reported.
     stale: Rc<StaleDrops>,
-    /// What the connection counts against in the per-IP limit ([`per_ip_key`]),
-    /// kept so a reload that changes the prefix still uncounts it right.
-    pub ip_key: Cell<IpAddr>,
 }
 
 /// Framed messages waiting for the connection, back to back in `bytes` from
@@ -193,7 +190,6 @@ impl StreamOut {
             per_message,
             closed: Cell::new(false),
             stale,
-            ip_key: Cell::new(IpAddr::from([0u8; 4])),
         })
     }
 
