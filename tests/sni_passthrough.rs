@@ -358,3 +358,59 @@ fn a_missing_or_bad_client_hello_is_closed_in_time() {
     }
     assert!(backend.accept().is_err(), "nothing reached the web server");
 }
+
+/// Connections waiting for their ClientHello count against the per-IP
+/// limit, as one waiting for its PROXY header does: from one address, 50
+/// silent connections get 8 held by turnd (max_connections_per_ip = 8) and
+/// the rest closed at once, not all held until the handshake timeout (which
+/// let one address take every descriptor).
+#[test]
+fn connections_waiting_for_their_client_hello_count_per_ip() {
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tls_port = common::free_port();
+    let server =
+        turnd_with(tls_port, backend.local_addr().unwrap(), "none", "[limits]\nmax_connections_per_ip = 8\ntls_handshake_timeout = 60\n");
+    let tls_addr: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+    skip_probe(&backend);
+    let silent: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let s = TcpStream::connect_timeout(&tls_addr, Duration::from_secs(5)).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    // Which of them turnd has closed (EOF or reset), polled until 42 are,
+    // within 10 s (the handshake timeout is 60 s).
+    let mut closed = [false; 50];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for (s, c) in silent.iter().zip(closed.iter_mut()) {
+            if !*c {
+                match (&*s).read(&mut [0u8; 16]) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Ok(0) | Err(_) => *c = true,
+                    Ok(n) => panic!("turnd sent {n} bytes to a client that sent nothing"),
+                }
+            }
+        }
+        let n = closed.iter().filter(|c| **c).count();
+        if n >= 42 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} of 50 silent connections from one address still open after 10 s (limit 8 per IP): {}", 50 - n, server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let held = closed.iter().filter(|c| !**c).count();
+    assert_eq!(held, 8, "turnd holds exactly the 8 the per-IP limit allows until their handshake timeout");
+    assert!(backend.accept().is_err(), "nothing reached the web server");
+    // They go: the address is served again (bounded: 10 s).
+    drop(silent);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = TcpStream::connect(tls_addr).unwrap();
+        if reaches_with(&again, &backend) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the waiting connections' count was not released: {}", server.log());
+    }
+}

@@ -42,7 +42,12 @@ pub(super) async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let Some(limits) = shard.upgrade().map(|s| s.borrow().limits) else { return };
+        let Some((limits, passthrough)) = shard.upgrade().map(|s| {
+            let s = s.borrow();
+            (s.limits, if tls.is_some() { s.passthrough.clone() } else { None })
+        }) else {
+            return;
+        };
         let shard = shard.clone();
         let tls = tls.clone();
         let proxy = l.proxy_protocol;
@@ -55,53 +60,46 @@ pub(super) async fn accept_loop(
             tracing::debug!(%peer, "connection closed: not from listen.proxy_protocol_from");
             continue;
         }
-        // A connection waiting for its PROXY header holds a descriptor before
-        // it counts as a connection: count it meanwhile, so slow headers
-        // cannot eat the descriptor reserve.
-        let waiting = if proxy {
-            match Counted::new(&shard, peer.ip(), Held::ProxyHeader) {
-                Some(w) => Some(w),
-                None => continue,
-            }
-        } else {
-            None
+        // Counted from here until it closes: a connection still reading its
+        // PROXY header or its ClientHello holds a descriptor too, and may
+        // not eat the descriptor reserve or the per-IP limit meanwhile.
+        let waits = proxy || passthrough.is_some();
+        let Some(mut admission) = Admission::new(&shard, peer.ip(), if waits { Held::Waiting } else { Held::Connection }) else {
+            continue;
         };
         tokio::task::spawn_local(async move {
             let client = if proxy {
-                let r = stream::proxy_source(&tcp, limits.handshake).await;
-                drop(waiting);
-                match r {
+                let source = match stream::proxy_source(&tcp, limits.handshake).await {
                     Ok(Some(src)) => src,
                     Ok(None) => peer,
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "bad PROXY protocol header");
                         return;
                     }
+                };
+                // From now on counted as the client's, not the load balancer's.
+                let held = if passthrough.is_some() { Held::Waiting } else { Held::Connection };
+                if !admission.recount(&shard, source.ip(), held) {
+                    return;
                 }
+                source
             } else {
                 peer
             };
-            let tcp = match tls {
-                Some(_) => match route_hello(&shard, tcp, client, local, limits.handshake).await {
+            let tcp = match &passthrough {
+                Some(route) => match route_hello(&shard, tcp, client, local, route, &mut admission, limits.handshake).await {
                     Some(t) => t,
                     None => return,
                 },
                 None => tcp,
             };
+            if admission.held != Held::Connection && !admission.recount(&shard, client.ip(), Held::Connection) {
+                return;
+            }
             stream::limit_kernel_unsent(&tcp);
             let Some(stale) = shard.upgrade().map(|s| s.borrow().stale.clone()) else { return };
             let out = StreamOut::new(tls.is_some(), stale);
-            let conn = {
-                let Some(sh) = shard.upgrade() else { return };
-                let mut sh = sh.borrow_mut();
-                match sh.stream_opened(client.ip(), transport, out.clone()) {
-                    Some(c) => c,
-                    None => {
-                        tracing::debug!(%client, "connection refused: connection limit reached");
-                        return;
-                    }
-                }
-            };
+            let Some(conn) = shard.upgrade().map(|sh| sh.borrow_mut().stream_opened(transport, out.clone())) else { return };
             let tuple = FiveTuple { client, server: local, transport, conn };
             match tls {
                 Some(acceptor) => match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
@@ -117,22 +115,24 @@ pub(super) async fn accept_loop(
                 },
                 None => stream::serve(shard, tcp, tuple, out, limits.idle).await,
             }
+            // Counted until here.
+            drop(admission);
         });
     }
 }
 
 /// With `[tls.passthrough]`: peeks at the ClientHello and, for a name that
-/// is not TURN's, passes the connection to the backend ([`Counted`]
-/// counts it). Gives the connection back when
-/// TURN is to take it.
+/// is not TURN's, passes the connection to the backend (counted as such
+/// by `admission`). Gives the connection back when TURN is to take it.
 async fn route_hello(
     shard: &Weak<RefCell<Shard>>,
     tcp: tokio::net::TcpStream,
     client: SocketAddr,
     local: SocketAddr,
+    route: &crate::config::Passthrough,
+    admission: &mut Admission,
     timeout: Duration,
 ) -> Option<tokio::net::TcpStream> {
-    let Some(route) = shard.upgrade().and_then(|s| s.borrow().passthrough.clone()) else { return Some(tcp) };
     let hello = match passthrough::peek_hello(&tcp, timeout).await {
         Ok(h) => h,
         Err(e) => {
@@ -143,26 +143,28 @@ async fn route_hello(
             return None;
         }
     };
-    if !passthrough::to_backend(&route, &hello) {
+    if !passthrough::to_backend(route, &hello) {
         return Some(tcp);
     }
-    let _counted = Counted::new(shard, client.ip(), Held::PassedThrough)?;
-    if let Err(e) = passthrough::serve(tcp, client, local, &route, timeout).await {
+    if !admission.recount(shard, client.ip(), Held::PassedThrough) {
+        return None;
+    }
+    if let Err(e) = passthrough::serve(tcp, client, local, route, timeout).await {
         tracing::debug!(%client, backend = %route.backend, error = %e, "passed-through connection ended");
     }
     None
 }
 
-/// A connection counted against the limits shared by every shard (total
-/// and per IP) and the descriptor budget until dropped: a TLS connection
-/// passed through to the web server, or one still reading its PROXY header.
-struct Counted {
+/// A TCP/TLS connection counted against the limits every shard shares
+/// (total and per IP) and the descriptor budget, from its accept until
+/// dropped, as whatever it holds meanwhile ([`Held`]).
+struct Admission {
     shared: Arc<Shared>,
     key: IpAddr,
     held: Held,
 }
 
-impl Counted {
+impl Admission {
     /// None (the connection is to be closed) when a limit is reached; the
     /// shard counts the refusal.
     fn new(shard: &Weak<RefCell<Shard>>, source: IpAddr, held: Held) -> Option<Self> {
@@ -174,11 +176,29 @@ impl Counted {
             tracing::debug!(client = %source, "connection refused: connection limit reached");
             return None;
         }
-        Some(Counted { shared: sh.shared.clone(), key, held })
+        Some(Admission { shared: sh.shared.clone(), key, held })
+    }
+
+    /// Counts it as `held` from `source` instead (the PROXY header named
+    /// the client, the ClientHello said where it goes); false (the
+    /// connection is to be closed, still counted as before until dropped)
+    /// when a limit is reached.
+    fn recount(&mut self, shard: &Weak<RefCell<Shard>>, source: IpAddr, held: Held) -> bool {
+        let Some(sh) = shard.upgrade() else { return false };
+        let mut sh = sh.borrow_mut();
+        let key = stream::per_ip_key(source, sh.limits.ipv6_prefix);
+        if !self.shared.recount(self.key, self.held, key, held, sh.limits.connections) {
+            sh.connections_refused += 1;
+            tracing::debug!(client = %source, "connection refused: connection limit reached");
+            return false;
+        }
+        self.key = key;
+        self.held = held;
+        true
     }
 }
 
-impl Drop for Counted {
+impl Drop for Admission {
     fn drop(&mut self) {
         self.shared.release(self.key, self.held);
     }

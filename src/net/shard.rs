@@ -14,7 +14,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
@@ -29,7 +29,7 @@ use super::batch::{self, PeerSends, RecvBatch, SendBatch};
 use super::events::{log_event, WarnLimiter};
 use super::relay::RelaySockets;
 use super::sessions::{session, Selector};
-use super::shared::{Held, Shared, SharedLedger};
+use super::shared::{Shared, SharedLedger};
 use super::sockets::{register_udp, Udp};
 use super::stream::{self, StreamOut};
 use crate::auth::{Authenticator, NonceKey};
@@ -300,17 +300,11 @@ impl Shard {
         self.after_control();
     }
 
-    /// Registers a new connection if the limits shared by every shard
-    /// allow; returns its conn id.
-    pub fn stream_opened(&mut self, client: IpAddr, transport: Transport, out: Rc<StreamOut>) -> Option<u32> {
-        let key = stream::per_ip_key(client, self.limits.ipv6_prefix);
-        if !self.shared.admit(key, self.limits.connections, Held::Connection) {
-            self.connections_refused += 1;
-            return None;
-        }
-        out.ip_key.set(key);
+    /// Registers a new connection (admitted against the limits by its
+    /// `accept::Admission`); returns its conn id.
+    pub fn stream_opened(&mut self, transport: Transport, out: Rc<StreamOut>) -> u32 {
         self.connections[transport as usize] += 1;
-        let conn = match self.free_streams.pop() {
+        match self.free_streams.pop() {
             Some(c) => {
                 self.streams[c as usize] = Some(out);
                 c
@@ -319,16 +313,14 @@ impl Shard {
                 self.streams.push(Some(out));
                 (self.streams.len() - 1) as u32
             }
-        };
-        Some(conn)
+        }
     }
 
     pub fn stream_closed(&mut self, tuple: FiveTuple) {
         if let Some(slot) = self.streams.get_mut(tuple.conn as usize)
-            && let Some(out) = slot.take() {
+            && slot.take().is_some() {
                 self.free_streams.push(tuple.conn);
                 self.connections[tuple.transport as usize] -= 1;
-                self.shared.release(out.ip_key.get(), Held::Connection);
             }
         let Shard { server, relays, .. } = self;
         server.connection_closed(&tuple, std::time::Instant::now(), relays);

@@ -75,9 +75,11 @@ pub enum Held {
     /// A TLS connection passed through to the web server: two descriptors
     /// (the client's and the backend's), one connection.
     PassedThrough,
-    /// An accepted connection still reading its PROXY header: one descriptor,
-    /// counted per IP of its TCP source, not yet a connection.
-    ProxyHeader,
+    /// An accepted connection still reading what decides what it is (its
+    /// PROXY header, or with SNI routing its ClientHello): one descriptor,
+    /// counted per IP (of its TCP source while the header is read), not yet
+    /// a connection.
+    Waiting,
 }
 
 impl Held {
@@ -86,7 +88,7 @@ impl Held {
     }
 
     fn is_connection(self) -> bool {
-        self != Held::ProxyHeader
+        self != Held::Waiting
     }
 }
 
@@ -213,22 +215,33 @@ impl Shared {
 
     /// Counts a connection from `key` (its per-IP key) if the limits and the
     /// descriptor budget allow; false when it is to be closed. Every `true`
-    /// is matched by one [`Shared::release`] with the same arguments.
+    /// is matched by one [`Shared::release`] with the same arguments (or a
+    /// [`Shared::recount`] that moves it).
     pub fn admit(&self, key: IpAddr, limits: ConnectionLimits, held: Held) -> bool {
-        let mut c = lock(&self.connections);
+        self.admit_in(&mut lock(&self.connections), key, limits, held)
+    }
+
+    fn admit_in(&self, c: &mut Connections, key: IpAddr, limits: ConnectionLimits, held: Held) -> bool {
         let over_total = held.is_connection() && limits.max_total != 0 && c.total >= limits.max_total as usize;
         let over_ip = limits.max_per_ip != 0 && c.per_ip.get(&key).copied().unwrap_or(0) >= limits.max_per_ip;
         if over_total || over_ip || !self.fds_left_for_connection() {
             return false;
         }
-        *c.per_ip.entry(key).or_insert(0) += 1;
-        c.total += held.is_connection() as usize;
-        self.stream_fds.fetch_add(held.fds(), Ordering::Relaxed);
+        self.count_in(c, key, held);
         true
     }
 
+    fn count_in(&self, c: &mut Connections, key: IpAddr, held: Held) {
+        *c.per_ip.entry(key).or_insert(0) += 1;
+        c.total += held.is_connection() as usize;
+        self.stream_fds.fetch_add(held.fds(), Ordering::Relaxed);
+    }
+
     pub fn release(&self, key: IpAddr, held: Held) {
-        let mut c = lock(&self.connections);
+        self.release_in(&mut lock(&self.connections), key, held)
+    }
+
+    fn release_in(&self, c: &mut Connections, key: IpAddr, held: Held) {
         if let Some(n) = c.per_ip.get_mut(&key) {
             *n -= 1;
             if *n == 0 {
@@ -237,6 +250,19 @@ impl Shared {
         }
         c.total -= held.is_connection() as usize;
         self.stream_fds.fetch_sub(held.fds(), Ordering::Relaxed);
+    }
+
+    /// Moves a count admitted as (`key`, `held`) to (`to_key`, `to_held`)
+    /// if the limits allow it without the old count, in one step; false
+    /// when refused, the old count kept (to be released as before).
+    pub fn recount(&self, key: IpAddr, held: Held, to_key: IpAddr, to_held: Held, limits: ConnectionLimits) -> bool {
+        let mut c = lock(&self.connections);
+        self.release_in(&mut c, key, held);
+        if self.admit_in(&mut c, to_key, limits, to_held) {
+            return true;
+        }
+        self.count_in(&mut c, key, held);
+        false
     }
 
     /// Reservations not claimed by `now`, taken out; their sockets close.
@@ -305,16 +331,44 @@ mod tests {
         assert!(s.admit(a, lim, Held::Connection));
         assert!(s.admit(a, lim, Held::PassedThrough));
         assert!(!s.admit(a, lim, Held::Connection), "per IP");
-        // A PROXY header wait counts per IP, not as a connection.
-        assert!(s.admit(b, lim, Held::ProxyHeader));
+        // A wait for a PROXY header or a ClientHello counts per IP, not as a connection.
+        assert!(s.admit(b, lim, Held::Waiting));
         assert!(s.admit(b, lim, Held::Connection));
-        assert!(!s.admit(b, lim, Held::ProxyHeader), "per IP");
+        assert!(!s.admit(b, lim, Held::Waiting), "per IP");
         assert_eq!(s.fds_in_use(), 5);
         s.release(a, Held::PassedThrough);
-        s.release(b, Held::ProxyHeader);
+        s.release(b, Held::Waiting);
         assert_eq!(s.fds_in_use(), 2);
         assert!(s.admit(b, lim, Held::Connection));
         assert!(!s.admit("198.18.0.3".parse().unwrap(), lim, Held::Connection), "total");
+    }
+
+    #[test]
+    fn a_count_moves_whole_or_not_at_all() {
+        let s = Shared::new(10, 100);
+        let lim = ConnectionLimits { max_total: 2, max_per_ip: 2 };
+        let lb: IpAddr = "198.18.0.1".parse().unwrap();
+        let client: IpAddr = "198.18.0.2".parse().unwrap();
+        // A wait at the full per-IP limit becomes a connection of the same address.
+        assert!(s.admit(client, lim, Held::Waiting));
+        assert!(s.admit(client, lim, Held::Waiting));
+        assert!(s.recount(client, Held::Waiting, client, Held::Connection, lim));
+        assert!(s.recount(client, Held::Connection, client, Held::PassedThrough, lim));
+        assert_eq!(s.fds_in_use(), 3);
+        // The total is full: another wait may not become a connection, and stays counted as it was.
+        assert!(s.admit(lb, lim, Held::Connection));
+        assert!(!s.recount(client, Held::Waiting, client, Held::Connection, lim));
+        assert_eq!(s.fds_in_use(), 4);
+        s.release(lb, Held::Connection);
+        // From the load balancer's address to the client's, which is full.
+        assert!(s.admit(lb, lim, Held::Waiting));
+        assert!(!s.recount(lb, Held::Waiting, client, Held::Connection, lim), "per IP");
+        s.release(client, Held::Waiting);
+        assert!(s.recount(lb, Held::Waiting, client, Held::Connection, lim));
+        s.release(client, Held::PassedThrough);
+        s.release(client, Held::Connection);
+        assert_eq!(s.fds_in_use(), 0);
+        assert!(lock(&s.connections).per_ip.is_empty());
     }
 
     #[test]

@@ -18,8 +18,21 @@ use crate::turn::FiveTuple;
 
 /// Bytes of media queued toward one client before further media is dropped
 /// (a slow reader loses packets, as on UDP, instead of growing memory).
-/// Answers to its requests may take as much again.
 pub const MAX_QUEUED: usize = 256 * 1024;
+/// Messages (media and answers) queued toward one client before further
+/// media is dropped: small messages cost an entry each besides their bytes.
+const MAX_QUEUED_MSGS: usize = 2048;
+/// Answers queued toward one client (bytes, messages) at which turnd stops
+/// reading from it until they drain: a client that does not read its
+/// answers is held back by TCP's flow control, at the cost of kernel
+/// buffers, instead of growing turnd's memory.
+const ANSWERS_BACKLOG: usize = 32 * 1024;
+const ANSWERS_BACKLOG_MSGS: usize = 256;
+/// Capacity the queue keeps once drained; a stall's larger buffers are
+/// given back then (a steady flow stays below this, so nothing is
+/// allocated per packet).
+const KEEP_BYTES: usize = 64 * 1024;
+const KEEP_MSGS: usize = 256;
 /// Media (relayed ChannelData and Data indications) older than this when the
 /// connection could take it is dropped instead of sent: after a stalled
 /// link comes back, a call wants what is being said now, not a backlog that
@@ -44,9 +57,6 @@ pub struct StreamOut {
     closed: Cell<bool>,
     /// Where dropped stale media is counted and reported.
     stale: Rc<StaleDrops>,
-    /// What the connection counts against in the per-IP limit ([`per_ip_key`]),
-    /// kept so a reload that changes the prefix still uncounts it right.
-    pub ip_key: Cell<IpAddr>,
 }
 
 /// Framed messages waiting for the connection, back to back in `bytes` from
@@ -58,13 +68,15 @@ struct Queue {
     head: usize,
     msgs: VecDeque<Queued>,
     media_bytes: usize,
+    /// Answers among `msgs`.
+    answers: usize,
 }
 
 #[derive(Clone, Copy)]
 struct Queued {
-    len: usize,
-    at: Instant,
+    len: u32,
     media: bool,
+    at: Instant,
 }
 
 /// Stale media dropped on every connection, for the metrics and a
@@ -95,6 +107,33 @@ impl Queue {
         self.bytes.len() - self.head
     }
 
+    /// Whether the answers waiting are as many as a client that reads
+    /// them may have ([`ANSWERS_BACKLOG`]).
+    fn backlogged(&self) -> bool {
+        self.pending() - self.media_bytes >= ANSWERS_BACKLOG || self.answers >= ANSWERS_BACKLOG_MSGS
+    }
+
+    /// Takes the front message out (its bytes stay until `head` moves on).
+    fn pop(&mut self) -> Option<Queued> {
+        let m = self.msgs.pop_front()?;
+        self.head += m.len as usize;
+        if m.media {
+            self.media_bytes -= m.len as usize;
+        } else {
+            self.answers -= 1;
+        }
+        Some(m)
+    }
+
+    /// Moves the bytes still queued to the front of `bytes` once enough
+    /// have been sent before them.
+    fn compact(&mut self) {
+        if self.head > MAX_QUEUED {
+            self.bytes.drain(..self.head);
+            self.head = 0;
+        }
+    }
+
     /// Drops media older than MAX_MEDIA_AGE from the front (up to the first
     /// answer or fresh message), to make room for newer media; returns the
     /// messages dropped.
@@ -104,9 +143,7 @@ impl Queue {
             if !m.media || now.saturating_duration_since(m.at) <= MAX_MEDIA_AGE {
                 break;
             }
-            self.msgs.pop_front();
-            self.head += m.len;
-            self.media_bytes -= m.len;
+            self.pop();
             n += 1;
         }
         n
@@ -118,32 +155,32 @@ impl Queue {
     fn take(&mut self, out: &mut Vec<u8>, now: Instant, max: usize) -> (u64, usize) {
         let (mut dropped, mut dropped_bytes) = (0u64, 0usize);
         while let Some(m) = self.msgs.front().copied() {
+            let len = m.len as usize;
             let stale = m.media && now.saturating_duration_since(m.at) > MAX_MEDIA_AGE;
-            if !stale && !out.is_empty() && out.len() + m.len > max {
+            if !stale && !out.is_empty() && out.len() + len > max {
                 break;
             }
-            self.msgs.pop_front();
-            let bytes = &self.bytes[self.head..self.head + m.len];
-            self.head += m.len;
-            if m.media {
-                self.media_bytes -= m.len;
-            }
+            let at = self.head;
+            self.pop();
             if stale {
                 dropped += 1;
-                dropped_bytes += m.len;
+                dropped_bytes += len;
             } else {
-                out.extend_from_slice(bytes);
+                out.extend_from_slice(&self.bytes[at..at + len]);
             }
         }
         if self.msgs.is_empty() {
             self.bytes.clear();
             self.head = 0;
-            if self.bytes.capacity() > 4 * MAX_QUEUED {
-                self.bytes.shrink_to(MAX_QUEUED);
+            // Drained: give back what a stall made grow.
+            if self.bytes.capacity() > KEEP_BYTES {
+                self.bytes.shrink_to(KEEP_BYTES);
             }
-        } else if self.head > MAX_QUEUED {
-            self.bytes.drain(..self.head);
-            self.head = 0;
+            if self.msgs.capacity() > KEEP_MSGS {
+                self.msgs.shrink_to(KEEP_MSGS);
+            }
+        } else {
+            self.compact();
         }
         (dropped, dropped_bytes)
     }
@@ -193,37 +230,42 @@ impl StreamOut {
             per_message,
             closed: Cell::new(false),
             stale,
-            ip_key: Cell::new(IpAddr::from([0u8; 4])),
         })
     }
 
     /// Queues one framed message, `media` (relayed data, which may be dropped
-    /// when it grows old) or an answer (never dropped); false (and dropped)
+    /// when it grows old) or an answer (never dropped: the connection stops
+    /// reading requests while answers are backlogged); false (and dropped)
     /// when the queue is full.
     pub fn push(&self, msg: &[u8], media: bool, now: Instant) -> bool {
         if self.closed.get() {
             return false;
         }
         let mut q = self.queue.borrow_mut();
-        if media && q.media_bytes + msg.len() > MAX_QUEUED {
+        let full = |q: &Queue| {
+            if media {
+                q.media_bytes + msg.len() > MAX_QUEUED || q.msgs.len() >= MAX_QUEUED_MSGS
+            } else {
+                // Only reached by a bug: reading stops long before.
+                q.pending() - q.media_bytes + msg.len() > MAX_QUEUED
+            }
+        };
+        if media && full(&q) {
             // A stalled client: the oldest media goes first, so what it gets
             // when it reads again is the newest.
             let n = q.drop_stale_front(now);
             self.stale.messages.set(self.stale.messages.get() + n);
-            if q.head > MAX_QUEUED {
-                let h = q.head;
-                q.bytes.drain(..h);
-                q.head = 0;
-            }
+            q.compact();
         }
-        let full = if media { q.media_bytes + msg.len() > MAX_QUEUED } else { q.pending() + msg.len() > 2 * MAX_QUEUED };
-        if full {
+        if full(&q) {
             return false;
         }
         q.bytes.extend_from_slice(msg);
-        q.msgs.push_back(Queued { len: msg.len(), at: now, media });
+        q.msgs.push_back(Queued { len: msg.len() as u32, media, at: now });
         if media {
             q.media_bytes += msg.len();
+        } else {
+            q.answers += 1;
         }
         drop(q);
         self.notify.notify_one();
@@ -233,6 +275,12 @@ impl StreamOut {
     pub fn close(&self) {
         self.closed.set(true);
         self.notify.notify_one();
+    }
+
+    /// Whether the client has left so many answers unread that its
+    /// connection stops reading requests until they drain.
+    fn backlogged(&self) -> bool {
+        self.queue.borrow().backlogged()
     }
 }
 
@@ -291,8 +339,9 @@ impl std::io::Write for TryIo<'_> {
 
 /// Hands every complete frame at the front of `data` to the core and sends
 /// what they relay to peers, gathered (a burst to one peer leaves in one
-/// system call); returns the bytes used.
-fn handle_frames(shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, data: &[u8]) -> std::io::Result<usize> {
+/// system call); returns the bytes used. Stops early, before a frame, when
+/// the answers queued in `out` are backlogged.
+fn handle_frames(shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, out: &StreamOut, data: &[u8]) -> std::io::Result<usize> {
     let Some(sh) = shard.upgrade() else { return Err(std::io::ErrorKind::NotConnected.into()) };
     let mut sh = sh.borrow_mut();
     // Nothing queued may point elsewhere (only a batch cut short by a panic
@@ -302,6 +351,7 @@ fn handle_frames(shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, data: &[u8]) ->
     let mut result = Ok(());
     loop {
         match frame_len(&data[at..]) {
+            FrameLen::Complete(_) if out.backlogged() => break,
             FrameLen::Complete(len) => {
                 sh.on_stream(tuple, &data[at..at + len]);
                 at += len;
@@ -326,6 +376,8 @@ enum Read {
     More,
     /// The client closed its side (FIN, or TLS close_notify).
     Closed,
+    /// Reads left off because the client's answers are backlogged.
+    Backlogged,
 }
 
 /// One client connection: its socket, TLS state and buffers.
@@ -339,23 +391,29 @@ struct Conn {
     /// (`tx_at` of them written); over TLS, rustls holds them as records.
     tx: Vec<u8>,
     tx_at: usize,
+    /// `rx` starts with complete messages held back while the client's
+    /// answers are backlogged.
+    held: bool,
 }
 
 impl Conn {
     /// Handles the complete messages in `rx` followed by `data`, keeping the
-    /// start of an incomplete one; returns whether a message was complete.
-    fn feed(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, data: &[u8]) -> std::io::Result<bool> {
+    /// start of an incomplete one (and, while the client's answers are
+    /// backlogged, the messages after it); returns whether a message was
+    /// complete.
+    fn feed(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, out: &StreamOut, data: &[u8]) -> std::io::Result<bool> {
         let used = if self.rx.is_empty() {
-            let used = handle_frames(shard, tuple, data)?;
+            let used = handle_frames(shard, tuple, out, data)?;
             self.rx.extend_from_slice(&data[used..]);
             used
         } else {
             self.rx.extend_from_slice(data);
-            let used = handle_frames(shard, tuple, &self.rx)?;
+            let used = handle_frames(shard, tuple, out, &self.rx)?;
             self.rx.drain(..used);
             used
         };
-        if self.rx.len() > MAX_FRAME {
+        self.held = matches!(frame_len(&self.rx), FrameLen::Complete(_));
+        if self.rx.len() > MAX_FRAME && !self.held {
             return Err(std::io::ErrorKind::InvalidData.into());
         }
         if self.rx.is_empty() && self.rx.capacity() > 2 * READ_SIZE {
@@ -366,9 +424,12 @@ impl Conn {
 
     /// Reads what the socket holds and handles every complete message in
     /// it; `got` is set when one was complete.
-    fn read_ready(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, got: &mut bool) -> std::io::Result<Read> {
+    fn read_ready(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, out: &StreamOut, got: &mut bool) -> std::io::Result<Read> {
         SCRATCH.with_borrow_mut(|scratch| {
             for _ in 0..READS_PER_WAKE {
+                if self.held || out.backlogged() {
+                    return Ok(Read::Backlogged);
+                }
                 let (n, drained) = match self.read_some(scratch) {
                     Ok((0, _)) if self.tls.is_some() => {
                         // The TCP connection ended without close_notify: what
@@ -381,8 +442,8 @@ impl Conn {
                     Err(e) => return Err(e),
                 };
                 if self.tls.is_none() {
-                    *got |= self.feed(shard, tuple, &scratch[..n])?;
-                } else if self.decrypt(shard, tuple, &scratch[..n], got)? {
+                    *got |= self.feed(shard, tuple, out, &scratch[..n])?;
+                } else if self.decrypt(shard, tuple, out, &scratch[..n], got)? {
                     return Ok(Read::Closed);
                 }
                 if drained {
@@ -430,7 +491,7 @@ impl Conn {
 
     /// Takes TLS records from `input`, handling the messages they carry;
     /// returns true when the client sent close_notify.
-    fn decrypt(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, mut input: &[u8], got: &mut bool) -> std::io::Result<bool> {
+    fn decrypt(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, out: &StreamOut, mut input: &[u8], got: &mut bool) -> std::io::Result<bool> {
         let mut closed = false;
         loop {
             let tls = self.tls.as_mut().expect("a TLS connection");
@@ -458,8 +519,8 @@ impl Conn {
                     std::io::BufRead::consume(&mut r, n);
                 }
             }
-            if input.is_empty() || self.rx.len() >= TLS_HANDLE_AT {
-                *got |= self.feed(shard, tuple, &[])?;
+            if (input.is_empty() || self.rx.len() >= TLS_HANDLE_AT) && !self.held {
+                *got |= self.feed(shard, tuple, out, &[])?;
             }
             if input.is_empty() {
                 return Ok(closed);
@@ -558,7 +619,7 @@ impl Conn {
         // What the handshake read past its end is already decrypted.
         if self.tls.is_some() {
             let mut got = false;
-            if self.decrypt(shard, tuple, &[], &mut got)? {
+            if self.decrypt(shard, tuple, out, &[], &mut got)? {
                 reading = false;
                 out.close();
                 sleep.as_mut().reset(TokioInstant::now() + idle);
@@ -568,19 +629,30 @@ impl Conn {
             // Everything queued goes out, also after close (answers to what
             // the client sent before it closed its side); then ours closes.
             let sent = self.write_ready(out, tuple.client)?;
+            if self.held && !out.backlogged() {
+                // The client has read enough of its answers: the messages
+                // held back go on (and reading after them).
+                if self.feed(shard, tuple, out, &[])? {
+                    last_msg = TokioInstant::now();
+                }
+                continue;
+            }
             if sent && out.closed.get() {
                 return self.shutdown(TokioInstant::now() + idle).await;
             }
+            // Backlogged answers leave `sent` false: the writable branch
+            // below wakes this loop as they drain.
+            let backlogged = self.held || out.backlogged();
             tokio::select! {
-                r = self.tcp.readable(), if reading => {
+                r = self.tcp.readable(), if reading && !backlogged => {
                     r?;
                     let mut got = false;
-                    let read = self.read_ready(shard, tuple, &mut got)?;
+                    let read = self.read_ready(shard, tuple, out, &mut got)?;
                     if got {
                         last_msg = TokioInstant::now();
                     }
                     match read {
-                        Read::Drained => {}
+                        Read::Drained | Read::Backlogged => {}
                         Read::More => tokio::task::yield_now().await,
                         Read::Closed => {
                             // Every message it sent has been handled; send the
@@ -622,7 +694,7 @@ impl Conn {
 /// Runs one client connection to the end, then frees its allocation.
 pub(super) async fn serve(shard: Weak<RefCell<Shard>>, stream: impl Accepted, tuple: FiveTuple, out: Rc<StreamOut>, idle: Duration) {
     let (tcp, tls) = stream.into_parts();
-    let mut conn = Conn { tcp, tls, rx: Vec::new(), tx: Vec::new(), tx_at: 0 };
+    let mut conn = Conn { tcp, tls, rx: Vec::new(), tx: Vec::new(), tx_at: 0, held: false };
     if let Err(e) = conn.run(&shard, tuple, &out, idle).await {
         tracing::debug!(client = %tuple.client, error = %e, "connection ended");
     }

@@ -89,14 +89,15 @@ impl UdpClient {
     }
 
     /// Sends a request (signed once credentials are known), retransmitting
-    /// every 200 ms up to 10 times; returns the response.
+    /// every 200 ms for up to 5 s; returns the response.
     pub fn transact(&mut self, m: u16, attrs: &[A]) -> Resp {
         let tid = self.next_tid();
         let req = build(m, Class::Request, tid, attrs, self.creds.as_ref(), false);
         let mut buf = vec![0u8; 70_000];
-        for _ in 0..10 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
             self.sock.send_to(&req, self.server).unwrap();
-            let until = Instant::now() + Duration::from_millis(200);
+            let until = (Instant::now() + Duration::from_millis(200)).min(deadline);
             while let Some(left) = until.checked_duration_since(Instant::now()) {
                 self.sock.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
                 let Ok((n, _)) = self.sock.recv_from(&mut buf) else { break };
@@ -105,7 +106,7 @@ impl UdpClient {
                 }
             }
         }
-        panic!("no answer to {m:#x} from {}", self.server);
+        panic!("no answer to {m:#x} from {} within 5 s", self.server);
     }
 
     /// 401, then an authenticated Allocate with REST credentials; the relayed address.
