@@ -77,6 +77,8 @@ fn call_from_udp_blocked_network_carries_audio_and_video_over_tls_443() {
     let (p, b) = call::run_call(&blocked, &turn_url, &[], &open, &context);
     call::assert_call(&p, &b, &turn_url, "tls", &relay_ip, &bridge_ip, &context);
     let log = server.log();
+    let refused: Vec<&str> = log.lines().filter(|l| l.contains("peer refused by policy")).collect();
+    assert!(refused.is_empty(), "turnd refused a peer during the call (the other side offered an address it may not reach):\n{}\n{}", refused.join("\n"), context());
     assert!(allocations(&log, &blocked_ip, "tls") >= 1, "turnd logged no TLS allocation from the participant\n{}", context());
     assert_eq!(allocations(&log, &blocked_ip, "udp"), 0, "turnd allocated over UDP for the participant\n{}", context());
 

@@ -271,6 +271,8 @@ fn proxy_only_network_relays_over_tls_443_through_squid() {
     let context = || diag("", "");
     let (p, b) = call::run_call(&client_ns, &tls_url, &[&proxy_flag], &bridge_ns, &context);
     call::assert_call(&p, &b, &tls_url, "tls", &relay_ip, &bridge_ip, &context);
+    let refused: Vec<String> = server.log().lines().filter(|l| l.contains("peer refused by policy")).map(str::to_owned).collect();
+    assert!(refused.is_empty(), "{}", diag("turnd refused a peer during the call: the other side offered an address it may not reach", &refused.join("\n")));
     eprintln!("call from behind {proxy_url} to {bridge_ip}, relayed via {relay_ip}:");
     eprintln!("{}", call::figures("participant receives", &p));
     eprintln!("{}", call::figures("other side receives", &b));

@@ -12,10 +12,15 @@
 //!   the `turns:` URL has); without it every `turns:` allocation fails
 //!   (icecandidateerror 701 "Failed to establish connection") and no
 //!   candidate is gathered.
-//! - `--allow-loopback-in-peer-connection`: lets WebRTC use the loopback
-//!   interface. Not needed on a host with another interface (there the TURN
-//!   sockets still reach 127.0.0.1), but without it a network namespace with
-//!   only `lo` gathers no candidate at all.
+//! - `--allow-loopback-in-peer-connection` ([`LOOPBACK`]): lets WebRTC use
+//!   the loopback interface. Not needed on a host with another interface
+//!   (there the TURN sockets still reach 127.0.0.1), but without it a
+//!   network namespace with only `lo` gathers no candidate at all. Only the
+//!   relay page gets it (`run_browser_case`); a call (`common/call.rs`)
+//!   must not: there the side with host candidates would also offer
+//!   127.0.0.1, which turnd refuses as a peer (403), and Chromium's ICE
+//!   reports `failed` whenever that refusal prunes its only pair before it
+//!   has paired the next candidate of the same answer.
 //!
 //! No switch is needed for TURN servers on loopback or for relay candidates
 //! at 127.0.0.1, nor for a secure context: the page is always served from
@@ -70,9 +75,11 @@ const FLAGS: &[&str] = &[
     "--mute-audio",
     // TURN over TLS to a self-signed certificate (see the file comment).
     "--ignore-certificate-errors",
-    // WebRTC may use `lo` (needed when it is the only interface).
-    "--allow-loopback-in-peer-connection",
 ];
+
+/// WebRTC may use `lo` (needed when it is the only interface); for the
+/// relay page only (see the file comment).
+pub const LOOPBACK: &str = "--allow-loopback-in-peer-connection";
 
 /// Builds the command that runs Chromium from its argv (`chromium`, flags,
 /// page URL). `None` runs it directly; a test can instead run it in a
@@ -203,7 +210,7 @@ pub struct Browser {
 
 impl Browser {
     /// Starts headless Chromium on `url` with the flags of this file
-    /// (plus `extra`), in its own process group, optionally through `wrap`
+    /// (plus `extra`; not [`LOOPBACK`] unless there), in its own process group, optionally through `wrap`
     /// (e.g. in a network namespace). Killed with its group on drop.
     pub fn launch(url: &str, extra: &[&str], wrap: Option<Wrap>) -> Browser {
         assert!(
@@ -320,7 +327,8 @@ pub fn run_browser_case_with(
         query_escape(password),
         page_timeout.as_millis()
     );
-    let mut browser = Browser::launch(&url, extra, wrap);
+    let flags: Vec<&str> = std::iter::once(LOOPBACK).chain(extra.iter().copied()).collect();
+    let mut browser = Browser::launch(&url, &flags, wrap);
 
     let result_timeout = page_timeout + RESULT_MARGIN;
     let deadline = Instant::now() + result_timeout;

@@ -6,6 +6,11 @@
 //! opened for signalling. The participant offers, relay-only through one
 //! TURN URL; the other side answers with no TURN server at all, offering
 //! only its host candidate, as a videobridge offers its public address.
+//! Neither browser gets `--allow-loopback-in-peer-connection` (both have a
+//! namespace's veth): with it the other side would also offer 127.0.0.1,
+//! which turnd refuses as a peer, and the participant's ICE would be
+//! `failed` for a moment whenever that 403 came back before Chromium had
+//! paired the answer's real candidate (see `common/browser.rs`).
 //! Include it from a test file that also has `mod common;` and the
 //! `browser` and `netns` modules, with `#[path = "common/call.rs"] mod call;`.
 #![allow(dead_code)]
@@ -234,6 +239,19 @@ pub fn assert_call(
     assert_eq!(pair["local"]["protocol"].as_str(), Some("udp"), "{}", diag("other side: not UDP"));
     assert_eq!(pair["local"]["address"].as_str(), Some(other_ip), "{}", diag("other side: local address"));
     assert_eq!(pair["remote"]["address"].as_str(), Some(relay_ip), "{}", diag("other side: remote address"));
+    // What each side offered: the participant relay candidates only, the
+    // other side its one address only (no loopback, which the relay would
+    // have to refuse and Chromium would take for a failed pair).
+    for (name, r, want) in [("participant", p, None), ("other side", b, Some(other_ip))] {
+        let offered = r["candidates"].as_array().map(Vec::as_slice).unwrap_or_default();
+        assert!(!offered.is_empty(), "{}", diag(&format!("{name} gathered no candidate")));
+        for c in offered {
+            match want {
+                None => assert_eq!(c["type"].as_str(), Some("relay"), "{}", diag(&format!("{name} offered {c}"))),
+                Some(ip) => assert_eq!(c["address"].as_str(), Some(ip), "{}", diag(&format!("{name} offered {c}"))),
+            }
+        }
+    }
 }
 
 fn num(v: &Value) -> f64 {
