@@ -6,6 +6,7 @@
 //! send where. [`net`] then performs those sends.
 
 pub mod auth;
+pub mod certinfo;
 pub mod cli;
 pub mod client;
 pub mod config;

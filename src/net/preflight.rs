@@ -65,7 +65,7 @@ fn backend_note(backend: SocketAddr) -> Option<String> {
 /// A note when the certificate has expired or expires within CERT_WARN_DAYS.
 pub fn expiry_note(not_after: Option<i64>, now_unix: i64, cert: &std::path::Path) -> Option<String> {
     let end = not_after?;
-    let date = crate::client::cert::format_date(end);
+    let date = crate::certinfo::format_date(end);
     if end <= now_unix {
         Some(format!("tls.cert: {} expired on {date}: browsers refuse turns: until it is renewed", cert.display()))
     } else if end - now_unix < CERT_WARN_DAYS * 86_400 {

@@ -98,7 +98,7 @@ pub fn load_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Ce
 
 /// The leaf certificate's expiry (unix seconds), if it can be read.
 pub fn not_after(ck: &CertifiedKey) -> Option<i64> {
-    ck.cert.first().and_then(|c| crate::client::cert::CertInfo::parse(c.as_ref())).map(|i| i.not_after)
+    ck.cert.first().and_then(|c| crate::certinfo::CertInfo::parse(c.as_ref())).map(|i| i.not_after)
 }
 
 impl CertStore {
