@@ -77,6 +77,15 @@ const FLAGS: &[&str] = &[
     "--ignore-certificate-errors",
 ];
 
+/// Chromium's own log of its TURN allocations, permissions and channel
+/// binds (with each error code) and of every ICE pair and state change,
+/// added when `TURND_TEST_KEEP_LOGS` keeps the logs.
+const WEBRTC_LOG: &[&str] = &[
+    "--enable-logging=stderr",
+    "--v=0",
+    "--vmodule=*turn_port*=3,*p2p_transport_channel*=2,*connection*=2,*peer_connection*=1",
+];
+
 /// WebRTC may use `lo` (needed when it is the only interface); for the
 /// relay page only (see the file comment).
 pub const LOOPBACK: &str = "--allow-loopback-in-peer-connection";
@@ -220,7 +229,8 @@ impl Browser {
         );
         let profile = common::temp_dir("chromium-profile");
         let log = profile.join("chromium.log");
-        let mut argv: Vec<OsString> = FLAGS.iter().chain(extra).map(OsString::from).collect();
+        let webrtc_log = if common::keep_logs_dir().is_some() { WEBRTC_LOG } else { &[] };
+        let mut argv: Vec<OsString> = FLAGS.iter().chain(webrtc_log).chain(extra).map(OsString::from).collect();
         let mut dir_arg = OsString::from("--user-data-dir=");
         dir_arg.push(profile.as_os_str());
         argv.push(dir_arg);
@@ -267,6 +277,7 @@ impl Drop for Browser {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        common::keep_log(&self.log, &format!("chromium-{}.log", self.child.id()));
         let _ = std::fs::remove_dir_all(&self.profile);
     }
 }

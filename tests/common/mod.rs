@@ -285,10 +285,29 @@ impl Turnd {
     }
 }
 
+/// Where a test run keeps the logs of the turnd and Chromium processes it
+/// started (`TURND_TEST_KEEP_LOGS=DIR`), to hunt a flake after the fact;
+/// with it Chromium also logs its TURN and ICE steps (see
+/// `common/browser.rs`). Unset: logs go with their temporary directories.
+pub fn keep_logs_dir() -> Option<PathBuf> {
+    std::env::var_os("TURND_TEST_KEEP_LOGS").filter(|d| !d.is_empty()).map(PathBuf::from)
+}
+
+/// Copies `log` into the keep-logs directory, if one is set, as `name`.
+pub fn keep_log(log: &std::path::Path, name: &str) {
+    if let Some(d) = keep_logs_dir() {
+        let _ = std::fs::create_dir_all(&d);
+        if let Err(e) = std::fs::copy(log, d.join(name)) {
+            eprintln!("TURND_TEST_KEEP_LOGS: cannot keep {}: {e}", log.display());
+        }
+    }
+}
+
 impl Drop for Turnd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        keep_log(&self.dir.join("turnd.log"), &format!("turnd-{}-{}.log", self.child.id(), self.port));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
