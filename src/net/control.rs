@@ -14,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::sessions::Selector;
 use super::reload::ReloadError;
-use super::shard::{self, Apply, Command, Step};
+use super::shard::{self, Apply, Command, Settings, Step};
 use super::shared::Shared;
 use crate::auth::NonceKey;
 use crate::config::Config;
@@ -77,10 +77,16 @@ impl Control {
     /// Asks every shard and waits for each answer up to `wait`; `None` for
     /// a shard that did not answer in time.
     async fn ask_all<T>(&self, make: impl Fn(oneshot::Sender<T>) -> Command, wait: Duration) -> Vec<Option<T>> {
+        self.ask_each(|_, tx| make(tx), wait).await
+    }
+
+    /// [`Control::ask_all`] with a command of its own for each shard
+    /// (`make` gets the shard's index).
+    async fn ask_each<T>(&self, mut make: impl FnMut(usize, oneshot::Sender<T>) -> Command, wait: Duration) -> Vec<Option<T>> {
         let mut pending = Vec::with_capacity(self.inboxes.len());
-        for tx in &self.inboxes {
+        for (i, tx) in self.inboxes.iter().enumerate() {
             let (otx, orx) = oneshot::channel();
-            let _ = tx.send(make(otx));
+            let _ = tx.send(make(i, otx));
             pending.push(orx);
         }
         let deadline = tokio::time::Instant::now() + wait;
@@ -105,23 +111,18 @@ impl Control {
     pub async fn apply(&self, cfg: Arc<Config>, policy: &PeerPolicy, acceptor: Option<&TlsAcceptor>, steps: Vec<Vec<Step>>) -> Result<(), ReloadError> {
         let id = self.applies.get() + 1;
         self.applies.set(id);
-        let mut waits = Vec::new();
-        for (tx, steps) in self.inboxes.iter().zip(steps) {
-            let (done, wait) = oneshot::channel();
-            let a = Apply { id, cfg: cfg.clone(), policy: policy.clone(), acceptor: acceptor.cloned(), steps, done };
-            let _ = tx.send(Command::Prepare(Box::new(a)));
-            waits.push(wait);
-        }
-        let deadline = tokio::time::Instant::now() + ANSWER_WAIT;
-        let mut refused = None;
-        for (shard, w) in waits.into_iter().enumerate() {
-            refused = match tokio::time::timeout_at(deadline, w).await {
-                Ok(Ok(Ok(()))) => continue,
-                Ok(Ok(Err(f))) => Some(ReloadError::ShardStep { shard, listener: f.listener, error: f.error }),
-                Ok(Err(_)) | Err(_) => Some(ReloadError::ShardSilent { shard, wait: ANSWER_WAIT }),
-            };
-            break;
-        }
+        let mut steps = steps.into_iter();
+        let prepare = |_, done| {
+            let settings = Settings { cfg: cfg.clone(), policy: policy.clone(), acceptor: acceptor.cloned() };
+            Command::Prepare(Box::new(Apply { id, settings, steps: steps.next().unwrap_or_default(), done }))
+        };
+        let answers = self.ask_each(prepare, ANSWER_WAIT).await;
+        // The first shard, in order, that refused or stayed silent.
+        let refused = answers.into_iter().enumerate().find_map(|(shard, a)| match a {
+            Some(Ok(())) => None,
+            Some(Err(f)) => Some(ReloadError::ShardStep { shard, listener: f.listener, error: f.error }),
+            None => Some(ReloadError::ShardSilent { shard, wait: ANSWER_WAIT }),
+        });
         if let Some(e) = refused {
             // A shard that answers later finds the Abort next in its inbox.
             self.tell_all(|| Command::Abort(id));

@@ -69,13 +69,18 @@ pub enum Command {
 pub struct Apply {
     /// The reload this belongs to (its Commit or Abort names it).
     pub id: u64,
+    pub settings: Settings,
+    pub steps: Vec<Step>,
+    /// Whether this shard could take every step; why not.
+    pub done: oneshot::Sender<Result<(), StepFailed>>,
+}
+
+/// What a start or reload sets on every shard besides its listeners.
+pub struct Settings {
     pub cfg: Arc<Config>,
     pub policy: PeerPolicy,
     /// Serves the TLS listeners started or changed from now on.
     pub acceptor: Option<TlsAcceptor>,
-    pub steps: Vec<Step>,
-    /// Whether this shard could take every step; why not.
-    pub done: oneshot::Sender<Result<(), StepFailed>>,
 }
 
 /// A step a shard could not prepare: which listener, and the error.
@@ -88,9 +93,7 @@ pub struct StepFailed {
 /// An [`Apply`] whose fallible part is done, waiting for its Commit.
 struct Prepared {
     id: u64,
-    cfg: Arc<Config>,
-    policy: PeerPolicy,
-    acceptor: Option<TlsAcceptor>,
+    settings: Settings,
     steps: Vec<Ready>,
 }
 
@@ -373,47 +376,39 @@ impl Shard {
 
     /// First phase: registers every new socket with this shard's runtime
     /// (the part of a listener change that can fail) and keeps the result
-    /// for [`Shard::commit`]. On failure nothing is kept and nothing changed.
+    /// for [`Shard::commit`]. On failure nothing is kept (the sockets
+    /// registered so far close) and nothing changed.
     fn prepare(&mut self, a: Apply) {
-        let Apply { id, cfg, policy, acceptor, steps, done } = a;
-        let mut ready = Vec::with_capacity(steps.len());
-        let mut failed = None;
-        for step in steps {
-            let r = match step {
-                Step::AddUdp(conn, socket) => {
-                    let addr = socket.local_addr().ok();
-                    let listener = addr.map(|a| format!("udp {a}")).unwrap_or_else(|| "udp".into());
-                    self.refused(addr).and_then(|()| register_udp(socket)).map(|s| Ready::AddUdp(conn, s)).map_err(|e| (listener, e))
-                }
-                Step::AddStream(id, socket, l) => {
-                    let listener = format!("{} {}", l.transport.label(), l.address);
-                    self.refused(Some(l.address)).and_then(|()| TcpListener::from_std(socket)).map(|s| Ready::AddStream(id, s, l)).map_err(|e| (listener, e))
-                }
-                Step::RetireUdp(c) => Ok(Ready::RetireUdp(c)),
-                Step::ReviveUdp(c) => Ok(Ready::ReviveUdp(c)),
-                Step::ChangeStream(id, l) => Ok(Ready::ChangeStream(id, l)),
-                Step::RemoveStream(id) => Ok(Ready::RemoveStream(id)),
-            };
-            match r {
-                Ok(r) => ready.push(r),
-                Err((listener, e)) => {
-                    failed = Some(StepFailed { listener, error: e.to_string() });
-                    break;
-                }
-            }
+        let Apply { id, settings, steps, done } = a;
+        let answer = steps.into_iter().map(|step| self.ready(step)).collect::<Result<Vec<_>, _>>().map(|steps| {
+            self.prepared = Some(Prepared { id, settings, steps });
+        });
+        if let Err(f) = &answer {
+            tracing::error!(shard = self.index, listener = %f.listener, error = %f.error, "cannot take a listener socket: the reload is refused");
         }
-        // Dropping `ready` on failure closes the sockets registered so far.
-        let answer = match failed {
-            Some(f) => {
-                tracing::error!(shard = self.index, listener = %f.listener, error = %f.error, "cannot take a listener socket: the reload is refused");
-                Err(f)
-            }
-            None => {
-                self.prepared = Some(Prepared { id, cfg, policy, acceptor, steps: ready });
-                Ok(())
-            }
-        };
         let _ = done.send(answer);
+    }
+
+    /// One step with its socket (if it brings one) registered here.
+    fn ready(&self, step: Step) -> Result<Ready, StepFailed> {
+        let failed = |listener: String, e: std::io::Error| StepFailed { listener, error: e.to_string() };
+        Ok(match step {
+            Step::AddUdp(conn, socket) => {
+                let addr = socket.local_addr().ok();
+                let listener = addr.map(|a| format!("udp {a}")).unwrap_or_else(|| "udp".into());
+                let s = self.refused(addr).and_then(|()| register_udp(socket)).map_err(|e| failed(listener, e))?;
+                Ready::AddUdp(conn, s)
+            }
+            Step::AddStream(id, socket, l) => {
+                let listener = format!("{} {}", l.transport.label(), l.address);
+                let s = self.refused(Some(l.address)).and_then(|()| TcpListener::from_std(socket)).map_err(|e| failed(listener, e))?;
+                Ready::AddStream(id, s, l)
+            }
+            Step::RetireUdp(c) => Ready::RetireUdp(c),
+            Step::ReviveUdp(c) => Ready::ReviveUdp(c),
+            Step::ChangeStream(id, l) => Ready::ChangeStream(id, l),
+            Step::RemoveStream(id) => Ready::RemoveStream(id),
+        })
     }
 
     /// The test hook's refusal of a new listener at `addr`, as an I/O error.
@@ -431,14 +426,14 @@ impl Shard {
             tracing::error!(shard = self.index, reload = id, "asked to switch to a configuration it did not prepare");
             return;
         };
-        let cfg = &p.cfg;
+        let Settings { cfg, policy, acceptor } = p.settings;
         let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, self.nonce_key.clone());
-        self.server.reconfigure(core_config(cfg), auth, p.policy);
+        self.server.reconfigure(core_config(&cfg), auth, policy);
         self.relays.reconfigure(cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local), cfg.ports);
-        self.limits = StreamLimits::from(&**cfg);
+        self.limits = StreamLimits::from(&*cfg);
         self.passthrough = cfg.passthrough.clone().map(Rc::new);
-        if p.acceptor.is_some() {
-            self.acceptor = p.acceptor;
+        if acceptor.is_some() {
+            self.acceptor = acceptor;
         }
         let Some(shard) = self.this.upgrade() else { return };
         for step in p.steps {
