@@ -72,13 +72,18 @@ fn shard_of(t: &Turnd, client: SocketAddr) -> Option<u64> {
 /// (at most 64 tries): (clients on shard 0, clients on shard 1), each with
 /// its relayed address.
 fn clients_on_both(t: &Turnd, per_shard: usize) -> [Vec<(UdpClient, SocketAddr)>; 2] {
+    clients_on_both_with(t, per_shard, SECRET)
+}
+
+/// [`clients_on_both`], allocating with `secret` (panics if one is refused).
+fn clients_on_both_with(t: &Turnd, per_shard: usize, secret: &str) -> [Vec<(UdpClient, SocketAddr)>; 2] {
     let mut on: [Vec<(UdpClient, SocketAddr)>; 2] = [Vec::new(), Vec::new()];
     for i in 0..64 {
         if on.iter().all(|v| v.len() >= per_shard) {
             break;
         }
         let mut c = UdpClient::new("127.0.0.1", t.addr);
-        let relayed = c.allocate(&format!("user{i}"), SECRET);
+        let relayed = c.allocate(&format!("user{i}"), secret);
         let shard = shard_of(t, c.sock.local_addr().unwrap()).expect("the session lists its shard") as usize;
         on[shard].push((c, relayed));
     }
@@ -256,23 +261,11 @@ fn reload_and_drain_reach_every_shard() {
     }
 
     // A new secret applies on both shards; allocations made before stay.
-    std::fs::write(t.dir.join("secret"), "the-new-secret-0123456789").unwrap();
+    std::fs::write(t.dir.join("secret"), NEW_SECRET).unwrap();
     let (status, r) = admin(&t, "POST", "/admin/reload", "");
     assert_eq!(status, 200, "{r}");
-    let mut on = [0; 2];
-    let mut after = Vec::new();
-    for i in 0..64 {
-        if on.iter().all(|n| *n > 0) {
-            break;
-        }
-        let mut c = UdpClient::new("127.0.0.1", t.addr);
-        assert_eq!(c.try_allocate(&format!("old{i}"), SECRET).code(), Some(401), "the old secret must be refused");
-        let mut c = UdpClient::new("127.0.0.1", t.addr);
-        c.allocate(&format!("new{i}"), "the-new-secret-0123456789");
-        on[shard_of(&t, c.sock.local_addr().unwrap()).unwrap() as usize] += 1;
-        after.push(c);
-    }
-    assert!(on.iter().all(|n| *n > 0), "new-secret allocations on one shard only: {on:?}");
+    assert!(secret_refused(&t, SECRET), "the old secret must be refused");
+    let _after = clients_on_both_with(&t, 1, NEW_SECRET);
 
     // The number of shards is not for a reload.
     rewrite(&t, "threads = 2", "threads = 3");
@@ -286,7 +279,7 @@ fn reload_and_drain_reach_every_shard() {
     t.wait_log("draining");
     for i in 0..16 {
         let mut c = UdpClient::new("127.0.0.1", t.addr);
-        assert_eq!(c.try_allocate(&format!("late{i}"), "the-new-secret-0123456789").code(), Some(508));
+        assert_eq!(c.try_allocate(&format!("late{i}"), NEW_SECRET).code(), Some(508));
     }
     assert_eq!(t.http_get("/readyz").0, 503);
     for (shard, clients) in before.iter_mut().enumerate() {
@@ -311,21 +304,6 @@ fn a_stopped_shard_does_not_stall_the_other() {
     drop(stopped);
     // Shard 0 runs again: what waited in its socket is relayed, then new packets.
     assert!(echoes(&mut on[0][0].0, peer.addr, b"thawed", Duration::from_secs(2)), "shard 0 did not resume");
-}
-
-/// Allocates fresh clients with `secret` until both shards have taken one
-/// (at most 64 tries); panics if one answers anything but success.
-fn secret_works_on_both_shards(t: &Turnd, secret: &str) {
-    let mut on = [0; 2];
-    for i in 0..64 {
-        if on.iter().all(|n| *n > 0) {
-            return;
-        }
-        let mut c = UdpClient::new("127.0.0.1", t.addr);
-        c.allocate(&format!("check{i}"), secret);
-        on[shard_of(t, c.sock.local_addr().unwrap()).unwrap() as usize] += 1;
-    }
-    panic!("allocations with this secret reached one shard only: {on:?}");
 }
 
 /// Whether `secret` is refused (401) on both shards: 16 fresh clients, the
@@ -364,7 +342,7 @@ fn a_listener_one_shard_cannot_take_refuses_the_reload_on_every_shard() {
     // Every shard runs the old configuration: the old secret on both, the new
     // one on neither, and no shard serves the new port (the test can bind it
     // without SO_REUSEPORT, so every socket of that group is closed).
-    secret_works_on_both_shards(&t, SECRET);
+    clients_on_both_with(&t, 1, SECRET);
     assert!(secret_refused(&t, NEW_SECRET), "a shard switched to the new secret");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::UdpSocket::bind(("127.0.0.1", extra)).is_err() {
@@ -376,7 +354,10 @@ fn a_listener_one_shard_cannot_take_refuses_the_reload_on_every_shard() {
     std::fs::write(&t.config, original).unwrap();
     let (status, r) = admin(&t, "POST", "/admin/reload", "");
     assert_eq!(status, 200, "{r}");
-    secret_works_on_both_shards(&t, NEW_SECRET);
+    // Had the refused listener stayed in the books, this reload would remove it.
+    assert!(!t.log().contains(&format!("listener removed: udp 127.0.0.1:{extra}")), "{}", t.log());
+    assert!(!t.log().contains(&format!("listener started: udp 127.0.0.1:{extra}")), "{}", t.log());
+    clients_on_both_with(&t, 1, NEW_SECRET);
     assert!(secret_refused(&t, SECRET), "a shard kept the old secret");
 }
 
@@ -401,7 +382,7 @@ fn a_stopped_shard_refuses_the_reload_and_status_names_it() {
     drop(stopped);
     // Running again, shard 1 drops what it prepared: both shards run the old
     // configuration, and status lists both.
-    secret_works_on_both_shards(&t, SECRET);
+    clients_on_both_with(&t, 1, SECRET);
     assert!(secret_refused(&t, NEW_SECRET), "a shard switched to the new secret");
     let (_, s) = admin(&t, "GET", "/admin/status", "");
     assert_eq!(s["shards_not_answering"], serde_json::json!([]), "{s}");
