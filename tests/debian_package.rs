@@ -188,6 +188,18 @@ fn documented_check() -> Output {
     Command::new("timeout").args(["30", "sh", "-c", check]).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").output().unwrap()
 }
 
+/// Runs the documented check and asserts it passes; `when` names the moment.
+fn assert_documented_check_passes(when: &str) {
+    let out = documented_check();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("configuration ok"),
+        "the documented check as turnd {when} ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn turnd_ids() -> (u32, u32) {
     let pw = String::from_utf8(run(Command::new("getent").args(["passwd", "turnd"])).stdout).unwrap();
     let fields: Vec<&str> = pw.trim().split(':').collect();
@@ -349,14 +361,7 @@ fn package_builds_installs_runs_and_purges_cleanly() {
             .env("STATE_DIRECTORY", "/var/lib/turnd");
         c
     };
-    let out = documented_check();
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("configuration ok"),
-        "the documented check as turnd ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_documented_check_passes("after install");
     for f in ["/var/lib/turnd/secret", "/var/lib/turnd/admin-token"] {
         let m = std::fs::metadata(f).unwrap_or_else(|e| panic!("{f} after the check: {e}"));
         assert_eq!(m.uid(), uid, "{f} belongs to turnd, so the service can read it");
@@ -451,14 +456,7 @@ fn package_takes_over_state_that_turnd_made_as_root() {
     assert_eq!(owner_mode(&token), (uid, gid, 0o600), "{token}");
     assert_eq!(std::fs::read(&secret).unwrap(), secret_before, "the secret is kept (clients use it), only its owner changes");
 
-    let out = documented_check();
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("configuration ok"),
-        "the documented check as turnd after the takeover ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_documented_check_passes("after the takeover");
 
     // Configuring again (a reinstall, an upgrade) finds nothing to take over.
     let out = run(&mut dpkg_install(&deb));
