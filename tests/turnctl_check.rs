@@ -407,3 +407,67 @@ fn from_a_udp_blocked_network_tls_on_443_relays() {
     assert!(r.stdout.contains("peer leg     not tested: UDP does not get out from here"), "{}", diag(&r));
     eprintln!("{}", r.stdout);
 }
+
+/// The CONNECT requests a fake HTTP proxy on loopback receives (up to `n`,
+/// each answered 403), and its address.
+fn refusing_proxy(n: usize) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::{Read, Write};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut heads = Vec::new();
+        // Bounded: nobody connecting within 20 s ends the wait.
+        l.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while heads.len() < n && std::time::Instant::now() < deadline {
+            let mut c = match l.accept() {
+                Ok((c, _)) => c,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            c.set_nonblocking(false).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap_or(0) == 1 {
+                head.push(b[0]);
+            }
+            let _ = c.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
+            heads.push(String::from_utf8_lossy(&head).into_owned());
+        }
+        heads
+    });
+    (addr, t)
+}
+
+#[test]
+fn proxy_credentials_come_from_a_file_or_the_environment_not_the_command_line() {
+    // base64("carol:s3cret:pw")
+    const BASIC: &str = "Proxy-Authorization: Basic Y2Fyb2w6czNjcmV0OnB3\r\n";
+    let dir = common::temp_dir("proxy-auth");
+    let file = dir.join("proxy-auth");
+    std::fs::write(&file, "carol:s3cret:pw\n").unwrap();
+    let (proxy, seen) = refusing_proxy(1);
+    let url = format!("http://{proxy}");
+    let r = check(&["198.18.0.1", "--no-udp", "--no-tls", "--timeout", "2s", "--proxy", &url, "--proxy-auth-file", file.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}", r.text());
+    let heads = seen.join().unwrap();
+    assert!(!heads.is_empty() && heads[0].starts_with("CONNECT 198.18.0.1:3478 ") && heads[0].contains(BASIC), "{heads:?}");
+
+    let (proxy, seen) = refusing_proxy(1);
+    let url = format!("http://{proxy}");
+    let mut cmd = Command::new(TURNCTL);
+    cmd.args(["check", "198.18.0.1", "--no-udp", "--no-tls", "--timeout", "2s", "--proxy", &url]).env("TURNCTL_PROXY_AUTH", "carol:s3cret:pw");
+    let r = run_bounded(&mut cmd, Duration::from_secs(60));
+    assert_eq!(r.code, 1, "{}", r.text());
+    let heads = seen.join().unwrap();
+    assert!(heads.first().is_some_and(|h| h.contains(BASIC)), "{heads:?}");
+
+    // Without a proxy the file is a usage error, named.
+    let r = check(&["198.18.0.1", "--proxy", "", "--proxy-auth-file", file.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.text());
+    assert!(r.text().contains("--proxy-auth-file"), "{}", r.text());
+    let _ = std::fs::remove_dir_all(&dir);
+}
