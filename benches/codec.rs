@@ -229,7 +229,7 @@ fn core_with(n: usize) -> Core {
     core
 }
 
-fn expect_success(o: Output<'_>, what: &str) {
+fn expect_success(o: Output<'_, '_>, what: &str) {
     match o {
         Output::Reply(r) => {
             let m = Message::parse(r).unwrap();

@@ -11,8 +11,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use super::shared::{ConnectionLimits, Held, Shared};
-use super::stream::{self, StreamOut};
-use super::{passthrough, Shard};
+use super::passthrough;
+use super::stream::{self, Host, StreamOut};
 use crate::config::Config;
 use crate::turn::FiveTuple;
 
@@ -24,8 +24,8 @@ pub struct StreamLimits {
     idle: Duration,
 }
 
-pub(super) async fn accept_loop(
-    shard: Weak<RefCell<Shard>>,
+pub(super) async fn accept_loop<H: Host>(
+    shard: Weak<RefCell<H>>,
     listener: Rc<TcpListener>,
     l: crate::config::Listener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -44,7 +44,7 @@ pub(super) async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let Some((limits, passthrough)) = shard.upgrade().map(|s| {
             let s = s.borrow();
-            (s.limits, if tls.is_some() { s.passthrough.clone() } else { None })
+            (s.limits(), if tls.is_some() { s.passthrough() } else { None })
         }) else {
             return;
         };
@@ -55,7 +55,7 @@ pub(super) async fn accept_loop(
         if proxy && !l.proxy_protocol_from.iter().any(|c| c.contains(peer.ip().to_canonical())) {
             // Only the configured load balancers may say who the client is.
             if let Some(sh) = shard.upgrade() {
-                sh.borrow_mut().connections_refused += 1;
+                sh.borrow_mut().refused();
             }
             tracing::debug!(%peer, "connection closed: not from listen.proxy_protocol_from");
             continue;
@@ -97,9 +97,9 @@ pub(super) async fn accept_loop(
                 return;
             }
             stream::limit_kernel_unsent(&tcp);
-            let Some(stale) = shard.upgrade().map(|s| s.borrow().stale.clone()) else { return };
+            let Some(stale) = shard.upgrade().map(|s| s.borrow().stale()) else { return };
             let out = StreamOut::new(tls.is_some(), stale);
-            let Some(conn) = shard.upgrade().map(|sh| sh.borrow_mut().stream_opened(transport, out.clone())) else { return };
+            let Some(conn) = shard.upgrade().map(|sh| sh.borrow_mut().opened(transport, out.clone())) else { return };
             let tuple = FiveTuple { client, server: local, transport, conn };
             match tls {
                 Some(acceptor) => match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
@@ -124,8 +124,8 @@ pub(super) async fn accept_loop(
 /// With `[tls.passthrough]`: peeks at the ClientHello and, for a name that
 /// is not TURN's, passes the connection to the backend (counted as such
 /// by `admission`). Gives the connection back when TURN is to take it.
-async fn route_hello(
-    shard: &Weak<RefCell<Shard>>,
+async fn route_hello<H: Host>(
+    shard: &Weak<RefCell<H>>,
     tcp: tokio::net::TcpStream,
     client: SocketAddr,
     local: SocketAddr,
@@ -138,7 +138,7 @@ async fn route_hello(
         Err(e) => {
             tracing::debug!(%client, error = %e, "connection closed: no readable TLS ClientHello");
             if let Some(sh) = shard.upgrade() {
-                sh.borrow_mut().tls_handshake_failures += 1;
+                sh.borrow_mut().handshake_failed();
             }
             return None;
         }
@@ -167,28 +167,30 @@ struct Admission {
 impl Admission {
     /// None (the connection is to be closed) when a limit is reached; the
     /// shard counts the refusal.
-    fn new(shard: &Weak<RefCell<Shard>>, source: IpAddr, held: Held) -> Option<Self> {
+    fn new<H: Host>(shard: &Weak<RefCell<H>>, source: IpAddr, held: Held) -> Option<Self> {
         let sh = shard.upgrade()?;
         let mut sh = sh.borrow_mut();
-        let key = stream::per_ip_key(source, sh.limits.ipv6_prefix);
-        if !sh.shared.admit(key, sh.limits.connections, held) {
-            sh.connections_refused += 1;
+        let limits = sh.limits();
+        let key = stream::per_ip_key(source, limits.ipv6_prefix);
+        if !sh.shared().admit(key, limits.connections, held) {
+            sh.refused();
             tracing::debug!(client = %source, "connection refused: connection limit reached");
             return None;
         }
-        Some(Admission { shared: sh.shared.clone(), key, held })
+        Some(Admission { shared: sh.shared().clone(), key, held })
     }
 
     /// Counts it as `held` from `source` instead (the PROXY header named
     /// the client, the ClientHello said where it goes); false (the
     /// connection is to be closed, still counted as before until dropped)
     /// when a limit is reached.
-    fn recount(&mut self, shard: &Weak<RefCell<Shard>>, source: IpAddr, held: Held) -> bool {
+    fn recount<H: Host>(&mut self, shard: &Weak<RefCell<H>>, source: IpAddr, held: Held) -> bool {
         let Some(sh) = shard.upgrade() else { return false };
         let mut sh = sh.borrow_mut();
-        let key = stream::per_ip_key(source, sh.limits.ipv6_prefix);
-        if !self.shared.recount(self.key, self.held, key, held, sh.limits.connections) {
-            sh.connections_refused += 1;
+        let limits = sh.limits();
+        let key = stream::per_ip_key(source, limits.ipv6_prefix);
+        if !self.shared.recount(self.key, self.held, key, held, limits.connections) {
+            sh.refused();
             tracing::debug!(client = %source, "connection refused: connection limit reached");
             return false;
         }
@@ -204,11 +206,13 @@ impl Drop for Admission {
     }
 }
 
-fn close_unused(shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, handshake_failed: bool) {
+fn close_unused<H: Host>(shard: &Weak<RefCell<H>>, tuple: FiveTuple, handshake_failed: bool) {
     if let Some(sh) = shard.upgrade() {
         let mut sh = sh.borrow_mut();
-        sh.tls_handshake_failures += handshake_failed as u64;
-        sh.stream_closed(tuple);
+        if handshake_failed {
+            sh.handshake_failed();
+        }
+        sh.closed(tuple);
     }
 }
 

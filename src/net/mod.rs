@@ -39,4 +39,3 @@ pub use reload::ReloadError;
 pub use sockets::{register_udp, Udp};
 
 use events::WarnLimiter;
-use shard::Shard;

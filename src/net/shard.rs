@@ -12,8 +12,9 @@
 //! packet. The process around the shards ([`super::control`]) talks to each
 //! through its [`Command`] inbox.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::{Rc, Weak};
@@ -175,7 +176,7 @@ pub struct Shard {
     rx_batch: Rc<RefCell<RecvBatch>>,
     tx: Box<[u8]>,
     /// Client datagrams of the batch being handled, on their way to peers.
-    pub(super) to_peers: PeerSends,
+    to_peers: PeerSends,
     pub send_failures: u64,
     /// Wakes the timer task when the core filed an earlier deadline.
     timer: Rc<Notify>,
@@ -191,8 +192,9 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// A datagram from a client on UDP listener `conn`.
-    fn on_client(&mut self, conn: u32, local: SocketAddr, from: SocketAddr, pkt: &[u8], now: Now) {
+    /// A datagram from a client on UDP listener `conn`; what it relays to
+    /// a peer joins `batch`.
+    fn on_client<'a>(&mut self, batch: &ToPeers<'a>, conn: u32, local: SocketAddr, from: SocketAddr, pkt: &'a [u8], now: Now) {
         let tuple = FiveTuple { client: from, server: local, transport: Transport::Udp, conn };
         let Shard { server, relays, udp, send_failures, flush, to_peers, .. } = self;
         let Some(Some(l)) = udp.get_mut(conn as usize) else { return };
@@ -214,10 +216,7 @@ impl Shard {
                 l.out.commit(n, from);
             }
             Output::Relay { relay, peer, data, dont_fragment } => {
-                // SAFETY: `data` lies in `pkt`, in the receive batch that
-                // recv_loop holds borrowed until it has called flush_to_peers
-                // (and it clears the queue before receiving again).
-                *send_failures += unsafe { to_peer(to_peers, relays, relay, peer, data, dont_fragment) };
+                *send_failures += to_peer(batch, to_peers, relays, relay, peer, data, dont_fragment);
             }
         }
         if server.has_events() || !relays.opened.is_empty() {
@@ -264,8 +263,21 @@ impl Shard {
         }
     }
 
+    /// Runs `f` with a [`ToPeers`] batch for client data borrowed for `'a`
+    /// (the buffer it was received into), then sends what `f` queued: every
+    /// datagram a read or a batch of reads relays leaves together (GSO,
+    /// sendmmsg), and the queue is empty again before that buffer can change.
+    pub(super) fn relaying<'a, R>(&mut self, f: impl FnOnce(&mut Shard, &ToPeers<'a>) -> R) -> R {
+        // Nothing queued may point elsewhere: only a batch cut short by a
+        // panic could have left something, and it is never sent.
+        self.to_peers.clear();
+        let r = f(self, &ToPeers(PhantomData));
+        self.flush_to_peers();
+        r
+    }
+
     /// Sends the client datagrams of the batch just handled to their peers.
-    pub(super) fn flush_to_peers(&mut self) {
+    fn flush_to_peers(&mut self) {
         if !self.to_peers.is_empty() {
             let Shard { relays, to_peers, .. } = self;
             let (_, dropped) = to_peers.flush(|id| relays.fd(id));
@@ -283,9 +295,9 @@ impl Shard {
         }
     }
 
-    /// One framed message from a TCP/TLS client. Relayed data joins
-    /// `to_peers`, which stream::handle_frames flushes after the read.
-    pub fn on_stream(&mut self, tuple: FiveTuple, msg: &[u8]) {
+    /// One framed message from a TCP/TLS client; what it relays to a peer
+    /// joins `batch`.
+    fn on_stream<'a>(&mut self, batch: &ToPeers<'a>, tuple: FiveTuple, msg: &'a [u8]) {
         let Shard { server, relays, streams, tx, send_failures, to_peers, .. } = self;
         match server.handle_client(tuple, msg, Now::system(), tx, relays) {
             Output::None => {}
@@ -294,39 +306,9 @@ impl Shard {
                 _ => *send_failures += 1,
             },
             Output::Relay { relay, peer, data, dont_fragment } => {
-                // SAFETY: `data` lies in `msg`, in the read buffer that
-                // stream::handle_frames holds borrowed until it has called
-                // flush_to_peers (and it clears the queue before it starts).
-                *send_failures += unsafe { to_peer(to_peers, relays, relay, peer, data, dont_fragment) };
+                *send_failures += to_peer(batch, to_peers, relays, relay, peer, data, dont_fragment);
             }
         }
-        self.after_control();
-    }
-
-    /// Registers a new connection (admitted against the limits by its
-    /// `accept::Admission`); returns its conn id.
-    pub fn stream_opened(&mut self, transport: Transport, out: Rc<StreamOut>) -> u32 {
-        self.connections[transport as usize] += 1;
-        match self.free_streams.pop() {
-            Some(c) => {
-                self.streams[c as usize] = Some(out);
-                c
-            }
-            None => {
-                self.streams.push(Some(out));
-                (self.streams.len() - 1) as u32
-            }
-        }
-    }
-
-    pub fn stream_closed(&mut self, tuple: FiveTuple) {
-        if let Some(slot) = self.streams.get_mut(tuple.conn as usize)
-            && slot.take().is_some() {
-                self.free_streams.push(tuple.conn);
-                self.connections[tuple.transport as usize] -= 1;
-            }
-        let Shard { server, relays, .. } = self;
-        server.connection_closed(&tuple, std::time::Instant::now(), relays);
         self.after_control();
     }
 
@@ -582,14 +564,81 @@ fn refuse_prepare_hook(index: usize) -> Option<u16> {
     (shard.parse::<usize>().ok()? == index).then(|| port.parse().ok()).flatten()
 }
 
+impl stream::Host for Shard {
+    fn limits(&self) -> StreamLimits {
+        self.limits
+    }
+
+    fn passthrough(&self) -> Option<Rc<crate::config::Passthrough>> {
+        self.passthrough.clone()
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn stale(&self) -> Rc<stream::StaleDrops> {
+        self.stale.clone()
+    }
+
+    fn refused(&mut self) {
+        self.connections_refused += 1;
+    }
+
+    fn handshake_failed(&mut self) {
+        self.tls_handshake_failures += 1;
+    }
+
+    fn opened(&mut self, transport: Transport, out: Rc<StreamOut>) -> u32 {
+        self.connections[transport as usize] += 1;
+        match self.free_streams.pop() {
+            Some(c) => {
+                self.streams[c as usize] = Some(out);
+                c
+            }
+            None => {
+                self.streams.push(Some(out));
+                (self.streams.len() - 1) as u32
+            }
+        }
+    }
+
+    fn on_messages<'a>(&mut self, tuple: FiveTuple, messages: impl Iterator<Item = &'a [u8]>) {
+        self.relaying(|sh, batch| {
+            for m in messages {
+                sh.on_stream(batch, tuple, m);
+            }
+        });
+    }
+
+    fn has_allocation(&self, tuple: &FiveTuple) -> bool {
+        self.server.has_allocation(tuple)
+    }
+
+    fn closed(&mut self, tuple: FiveTuple) {
+        if let Some(slot) = self.streams.get_mut(tuple.conn as usize)
+            && slot.take().is_some() {
+                self.free_streams.push(tuple.conn);
+                self.connections[tuple.transport as usize] -= 1;
+            }
+        let Shard { server, relays, .. } = self;
+        server.connection_closed(&tuple, std::time::Instant::now(), relays);
+        self.after_control();
+    }
+}
+
+/// Proof of a batch of client data on its way to peers, open for data
+/// borrowed for `'a`: only [`Shard::relaying`] makes one, and it sends the
+/// queue before it returns, so what the queue points into (data of `'a`,
+/// which outlives that call) is still there when it is sent. Invariant in
+/// `'a`, so no shorter borrow can stand in.
+pub(super) struct ToPeers<'a>(PhantomData<Cell<&'a [u8]>>);
+
 /// Queues a client's datagram for `peer` on relay socket `relay`, to leave
 /// with the batch; one that asked for DONT-FRAGMENT leaves alone, after what
 /// is queued. Returns the datagrams that could not be sent.
-///
-/// # Safety
-/// `data` must stay valid and unchanged until `to_peers` is flushed or cleared.
 #[inline]
-unsafe fn to_peer(to_peers: &mut PeerSends, relays: &RelaySockets, relay: RelayId, peer: SocketAddr, data: &[u8], dont_fragment: bool) -> u64 {
+fn to_peer<'a>(_batch: &ToPeers<'a>, to_peers: &mut PeerSends, relays: &RelaySockets, relay: RelayId, peer: SocketAddr, data: &'a [u8], dont_fragment: bool) -> u64 {
     if dont_fragment {
         let (_, dropped) = to_peers.flush(|id| relays.fd(id));
         return dropped as u64 + !relays.send(relay, peer, data, true) as u64;
@@ -599,7 +648,9 @@ unsafe fn to_peer(to_peers: &mut PeerSends, relays: &RelaySockets, relay: RelayI
         let (_, dropped) = to_peers.flush(|id| relays.fd(id));
         failed = dropped as u64;
     }
-    // SAFETY: the caller keeps `data` alive until the queue is flushed.
+    // SAFETY: `data` is borrowed for `'a`, the lifetime of the batch, which
+    // outlives the `Shard::relaying` call that sends the queue before it
+    // returns (and the queue is only sent or cleared there or above).
     unsafe { to_peers.push(relay, peer, data) };
     failed
 }
@@ -647,13 +698,14 @@ pub fn run(s: Spawn, started: std::sync::mpsc::Sender<std::io::Result<()>>) {
 }
 
 /// Waits for datagrams on `socket`, receives them in batches and hands each
-/// to `on` with the shard borrowed. Ends when the socket or the shard goes.
+/// to `on` with the shard borrowed, within one [`Shard::relaying`] batch.
+/// Ends when the socket or the shard goes.
 async fn recv_loop<T: Copy>(
     shard: Weak<RefCell<Shard>>,
     socket: Rc<Udp>,
     rx: Rc<RefCell<RecvBatch>>,
     now: impl Fn() -> T,
-    on: impl Fn(&mut Shard, SocketAddr, &[u8], T),
+    on: impl for<'a> Fn(&mut Shard, &ToPeers<'a>, SocketAddr, &'a [u8], T),
 ) {
     let fd = socket.get_ref().as_raw_fd();
     loop {
@@ -662,25 +714,23 @@ async fn recv_loop<T: Copy>(
             let Some(shard) = shard.upgrade() else { return };
             let mut sh = shard.borrow_mut();
             let mut rb = rx.borrow_mut();
-            // Nothing queued may point into `rb` once it receives again (only
-            // a batch cut short by a panic could have left something).
-            sh.to_peers.clear();
             // Errors (an ICMP error queued by an earlier send) surface once; go on.
             let n = rb.recv(fd).unwrap_or(0);
             let t = now();
-            for i in 0..n {
-                match rb.get(i) {
-                    // One datagram, or a GRO run of them: each goes on alone.
-                    Some((from, data, seg)) => {
-                        for d in data.chunks(seg) {
-                            on(&mut sh, from, d, t);
+            let rb = &*rb;
+            sh.relaying(|sh, batch| {
+                for i in 0..n {
+                    match rb.get(i) {
+                        // One datagram, or a GRO run of them: each goes on alone.
+                        Some((from, data, seg)) => {
+                            for d in data.chunks(seg) {
+                                on(sh, batch, from, d, t);
+                            }
                         }
+                        None => sh.server.stats.dropped_malformed += 1,
                     }
-                    None => sh.server.stats.dropped_malformed += 1,
                 }
-            }
-            // Before `rb` can receive again: datagrams queued for peers point into it.
-            sh.flush_to_peers();
+            });
             n == batch::BATCH
         };
         if full {
@@ -698,12 +748,12 @@ async fn recv_loop<T: Copy>(
 /// A UDP listener: STUN, TURN control and ChannelData from clients.
 async fn listener_loop(shard: Weak<RefCell<Shard>>, conn: u32, socket: Rc<Udp>, rx: Rc<RefCell<RecvBatch>>) {
     let Ok(local) = socket.get_ref().local_addr() else { return };
-    recv_loop(shard, socket, rx, Now::system, move |sh, from, pkt, now| sh.on_client(conn, local, from, pkt, now)).await
+    recv_loop(shard, socket, rx, Now::system, move |sh, batch, from, pkt, now| sh.on_client(batch, conn, local, from, pkt, now)).await
 }
 
 /// A relay socket: datagrams from peers.
 async fn relay_loop(shard: Weak<RefCell<Shard>>, id: RelayId, socket: Rc<Udp>, rx: Rc<RefCell<RecvBatch>>) {
-    recv_loop(shard, socket, rx, std::time::Instant::now, move |sh, from, data, now| sh.on_peer(id, from, data, now)).await
+    recv_loop(shard, socket, rx, std::time::Instant::now, move |sh, _, from, data, now| sh.on_peer(id, from, data, now)).await
 }
 
 /// Sleeps until the core's next deadline (or until it files an earlier

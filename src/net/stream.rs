@@ -6,15 +6,45 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::ServerConnection;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::Shard;
+use super::accept::StreamLimits;
+use super::shared::Shared;
+use crate::config::Passthrough;
 use crate::stun::{frame_len, FrameLen};
-use crate::turn::FiveTuple;
+use crate::turn::{FiveTuple, Transport};
+
+/// What a connection task (accepting, then serving a TCP/TLS client) may ask
+/// of the shard it runs on. The shard implements it; the connection code
+/// knows nothing else of the shard.
+pub(super) trait Host: 'static {
+    /// Limits for new connections (replaced on reload).
+    fn limits(&self) -> StreamLimits;
+    /// SNI routing on TLS listeners, if configured (replaced on reload).
+    fn passthrough(&self) -> Option<Rc<Passthrough>>;
+    /// What every shard shares: connection counts, the descriptor budget.
+    fn shared(&self) -> &Arc<Shared>;
+    /// Stale media dropped on this shard's connections.
+    fn stale(&self) -> Rc<StaleDrops>;
+    /// Counts a connection refused by a limit.
+    fn refused(&mut self);
+    /// Counts a TLS handshake that failed or timed out.
+    fn handshake_failed(&mut self);
+    /// Registers a connection to serve; its conn id (in its 5-tuple).
+    fn opened(&mut self, transport: Transport, out: Rc<StreamOut>) -> u32;
+    /// Handles framed messages from the client, in order; what they relay
+    /// to peers leaves together once they are handled.
+    fn on_messages<'a>(&mut self, tuple: FiveTuple, messages: impl Iterator<Item = &'a [u8]>);
+    /// Whether the client has an allocation (an idle connection with one stays).
+    fn has_allocation(&self, tuple: &FiveTuple) -> bool;
+    /// The connection ended: frees its allocation.
+    fn closed(&mut self, tuple: FiveTuple);
+}
 
 /// Bytes of media queued toward one client before further media is dropped
 /// (a slow reader loses packets, as on UDP, instead of growing memory).
@@ -341,31 +371,26 @@ impl std::io::Write for TryIo<'_> {
 /// what they relay to peers, gathered (a burst to one peer leaves in one
 /// system call); returns the bytes used. Stops early, before a frame, when
 /// the answers queued in `out` are backlogged.
-fn handle_frames(shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, out: &StreamOut, data: &[u8]) -> std::io::Result<usize> {
-    let Some(sh) = shard.upgrade() else { return Err(std::io::ErrorKind::NotConnected.into()) };
-    let mut sh = sh.borrow_mut();
-    // Nothing queued may point elsewhere (only a batch cut short by a panic
-    // could have left something).
-    sh.to_peers.clear();
-    let mut at = 0;
-    let mut result = Ok(());
-    loop {
-        match frame_len(&data[at..]) {
-            FrameLen::Complete(_) if out.backlogged() => break,
-            FrameLen::Complete(len) => {
-                sh.on_stream(tuple, &data[at..at + len]);
-                at += len;
-            }
-            FrameLen::Incomplete => break,
-            FrameLen::Invalid => {
-                result = Err(std::io::ErrorKind::InvalidData.into());
-                break;
-            }
+fn handle_frames<H: Host>(host: &Weak<RefCell<H>>, tuple: FiveTuple, out: &StreamOut, data: &[u8]) -> std::io::Result<usize> {
+    let Some(h) = host.upgrade() else { return Err(std::io::ErrorKind::NotConnected.into()) };
+    let (mut at, mut invalid) = (0, false);
+    let frames = std::iter::from_fn(|| match frame_len(&data[at..]) {
+        FrameLen::Complete(_) if out.backlogged() => None,
+        FrameLen::Complete(len) => {
+            at += len;
+            Some(&data[at - len..at])
         }
+        FrameLen::Incomplete => None,
+        FrameLen::Invalid => {
+            invalid = true;
+            None
+        }
+    });
+    h.borrow_mut().on_messages(tuple, frames);
+    if invalid {
+        return Err(std::io::ErrorKind::InvalidData.into());
     }
-    // Before `data` can change: relayed messages queued for peers point into it.
-    sh.flush_to_peers();
-    result.map(|()| at)
+    Ok(at)
 }
 
 /// How a read ended.
@@ -401,7 +426,7 @@ impl Conn {
     /// start of an incomplete one (and, while the client's answers are
     /// backlogged, the messages after it); returns whether a message was
     /// complete.
-    fn feed(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, out: &StreamOut, data: &[u8]) -> std::io::Result<bool> {
+    fn feed<H: Host>(&mut self, shard: &Weak<RefCell<H>>, tuple: FiveTuple, out: &StreamOut, data: &[u8]) -> std::io::Result<bool> {
         let used = if self.rx.is_empty() {
             let used = handle_frames(shard, tuple, out, data)?;
             self.rx.extend_from_slice(&data[used..]);
@@ -424,7 +449,7 @@ impl Conn {
 
     /// Reads what the socket holds and handles every complete message in
     /// it; `got` is set when one was complete.
-    fn read_ready(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, out: &StreamOut, got: &mut bool) -> std::io::Result<Read> {
+    fn read_ready<H: Host>(&mut self, shard: &Weak<RefCell<H>>, tuple: FiveTuple, out: &StreamOut, got: &mut bool) -> std::io::Result<Read> {
         SCRATCH.with_borrow_mut(|scratch| {
             for _ in 0..READS_PER_WAKE {
                 if self.held || out.backlogged() {
@@ -491,7 +516,7 @@ impl Conn {
 
     /// Takes TLS records from `input`, handling the messages they carry;
     /// returns true when the client sent close_notify.
-    fn decrypt(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, out: &StreamOut, mut input: &[u8], got: &mut bool) -> std::io::Result<bool> {
+    fn decrypt<H: Host>(&mut self, shard: &Weak<RefCell<H>>, tuple: FiveTuple, out: &StreamOut, mut input: &[u8], got: &mut bool) -> std::io::Result<bool> {
         let mut closed = false;
         loop {
             let tls = self.tls.as_mut().expect("a TLS connection");
@@ -608,7 +633,7 @@ impl Conn {
     /// Serves the connection until the client closes (and what is queued
     /// for it has gone), the stream breaks framing, or it idles without an
     /// allocation.
-    async fn run(&mut self, shard: &Weak<RefCell<Shard>>, tuple: FiveTuple, out: &StreamOut, idle: Duration) -> std::io::Result<()> {
+    async fn run<H: Host>(&mut self, shard: &Weak<RefCell<H>>, tuple: FiveTuple, out: &StreamOut, idle: Duration) -> std::io::Result<()> {
         use tokio::time::Instant as TokioInstant;
         let mut reading = true;
         // Idle time counts from the last complete message, so a client that
@@ -677,7 +702,7 @@ impl Conn {
                     }
                     // Idle: fine while an allocation lives (media may pause), not otherwise.
                     let Some(sh) = shard.upgrade() else { return Ok(()) };
-                    if sh.borrow().server.has_allocation(&tuple) {
+                    if sh.borrow().has_allocation(&tuple) {
                         last_msg = now;
                         sleep.as_mut().reset(now + idle);
                     } else {
@@ -692,7 +717,7 @@ impl Conn {
 }
 
 /// Runs one client connection to the end, then frees its allocation.
-pub(super) async fn serve(shard: Weak<RefCell<Shard>>, stream: impl Accepted, tuple: FiveTuple, out: Rc<StreamOut>, idle: Duration) {
+pub(super) async fn serve<H: Host>(shard: Weak<RefCell<H>>, stream: impl Accepted, tuple: FiveTuple, out: Rc<StreamOut>, idle: Duration) {
     let (tcp, tls) = stream.into_parts();
     let mut conn = Conn { tcp, tls, rx: Vec::new(), tx: Vec::new(), tx_at: 0, held: false };
     if let Err(e) = conn.run(&shard, tuple, &out, idle).await {
@@ -700,7 +725,7 @@ pub(super) async fn serve(shard: Weak<RefCell<Shard>>, stream: impl Accepted, tu
     }
     out.close();
     if let Some(sh) = shard.upgrade() {
-        sh.borrow_mut().stream_closed(tuple);
+        sh.borrow_mut().closed(tuple);
     }
 }
 

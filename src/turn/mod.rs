@@ -217,18 +217,20 @@ impl Now {
     }
 }
 
-/// What to do with a packet received from a client.
+/// What to do with a packet received from a client: an answer written into
+/// the caller's output buffer (`'o`), or relayed data, which lies in the
+/// packet itself (`'p`).
 #[derive(Debug, PartialEq, Eq)]
-pub enum Output<'a> {
+pub enum Output<'p, 'o> {
     /// Nothing to send (dropped, or an indication that needs no answer).
     None,
     /// Send these bytes back to the client on the same transport.
-    Reply(&'a [u8]),
+    Reply(&'o [u8]),
     /// Send `data` from relay socket `relay` to `peer`. `dont_fragment`: a
     /// Send indication with DONT-FRAGMENT, so this datagram must leave with
     /// the DF bit set even if the socket does not set it on all it sends
     /// (RFC 8656 11.3, 14).
-    Relay { relay: RelayId, peer: SocketAddr, data: &'a [u8], dont_fragment: bool },
+    Relay { relay: RelayId, peer: SocketAddr, data: &'p [u8], dont_fragment: bool },
 }
 
 /// Things the core tells the I/O layer about, for logs, metrics and

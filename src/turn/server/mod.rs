@@ -257,14 +257,14 @@ impl Server {
     }
 
     /// Handles one datagram (or one framed stream message) from a client.
-    pub fn handle_client<'a>(
+    pub fn handle_client<'p, 'o>(
         &mut self,
         tuple: FiveTuple,
-        pkt: &'a [u8],
+        pkt: &'p [u8],
         now: Now,
-        out: &'a mut [u8],
+        out: &'o mut [u8],
         relays: &mut dyn RelayPorts,
-    ) -> Output<'a> {
+    ) -> Output<'p, 'o> {
         if ChannelData::is_channel_data(pkt) {
             return self.client_channel_data(tuple, pkt, now.mono);
         }
@@ -308,7 +308,7 @@ impl Server {
                         }
                     }
                     *self.stats.responses.entry((msg.method(), code)).or_insert(0) += 1;
-                    let out: &'a [u8] = out;
+                    let out: &'o [u8] = out;
                     Output::Reply(&out[..n])
                 }
                 None => Output::None,

@@ -64,7 +64,7 @@ pub(super) fn within_budget(
 
 impl Server {
     #[inline]
-    pub(super) fn client_channel_data<'a>(&mut self, tuple: FiveTuple, pkt: &'a [u8], now: Instant) -> Output<'a> {
+    pub(super) fn client_channel_data<'p, 'o>(&mut self, tuple: FiveTuple, pkt: &'p [u8], now: Instant) -> Output<'p, 'o> {
         let Some(cd) = ChannelData::parse(pkt) else {
             self.stats.dropped_malformed += 1;
             return Output::None;
@@ -94,7 +94,7 @@ impl Server {
         Output::Relay { relay: relay.id, peer: self.bound_address(peer), data: cd.data, dont_fragment: false }
     }
 
-    pub(super) fn send_indication<'a>(&mut self, tuple: FiveTuple, msg: &Message<'a>, now: Instant) -> Output<'a> {
+    pub(super) fn send_indication<'p, 'o>(&mut self, tuple: FiveTuple, msg: &Message<'p>, now: Instant) -> Output<'p, 'o> {
         let Some(&slot) = self.by_tuple.get(&tuple) else {
             self.stats.dropped_no_allocation += 1;
             return Output::None;
