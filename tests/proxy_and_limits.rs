@@ -1,6 +1,6 @@
 //! PROXY protocol only from the configured load balancers, connections still
 //! reading their PROXY header counted per IP, and the per-IP limit by IPv6
-//! prefix (its keying is unit-tested in src/net/stream.rs; loopback has one
+//! prefix (its keying is unit-tested in src/net/stream/accept.rs; loopback has one
 //! IPv6 address, so on the wire only the configuration is checked here).
 
 #[path = "common/core.rs"]
@@ -142,7 +142,7 @@ fn binding_over(s: &mut TcpStream) -> Option<SocketAddr> {
 
 /// The per-IP limit on the wire: per address for IPv4, per /64 for IPv6 (on
 /// loopback only ::1 exists, so this checks the IPv6 path counts and uncounts;
-/// the grouping of a /64 is the unit test in src/net/stream.rs).
+/// the grouping of a /64 is the unit test in src/net/stream/accept.rs).
 #[test]
 fn per_ip_limit_holds_over_ipv4_and_ipv6() {
     let port = common::free_port();

@@ -25,14 +25,13 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use super::accept::{accept_loop, StreamLimits};
-use super::batch::{self, PeerSends, RecvBatch, SendBatch};
 use super::events::{log_event, WarnLimiter};
-use super::relay::RelaySockets;
 use super::sessions::{session, Selector};
 use super::shared::{Shared, SharedLedger};
-use super::sockets::{register_udp, Udp};
-use super::stream::{self, StreamOut};
+use super::stream::{self, accept_loop, Host, StaleDrops, StreamLimits, StreamOut};
+use super::udp::batch::{self, PeerSends, RecvBatch, SendBatch};
+use super::udp::relay::RelaySockets;
+use super::udp::{register_udp, Udp};
 use crate::auth::{Authenticator, NonceKey};
 use crate::config::{Config, Listener};
 use crate::turn::{FiveTuple, Now, Output, PeerPolicy, RelayId, Server, Transport};
@@ -181,7 +180,7 @@ pub struct Shard {
     /// Wakes the timer task when the core filed an earlier deadline.
     timer: Rc<Notify>,
     /// Media dropped toward TCP/TLS clients for being too old.
-    pub stale: Rc<stream::StaleDrops>,
+    pub stale: Rc<StaleDrops>,
     /// A prepared reload waiting for its Commit or Abort.
     prepared: Option<Prepared>,
     /// Test hook (`TURND_TEST_REFUSE_PREPARE=INDEX:PORT`): shard INDEX cannot
@@ -564,7 +563,7 @@ fn refuse_prepare_hook(index: usize) -> Option<u16> {
     (shard.parse::<usize>().ok()? == index).then(|| port.parse().ok()).flatten()
 }
 
-impl stream::Host for Shard {
+impl Host for Shard {
     fn limits(&self) -> StreamLimits {
         self.limits
     }
@@ -577,7 +576,7 @@ impl stream::Host for Shard {
         &self.shared
     }
 
-    fn stale(&self) -> Rc<stream::StaleDrops> {
+    fn stale(&self) -> Rc<StaleDrops> {
         self.stale.clone()
     }
 

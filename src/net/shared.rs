@@ -63,7 +63,8 @@ struct Quotas {
 struct Connections {
     /// Connections counted against `limits.max_connections`.
     total: usize,
-    /// Connections by [`super::stream::per_ip_key`].
+    /// Connections by their per-IP key (an IPv6 client by its prefix: see
+    /// `per_ip_key` in `stream/accept.rs`).
     per_ip: HashMap<IpAddr, u32>,
 }
 

@@ -30,8 +30,8 @@ pub fn check(cfg: &Config, mode: Mode, now_unix: i64) -> Result<Vec<String>, Con
     let mut notes = Vec::new();
     if let Some(t) = &cfg.tls {
         let provider = rustls::crypto::ring::default_provider();
-        let ck = super::tls::load_key(&t.cert, &t.key, &provider)?;
-        notes.extend(expiry_note(super::tls::not_after(&ck), now_unix, &t.cert));
+        let ck = crate::net::stream::tls::load_key(&t.cert, &t.key, &provider)?;
+        notes.extend(expiry_note(crate::net::stream::tls::not_after(&ck), now_unix, &t.cert));
     }
     for (key, relay) in [("relay.ip", cfg.core.relay_v4), ("relay.ipv6", cfg.core.relay_v6)] {
         if let Some(r) = relay {

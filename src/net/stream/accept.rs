@@ -3,28 +3,19 @@
 //! TLS handshake; then the stream code serves the connection.
 
 use std::cell::RefCell;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use super::shared::{ConnectionLimits, Held, Shared};
+use super::conn::{self, Host, StreamOut};
 use super::passthrough;
-use super::stream::{self, Host, StreamOut};
-use crate::config::Config;
+use crate::net::shared::{Held, Shared};
 use crate::turn::FiveTuple;
 
-#[derive(Clone, Copy, Debug)]
-pub struct StreamLimits {
-    pub connections: ConnectionLimits,
-    pub ipv6_prefix: u8,
-    handshake: Duration,
-    idle: Duration,
-}
-
-pub(super) async fn accept_loop<H: Host>(
+pub(in crate::net) async fn accept_loop<H: Host>(
     shard: Weak<RefCell<H>>,
     listener: Rc<TcpListener>,
     l: crate::config::Listener,
@@ -69,7 +60,7 @@ pub(super) async fn accept_loop<H: Host>(
         };
         tokio::task::spawn_local(async move {
             let client = if proxy {
-                let source = match stream::proxy_source(&tcp, limits.handshake).await {
+                let source = match proxy_source(&tcp, limits.handshake).await {
                     Ok(Some(src)) => src,
                     Ok(None) => peer,
                     Err(e) => {
@@ -96,14 +87,14 @@ pub(super) async fn accept_loop<H: Host>(
             if admission.held != Held::Connection && !admission.recount(&shard, client.ip(), Held::Connection) {
                 return;
             }
-            stream::limit_kernel_unsent(&tcp);
+            conn::limit_kernel_unsent(&tcp);
             let Some(stale) = shard.upgrade().map(|s| s.borrow().stale()) else { return };
             let out = StreamOut::new(tls.is_some(), stale);
             let Some(conn) = shard.upgrade().map(|sh| sh.borrow_mut().opened(transport, out.clone())) else { return };
             let tuple = FiveTuple { client, server: local, transport, conn };
             match tls {
                 Some(acceptor) => match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls_stream)) => stream::serve(shard, tls_stream, tuple, out, limits.idle).await,
+                    Ok(Ok(tls_stream)) => conn::serve(shard, tls_stream, tuple, out, limits.idle).await,
                     Ok(Err(e)) => {
                         tracing::debug!(%client, error = %e, "TLS handshake failed");
                         close_unused(&shard, tuple, true);
@@ -113,7 +104,7 @@ pub(super) async fn accept_loop<H: Host>(
                         close_unused(&shard, tuple, true);
                     }
                 },
-                None => stream::serve(shard, tcp, tuple, out, limits.idle).await,
+                None => conn::serve(shard, tcp, tuple, out, limits.idle).await,
             }
             // Counted until here.
             drop(admission);
@@ -171,7 +162,7 @@ impl Admission {
         let sh = shard.upgrade()?;
         let mut sh = sh.borrow_mut();
         let limits = sh.limits();
-        let key = stream::per_ip_key(source, limits.ipv6_prefix);
+        let key = per_ip_key(source, limits.ipv6_prefix);
         if !sh.shared().admit(key, limits.connections, held) {
             sh.refused();
             tracing::debug!(client = %source, "connection refused: connection limit reached");
@@ -188,7 +179,7 @@ impl Admission {
         let Some(sh) = shard.upgrade() else { return false };
         let mut sh = sh.borrow_mut();
         let limits = sh.limits();
-        let key = stream::per_ip_key(source, limits.ipv6_prefix);
+        let key = per_ip_key(source, limits.ipv6_prefix);
         if !self.shared.recount(self.key, self.held, key, held, limits.connections) {
             sh.refused();
             tracing::debug!(client = %source, "connection refused: connection limit reached");
@@ -216,14 +207,71 @@ fn close_unused<H: Host>(shard: &Weak<RefCell<H>>, tuple: FiveTuple, handshake_f
     }
 }
 
-impl From<&Config> for StreamLimits {
-    fn from(cfg: &Config) -> Self {
-        StreamLimits {
-            connections: ConnectionLimits { max_total: cfg.max_connections, max_per_ip: cfg.max_connections_per_ip },
-            ipv6_prefix: cfg.ipv6_prefix_per_ip,
-            handshake: Duration::from_secs(cfg.tls_handshake_timeout as u64),
-            idle: Duration::from_secs(cfg.idle_timeout as u64),
+/// The key the per-IP connection limit counts by: an IPv4 address itself
+/// (also when written IPv4-mapped), an IPv6 address cut to its first
+/// `v6_prefix` bits, since one subscriber or host usually holds a whole /64.
+pub fn per_ip_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = v6_prefix.min(128) as u32;
+            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
         }
+        v4 => v4,
     }
 }
 
+/// Where a connection came from, after an optional PROXY protocol header.
+async fn proxy_source(tcp: &tokio::net::TcpStream, timeout: Duration) -> std::io::Result<Option<SocketAddr>> {
+    use super::peek::{peek_until, Peeked};
+    use super::proxy::{parse, Parsed, MAX_HEADER};
+    let mut buf = [0u8; MAX_HEADER];
+    let (len, source) = peek_until(tcp, &mut buf, timeout, |b| match parse(b) {
+        Ok(Parsed::Done { len, source }) => Peeked::Done((len, source)),
+        Ok(Parsed::Incomplete) => Peeked::More,
+        _ => Peeked::Invalid,
+    })
+    .await?;
+    // Consume exactly the header; what follows is TLS or STUN.
+    let mut skip = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        tcp.readable().await?;
+        match tcp.try_read(&mut skip[got..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(source)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::per_ip_key;
+    use std::net::IpAddr;
+
+    fn key(ip: &str, prefix: u8) -> IpAddr {
+        per_ip_key(ip.parse().unwrap(), prefix)
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_prefix_and_ipv4_by_address() {
+        // Every address of one /64 is one key; the next /64 is another.
+        let a = key("2001:db8:1:2::1", 64);
+        assert_eq!(a, key("2001:db8:1:2:ffff:ffff:ffff:ffff", 64));
+        assert_eq!(a, key("2001:db8:1:2:abcd::9", 64));
+        assert_eq!(a, "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_ne!(a, key("2001:db8:1:3::1", 64));
+        // Other prefixes.
+        assert_eq!(key("2001:db8:1:2::1", 56), key("2001:db8:1:ff::1", 56));
+        assert_ne!(key("2001:db8:1:2::1", 56), key("2001:db8:1:100::1", 56));
+        assert_ne!(key("2001:db8::1", 128), key("2001:db8::2", 128));
+        // IPv4, also IPv4-mapped, stays per address.
+        assert_eq!(key("198.51.100.7", 64), "198.51.100.7".parse::<IpAddr>().unwrap());
+        assert_eq!(key("::ffff:198.51.100.7", 64), key("198.51.100.7", 64));
+        assert_ne!(key("198.51.100.7", 64), key("198.51.100.8", 64));
+        assert_eq!(key("::1", 64), "::".parse::<IpAddr>().unwrap());
+    }
+}

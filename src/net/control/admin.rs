@@ -4,9 +4,9 @@
 
 use serde_json::{json, Value};
 
-use super::control::Control;
 use super::request::Request;
-use super::sessions::Selector;
+use super::shards::Control;
+use crate::net::sessions::Selector;
 use crate::stun::integrity::ct_eq;
 use crate::turn::Transport;
 

@@ -165,11 +165,11 @@ mod tests {
         let l: SocketAddr = "203.0.113.1:443".parse().unwrap();
         for kind in [ProxyHeader::V1, ProxyHeader::V2] {
             let h = proxy_header(kind, c, l);
-            assert_eq!(super::super::proxy::parse(&h), Ok(super::super::proxy::Parsed::Done { len: h.len(), source: Some(c) }), "{kind:?}");
+            assert_eq!(crate::net::stream::proxy::parse(&h), Ok(crate::net::stream::proxy::Parsed::Done { len: h.len(), source: Some(c) }), "{kind:?}");
         }
         let c6: SocketAddr = "[2001:db8::7]:40000".parse().unwrap();
         let h = proxy_header(ProxyHeader::V2, c6, l);
-        assert_eq!(super::super::proxy::parse(&h), Ok(super::super::proxy::Parsed::Done { len: h.len(), source: Some(c6) }));
+        assert_eq!(crate::net::stream::proxy::parse(&h), Ok(crate::net::stream::proxy::Parsed::Done { len: h.len(), source: Some(c6) }));
         assert_eq!(proxy_header(ProxyHeader::V1, "[::ffff:198.51.100.7]:1".parse().unwrap(), l), b"PROXY TCP4 198.51.100.7 203.0.113.1 1 443\r\n");
         assert!(proxy_header(ProxyHeader::None, c, l).is_empty());
     }

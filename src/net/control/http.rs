@@ -8,9 +8,9 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::control::Control;
 use super::request::{read_request, Request};
-use super::shared::HTTP_CONNECTIONS;
+use super::shards::Control;
+use crate::net::shared::HTTP_CONNECTIONS;
 
 /// A request must arrive whole within this time.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);

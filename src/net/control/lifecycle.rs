@@ -18,12 +18,13 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use super::control::Control;
 use super::reload::ReloadError;
-use super::shard::{Command, Step as ShardStep};
-use super::shared::{self, Shared};
-use super::sockets::{bind_tcp, bind_tcp_group, bind_udp_group};
-use super::{http, preflight, systemd, tls};
+use super::shards::Control;
+use super::{http, preflight, systemd};
+use crate::net::shard::{Command, Step as ShardStep};
+use crate::net::shared::{self, Shared};
+use crate::net::stream::tls;
+use crate::net::udp::{bind_tcp, bind_tcp_group, bind_udp_group};
 use crate::config::{Bandwidth, Config, ConfigError, Listener, Overrides, SecretSource};
 use crate::turn::{PeerPolicy, Transport};
 

@@ -12,10 +12,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 
-use super::sessions::Selector;
 use super::reload::ReloadError;
-use super::shard::{self, Apply, Command, Settings, Step};
-use super::shared::Shared;
+use crate::net::sessions::Selector;
+use crate::net::shard::{self, Apply, Command, Settings, Step};
+use crate::net::shared::Shared;
 use crate::auth::NonceKey;
 use crate::config::Config;
 use crate::metrics::Snapshot;

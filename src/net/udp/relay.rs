@@ -9,12 +9,12 @@ use std::os::fd::AsRawFd;
 
 use tokio::task::JoinHandle;
 
-use super::Udp;
+use super::sockets::{register_udp, Udp};
 
 use std::sync::Arc;
 
-pub use super::shared::FD_RESERVE;
-use super::shared::Shared;
+pub use crate::net::shared::FD_RESERVE;
+use crate::net::shared::Shared;
 use crate::turn::{Family, OpenError, Placement, RelayId, RelayPorts};
 
 /// Attempts at a random port before reporting the range exhausted.
@@ -231,7 +231,7 @@ impl RelayPorts for RelaySockets {
             return Err(OpenError::DontFragmentUnsupported);
         }
         let local = std_sock.local_addr().map_err(|_| OpenError::Exhausted)?;
-        let socket = match super::register_udp(std_sock) {
+        let socket = match register_udp(std_sock) {
             Ok(s) => Rc::new(s),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot register a relay socket");

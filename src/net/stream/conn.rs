@@ -1,10 +1,11 @@
 //! TCP and TLS client connections (RFC 8656 stream framing): STUN messages
 //! and ChannelData (padded to 4 bytes) back to back on one byte stream. One
-//! allocation per connection; closing the connection frees it.
+//! allocation per connection; closing the connection frees it. What a
+//! connection may ask of its shard is [`Host`], all it knows of the shard.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,16 +14,36 @@ use rustls::ServerConnection;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::accept::StreamLimits;
-use super::shared::Shared;
-use crate::config::Passthrough;
+use crate::config::{Config, Passthrough};
+use crate::net::events::WarnLimiter;
+use crate::net::shared::{ConnectionLimits, Shared};
 use crate::stun::{frame_len, FrameLen};
 use crate::turn::{FiveTuple, Transport};
+
+/// Limits of new TCP/TLS connections (replaced on reload).
+#[derive(Clone, Copy, Debug)]
+pub struct StreamLimits {
+    pub connections: ConnectionLimits,
+    pub ipv6_prefix: u8,
+    pub handshake: Duration,
+    pub idle: Duration,
+}
+
+impl From<&Config> for StreamLimits {
+    fn from(cfg: &Config) -> Self {
+        StreamLimits {
+            connections: ConnectionLimits { max_total: cfg.max_connections, max_per_ip: cfg.max_connections_per_ip },
+            ipv6_prefix: cfg.ipv6_prefix_per_ip,
+            handshake: Duration::from_secs(cfg.tls_handshake_timeout as u64),
+            idle: Duration::from_secs(cfg.idle_timeout as u64),
+        }
+    }
+}
 
 /// What a connection task (accepting, then serving a TCP/TLS client) may ask
 /// of the shard it runs on. The shard implements it; the connection code
 /// knows nothing else of the shard.
-pub(super) trait Host: 'static {
+pub(in crate::net) trait Host: 'static {
     /// Limits for new connections (replaced on reload).
     fn limits(&self) -> StreamLimits;
     /// SNI routing on TLS listeners, if configured (replaced on reload).
@@ -113,12 +134,12 @@ struct Queued {
 /// rate-limited log line.
 pub struct StaleDrops {
     pub messages: Cell<u64>,
-    log: RefCell<super::WarnLimiter>,
+    log: RefCell<WarnLimiter>,
 }
 
 impl StaleDrops {
     pub fn new() -> Rc<Self> {
-        Rc::new(StaleDrops { messages: Cell::new(0), log: RefCell::new(super::WarnLimiter::new()) })
+        Rc::new(StaleDrops { messages: Cell::new(0), log: RefCell::new(WarnLimiter::new()) })
     }
 
     fn record(&self, client: SocketAddr, n: u64, bytes: usize) {
@@ -238,20 +259,6 @@ pub fn limit_kernel_unsent(tcp: &tokio::net::TcpStream) {
     }
 }
 
-/// The key the per-IP connection limit counts by: an IPv4 address itself
-/// (also when written IPv4-mapped), an IPv6 address cut to its first
-/// `v6_prefix` bits, since one subscriber or host usually holds a whole /64.
-pub fn per_ip_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let bits = v6_prefix.min(128) as u32;
-            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
-            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
-        }
-        v4 => v4,
-    }
-}
-
 impl StreamOut {
     pub fn new(per_message: bool, stale: Rc<StaleDrops>) -> Rc<Self> {
         Rc::new(StreamOut {
@@ -315,7 +322,7 @@ impl StreamOut {
 }
 
 /// What [`serve`] takes: a TCP connection, or a TLS one whose handshake is done.
-pub(super) trait Accepted {
+pub(in crate::net) trait Accepted {
     fn into_parts(self) -> (TcpStream, Option<ServerConnection>);
 }
 
@@ -717,7 +724,7 @@ impl Conn {
 }
 
 /// Runs one client connection to the end, then frees its allocation.
-pub(super) async fn serve<H: Host>(shard: Weak<RefCell<H>>, stream: impl Accepted, tuple: FiveTuple, out: Rc<StreamOut>, idle: Duration) {
+pub(in crate::net) async fn serve<H: Host>(shard: Weak<RefCell<H>>, stream: impl Accepted, tuple: FiveTuple, out: Rc<StreamOut>, idle: Duration) {
     let (tcp, tls) = stream.into_parts();
     let mut conn = Conn { tcp, tls, rx: Vec::new(), tx: Vec::new(), tx_at: 0, held: false };
     if let Err(e) = conn.run(&shard, tuple, &out, idle).await {
@@ -726,60 +733,5 @@ pub(super) async fn serve<H: Host>(shard: Weak<RefCell<H>>, stream: impl Accepte
     out.close();
     if let Some(sh) = shard.upgrade() {
         sh.borrow_mut().closed(tuple);
-    }
-}
-
-/// Where a connection came from, after an optional PROXY protocol header.
-pub(super) async fn proxy_source(tcp: &tokio::net::TcpStream, timeout: Duration) -> std::io::Result<Option<SocketAddr>> {
-    use super::peek::{peek_until, Peeked};
-    use super::proxy::{parse, Parsed, MAX_HEADER};
-    let mut buf = [0u8; MAX_HEADER];
-    let (len, source) = peek_until(tcp, &mut buf, timeout, |b| match parse(b) {
-        Ok(Parsed::Done { len, source }) => Peeked::Done((len, source)),
-        Ok(Parsed::Incomplete) => Peeked::More,
-        _ => Peeked::Invalid,
-    })
-    .await?;
-    // Consume exactly the header; what follows is TLS or STUN.
-    let mut skip = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        tcp.readable().await?;
-        match tcp.try_read(&mut skip[got..]) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(k) => got += k,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(source)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::per_ip_key;
-    use std::net::IpAddr;
-
-    fn key(ip: &str, prefix: u8) -> IpAddr {
-        per_ip_key(ip.parse().unwrap(), prefix)
-    }
-
-    #[test]
-    fn ipv6_clients_count_by_prefix_and_ipv4_by_address() {
-        // Every address of one /64 is one key; the next /64 is another.
-        let a = key("2001:db8:1:2::1", 64);
-        assert_eq!(a, key("2001:db8:1:2:ffff:ffff:ffff:ffff", 64));
-        assert_eq!(a, key("2001:db8:1:2:abcd::9", 64));
-        assert_eq!(a, "2001:db8:1:2::".parse::<IpAddr>().unwrap());
-        assert_ne!(a, key("2001:db8:1:3::1", 64));
-        // Other prefixes.
-        assert_eq!(key("2001:db8:1:2::1", 56), key("2001:db8:1:ff::1", 56));
-        assert_ne!(key("2001:db8:1:2::1", 56), key("2001:db8:1:100::1", 56));
-        assert_ne!(key("2001:db8::1", 128), key("2001:db8::2", 128));
-        // IPv4, also IPv4-mapped, stays per address.
-        assert_eq!(key("198.51.100.7", 64), "198.51.100.7".parse::<IpAddr>().unwrap());
-        assert_eq!(key("::ffff:198.51.100.7", 64), key("198.51.100.7", 64));
-        assert_ne!(key("198.51.100.7", 64), key("198.51.100.8", 64));
-        assert_eq!(key("::1", 64), "::".parse::<IpAddr>().unwrap());
     }
 }
