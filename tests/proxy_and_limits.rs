@@ -101,13 +101,21 @@ fn proxy_header_is_taken_only_from_configured_sources() {
 fn connections_waiting_for_their_proxy_header_count_per_ip() {
     let server = proxied("[\"127.0.0.0/8\"]", "max_connections_per_ip = 3\n");
     // Three connections from 127.0.0.3 that never send their header.
-    let waiting: Vec<TcpStream> = (0..3).map(|_| connect_from("127.0.0.3", server.addr)).collect();
+    let mut waiting: Vec<TcpStream> = (0..3).map(|_| connect_from("127.0.0.3", server.addr)).collect();
     // Until turnd has accepted and counted them, a fourth may still be
     // answered; wait (bounded by time, however busy the machine) until a
-    // fourth is refused.
+    // fourth is refused. The shards accept in their own order: a fourth
+    // accepted before the third waiting one holds the last place while it
+    // reads its header, and turnd refuses (closes) that waiting one instead,
+    // as it should. Such a one is connected again, so three wait.
     let claimed: SocketAddr = "203.0.113.10:40000".parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let refused = loop {
+        for w in waiting.iter_mut() {
+            if closed_by_server(w) {
+                *w = connect_from("127.0.0.3", server.addr);
+            }
+        }
         let mut fourth = connect_from("127.0.0.3", server.addr);
         if binding_through_proxy(&mut fourth, claimed, server.addr).is_none() {
             break true;
@@ -130,6 +138,16 @@ fn connections_waiting_for_their_proxy_header_count_per_ip() {
         }
         assert!(Instant::now() < deadline, "127.0.0.3 refused after its waiting connections closed");
     }
+}
+
+/// Whether the server closed `s` (the client has sent nothing on it).
+fn closed_by_server(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    // Nothing to read but the end (or a reset): the server sends nothing else here.
+    let closed = !matches!(s.peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    s.set_nonblocking(false).unwrap();
+    closed
 }
 
 /// A Binding over a plain TCP connection: the mapped address, or None when
