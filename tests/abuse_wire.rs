@@ -34,7 +34,7 @@ use std::net::{TcpStream, UdpSocket};
 fn wire_own_ports_refused_and_hairpin_relays() {
     // No loopback allowance: the only loopback address a peer may be is our
     // own relay address, on relay ports.
-    let server = common::Turnd::start_with("", false);
+    let server = common::Turnd::builder().extra("").no_loopback_peers().start();
     let own = |port: u16| SocketAddr::new("127.0.0.1".parse().unwrap(), port);
     let mut a = UdpClient::new("127.0.0.1", server.addr);
     let mut b = UdpClient::new("127.0.0.1", server.addr);
@@ -78,7 +78,7 @@ fn dual_stack_turnd(extra: &str) -> (common::Turnd, SocketAddr) {
         .expect("a free port on ::1");
     let v6: SocketAddr = format!("[::1]:{p6}").parse().unwrap();
     let probe: SocketAddr = format!("127.0.0.1:{p4}").parse().unwrap();
-    let server = common::Turnd::start_config(probe, |_| {
+    let server = common::Turnd::builder().config(probe, |_| {
         format!(
             "[auth]\nsecrets = [\"{}\"]\n\
              [[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{p4}\"\n\
@@ -86,7 +86,7 @@ fn dual_stack_turnd(extra: &str) -> (common::Turnd, SocketAddr) {
              [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n{extra}",
             common::SECRET
         )
-    });
+    }).start();
     (server, v6)
 }
 
@@ -294,7 +294,7 @@ fn trickle(s: TcpStream, bytes: &[u8], gap: Duration, started: Instant, limit: D
 
 #[test]
 fn wire_slowloris_and_idle_connections_are_cut() {
-    let server = common::Turnd::start_all("[limits]\ntls_handshake_timeout = \"1s\"\nidle_timeout = \"2s\"\n");
+    let server = common::Turnd::builder().extra("[limits]\ntls_handshake_timeout = \"1s\"\nidle_timeout = \"2s\"\n").streams().start();
     let tcp = SocketAddr::new(server.addr.ip(), server.port);
     let tls = SocketAddr::new(server.addr.ip(), server.tls_port);
     let limit = Duration::from_secs(8);
@@ -374,7 +374,7 @@ fn wire_slowloris_and_idle_connections_are_cut() {
 fn running_out_of_descriptors_refuses_allocations_and_reports_not_ready() {
     // 64 descriptors: the reserve (turnd's own listeners, metrics, epoll,
     // log, and room for metrics/admin connections) and a dozen relay sockets.
-    let server = common::Turnd::start_limited("", 64);
+    let server = common::Turnd::builder().nofile(64).start();
     assert_eq!(server.http_get("/readyz").0, 200);
     let mut held = Vec::new();
     let mut refused = None;
@@ -414,7 +414,7 @@ fn wire_other_host_addresses_are_reachable_only_on_relay_ports() {
     let ns = netns::NetNs::create_udp_blocked();
     let host = std::net::IpAddr::V4(ns.host_ip());
     let other = std::net::IpAddr::V4(ns.ns_ip());
-    let server = common::Turnd::start_with("[peers]\nallow = [\"127.0.0.0/8\", \"198.18.0.0/15\"]\n", false);
+    let server = common::Turnd::builder().extra("[peers]\nallow = [\"127.0.0.0/8\", \"198.18.0.0/15\"]\n").no_loopback_peers().start();
     let mut c = wire::UdpClient::new("127.0.0.1", server.addr);
     c.allocate("hostaddr", common::SECRET);
     let bind = |c: &mut wire::UdpClient, n: u16, to: SocketAddr| c.transact(method::CHANNEL_BIND, &[channel(n), peer_at(to)]).code();

@@ -34,7 +34,7 @@ fn http(port: u16, method: &str, path: &str, auth: Option<&str>, body: &str) -> 
 /// unreachable); now at most a fixed few are held, inside the reserve.
 #[test]
 fn idle_metrics_connections_do_not_starve_allocations_or_readyz() {
-    let server = Turnd::start_limited("", 64);
+    let server = Turnd::builder().nofile(64).start();
     let mut idle = Vec::new();
     for _ in 0..300 {
         match TcpStream::connect(format!("127.0.0.1:{}", server.metrics_port)) {

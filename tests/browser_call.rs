@@ -47,7 +47,7 @@ const PLAIN_PORT: u16 = 3478;
 /// turnd with UDP/TCP 3478 and TLS 443 on `host`, relaying from `relay_ip`
 /// to `peer_ip` only.
 fn start_turnd(host: &str, relay_ip: &str, peer_ip: &str) -> Turnd {
-    Turnd::start_three(host, PLAIN_PORT, TLS_PORT, relay_ip, &format!("[peers]\nallow = [\"{peer_ip}/32\"]\n[log]\nlevel = \"debug\"\n"))
+    Turnd::builder().three(host, PLAIN_PORT, TLS_PORT, relay_ip).extra(&format!("[peers]\nallow = [\"{peer_ip}/32\"]\n[log]\nlevel = \"debug\"\n")).start()
 }
 
 /// "allocation created" lines of turnd's log for `client_ip` over `transport`.

@@ -18,7 +18,7 @@ use common::Turnd;
 /// Runs the page against `turn_url` on a fresh turnd and checks the data
 /// channel went through relay candidates of the expected relay protocol.
 fn relay_case(turn_url: impl Fn(&Turnd) -> String, relay_protocol: &str) {
-    let turnd = Turnd::start_all("[limits]\nlegacy_channel_numbers = true\n");
+    let turnd = Turnd::builder().extra("[limits]\nlegacy_channel_numbers = true\n").streams().start();
     let turn_url = turn_url(&turnd);
     let server = PageServer::start("127.0.0.1");
     let (username, password) = browser::credentials();

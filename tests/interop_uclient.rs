@@ -61,7 +61,7 @@ fn relay_run(mode: &[&str], clients: u32, messages: u32) {
 /// With `rtcp`, each client makes an RTP/RTCP pair of allocations using
 /// EVEN-PORT with the R bit and RESERVATION-TOKEN (no `-c`).
 fn relay_run_sessions(mode: &[&str], clients: u32, messages: u32, rtcp: bool) {
-    let server = Turnd::start_all("[limits]\nlegacy_channel_numbers = true\n");
+    let server = Turnd::builder().extra("[limits]\nlegacy_channel_numbers = true\n").streams().start();
     let peer = EchoPeer::start();
     let peer_port = peer.addr.port().to_string();
     let m = clients.to_string();

@@ -87,7 +87,7 @@ fn allocations(log: &str, client_ip: &str, transport: &str) -> usize {
 /// Ready once a UDP Binding from the host to HOST:3478 is answered.
 fn start_turnd(ns: &NetNs) -> Turnd {
     let extra = "[peers]\nallow = [\"127.0.0.0/8\"]\n[limits]\nlegacy_channel_numbers = true\n[log]\nlevel = \"debug\"\n";
-    Turnd::start_three(&ns.host_ip().to_string(), PLAIN_PORT, TLS_PORT, "127.0.0.1", extra)
+    Turnd::builder().three(&ns.host_ip().to_string(), PLAIN_PORT, TLS_PORT, "127.0.0.1").extra(extra).start()
 }
 
 #[test]
@@ -102,7 +102,7 @@ fn udp_blocked_network_allocates_over_tls_on_443() {
     let host = ns.host_ip().to_string();
     let ns_ip = ns.ns_ip().to_string();
     let server = start_turnd(&ns);
-    // turnd answered a UDP Binding on host:3478 from the host (start_config
+    // turnd answered a UDP Binding on host:3478 from the host (the harness
     // waits for it), so its UDP listener works outside the namespace.
     let peer = EchoPeer::start();
     let peer_port = peer.addr.port().to_string();

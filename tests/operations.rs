@@ -69,7 +69,7 @@ fn metrics_follow_a_scripted_session() {
 #[test]
 fn refused_peers_are_counted() {
     // Without the loopback allowance, the echo peer on 127.0.0.2 is refused.
-    let server = Turnd::start_with("[limits]\nlegacy_channel_numbers = true\n", false);
+    let server = Turnd::builder().extra("[limits]\nlegacy_channel_numbers = true\n").no_loopback_peers().start();
     let peer = EchoPeer::start();
     let (code, text) = uclient(&server, &peer, SECRET, 2);
     assert_ne!(code, 0, "{text}");

@@ -96,7 +96,7 @@ fn wire_a_videobridge_on_the_relay_address_is_reachable_and_nothing_else() {
     use std::time::Duration;
     use wire::{Incoming, UdpClient};
     let bridge = common::EchoPeer::start_on("127.0.0.1");
-    let server = common::Turnd::start_with(&format!("[peers]\nallow = [\"{}\"]\n", bridge.addr), false);
+    let server = common::Turnd::builder().extra(&format!("[peers]\nallow = [\"{}\"]\n", bridge.addr)).no_loopback_peers().start();
     let own = |port: u16| std::net::SocketAddr::new("127.0.0.1".parse().unwrap(), port);
     let mut a = UdpClient::new("127.0.0.1", server.addr);
     let ra = a.allocate("alice", common::SECRET);

@@ -240,7 +240,7 @@ fn start_turnd(deploy_dir: &Path, metrics_port: u16) -> Turnd {
         t.insert("address".into(), local.into());
     }
     let probe = udp_probe.expect("a UDP listener in the deploy's turnd.toml");
-    Turnd::start_config(probe, |dir| {
+    Turnd::builder().config(probe, |dir| {
         make_cert(dir, "cert.pem", "key.pem", "turnd-prosody-test");
         let mut cfg = cfg.clone();
         let tls = cfg["tls"].as_table_mut().unwrap();
@@ -256,7 +256,7 @@ fn start_turnd(deploy_dir: &Path, metrics_port: u16) -> Turnd {
         cfg.insert("admin".into(), toml::Value::Table(toml::Table::new()));
         cfg["admin"].as_table_mut().unwrap().insert("token_file".into(), dir.join("admin-token").display().to_string().into());
         toml::to_string(&cfg).unwrap()
-    })
+    }).start()
 }
 
 fn auth_failures(metrics_port: u16, reason: &str) -> f64 {

@@ -247,7 +247,7 @@ fn wire_dont_fragment_is_not_fragmented() {
     let probe: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let host = ns.host_ip();
     let ns_ip = ns.ns_ip();
-    let server = Turnd::start_config(probe, |_| {
+    let server = Turnd::builder().config(probe, |_| {
         format!(
             "realm = \"{}\"\n[auth]\nsecrets = [\"{WIRE_SECRET}\"]\n\
              [[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
@@ -255,7 +255,7 @@ fn wire_dont_fragment_is_not_fragmented() {
              [peers]\nallow = [\"{ns_ip}/32\"]\n",
             common::REALM
         )
-    });
+    }).start();
 
     let mut client = UdpClient::new("127.0.0.1", server.addr);
     client.allocate("alice", WIRE_SECRET);
@@ -332,7 +332,7 @@ fn read_to_close(r: &mut dyn std::io::Read) -> Vec<u8> {
 #[test]
 fn wire_tcp_half_close_after_pipelining_gets_every_answer() {
     use std::io::Write;
-    let server = Turnd::start_all("");
+    let server = Turnd::builder().extra("").streams().start();
     for _round in 0..3 {
         let mut s = std::net::TcpStream::connect(server.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -346,7 +346,7 @@ fn wire_tcp_half_close_after_pipelining_gets_every_answer() {
 #[test]
 fn wire_tls_close_notify_after_pipelining_gets_every_answer() {
     use std::io::Write;
-    let server = Turnd::start_all("");
+    let server = Turnd::builder().extra("").streams().start();
     let addr: SocketAddr = format!("127.0.0.1:{}", server.tls_port).parse().unwrap();
     for _round in 0..3 {
         let tcp = std::net::TcpStream::connect(addr).unwrap();

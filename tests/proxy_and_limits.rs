@@ -31,14 +31,14 @@ fn check(toml: &str) -> (i32, String) {
 fn proxied(from: &str, limits: &str) -> Turnd {
     let port = common::free_port();
     let probe: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    Turnd::start_config(probe, |_| {
+    Turnd::builder().config(probe, |_| {
         format!(
             "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
              [[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
              [[listen]]\ntransport = \"tcp\"\naddress = \"127.0.0.1:{port}\"\nproxy_protocol = true\nproxy_protocol_from = {from}\n\
              [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n[limits]\n{limits}"
         )
-    })
+    }).start()
 }
 
 /// A TCP connection from `local_ip` to `server`.
@@ -166,7 +166,7 @@ fn per_ip_limit_holds_over_ipv4_and_ipv6() {
     let port = common::free_port();
     let v6_port = common::free_port();
     let probe: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let server = Turnd::start_config(probe, |_| {
+    let server = Turnd::builder().config(probe, |_| {
         format!(
             "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
              [[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
@@ -174,7 +174,7 @@ fn per_ip_limit_holds_over_ipv4_and_ipv6() {
              [[listen]]\ntransport = \"tcp\"\naddress = \"[::1]:{v6_port}\"\n\
              [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n[limits]\nmax_connections_per_ip = 3\nipv6_prefix_per_ip = 64\n"
         )
-    });
+    }).start();
     let v6: SocketAddr = format!("[::1]:{v6_port}").parse().unwrap();
     let open = |from: &str, to: SocketAddr| -> (TcpStream, Option<SocketAddr>) {
         let mut s = if from == "::1" {

@@ -213,7 +213,7 @@ fn proxy_only_network_relays_over_tls_443_through_squid() {
     let relay_ip = bridge_ns.host_ip().to_string();
     let bridge_ip = bridge_ns.ns_ip().to_string();
 
-    let server = Turnd::start_three(&host, PLAIN_PORT, TLS_PORT, &relay_ip, &format!("[peers]\nallow = [\"{bridge_ip}/32\"]\n"));
+    let server = Turnd::builder().three(&host, PLAIN_PORT, TLS_PORT, &relay_ip).extra(&format!("[peers]\nallow = [\"{bridge_ip}/32\"]\n")).start();
     let squid = Squid::start(&proxy_ns, SocketAddr::new(proxy_in.into(), PROXY_PORT));
     let diag = |what: &str, text: &str| {
         format!(

@@ -116,7 +116,7 @@ fn a_removed_udp_listener_serves_its_allocations_until_they_end() {
 
 #[test]
 fn a_reload_that_cannot_bind_changes_nothing() {
-    let server = Turnd::start_all("");
+    let server = Turnd::builder().extra("").streams().start();
     let peer = EchoPeer::start();
     let c = call(server.addr, peer.addr);
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -179,7 +179,7 @@ fn a_secret_file_from_a_windows_editor_still_signs() {
 
 #[test]
 fn zero_connection_limits_mean_unlimited() {
-    let server = Turnd::start_all("[limits]\nmax_connections = 0\nmax_connections_per_ip = 0\n");
+    let server = Turnd::builder().extra("[limits]\nmax_connections = 0\nmax_connections_per_ip = 0\n").streams().start();
     let mut clients: Vec<StreamClient> = (0..3).map(|_| StreamClient::tcp(format!("127.0.0.1:{}", server.port).parse().unwrap())).collect();
     for c in &mut clients {
         assert_eq!(c.transact(method::BINDING, &[]).class(), Class::Success);
@@ -193,7 +193,7 @@ fn the_open_files_warning_counts_the_reserve() {
     // with the reserve counted, and the warning names the sum.
     let reserve = turnd::net::relay::FD_RESERVE as u64;
     let limit = 150 + reserve - 1;
-    let server = Turnd::start_limited("[limits]\ntotal_quota = 100\nmax_connections = 50\n", limit);
+    let server = Turnd::builder().extra("[limits]\ntotal_quota = 100\nmax_connections = 50\n").nofile(limit).start();
     server.wait_log(&format!("{reserve} descriptors kept for listeners, metrics and reloads"));
     server.wait_log(&format!("open_files_limit={limit} needed={}", 150 + reserve));
 }

@@ -30,7 +30,7 @@ fn start(limits: &str) -> Turnd {
 fn start_wrapped(limits: &str, wrap: &[String]) -> Turnd {
     let port = common::free_port();
     let probe: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    Turnd::start_config_wrapped(probe, wrap, move |dir| {
+    Turnd::builder().wrap(wrap).config(probe, move |dir| {
         let secret = dir.join("secret");
         std::fs::write(&secret, SECRET).unwrap();
         format!(
@@ -40,7 +40,7 @@ fn start_wrapped(limits: &str, wrap: &[String]) -> Turnd {
              [peers]\nallow = [\"127.0.0.0/8\"]\n[limits]\n{limits}\n",
             secret.display()
         )
-    })
+    }).start()
 }
 
 /// An admin API request with the server's token: (status, JSON body).

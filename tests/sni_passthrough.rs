@@ -42,7 +42,7 @@ fn turnd(tls_port: u16, backend: SocketAddr, proxy: &str) -> common::Turnd {
 fn turnd_with(tls_port: u16, backend: SocketAddr, proxy: &str, extra: &str) -> common::Turnd {
     let port = common::free_port();
     let probe: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    common::Turnd::start_config(probe, |dir| {
+    common::Turnd::builder().config(probe, |dir| {
         common::make_cert(dir, "cert.pem", "key.pem", "turn.example");
         format!(
             "realm = \"{realm}\"\n[auth]\nsecrets = [\"{secret}\"]\n\
@@ -57,7 +57,7 @@ fn turnd_with(tls_port: u16, backend: SocketAddr, proxy: &str, extra: &str) -> c
             cert = dir.join("cert.pem").display(),
             key = dir.join("key.pem").display(),
         )
-    })
+    }).start()
 }
 
 /// Takes the connection turnd's start-up check makes to see that the

@@ -166,9 +166,9 @@ fn wait_drained(server: &common::Turnd, limit: Duration) {
 fn soak_allocation_churn_returns_to_baseline() {
     let secs: u64 = std::env::var("SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
     let workers = 8;
-    let server = Arc::new(common::Turnd::start_all(&format!(
+    let server = Arc::new(common::Turnd::builder().extra(&format!(
         "[limits]\ndefault_lifetime = \"{LIFETIME}s\"\nchannel_lifetime = \"60s\"\n"
-    )));
+    )).streams().start());
     let peer = common::EchoPeer::start();
     let pid = server.pid();
     let fresh = mem(pid);

@@ -118,7 +118,7 @@ impl wire::Stream for SharedTls {
 }
 
 fn burst_reaches_the_peer(tls: bool) {
-    let server = Turnd::start_all("");
+    let server = Turnd::builder().extra("").streams().start();
     let addr: SocketAddr = format!("127.0.0.1:{}", if tls { server.tls_port } else { server.port }).parse().unwrap();
     let peer = gro_peer();
     let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
@@ -162,7 +162,7 @@ fn tcp_messages_in_one_read_reach_the_peer_whole_and_in_order() {
 
 #[test]
 fn gro_run_from_a_peer_reaches_the_tls_client_whole_and_in_order() {
-    let server = Turnd::start_all("");
+    let server = Turnd::builder().extra("").streams().start();
     let mut c = StreamClient::tls(format!("127.0.0.1:{}", server.tls_port).parse().unwrap());
     let relayed = c.allocate("gro", SECRET);
     let peer = UdpSocket::bind((PEER_IP, 0)).unwrap();
@@ -199,7 +199,7 @@ fn gro_run_from_a_peer_reaches_the_tls_client_whole_and_in_order() {
 #[test]
 fn bytes_after_close_notify_in_the_same_read_are_ignored() {
     use turnd::stun::Message;
-    let server = Turnd::start_all("");
+    let server = Turnd::builder().extra("").streams().start();
     let addr: SocketAddr = format!("127.0.0.1:{}", server.tls_port).parse().unwrap();
     let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -277,7 +277,7 @@ fn bursts_both_ways_over_tcp_and_tls_all_arrive_in_time() {
     const CLIENTS: u8 = 6;
     const BURSTS: u32 = 50;
     const PER_BURST: u32 = 40;
-    let server = Turnd::start_all("");
+    let server = Turnd::builder().extra("").streams().start();
     let tcp: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
     let tls: SocketAddr = format!("127.0.0.1:{}", server.tls_port).parse().unwrap();
     let metrics = server.metrics_port;

@@ -35,7 +35,7 @@ fn tls_client_with_small_buffer(server: SocketAddr) -> StreamClient {
 
 #[test]
 fn after_a_stalled_link_returns_the_media_is_recent() {
-    let server = Turnd::start_all("");
+    let server = Turnd::builder().extra("").streams().start();
     let mut c = tls_client_with_small_buffer(format!("127.0.0.1:{}", server.tls_port).parse().unwrap());
     let relayed = c.allocate("stall", SECRET);
     let peer = UdpSocket::bind((PEER_IP, 0)).unwrap();
@@ -120,7 +120,7 @@ fn clients_that_never_read_cost_bounded_memory() {
     use std::io::{Read, Write};
     const CONNECTIONS: usize = 64;
     const SEND_UP_TO: usize = 1 << 20;
-    let server = Turnd::start_all("[limits]\nmax_connections_per_ip = 0\n");
+    let server = Turnd::builder().extra("[limits]\nmax_connections_per_ip = 0\n").streams().start();
     let addr: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
     let before = rss_kib(server.pid());
     // Small kernel buffers on the client's side, so that what waits is in turnd.

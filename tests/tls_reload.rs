@@ -10,7 +10,7 @@ use common::{file_cert_fingerprint, make_cert, served_cert_fingerprint, EchoPeer
 
 #[test]
 fn sighup_swaps_the_certificate_without_dropping_traffic() {
-    let server = Turnd::start_all("[limits]\nlegacy_channel_numbers = true\n");
+    let server = Turnd::builder().extra("[limits]\nlegacy_channel_numbers = true\n").streams().start();
     let tls_addr = format!("127.0.0.1:{}", server.tls_port);
     let old = file_cert_fingerprint(&server.dir.join("cert.pem"));
     assert!(old.contains("Fingerprint"), "openssl printed {old:?}");

@@ -50,7 +50,7 @@ fn all_args<'a>(port: &'a str, tls_port: &'a str, ca: &'a str) -> Vec<&'a str> {
 
 #[test]
 fn every_transport_relays_against_a_running_turnd() {
-    let s = Turnd::start_all("");
+    let s = Turnd::builder().extra("").streams().start();
     let (port, tls_port) = (s.port.to_string(), s.tls_port.to_string());
     let ca = s.dir.join("cert.pem").to_string_lossy().into_owned();
     let base = all_args(&port, &tls_port, &ca);
@@ -101,7 +101,7 @@ fn every_transport_relays_against_a_running_turnd() {
 
 #[test]
 fn wrong_secret_is_an_authentication_failure() {
-    let s = Turnd::start_all("");
+    let s = Turnd::builder().extra("").streams().start();
     let (port, tls_port) = (s.port.to_string(), s.tls_port.to_string());
     let ca = s.dir.join("cert.pem").to_string_lossy().into_owned();
     let base = all_args(&port, &tls_port, &ca);
@@ -135,7 +135,7 @@ fn wrong_secret_is_an_authentication_failure() {
 #[test]
 fn clock_skew_is_reported_with_its_size() {
     have_faketime();
-    let s = Turnd::start_all("");
+    let s = Turnd::builder().extra("").streams().start();
     let port = s.port.to_string();
     let mut cmd = Command::new("faketime");
     cmd.args(["-f", "-3h", TURNCTL, "check", "127.0.0.1", "--port", &port, "--no-tls", "--secret", SECRET, "--json"])
@@ -201,7 +201,7 @@ fn a_host_that_never_answers_times_out_within_the_timeout() {
 
 #[test]
 fn certificate_problems_are_explained() {
-    let s = Turnd::start_all("");
+    let s = Turnd::builder().extra("").streams().start();
     let (port, tls_port) = (s.port.to_string(), s.tls_port.to_string());
     let ca = s.dir.join("cert.pem").to_string_lossy().into_owned();
 
@@ -255,7 +255,7 @@ fn have_faketime() {
 /// turnd with UDP on `port` and TLS on `tls_port`, serving `cert` and `key`
 /// (files `make` writes into turnd's directory).
 fn start_tls(port: u16, tls_port: u16, cert: &str, key: &str, make: impl FnOnce(&std::path::Path)) -> Turnd {
-    Turnd::start_config(format!("127.0.0.1:{port}").parse().unwrap(), |dir| {
+    Turnd::builder().config(format!("127.0.0.1:{port}").parse().unwrap(), |dir| {
         make(dir);
         format!(
             "realm = \"{realm}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
@@ -267,7 +267,7 @@ fn start_tls(port: u16, tls_port: u16, cert: &str, key: &str, make: impl FnOnce(
             cert = dir.join(cert).display(),
             key = dir.join(key).display(),
         )
-    })
+    }).start()
 }
 
 /// A private CA and a server certificate it signed for turn.test (and
@@ -347,7 +347,7 @@ fn an_expired_certificate_says_renew() {
 fn start_turnd_for(ns: &NetNs) -> Turnd {
     let host = ns.host_ip().to_string();
     let udp_addr: SocketAddr = format!("{host}:3478").parse().unwrap();
-    Turnd::start_config(udp_addr, |dir| {
+    Turnd::builder().config(udp_addr, |dir| {
         common::make_cert(dir, "cert.pem", "key.pem", "turnd-check-netns");
         format!(
             "realm = \"{realm}\"\n\
@@ -361,7 +361,7 @@ fn start_turnd_for(ns: &NetNs) -> Turnd {
             cert = dir.join("cert.pem").display(),
             key = dir.join("key.pem").display(),
         )
-    })
+    }).start()
 }
 
 #[test]

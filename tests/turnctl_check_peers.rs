@@ -30,7 +30,7 @@ fn check_sees_a_firewall_on_the_relay_port_range_and_passes_without_it() {
     let wrap: Vec<String> = ["ip", "netns", "exec", ns.name()].iter().map(|s| s.to_string()).collect();
     // The checking machine's address (198.18.x.1) is in a range refused by
     // default: allow it as a peer, as a public address would be.
-    let server = Turnd::start_config_wrapped(probe, &wrap, |_| {
+    let server = Turnd::builder().wrap(&wrap).config(probe, |_| {
         format!(
             "realm = \"{realm}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
              [[listen]]\ntransport = \"udp\"\naddress = \"{relay}:3478\"\n\
@@ -39,7 +39,7 @@ fn check_sees_a_firewall_on_the_relay_port_range_and_passes_without_it() {
              [peers]\nallow = [\"198.18.0.0/15\"]\n",
             realm = common::REALM
         )
-    });
+    }).start();
     let check = |extra: &[&str]| {
         let mut c = Command::new(TURNCTL);
         c.args(["check", &relay, "--secret", SECRET, "--no-tls", "--timeout", "2s"]).args(extra);

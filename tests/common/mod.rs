@@ -58,44 +58,96 @@ pub struct Turnd {
     pub config: PathBuf,
 }
 
-impl Turnd {
-    /// Starts turnd with UDP on a free port, relay on 127.0.0.1, peers on
-    /// 127.0.0.0/8 allowed, plus `extra` TOML appended (sections only).
-    pub fn start(extra: &str) -> Turnd {
-        Self::start_with(extra, true)
+/// A config file of the test's making: the UDP address that answers when
+/// turnd is ready, and the text (made in the server's fresh directory).
+type MakeConfig<'a> = Box<dyn FnOnce(&std::path::Path) -> String + 'a>;
+
+/// How a test starts turnd: [`Turnd::builder`], what differs from the
+/// default, then [`Builder::start`]. The default is UDP on a free port of
+/// 127.0.0.1, relaying from 127.0.0.1, with 127.0.0.0/8 peers allowed.
+#[must_use]
+pub struct Builder<'a> {
+    extra: String,
+    allow_loopback: bool,
+    streams: bool,
+    wrap: Vec<String>,
+    config: Option<(SocketAddr, MakeConfig<'a>)>,
+}
+
+impl<'a> Builder<'a> {
+    /// TOML appended to the config (whole sections).
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra += toml;
+        self
     }
 
-    pub fn start_with(extra: &str, allow_loopback: bool) -> Turnd {
-        Self::launch(extra, allow_loopback, false)
+    /// No `[peers] allow` for loopback: the default peer policy.
+    pub fn no_loopback_peers(mut self) -> Self {
+        self.allow_loopback = false;
+        self
     }
 
-    /// UDP and TCP on `port`, TLS on `tls_port` with a fresh self-signed
-    /// certificate for 127.0.0.1 (`dir/cert.pem`, `dir/key.pem`).
-    pub fn start_all(extra: &str) -> Turnd {
-        Self::launch(extra, true, true)
+    /// TCP on the UDP port too, and TLS on another free port with a fresh
+    /// self-signed certificate for 127.0.0.1 (`dir/cert.pem`, `dir/key.pem`).
+    pub fn streams(mut self) -> Self {
+        self.streams = true;
+        self
     }
 
-    /// Like `start`, with turnd's open-files limit (soft and hard) set to `nofile`.
-    pub fn start_limited(extra: &str, nofile: u64) -> Turnd {
-        let port = free_port();
+    /// turnd's open-files limit, soft and hard.
+    pub fn nofile(self, n: u64) -> Self {
+        self.wrap(&["prlimit".into(), format!("--nofile={n}:{n}"), "--".into()])
+    }
+
+    /// Runs turnd through `wrap`, a command that execs the rest of its
+    /// arguments (`ip netns exec NAME`, `env VAR=VALUE`, prlimit).
+    pub fn wrap(mut self, wrap: &[String]) -> Self {
+        self.wrap.extend_from_slice(wrap);
+        self
+    }
+
+    /// A complete config of the caller's making instead of the default:
+    /// `make` gets the server's fresh directory (for certificates and the
+    /// like, removed on drop) and returns the TOML text; ready when `probe`,
+    /// one of its UDP listeners, answers a STUN Binding. `extra` is appended.
+    pub fn config(mut self, probe: SocketAddr, make: impl FnOnce(&std::path::Path) -> String + 'a) -> Self {
+        self.config = Some((probe, Box::new(make)));
+        self
+    }
+
+    /// UDP and TCP on `host:plain_port` and TLS on `host:tls_port` (a fresh
+    /// self-signed certificate), relaying from `relay_ip`: turnd on the host
+    /// end of a test's namespace. `extra` (peers, limits, log) is appended.
+    pub fn three(self, host: &str, plain_port: u16, tls_port: u16, relay_ip: &str) -> Self {
+        let probe: SocketAddr = format!("{host}:{plain_port}").parse().unwrap();
+        let (host, relay_ip) = (host.to_owned(), relay_ip.to_owned());
+        self.config(probe, move |dir| {
+            make_cert(dir, "cert.pem", "key.pem", "turnd-netns");
+            format!(
+                "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
+                 [[listen]]\ntransport = \"udp\"\naddress = \"{host}:{plain_port}\"\n\
+                 [[listen]]\ntransport = \"tcp\"\naddress = \"{host}:{plain_port}\"\n\
+                 [[listen]]\ntransport = \"tls\"\naddress = \"{host}:{tls_port}\"\n\
+                 [tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+                 [relay]\nip = \"{relay_ip}\"\nports = \"20000-29999\"\n",
+                dir.join("cert.pem").display(),
+                dir.join("key.pem").display(),
+            )
+        })
+    }
+
+    /// Starts turnd and waits until it answers (bounded).
+    pub fn start(self) -> Turnd {
         let dir = temp_dir("turnd");
-        let cfg = format!(
-            "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
-             [[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n\
-             [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n\
-             [peers]\nallow = [\"127.0.0.0/8\"]\n{extra}"
-        );
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        Self::spawn_wrapped(dir, &cfg, addr, 0, &["prlimit".into(), format!("--nofile={nofile}:{nofile}"), "--".into()])
-    }
-
-    fn launch(extra: &str, allow_loopback: bool, streams: bool) -> Turnd {
+        if let Some((probe, make)) = self.config {
+            let cfg = make(&dir) + "\n" + &self.extra;
+            return Turnd::spawn(dir, &cfg, probe, 0, &self.wrap);
+        }
         let port = free_port();
-        let tls_port = if streams { free_port() } else { 0 };
-        let dir = temp_dir("turnd");
-        let allow = if allow_loopback { "[peers]\nallow = [\"127.0.0.0/8\"]\n" } else { "" };
+        let tls_port = if self.streams { free_port() } else { 0 };
+        let allow = if self.allow_loopback { "[peers]\nallow = [\"127.0.0.0/8\"]\n" } else { "" };
         let mut listen = format!("[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:{port}\"\n");
-        if streams {
+        if self.streams {
             make_cert(&dir, "cert.pem", "key.pem", "turnd-test-a");
             listen += &format!(
                 "[[listen]]\ntransport = \"tcp\"\naddress = \"127.0.0.1:{port}\"\n\
@@ -107,61 +159,29 @@ impl Turnd {
         }
         let cfg = format!(
             "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n{listen}\
-             [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n{allow}{extra}"
+             [relay]\nip = \"127.0.0.1\"\nports = \"20000-29999\"\n{allow}{}",
+            self.extra
         );
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        Self::spawn(dir, &cfg, addr, tls_port)
+        Turnd::spawn(dir, &cfg, addr, tls_port, &self.wrap)
+    }
+}
+
+impl Turnd {
+    /// How to start one: see [`Builder`].
+    pub fn builder<'a>() -> Builder<'a> {
+        Builder { extra: String::new(), allow_loopback: true, streams: false, wrap: Vec::new(), config: None }
     }
 
-    /// Starts turnd with a complete config file of the caller's making.
-    /// `make_config` gets the server's fresh directory (for certificates and
-    /// the like, removed on drop) and returns the TOML text. Ready when
-    /// `probe`, one of its UDP listeners, answers a STUN Binding (bounded:
-    /// 5 s). `port` is `probe`'s port; `tls_port` is 0.
-    pub fn start_config(probe: SocketAddr, make_config: impl FnOnce(&std::path::Path) -> String) -> Turnd {
-        let dir = temp_dir("turnd");
-        let cfg = make_config(&dir);
-        Self::spawn(dir, &cfg, probe, 0)
-    }
-
-    /// UDP and TCP on `host:plain_port` and TLS on `host:tls_port` (a fresh
-    /// self-signed certificate), relaying from `relay_ip`, then `extra`
-    /// (peers, limits, log): turnd on the host end of a test's namespace.
-    pub fn start_three(host: &str, plain_port: u16, tls_port: u16, relay_ip: &str, extra: &str) -> Turnd {
-        let probe: SocketAddr = format!("{host}:{plain_port}").parse().unwrap();
-        Self::start_config(probe, |dir| {
-            make_cert(dir, "cert.pem", "key.pem", "turnd-netns");
-            format!(
-                "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
-                 [[listen]]\ntransport = \"udp\"\naddress = \"{host}:{plain_port}\"\n\
-                 [[listen]]\ntransport = \"tcp\"\naddress = \"{host}:{plain_port}\"\n\
-                 [[listen]]\ntransport = \"tls\"\naddress = \"{host}:{tls_port}\"\n\
-                 [tls]\ncert = \"{}\"\nkey = \"{}\"\n\
-                 [relay]\nip = \"{relay_ip}\"\nports = \"20000-29999\"\n{extra}",
-                dir.join("cert.pem").display(),
-                dir.join("key.pem").display(),
-            )
-        })
-    }
-
-    /// `start_config` with turnd run through `wrap`, a command that execs
-    /// the rest of its arguments (e.g. `ip netns exec NAME` to run it in a
-    /// network namespace).
-    pub fn start_config_wrapped(probe: SocketAddr, wrap: &[String], make_config: impl FnOnce(&std::path::Path) -> String) -> Turnd {
-        let dir = temp_dir("turnd");
-        let cfg = make_config(&dir);
-        Self::spawn_wrapped(dir, &cfg, probe, 0, wrap)
+    /// The default turnd (see [`Builder`]) with `extra` TOML appended.
+    pub fn start(extra: &str) -> Turnd {
+        Self::builder().extra(extra).start()
     }
 
     /// Writes `cfg` to `dir/turnd.toml`, runs turnd on it (log in
-    /// `dir/turnd.log`) and waits until `addr` answers over UDP.
-    fn spawn(dir: PathBuf, cfg: &str, addr: SocketAddr, tls_port: u16) -> Turnd {
-        Self::spawn_wrapped(dir, cfg, addr, tls_port, &[])
-    }
-
-    /// `spawn`, with turnd run through `wrap` (a command that execs the rest
-    /// of its arguments, such as prlimit) when it is not empty.
-    fn spawn_wrapped(dir: PathBuf, cfg: &str, addr: SocketAddr, tls_port: u16, wrap: &[String]) -> Turnd {
+    /// `dir/turnd.log`, through `wrap` when it is not empty: a command that
+    /// execs the rest of its arguments) and waits until `addr` answers over UDP.
+    fn spawn(dir: PathBuf, cfg: &str, addr: SocketAddr, tls_port: u16, wrap: &[String]) -> Turnd {
         let config = dir.join("turnd.toml");
         // Each server gets its own metrics port unless the caller set one
         // (the default 127.0.0.1:9641 would clash between parallel tests).
