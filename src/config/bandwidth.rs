@@ -62,7 +62,7 @@ impl std::str::FromStr for Bandwidth {
 
 impl<'de> Deserialize<'de> for Bandwidth {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        super::text_or_number(d, "a bandwidth such as \"50 Mbit/s\", or 0 for no limit")
+        super::schema::text_or_number(d, "a bandwidth such as \"50 Mbit/s\", or 0 for no limit")
     }
 }
 

@@ -26,7 +26,7 @@ impl std::str::FromStr for Seconds {
 
 impl<'de> Deserialize<'de> for Seconds {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        super::text_or_number(d, "seconds, or a string such as \"10m\" or \"24h\"")
+        super::schema::text_or_number(d, "seconds, or a string such as \"10m\" or \"24h\"")
     }
 }
 
