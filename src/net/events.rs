@@ -43,6 +43,7 @@ impl WarnLimiter {
 
 pub(super) fn log_event(e: &Event, warnings: &mut WarnLimiter) {
     match e {
+        Event::DeadlineMoved => {}
         Event::AllocationCreated { tuple, username, relayed, lifetime } => tracing::info!(
             user = %username, client = %tuple.client, transport = tuple.transport.label(),
             relayed = ?relayed, lifetime, "allocation created"

@@ -30,11 +30,11 @@ use super::sessions::{session, Selector};
 use super::shared::{Shared, SharedLedger};
 use super::stream::{self, accept_loop, Host, StaleDrops, StreamLimits, StreamOut};
 use super::udp::batch::{self, PeerSends, RecvBatch, SendBatch};
-use super::udp::relay::RelaySockets;
+use super::udp::relay::{Receive, RelaySockets};
 use super::udp::{register_udp, Udp};
 use crate::auth::{Authenticator, NonceKey};
 use crate::config::{Config, Listener};
-use crate::turn::{FiveTuple, Now, Output, PeerPolicy, RelayId, Server, Transport};
+use crate::turn::{Event, FiveTuple, Now, Output, PeerPolicy, RelayId, Server, Transport};
 
 /// Largest message on a TCP/TLS stream (a STUN message or padded ChannelData).
 pub const MAX_DATAGRAM: usize = 65_535;
@@ -218,7 +218,7 @@ impl Shard {
                 *send_failures += to_peer(batch, to_peers, relays, relay, peer, data, dont_fragment);
             }
         }
-        if server.has_events() || !relays.opened.is_empty() {
+        if server.has_events() {
             self.after_control();
         }
     }
@@ -311,19 +311,14 @@ impl Shard {
         self.after_control();
     }
 
-    /// Starts receive tasks for relay sockets the core just opened, and logs events.
+    /// Drains the core's events: logs them, and wakes the timer task when
+    /// a deadline moved earlier.
     pub(crate) fn after_control(&mut self) {
-        while let Some(id) = self.relays.opened.pop() {
-            if let Some(e) = self.relays.get(id) {
-                let task = tokio::task::spawn_local(relay_loop(self.this.clone(), id, e.socket.clone(), self.rx_batch.clone()));
-                self.relays.set_task(id, task);
-            }
-        }
         while let Some(e) = self.server.poll_event() {
-            log_event(&e, &mut self.warnings);
-        }
-        if self.server.take_timer_moved() {
-            self.timer.notify_one();
+            match e {
+                Event::DeadlineMoved => self.timer.notify_one(),
+                e => log_event(&e, &mut self.warnings),
+            }
         }
     }
 
@@ -516,14 +511,20 @@ impl Shard {
     /// run inside a `LocalSet`.
     fn start(index: usize, cfg: &Config, shared: Arc<Shared>, nonce_key: NonceKey, policy: PeerPolicy) -> Rc<RefCell<Shard>> {
         let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, nonce_key.clone());
-        let relays = RelaySockets::new(cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local), cfg.ports, shared.clone());
+        let rx_batch = Rc::new(RefCell::new(RecvBatch::new()));
         let ledger = Box::new(SharedLedger(shared.clone()));
         let flush = Rc::new(Notify::new());
-        let shard = Rc::new_cyclic(|this| {
+        let shard = Rc::new_cyclic(|this: &Weak<RefCell<Shard>>| {
+            // A relay socket the core opens starts receiving at once.
+            let receive: Receive = {
+                let (this, rx) = (this.clone(), rx_batch.clone());
+                Box::new(move |id, socket| tokio::task::spawn_local(relay_loop(this.clone(), id, socket, rx.clone())))
+            };
+            let (v4, v6) = (cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local));
             RefCell::new(Shard {
                 index,
                 server: Server::with_ledger(core_config(cfg), auth, policy, ledger),
-                relays,
+                relays: RelaySockets::new(v4, v6, cfg.ports, shared.clone(), receive),
                 shared,
                 udp: Vec::new(),
                 stream_listeners: HashMap::new(),
@@ -537,7 +538,7 @@ impl Shard {
                 tls_handshake_failures: 0,
                 connections_refused: 0,
                 warnings: WarnLimiter::new(),
-                rx_batch: Rc::new(RefCell::new(RecvBatch::new())),
+                rx_batch,
                 flush: flush.clone(),
                 tx: vec![0u8; MAX_DATAGRAM + OUT_HEADROOM].into_boxed_slice(),
                 to_peers: PeerSends::new(batch::gso_available()),

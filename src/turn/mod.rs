@@ -16,12 +16,12 @@
 //!    queue-and-flush them before reusing that buffer).
 //! 2. Each datagram on a relay socket goes to [`Server::handle_peer`]; what
 //!    it returns goes to that client.
-//! 3. Time: sleep until [`Server::poll_timeout`], waking sooner when
-//!    [`Server::take_timer_moved`] says an earlier deadline was filed; then
-//!    call [`Server::expire`] (a bounded batch) until it says nothing more is due.
-//! 4. After any call, drain [`Server::poll_event`] (logs, metrics, and a fast
-//!    path mirroring channel bindings); report an ended TCP/TLS connection
-//!    with [`Server::connection_closed`].
+//! 3. Time: sleep until [`Server::poll_timeout`]; then call
+//!    [`Server::expire`] (a bounded batch) until it says nothing more is due.
+//! 4. After any call, drain [`Server::poll_event`]: logs, metrics, a fast
+//!    path mirroring channel bindings, and [`Event::DeadlineMoved`], which
+//!    means the sleep of step 3 must end sooner (read `poll_timeout` again).
+//!    Report an ended TCP/TLS connection with [`Server::connection_closed`].
 //!
 //! The core reaches back only through [`RelayPorts`], synchronously, inside
 //! those calls: the I/O layer opens a socket there and starts receiving on it
@@ -64,12 +64,12 @@
 //! }
 //! // 2. Datagrams from peers go to `server.handle_peer(relay, from, bytes, now, &mut out)`.
 //!
-//! // 4. Events, after every call.
+//! // 4. Events, after every call (a Binding files no deadline).
 //! while let Some(event) = server.poll_event() {
-//!     println!("{event:?}");
+//!     assert_ne!(event, Event::DeadlineMoved);
 //! }
 //! // 3. Timers: nothing is due without an allocation.
-//! assert!(server.take_timer_moved() || server.poll_timeout().is_none());
+//! assert_eq!(server.poll_timeout(), None);
 //! if let Some(at) = server.poll_timeout() {
 //!     while server.expire(at, &mut relays, 256) {}
 //! }
@@ -272,6 +272,10 @@ pub enum Event {
     /// An allocation first went over its bandwidth cap (reported once per
     /// allocation; what is dropped after is only counted).
     OverBandwidth { tuple: FiveTuple, username: String },
+    /// A deadline earlier than any before was filed: an I/O layer sleeping
+    /// until the old [`Server::poll_timeout`] must read it again and wake
+    /// sooner. Reported once however many were filed, and never dropped.
+    DeadlineMoved,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

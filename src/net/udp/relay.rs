@@ -51,8 +51,9 @@ pub struct RelaySockets {
     v6: Option<IpAddr>,
     ports: (u16, u16),
     entries: Vec<Option<RelayEntry>>,
-    /// Sockets opened during the last core call, whose receive task must be started.
-    pub opened: Vec<RelayId>,
+    /// Starts receiving on a socket just opened (the task it returns ends
+    /// when the socket closes).
+    receive: Receive,
     /// What every shard counts: ports in use, reserved ports' sockets
     /// (EVEN-PORT with R), descriptors.
     shared: Arc<Shared>,
@@ -69,9 +70,12 @@ fn index(id: RelayId) -> usize {
     (id.0 & 0x1_FFFF_FFFF) as usize
 }
 
+/// What [`RelaySockets`] calls to receive on a socket it opened for `RelayId`.
+pub type Receive = Box<dyn Fn(RelayId, Rc<Udp>) -> JoinHandle<()>>;
+
 impl RelaySockets {
-    pub fn new(v4: Option<IpAddr>, v6: Option<IpAddr>, ports: (u16, u16), shared: Arc<Shared>) -> Self {
-        RelaySockets { v4, v6, ports, entries: Vec::new(), opened: Vec::new(), shared }
+    pub fn new(v4: Option<IpAddr>, v6: Option<IpAddr>, ports: (u16, u16), shared: Arc<Shared>, receive: Receive) -> Self {
+        RelaySockets { v4, v6, ports, entries: Vec::new(), receive, shared }
     }
 
     /// New relay addresses and port range apply to sockets opened from now on.
@@ -105,14 +109,6 @@ impl RelaySockets {
         self.entries.get(index(id))?.as_ref().filter(|e| e.id == id)
     }
 
-    pub fn set_task(&mut self, id: RelayId, task: JoinHandle<()>) {
-        if let Some(Some(e)) = self.entries.get_mut(index(id))
-            && e.id == id {
-                e.task = Some(task);
-                return;
-            }
-        task.abort();
-    }
 
     /// The descriptor of a live relay socket.
     #[inline]
@@ -242,8 +238,8 @@ impl RelayPorts for RelaySockets {
         if self.entries.len() <= i {
             self.entries.resize_with(i + 1, || None);
         }
-        self.entries[i] = Some(RelayEntry { id, socket, dont_fragment, task: None });
-        self.opened.push(id);
+        let task = Some((self.receive)(id, socket.clone()));
+        self.entries[i] = Some(RelayEntry { id, socket, dont_fragment, task });
         self.shared.relay_opened();
         Ok(local)
     }
@@ -262,7 +258,6 @@ impl RelayPorts for RelaySockets {
                     }
                     self.shared.relay_closed();
                 }
-        self.opened.retain(|o| *o != id);
     }
 }
 
@@ -279,7 +274,7 @@ mod tests {
         // Ten ports: random picks alone would often miss the last free ones.
         // Below the ephemeral range and the test relay range, so nothing else holds them.
         let base = 12000 + (std::process::id() % 100) as u16 * 10;
-        let mut r = RelaySockets::new(Some("127.0.0.1".parse().unwrap()), None, (base, base + 9), Shared::new(1000, 10));
+        let mut r = RelaySockets::new(Some("127.0.0.1".parse().unwrap()), None, (base, base + 9), Shared::new(1000, 10), Box::new(|_, _| tokio::spawn(async {})));
         let mut ports = Vec::new();
         for slot in 0..10 {
             match r.open(id(slot), Family::V4, Placement::Any, false) {

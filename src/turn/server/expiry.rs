@@ -67,13 +67,6 @@ impl Server {
         self.timers.peek().map(|Reverse((at, _))| *at)
     }
 
-    /// Whether a deadline earlier than any before was filed since the last
-    /// call: an I/O layer sleeping until the old [`Server::poll_timeout`]
-    /// must wake sooner.
-    pub fn take_timer_moved(&mut self) -> bool {
-        std::mem::take(&mut self.timer_moved)
-    }
-
     /// Expires everything due at `now`: allocations, permissions, channels
     /// and reservations.
     pub fn handle_timeout(&mut self, now: Instant, relays: &mut dyn RelayPorts) {

@@ -248,7 +248,11 @@ impl Server {
         self.allocs.get_gen_mut(relay.slot(), relay.generation()).map(|a| a.tuple)
     }
 
+    /// The next event for the I/O layer (see [`Event`]); a moved deadline first.
     pub fn poll_event(&mut self) -> Option<Event> {
+        if std::mem::take(&mut self.timer_moved) {
+            return Some(Event::DeadlineMoved);
+        }
         self.events.pop_front()
     }
 
