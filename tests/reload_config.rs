@@ -213,7 +213,13 @@ fn an_allocation_is_held_to_its_bandwidth() {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_millis(200));
+    // Until the peer has echoed every packet turnd relayed to it (bounded: 5 s).
+    let relayed = "turnd_relayed_packets_total{direction=\"to_peer\",transport=\"udp\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (peer.echoed() as f64) < server.metric(relayed) {
+        assert!(Instant::now() < deadline, "the peer echoed {} of {} relayed", peer.echoed(), server.metric(relayed));
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let echoed = peer.finish() as f64;
     // One second's burst (125 packets) plus 125 a second.
     let most = 125.0 + 125.0 * (elapsed + 0.3);

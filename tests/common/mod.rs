@@ -337,6 +337,8 @@ impl Drop for Turnd {
 pub struct EchoPeer {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// Datagrams echoed so far, by both sockets.
+    echoed: Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<JoinHandle<u64>>,
 }
 
@@ -347,6 +349,7 @@ impl EchoPeer {
 
     pub fn start_on(ip: &str) -> EchoPeer {
         let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
         for _ in 0..100 {
             let a = UdpSocket::bind((ip, 0)).unwrap();
             let port = a.local_addr().unwrap().port();
@@ -354,7 +357,7 @@ impl EchoPeer {
             let threads = [a, b]
                 .into_iter()
                 .map(|s| {
-                    let stop = stop.clone();
+                    let (stop, count) = (stop.clone(), count.clone());
                     std::thread::spawn(move || {
                         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
                         let mut buf = [0u8; 65536];
@@ -363,15 +366,21 @@ impl EchoPeer {
                             if let Ok((n, from)) = s.recv_from(&mut buf) {
                                 let _ = s.send_to(&buf[..n], from);
                                 echoed += 1;
+                                count.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         echoed
                     })
                 })
                 .collect();
-            return EchoPeer { addr: format!("{ip}:{port}").parse().unwrap(), stop, threads };
+            return EchoPeer { addr: format!("{ip}:{port}").parse().unwrap(), stop, echoed: count, threads };
         }
         panic!("no free port pair for the echo peer");
+    }
+
+    /// Datagrams echoed so far.
+    pub fn echoed(&self) -> u64 {
+        self.echoed.load(Ordering::Relaxed)
     }
 
     /// Stops the peer and returns how many datagrams it echoed.
