@@ -20,9 +20,6 @@
 mod harness;
 #[path = "common/wire.rs"]
 mod wire;
-mod common;
-#[path = "common/netns.rs"]
-mod netns;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
