@@ -364,3 +364,35 @@ fn wire_tls_close_notify_after_pipelining_gets_every_answer() {
         assert_eq!(count_answers(&got), 1000, "every pipelined request answered before the close");
     }
 }
+
+#[test]
+fn wire_tls_close_notify_in_the_read_that_backlogs_answers_gets_every_answer() {
+    // 1,000 pipelined requests and the close_notify in one TCP write, so one
+    // read brings them all: the answers backlog (turnd holds the rest of
+    // the requests back until they drain) and the close arrives with them.
+    // Every request is still answered before turnd closes.
+    use std::io::Write;
+    let server = Turnd::builder().streams().start();
+    let addr: SocketAddr = format!("127.0.0.1:{}", server.tls_port).parse().unwrap();
+    for _round in 0..3 {
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let conn = rustls::ClientConnection::new(wire::insecure_tls_config(), "localhost".try_into().unwrap()).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        // The handshake first, on its own.
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).unwrap();
+        }
+        tls.conn.writer().write_all(&pipelined_bindings(1000)).unwrap();
+        tls.conn.send_close_notify();
+        let mut records = Vec::new();
+        while tls.conn.wants_write() {
+            tls.conn.write_tls(&mut records).unwrap();
+        }
+        assert!(records.len() < 60 * 1024, "one read of turnd's takes it all: {} bytes", records.len());
+        tls.sock.write_all(&records).unwrap();
+        tls.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        let got = read_to_close(&mut tls);
+        assert_eq!(count_answers(&got), 1000, "every pipelined request answered before the close");
+    }
+}

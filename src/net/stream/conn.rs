@@ -643,6 +643,10 @@ impl Conn {
     async fn run<H: Host>(&mut self, shard: &Weak<RefCell<H>>, tuple: FiveTuple, out: &StreamOut, idle: Duration) -> std::io::Result<()> {
         use tokio::time::Instant as TokioInstant;
         let mut reading = true;
+        // The client closed its side: ours closes once every message it sent
+        // has been handled (some may be held back while its answers are
+        // backlogged) and every answer has gone.
+        let mut closing = false;
         // Idle time counts from the last complete message, so a client that
         // trickles a partial frame a byte at a time (slowloris) is cut too.
         let mut last_msg = TokioInstant::now();
@@ -653,7 +657,7 @@ impl Conn {
             let mut got = false;
             if self.decrypt(shard, tuple, out, &[], &mut got)? {
                 reading = false;
-                out.close();
+                closing = true;
                 sleep.as_mut().reset(TokioInstant::now() + idle);
             }
         }
@@ -668,6 +672,9 @@ impl Conn {
                     last_msg = TokioInstant::now();
                 }
                 continue;
+            }
+            if closing && !self.held {
+                out.close();
             }
             if sent && out.closed.get() {
                 return self.shutdown(TokioInstant::now() + idle).await;
@@ -687,11 +694,12 @@ impl Conn {
                         Read::Drained | Read::Backlogged => {}
                         Read::More => tokio::task::yield_now().await,
                         Read::Closed => {
-                            // Every message it sent has been handled; send the
-                            // answers queued for it before closing, within the
-                            // idle timeout (it may not be reading).
+                            // Handle what it sent (a TLS read may bring the
+                            // close with messages still held back) and send
+                            // the answers before closing, within the idle
+                            // timeout (it may not be reading).
                             reading = false;
-                            out.close();
+                            closing = true;
                             sleep.as_mut().reset(TokioInstant::now() + idle);
                         }
                     }
