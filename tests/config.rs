@@ -340,10 +340,15 @@ fn every_commented_example_in_the_shipped_config_parses_and_validates() {
         panic!("the shipped config with its examples uncommented does not parse: {e}\n{all}");
     }
     // And the whole file validates as a file for another host would (with
-    // the example secret file standing in a temporary directory).
+    // the example secret and admin token files in a temporary directory,
+    // so nothing is written to /var/lib/turnd).
     let dir = common::temp_dir("examples");
     std::fs::write(dir.join("secret"), "example-secret-0123456789").unwrap();
-    let all = all.replace("\"/etc/turnd/secret\"", &format!("\"{}\"", dir.join("secret").display()));
+    let all = all
+        .replace("\"/etc/turnd/secret\"", &format!("\"{}\"", dir.join("secret").display()))
+        .replace("\"/var/lib/turnd/admin-token\"", &format!("\"{}\"", dir.join("admin-token").display()));
+    let outside: Vec<&str> = all.lines().filter(|l| !l.starts_with('#') && l.contains("/var/lib/turnd")).collect();
+    assert!(outside.is_empty(), "the check would write outside its directory: {outside:?}");
     let (rc, err) = check_args(&all, &["--check-config", "--file-only"]);
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(rc, 0, "{err}\n{all}");
