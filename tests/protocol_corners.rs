@@ -343,16 +343,21 @@ fn wire_tcp_half_close_after_pipelining_gets_every_answer() {
     }
 }
 
+/// A TLS client of `addr` (any certificate), reads bounded by 10 s.
+fn tls_client(addr: SocketAddr) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let conn = rustls::ClientConnection::new(wire::insecure_tls_config(), "localhost".try_into().unwrap()).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
 #[test]
 fn wire_tls_close_notify_after_pipelining_gets_every_answer() {
     use std::io::Write;
     let server = Turnd::builder().extra("").streams().start();
     let addr: SocketAddr = format!("127.0.0.1:{}", server.tls_port).parse().unwrap();
     for _round in 0..3 {
-        let tcp = std::net::TcpStream::connect(addr).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let conn = rustls::ClientConnection::new(wire::insecure_tls_config(), "localhost".try_into().unwrap()).unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut tls = tls_client(addr);
         tls.write_all(&pipelined_bindings(1000)).unwrap();
         tls.conn.send_close_notify();
         tls.flush().unwrap();
@@ -375,10 +380,7 @@ fn wire_tls_close_notify_in_the_read_that_backlogs_answers_gets_every_answer() {
     let server = Turnd::builder().streams().start();
     let addr: SocketAddr = format!("127.0.0.1:{}", server.tls_port).parse().unwrap();
     for _round in 0..3 {
-        let tcp = std::net::TcpStream::connect(addr).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let conn = rustls::ClientConnection::new(wire::insecure_tls_config(), "localhost".try_into().unwrap()).unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut tls = tls_client(addr);
         // The handshake first, on its own.
         while tls.conn.is_handshaking() {
             tls.conn.complete_io(&mut tls.sock).unwrap();
