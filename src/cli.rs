@@ -134,8 +134,22 @@ pub mod turnctl {
             #[command(flatten)]
             admin: AdminArgs,
         },
+        /// The TLS certificate: `turnctl cert renew` makes turnd's ACME client renew it now.
+        Cert {
+            #[command(subcommand)]
+            cmd: CertCmd,
+        },
         /// From a participant's network: STUN, allocations and a relay round trip over UDP, TCP and TLS, the certificate, and what it means.
         Check(crate::ctl::check::CheckArgs),
+    }
+
+    #[derive(Subcommand)]
+    pub enum CertCmd {
+        /// Renew the certificate now ([tls.acme]); waits for the CA's answer and reports it.
+        Renew {
+            #[command(flatten)]
+            admin: AdminArgs,
+        },
     }
 
     /// How to reach turnd's admin API (on its metrics listener).

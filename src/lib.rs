@@ -5,6 +5,7 @@
 //! checks credentials with [`auth`] and the peer policy, and returns what to
 //! send where. [`net`] then performs those sends.
 
+pub mod acme;
 pub mod auth;
 pub mod certinfo;
 pub mod cli;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use turnd::auth::{rest_password, rest_username};
-use turnd::cli::turnctl::{AdminArgs, Cli, Cmd};
+use turnd::cli::turnctl::{AdminArgs, CertCmd, Cli, Cmd};
 use turnd::config::Seconds;
 
 /// Connects to the admin API the arguments name.
@@ -131,6 +131,9 @@ fn main() -> ExitCode {
             admin_call(&admin, false, |a| a.disconnect(&sel), |v| format!("disconnected {} allocation(s)\n", v["disconnected"]))
         }
         Cmd::Reload { admin } => admin_call(&admin, false, |a| a.reload(), |v| format!("{}\n", v["message"].as_str().unwrap_or("reloaded"))),
+        Cmd::Cert { cmd: CertCmd::Renew { admin } } => {
+            admin_call(&admin, false, |a| a.renew_cert(), |v| format!("renewed: {}\n", v["message"].as_str().unwrap_or("done")))
+        }
         Cmd::Check(args) => ExitCode::from(turnd::ctl::check::main(args)),
     }
 }

@@ -66,6 +66,34 @@ pub struct Passthrough {
     pub idle_timeout: u32,
 }
 
+/// Where the TLS listeners' certificate comes from, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertSource {
+    /// PEM files kept by someone else (certbot, a private CA), re-read when they change.
+    Files { cert: PathBuf, key: PathBuf },
+    /// Obtained and renewed by turnd itself (`[tls.acme]`).
+    Acme(Acme),
+}
+
+/// Let's Encrypt's directories, the default and the `letsencrypt-staging` shorthand.
+pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// `[tls.acme]`, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acme {
+    /// Lower-case DNS names the certificate covers (no wildcards: TLS-ALPN-01 cannot prove them).
+    pub names: Vec<String>,
+    /// `mailto:` contacts for the CA's expiry and policy mail; may be empty.
+    pub contact: Vec<String>,
+    /// The CA's directory URL.
+    pub directory: String,
+    /// Account key and certificate live here.
+    pub state_dir: PathBuf,
+    /// A PEM root to trust for the directory's HTTPS instead of the system's (a private CA, tests).
+    pub ca_root: Option<PathBuf>,
+}
+
 /// Command-line values that override the file.
 #[derive(Default, Debug, Clone)]
 pub struct Overrides {
@@ -131,8 +159,8 @@ pub struct Config {
     /// Bearer token of the admin API (served on the metrics listener); `None` when disabled.
     pub admin_token: Option<String>,
     pub admin_token_file: Option<PathBuf>,
-    /// Certificate chain and key (PEM) for TLS listeners.
-    pub tls: Option<TlsSection>,
+    /// Where TLS listeners get their certificate.
+    pub tls: Option<CertSource>,
     /// SNI routing on TLS listeners (`[tls] turn_names`, `[tls.passthrough]`).
     pub passthrough: Option<Passthrough>,
     pub log_level: String,

@@ -74,14 +74,29 @@ pub struct MetricsSection {
 #[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// Certificate chain and key files (certbot, a private CA); absent with `acme`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
     /// Server names (SNI) that TLS listeners answer as TURN when
     /// `passthrough` sends other names to a web server.
     #[serde(default)]
     pub turn_names: Vec<String>,
     #[serde(default)]
     pub passthrough: Option<PassthroughSection>,
+    #[serde(default)]
+    pub acme: Option<AcmeSection>,
+}
+
+/// `[tls.acme]`: turnd obtains and renews its certificate itself.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeSection {
+    #[serde(default)]
+    pub names: Vec<String>,
+    pub contact: Option<String>,
+    pub directory: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub ca_root: Option<PathBuf>,
 }
 
 /// `[tls.passthrough]`: TLS connections for other names go, untouched, to a

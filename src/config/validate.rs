@@ -32,25 +32,113 @@ fn check_log_level(s: &str) -> Result<(), String> {
     tracing_subscriber::EnvFilter::try_new(s).map(|_| ()).map_err(|e| format!("`{s}`: {e}"))
 }
 
-/// Checks `[tls] turn_names` and `[tls.passthrough]`.
-fn parse_passthrough(t: &TlsSection, listeners: &[Listener]) -> Result<Option<Passthrough>, ConfigError> {
+/// A host name, lower-cased and without a trailing dot; `None` when it is not one.
+fn host_name(n: &str) -> Option<String> {
+    let l = n.trim().trim_end_matches('.').to_ascii_lowercase();
+    let ok = !l.is_empty()
+        && l.len() <= 253
+        && l.split('.').all(|p| !p.is_empty() && p.len() <= 63 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    ok.then_some(l)
+}
+
+/// Checks `[tls]`: certificate files or `[tls.acme]`, not both.
+fn cert_source(t: &TlsSection) -> Result<CertSource, ConfigError> {
+    match (&t.cert, &t.key, &t.acme) {
+        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => Err(bad(
+            "tls.acme",
+            "turnd either obtains its certificate ([tls.acme]) or reads it from tls.cert and tls.key: remove one of them",
+        )),
+        (Some(cert), Some(key), None) => Ok(CertSource::Files { cert: cert.clone(), key: key.clone() }),
+        (Some(_), None, None) => Err(bad("tls.key", "missing: tls.cert needs the private key file beside it")),
+        (None, Some(_), None) => Err(bad("tls.cert", "missing: tls.key needs the certificate chain file beside it")),
+        (None, None, None) => Err(bad(
+            "tls",
+            "needs a certificate: either [tls.acme] with names = [\"turn.example.com\"] (turnd obtains and renews it), or tls.cert and tls.key (PEM files)",
+        )),
+        (None, None, Some(a)) => acme(a).map(CertSource::Acme),
+    }
+}
+
+/// Checks `[tls.acme]`.
+fn acme(a: &AcmeSection) -> Result<Acme, ConfigError> {
+    if a.names.is_empty() {
+        return Err(bad("tls.acme.names", "must list the name(s) clients use for turns:, e.g. [\"turn.example.com\"]"));
+    }
+    let mut names = Vec::new();
+    for n in &a.names {
+        if n.trim().starts_with("*.") {
+            return Err(bad(
+                "tls.acme.names",
+                format!("`{n}`: a wildcard needs the DNS-01 challenge, which turnd does not answer; use certbot with your DNS provider and tls.cert/tls.key"),
+            ));
+        }
+        if n.trim().parse::<IpAddr>().is_ok() {
+            return Err(bad("tls.acme.names", format!("`{n}` is an address: list the DNS name clients use for turns:")));
+        }
+        let Some(l) = host_name(n).filter(|l| l.contains('.')) else {
+            return Err(bad("tls.acme.names", format!("`{n}` is not a DNS name (e.g. turn.example.com)")));
+        };
+        if !names.contains(&l) {
+            names.push(l);
+        }
+    }
+    let contact = match a.contact.as_deref().map(str::trim) {
+        None | Some("") => Vec::new(),
+        Some(c) => {
+            let addr = c.strip_prefix("mailto:").unwrap_or(c);
+            let ok = addr.split_once('@').is_some_and(|(u, d)| !u.is_empty() && d.contains('.') && !addr.contains(char::is_whitespace) && !addr.contains(','));
+            if !ok {
+                return Err(bad("tls.acme.contact", format!("`{c}` is not an email address (the CA writes there about expiry and policy)")));
+            }
+            vec![format!("mailto:{addr}")]
+        }
+    };
+    let directory = match a.directory.as_deref().map(str::trim) {
+        None | Some("letsencrypt") => LETSENCRYPT.to_owned(),
+        Some("letsencrypt-staging") => LETSENCRYPT_STAGING.to_owned(),
+        Some(u) if u.starts_with("https://") && u.len() > "https://".len() && !u.contains(char::is_whitespace) => u.to_owned(),
+        Some(u) => {
+            return Err(bad(
+                "tls.acme.directory",
+                format!("`{u}` is not an https:// URL of an ACME directory (or letsencrypt, letsencrypt-staging)"),
+            ))
+        }
+    };
+    let state_dir = match &a.state_dir {
+        Some(d) if !d.is_absolute() => return Err(bad("tls.acme.state_dir", format!("`{}` must be an absolute path", d.display()))),
+        Some(d) => d.clone(),
+        None => super::secrets::state_path("acme"),
+    };
+    Ok(Acme { names, contact, directory, state_dir, ca_root: a.ca_root.clone() })
+}
+
+/// Checks `[tls] turn_names` and `[tls.passthrough]`. With `[tls.acme]`,
+/// its names are TURN names too (their certificate is turnd's).
+fn parse_passthrough(t: &TlsSection, source: &CertSource, listeners: &[Listener]) -> Result<Option<Passthrough>, ConfigError> {
     let Some(p) = &t.passthrough else {
         if !t.turn_names.is_empty() {
             return Err(bad("tls.turn_names", "has an effect only with [tls.passthrough] (a backend for the other names)"));
         }
         return Ok(None);
     };
-    if t.turn_names.is_empty() {
+    let acme_names: &[String] = match source {
+        CertSource::Acme(a) => &a.names,
+        CertSource::Files { .. } => &[],
+    };
+    if t.turn_names.is_empty() && acme_names.is_empty() {
         return Err(bad("tls.turn_names", "must list the TURN host name(s) when [tls.passthrough] is set, e.g. [\"turn.example.com\"]"));
     }
     let mut names = Vec::new();
     for n in &t.turn_names {
-        let l = n.trim().trim_end_matches('.').to_ascii_lowercase();
-        let ok = !l.is_empty() && l.len() <= 253 && l.split('.').all(|p| !p.is_empty() && p.len() <= 63 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
-        if !ok {
+        let Some(l) = host_name(n) else {
             return Err(bad("tls.turn_names", format!("`{n}` is not a host name")));
-        }
+        };
         names.push(l);
+    }
+    for n in acme_names {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
     }
     let backend: SocketAddr = p
         .backend
@@ -175,9 +263,10 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
     let (max_permissions, ipv6_prefix_per_ip, unauth_rate) = limits(l)?;
     let MetricsAdmin { listen: metrics_listen, token: admin_token, token_file: admin_token_file } = metrics_and_admin(&f, &listeners, &mut notes)?;
     let (log_level, log_json) = log(&f.log, ov)?;
-    let passthrough = match &f.tls {
-        Some(t) => parse_passthrough(t, &listeners)?,
-        None => None,
+    let tls = f.tls.as_ref().map(cert_source).transpose()?;
+    let passthrough = match (&f.tls, &tls) {
+        (Some(t), Some(source)) => parse_passthrough(t, source, &listeners)?,
+        _ => None,
     };
 
     let legacy_channels = l.legacy_channel_numbers.unwrap_or(false);
@@ -220,7 +309,7 @@ pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
         admin_token,
         admin_token_file,
         passthrough,
-        tls: f.tls.clone(),
+        tls,
         log_level,
         log_json,
         notes,
@@ -337,7 +426,7 @@ fn listeners(f: &File, ov: &Overrides) -> Result<Vec<Listener>, ConfigError> {
             return Err(bad(format!("{key}.proxy_protocol"), "applies to tcp and tls listeners only"));
         }
         if transport == Transport::Tls && f.tls.is_none() {
-            return Err(bad(format!("{key}.transport"), "a tls listener needs a [tls] section with cert and key"));
+            return Err(bad(format!("{key}.transport"), "a tls listener needs a [tls] section: [tls.acme] names (turnd gets the certificate) or tls.cert and tls.key"));
         }
         let from_key = format!("{key}.proxy_protocol_from");
         let proxy_protocol_from = match proxy_from.get(i).filter(|_| ov.listen.is_empty()) {

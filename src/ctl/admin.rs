@@ -36,9 +36,13 @@ impl Admin {
     }
 
     fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, AdminError> {
-        let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5)).map_err(|e| AdminError::Unreachable(self.addr, e))?;
         // A reload re-reads files; give it time.
-        s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        self.request_within(method, path, body, Duration::from_secs(30))
+    }
+
+    fn request_within(&self, method: &str, path: &str, body: Option<&Value>, wait: Duration) -> Result<Value, AdminError> {
+        let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5)).map_err(|e| AdminError::Unreachable(self.addr, e))?;
+        s.set_read_timeout(Some(wait)).ok();
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -76,6 +80,12 @@ impl Admin {
     pub fn reload(&self) -> Result<Value, AdminError> {
         self.request("POST", "/admin/reload", None)
     }
+
+    /// Asks turnd's ACME client to renew now; answers when it has (or failed).
+    pub fn renew_cert(&self) -> Result<Value, AdminError> {
+        // turnd bounds one attempt at 300 s.
+        self.request_within("POST", "/admin/cert/renew", None, Duration::from_secs(320))
+    }
 }
 
 fn s(v: &Value) -> String {
@@ -110,12 +120,46 @@ pub fn render_status(v: &Value) -> String {
         let list: Vec<String> = silent.iter().map(s).collect();
         o += &format!("WARNING:     shard {} did not answer in time (its thread is stuck or stopped): its counts are missing above\n", list.join(", "));
     }
+    if v["tls"].is_object() {
+        o += &render_cert(&v["tls"]);
+    }
     o += &format!("relay ports: {} in use of {}\n", s(&v["relay_ports"]["in_use"]), s(&v["relay_ports"]["total"]));
     o += &format!(
         "relayed:     {} packets to peers, {} to clients\n",
         s(&v["relayed_packets"]["to_peer"]),
         s(&v["relayed_packets"]["to_client"])
     );
+    o
+}
+
+/// The certificate lines of the status.
+fn render_cert(t: &Value) -> String {
+    let mut o = match t["names"].as_array().filter(|n| !n.is_empty()) {
+        Some(names) => format!(
+            "certificate: {} from {}, expires {} ({} days) [{}]\n",
+            names.iter().map(s).collect::<Vec<_>>().join(", "),
+            s(&t["issuer"]),
+            s(&t["expires"]),
+            s(&t["days_left"]),
+            s(&t["source"])
+        ),
+        None => format!("certificate: NONE: {}\n", s(&t["missing"])),
+    };
+    let a = &t["acme"];
+    if a.is_object() {
+        let r = &a["renewals"];
+        o += &format!(
+            "acme:        {}next attempt {}, renewals {} ok / {} failed, {}\n",
+            if a["attempting"] == true { "attempting now, " } else { "" },
+            s(&a["next_attempt_date"]),
+            s(&r["success"]),
+            s(&r["failure"]),
+            s(&a["directory"])
+        );
+        if !a["last_error"].is_null() {
+            o += &format!("acme error:  {}\n", s(&a["last_error"]));
+        }
+    }
     o
 }
 

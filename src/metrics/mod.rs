@@ -27,6 +27,12 @@ pub struct Snapshot {
     pub draining: bool,
     /// Allocations and connections of each shard that answered, in shard order.
     pub shards: Vec<ShardCounts>,
+    /// /readyz answers ready.
+    pub ready: bool,
+    /// The served TLS certificate's notAfter (unix seconds).
+    pub cert_expiry: Option<i64>,
+    /// ACME renewals (successes, failures), when turnd obtains its certificate.
+    pub acme_renewals: Option<(u64, u64)>,
     /// Shards that did not answer the scrape in time (stuck or stopped):
     /// their counts are missing from the sums.
     pub silent_shards: Vec<usize>,
@@ -93,6 +99,19 @@ pub fn render(s: &Snapshot) -> String {
         .with_label_values(&[] as &[&str])
         .set(s.draining as i64);
 
+    gauge(&r, "turnd_ready", "1 while /readyz answers ready (not draining, relay ports and descriptors left, a TLS certificate to serve).", &[])
+        .with_label_values(&[] as &[&str])
+        .set(s.ready as i64);
+    if let Some(t) = s.cert_expiry {
+        gauge(&r, "turnd_tls_certificate_expiry_timestamp_seconds", "When the served TLS certificate expires (notAfter, unix seconds).", &[])
+            .with_label_values(&[] as &[&str])
+            .set(t);
+    }
+    if let Some((ok, failed)) = s.acme_renewals {
+        let c = counter(&r, "turnd_acme_renewals_total", "Attempts to obtain or renew the TLS certificate by ACME, by result.", &["result"]);
+        c.with_label_values(&["success"]).inc_by(ok);
+        c.with_label_values(&["failure"]).inc_by(failed);
+    }
     let allocs = gauge(&r, "turnd_allocations", "Active allocations.", &["transport", "family"]);
     for t in Transport::ALL {
         for f in ["ipv4", "ipv6", "dual"] {

@@ -12,6 +12,10 @@ use crate::turn::Transport;
 
 type Response = (u16, &'static str, String);
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
 fn ok(v: Value) -> Response {
     (200, "application/json", format!("{v}\n"))
 }
@@ -54,6 +58,7 @@ pub(super) async fn route(ctl: &Control, req: &Request) -> Option<Response> {
                 "allocations_by_transport": by,
                 "connections": { "tcp": snap.connections[Transport::Tcp as usize], "tls": snap.connections[Transport::Tls as usize] },
                 "relay_ports": { "in_use": snap.relay_ports_in_use, "total": snap.relay_ports_total },
+                "tls": ctl.certs.borrow().as_ref().map(|c| c.status(unix_now())),
                 "relayed_packets": {
                     "to_peer": snap.stats.to_peer.iter().map(|f| f.packets).sum::<u64>(),
                     "to_client": snap.stats.from_peer.iter().map(|f| f.packets).sum::<u64>(),
@@ -61,12 +66,29 @@ pub(super) async fn route(ctl: &Control, req: &Request) -> Option<Response> {
             }))
         }
         ("GET", "/admin/sessions") => ok(Value::Array(ctl.sessions().await)),
+        ("POST", "/admin/cert/renew") => {
+            let asked = match ctl.certs.borrow().as_ref() {
+                None => Err(err(409, "TLS is not configured")),
+                Some(c) => match &c.acme {
+                    None => Err(err(409, "the certificate comes from tls.cert and tls.key: renew it where it is made (certbot renew); turnd picks up the new files by itself")),
+                    Some(a) => Ok(a.renew()),
+                },
+            };
+            match asked {
+                Err(r) => r,
+                Ok(rx) => match rx.await {
+                    Ok(Ok(msg)) => ok(json!({ "renewed": true, "message": msg })),
+                    Ok(Err(e)) => (502, "application/json", format!("{}\n", json!({ "renewed": false, "error": e }))),
+                    Err(_) => err(503, "the ACME client stopped (a reload changed it?)"),
+                },
+            }
+        }
         ("POST", "/admin/disconnect") => match Selector::parse(&req.body) {
             Err(e) => err(400, &e),
             Ok(sel) => ok(json!({ "disconnected": ctl.disconnect(sel).await })),
         },
         (_, "/admin/status" | "/admin/sessions") => err(405, "use GET"),
-        (_, "/admin/disconnect" | "/admin/reload") => err(405, "use POST"),
+        (_, "/admin/disconnect" | "/admin/reload" | "/admin/cert/renew") => err(405, "use POST"),
         _ => return None,
     })
 }

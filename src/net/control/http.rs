@@ -78,6 +78,8 @@ async fn handle(ctl: Weak<Control>, mut stream: TcpStream) {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        409 => "Conflict",
+        502 => "Bad Gateway",
         401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",

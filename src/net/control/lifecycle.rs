@@ -16,14 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 
+use super::certs::{Certs, TlsStep};
 use super::reload::ReloadError;
 use super::shards::Control;
 use super::{http, preflight, systemd};
 use crate::net::shard::{Command, Step as ShardStep};
 use crate::net::shared::{self, Shared};
-use crate::net::stream::tls;
 use crate::net::udp::{bind_tcp, bind_tcp_group, bind_udp_group};
 use crate::config::{Bandwidth, Config, ConfigError, Listener, Overrides, SecretSource};
 use crate::turn::{PeerPolicy, Transport};
@@ -251,14 +250,7 @@ fn port_range(cfg: &Config) -> usize {
 /// with a [`ConfigError`] naming the key.
 pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     log_secrets(&cfg);
-    let certs = match &cfg.tls {
-        Some(t) => Some(tls::CertStore::load(&t.cert, &t.key)?),
-        None => None,
-    };
-    let acceptor = match &certs {
-        Some(c) => Some(TlsAcceptor::from(c.server_config()?)),
-        None => None,
-    };
+    let certs = cfg.tls.as_ref().map(|source| Certs::start(source, None)).transpose()?;
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel();
     let policy = peer_policy(&cfg);
     let shared = Shared::new(shared::fd_budget(), port_range(&cfg));
@@ -271,8 +263,10 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         None => None,
     };
     let ctl = Rc::new(Control::start(&cfg, &policy, shared, reload_tx)?);
+    *ctl.certs.borrow_mut() = certs;
     let metrics = metrics_socket.map(|(addr, l)| (addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&ctl), l))));
     let (per_shard, log) = listeners.commit(steps);
+    let acceptor = ctl.certs.borrow().as_ref().map(|c| c.acceptor.clone());
     ctl.apply(Arc::new(cfg.clone()), &policy, acceptor.as_ref(), per_shard).await?;
     log.iter().for_each(|l| tracing::info!("{l}"));
     *ctl.listener_names.borrow_mut() = listeners.names();
@@ -296,7 +290,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     if let Some(period) = systemd::watchdog_period() {
         tokio::task::spawn_local(watchdog(Rc::downgrade(&ctl), period));
     }
-    let mut running = Running { cfg, certs, acceptor, listeners, metrics };
+    let mut running = Running { cfg, listeners, metrics };
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -307,8 +301,8 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = term.recv() => break,
             _ = cert_poll.tick() => {
-                if let Some(c) = &running.certs {
-                    match c.reload_if_changed() {
+                if let Some(c) = ctl.certs.borrow().as_ref() {
+                    match c.store.reload_if_changed() {
                         Some(Ok(())) => tracing::info!("TLS certificate reloaded (files changed)"),
                         Some(Err(e)) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
                         None => {}
@@ -346,22 +340,8 @@ async fn watchdog(ctl: std::rc::Weak<Control>, period: Duration) {
 /// What a reload may replace besides the core's settings.
 struct Running {
     cfg: Config,
-    certs: Option<Arc<tls::CertStore>>,
-    acceptor: Option<TlsAcceptor>,
     listeners: Listeners,
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
-}
-
-/// How a reload changes TLS, decided before anything changes.
-enum TlsStep {
-    Unchanged,
-    /// Same files: load them again (renewed in place). A broken one keeps the
-    /// old certificate serving but does not hold up the rest of the reload.
-    Reread,
-    /// Other files, loaded.
-    Other(std::path::PathBuf, std::path::PathBuf, rustls::sign::CertifiedKey),
-    /// TLS configured for the first time.
-    New(Arc<tls::CertStore>, TlsAcceptor),
 }
 
 impl Running {
@@ -383,16 +363,7 @@ impl Running {
         if new.threads != self.cfg.threads {
             return Err(ReloadError::Threads { running: self.cfg.threads, file: new.threads });
         }
-        let tls_step = match (&new.tls, &self.certs) {
-            (Some(t), Some(c)) if c.same_paths(&t.cert, &t.key) => TlsStep::Reread,
-            (Some(t), Some(c)) => TlsStep::Other(t.cert.clone(), t.key.clone(), c.load_other(&t.cert, &t.key)?),
-            (Some(t), None) => {
-                let c = tls::CertStore::load(&t.cert, &t.key)?;
-                let sc = c.server_config().map_err(|e| ConfigError { key: "tls".into(), msg: format!("{e:#}") })?;
-                TlsStep::New(c, TlsAcceptor::from(sc))
-            }
-            (None, _) => TlsStep::Unchanged,
-        };
+        let tls_step = TlsStep::plan(new.tls.as_ref(), ctl.certs.borrow().as_ref())?;
         for (key, now, was) in [("relay.ip", new.core.relay_v4, self.cfg.core.relay_v4), ("relay.ipv6", new.core.relay_v6, self.cfg.core.relay_v6)] {
             if let Some(r) = now.filter(|r| Some(r.local) != was.map(|w| w.local)) {
                 preflight::check_relay_ip(key, r.local)?;
@@ -411,34 +382,15 @@ impl Running {
         // listener bookkeeping goes back to what runs).
         let before = self.listeners.clone();
         let (per_shard, log) = self.listeners.commit(steps);
-        let acceptor = match &tls_step {
-            TlsStep::New(_, a) => Some(a),
-            _ => self.acceptor.as_ref(),
-        };
-        if let Err(e) = ctl.apply(Arc::new(new.clone()), &peer_policy(&new), acceptor, per_shard).await {
+        let acceptor = tls_step.acceptor(ctl.certs.borrow().as_ref()).cloned();
+        if let Err(e) = ctl.apply(Arc::new(new.clone()), &peer_policy(&new), acceptor.as_ref(), per_shard).await {
             self.listeners = before;
             return Err(e);
         }
 
         // Nothing below fails.
         log.iter().for_each(|l| tracing::info!("{l}"));
-        match tls_step {
-            TlsStep::Unchanged => {}
-            TlsStep::Reread => match self.certs.as_ref().map(|c| c.reload()) {
-                Some(Err(e)) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
-                _ => tracing::info!("TLS certificate reloaded"),
-            },
-            TlsStep::Other(cert, key, ck) => {
-                if let Some(c) = &self.certs {
-                    c.install(&cert, &key, ck);
-                }
-                tracing::info!(cert = %cert.display(), "TLS certificate switched");
-            }
-            TlsStep::New(c, a) => {
-                self.certs = Some(c);
-                self.acceptor = Some(a);
-            }
-        }
+        tls_step.commit(&mut ctl.certs.borrow_mut());
         ctl.shared.set_port_range(port_range(&new));
         *ctl.admin_token.borrow_mut() = new.admin_token.clone();
         *ctl.listener_names.borrow_mut() = self.listeners.names();

@@ -3,9 +3,11 @@
 //! refused), drains and handles signals; [`shards`] fans commands out to the
 //! shard threads; [`preflight`] checks a configuration against this host;
 //! [`http`] serves metrics, health and the admin API ([`admin`]);
-//! [`systemd`] speaks sd_notify.
+//! [`systemd`] speaks sd_notify; [`certs`] keeps the TLS certificate (files
+//! or ACME).
 
 mod admin;
+mod certs;
 mod http;
 mod lifecycle;
 pub mod preflight;

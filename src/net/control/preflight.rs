@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::config::CertSource;
 use crate::config::{Config, ConfigError};
 
 /// Certificates that expire within this many days get a warning.
@@ -28,10 +29,14 @@ fn bad(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
 /// Runs every check; returns notes for the log (warnings that do not stop turnd).
 pub fn check(cfg: &Config, mode: Mode, now_unix: i64) -> Result<Vec<String>, ConfigError> {
     let mut notes = Vec::new();
-    if let Some(t) = &cfg.tls {
-        let provider = rustls::crypto::ring::default_provider();
-        let ck = crate::net::stream::tls::load_key(&t.cert, &t.key, &provider)?;
-        notes.extend(expiry_note(crate::net::stream::tls::not_after(&ck), now_unix, &t.cert));
+    match &cfg.tls {
+        Some(CertSource::Files { cert, key }) => {
+            let provider = rustls::crypto::ring::default_provider();
+            let ck = crate::net::tls::load_key(cert, key, &provider)?;
+            notes.extend(expiry_note(crate::net::tls::not_after(&ck), now_unix, cert));
+        }
+        Some(CertSource::Acme(a)) => notes.extend(acme_note(a)?),
+        None => {}
     }
     for (key, relay) in [("relay.ip", cfg.core.relay_v4), ("relay.ipv6", cfg.core.relay_v6)] {
         if let Some(r) = relay {
@@ -49,6 +54,52 @@ pub fn check(cfg: &Config, mode: Mode, now_unix: i64) -> Result<Vec<String>, Con
         notes.extend(backend_note(p.backend));
     }
     Ok(notes)
+}
+
+/// What ACME will start from: the certificate in the state directory, or
+/// none yet. An error when the state directory cannot be created or written.
+fn acme_note(a: &crate::config::Acme) -> Result<Option<String>, ConfigError> {
+    let dir = &a.state_dir;
+    let mut probe = dir.clone();
+    while !probe.exists() {
+        match probe.parent() {
+            Some(p) => probe = p.to_owned(),
+            None => break,
+        }
+    }
+    // SAFETY: access() only reads the NUL-terminated path.
+    let writable = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0);
+    if !writable {
+        return Err(bad(
+            "tls.acme.state_dir",
+            format!("{} is not writable by this user ({}): turnd keeps its ACME account and certificate there", dir.display(), probe.display()),
+        ));
+    }
+    if let Some(root) = &a.ca_root {
+        let pem = std::fs::read_to_string(root).map_err(|e| bad("tls.acme.ca_root", format!("cannot read {}: {e}", root.display())))?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(bad("tls.acme.ca_root", format!("{} holds no PEM certificate", root.display())));
+        }
+    }
+    let provider = rustls::crypto::ring::default_provider();
+    Ok(Some(match crate::acme::State::new(dir).certificate(&provider) {
+        Ok(Some(ck)) => match crate::net::tls::info(&ck) {
+            Some(i) => format!(
+                "tls.acme: {} holds a certificate for {} until {}; turnd renews it by itself",
+                dir.display(),
+                i.names.join(", "),
+                crate::certinfo::format_date(i.not_after)
+            ),
+            None => format!("tls.acme: the certificate in {} does not parse; turnd obtains a new one", dir.display()),
+        },
+        Ok(None) => format!(
+            "tls.acme: no certificate yet in {}: at start turnd asks {} for {} over TLS-ALPN-01 (port 443 must be reachable under those names); TURN over TLS answers once it arrives",
+            dir.display(),
+            a.directory,
+            a.names.join(", ")
+        ),
+        Err(e) => format!("tls.acme: the stored certificate is unusable ({e}); turnd obtains a new one"),
+    }))
 }
 
 /// A note when nothing accepts connections at the passthrough backend (yet:

@@ -37,6 +37,8 @@ pub struct Control {
     pub reload_tx: ReloadSender,
     /// Numbers the applies, so a late Commit or Abort cannot hit another one.
     applies: std::cell::Cell<u64>,
+    /// The TLS listeners' certificate, when TLS is configured.
+    pub certs: RefCell<Option<super::certs::Certs>>,
 }
 
 impl Control {
@@ -64,7 +66,7 @@ impl Control {
             }
             inboxes.push(tx);
         }
-        Ok(Control { inboxes, shared, admin_token: RefCell::new(cfg.admin_token.clone()), listener_names: RefCell::default(), reload_tx, applies: Default::default() })
+        Ok(Control { inboxes, shared, admin_token: RefCell::new(cfg.admin_token.clone()), listener_names: RefCell::default(), reload_tx, applies: Default::default(), certs: RefCell::default() })
     }
 
     /// Sends a command to every shard.
@@ -150,6 +152,14 @@ impl Control {
         sum.relay_ports_total = self.shared.port_range() as u64;
         sum.uptime_seconds = self.shared.started.elapsed().as_secs();
         sum.draining = self.shared.draining();
+        sum.ready = self.not_ready().is_none() && sum.silent_shards.is_empty();
+        if let Some(c) = self.certs.borrow().as_ref() {
+            sum.cert_expiry = c.expiry();
+            sum.acme_renewals = c.acme.as_ref().map(|a| {
+                let s = a.status.borrow();
+                (s.renewals_ok, s.renewals_failed)
+            });
+        }
         sum
     }
 
@@ -181,17 +191,18 @@ impl Control {
         self.tell_all(|| Command::Drain);
     }
 
-    /// Why the relay cannot take new allocations, if it cannot.
-    pub fn not_ready(&self) -> Option<&'static str> {
+    /// Why the relay cannot take new allocations (or TLS listeners cannot
+    /// serve TURN), if it cannot.
+    pub fn not_ready(&self) -> Option<String> {
         let s = &self.shared;
         if s.draining() {
-            Some("draining: shutting down")
+            Some("draining: shutting down".into())
         } else if s.relay_ports_in_use() >= s.port_range() {
-            Some("no relay port free")
+            Some("no relay port free".into())
         } else if s.out_of_fds() {
-            Some("out of file descriptors: raise the open-files limit")
+            Some("out of file descriptors: raise the open-files limit".into())
         } else {
-            None
+            self.certs.borrow().as_ref().and_then(|c| c.not_serving())
         }
     }
 }

@@ -94,6 +94,13 @@ pub(in crate::net) async fn accept_loop<H: Host>(
             let tuple = FiveTuple { client, server: local, transport, conn };
             match tls {
                 Some(acceptor) => match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls_stream)) if tls_stream.get_ref().1.alpn_protocol() == Some(super::tls::ACME_TLS_ALPN) => {
+                        // The CA validated TLS-ALPN-01 with the handshake alone (RFC 8737 3).
+                        tracing::debug!(%client, "ACME TLS-ALPN-01 validation connection");
+                        let mut tls_stream = tls_stream;
+                        let _ = tokio::time::timeout(limits.handshake, tokio::io::AsyncWriteExt::shutdown(&mut tls_stream)).await;
+                        close_unused(&shard, tuple, false);
+                    }
                     Ok(Ok(tls_stream)) => conn::serve(shard, tls_stream, tuple, out, limits.idle).await,
                     Ok(Err(e)) => {
                         tracing::debug!(%client, error = %e, "TLS handshake failed");

@@ -1,7 +1,9 @@
-//! TLS: certificates from PEM files (as certbot and Caddy write them),
-//! swapped in without a restart. A broken new certificate keeps the old one.
+//! TLS: certificates from PEM files (as certbot and Caddy write them) or
+//! from turnd's own ACME client, swapped in without a restart. A broken new
+//! certificate keeps the old one.
 
 use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
@@ -15,14 +17,6 @@ use crate::config::ConfigError;
 
 /// ALPN names for TURN over TLS (RFC 7443). Clients that offer no ALPN are accepted too.
 pub const ALPN: &[&[u8]] = &[b"stun.turn", b"stun.nat-discovery"];
-
-#[derive(Debug)]
-pub struct CertStore {
-    paths: Mutex<(PathBuf, PathBuf)>,
-    provider: Arc<CryptoProvider>,
-    current: RwLock<Arc<CertifiedKey>>,
-    stamp: Mutex<Option<(SystemTime, SystemTime)>>,
-}
 
 fn mtime(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
@@ -98,28 +92,73 @@ pub fn load_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Ce
 
 /// The leaf certificate's expiry (unix seconds), if it can be read.
 pub fn not_after(ck: &CertifiedKey) -> Option<i64> {
-    ck.cert.first().and_then(|c| crate::certinfo::CertInfo::parse(c.as_ref())).map(|i| i.not_after)
+    info(ck).map(|i| i.not_after)
+}
+
+/// Names, issuer and validity of the leaf certificate.
+pub fn info(ck: &CertifiedKey) -> Option<crate::certinfo::CertInfo> {
+    ck.cert.first().and_then(|c| crate::certinfo::CertInfo::parse(c.as_ref()))
+}
+
+/// The ALPN protocol of the ACME TLS-ALPN-01 challenge (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// The certificate TLS listeners serve, shared by every shard: from PEM
+/// files (re-read when they change), or installed by the ACME client, which
+/// also puts its TLS-ALPN-01 challenge certificates here while an order is
+/// pending. Read once per handshake, never per packet.
+#[derive(Debug)]
+pub struct CertStore {
+    /// The files it came from; `None` when ACME keeps it.
+    files: Mutex<Option<(PathBuf, PathBuf)>>,
+    provider: Arc<CryptoProvider>,
+    /// `None` until ACME has obtained the first certificate.
+    current: RwLock<Option<Arc<CertifiedKey>>>,
+    stamp: Mutex<Option<(SystemTime, SystemTime)>>,
+    /// Challenge certificates by lower-case name.
+    challenges: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl CertStore {
+    fn new(files: Option<(PathBuf, PathBuf)>, current: Option<CertifiedKey>, provider: Arc<CryptoProvider>) -> Arc<CertStore> {
+        let stamp = files.as_ref().and_then(|(c, k)| mtime(c).zip(mtime(k)));
+        Arc::new(CertStore {
+            files: Mutex::new(files),
+            provider,
+            current: RwLock::new(current.map(Arc::new)),
+            stamp: Mutex::new(stamp),
+            challenges: Mutex::default(),
+        })
+    }
+
+    /// A store serving the certificate in these files.
     pub fn load(cert: &Path, key: &Path) -> Result<Arc<CertStore>, ConfigError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let ck = load_key(cert, key, &provider)?;
-        Ok(Arc::new(CertStore {
-            paths: Mutex::new((cert.to_owned(), key.to_owned())),
-            provider,
-            current: RwLock::new(Arc::new(ck)),
-            stamp: Mutex::new(mtime(cert).zip(mtime(key))),
-        }))
+        Ok(Self::new(Some((cert.to_owned(), key.to_owned())), Some(ck), provider))
     }
 
-    fn paths(&self) -> (PathBuf, PathBuf) {
-        self.paths.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// A store for ACME: empty until [`CertStore::install_key`].
+    pub fn for_acme() -> Arc<CertStore> {
+        Self::new(None, None, Arc::new(rustls::crypto::ring::default_provider()))
+    }
+
+    pub fn provider(&self) -> &Arc<CryptoProvider> {
+        &self.provider
+    }
+
+    /// Whether the certificate comes from files (not ACME).
+    pub fn from_files(&self) -> bool {
+        lock(&self.files).is_some()
     }
 
     /// Whether these are the files already in use.
     pub fn same_paths(&self, cert: &Path, key: &Path) -> bool {
-        self.paths() == (cert.to_owned(), key.to_owned())
+        *lock(&self.files) == Some((cert.to_owned(), key.to_owned()))
     }
 
     /// Loads other files (a reload), without installing them yet.
@@ -129,49 +168,74 @@ impl CertStore {
 
     /// Serves `ck`, loaded by [`CertStore::load_other`] from these files, from now on.
     pub fn install(&self, cert: &Path, key: &Path, ck: CertifiedKey) {
-        *self.paths.lock().unwrap_or_else(|e| e.into_inner()) = (cert.to_owned(), key.to_owned());
-        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = mtime(cert).zip(mtime(key));
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ck);
+        *lock(&self.files) = Some((cert.to_owned(), key.to_owned()));
+        *lock(&self.stamp) = mtime(cert).zip(mtime(key));
+        self.install_key(ck);
     }
 
-    /// The certificate being served.
-    pub fn current(&self) -> Arc<CertifiedKey> {
+    /// Serves `ck` from the next handshake on; connections already open keep theirs.
+    pub fn install_key(&self, ck: CertifiedKey) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(ck));
+    }
+
+    /// The certificate being served, if there is one yet.
+    pub fn current(&self) -> Option<Arc<CertifiedKey>> {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Loads the files again. On error the current certificate keeps serving.
+    /// Answers TLS-ALPN-01 for `name` with `ck` until [`CertStore::clear_challenges`].
+    pub fn set_challenge(&self, name: &str, ck: CertifiedKey) {
+        lock(&self.challenges).insert(name.to_ascii_lowercase(), Arc::new(ck));
+    }
+
+    pub fn clear_challenges(&self) {
+        lock(&self.challenges).clear();
+    }
+
+    /// Loads the files again. On error the current certificate keeps
+    /// serving. Nothing to do when ACME keeps the certificate.
     pub fn reload(&self) -> Result<(), ConfigError> {
-        let (cert, key) = self.paths();
+        let Some((cert, key)) = lock(&self.files).clone() else { return Ok(()) };
         let stamp = mtime(&cert).zip(mtime(&key));
         let ck = load_key(&cert, &key, &self.provider);
-        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
-        let ck = ck?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ck);
+        *lock(&self.stamp) = stamp;
+        self.install_key(ck?);
         Ok(())
     }
 
-    /// Reloads when either file's modification time changed; `None` when unchanged.
+    /// Reloads when either file's modification time changed; `None` when unchanged (or ACME).
     pub fn reload_if_changed(&self) -> Option<Result<(), ConfigError>> {
-        let (cert, key) = self.paths();
+        let (cert, key) = lock(&self.files).clone()?;
         let now = mtime(&cert).zip(mtime(&key));
-        if now.is_none() || *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) == now {
+        if now.is_none() || *lock(&self.stamp) == now {
             return None;
         }
         Some(self.reload())
     }
 
-    pub fn server_config(self: &Arc<Self>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    /// The listeners' TLS settings: TURN's ALPN names, and with `acme` the
+    /// TLS-ALPN-01 challenge's (answered only for a name with a pending challenge).
+    pub fn server_config(self: &Arc<Self>, acme: bool) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         let mut cfg = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
         cfg.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        if acme {
+            cfg.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+        }
         Ok(Arc::new(cfg))
     }
 }
 
 impl ResolvesServerCert for CertStore {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // RFC 8737 3: the validator offers acme-tls/1 alone, and gets the
+        // challenge certificate for the name it asks for, or nothing.
+        if hello.alpn().is_some_and(|mut a| a.any(|p| p == ACME_TLS_ALPN)) {
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return lock(&self.challenges).get(&name).cloned();
+        }
+        self.current()
     }
 }
