@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what the tests need when it
 # is missing (Debian's coturn for turnutils_uclient, iptables for the
-# network-namespace test, chromium for the browser tests, squid for the
+# network-namespace test, chromium for the browser tests, pebble, curl and
+# libnss3-tools for the ACME test, squid for the
 # proxy-only network test, prosody and
 # docker-compose for the deploy tests, cargo-deb, dpkg-dev and binutils for
 # the Debian package test, a Python virtualenv with slixmpp and PyYAML in
@@ -38,6 +39,15 @@ if ! command -v prosody >/dev/null 2>&1; then
 fi
 if ! command -v docker-compose >/dev/null 2>&1; then
   missing+=(docker-compose)  # `docker-compose config` on deploy/*/compose.yaml in tests/deploy.rs
+fi
+if ! command -v pebble >/dev/null 2>&1 || ! command -v pebble-challtestsrv >/dev/null 2>&1; then
+  missing+=(pebble)      # the ACME test CA and its DNS of tests/acme.rs
+fi
+if ! command -v certutil >/dev/null 2>&1; then
+  missing+=(libnss3-tools)  # certutil: Chromium trusting Pebble's root in tests/acme.rs
+fi
+if ! command -v curl >/dev/null 2>&1; then
+  missing+=(curl)        # Pebble's root and DNS management in tests/acme.rs
 fi
 if ! command -v dpkg-shlibdeps >/dev/null 2>&1; then
   missing+=(dpkg-dev)    # cargo-deb's automatic Depends (tests/debian_package.rs)

@@ -347,9 +347,47 @@ fn every_commented_example_in_the_shipped_config_parses_and_validates() {
     let all = all
         .replace("\"/etc/turnd/secret\"", &format!("\"{}\"", dir.join("secret").display()))
         .replace("\"/var/lib/turnd/admin-token\"", &format!("\"{}\"", dir.join("admin-token").display()));
+    let all = all.replace("\"/var/lib/turnd/acme\"", &format!("\"{}\"", dir.join("acme").display()));
     let outside: Vec<&str> = all.lines().filter(|l| !l.starts_with('#') && l.contains("/var/lib/turnd")).collect();
     assert!(outside.is_empty(), "the check would write outside its directory: {outside:?}");
+    // The certificate comes from files or from ACME, not both: the file
+    // validates with either alternative's lines.
+    let without = |skip: &dyn Fn(&str) -> bool| all.lines().filter(|l| !skip(l)).collect::<Vec<_>>().join("\n");
+    let files = without(&|l| l.starts_with("[tls.acme]") || ["names = ", "contact = ", "directory = ", "state_dir = ", "ca_root = "].iter().any(|k| l.starts_with(k)));
+    let acme = without(&|l| l.starts_with("cert = ") || l.starts_with("key = "));
+    assert_ne!(files, acme);
+    for (route, text) in [("certificate files", files), ("ACME", acme)] {
+        let (rc, err) = check_args(&text, &["--check-config", "--file-only"]);
+        assert_eq!(rc, 0, "{route}: {err}\n{text}");
+    }
     let (rc, err) = check_args(&all, &["--check-config", "--file-only"]);
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(rc, 0, "{err}\n{all}");
+    assert_eq!(rc, 2, "both routes at once are refused");
+    assert!(err.contains("tls.acme") && err.contains("not both") || err.contains("remove one of them"), "{err}");
+}
+
+#[test]
+fn tls_acme_is_checked_key_by_key() {
+    let base = "[auth]\nsecrets = [\"s3cret\"]\n[[listen]]\ntransport = \"tls\"\naddress = \"127.0.0.1:4443\"\n";
+    for (tls, key, says) in [
+        ("[tls]\ncert = \"c\"\nkey = \"k\"\n[tls.acme]\nnames = [\"turn.example.com\"]\n", "tls.acme", "remove one of them"),
+        ("[tls]\ncert = \"c\"\n", "tls.key", "missing"),
+        ("[tls]\n", "tls", "[tls.acme]"),
+        ("[tls.acme]\nnames = []\n", "tls.acme.names", "must list"),
+        ("[tls.acme]\nnames = [\"*.example.com\"]\n", "tls.acme.names", "DNS-01"),
+        ("[tls.acme]\nnames = [\"198.51.100.7\"]\n", "tls.acme.names", "an address"),
+        ("[tls.acme]\nnames = [\"turn\"]\n", "tls.acme.names", "not a DNS name"),
+        ("[tls.acme]\nnames = [\"turn.example.com\"]\ncontact = \"not-an-address\"\n", "tls.acme.contact", "not an email address"),
+        ("[tls.acme]\nnames = [\"turn.example.com\"]\ndirectory = \"http://ca.example/dir\"\n", "tls.acme.directory", "https://"),
+        ("[tls.acme]\nnames = [\"turn.example.com\"]\nstate_dir = \"acme\"\n", "tls.acme.state_dir", "absolute"),
+        ("[tls.acme]\nnames = [\"turn.example.com\"]\nrenew = true\n", "renew", "unknown field"),
+    ] {
+        let (rc, err) = check_args(&format!("{base}{tls}"), &["--check-config", "--file-only"]);
+        assert_eq!(rc, 2, "{tls}: {err}");
+        assert!(err.contains(key) && err.contains(says), "{tls}: expected {key}: {says}, got {err}");
+    }
+    // A good one, with Let's Encrypt staging by its short name.
+    let ok = format!("{base}[tls.acme]\nnames = [\"Turn.Example.com.\"]\ncontact = \"mailto:ops@example.com\"\ndirectory = \"letsencrypt-staging\"\nstate_dir = \"/tmp/acme-x\"\n");
+    let (rc, err) = check_args(&ok, &["--check-config", "--file-only"]);
+    assert_eq!(rc, 0, "{err}");
 }
