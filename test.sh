@@ -4,9 +4,10 @@
 # network-namespace test, chromium for the browser tests, pebble, curl and
 # libnss3-tools for the ACME test, squid for the
 # proxy-only network test, prosody and
-# docker-compose for the deploy tests, cargo-deb, dpkg-dev and binutils for
-# the Debian package test, a Python virtualenv with slixmpp and PyYAML in
-# .venv), then runs cargo test.
+# docker-compose for the deploy tests, prometheus for the promtool of the
+# alerting-rules test, cargo-deb, dpkg-dev and binutils for the Debian package
+# test, a Python virtualenv with slixmpp and PyYAML in .venv), then runs cargo
+# test.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -49,6 +50,9 @@ fi
 if ! command -v curl >/dev/null 2>&1; then
   missing+=(curl)        # Pebble's root and DNS management in tests/acme.rs
 fi
+if ! command -v promtool >/dev/null 2>&1; then
+  missing+=(prometheus)  # promtool: check and unit-test deploy/prometheus/turnd-rules.yaml (tests/alert_rules.rs)
+fi
 if ! command -v dpkg-shlibdeps >/dev/null 2>&1; then
   missing+=(dpkg-dev)    # cargo-deb's automatic Depends (tests/debian_package.rs)
 fi
@@ -76,6 +80,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   if [[ " ${missing[*]} " == *" prosody "* ]] && command -v systemctl >/dev/null 2>&1 &&
     systemctl is-active --quiet prosody 2>/dev/null; then
     need_root systemctl disable --now prosody >/dev/null 2>&1 || true
+  fi
+  # Only promtool is needed; the package also starts a Prometheus server, and
+  # the node exporter it recommends starts too.
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1; then
+    for unit in prometheus prometheus-node-exporter; do
+      if systemctl is-active --quiet "$unit" 2>/dev/null; then
+        need_root systemctl disable --now "$unit" >/dev/null 2>&1 || true
+      fi
+    done
   fi
 fi
 
@@ -107,14 +120,14 @@ cargo test --locked --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # The second pass leaves out what does not depend on the shard count or
 # repeats the first pass's proof at a browser's pace (browsers, packaging,
-# deploy files, prosody); every other test file runs again.
+# deploy files, alerting rules, prosody); every other test file runs again.
 if [ "$status" -eq 0 ]; then
   echo "test.sh: the suite again with one shard per turnd"
   targets=()
   for f in tests/*.rs; do
     name=$(basename "$f" .rs)
     case "$name" in
-      browser_chromium|browser_call|netns_udp_blocked|proxy_only|debian_package|deploy|prosody) ;;
+      browser_chromium|browser_call|netns_udp_blocked|proxy_only|debian_package|deploy|alert_rules|prosody) ;;
       *) targets+=(--test "$name") ;;
     esac
   done
