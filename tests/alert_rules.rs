@@ -10,11 +10,6 @@ use std::process::{Command, Output};
 const RULES: &str = "deploy/prometheus/turnd-rules.yaml";
 const RULE_TESTS: &str = "deploy/prometheus/turnd-rules.test.yaml";
 
-/// Metrics added with ACME support, which the rules use before src/metrics
-/// exports them: these alone may be missing there. Once exported they are
-/// checked like every other name.
-const ADDED_WITH_ACME: &[&str] = &["turnd_tls_certificate_expiry_timestamp_seconds", "turnd_acme_renewals_total", "turnd_ready"];
-
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -130,13 +125,7 @@ fn rules_use_only_metrics_turnd_exports() {
     let source = metrics_source();
     let used = metric_names(&rules);
     assert!(used.len() >= 10, "too few metric names found in {RULES}: {used:?}");
-    for n in ADDED_WITH_ACME {
-        assert!(used.contains(*n), "{n} is allowed to be missing from src/metrics but {RULES} does not use it: drop it from ADDED_WITH_ACME");
-    }
     let exported = |n: &str| source.contains(&format!("\"{n}\""));
-    let unknown: Vec<_> = used.union(&metric_names(&tests)).filter(|n| !exported(n) && !ADDED_WITH_ACME.contains(&n.as_str())).cloned().collect();
+    let unknown: Vec<_> = used.union(&metric_names(&tests)).filter(|n| !exported(n)).cloned().collect();
     assert!(unknown.is_empty(), "{RULES} or its tests use metrics that src/metrics does not export: {unknown:?}");
-    for n in ADDED_WITH_ACME.iter().filter(|n| !exported(n)) {
-        eprintln!("note: {n} is not exported yet (allowed: added with ACME)");
-    }
 }
