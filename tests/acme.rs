@@ -207,10 +207,15 @@ fn turnd(p: &Pebble, tls_port: u16, state: &Path, extra: &str) -> Turnd {
 /// The SHA-256 fingerprint of the certificate served for `NAME` on
 /// `tls_port`, after openssl verified it against `root` for that name.
 fn verified_fingerprint(tls_port: u16, root: &Path) -> Result<String, String> {
+    verified_fingerprint_for(NAME, tls_port, root)
+}
+
+/// [`verified_fingerprint`] for another name.
+fn verified_fingerprint_for(name: &str, tls_port: u16, root: &Path) -> Result<String, String> {
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "timeout 10 openssl s_client -connect 127.0.0.1:{tls_port} -servername {NAME} -verify_hostname {NAME} -CAfile {} -verify_return_error -alpn stun.turn </dev/null 2>&1 > out.txt; \
+            "timeout 10 openssl s_client -connect 127.0.0.1:{tls_port} -servername {name} -verify_hostname {name} -CAfile {} -verify_return_error -alpn stun.turn </dev/null 2>&1 > out.txt; \
              st=$?; cat out.txt; exit $st",
             root.display()
         ))
@@ -505,5 +510,22 @@ fn sni_routing_keeps_acme_tls_alpn_for_its_owner() {
     assert_eq!(hello.first(), Some(&0x16), "a TLS record reached the backend");
     let has = |needle: &[u8]| hello.windows(needle.len()).any(|w| w == needle);
     assert!(has(b"web.acme.test") && has(b"acme-tls/1"), "the backend got the ClientHello as sent");
+
+    // A reload that adds a name: a new order for both, validated through
+    // the router again (the new name is a TURN name now), served for both.
+    let cfg = std::fs::read_to_string(&server.config).unwrap().replace(&format!("names = [\"{NAME}\"]"), &format!("names = [\"{NAME}\", \"relay.acme.test\"]"));
+    std::fs::write(&server.config, cfg).unwrap();
+    let (rc, out) = common::turnctl_reload(&server);
+    assert_eq!(rc, 0, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fp = loop {
+        match verified_fingerprint_for("relay.acme.test", tls_port, &pebble.root) {
+            Ok(fp) => break fp,
+            Err(e) => assert!(Instant::now() < deadline, "relay.acme.test never served a valid certificate: {e}\n{}", server.log()),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(verified_fingerprint(tls_port, &pebble.root).unwrap(), fp, "one certificate for both names");
+    assert!(server.log().contains("ACME settings changed"), "{}", server.log());
     let _ = std::fs::remove_dir_all(&state);
 }

@@ -57,6 +57,23 @@ fn sighup_swaps_the_certificate_without_dropping_traffic() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 
+    // The served file certificate's expiry, as openssl reads it, is a metric
+    // and in turnctl status, as for ACME.
+    let end = Command::new("openssl").args(["x509", "-noout", "-enddate", "-dateopt", "iso_8601", "-in"]).arg(server.dir.join("cert.pem")).output().unwrap();
+    let end = String::from_utf8_lossy(&end.stdout).trim().trim_start_matches("notAfter=").to_owned();
+    let epoch = Command::new("date").args(["-u", "-d", &end, "+%s"]).output().unwrap();
+    let epoch: f64 = String::from_utf8_lossy(&epoch.stdout).trim().parse().unwrap_or_else(|_| panic!("openssl's end date {end:?}"));
+    assert_eq!(server.metric("turnd_tls_certificate_expiry_timestamp_seconds"), epoch);
+    let st = Command::new(env!("CARGO_BIN_EXE_turnctl"))
+        .args(["status", "--json", "--admin", &format!("127.0.0.1:{}", server.metrics_port), "--token-file"])
+        .arg(server.dir.join("admin-token"))
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["tls"]["source"], "files");
+    assert_eq!(st["tls"]["not_after"].as_f64(), Some(epoch));
+    assert_eq!(st["tls"]["names"], serde_json::json!(["127.0.0.1", "localhost"]));
+
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
