@@ -15,12 +15,13 @@ pub fn renew_at(not_before: i64, not_after: i64, window: Option<(i64, i64)>, jit
     not_before + life * 2 / 3 - ((life / 20) as f64 * jitter) as i64
 }
 
-/// How long to wait after the `failures`-th failed attempt in a row: one
-/// minute, doubling up to an hour, but at most a quarter of what is left of
+/// How long to wait after the `failures`-th failed attempt in a row: five
+/// minutes, doubling up to an hour (Let's Encrypt allows five failed
+/// validations per name and hour; this makes four in the first), but at most a quarter of what is left of
 /// the current certificate (`remaining`, seconds; none at all: the full
 /// backoff), and never less than five seconds.
 pub fn retry_in(failures: u32, remaining: Option<i64>) -> i64 {
-    let backoff = 60i64.saturating_mul(1 << failures.saturating_sub(1).min(6)).min(3600);
+    let backoff = 300i64.saturating_mul(1 << failures.saturating_sub(1).min(4)).min(3600);
     let cap = remaining.map_or(backoff, |r| r / 4);
     backoff.min(cap).max(5)
 }
@@ -53,12 +54,21 @@ mod tests {
 
     #[test]
     fn retries_back_off_within_what_is_left() {
-        assert_eq!(retry_in(1, None), 60);
-        assert_eq!(retry_in(2, None), 120);
-        assert_eq!(retry_in(3, None), 240);
-        assert_eq!(retry_in(7, None), 3600);
+        assert_eq!(retry_in(1, None), 300);
+        assert_eq!(retry_in(2, None), 600);
+        assert_eq!(retry_in(3, None), 1200);
+        assert_eq!(retry_in(4, None), 2400);
+        assert_eq!(retry_in(5, None), 3600);
         assert_eq!(retry_in(40, None), 3600);
         assert_eq!(retry_in(5, Some(400)), 100, "a quarter of what is left");
+        // Failed validations in the first hour, attempt at 0 included.
+        let mut t = 0;
+        let mut n = 1;
+        while t + retry_in(n, None) < 3600 {
+            t += retry_in(n, None);
+            n += 1;
+        }
+        assert_eq!(n, 4);
         assert_eq!(retry_in(5, Some(8)), 5, "never under five seconds");
         assert_eq!(retry_in(1, Some(-100)), 5, "expired");
     }
