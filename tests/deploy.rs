@@ -227,6 +227,76 @@ fn setup_keeps_the_secret_rotates_it_on_request_and_refuses_two_secrets() {
     assert_eq!(other.secret(), "cd".repeat(32));
 }
 
+/// Copies `files` (relative to deploy/, a directory whole) from `from` into a
+/// fresh copy of deploy/, as an operator copies part of a set-up checkout.
+fn partial_copy(from: &Site, name: &str, files: &[&str]) -> Site {
+    let to = Site::new(name);
+    for f in files {
+        let out = Command::new("cp").arg("-a").arg(from.path(f)).arg(to.path(f)).output().unwrap();
+        assert!(out.status.success(), "cp deploy/{f}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    to
+}
+
+/// Re-runs on copies that hold part of a set-up site (the relay's files, the
+/// Jitsi .env, only the answers) keep what the first run generated: the
+/// shared secret and the internal XMPP passwords, of which no second version
+/// is made anywhere.
+#[test]
+fn a_rerun_on_a_partial_copy_keeps_the_secret_and_the_internal_passwords() {
+    let site = Site::set_up("deploy-partial");
+    let secret = site.secret();
+    let env = site.jitsi_env();
+    let passwords = |e: &BTreeMap<String, String>| (e["JICOFO_AUTH_PASSWORD"].clone(), e["JVB_AUTH_PASSWORD"].clone());
+
+    // The relay's copy (deploy/README.md, step 4): turn/etc and site.env.
+    let relay = partial_copy(&site, "deploy-partial-relay", &["site.env", "turn/etc"]);
+    let text = deploy::ok(&deploy::setup(&relay.deploy, &[]));
+    assert!(
+        !relay.path("jitsi/.env").exists(),
+        "a re-run on the relay's copy wrote a jitsi/.env (internal passwords {:?}, the site's are {:?}):\n{text}",
+        passwords(&relay.jitsi_env()),
+        passwords(&env)
+    );
+    for f in ["jitsi/prosody-external-services.cfg.lua", "jitsi/config"] {
+        assert!(!relay.path(f).exists(), "a re-run on the relay's copy wrote deploy/{f}:\n{text}");
+    }
+    assert!(text.contains("Left out the Jitsi side"), "it says what it left out:\n{text}");
+    assert_eq!(relay.secret(), secret);
+    for f in ["turn/etc/secret", "turn/etc/turnd.toml"] {
+        assert_eq!(relay.read(f), site.read(f), "deploy/{f} on the relay's copy");
+    }
+    let before = snapshot(&relay.deploy);
+    deploy::ok(&deploy::setup(&relay.deploy, &[]));
+    assert_same(&before, &snapshot(&relay.deploy), "second re-run on the relay's copy");
+    // Rotating there would leave prosody signing with the old secret: refused, nothing written.
+    let out = deploy::setup(&relay.deploy, &["--rotate-secret"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--rotate-secret"), "rotation without jitsi/.env");
+    assert_same(&before, &snapshot(&relay.deploy), "refused rotation on the relay's copy");
+
+    // The Jitsi side's copy: site.env and jitsi/.env. Both passwords and the secret are kept.
+    let jitsi = partial_copy(&site, "deploy-partial-jitsi", &["site.env", "jitsi/.env"]);
+    deploy::ok(&deploy::setup(&jitsi.deploy, &[]));
+    assert_eq!(jitsi.read("jitsi/.env"), site.read("jitsi/.env"), "jitsi/.env changed on a re-run of the Jitsi side's copy");
+    assert_eq!(jitsi.secret(), secret);
+
+    // A .env that lost one password gets only that one new; the other stays.
+    let edited: String = site.read("jitsi/.env").lines().filter(|l| !l.starts_with("JVB_AUTH_PASSWORD=")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(jitsi.path("jitsi/.env"), edited).unwrap();
+    deploy::ok(&deploy::setup(&jitsi.deploy, &[]));
+    let (jicofo, jvb) = passwords(&jitsi.jitsi_env());
+    assert_eq!(jicofo, env["JICOFO_AUTH_PASSWORD"], "JICOFO_AUTH_PASSWORD was there and must stay");
+    assert!(jvb.len() >= 32 && jvb != env["JVB_AUTH_PASSWORD"], "the missing JVB_AUTH_PASSWORD is generated");
+
+    // Only the answers: no secret to keep, and a new one would match nothing.
+    let bare = partial_copy(&site, "deploy-partial-bare", &["site.env"]);
+    let before = snapshot(&bare.deploy);
+    let out = deploy::setup(&bare.deploy, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("set up before") && err.contains("delete"), "a copy with no secret: {err}");
+    assert_same(&before, &snapshot(&bare.deploy), "refused run on a copy with only site.env");
+}
+
 #[test]
 fn setup_generates_the_secret_with_openssl_when_turnctl_is_not_built() {
     let site = Site::new("deploy-openssl");
