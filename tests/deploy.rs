@@ -699,6 +699,27 @@ fn docs_name_the_pinned_release_the_tools_and_the_systemd_route() {
     }
     let turn_readme = read("deploy/turn/README.md");
     assert!(turn_readme.contains("deploy/systemd/turnd.service"), "deploy/turn/README.md must point to the systemd unit");
+    // The systemd route lists every step itself, in order, with the config
+    // setup.sh wrote; the example config, which would replace it (and its
+    // secret), is not one of them.
+    let route = turn_readme.split("## The systemd route").nth(1).expect("a systemd route section");
+    let block = route.split("```sh").nth(1).and_then(|b| b.split("```").next()).expect("its commands");
+    let mut at = 0;
+    for step in [
+        "cargo build --release",
+        "install -m 0755 target/release/turnd target/release/turnctl /usr/local/bin/",
+        "install -m 0644 deploy/systemd/turnd.service /etc/systemd/system/",
+        "groupadd --system ssl-cert",
+        "install -d -m 0750 -g ssl-cert /etc/turnd",
+        "install -m 0640 -g ssl-cert deploy/turn/etc/turnd.toml deploy/turn/etc/secret /etc/turnd/",
+        "--deploy-hook",
+        "turnd --config /etc/turnd/turnd.toml --check-config",
+        "systemctl daemon-reload && systemctl enable --now turnd",
+    ] {
+        let i = block[at..].find(step).unwrap_or_else(|| panic!("the systemd route lacks {step:?} (in order):\n{block}"));
+        at += i + step.len();
+    }
+    assert!(!block.contains("config/turnd.toml"), "the systemd route installs the example config over setup.sh's:\n{block}");
     assert!(repo.join("deploy/systemd/turnd.service").is_file());
     for script in ["deploy/setup.sh", "deploy/turn/ufw.sh", "deploy/jitsi/ufw.sh", "deploy/jitsi/external-services.sh", "deploy/turn/certbot-deploy-hook.sh"] {
         let m = std::fs::metadata(repo.join(script)).unwrap();
