@@ -376,9 +376,11 @@ fi
 if [ "$rotate" -eq 1 ]; then
   echo "New shared secret. 1. Copy deploy/turn/etc/secret to every relay (run setup.sh there again"
   echo "as root, or chgrp $TURND_GID it) and reload them: they now accept the new and the old one."
-  echo "2. Then copy deploy/jitsi/.env to the Jitsi VPS and run docker compose up -d prosody there."
-  echo "3. After TURN_TTL seconds, delete the old secret (second line of the relays' secret file)"
-  echo "and reload the relays."
+  echo "2. Then copy deploy/jitsi/.env to the Jitsi VPS and run docker compose up -d prosody there,"
+  echo "between meetings: restarting prosody interrupts every meeting in progress (the relays accept"
+  echo "both secrets meanwhile, so this can wait)."
+  echo "3. TURN_TTL seconds after that restart, delete the old secret (second line of the relays'"
+  echo "secret file) and reload the relays."
 fi
 if [ "$(id -u)" -ne 0 ]; then
   echo

@@ -729,6 +729,24 @@ fn docs_name_the_pinned_release_the_tools_and_the_systemd_route() {
     }
 }
 
+/// Wherever the deploy docs (and setup.sh's closing words) tell the operator
+/// to restart prosody, they say that it interrupts the meetings in progress.
+#[test]
+fn docs_say_that_restarting_prosody_interrupts_meetings() {
+    let repo = deploy::repo();
+    for doc in ["deploy/README.md", "deploy/turn/README.md", "deploy/setup.sh"] {
+        let text = std::fs::read_to_string(repo.join(doc)).unwrap();
+        // A paragraph, or one row of a table (or one echo block of the script).
+        let units = text.split("\n\n").flat_map(|p| if p.starts_with('|') { p.lines().collect() } else { vec![p] });
+        let mut seen = 0;
+        for unit in units.filter(|u| u.contains("up -d prosody")) {
+            seen += 1;
+            assert!(unit.contains("interrupts") && unit.contains("meeting"), "{doc}: a prosody restart without its cost:\n{unit}");
+        }
+        assert!(seen > 0, "{doc} no longer restarts prosody anywhere: update this test");
+    }
+}
+
 /// The container's user and group (deploy/turn/Dockerfile, compose.yaml).
 const CONTAINER_ID: u32 = 65532;
 
