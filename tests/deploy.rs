@@ -548,6 +548,14 @@ fn compose_files_parse_and_wire_the_relay_into_prosody() {
         "/etc/turnd comes from deploy/turn/etc: {etc}"
     );
     assert!(etc.ends_with(":ro"));
+    // turnd's state: a named volume at /var/lib/turnd, writable (the root
+    // file system is read-only), declared at the top level.
+    let state = volumes.iter().find(|v| v.split(':').nth(1) == Some("/var/lib/turnd")).expect("a volume at /var/lib/turnd");
+    let source = state.split(':').next().unwrap();
+    assert!(!state.ends_with(":ro"), "/var/lib/turnd must be writable: {state}");
+    assert!(!source.starts_with('/') && !source.starts_with('.'), "a named volume (filled from the image, owner included): {state}");
+    let raw_turn = deploy::yaml_to_json(&deploy::repo().join("deploy/turn/compose.yaml")).remove(0);
+    assert!(raw_turn["volumes"].get(source).is_some(), "volume {source} is not declared: {raw_turn}");
     let context = t["build"]["context"].as_str().unwrap();
     let context = if Path::new(context).is_absolute() { PathBuf::from(context) } else { site.path("turn").join(context) };
     let dockerfile = t["build"]["dockerfile"].as_str().unwrap();
@@ -559,6 +567,13 @@ fn compose_files_parse_and_wire_the_relay_into_prosody() {
     let df = site.read("turn/Dockerfile");
     assert_eq!(df.lines().filter(|l| l.starts_with("FROM ")).count(), 2, "multi-stage Dockerfile");
     assert!(df.contains("USER 65532:65532") && df.contains("distroless") && df.contains("setcap cap_net_bind_service"));
+    // The image's state directory: the container user's, 0700, where turnd looks.
+    assert!(df.lines().any(|l| l == "ENV STATE_DIRECTORY=/var/lib/turnd"), "STATE_DIRECTORY in the image");
+    assert!(df.contains("install -d -m 0700 /out/var/lib/turnd"), "the state directory is made 0700 in the build stage");
+    // Copied as a directory (the contents of its parent), so that it keeps
+    // its mode and takes the owner: a directory whose contents are copied is
+    // created 0755.
+    assert!(df.lines().any(|l| l == "COPY --from=build --chown=65532:65532 /out/var/lib/ /var/lib/"), "owned by the container user");
     assert!(site.read("turn/Dockerfile.dockerignore").lines().any(|l| l.trim() == "*"), "the build context is filtered");
 
     // The Jitsi stack.
