@@ -331,7 +331,6 @@ for k in "${answers[@]}"; do
   if [ "$k" = TURN_HOSTS ] && [ "$v" = "${val[TURN_DOMAIN]}" ]; then v=; fi
   site_text+="$k=$v"$'\n'
 done
-put "$site" 0644 "$site_text"
 
 # The relay: readable by the container's group when set up as root. A copy
 # made with scp or rsync (without numeric owners) loses that group; running
@@ -360,6 +359,9 @@ if [ "$jitsi_side" -eq 1 ]; then
   done
   make_dir "$jitsi_dir/config" 0755 "$JITSI_UID:$JITSI_UID"
 fi
+# The answers last: a first run cut short leaves no site.env, so the next run
+# is a first run again and writes what is missing (keeping a secret written).
+put "$site" 0644 "$site_text"
 
 # --- report --------------------------------------------------------------
 if [ "${#changed[@]}" -gt 0 ]; then
