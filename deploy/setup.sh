@@ -28,6 +28,14 @@
 # TURN_CREDENTIALS in deploy/jitsi/.env is reused, and the two must agree.
 # --rotate-secret puts a new secret first in the relay's file and keeps the old
 # one on the next line, so credentials already handed out stay valid.
+#
+# Once deploy/site.env exists (the site was set up), a run generates no new
+# secret: on a copy holding only part of deploy/ it writes what follows from
+# the files there and leaves the rest out. A copy without deploy/jitsi/.env
+# (the relay's: turn/etc and site.env) gets no Jitsi side, since a new .env
+# would carry other internal XMPP passwords than the Jitsi VPS uses; a copy
+# with neither the relay's secret nor jitsi/.env is refused. Within an
+# existing jitsi/.env, only missing internal passwords are generated.
 set -euo pipefail
 shopt -u patsub_replacement 2>/dev/null || true
 
@@ -115,6 +123,14 @@ turn_dir="$here/turn"
 jitsi_dir="$here/jitsi"
 secret_file="$turn_dir/etc/secret"
 jitsi_env="$jitsi_dir/.env"
+
+# Set up before (the answers are saved), perhaps on another machine: this run
+# keeps what that one generated and makes no second version of it.
+rerun=0
+[ -f "$site" ] && rerun=1
+# The Jitsi side is written on a first run, or where its .env is.
+jitsi_side=1
+[ "$rerun" -eq 1 ] && [ ! -f "$jitsi_env" ] && jitsi_side=0
 
 # --- answers -------------------------------------------------------------
 declare -A val=()
@@ -271,8 +287,17 @@ TURN_CREDENTIALS line), and run setup.sh again."
   fi
 elif [ -n "$env_secret" ]; then
   secret=$env_secret
+elif [ "$rerun" -eq 1 ]; then
+  die "$site shows this site was set up before, but this copy holds neither its shared secret
+($secret_file) nor $jitsi_env. A new secret here would not match the one the relay and prosody
+use. Copy deploy/turn/etc/secret (or deploy/jitsi/.env) from the machine where you first ran
+setup.sh and run it again; for a new site, delete $site first."
 else
   secret=$(gen_secret)
+fi
+if [ "$rotate" -eq 1 ] && [ "$jitsi_side" -eq 0 ]; then
+  die "--rotate-secret: $jitsi_env is not in this copy, so prosody would not get the new secret.
+Rotate on the machine where you first ran setup.sh, which holds both sides."
 fi
 for s in "$secret" "${file_secrets[@]}"; do
   secret_ok "$s" || die "the shared secret must be 16-256 characters from A-Z a-z 0-9 . _ ~ + / = -"
@@ -306,7 +331,6 @@ for k in "${answers[@]}"; do
   if [ "$k" = TURN_HOSTS ] && [ "$v" = "${val[TURN_DOMAIN]}" ]; then v=; fi
   site_text+="$k=$v"$'\n'
 done
-put "$site" 0644 "$site_text"
 
 # The relay: readable by the container's group when set up as root. A copy
 # made with scp or rsync (without numeric owners) loses that group; running
@@ -324,15 +348,20 @@ text=$(render "$turn_dir/env.template")
 put "$turn_dir/.env" 0644 "$text"$'\n'
 
 # Jitsi.
-text=$(render "$jitsi_dir/env.template")
-put "$jitsi_env" 0600 "$text"$'\n'
-text=$("$jitsi_dir/external-services.sh" "$jitsi_env")
-put "$jitsi_dir/prosody-external-services.cfg.lua" 0600 "$text"$'\n'
-for d in web storage/web storage/transcripts storage/prosody tmp/web-load-test \
-  prosody/config prosody/prosody-plugins-custom jicofo jvb; do
-  make_dir "$jitsi_dir/config/$d" 0755 "$JITSI_UID:$JITSI_UID"
-done
-make_dir "$jitsi_dir/config" 0755 "$JITSI_UID:$JITSI_UID"
+if [ "$jitsi_side" -eq 1 ]; then
+  text=$(render "$jitsi_dir/env.template")
+  put "$jitsi_env" 0600 "$text"$'\n'
+  text=$("$jitsi_dir/external-services.sh" "$jitsi_env")
+  put "$jitsi_dir/prosody-external-services.cfg.lua" 0600 "$text"$'\n'
+  for d in web storage/web storage/transcripts storage/prosody tmp/web-load-test \
+    prosody/config prosody/prosody-plugins-custom jicofo jvb; do
+    make_dir "$jitsi_dir/config/$d" 0755 "$JITSI_UID:$JITSI_UID"
+  done
+  make_dir "$jitsi_dir/config" 0755 "$JITSI_UID:$JITSI_UID"
+fi
+# The answers last: a first run cut short leaves no site.env, so the next run
+# is a first run again and writes what is missing (keeping a secret written).
+put "$site" 0644 "$site_text"
 
 # --- report --------------------------------------------------------------
 if [ "${#changed[@]}" -gt 0 ]; then
@@ -341,12 +370,19 @@ if [ "${#changed[@]}" -gt 0 ]; then
 else
   echo "Nothing changed: every file already matches these answers."
 fi
+if [ "$jitsi_side" -eq 0 ]; then
+  echo "Left out the Jitsi side: deploy/jitsi/.env is not in this copy. Its internal XMPP passwords"
+  echo "are where setup.sh first wrote it and on the Jitsi VPS; a new one here would not match them."
+  echo "To manage the Jitsi side from here, copy that .env into deploy/jitsi/ and run setup.sh again."
+fi
 if [ "$rotate" -eq 1 ]; then
   echo "New shared secret. 1. Copy deploy/turn/etc/secret to every relay (run setup.sh there again"
   echo "as root, or chgrp $TURND_GID it) and reload them: they now accept the new and the old one."
-  echo "2. Then copy deploy/jitsi/.env to the Jitsi VPS and run docker compose up -d prosody there."
-  echo "3. After TURN_TTL seconds, delete the old secret (second line of the relays' secret file)"
-  echo "and reload the relays."
+  echo "2. Then copy deploy/jitsi/.env to the Jitsi VPS and run docker compose up -d prosody there,"
+  echo "between meetings: restarting prosody interrupts every meeting in progress (the relays accept"
+  echo "both secrets meanwhile, so this can wait)."
+  echo "3. TURN_TTL seconds after that restart, delete the old secret (second line of the relays'"
+  echo "secret file) and reload the relays."
 fi
 if [ "$(id -u)" -ne 0 ]; then
   echo

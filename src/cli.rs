@@ -50,7 +50,8 @@ pub mod turnd {
         #[arg(long)]
         pub check_config: bool,
         /// With --check-config: check the file alone, for a file meant for another host
-        /// (no certificate, address or port checks).
+        /// (no certificate, address or port checks; the secret and admin token files it names
+        /// are neither read nor created).
         #[arg(long, requires = "check_config")]
         pub file_only: bool,
     }

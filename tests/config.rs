@@ -150,6 +150,52 @@ fn an_empty_file_is_noted() {
     assert!(err.contains("is empty: running on the defaults"), "{err}");
 }
 
+/// A file meant for another host names that host's files: --file-only reads
+/// none of them (a secret file that is not here, the admin token) and creates
+/// nothing in the state directory.
+#[test]
+fn file_only_reads_and_creates_no_file_the_config_names() {
+    let dir = common::temp_dir("config-file-only");
+    let state = dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let missing = dir.join("not-on-this-host");
+    let run = |toml: &str| {
+        let p = dir.join("turnd.toml");
+        std::fs::write(&p, toml).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_turnd"))
+            .arg("--config")
+            .arg(&p)
+            .args(["--check-config", "--file-only"])
+            .env("STATE_DIRECTORY", &state)
+            .output()
+            .unwrap()
+    };
+    // The other host's secret file and admin token (metrics on by default).
+    let toml = format!(
+        "[auth]\nsecret_file = \"{}/secret\"\n[admin]\ntoken_file = \"{}/admin-token\"\n",
+        missing.display(),
+        missing.display()
+    );
+    let out = run(&toml);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("configuration ok"), "--file-only read a file the config names: {err}");
+    // No secret and no token configured: nothing generated here either.
+    let out = run("[[listen]]\ntransport = \"udp\"\naddress = \"0.0.0.0:3478\"\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let made: Vec<_> = std::fs::read_dir(&state).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(made.is_empty(), "--file-only created {made:?} in the state directory");
+    assert!(!missing.exists());
+    // The file itself is still checked.
+    let out = run(&format!("{toml}[relay]\nports = \"70000-1\"\n"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("relay.ports"));
+    // Without --file-only the check reads them, and names the key.
+    let (rc, err) = check(&toml);
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("auth.secret_file") && err.contains("not-on-this-host"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn addresses_must_be_on_this_host_and_ports_free() {
     // 198.18.0.0/15 is on no interface here.

@@ -2,8 +2,10 @@
 //! the binaries this test run built (no second, release build), dpkg installs it
 //! on this machine, the files, the conffile, the user and the state directory
 //! are where they belong, the installed turnd accepts the installed config and
-//! answers a STUN Binding on loopback as the turnd user, and `dpkg --purge`
-//! leaves nothing behind.
+//! answers a STUN Binding on loopback as the turnd user, the documented check
+//! passes as that user with a TLS listener on 443 (which only the service's
+//! capability may bind; a start without it fails), and `dpkg --purge` leaves
+//! nothing behind.
 //!
 //! A second test installs over the state turnd leaves when run as root before
 //! the package (/var/lib/turnd/secret owned by root, mode 0600): postinst says
@@ -189,7 +191,8 @@ fn documented_check() -> Output {
 }
 
 /// Runs the documented check and asserts it passes; `when` names the moment.
-fn assert_documented_check_passes(when: &str) {
+/// Its warnings (stderr).
+fn assert_documented_check_passes(when: &str) -> String {
     let out = documented_check();
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("configuration ok"),
@@ -198,6 +201,7 @@ fn assert_documented_check_passes(when: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn turnd_ids() -> (u32, u32) {
@@ -347,8 +351,20 @@ fn package_builds_installs_runs_and_purges_cleanly() {
     assert!(uid < 1000, "a system user: {pw}");
     assert_eq!(fields[5], "/var/lib/turnd");
     assert!(fields[6].ends_with("nologin"), "no login shell: {pw}");
-    let state = std::fs::metadata("/var/lib/turnd").unwrap();
-    assert_eq!((state.uid(), state.mode() & 0o777), (uid, 0o700), "/var/lib/turnd");
+    let gid: u32 = fields[3].parse().unwrap();
+    assert_eq!(owner_mode(STATE), (uid, gid, 0o700), "{STATE}");
+    // turnd writes its state there, under the unit's sandbox too: ProtectSystem=strict
+    // leaves StateDirectory= writable, and nothing in the unit takes that back.
+    for line in ["StateDirectory=turnd", "StateDirectoryMode=0700", "ProtectSystem=strict"] {
+        assert!(unit.lines().any(|l| l == line), "the installed unit lacks {line:?}:\n{unit}");
+    }
+    for l in unit.lines().filter(|l| l.starts_with("ReadOnlyPaths=") || l.starts_with("InaccessiblePaths=")) {
+        assert!(!l.contains("/var/lib"), "the unit takes the state directory back: {l}");
+    }
+    let sub = format!("{STATE}/written-by-turnd");
+    run(Command::new("setpriv").args(["--reuid=turnd", "--regid=turnd", "--init-groups", "--", "mkdir", &sub]));
+    assert_eq!(owner_mode(&sub).0, uid, "the turnd user makes directories in {STATE}");
+    std::fs::remove_dir(&sub).unwrap();
 
     // The installed turnd, as the turnd user (as the unit runs it), accepts
     // the installed config.
@@ -366,6 +382,7 @@ fn package_builds_installs_runs_and_purges_cleanly() {
         let m = std::fs::metadata(f).unwrap_or_else(|e| panic!("{f} after the check: {e}"));
         assert_eq!(m.uid(), uid, "{f} belongs to turnd, so the service can read it");
     }
+    tls_on_443_passes_the_documented_check(&dir, &conf, gid, &as_turnd);
 
     // A real start: the installed config with its listeners and metrics moved
     // to free loopback ports (other tests run beside this one).
@@ -408,6 +425,68 @@ fn package_builds_installs_runs_and_purges_cleanly() {
     // Purge: nothing of the package, its user or its state is left.
     purge_leaves_nothing(&files);
     eprintln!("package built in {built:?}; whole test {:?}", started.elapsed());
+}
+
+/// The installed config with a TLS listener on 443, as a relay serves
+/// `turns:`, and a self-signed certificate in `dir` that the turnd user can
+/// read. The documented check runs as turnd without the CAP_NET_BIND_SERVICE
+/// the unit grants: it passes and says why it did not bind 443. With that
+/// capability, as the service runs, it binds 443 and has nothing to say of
+/// it. A start without the capability fails with the reason.
+fn tls_on_443_passes_the_documented_check(dir: &Path, conf: &str, gid: u32, as_turnd: &dyn Fn(&mut Command) -> Command) {
+    let free = std::net::TcpListener::bind("127.0.0.1:443");
+    assert!(free.is_ok(), "TCP 127.0.0.1:443 is busy on this machine ({:?}): this test needs it free", free.err());
+    drop(free);
+    let tls = dir.join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    std::fs::set_permissions(&tls, PermissionsExt::from_mode(0o750)).unwrap();
+    std::os::unix::fs::chown(&tls, Some(0), Some(gid)).unwrap();
+    let (cert, key) = (tls.join("fullchain.pem"), tls.join("privkey.pem"));
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "90"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args(["-subj", "/CN=turn.example.com", "-addext", "subjectAltName=DNS:turn.example.com"]));
+    for (f, mode) in [(&cert, 0o644), (&key, 0o640)] {
+        std::fs::set_permissions(f, PermissionsExt::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(f, Some(0), Some(gid)).unwrap();
+    }
+    let mut cfg: toml::Table = conf.parse().unwrap();
+    let mut listener = toml::Table::new();
+    listener.insert("transport".into(), "tls".into());
+    listener.insert("address".into(), "127.0.0.1:443".into());
+    cfg.get_mut("listen").and_then(|l| l.as_array_mut()).expect("[[listen]] entries").push(listener.into());
+    let mut section = toml::Table::new();
+    section.insert("cert".into(), cert.display().to_string().into());
+    section.insert("key".into(), key.display().to_string().into());
+    cfg.insert("tls".into(), section.into());
+    std::fs::write("/etc/turnd/turnd.toml", toml::to_string(&cfg).unwrap()).unwrap();
+
+    let said = assert_documented_check_passes("with TLS on 443");
+    let i = cfg["listen"].as_array().unwrap().len() - 1;
+    assert!(
+        said.contains(&format!("warning: listen[{i}].address: TCP 127.0.0.1:443: ports below 1024 need root or CAP_NET_BIND_SERVICE"))
+            && said.contains("turnd's systemd unit and container grant CAP_NET_BIND_SERVICE; a start without it fails"),
+        "the documented check says why it did not bind 443:\n{said}"
+    );
+    // The check as the unit runs turnd: with CAP_NET_BIND_SERVICE (ambient).
+    let out = run(Command::new("timeout").args([
+        "30", "setpriv", "--reuid=turnd", "--regid=turnd", "--init-groups",
+        "--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service",
+        "--", "/usr/bin/turnd", "--config", "/etc/turnd/turnd.toml", "--check-config",
+    ]).env("STATE_DIRECTORY", STATE));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok") && !err.contains(":443"), "with the unit's capability:\n{err}");
+    // A start without it binds nothing and says why.
+    let out = as_turnd(Command::new("timeout").args(["30", "/usr/bin/turnd", "--config", "/etc/turnd/turnd.toml"])).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a start as turnd without CAP_NET_BIND_SERVICE:\n{err}");
+    assert!(
+        err.contains(&format!("configuration error: listen[{i}].address: TCP 127.0.0.1:443: ports below 1024 need root or CAP_NET_BIND_SERVICE")),
+        "{err}"
+    );
 }
 
 fn common_have(cmd: &str) -> bool {

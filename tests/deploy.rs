@@ -227,6 +227,76 @@ fn setup_keeps_the_secret_rotates_it_on_request_and_refuses_two_secrets() {
     assert_eq!(other.secret(), "cd".repeat(32));
 }
 
+/// Copies `files` (relative to deploy/, a directory whole) from `from` into a
+/// fresh copy of deploy/, as an operator copies part of a set-up checkout.
+fn partial_copy(from: &Site, name: &str, files: &[&str]) -> Site {
+    let to = Site::new(name);
+    for f in files {
+        let out = Command::new("cp").arg("-a").arg(from.path(f)).arg(to.path(f)).output().unwrap();
+        assert!(out.status.success(), "cp deploy/{f}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    to
+}
+
+/// Re-runs on copies that hold part of a set-up site (the relay's files, the
+/// Jitsi .env, only the answers) keep what the first run generated: the
+/// shared secret and the internal XMPP passwords, of which no second version
+/// is made anywhere.
+#[test]
+fn a_rerun_on_a_partial_copy_keeps_the_secret_and_the_internal_passwords() {
+    let site = Site::set_up("deploy-partial");
+    let secret = site.secret();
+    let env = site.jitsi_env();
+    let passwords = |e: &BTreeMap<String, String>| (e["JICOFO_AUTH_PASSWORD"].clone(), e["JVB_AUTH_PASSWORD"].clone());
+
+    // The relay's copy (deploy/README.md, step 4): turn/etc and site.env.
+    let relay = partial_copy(&site, "deploy-partial-relay", &["site.env", "turn/etc"]);
+    let text = deploy::ok(&deploy::setup(&relay.deploy, &[]));
+    assert!(
+        !relay.path("jitsi/.env").exists(),
+        "a re-run on the relay's copy wrote a jitsi/.env (internal passwords {:?}, the site's are {:?}):\n{text}",
+        passwords(&relay.jitsi_env()),
+        passwords(&env)
+    );
+    for f in ["jitsi/prosody-external-services.cfg.lua", "jitsi/config"] {
+        assert!(!relay.path(f).exists(), "a re-run on the relay's copy wrote deploy/{f}:\n{text}");
+    }
+    assert!(text.contains("Left out the Jitsi side"), "it says what it left out:\n{text}");
+    assert_eq!(relay.secret(), secret);
+    for f in ["turn/etc/secret", "turn/etc/turnd.toml"] {
+        assert_eq!(relay.read(f), site.read(f), "deploy/{f} on the relay's copy");
+    }
+    let before = snapshot(&relay.deploy);
+    deploy::ok(&deploy::setup(&relay.deploy, &[]));
+    assert_same(&before, &snapshot(&relay.deploy), "second re-run on the relay's copy");
+    // Rotating there would leave prosody signing with the old secret: refused, nothing written.
+    let out = deploy::setup(&relay.deploy, &["--rotate-secret"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--rotate-secret"), "rotation without jitsi/.env");
+    assert_same(&before, &snapshot(&relay.deploy), "refused rotation on the relay's copy");
+
+    // The Jitsi side's copy: site.env and jitsi/.env. Both passwords and the secret are kept.
+    let jitsi = partial_copy(&site, "deploy-partial-jitsi", &["site.env", "jitsi/.env"]);
+    deploy::ok(&deploy::setup(&jitsi.deploy, &[]));
+    assert_eq!(jitsi.read("jitsi/.env"), site.read("jitsi/.env"), "jitsi/.env changed on a re-run of the Jitsi side's copy");
+    assert_eq!(jitsi.secret(), secret);
+
+    // A .env that lost one password gets only that one new; the other stays.
+    let edited: String = site.read("jitsi/.env").lines().filter(|l| !l.starts_with("JVB_AUTH_PASSWORD=")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(jitsi.path("jitsi/.env"), edited).unwrap();
+    deploy::ok(&deploy::setup(&jitsi.deploy, &[]));
+    let (jicofo, jvb) = passwords(&jitsi.jitsi_env());
+    assert_eq!(jicofo, env["JICOFO_AUTH_PASSWORD"], "JICOFO_AUTH_PASSWORD was there and must stay");
+    assert!(jvb.len() >= 32 && jvb != env["JVB_AUTH_PASSWORD"], "the missing JVB_AUTH_PASSWORD is generated");
+
+    // Only the answers: no secret to keep, and a new one would match nothing.
+    let bare = partial_copy(&site, "deploy-partial-bare", &["site.env"]);
+    let before = snapshot(&bare.deploy);
+    let out = deploy::setup(&bare.deploy, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("set up before") && err.contains("delete"), "a copy with no secret: {err}");
+    assert_same(&before, &snapshot(&bare.deploy), "refused run on a copy with only site.env");
+}
+
 #[test]
 fn setup_generates_the_secret_with_openssl_when_turnctl_is_not_built() {
     let site = Site::new("deploy-openssl");
@@ -478,6 +548,14 @@ fn compose_files_parse_and_wire_the_relay_into_prosody() {
         "/etc/turnd comes from deploy/turn/etc: {etc}"
     );
     assert!(etc.ends_with(":ro"));
+    // turnd's state: a named volume at /var/lib/turnd, writable (the root
+    // file system is read-only), declared at the top level.
+    let state = volumes.iter().find(|v| v.split(':').nth(1) == Some("/var/lib/turnd")).expect("a volume at /var/lib/turnd");
+    let source = state.split(':').next().unwrap();
+    assert!(!state.ends_with(":ro"), "/var/lib/turnd must be writable: {state}");
+    assert!(!source.starts_with('/') && !source.starts_with('.'), "a named volume (filled from the image, owner included): {state}");
+    let raw_turn = deploy::yaml_to_json(&deploy::repo().join("deploy/turn/compose.yaml")).remove(0);
+    assert!(raw_turn["volumes"].get(source).is_some(), "volume {source} is not declared: {raw_turn}");
     let context = t["build"]["context"].as_str().unwrap();
     let context = if Path::new(context).is_absolute() { PathBuf::from(context) } else { site.path("turn").join(context) };
     let dockerfile = t["build"]["dockerfile"].as_str().unwrap();
@@ -489,6 +567,13 @@ fn compose_files_parse_and_wire_the_relay_into_prosody() {
     let df = site.read("turn/Dockerfile");
     assert_eq!(df.lines().filter(|l| l.starts_with("FROM ")).count(), 2, "multi-stage Dockerfile");
     assert!(df.contains("USER 65532:65532") && df.contains("distroless") && df.contains("setcap cap_net_bind_service"));
+    // The image's state directory: the container user's, 0700, where turnd looks.
+    assert!(df.lines().any(|l| l == "ENV STATE_DIRECTORY=/var/lib/turnd"), "STATE_DIRECTORY in the image");
+    assert!(df.contains("install -d -m 0700 /out/var/lib/turnd"), "the state directory is made 0700 in the build stage");
+    // Copied as a directory (the contents of its parent), so that it keeps
+    // its mode and takes the owner: a directory whose contents are copied is
+    // created 0755.
+    assert!(df.lines().any(|l| l == "COPY --from=build --chown=65532:65532 /out/var/lib/ /var/lib/"), "owned by the container user");
     assert!(site.read("turn/Dockerfile.dockerignore").lines().any(|l| l.trim() == "*"), "the build context is filtered");
 
     // The Jitsi stack.
@@ -629,12 +714,51 @@ fn docs_name_the_pinned_release_the_tools_and_the_systemd_route() {
     }
     let turn_readme = read("deploy/turn/README.md");
     assert!(turn_readme.contains("deploy/systemd/turnd.service"), "deploy/turn/README.md must point to the systemd unit");
+    // The systemd route lists every step itself, in order, with the config
+    // setup.sh wrote; the example config, which would replace it (and its
+    // secret), is not one of them.
+    let route = turn_readme.split("## The systemd route").nth(1).expect("a systemd route section");
+    let block = route.split("```sh").nth(1).and_then(|b| b.split("```").next()).expect("its commands");
+    let mut at = 0;
+    for step in [
+        "cargo build --release",
+        "install -m 0755 target/release/turnd target/release/turnctl /usr/local/bin/",
+        "install -m 0644 deploy/systemd/turnd.service /etc/systemd/system/",
+        "groupadd --system ssl-cert",
+        "install -d -m 0750 -g ssl-cert /etc/turnd",
+        "install -m 0640 -g ssl-cert deploy/turn/etc/turnd.toml deploy/turn/etc/secret /etc/turnd/",
+        "--deploy-hook",
+        "turnd --config /etc/turnd/turnd.toml --check-config",
+        "systemctl daemon-reload && systemctl enable --now turnd",
+    ] {
+        let i = block[at..].find(step).unwrap_or_else(|| panic!("the systemd route lacks {step:?} (in order):\n{block}"));
+        at += i + step.len();
+    }
+    assert!(!block.contains("config/turnd.toml"), "the systemd route installs the example config over setup.sh's:\n{block}");
     assert!(repo.join("deploy/systemd/turnd.service").is_file());
     for script in ["deploy/setup.sh", "deploy/turn/ufw.sh", "deploy/jitsi/ufw.sh", "deploy/jitsi/external-services.sh", "deploy/turn/certbot-deploy-hook.sh"] {
         let m = std::fs::metadata(repo.join(script)).unwrap();
         assert!(m.mode() & 0o111 != 0, "{script} is not executable");
         let out = Command::new("bash").arg("-n").arg(repo.join(script)).output().unwrap();
         assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Wherever the deploy docs (and setup.sh's closing words) tell the operator
+/// to restart prosody, they say that it interrupts the meetings in progress.
+#[test]
+fn docs_say_that_restarting_prosody_interrupts_meetings() {
+    let repo = deploy::repo();
+    for doc in ["deploy/README.md", "deploy/turn/README.md", "deploy/setup.sh"] {
+        let text = std::fs::read_to_string(repo.join(doc)).unwrap();
+        // A paragraph, or one row of a table (or one echo block of the script).
+        let units = text.split("\n\n").flat_map(|p| if p.starts_with('|') { p.lines().collect() } else { vec![p] });
+        let mut seen = 0;
+        for unit in units.filter(|u| u.contains("up -d prosody")) {
+            seen += 1;
+            assert!(unit.contains("interrupts") && unit.contains("meeting"), "{doc}: a prosody restart without its cost:\n{unit}");
+        }
+        assert!(seen > 0, "{doc} no longer restarts prosody anywhere: update this test");
     }
 }
 

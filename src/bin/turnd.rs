@@ -22,7 +22,10 @@ fn main() -> ExitCode {
         log_format: a.log_format,
         threads: a.threads,
     };
-    let mut cfg = match config::load(a.config.as_deref(), &ov.clone()) {
+    // --file-only checks the file alone: it reads no file the config names
+    // (secret, admin token) and creates none, since those are another host's.
+    let reads = if a.file_only { config::Reads::FileOnly } else { config::Reads::Host };
+    let mut cfg = match config::load_reading(a.config.as_deref(), &ov.clone(), reads) {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };

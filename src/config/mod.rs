@@ -171,11 +171,29 @@ pub struct Config {
     pub notes: Vec<String>,
 }
 
+/// What loading reads besides the configuration file itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reads {
+    /// What a start reads: the secret file, the admin token file, and the
+    /// secret and token turnd generates in its state directory when missing.
+    Host,
+    /// The file alone (`--check-config --file-only`, for a file meant for
+    /// another host): no file it names is read, none is created. The
+    /// [`Config`] then has no secrets and no admin token: it is for checking,
+    /// not for serving.
+    FileOnly,
+}
+
 /// Reads and validates `path` (or the defaults when `None`) with overrides.
 /// An empty file is taken as all defaults, with a note saying so.
 pub fn load(path: Option<&Path>, ov: &Overrides) -> anyhow::Result<Config> {
+    load_reading(path, ov, Reads::Host)
+}
+
+/// Like [`load`], reading only what `reads` allows besides `path`.
+pub fn load_reading(path: Option<&Path>, ov: &Overrides, reads: Reads) -> anyhow::Result<Config> {
     let (file, empty) = read(path)?;
-    let mut cfg = validate(file, ov)?;
+    let mut cfg = validate::validate_reading(file, ov, reads)?;
     if let (Some(p), true) = (path, empty) {
         cfg.notes.push(format!("config {} is empty: running on the defaults", p.display()));
     }

@@ -250,18 +250,25 @@ fn parse_threads(v: Option<String>) -> Result<usize, ConfigError> {
     }
 }
 
+/// Checks the parsed file, reading the secret and token files it names (and
+/// creating the generated ones), as a start does.
 pub fn validate(f: File, ov: &Overrides) -> Result<Config, ConfigError> {
+    validate_reading(f, ov, Reads::Host)
+}
+
+/// Checks the parsed file, reading only what `reads` allows.
+pub(super) fn validate_reading(f: File, ov: &Overrides, reads: Reads) -> Result<Config, ConfigError> {
     let (realm, software) = identity(&f, ov)?;
     let threads = parse_threads(ov.threads.clone().or(f.threads.clone().map(NumberOrText::into_text)))?;
     let mut notes = Vec::new();
-    let auth = auth(&f.auth, ov, &mut notes)?;
+    let auth = auth(&f.auth, ov, reads, &mut notes)?;
     let listeners = listeners(&f, ov)?;
     let Relay { v4: relay_v4, v6: relay_v6, ports } = relay(&f.relay, ov, &listeners)?;
     let Peers { allow, allow_addrs, deny } = peers(&f.peers, ov)?;
     let l = &f.limits;
     let lifetimes = lifetimes(l)?;
     let (max_permissions, ipv6_prefix_per_ip, unauth_rate) = limits(l)?;
-    let MetricsAdmin { listen: metrics_listen, token: admin_token, token_file: admin_token_file } = metrics_and_admin(&f, &listeners, &mut notes)?;
+    let MetricsAdmin { listen: metrics_listen, token: admin_token, token_file: admin_token_file } = metrics_and_admin(&f, &listeners, reads, &mut notes)?;
     let (log_level, log_json) = log(&f.log, ov)?;
     let tls = f.tls.as_ref().map(cert_source).transpose()?;
     let passthrough = match (&f.tls, &tls) {
@@ -348,8 +355,10 @@ struct Auth {
 }
 
 /// `[auth]`: secrets inline, from a file, or generated on first start;
-/// static users; the nonce lifetime. Notes what does not stop turnd.
-fn auth(a: &AuthSection, ov: &Overrides, notes: &mut Vec<String>) -> Result<Auth, ConfigError> {
+/// static users; the nonce lifetime. Notes what does not stop turnd. With
+/// [`Reads::FileOnly`], no secret file is read or generated (the secrets are
+/// then the inline ones only).
+fn auth(a: &AuthSection, ov: &Overrides, reads: Reads, notes: &mut Vec<String>) -> Result<Auth, ConfigError> {
     let mut secrets: Vec<Vec<u8>> = Vec::new();
     for (i, s) in a.secrets.iter().enumerate() {
         if s.trim().is_empty() {
@@ -370,8 +379,10 @@ fn auth(a: &AuthSection, ov: &Overrides, notes: &mut Vec<String>) -> Result<Auth
         file.secrets
     };
     if let Some(p) = &secret_file {
-        let file = SecretFile::read(p).map_err(|e| bad("auth.secret_file", e))?;
-        secrets.extend(read_secrets(p, "auth.secret_file", file, notes));
+        if reads == Reads::Host {
+            let file = SecretFile::read(p).map_err(|e| bad("auth.secret_file", e))?;
+            secrets.extend(read_secrets(p, "auth.secret_file", file, notes));
+        }
         secret_source = SecretSource::File(p.clone());
     }
     let static_users: Vec<(String, String)> =
@@ -381,10 +392,12 @@ fn auth(a: &AuthSection, ov: &Overrides, notes: &mut Vec<String>) -> Result<Auth
             return Err(bad(format!("auth.static_users[{i}]"), "username and password must be non-empty"));
         }
     }
-    if secrets.is_empty() && static_users.is_empty() {
+    if secret_file.is_none() && secrets.is_empty() && static_users.is_empty() {
         let p = default_secret_path();
-        let file = load_or_create_secret_at(&p, "auth.secret_file")?;
-        secrets = read_secrets(&p, "auth.secret_file", file, notes);
+        if reads == Reads::Host {
+            let file = load_or_create_secret_at(&p, "auth.secret_file")?;
+            secrets = read_secrets(&p, "auth.secret_file", file, notes);
+        }
         secret_source = SecretSource::Generated(p);
     }
     let nonce_lifetime = secs("auth.nonce_lifetime", a.nonce_lifetime, 600, 10)? as u64;
@@ -572,14 +585,15 @@ fn limits(l: &LimitsSection) -> Result<(u32, u8, u32), ConfigError> {
 }
 
 /// `[metrics]` and `[admin]`: where metrics are served, and the admin token
-/// (read, or generated on first start) when the admin API is on.
+/// (read, or generated on first start) when the admin API is on; with
+/// [`Reads::FileOnly`] the token file is named but neither read nor created.
 struct MetricsAdmin {
     listen: Option<SocketAddr>,
     token: Option<String>,
     token_file: Option<std::path::PathBuf>,
 }
 
-fn metrics_and_admin(f: &File, listeners: &[Listener], notes: &mut Vec<String>) -> Result<MetricsAdmin, ConfigError> {
+fn metrics_and_admin(f: &File, listeners: &[Listener], reads: Reads, notes: &mut Vec<String>) -> Result<MetricsAdmin, ConfigError> {
     let metrics_listen = match f.metrics.listen.as_deref().unwrap_or("127.0.0.1:9641") {
         "" => None,
         a => Some(a.parse::<SocketAddr>().map_err(|_| bad("metrics.listen", format!("`{a}` is not IP:PORT (or \"\" to disable)")))?),
@@ -596,9 +610,13 @@ fn metrics_and_admin(f: &File, listeners: &[Listener], notes: &mut Vec<String>) 
     }
     let (admin_token, admin_token_file) = if f.admin.enabled.unwrap_or(true) && metrics_listen.is_some() {
         let p = f.admin.token_file.clone().unwrap_or_else(default_admin_token_path);
-        let token = load_or_create_token(&p, "admin.token_file")?;
-        notes.extend(readable_by_others(&p, "admin.token_file"));
-        (Some(token), Some(p))
+        if reads == Reads::FileOnly {
+            (None, Some(p))
+        } else {
+            let token = load_or_create_token(&p, "admin.token_file")?;
+            notes.extend(readable_by_others(&p, "admin.token_file"));
+            (Some(token), Some(p))
+        }
     } else {
         (None, None)
     };

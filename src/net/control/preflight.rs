@@ -173,36 +173,57 @@ pub fn bind_error(key: &str, addr: SocketAddr, stream: bool, e: &std::io::Error,
 }
 
 /// An error for a bind that failed, or (for `--check-config` only) a note
-/// when a running turnd holds the port.
+/// when a running turnd holds the port, or when the check may not bind a
+/// privileged port that the service may.
 fn bind_problem(key: &str, addr: SocketAddr, stream: bool, e: &std::io::Error, mode: Mode) -> Result<String, ConfigError> {
     let proto = if stream { "TCP" } else { "UDP" };
     match e.raw_os_error() {
         Some(libc::EADDRNOTAVAIL) => Err(bad(key, format!("{} is not an address of this host", addr.ip()))),
         Some(libc::EACCES) if addr.port() < 1024 => {
-            Err(bad(key, format!("{proto} {addr}: ports below 1024 need root or CAP_NET_BIND_SERVICE")))
-        }
-        Some(libc::EADDRINUSE) => match port_owner(stream, addr.port()) {
-            Some((pid, _)) if pid == std::process::id() => Err(bad(
-                key,
-                format!("{proto} {addr} overlaps a listener this turnd already has on port {} (a restart applies this change)", addr.port()),
-            )),
-            Some((pid, name)) if name == "turnd" && mode == Mode::Check => {
-                Ok(format!("{key}: {proto} {addr} is held by a running turnd (pid {pid}); a reload keeps it"))
+            let need = format!("{proto} {addr}: ports below 1024 need root or CAP_NET_BIND_SERVICE");
+            if mode == Mode::Start {
+                return Err(bad(key, need));
             }
-            Some((pid, name)) => Err(bad(key, format!("{proto} {addr} is in use by {name} (pid {pid})"))),
-            // Held by a process this check cannot see (another user's
-            // process, another container): perhaps the running turnd itself,
-            // but only if a turnd runs here at all.
-            None if mode == Mode::Check && another_turnd_runs() => Ok(format!(
-                "{key}: {proto} {addr} is in use by a process this check cannot see; unless it is the running turnd, a start will fail"
-            )),
-            None if mode == Mode::Check => Err(bad(
-                key,
-                format!("{proto} {addr} is in use by a process this check cannot see, and no turnd runs on this host: a start would fail"),
-            )),
-            None => Err(bad(key, format!("{proto} {addr} is in use by another program"))),
-        },
+            // The check runs as the service's user, but without the
+            // capability the systemd unit or the container grants it, so the
+            // kernel refuses before it says whether the port is free. Who
+            // holds a port is in /proc/net for every user to read.
+            if bound_elsewhere(stream, addr) {
+                return in_use(key, addr, stream, mode);
+            }
+            Ok(format!(
+                "{key}: {need}, which this check runs without, so it did not bind the port (no socket holds it now); turnd's systemd unit and container grant CAP_NET_BIND_SERVICE; a start without it fails"
+            ))
+        }
+        Some(libc::EADDRINUSE) => in_use(key, addr, stream, mode),
         _ => Err(bad(key, format!("cannot bind {proto} {addr}: {e}"))),
+    }
+}
+
+/// `addr` is taken: by whom, and whether that stops a start or (for a check
+/// before a reload) is the running turnd.
+fn in_use(key: &str, addr: SocketAddr, stream: bool, mode: Mode) -> Result<String, ConfigError> {
+    let proto = if stream { "TCP" } else { "UDP" };
+    match port_owner(stream, addr.port()) {
+        Some((pid, _)) if pid == std::process::id() => Err(bad(
+            key,
+            format!("{proto} {addr} overlaps a listener this turnd already has on port {} (a restart applies this change)", addr.port()),
+        )),
+        Some((pid, name)) if name == "turnd" && mode == Mode::Check => {
+            Ok(format!("{key}: {proto} {addr} is held by a running turnd (pid {pid}); a reload keeps it"))
+        }
+        Some((pid, name)) => Err(bad(key, format!("{proto} {addr} is in use by {name} (pid {pid})"))),
+        // Held by a process this check cannot see (another user's
+        // process, another container): perhaps the running turnd itself,
+        // but only if a turnd runs here at all.
+        None if mode == Mode::Check && another_turnd_runs() => Ok(format!(
+            "{key}: {proto} {addr} is in use by a process this check cannot see; unless it is the running turnd, a start will fail"
+        )),
+        None if mode == Mode::Check => Err(bad(
+            key,
+            format!("{proto} {addr} is in use by a process this check cannot see, and no turnd runs on this host: a start would fail"),
+        )),
+        None => Err(bad(key, format!("{proto} {addr} is in use by another program"))),
     }
 }
 
@@ -218,26 +239,75 @@ fn another_turnd_runs() -> bool {
     })
 }
 
-/// The process holding a socket bound to local `port` (TCP listening or UDP),
-/// from /proc: the socket's inode in /proc/net, then the process whose
-/// descriptors include it. `None` when it cannot be seen (another user's
-/// process without root, another network namespace).
-pub fn port_owner(stream: bool, port: u16) -> Option<(u32, String)> {
+/// The sockets of this network namespace that hold a local address (TCP
+/// listening, or UDP bound), from /proc/net (readable by every user): each
+/// one's address and inode.
+fn bound_sockets(stream: bool) -> Vec<(SocketAddr, String)> {
     let tables: &[&str] = if stream { &["/proc/net/tcp", "/proc/net/tcp6"] } else { &["/proc/net/udp", "/proc/net/udp6"] };
-    let mut inodes = Vec::new();
+    let mut out = Vec::new();
     for t in tables {
         let Ok(text) = std::fs::read_to_string(t) else { continue };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             // sl local_address rem_address st ... inode (field 9)
             let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else { continue };
-            let Some(p) = local.rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok()) else { continue };
             // TCP: only listening sockets (state 0A) hold a listener's port.
-            if p == port && (!stream || *state == "0A") && *inode != "0" {
-                inodes.push(format!("socket:[{inode}]"));
+            if (stream && *state != "0A") || *inode == "0" {
+                continue;
+            }
+            if let Some(a) = proc_net_address(local) {
+                out.push((a, (*inode).to_owned()));
             }
         }
     }
+    out
+}
+
+/// A /proc/net local address, `0100007F:0D96` or 32 hex digits for IPv6:
+/// the address as the kernel holds it, printed as 32-bit words in this
+/// machine's byte order, then the port.
+fn proc_net_address(field: &str) -> Option<SocketAddr> {
+    let (ip, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| ip.get(i * 8..i * 8 + 8).and_then(|w| u32::from_str_radix(w, 16).ok()).map(u32::to_ne_bytes);
+    let ip: IpAddr = match ip.len() {
+        8 => IpAddr::from(word(0)?),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            IpAddr::from(b)
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Whether a socket of another process holds `addr`'s port on its address
+/// or on the wildcard (the same family; an IPv4-mapped IPv6 address counts
+/// as IPv4), so that binding `addr` would fail.
+fn bound_elsewhere(stream: bool, addr: SocketAddr) -> bool {
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let want = plain(addr.ip());
+    bound_sockets(stream).into_iter().any(|(a, _)| {
+        let held = plain(a.ip());
+        a.port() == addr.port()
+            && held.is_ipv4() == want.is_ipv4()
+            && (held == want || held.is_unspecified() || want.is_unspecified())
+    })
+}
+
+/// The process holding a socket bound to local `port` (TCP listening or UDP),
+/// from /proc: the socket's inode in /proc/net, then the process whose
+/// descriptors include it. `None` when it cannot be seen (another user's
+/// process without root, another network namespace).
+pub fn port_owner(stream: bool, port: u16) -> Option<(u32, String)> {
+    let inodes: Vec<String> =
+        bound_sockets(stream).into_iter().filter(|(a, _)| a.port() == port).map(|(_, inode)| format!("socket:[{inode}]")).collect();
     if inodes.is_empty() {
         return None;
     }
@@ -282,6 +352,24 @@ mod tests {
         let e = check_bind("listen[0].address", SocketAddr::new(ip, 3478), false, Mode::Check).unwrap_err();
         assert!(e.msg.contains("not an address of this host"), "{}", e.msg);
         assert!(check_relay_ip("relay.ip", "127.0.0.1".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn proc_net_addresses_and_who_holds_a_port() {
+        let v4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        assert_eq!(proc_net_address(&format!("{v4:08X}:0D96")), Some("127.0.0.1:3478".parse().unwrap()));
+        let one = u32::from_ne_bytes([0, 0, 0, 1]);
+        assert_eq!(proc_net_address(&format!("000000000000000000000000{one:08X}:01BB")), Some("[::1]:443".parse().unwrap()));
+        assert_eq!(proc_net_address("garbage"), None);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = l.local_addr().unwrap();
+        assert!(bound_elsewhere(true, a));
+        assert!(bound_elsewhere(true, SocketAddr::new("0.0.0.0".parse().unwrap(), a.port())));
+        assert!(bound_elsewhere(true, SocketAddr::new("::ffff:127.0.0.1".parse().unwrap(), a.port())));
+        assert!(!bound_elsewhere(true, SocketAddr::new("127.0.0.2".parse().unwrap(), a.port())));
+        assert!(!bound_elsewhere(false, a), "a TCP listener holds no UDP port");
+        drop(l);
+        assert!(!bound_elsewhere(true, a));
     }
 
     #[test]
