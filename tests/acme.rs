@@ -137,7 +137,9 @@ impl Pebble {
     /// No Pebble: its directory URL answers nothing.
     fn absent() -> Pebble {
         let url = format!("https://127.0.0.1:{}/dir", free_port());
-        Pebble { children: vec![], dir: temp_dir("no-pebble"), url, https_ca: PathBuf::from("/dev/null"), root: PathBuf::new(), dns_management: 0 }
+        let dir = temp_dir("no-pebble");
+        openssl(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=unused ca", "-keyout", "ca.key", "-out", "ca.pem"], &dir);
+        Pebble { children: vec![], https_ca: dir.join("ca.pem"), dir, url, root: PathBuf::new(), dns_management: 0 }
     }
 
     /// GET (or POST `body`) with curl, trusting Pebble's HTTPS CA.
