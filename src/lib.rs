@@ -8,6 +8,7 @@
 pub mod acme;
 pub mod auth;
 pub mod certinfo;
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -96,6 +96,30 @@ pub struct Authenticated<'a> {
     pub username: &'a str,
     /// The long-term key, used to sign the response.
     pub key: [u8; 16],
+    /// A check credential (see [`CHECK_USER`]): its allocations may reach
+    /// only the relay's own relayed addresses.
+    pub check: bool,
+}
+
+/// The user part of the credentials turnd hands to its own check page
+/// (`EXPIRY:turnd-check`), signed with a key of turnd's own, never with the
+/// shared secret: prosody's credentials can never be check credentials, nor
+/// the other way round.
+pub const CHECK_USER: &str = "turnd-check";
+/// How long a check credential is valid unless configured (`check.credential_ttl`).
+pub const CHECK_TTL: u64 = 60;
+
+/// The key check credentials are signed with, derived from the nonce key
+/// every shard shares (so any shard accepts what any other handed out).
+pub fn check_key(nonce: &NonceKey) -> [u8; 16] {
+    nonce.subkey(b"check credentials")
+}
+
+/// A check credential valid until `expiry`: (username, password).
+pub fn check_credentials(key: &[u8; 16], expiry: u64) -> (String, String) {
+    let username = rest_username(expiry, Some(CHECK_USER));
+    let password = rest_password(key, &username);
+    (username, password)
 }
 
 /// Credential checking state; cheap to rebuild on reload.
@@ -104,6 +128,8 @@ pub struct Authenticator {
     secrets: Vec<Vec<u8>>,
     static_keys: HashMap<String, [u8; 16]>,
     nonce: NonceKey,
+    /// The check credentials' key and their validity, when the check page is on.
+    check: Option<([u8; 16], u64)>,
 }
 
 impl Authenticator {
@@ -115,7 +141,13 @@ impl Authenticator {
     pub fn new(realm: &str, secrets: Vec<Vec<u8>>, static_users: &[(String, String)], nonce: NonceKey) -> Self {
         let static_keys =
             static_users.iter().map(|(u, p)| (u.clone(), long_term_key(u, realm, p))).collect();
-        Authenticator { realm: realm.to_owned(), secrets, static_keys, nonce }
+        Authenticator { realm: realm.to_owned(), secrets, static_keys, nonce, check: None }
+    }
+
+    /// Accepts check credentials valid for `ttl` seconds too (`[check]` on).
+    pub fn with_check(mut self, ttl: Option<u64>) -> Self {
+        self.check = ttl.map(|t| (check_key(&self.nonce), t));
+        self
     }
 
     pub fn realm(&self) -> &str {
@@ -156,10 +188,22 @@ impl Authenticator {
         }
         if let Some(key) = self.static_keys.get(username) {
             return if msg.verify(key) {
-                Ok(Authenticated { username, key: *key })
+                Ok(Authenticated { username, key: *key, check: false })
             } else {
                 Err(AuthFailure::BadIntegrity)
             };
+        }
+        if let Some((expiry, CHECK_USER)) = parse_rest_username(username) {
+            let Some((check, ttl)) = &self.check else { return Err(AuthFailure::UnknownUser) };
+            if expiry < unix_now {
+                return Err(AuthFailure::Expired);
+            }
+            let key = long_term_key(username, &self.realm, &rest_password(check, username));
+            // Never longer-lived than turnd hands them out.
+            if expiry > unix_now + ttl || !msg.verify(&key) {
+                return Err(AuthFailure::BadIntegrity);
+            }
+            return Ok(Authenticated { username, key, check: true });
         }
         if self.secrets.is_empty() {
             return Err(AuthFailure::UnknownUser);
@@ -173,7 +217,7 @@ impl Authenticator {
         for secret in &self.secrets {
             let key = long_term_key(username, &self.realm, &rest_password(secret, username));
             if msg.verify(&key) {
-                return Ok(Authenticated { username, key });
+                return Ok(Authenticated { username, key, check: false });
             }
         }
         Err(AuthFailure::BadIntegrity)

@@ -94,6 +94,17 @@ pub struct Acme {
     pub ca_root: Option<PathBuf>,
 }
 
+/// `[check]`, checked: the check page is on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    /// Needed in the link (`/check?token=...`) when set.
+    pub token: Option<String>,
+    /// A plain HTTP port serving the page too.
+    pub http_listen: Option<SocketAddr>,
+    /// How long check credentials are valid (seconds).
+    pub credential_ttl: u64,
+}
+
 /// Command-line values that override the file.
 #[derive(Default, Debug, Clone)]
 pub struct Overrides {
@@ -163,6 +174,8 @@ pub struct Config {
     pub tls: Option<CertSource>,
     /// SNI routing on TLS listeners (`[tls] turn_names`, `[tls.passthrough]`).
     pub passthrough: Option<Passthrough>,
+    /// The check page, when on.
+    pub check: Option<Check>,
     pub log_level: String,
     pub log_json: bool,
     /// Warnings about the configuration that do not stop turnd (a secret

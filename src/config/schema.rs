@@ -56,6 +56,18 @@ pub struct File {
     pub metrics: MetricsSection,
     #[serde(default)]
     pub admin: AdminSection,
+    #[serde(default)]
+    pub check: CheckSection,
+}
+
+/// `[check]`: the check page participants open in their browser.
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSection {
+    pub enabled: Option<bool>,
+    pub token: Option<String>,
+    pub http_listen: Option<String>,
+    pub credential_ttl: Option<Seconds>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]

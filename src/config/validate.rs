@@ -112,6 +112,39 @@ fn acme(a: &AcmeSection) -> Result<Acme, ConfigError> {
     Ok(Acme { names, contact, directory, state_dir, ca_root: a.ca_root.clone() })
 }
 
+/// Checks `[check]`.
+fn check(c: &CheckSection, listeners: &[Listener], metrics: Option<SocketAddr>, notes: &mut Vec<String>) -> Result<Option<Check>, ConfigError> {
+    if !c.enabled.unwrap_or(false) {
+        if c.token.is_some() || c.http_listen.is_some() || c.credential_ttl.is_some() {
+            notes.push("check.enabled is off (the default): the other check keys have no effect until it is true".into());
+        }
+        return Ok(None);
+    }
+    let token = match c.token.as_deref() {
+        None => None,
+        Some(t) if t.len() >= 16 && t.len() <= 128 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => Some(t.to_owned()),
+        Some(_) => return Err(bad("check.token", "must be 16 to 128 letters, digits, - or _ (it goes into a link), e.g. from `turnctl secret`")),
+    };
+    let http_listen = match c.http_listen.as_deref() {
+        None | Some("") => None,
+        Some(a) => {
+            let addr: SocketAddr = a.parse().map_err(|_| bad("check.http_listen", format!("`{a}` is not IP:PORT")))?;
+            if listeners.iter().any(|l| l.transport.is_stream() && l.address.port() == addr.port()) || metrics.is_some_and(|m| m.port() == addr.port()) {
+                return Err(bad("check.http_listen", format!("port {} is already a TURN or metrics listener", addr.port())));
+            }
+            Some(addr)
+        }
+    };
+    if http_listen.is_none() && !listeners.iter().any(|l| l.transport == Transport::Tls) {
+        return Err(bad("check.enabled", "the page is served on tls listeners (HTTPS) and check.http_listen: configure one of them"));
+    }
+    let ttl = secs("check.credential_ttl", c.credential_ttl, crate::auth::CHECK_TTL as u32, 5)?;
+    if ttl > 600 {
+        return Err(bad("check.credential_ttl", "at most 10m: check credentials are for one check, not a call"));
+    }
+    Ok(Some(Check { token, http_listen, credential_ttl: ttl as u64 }))
+}
+
 /// Checks `[tls] turn_names` and `[tls.passthrough]`. With `[tls.acme]`,
 /// its names are TURN names too (their certificate is turnd's).
 fn parse_passthrough(t: &TlsSection, source: &CertSource, listeners: &[Listener]) -> Result<Option<Passthrough>, ConfigError> {
@@ -271,6 +304,7 @@ pub(super) fn validate_reading(f: File, ov: &Overrides, reads: Reads) -> Result<
     let MetricsAdmin { listen: metrics_listen, token: admin_token, token_file: admin_token_file } = metrics_and_admin(&f, &listeners, reads, &mut notes)?;
     let (log_level, log_json) = log(&f.log, ov)?;
     let tls = f.tls.as_ref().map(cert_source).transpose()?;
+    let check = check(&f.check, &listeners, metrics_listen, &mut notes)?;
     let passthrough = match (&f.tls, &tls) {
         (Some(t), Some(source)) => parse_passthrough(t, source, &listeners)?,
         _ => None,
@@ -316,6 +350,7 @@ pub(super) fn validate_reading(f: File, ov: &Overrides, reads: Reads) -> Result<
         admin_token,
         admin_token_file,
         passthrough,
+        check,
         tls,
         log_level,
         log_json,

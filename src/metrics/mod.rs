@@ -33,6 +33,8 @@ pub struct Snapshot {
     pub cert_expiry: Option<i64>,
     /// ACME renewals (successes, failures), when turnd obtains its certificate.
     pub acme_renewals: Option<(u64, u64)>,
+    /// Check page credential requests (issued, rate limited, wrong token), when it is on.
+    pub check_credentials: Option<(u64, u64, u64)>,
     /// Shards that did not answer the scrape in time (stuck or stopped):
     /// their counts are missing from the sums.
     pub silent_shards: Vec<usize>,
@@ -111,6 +113,15 @@ pub fn render(s: &Snapshot) -> String {
         let c = counter(&r, "turnd_acme_renewals_total", "Attempts to obtain or renew the TLS certificate by ACME, by result.", &["result"]);
         c.with_label_values(&["success"]).inc_by(ok);
         c.with_label_values(&["failure"]).inc_by(failed);
+    }
+    if let Some((issued, limited, bad)) = s.check_credentials {
+        let c = counter(&r, "turnd_check_credentials_total", "Check page credential requests, by result.", &["result"]);
+        c.with_label_values(&["issued"]).inc_by(issued);
+        c.with_label_values(&["rate_limited"]).inc_by(limited);
+        c.with_label_values(&["bad_token"]).inc_by(bad);
+        counter(&r, "turnd_check_allocations_total", "Allocations made with check page credentials.", &[])
+            .with_label_values(&[] as &[&str])
+            .inc_by(st.check_allocations_created);
     }
     let allocs = gauge(&r, "turnd_allocations", "Active allocations.", &["transport", "family"]);
     for t in Transport::ALL {

@@ -79,8 +79,10 @@ pub struct Apply {
 pub struct Settings {
     pub cfg: Arc<Config>,
     pub policy: PeerPolicy,
-    /// Serves the TLS listeners started or changed from now on.
+    /// Serves TLS handshakes from now on, on every TLS listener.
     pub acceptor: Option<TlsAcceptor>,
+    /// The check page, when `[check]` is on.
+    pub check: Option<Arc<crate::check::Site>>,
 }
 
 /// A step a shard could not prepare: which listener, and the error.
@@ -158,6 +160,7 @@ pub struct Shard {
     /// TCP/TLS listeners by the id of their group.
     stream_listeners: HashMap<u32, StreamListener>,
     acceptor: Option<TlsAcceptor>,
+    check: Option<Arc<crate::check::Site>>,
     /// Wakes the task that flushes the listeners' send batches.
     flush: Rc<Notify>,
     /// TCP/TLS connections by the `conn` of their 5-tuple.
@@ -402,8 +405,9 @@ impl Shard {
             tracing::error!(shard = self.index, reload = id, "asked to switch to a configuration it did not prepare");
             return;
         };
-        let Settings { cfg, policy, acceptor } = p.settings;
-        let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, self.nonce_key.clone());
+        let Settings { cfg, policy, acceptor, check } = p.settings;
+        let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, self.nonce_key.clone()).with_check(cfg.check.as_ref().map(|c| c.credential_ttl));
+        self.check = check;
         self.server.reconfigure(core_config(&cfg), auth, policy);
         self.relays.reconfigure(cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local), cfg.ports);
         self.limits = StreamLimits::from(&*cfg);
@@ -453,8 +457,7 @@ impl Shard {
     }
 
     fn spawn_accept(&self, shard: &Rc<RefCell<Shard>>, s: Rc<TcpListener>, l: &Listener) -> JoinHandle<()> {
-        let tls = if l.transport == Transport::Tls { self.acceptor.clone() } else { None };
-        tokio::task::spawn_local(accept_loop(Rc::downgrade(shard), s, l.clone(), tls))
+        tokio::task::spawn_local(accept_loop(Rc::downgrade(shard), s, l.clone(), l.transport == Transport::Tls))
     }
 
     fn command(&mut self, c: Command) {
@@ -510,7 +513,7 @@ impl Shard {
     /// A shard with no listener yet, and its flush and timer tasks. Must
     /// run inside a `LocalSet`.
     fn start(index: usize, cfg: &Config, shared: Arc<Shared>, nonce_key: NonceKey, policy: PeerPolicy) -> Rc<RefCell<Shard>> {
-        let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, nonce_key.clone());
+        let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, nonce_key.clone()).with_check(cfg.check.as_ref().map(|c| c.credential_ttl));
         let rx_batch = Rc::new(RefCell::new(RecvBatch::new()));
         let ledger = Box::new(SharedLedger(shared.clone()));
         let flush = Rc::new(Notify::new());
@@ -529,6 +532,7 @@ impl Shard {
                 udp: Vec::new(),
                 stream_listeners: HashMap::new(),
                 acceptor: None,
+                check: None,
                 streams: Vec::new(),
                 free_streams: Vec::new(),
                 connections: [0; 3],
@@ -571,6 +575,14 @@ impl Host for Shard {
 
     fn passthrough(&self) -> Option<Rc<crate::config::Passthrough>> {
         self.passthrough.clone()
+    }
+
+    fn acceptor(&self) -> Option<TlsAcceptor> {
+        self.acceptor.clone()
+    }
+
+    fn check_site(&self) -> Option<Arc<crate::check::Site>> {
+        self.check.clone()
     }
 
     fn shared(&self) -> &Arc<Shared> {

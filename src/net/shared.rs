@@ -159,6 +159,19 @@ impl Shared {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Why the relay cannot take new allocations, if it cannot.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if self.draining() {
+            Some("draining: shutting down")
+        } else if self.relay_ports_in_use() >= self.port_range() {
+            Some("no relay port free")
+        } else if self.out_of_fds() {
+            Some("out of file descriptors: raise the open-files limit")
+        } else {
+            None
+        }
+    }
+
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }

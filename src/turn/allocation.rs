@@ -59,9 +59,23 @@ pub struct Allocation {
     pub over_bandwidth_reported: bool,
     /// The deadline this allocation is filed under in the server's timers.
     pub timer: Option<Instant>,
+    /// Made with check credentials: peers only at the relay's own relayed
+    /// addresses, a small bandwidth cap, a short lifetime, counted per
+    /// client address.
+    pub check: bool,
 }
 
 impl Allocation {
+    /// What the ledger counts it under: the user of its credentials, or
+    /// for a check allocation the client's address.
+    pub fn quota_user(&self) -> std::borrow::Cow<'_, str> {
+        if self.check {
+            std::borrow::Cow::Owned(check_quota_user(self.tuple.client.ip()))
+        } else {
+            std::borrow::Cow::Borrowed(crate::auth::quota_key(&self.username))
+        }
+    }
+
     pub fn relay_for(&self, peer: &SocketAddr) -> Option<Relay> {
         if peer.is_ipv4() { self.v4 } else { self.v6 }
     }
@@ -117,4 +131,9 @@ impl Allocation {
         }
         self.channels.retain(|c| c.expires + CHANNEL_COOLDOWN > now);
     }
+}
+
+/// The ledger's key for the check allocations of one client address.
+pub fn check_quota_user(ip: std::net::IpAddr) -> String {
+    format!("check {}", ip.to_canonical())
 }

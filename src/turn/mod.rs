@@ -313,6 +313,8 @@ pub struct Flow {
 #[derive(Clone, Default, Debug)]
 pub struct Stats {
     pub allocations_created: u64,
+    /// Of those, made with check credentials.
+    pub check_allocations_created: u64,
     /// Ended allocations by [`EndReason`] (`reason as usize`).
     pub allocations_ended: [u64; 4],
     /// Client to peer, by transport (`transport as usize`).
@@ -355,6 +357,7 @@ impl Stats {
             }
         }
         self.allocations_created += o.allocations_created;
+        self.check_allocations_created += o.check_allocations_created;
         add_all(&mut self.allocations_ended, &o.allocations_ended);
         for (a, b) in self.to_peer.iter_mut().chain(self.from_peer.iter_mut()).zip(o.to_peer.iter().chain(&o.from_peer)) {
             a.packets += b.packets;

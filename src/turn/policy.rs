@@ -245,6 +245,11 @@ impl PeerPolicy {
     /// an IP permitted only through an exact `IP:PORT` entry on any other
     /// port. Cheap enough per packet (the entry list is usually empty).
     #[inline]
+    /// Whether `port` is in the relay port range.
+    pub fn in_relay_range(&self, port: u16) -> bool {
+        (self.relay_ports.0..=self.relay_ports.1).contains(&port)
+    }
+
     pub fn permits_port(&self, addr: SocketAddr) -> bool {
         if self.is_allowed_address(addr) {
             return true;

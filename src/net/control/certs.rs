@@ -16,14 +16,8 @@ use crate::net::tls::{self, CertStore};
 
 pub struct Certs {
     pub store: Arc<CertStore>,
-    pub acceptor: TlsAcceptor,
     /// The ACME client, when turnd obtains the certificate itself.
     pub acme: Option<acme::Handle>,
-}
-
-fn acceptor(store: &Arc<CertStore>, acme: bool) -> Result<TlsAcceptor, ConfigError> {
-    let sc = store.server_config(acme).map_err(|e| ConfigError { key: "tls".into(), msg: format!("{e:#}") })?;
-    Ok(TlsAcceptor::from(sc))
 }
 
 impl Certs {
@@ -34,19 +28,23 @@ impl Certs {
     pub fn start(source: &CertSource, keep: Option<&Certs>) -> Result<Certs, ConfigError> {
         match source {
             CertSource::Files { cert, key } => {
-                let store = CertStore::load(cert, key)?;
-                Ok(Certs { acceptor: acceptor(&store, false)?, store, acme: None })
+                Ok(Certs { store: CertStore::load(cert, key)?, acme: None })
             }
             CertSource::Acme(a) => {
                 let store = CertStore::for_acme();
-                let acceptor = acceptor(&store, true)?;
                 if let Some(ck) = keep.and_then(|k| k.store.current()) {
                     store.install_key((*ck).clone());
                 }
                 let acme = acme::Handle::spawn(a.clone(), store.clone());
-                Ok(Certs { store, acceptor, acme: Some(acme) })
+                Ok(Certs { store, acme: Some(acme) })
             }
         }
+    }
+
+    /// The TLS settings for handshakes: TURN's ALPN, ACME's challenge
+    /// protocol with ACME, HTTP/1.1 for browsers (readiness, the check page).
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.store.server_config(self.acme.is_some()))
     }
 
     /// Why TLS listeners cannot serve TURN yet, if they cannot.
@@ -136,11 +134,11 @@ impl TlsStep {
         })
     }
 
-    /// The acceptor shards get: a new one only for [`TlsStep::New`].
-    pub fn acceptor<'a>(&'a self, running: Option<&'a Certs>) -> Option<&'a TlsAcceptor> {
+    /// The TLS settings shards get with this step.
+    pub fn acceptor(&self, running: Option<&Certs>) -> Option<TlsAcceptor> {
         match self {
-            TlsStep::New(c) => Some(&c.acceptor),
-            _ => running.map(|c| &c.acceptor),
+            TlsStep::New(c) => Some(c.acceptor()),
+            _ => running.map(|c| c.acceptor()),
         }
     }
 

@@ -262,12 +262,21 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         Some(addr) => Some((addr, bind_tcp(addr).map_err(|e| preflight::bind_error("metrics.listen", addr, true, &e, preflight::Mode::Start))?)),
         None => None,
     };
+    let check_socket = match cfg.check.as_ref().and_then(|c| c.http_listen) {
+        Some(addr) => Some(bind_tcp(addr).map_err(|e| preflight::bind_error("check.http_listen", addr, true, &e, preflight::Mode::Start))?),
+        None => None,
+    };
     let ctl = Rc::new(Control::start(&cfg, &policy, shared, reload_tx)?);
     *ctl.certs.borrow_mut() = certs;
     let metrics = metrics_socket.map(|(addr, l)| (addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&ctl), l))));
     let (per_shard, log) = listeners.commit(steps);
-    let acceptor = ctl.certs.borrow().as_ref().map(|c| c.acceptor.clone());
-    ctl.apply(Arc::new(cfg.clone()), &policy, acceptor.as_ref(), per_shard).await?;
+    let acceptor = ctl.certs.borrow().as_ref().map(|c| c.acceptor());
+    let site = check_site(&ctl, &cfg);
+    *ctl.check.borrow_mut() = site.clone();
+    ctl.apply(Arc::new(cfg.clone()), &policy, acceptor.as_ref(), site, per_shard).await?;
+    if let Some(l) = check_socket {
+        tokio::task::spawn_local(serve_check_http(Rc::downgrade(&ctl), l));
+    }
     log.iter().for_each(|l| tracing::info!("{l}"));
     *ctl.listener_names.borrow_mut() = listeners.names();
     // Certificates renewed on disk (certbot, Caddy) are picked up without a restart.
@@ -323,6 +332,30 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The site TLS listeners serve browsers: readiness, and the check page when `[check]` is on.
+fn check_site(ctl: &Control, cfg: &Config) -> Option<Arc<crate::check::Site>> {
+    Some(Arc::new(crate::check::Site::new(ctl.check_key, cfg.check.clone(), crate::check::offers(&cfg.listeners), ctl.check_counts.clone())))
+}
+
+/// The check page on `check.http_listen` (plain HTTP), until the process ends.
+async fn serve_check_http(ctl: std::rc::Weak<Control>, l: tokio::net::TcpListener) {
+    loop {
+        let (tcp, client) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "check.http_listen: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(c) = ctl.upgrade() else { return };
+        let Some(site) = c.check.borrow().clone() else { continue };
+        let weak = ctl.clone();
+        let not_ready = move || weak.upgrade().and_then(|c| c.not_ready());
+        tokio::task::spawn_local(crate::net::stream::https::serve(tcp, client, site, not_ready, Duration::from_secs(10)));
+    }
+}
+
 /// Pings the systemd watchdog at `period` while every shard's event loop
 /// answers within it, so a stuck shard stops the pings and systemd
 /// restarts the service.
@@ -364,6 +397,9 @@ impl Running {
             return Err(ReloadError::Threads { running: self.cfg.threads, file: new.threads });
         }
         let tls_step = TlsStep::plan(new.tls.as_ref(), ctl.certs.borrow().as_ref())?;
+        if new.check.as_ref().and_then(|c| c.http_listen) != self.cfg.check.as_ref().and_then(|c| c.http_listen) {
+            tracing::warn!("check.http_listen: a change applies at the next restart");
+        }
         for (key, now, was) in [("relay.ip", new.core.relay_v4, self.cfg.core.relay_v4), ("relay.ipv6", new.core.relay_v6, self.cfg.core.relay_v6)] {
             if let Some(r) = now.filter(|r| Some(r.local) != was.map(|w| w.local)) {
                 preflight::check_relay_ip(key, r.local)?;
@@ -382,8 +418,9 @@ impl Running {
         // listener bookkeeping goes back to what runs).
         let before = self.listeners.clone();
         let (per_shard, log) = self.listeners.commit(steps);
-        let acceptor = tls_step.acceptor(ctl.certs.borrow().as_ref()).cloned();
-        if let Err(e) = ctl.apply(Arc::new(new.clone()), &peer_policy(&new), acceptor.as_ref(), per_shard).await {
+        let acceptor = tls_step.acceptor(ctl.certs.borrow().as_ref());
+        let site = check_site(ctl, &new);
+        if let Err(e) = ctl.apply(Arc::new(new.clone()), &peer_policy(&new), acceptor.as_ref(), site.clone(), per_shard).await {
             self.listeners = before;
             return Err(e);
         }
@@ -391,6 +428,7 @@ impl Running {
         // Nothing below fails.
         log.iter().for_each(|l| tracing::info!("{l}"));
         tls_step.commit(&mut ctl.certs.borrow_mut());
+        *ctl.check.borrow_mut() = site;
         ctl.shared.set_port_range(port_range(&new));
         *ctl.admin_token.borrow_mut() = new.admin_token.clone();
         *ctl.listener_names.borrow_mut() = self.listeners.names();

@@ -39,6 +39,12 @@ pub struct Control {
     applies: std::cell::Cell<u64>,
     /// The TLS listeners' certificate, when TLS is configured.
     pub certs: RefCell<Option<super::certs::Certs>>,
+    /// The check page, when on; replaced on reload.
+    pub check: RefCell<Option<Arc<crate::check::Site>>>,
+    /// What the check page counts, kept across reloads.
+    pub check_counts: Arc<crate::check::Counts>,
+    /// The key check credentials are signed with (from the shared nonce key).
+    pub check_key: [u8; 16],
 }
 
 impl Control {
@@ -66,7 +72,13 @@ impl Control {
             }
             inboxes.push(tx);
         }
-        Ok(Control { inboxes, shared, admin_token: RefCell::new(cfg.admin_token.clone()), listener_names: RefCell::default(), reload_tx, applies: Default::default(), certs: RefCell::default() })
+        Ok(Control { inboxes, shared, admin_token: RefCell::new(cfg.admin_token.clone()), listener_names: RefCell::default(), reload_tx,
+            applies: Default::default(),
+            certs: RefCell::default(),
+            check: RefCell::default(),
+            check_counts: Arc::default(),
+            check_key: crate::auth::check_key(&nonce_key),
+        })
     }
 
     /// Sends a command to every shard.
@@ -110,12 +122,12 @@ impl Control {
     /// sockets into its runtime, the part that can fail) and says so; only
     /// when every one has within [`ANSWER_WAIT`] do all switch. A shard that
     /// fails or does not answer refuses the change on every shard.
-    pub async fn apply(&self, cfg: Arc<Config>, policy: &PeerPolicy, acceptor: Option<&TlsAcceptor>, steps: Vec<Vec<Step>>) -> Result<(), ReloadError> {
+    pub async fn apply(&self, cfg: Arc<Config>, policy: &PeerPolicy, acceptor: Option<&TlsAcceptor>, check: Option<Arc<crate::check::Site>>, steps: Vec<Vec<Step>>) -> Result<(), ReloadError> {
         let id = self.applies.get() + 1;
         self.applies.set(id);
         let mut steps = steps.into_iter();
         let prepare = |_, done| {
-            let settings = Settings { cfg: cfg.clone(), policy: policy.clone(), acceptor: acceptor.cloned() };
+            let settings = Settings { cfg: cfg.clone(), policy: policy.clone(), acceptor: acceptor.cloned(), check: check.clone() };
             Command::Prepare(Box::new(Apply { id, settings, steps: steps.next().unwrap_or_default(), done }))
         };
         let answers = self.ask_each(prepare, ANSWER_WAIT).await;
@@ -153,6 +165,11 @@ impl Control {
         sum.uptime_seconds = self.shared.started.elapsed().as_secs();
         sum.draining = self.shared.draining();
         sum.ready = self.not_ready().is_none() && sum.silent_shards.is_empty();
+        if self.check.borrow().is_some() {
+            let c = &self.check_counts;
+            let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            sum.check_credentials = Some((n(&c.issued), n(&c.rate_limited), n(&c.bad_token)));
+        }
         if let Some(c) = self.certs.borrow().as_ref() {
             sum.cert_expiry = c.expiry();
             sum.acme_renewals = c.acme.as_ref().map(|a| {
@@ -194,15 +211,9 @@ impl Control {
     /// Why the relay cannot take new allocations (or TLS listeners cannot
     /// serve TURN), if it cannot.
     pub fn not_ready(&self) -> Option<String> {
-        let s = &self.shared;
-        if s.draining() {
-            Some("draining: shutting down".into())
-        } else if s.relay_ports_in_use() >= s.port_range() {
-            Some("no relay port free".into())
-        } else if s.out_of_fds() {
-            Some("out of file descriptors: raise the open-files limit".into())
-        } else {
-            self.certs.borrow().as_ref().and_then(|c| c.not_serving())
+        match self.shared.not_ready() {
+            Some(why) => Some(why.into()),
+            None => self.certs.borrow().as_ref().and_then(|c| c.not_serving()),
         }
     }
 }

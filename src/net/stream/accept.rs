@@ -19,7 +19,7 @@ pub(in crate::net) async fn accept_loop<H: Host>(
     shard: Weak<RefCell<H>>,
     listener: Rc<TcpListener>,
     l: crate::config::Listener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    is_tls: bool,
 ) {
     let Ok(local) = listener.local_addr() else { return };
     loop {
@@ -33,14 +33,20 @@ pub(in crate::net) async fn accept_loop<H: Host>(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let Some((limits, passthrough)) = shard.upgrade().map(|s| {
+        let Some((limits, passthrough, tls, site)) = shard.upgrade().map(|s| {
             let s = s.borrow();
-            (s.limits(), if tls.is_some() { s.passthrough() } else { None })
+            if is_tls {
+                (s.limits(), s.passthrough(), s.acceptor(), s.check_site())
+            } else {
+                (s.limits(), None, None, None)
+            }
         }) else {
             return;
         };
+        if is_tls && tls.is_none() {
+            continue;
+        }
         let shard = shard.clone();
-        let tls = tls.clone();
         let proxy = l.proxy_protocol;
         let transport = l.transport;
         if proxy && !l.proxy_protocol_from.iter().any(|c| c.contains(peer.ip().to_canonical())) {
@@ -101,6 +107,16 @@ pub(in crate::net) async fn accept_loop<H: Host>(
                         let _ = tokio::time::timeout(limits.handshake, tokio::io::AsyncWriteExt::shutdown(&mut tls_stream)).await;
                         close_unused(&shard, tuple, false);
                     }
+                    Ok(Ok(tls_stream)) if tls_stream.get_ref().1.alpn_protocol() == Some(super::https::ALPN) => match site {
+                        // A browser: the check page, its credentials, /readyz.
+                        Some(site) => {
+                            let shared = shard.upgrade().map(|s| s.borrow().shared().clone());
+                            let not_ready = move || shared.as_ref().and_then(|s| s.not_ready()).map(str::to_owned);
+                            super::https::serve(tls_stream, client, site, not_ready, limits.handshake).await;
+                            close_unused(&shard, tuple, false);
+                        }
+                        None => close_unused(&shard, tuple, false),
+                    },
                     Ok(Ok(tls_stream)) => conn::serve(shard, tls_stream, tuple, out, limits.idle).await,
                     Ok(Err(e)) => {
                         tracing::debug!(%client, error = %e, "TLS handshake failed");

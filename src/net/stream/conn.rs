@@ -48,6 +48,10 @@ pub(in crate::net) trait Host: 'static {
     fn limits(&self) -> StreamLimits;
     /// SNI routing on TLS listeners, if configured (replaced on reload).
     fn passthrough(&self) -> Option<Rc<Passthrough>>;
+    /// The TLS settings handshakes use now (replaced on reload).
+    fn acceptor(&self) -> Option<tokio_rustls::TlsAcceptor>;
+    /// The check page, when on (replaced on reload).
+    fn check_site(&self) -> Option<Arc<crate::check::Site>>;
     /// What every shard shares: connection counts, the descriptor budget.
     fn shared(&self) -> &Arc<Shared>;
     /// Stale media dropped on this shard's connections.

@@ -6,6 +6,7 @@
 
 mod accept;
 mod conn;
+pub mod https;
 pub mod passthrough;
 mod peek;
 pub mod proxy;

@@ -213,18 +213,22 @@ impl CertStore {
         Some(self.reload())
     }
 
-    /// The listeners' TLS settings: TURN's ALPN names, and with `acme` the
-    /// TLS-ALPN-01 challenge's (answered only for a name with a pending challenge).
-    pub fn server_config(self: &Arc<Self>, acme: bool) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    /// The listeners' TLS settings: TURN's ALPN names, with `acme` the
+    /// TLS-ALPN-01 challenge's (answered only for a name with a pending
+    /// challenge), HTTP/1.1 for browsers (readiness, the check page).
+    pub fn server_config(self: &Arc<Self>, acme: bool) -> Arc<rustls::ServerConfig> {
         let mut cfg = rustls::ServerConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .expect("ring supports TLS 1.2 and 1.3")
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
         cfg.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
         if acme {
             cfg.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
         }
-        Ok(Arc::new(cfg))
+        // Browsers offer h2 and http/1.1: readiness and the check page answer the latter.
+        cfg.alpn_protocols.push(super::https::ALPN.to_vec());
+        Arc::new(cfg)
     }
 }
 

@@ -8,7 +8,7 @@ impl Server {
     pub(super) fn remove(&mut self, slot: u32, reason: EndReason, now: Instant, relays: &mut dyn RelayPorts) {
         let Some(a) = self.allocs.remove(slot) else { return };
         self.by_tuple.remove(&a.tuple);
-        self.ledger.give_back(quota_key(&a.username));
+        self.ledger.give_back(&a.quota_user());
         for r in [a.v4, a.v6].iter().flatten() {
             relays.close(r.id);
         }

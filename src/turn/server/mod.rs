@@ -43,6 +43,14 @@ const MAX_RESERVATIONS: usize = 4096;
 pub const AMPLIFICATION_FACTOR: usize = 3;
 /// Default answers per second per source IP to unauthenticated UDP requests.
 pub const DEFAULT_UNAUTH_RATE: u32 = 100;
+/// Allocations one client address may hold with check credentials (a
+/// browser's check makes one per transport and peer connection at a time).
+pub const CHECK_ALLOCATIONS_PER_ADDRESS: u32 = 2;
+/// The longest lifetime of an allocation made with check credentials.
+pub const CHECK_MAX_LIFETIME: u32 = 60;
+/// A check allocation's bandwidth cap, each way (512 kbit/s: a data
+/// channel's burst, not a call).
+pub const CHECK_BYTES_PER_SECOND: u64 = 64_000;
 
 /// A relay address: where sockets bind, and what clients are told.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

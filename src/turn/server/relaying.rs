@@ -47,7 +47,13 @@ pub(super) fn within_budget(
         Direction::ToPeer => &mut a.budget_to_peer,
         Direction::FromPeer => &mut a.budget_from_peer,
     };
-    if !own.take(len, cfg.allocation_bytes_per_second, now) {
+    // A check allocation gets its own cap, or the configured one if lower (0 = none configured).
+    let cap = match (a.check, cfg.allocation_bytes_per_second) {
+        (true, 0) => CHECK_BYTES_PER_SECOND,
+        (true, c) => c.min(CHECK_BYTES_PER_SECOND),
+        (false, c) => c,
+    };
+    if !own.take(len, cap, now) {
         stats.dropped_allocation_bandwidth += 1;
         if !a.over_bandwidth_reported {
             a.over_bandwidth_reported = true;
@@ -125,6 +131,12 @@ impl Server {
             return Output::None;
         }
         let Some(a) = self.allocs.get_mut(slot) else { return Output::None };
+        // Its permissions name relay addresses only; whatever peers.allow
+        // says of other ports there, the relay range alone.
+        if a.check && !self.policy.in_relay_range(peer.port()) {
+            self.stats.peer_refusals += 1;
+            return Output::None;
+        }
         if !a.has_permission(peer.ip(), now) {
             self.stats.dropped_no_permission += 1;
             return Output::None;

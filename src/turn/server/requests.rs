@@ -163,15 +163,23 @@ impl Server {
             },
             _ => (Family::V4, false),
         };
+        let (default, max) = self.lifetimes(auth.check);
         let lifetime = match msg.get(attr::LIFETIME).map(attr::decode_u32) {
-            Some(Some(l)) => l.clamp(self.cfg.default_lifetime.min(self.cfg.max_lifetime), self.cfg.max_lifetime),
+            Some(Some(l)) => l.clamp(default, max),
             Some(None) => return reply.err(out, ErrorCode::BadRequest),
-            None => self.cfg.default_lifetime.min(self.cfg.max_lifetime),
+            None => default,
         };
         // Checked and counted at once (other cores may be counting too);
-        // given back below if the relay socket cannot be opened.
-        let qkey = quota_key(auth.username);
-        match self.ledger.take(qkey, self.cfg.user_quota, self.cfg.total_quota) {
+        // given back below if the relay socket cannot be opened. Check
+        // credentials count per client address, not per user.
+        let check_user;
+        let (qkey, user_quota) = if auth.check {
+            check_user = crate::turn::allocation::check_quota_user(tuple.client.ip());
+            (check_user.as_str(), CHECK_ALLOCATIONS_PER_ADDRESS)
+        } else {
+            (quota_key(auth.username), self.cfg.user_quota)
+        };
+        match self.ledger.take(qkey, user_quota, self.cfg.total_quota) {
             Ok(()) => {}
             Err(QuotaRefusal::User) => {
                 self.stats.quota_refusals += 1;
@@ -249,6 +257,7 @@ impl Server {
             budget_from_peer: Bucket::new(),
             over_bandwidth_reported: false,
             timer: None,
+            check: auth.check,
         };
         let n = Self::allocate_success(reply, &a, tuple, lifetime, address_error, token, out);
         let relayed = [a.v4, a.v6].iter().flatten().map(|r| r.advertised).collect();
@@ -256,9 +265,23 @@ impl Server {
         debug_assert_eq!(inserted, slot);
         self.by_tuple.insert(tuple, slot);
         self.stats.allocations_created += 1;
+        self.stats.check_allocations_created += auth.check as u64;
         self.schedule(slot);
         self.event(Event::AllocationCreated { tuple, username: auth.username.to_owned(), relayed, lifetime });
         n
+    }
+
+    /// (default, max) lifetime for an allocation of these credentials.
+    fn lifetimes(&self, check: bool) -> (u32, u32) {
+        let max = if check { self.cfg.max_lifetime.min(CHECK_MAX_LIFETIME) } else { self.cfg.max_lifetime };
+        (self.cfg.default_lifetime.min(max), max)
+    }
+
+    /// Whether `ip` is one of this relay's relayed addresses (local or
+    /// advertised): all a check allocation may reach.
+    pub(super) fn is_relay_ip(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        [self.cfg.relay_v4, self.cfg.relay_v6].iter().flatten().any(|r| r.local == ip || r.external == ip)
     }
 
     pub(super) fn open_relay(
@@ -341,8 +364,8 @@ impl Server {
             });
         }
         // RFC 8656 7.3: min(requested, max), but never below the default.
-        let max = self.cfg.max_lifetime;
-        let lifetime = requested.min(max).max(self.cfg.default_lifetime.min(max));
+        let (default, max) = self.lifetimes(auth.check);
+        let lifetime = requested.min(max).max(default);
         let a = self.allocs.get_mut(slot)?;
         a.expires = now.mono + Duration::from_secs(lifetime as u64);
         a.lifetime = lifetime;
@@ -391,7 +414,7 @@ impl Server {
             }
         }
         for ip in ips {
-            if !self.policy.permits_ip(*ip) {
+            if !self.policy.permits_ip(*ip) || (a.check && !self.is_relay_ip(*ip)) {
                 self.stats.peer_refusals += 1;
                 self.event(Event::PeerRefused { tuple, peer: *ip });
                 return reply.err(out, ErrorCode::Forbidden);
@@ -432,7 +455,8 @@ impl Server {
         if self.allocs.get(slot)?.relay_for(&peer).is_none() {
             return reply.err(out, ErrorCode::PeerAddressFamilyMismatch);
         }
-        if !self.policy.permits(peer) {
+        let check = self.allocs.get(slot)?.check;
+        if !self.policy.permits(peer) || (check && !(self.is_relay_ip(peer.ip()) && self.policy.in_relay_range(peer.port()))) {
             self.stats.peer_refusals += 1;
             self.event(Event::PeerRefused { tuple, peer: peer.ip() });
             return reply.err(out, ErrorCode::Forbidden);
