@@ -1,7 +1,8 @@
 //! The deploy files: deploy/setup.sh in a private copy of deploy/ (both sides
 //! from one set of answers, one secret, a second run changes nothing), the
-//! relay config it renders (turnd accepts it; the firewall rules open exactly
-//! its ports), the prosody entries (numeric ports), the compose files
+//! relay config it renders (its certificate by ACME, or from files as
+//! documented, turnd accepts both; the firewall rules open exactly its
+//! ports), the prosody entries (numeric ports), the compose files
 //! (`docker-compose config`, then the keys that matter), the Kubernetes
 //! DaemonSet and the docs' references.
 
@@ -342,16 +343,19 @@ fn rendered_relay_config_is_accepted_and_the_firewall_opens_exactly_its_ports() 
     // at its in-container path in the config, so point it at the copy).
     let state = site.dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_turnd"))
-        .arg("--config")
-        .arg(&path)
-        .arg("--secret-file")
-        .arg(site.path("turn/etc/secret"))
-        .args(["--check-config", "--file-only"])
-        .env("STATE_DIRECTORY", &state)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "turnd --check-config: {}", String::from_utf8_lossy(&out.stderr));
+    let check_file_only = |config: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_turnd"))
+            .arg("--config")
+            .arg(config)
+            .arg("--secret-file")
+            .arg(site.path("turn/etc/secret"))
+            .args(["--check-config", "--file-only"])
+            .env("STATE_DIRECTORY", &state)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "turnd --check-config on {}: {}", config.display(), String::from_utf8_lossy(&out.stderr));
+    };
+    check_file_only(&path);
 
     let cfg: toml::Table = site.read("turn/etc/turnd.toml").parse().unwrap();
     assert_eq!(cfg["realm"].as_str(), Some(TURN));
@@ -359,7 +363,51 @@ fn rendered_relay_config_is_accepted_and_the_firewall_opens_exactly_its_ports() 
     assert_eq!(cfg["relay"]["external_ip"].as_str(), Some(TURN_IP));
     assert_eq!(cfg["relay"]["ports"].as_str(), Some("49152-65535"));
     assert_eq!(cfg["metrics"]["listen"].as_str(), Some("127.0.0.1:9641"), "metrics on loopback only");
-    assert!(cfg["tls"]["cert"].as_str().unwrap().starts_with("/etc/turnd/tls/"));
+    // The certificate by ACME: turnd obtains it for the relay's name, with
+    // the operator's address as the contact, and keeps it in its state
+    // directory (the compose file's `state` volume, the unit's StateDirectory).
+    let tls = cfg["tls"].as_table().expect("a [tls] table");
+    assert!(tls.get("cert").is_none() && tls.get("key").is_none(), "certificate files by default: {tls:?}");
+    let acme = tls["acme"].as_table().expect("[tls.acme]");
+    assert_eq!(acme["names"].as_array().unwrap(), &vec![toml::Value::from(TURN)], "tls.acme.names");
+    assert_eq!(acme["contact"].as_str(), Some("ops@example.com"), "tls.acme.contact");
+    assert!(acme["state_dir"].as_str().unwrap().starts_with("/var/lib/turnd/"), "tls.acme.state_dir in the state volume: {acme:?}");
+    assert!(acme.get("directory").is_none(), "Let's Encrypt's production directory by default: {acme:?}");
+
+    // The documented switch to certificate files: delete the [tls.acme]
+    // table, uncomment the [tls] table below it. turnd accepts that too, with
+    // the files where compose's commented mount and the certbot hook put them.
+    let rendered = site.read("turn/etc/turnd.toml");
+    let mut in_acme = false;
+    let mut files = String::new();
+    for line in rendered.lines() {
+        if line.starts_with('[') {
+            in_acme = line == "[tls.acme]";
+        }
+        if in_acme && (line == "[tls.acme]" || ["names", "contact", "state_dir"].iter().any(|k| line.starts_with(&format!("{k} =")))) {
+            continue;
+        }
+        let line = match line.strip_prefix("# ") {
+            Some(l) if l == "[tls]" || l.starts_with("cert = ") || l.starts_with("key = ") => l,
+            _ => line,
+        };
+        files.push_str(line);
+        files.push('\n');
+    }
+    let files_cfg: toml::Table = files.parse().unwrap_or_else(|e| panic!("the config switched to certificate files: {e}\n{files}"));
+    assert!(files_cfg["tls"].get("acme").is_none(), "[tls.acme] is gone");
+    let hook_dir = "/etc/turnd/tls/";
+    for (k, f) in [("cert", "fullchain.pem"), ("key", "privkey.pem")] {
+        assert_eq!(files_cfg["tls"][k].as_str(), Some(format!("{hook_dir}{f}").as_str()), "tls.{k} where the hook puts it");
+    }
+    let compose = site.read("turn/compose.yaml");
+    assert!(
+        compose.lines().any(|l| l.trim() == "# - ${TURND_TLS_DIR:-/etc/turnd/tls}:/etc/turnd/tls:ro"),
+        "compose.yaml keeps the certificate-files mount as a comment"
+    );
+    let files_path = site.dir.join("turnd-files.toml");
+    std::fs::write(&files_path, &files).unwrap();
+    check_file_only(&files_path);
     let listeners: BTreeSet<String> = cfg["listen"]
         .as_array()
         .unwrap()
@@ -556,6 +604,10 @@ fn compose_files_parse_and_wire_the_relay_into_prosody() {
     assert!(!source.starts_with('/') && !source.starts_with('.'), "a named volume (filled from the image, owner included): {state}");
     let raw_turn = deploy::yaml_to_json(&deploy::repo().join("deploy/turn/compose.yaml")).remove(0);
     assert!(raw_turn["volumes"].get(source).is_some(), "volume {source} is not declared: {raw_turn}");
+    // The certificate comes by ACME into that volume: no certificate files
+    // are mounted by default (the mount stays in compose.yaml as a comment).
+    assert!(!volumes.iter().any(|v| v.contains("/etc/turnd/tls")), "a certificate-files mount by default: {volumes:?}");
+    assert_eq!(volumes.len(), 2, "config and state only: {volumes:?}");
     let context = t["build"]["context"].as_str().unwrap();
     let context = if Path::new(context).is_absolute() { PathBuf::from(context) } else { site.path("turn").join(context) };
     let dockerfile = t["build"]["dockerfile"].as_str().unwrap();
