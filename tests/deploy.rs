@@ -788,14 +788,15 @@ fn docs_name_the_pinned_release_the_tools_and_the_systemd_route() {
         "groupadd --system ssl-cert",
         "install -d -m 0750 -g ssl-cert /etc/turnd",
         "install -m 0640 -g ssl-cert deploy/turn/etc/turnd.toml deploy/turn/etc/secret /etc/turnd/",
-        "--deploy-hook",
         "turnd --config /etc/turnd/turnd.toml --check-config",
         "systemctl daemon-reload && systemctl enable --now turnd",
+        "turnctl status",
     ] {
         let i = block[at..].find(step).unwrap_or_else(|| panic!("the systemd route lacks {step:?} (in order):\n{block}"));
         at += i + step.len();
     }
     assert!(!block.contains("config/turnd.toml"), "the systemd route installs the example config over setup.sh's:\n{block}");
+    assert!(!block.contains("certbot"), "setup.sh's config gets its certificate by ACME; the systemd route runs certbot:\n{block}");
     assert!(repo.join("deploy/systemd/turnd.service").is_file());
     for script in ["deploy/setup.sh", "deploy/turn/ufw.sh", "deploy/jitsi/ufw.sh", "deploy/jitsi/external-services.sh", "deploy/turn/certbot-deploy-hook.sh"] {
         let m = std::fs::metadata(repo.join(script)).unwrap();
@@ -1022,7 +1023,39 @@ fn docs_troubleshoot_peer_refusals_without_opening_a_private_range() {
     assert!(!step.contains("[peers] allow") || step.contains("never"), "the peer-refusal step tells the operator to allow a peer range: {step}");
     // Which prosody the tests run and which the pinned image runs.
     let deb = format!("turnd_{}_amd64.deb", env!("CARGO_PKG_VERSION"));
-    for needle in ["prosody 0.12", "prosody 13", "TCP 80", "renew", "?transport=udp", "forceTurnRelay", "deploy/debian/build-deb.sh", &deb] {
+    for needle in ["prosody 0.12", "prosody 13", "renew", "?transport=udp", "forceTurnRelay", "deploy/debian/build-deb.sh", &deb] {
         assert!(readme.contains(needle), "deploy/README.md does not mention {needle:?}");
     }
+}
+
+/// The relay's certificate in both deploy guides: by ACME (no certbot
+/// --standalone, no port 80 on the relay), watched and renewed with turnctl,
+/// alerted on by the rules; certbot with DNS-01 and the hook as the
+/// documented alternative.
+#[test]
+fn docs_get_the_relay_certificate_by_acme_with_certbot_files_as_the_alternative() {
+    let repo = deploy::repo();
+    for doc in ["deploy/README.md", "deploy/turn/README.md"] {
+        let text = std::fs::read_to_string(repo.join(doc)).unwrap();
+        for needle in [
+            "TLS-ALPN-01",
+            "turnctl status",
+            "turnctl cert renew",
+            "/readyz",
+            "turnd-rules.yaml",
+            "Certificate files instead",
+            "DNS-01",
+            "certbot-deploy-hook.sh",
+        ] {
+            assert!(text.contains(needle), "{doc} does not mention {needle:?}");
+        }
+        for stale in ["--standalone", "80/tcp", "apt-get install certbot\n"] {
+            assert!(!text.contains(stale), "{doc} still has {stale:?}: certbot's HTTP-01 route for the relay");
+        }
+    }
+    // The alternative's certbot command installs the hook.
+    let turn = std::fs::read_to_string(repo.join("deploy/turn/README.md")).unwrap();
+    let alt = turn.split("### Certificate files instead").nth(1).expect("a \"Certificate files instead\" section");
+    let cmd = alt.split("```sh").nth(1).and_then(|b| b.split("```").next()).expect("its commands");
+    assert!(cmd.contains("certbot certonly --dns-") && cmd.contains("--deploy-hook /opt/turnd/deploy/turn/certbot-deploy-hook.sh"), "{cmd}");
 }
