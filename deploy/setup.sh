@@ -21,7 +21,9 @@
 #   deploy/turn/.env                         compose settings for the relay
 #   deploy/jitsi/.env                        docker-jitsi-meet settings incl. TURN_CREDENTIALS
 #   deploy/jitsi/prosody-external-services.cfg.lua   what prosody makes of jitsi/.env
-# and creates deploy/turn/etc/tls/ and the data directories under deploy/jitsi/config/.
+# and creates the data directories under deploy/jitsi/config/ and an empty
+# deploy/turn/etc/tls/ (the mount point for certificate files, when the relay
+# reads them instead of getting its certificate by ACME itself).
 #
 # The secret is generated once (turnctl secret; openssl rand -hex 32 when
 # turnctl is not built) and then kept: an existing deploy/turn/etc/secret or
@@ -56,7 +58,7 @@ Answers (each also read from the environment variable in brackets):
   --turn-domain NAME     DNS name of the relay, e.g. turn.example.com        [TURN_DOMAIN]
   --meet-ip IPV4         public IPv4 address of the Jitsi VPS                [MEET_IP]
   --turn-ip IPV4         public IPv4 address of the relay VPS                [TURN_IP]
-  --email ADDRESS        Let's Encrypt account e-mail (Caddy, certbot)       [ACME_EMAIL]
+  --email ADDRESS        Let's Encrypt account e-mail (turnd, Caddy)         [ACME_EMAIL]
   --turn-port N          TURN over UDP and TCP (default 3478)                [TURN_PORT]
   --turns-port N         TURN over TLS (default 443)                         [TURNS_PORT]
   --relay-ports LOW-HIGH relay port range (default 49152-65535)              [RELAY_PORTS]
@@ -80,7 +82,7 @@ declare -A prompts=(
   [TURN_DOMAIN]="DNS name of the relay (e.g. turn.example.com)"
   [MEET_IP]="Public IPv4 address of the Jitsi VPS"
   [TURN_IP]="Public IPv4 address of the relay VPS"
-  [ACME_EMAIL]="E-mail address for Let's Encrypt"
+  [ACME_EMAIL]="E-mail address for Let's Encrypt (the relay's and the site's certificates)"
 )
 
 declare -A from_flags=()
@@ -174,7 +176,7 @@ done
   die "MEET_DOMAIN and TURN_DOMAIN must differ: the relay owns TCP 443 on its own machine"
 is_ipv4 "${val[MEET_IP]}" || die "MEET_IP: \`${val[MEET_IP]}\` is not an IPv4 address"
 is_ipv4 "${val[TURN_IP]}" || die "TURN_IP: \`${val[TURN_IP]}\` is not an IPv4 address"
-[[ "${val[ACME_EMAIL]}" =~ ^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+$ ]] || die "ACME_EMAIL: \`${val[ACME_EMAIL]}\` is not an e-mail address"
+[[ "${val[ACME_EMAIL]}" =~ ^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$ ]] || die "ACME_EMAIL: \`${val[ACME_EMAIL]}\` is not an e-mail address"
 is_port "${val[TURN_PORT]}" || die "TURN_PORT: \`${val[TURN_PORT]}\` is not a port number"
 is_port "${val[TURNS_PORT]}" || die "TURNS_PORT: \`${val[TURNS_PORT]}\` is not a port number"
 [[ "${val[RELAY_PORTS]}" =~ ^([0-9]{1,5})-([0-9]{1,5})$ ]] || die "RELAY_PORTS: \`${val[RELAY_PORTS]}\` is not LOW-HIGH"
@@ -392,10 +394,19 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 relay_rules=$("$turn_dir/ufw.sh" --print)
+# Let's Encrypt sends the TLS-ALPN-01 challenge to TCP 443 only.
+acme_port_note=
+if [ "${val[TURNS_PORT]}" != 443 ]; then
+  acme_port_note="
+              NOTE: TURNS_PORT is ${val[TURNS_PORT]}, but Let's Encrypt validates the name on TCP 443
+              only: unless TCP 443 of ${val[TURN_IP]} reaches turnd's port ${val[TURNS_PORT]}, use
+              certificate files instead (\"Certificate files instead\" in deploy/turn/README.md)."
+fi
 jitsi_rules=$("$jitsi_dir/ufw.sh" --print)
 cat <<EOF
 
-DNS records to create (at your DNS provider; both before requesting certificates):
+DNS records to create (at your DNS provider; both before starting anything: the relay and the
+site get their certificates from Let's Encrypt on their first start, under these names):
   ${val[MEET_DOMAIN]}.  A  ${val[MEET_IP]}   (Jitsi VPS)
   ${val[TURN_DOMAIN]}.  A  ${val[TURN_IP]}   (relay VPS)
 $(for h in "${hosts[@]}"; do [ "$h" = "${val[TURN_DOMAIN]}" ] || echo "  $h.  A  <its relay's IP>   (another relay sharing the secret)"; done)
@@ -411,10 +422,12 @@ Next (deploy/README.md has the details; run these as root, from the checkout's t
   relay VPS:  deploy/setup.sh     (again, on the relay itself: after a copy, gives deploy/turn/etc
                                    back to the container's group $TURND_GID; changes nothing else)
               ufw allow OpenSSH && deploy/turn/ufw.sh && ufw enable
-              apt-get install certbot
-              certbot certonly --standalone -d ${val[TURN_DOMAIN]} -m ${val[ACME_EMAIL]} --agree-tos \\
-                --deploy-hook \$PWD/deploy/turn/certbot-deploy-hook.sh
               cd deploy/turn && docker compose up -d --build
+              (turnd gets its certificate for ${val[TURN_DOMAIN]} from Let's Encrypt itself on this
+               first start, once ${val[TURN_DOMAIN]} resolves to ${val[TURN_IP]} and TCP 443 is open:
+               no certbot, no port 80. UDP and TCP serve at once, TLS once the certificate is there.
+               Watch it: docker compose logs -f turnd, docker compose exec turnd turnctl status,
+               curl -s 127.0.0.1:9641/readyz)${acme_port_note}
   anywhere:   turnctl check ${val[TURN_DOMAIN]} --secret-file deploy/turn/etc/secret
   Jitsi VPS:  copy deploy/jitsi/ (with .env, mode 0600) there, then:
               cd deploy/jitsi && ufw allow OpenSSH && ./ufw.sh && ufw enable

@@ -5,7 +5,8 @@
 //! external services (XEP-0215, urn:xmpp:extdisco:2) as a Jitsi browser does.
 //! With exactly the hosts, ports, transports and credentials prosody hands out,
 //! coturn's turnutils_uclient allocates and relays on a turnd running the
-//! deploy's turnd.toml (addresses swapped for loopback) over UDP, TCP and TLS;
+//! deploy's turnd.toml (addresses swapped for loopback, a test certificate in
+//! place of its ACME) over UDP, TCP and TLS;
 //! a credential whose expiry has passed is refused.
 
 mod common;
@@ -220,9 +221,10 @@ fn uclient(mode: &[&str], host: &str, port: &str, user: &str, pass: &str, peer: 
 }
 
 /// turnd with the deploy's production config, moved to loopback: listeners on
-/// 127.0.0.1 (ports from the deploy), a test certificate instead of Let's
-/// Encrypt's, the deploy's secret file, relay sockets on 127.0.0.1 with the
-/// echo peer's loopback range allowed, and its own metrics port.
+/// 127.0.0.1 (ports from the deploy), a test certificate in files instead of
+/// the deploy's [tls.acme], the deploy's secret file, relay sockets on
+/// 127.0.0.1 with the echo peer's loopback range allowed, and its own
+/// metrics port.
 fn start_turnd(deploy_dir: &Path, metrics_port: u16) -> Turnd {
     let rendered = std::fs::read_to_string(deploy_dir.join("turn/etc/turnd.toml")).unwrap();
     let mut cfg: toml::Table = rendered.parse().expect("the deploy's turnd.toml is TOML");
@@ -243,7 +245,14 @@ fn start_turnd(deploy_dir: &Path, metrics_port: u16) -> Turnd {
     Turnd::builder().config(probe, |dir| {
         make_cert(dir, "cert.pem", "key.pem", "turnd-prosody-test");
         let mut cfg = cfg.clone();
+        // The deploy gets its certificate by ACME from Let's Encrypt, which
+        // this test has no CA for (and a relay named 127.0.0.1 could not get
+        // one): the [tls.acme] table becomes a [tls] table with a test
+        // certificate, the documented alternative. tests/acme.rs covers ACME
+        // itself, against Pebble.
         let tls = cfg["tls"].as_table_mut().unwrap();
+        let acme = tls.remove("acme").expect("the deploy's turnd.toml gets its certificate by [tls.acme]");
+        assert_eq!(acme["names"].as_array().map(Vec::len), Some(1), "tls.acme.names: the relay's name: {acme:?}");
         tls.insert("cert".into(), dir.join("cert.pem").display().to_string().into());
         tls.insert("key".into(), dir.join("key.pem").display().to_string().into());
         cfg["auth"].as_table_mut().unwrap().insert("secret_file".into(), secret_file.display().to_string().into());

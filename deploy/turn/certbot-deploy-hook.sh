@@ -1,6 +1,11 @@
 #!/bin/sh
 # certbot deploy hook: hand the relay's certificate to turnd.
 #
+# Only for a relay that reads certificate files ([tls] cert and key) instead
+# of getting its certificate by ACME itself ([tls.acme], the default of
+# deploy/turn/turnd.toml.template): a wildcard certificate through certbot's
+# DNS-01 challenge, for example.
+#
 # certbot keeps its private keys readable by root only, while turnd runs as an
 # unprivileged user. On every issue and renewal, certbot runs this hook with
 # RENEWED_LINEAGE=/etc/letsencrypt/live/<name>; it copies fullchain.pem and
@@ -9,8 +14,11 @@
 # (systemd unit from deploy/systemd) or turnd (Debian package). turnd picks up
 # the new files within 5 s; no restart, calls continue.
 #
-# Install once (certbot stores the hook with the certificate's renewal settings):
-#   certbot certonly --standalone -d turn.example.com -m you@example.com --agree-tos \
+# Install once (certbot stores the hook with the certificate's renewal
+# settings), e.g. with the DNS plugin for your provider (Debian packages
+# python3-certbot-dns-*; here Cloudflare's):
+#   certbot certonly --dns-cloudflare --dns-cloudflare-credentials /root/cloudflare.ini \
+#     -d turn.example.com -m you@example.com --agree-tos \
 #     --deploy-hook /path/to/deploy/turn/certbot-deploy-hook.sh
 #
 # The group: TURND_TLS_GROUP when set; else the group of an existing

@@ -9,10 +9,12 @@
 # ports UDP 49152-65535. The metrics/admin listener stays on 127.0.0.1 and
 # gets no rule. Keep your SSH rule (ufw allow OpenSSH) before `ufw enable`.
 #
-# TCP 80 stays open for certbot: its standalone HTTP-01 challenge needs the
-# port at the first issue and again at every renewal (every 60 days or so);
-# nothing listens there in between. If you get the certificate with a DNS
-# challenge instead, remove that rule: ufw delete allow 80/tcp
+# No rule for TCP 80: turnd gets its certificate by ACME with the TLS-ALPN-01
+# challenge, which Let's Encrypt sends to TCP 443 (the TLS rule below, with
+# the default TURNS_PORT). With certificate files from certbot instead, its
+# DNS-01 challenge needs no port either; only certbot's HTTP-01 challenge
+# (--standalone or --webroot) would need TCP 80 open, at the first issue and
+# at every renewal (ufw allow 80/tcp).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -37,7 +39,6 @@ rules=(
   "allow ${TURN_PORT}/tcp comment 'turnd TURN over TCP'"
   "allow ${TURNS_PORT}/tcp comment 'turnd TURN over TLS'"
   "allow ${RELAY_PORTS/-/:}/udp comment 'turnd relay ports'"
-  "allow 80/tcp comment 'certbot HTTP-01 challenge (issue and renewals)'"
 )
 
 if [ "${1:-}" = "--print" ]; then
