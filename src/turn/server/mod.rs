@@ -43,9 +43,13 @@ const MAX_RESERVATIONS: usize = 4096;
 pub const AMPLIFICATION_FACTOR: usize = 3;
 /// Default answers per second per source IP to unauthenticated UDP requests.
 pub const DEFAULT_UNAUTH_RATE: u32 = 100;
-/// Allocations one client address may hold with check credentials (a
-/// browser's check makes one per transport and peer connection at a time).
-pub const CHECK_ALLOCATIONS_PER_ADDRESS: u32 = 2;
+/// Allocations one client address may hold with check credentials. The
+/// page tries one transport at a time with two peer connections, and
+/// Chromium opens a TURN TCP or TLS connection for each of its IPv4 and
+/// IPv6 default networks, both over IPv4 when the relay's name has no AAAA
+/// record: four allocations from one address. With two, one peer connection
+/// could take both and leave the other none.
+pub const CHECK_ALLOCATIONS_PER_ADDRESS: u32 = 4;
 /// The longest lifetime of an allocation made with check credentials.
 pub const CHECK_MAX_LIFETIME: u32 = 60;
 /// A check allocation's bandwidth cap, each way (512 kbit/s: a data
