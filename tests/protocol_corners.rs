@@ -398,3 +398,47 @@ fn wire_tls_close_notify_in_the_read_that_backlogs_answers_gets_every_answer() {
         assert_eq!(count_answers(&got), 1000, "every pipelined request answered before the close");
     }
 }
+
+#[test]
+fn wire_tls_with_http_alpn_still_carries_turn() {
+    // Firefox behind an HTTP proxy sends TURN over TLS through its HTTP
+    // stack, which offers the browser's usual ALPN (h2, http/1.1): turnd
+    // negotiates http/1.1 there (for the check page) and must still answer
+    // STUN. A browser's HTTP request on such a connection gets HTTP.
+    use std::io::{Read, Write};
+    let server = Turnd::builder().streams().extra("[check]\nenabled = true\n").start();
+    let addr: SocketAddr = format!("127.0.0.1:{}", server.tls_port).parse().unwrap();
+    let client = |alpn: &[&[u8]]| {
+        let mut cfg = (*wire::insecure_tls_config()).clone();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).unwrap();
+        }
+        assert_eq!(tls.conn.alpn_protocol(), Some(&b"http/1.1"[..]), "turnd picks http/1.1 from h2, http/1.1");
+        tls
+    };
+    let mut turn = client(&[b"h2", b"http/1.1"]);
+    turn.write_all(&pipelined_bindings(3)).unwrap();
+    turn.flush().unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let until = Instant::now() + Duration::from_secs(10);
+    while count_answers(&got) < 3 && Instant::now() < until {
+        match turn.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(k) => got.extend_from_slice(&chunk[..k]),
+            Err(e) => panic!("read: {e} after {} bytes: {}", got.len(), server.log()),
+        }
+    }
+    assert_eq!(count_answers(&got), 3, "STUN over TLS with ALPN http/1.1 answered: {}", server.log());
+
+    let mut web = client(&[b"h2", b"http/1.1"]);
+    web.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    web.flush().unwrap();
+    let answer = String::from_utf8_lossy(&read_to_close(&mut web)).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ready\n"), "{answer}");
+}

@@ -107,16 +107,21 @@ pub(in crate::net) async fn accept_loop<H: Host>(
                         let _ = tokio::time::timeout(limits.handshake, tokio::io::AsyncWriteExt::shutdown(&mut tls_stream)).await;
                         close_unused(&shard, tuple, false);
                     }
-                    Ok(Ok(tls_stream)) if tls_stream.get_ref().1.alpn_protocol() == Some(super::https::ALPN) => match site {
-                        // A browser: the check page, its credentials, /readyz.
-                        Some(site) => {
+                    Ok(Ok(mut tls_stream)) if tls_stream.get_ref().1.alpn_protocol() == Some(super::https::ALPN) => {
+                        if starts_with_stun(&mut tls_stream, limits.handshake).await {
+                            // TURN from a browser's HTTP stack: Firefox behind
+                            // an HTTP proxy offers its usual ALPN (h2, http/1.1).
+                            conn::serve(shard, tls_stream, tuple, out, limits.idle).await
+                        } else if let Some(site) = site {
+                            // A browser: the check page, its credentials, /readyz.
                             let shared = shard.upgrade().map(|s| s.borrow().shared().clone());
                             let not_ready = move || shared.as_ref().and_then(|s| s.not_ready()).map(str::to_owned);
                             super::https::serve(tls_stream, client, site, not_ready, limits.handshake).await;
                             close_unused(&shard, tuple, false);
+                        } else {
+                            close_unused(&shard, tuple, false);
                         }
-                        None => close_unused(&shard, tuple, false),
-                    },
+                    }
                     Ok(Ok(tls_stream)) => conn::serve(shard, tls_stream, tuple, out, limits.idle).await,
                     Ok(Err(e)) => {
                         tracing::debug!(%client, error = %e, "TLS handshake failed");
@@ -133,6 +138,39 @@ pub(in crate::net) async fn accept_loop<H: Host>(
             drop(admission);
         });
     }
+}
+
+/// Whether the first plaintext of a TLS connection that negotiated
+/// http/1.1 starts a STUN message (TURN) rather than an HTTP request. A
+/// client's first TURN message is a STUN request, whose first byte is below
+/// 0x40 (ChannelData, 0x40 to 0x4f, needs a channel bound first); every HTTP
+/// request starts with a method name in capitals. Peeks without taking the
+/// bytes (the TURN connection and hyper read them after); false when
+/// nothing comes within `limit`.
+async fn starts_with_stun(tls: &mut tokio_rustls::server::TlsStream<tokio::net::TcpStream>, limit: Duration) -> bool {
+    let peek = async {
+        loop {
+            let (tcp, conn) = tls.get_mut();
+            match std::io::BufRead::fill_buf(&mut conn.reader()) {
+                Ok(b) => return b.first().is_some_and(|&first| first < 0x40),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+            if tcp.readable().await.is_err() {
+                return false;
+            }
+            match conn.read_tls(&mut conn::TryIo(tcp)) {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return false,
+            }
+            if conn.process_new_packets().is_err() {
+                return false;
+            }
+        }
+    };
+    tokio::time::timeout(limit, peek).await.unwrap_or(false)
 }
 
 /// With `[tls.passthrough]`: peeks at the ClientHello and, for a name that

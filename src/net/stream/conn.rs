@@ -358,7 +358,7 @@ thread_local! {
 
 /// Non-blocking reads and writes on the socket for rustls: WouldBlock when
 /// the socket is not ready.
-struct TryIo<'a>(&'a TcpStream);
+pub(super) struct TryIo<'a>(pub(super) &'a TcpStream);
 
 impl std::io::Read for TryIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
