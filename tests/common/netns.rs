@@ -10,6 +10,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -21,6 +22,8 @@ const BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
 const CMD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Name prefix of every namespace this helper creates (pid follows).
 const PREFIX: &str = "turnd-t";
+/// Where `ip netns exec` finds per-namespace files to put over /etc.
+const ETC_NETNS: &str = "/etc/netns";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -39,6 +42,8 @@ pub struct NetNs {
     host_ip: Ipv4Addr,
     ns_ip: Ipv4Addr,
     firewall: Firewall,
+    /// `/etc/netns/NAME`, once [`NetNs::set_hosts`] made it.
+    etc: Option<PathBuf>,
 }
 
 impl NetNs {
@@ -88,6 +93,7 @@ impl NetNs {
                     host_ip: Ipv4Addr::UNSPECIFIED,
                     ns_ip: Ipv4Addr::UNSPECIFIED,
                     firewall,
+                    etc: None,
                 });
                 break;
             }
@@ -188,6 +194,24 @@ impl NetNs {
                 must(self.command("nft").args(["delete", "table", "inet", "turnd_test_in"]));
             }
         }
+    }
+
+    /// The `/etc/hosts` of programs run with [`NetNs::command`]: `ip netns
+    /// exec` bind-mounts `/etc/netns/NAME/hosts` over `/etc/hosts` when that
+    /// file exists. `names` are (address, host name) pairs; localhost is
+    /// always there. Each name is also listed with a trailing dot, as
+    /// Chromium's WebRTC looks TURN servers up by their absolute name
+    /// (`turn.example.` finds nothing in a hosts file that has only
+    /// `turn.example`). Removed with the namespace.
+    pub fn set_hosts(&mut self, names: &[(Ipv4Addr, &str)]) {
+        let dir = PathBuf::from(ETC_NETNS).join(&self.name);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("netns: create {}: {e}", dir.display()));
+        self.etc = Some(dir.clone());
+        let mut text = String::from("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
+        for (ip, name) in names {
+            text += &format!("{ip} {name} {name}.\n");
+        }
+        std::fs::write(dir.join("hosts"), text).unwrap_or_else(|e| panic!("netns: write {}/hosts: {e}", dir.display()));
     }
 
     pub fn name(&self) -> &str {
@@ -352,6 +376,10 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace destroys its veth end and with it the pair.
         let _ = try_run(Command::new("ip").args(["netns", "del", &self.name]));
+        // `ip netns del` leaves /etc/netns/NAME alone.
+        if let Some(etc) = self.etc.take() {
+            let _ = std::fs::remove_dir_all(etc);
+        }
         if let Some(hif) = self.host_if.as_ref().filter(|_| self.upstream.is_none()) {
             // The kernel tears the namespace down asynchronously: give it a
             // moment, then delete the host end ourselves if still there.
@@ -399,16 +427,23 @@ fn pick_firewall() -> Firewall {
     }
 }
 
-/// Removes namespaces left by test processes that no longer exist (killed
-/// before their drop ran).
+/// Removes namespaces, and their /etc/netns directories, left by test
+/// processes that no longer exist (killed before their drop ran).
 fn reap_stale() {
+    let dead = |name: &str| {
+        let pid = name.strip_prefix(PREFIX).and_then(|rest| rest.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+        pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
     let out = run(Command::new("ip").args(["netns", "list"]));
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if dead(name) {
             let _ = run(Command::new("ip").args(["netns", "del", name]));
+        }
+    }
+    for entry in std::fs::read_dir(ETC_NETNS).into_iter().flatten().flatten() {
+        if dead(&entry.file_name().to_string_lossy()) {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
