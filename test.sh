@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what the tests need when it
 # is missing (Debian's coturn for turnutils_uclient, iptables for the
-# network-namespace test, chromium for the browser tests, pebble, curl and
+# network-namespace test, chromium and firefox-esr for the browser tests, pebble, curl and
 # libnss3-tools for the ACME test, squid for the
 # proxy-only network test, prosody and
 # docker-compose for the deploy tests, prometheus for the promtool of the
@@ -32,8 +32,11 @@ fi
 if ! command -v chromium >/dev/null 2>&1; then
   missing+=(chromium)    # headless browser of tests/browser_chromium.rs and tests/netns_udp_blocked.rs
 fi
+if ! command -v firefox-esr >/dev/null 2>&1; then
+  missing+=(firefox-esr) # the second browser on the check page (tests/browser_check.rs)
+fi
 if [ ! -x /usr/sbin/squid ]; then
-  missing+=(squid)       # the HTTP proxy of tests/proxy_only.rs (run by the test itself)
+  missing+=(squid)       # the HTTP proxy of tests/proxy_only.rs and tests/browser_check.rs (run by the tests)
 fi
 if ! command -v prosody >/dev/null 2>&1; then
   missing+=(prosody)     # the real XMPP server of tests/prosody.rs (Debian: 0.12)
@@ -45,7 +48,7 @@ if ! command -v pebble >/dev/null 2>&1 || ! command -v pebble-challtestsrv >/dev
   missing+=(pebble)      # the ACME test CA and its DNS of tests/acme.rs
 fi
 if ! command -v certutil >/dev/null 2>&1; then
-  missing+=(libnss3-tools)  # certutil: Chromium trusting Pebble's root in tests/acme.rs
+  missing+=(libnss3-tools)  # certutil: browsers trusting test CAs (tests/acme.rs, tests/browser_check.rs)
 fi
 if ! command -v curl >/dev/null 2>&1; then
   missing+=(curl)        # Pebble's root and DNS management in tests/acme.rs
@@ -127,7 +130,7 @@ if [ "$status" -eq 0 ]; then
   for f in tests/*.rs; do
     name=$(basename "$f" .rs)
     case "$name" in
-      browser_chromium|browser_call|netns_udp_blocked|proxy_only|debian_package|deploy|alert_rules|prosody) ;;
+      browser_chromium|browser_call|browser_check|netns_udp_blocked|proxy_only|debian_package|deploy|alert_rules|prosody) ;;
       *) targets+=(--test "$name") ;;
     esac
   done

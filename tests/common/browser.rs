@@ -144,6 +144,16 @@ impl PageServer {
     pub fn page_url(&self) -> String {
         format!("http://{}/relay.html", self.addr)
     }
+
+    /// Where a page served from elsewhere POSTs its result.
+    pub fn result_url(&self) -> String {
+        format!("http://{}/result", self.addr)
+    }
+
+    /// The body of the next POST to /result, waiting at most `timeout`.
+    pub fn recv_result(&self, timeout: Duration) -> Option<String> {
+        self.results.recv_timeout(timeout).ok()
+    }
 }
 
 impl Drop for PageServer {
