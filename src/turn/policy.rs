@@ -239,17 +239,17 @@ impl PeerPolicy {
         !forms.iter().flatten().any(|f| self.deny.iter().any(|c| c.contains(*f)))
     }
 
+    /// Whether `port` is in the relay port range.
+    pub fn in_relay_range(&self, port: u16) -> bool {
+        (self.relay_ports.0..=self.relay_ports.1).contains(&port)
+    }
+
     /// For a peer whose IP already has a permission: false for the server's
     /// own address on a port outside the relay range (its listener, metrics
     /// or admin port) unless that exact address is allowed, and false for
     /// an IP permitted only through an exact `IP:PORT` entry on any other
     /// port. Cheap enough per packet (the entry list is usually empty).
     #[inline]
-    /// Whether `port` is in the relay port range.
-    pub fn in_relay_range(&self, port: u16) -> bool {
-        (self.relay_ports.0..=self.relay_ports.1).contains(&port)
-    }
-
     pub fn permits_port(&self, addr: SocketAddr) -> bool {
         if self.is_allowed_address(addr) {
             return true;

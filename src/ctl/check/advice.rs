@@ -245,8 +245,8 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
             Some((CertProblem::Expired, _)) => {
                 let when = c.info.as_ref().map(|i| cert::format_date(i.not_after)).unwrap_or_default();
                 m.push(format!(
-                    "The certificate expired on {when}: TLS clients refuse it. Renew it (e.g. certbot renew; turnd picks up renewed files \
-                     within 5 s). If it is not really expired, this machine's clock is wrong."
+                    "The certificate expired on {when}: TLS clients refuse it. Renew it (turnctl cert renew on the relay with [tls.acme], \
+                     or certbot renew: turnd picks up renewed files within 5 s). If it is not really expired, this machine's clock is wrong."
                 ));
             }
             Some((CertProblem::NotYetValid, _)) => {
@@ -259,7 +259,8 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
             None => {
                 if let Some(days) = c.days_left.filter(|d| *d < EXPIRY_WARN_DAYS) {
                     m.push(format!(
-                        "Certificate expires in {}: renew it soon (e.g. certbot renew; turnd picks up renewed files within 5 s).",
+                        "Certificate expires in {}: renew it soon (turnctl cert renew with [tls.acme], which renews by itself well before; \
+                         certbot renew for files, picked up within 5 s).",
                         plural(days, "day")
                     ));
                 }
