@@ -3,7 +3,7 @@
 //! it hands out can do over TURN. Off by default (404, such credentials
 //! refused); with it on, check credentials reach only the relay's own
 //! relayed addresses (not a peer `peers.allow` lets normal credentials
-//! reach, not another port of the relay's address), two allocations per
+//! reach, not another port of the relay's address), four allocations per
 //! client address, a small bandwidth cap, a short lifetime; they expire;
 //! credential requests are rate limited per address and gated by the token;
 //! `/readyz` answers over HTTPS and turns unready while draining. The page
@@ -148,10 +148,13 @@ fn check_credentials_reach_only_the_relays_own_relayed_addresses() {
     assert!(matches!(n.recv(Duration::from_secs(2)), Some(Incoming::Channel { number: 0x4000, .. })));
     assert_eq!(echo.echoed(), 1, "only the normal allocation's datagram reached the echo peer");
 
-    // A third check allocation from this address: quota.
-    let mut c = UdpClient::new("127.0.0.1", server.addr);
-    assert_eq!(allocate_with(&mut c, &user, &pass).code(), Some(486));
-    assert_eq!(server.metric("turnd_check_allocations_total"), 2.0);
+    // A third and a fourth check allocation from this address (Chromium's
+    // second network), a fifth: quota.
+    let mut more: Vec<UdpClient> = (0..3).map(|_| UdpClient::new("127.0.0.1", server.addr)).collect();
+    assert_eq!(allocate_with(&mut more[0], &user, &pass).class(), Class::Success);
+    assert_eq!(allocate_with(&mut more[1], &user, &pass).class(), Class::Success);
+    assert_eq!(allocate_with(&mut more[2], &user, &pass).code(), Some(486));
+    assert_eq!(server.metric("turnd_check_allocations_total"), 4.0);
     assert_eq!(server.metric("turnd_check_credentials_total{result=\"issued\"}"), 1.0);
 }
 
