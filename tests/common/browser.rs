@@ -277,28 +277,15 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // The child leads its own process group (process_group(0)): kill the
-        // renderer, GPU, network and zygote processes with it. `ip netns
-        // exec` execs its program, so a wrapped Chromium leads it too.
-        let pgid = self.child.id() as libc::pid_t;
-        // SAFETY: kill takes plain integers; a stale group id only fails with ESRCH.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // The renderer, GPU, network and zygote processes go with it.
+        common::kill_group(&mut self.child);
         common::keep_log(&self.log, &format!("chromium-{}.log", self.child.id()));
         let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
 pub fn chromium_installed() -> bool {
-    Command::new("sh")
-        .args(["-c", "command -v chromium"])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    common::on_path("chromium")
 }
 
 /// Percent-encodes a query-string value.

@@ -116,27 +116,15 @@ impl Firefox {
 
 impl Drop for Firefox {
     fn drop(&mut self) {
-        // Firefox leads its own process group (`ip netns exec` execs it):
-        // the content, socket and GPU processes go with it.
-        let pgid = self.child.id() as libc::pid_t;
-        // SAFETY: kill takes plain integers; a stale group id only fails with ESRCH.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // The content, socket and GPU processes go with it.
+        common::kill_group(&mut self.child);
         common::keep_log(&self.log, &format!("firefox-{}.log", self.child.id()));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 pub fn installed() -> bool {
-    Command::new("sh")
-        .args(["-c", "command -v firefox-esr"])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    common::on_path("firefox-esr")
 }
 
 /// Runs NSS's certutil (bounded by `timeout`), failing the test when it fails.

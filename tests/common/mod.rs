@@ -575,3 +575,20 @@ pub fn turnctl_reload(server: &Turnd) -> (i32, String) {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
 }
+
+/// Kills `child` with its process group (it leads one: `process_group(0)`,
+/// or `ip netns exec` exec'ing it keeps it the leader), and reaps it.
+pub fn kill_group(child: &mut Child) {
+    let pgid = child.id() as libc::pid_t;
+    // SAFETY: kill takes plain integers; a stale group id only fails with ESRCH.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Whether `program` is on the PATH.
+pub fn on_path(program: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {program}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}

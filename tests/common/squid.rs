@@ -132,14 +132,7 @@ impl Squid {
 
 impl Drop for Squid {
     fn drop(&mut self) {
-        // `ip netns exec` execs squid, which leads its own process group.
-        let pgid = self.child.id() as libc::pid_t;
-        // SAFETY: signalling a process group this test started.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        common::kill_group(&mut self.child);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
