@@ -12,7 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::acme;
 use crate::certinfo::format_date;
 use crate::config::{CertSource, ConfigError};
-use crate::net::tls::{self, CertStore};
+use crate::net::stream::tls::{self, CertStore};
 
 pub struct Certs {
     pub store: Arc<CertStore>,

@@ -32,8 +32,8 @@ pub fn check(cfg: &Config, mode: Mode, now_unix: i64) -> Result<Vec<String>, Con
     match &cfg.tls {
         Some(CertSource::Files { cert, key }) => {
             let provider = rustls::crypto::ring::default_provider();
-            let ck = crate::net::tls::load_key(cert, key, &provider)?;
-            notes.extend(expiry_note(crate::net::tls::not_after(&ck), now_unix, cert));
+            let ck = crate::net::stream::tls::load_key(cert, key, &provider)?;
+            notes.extend(expiry_note(crate::net::stream::tls::not_after(&ck), now_unix, cert));
         }
         Some(CertSource::Acme(a)) => notes.extend(acme_note(a)?),
         None => {}
@@ -83,7 +83,7 @@ fn acme_note(a: &crate::config::Acme) -> Result<Option<String>, ConfigError> {
     }
     let provider = rustls::crypto::ring::default_provider();
     Ok(Some(match crate::acme::State::new(dir).certificate(&provider) {
-        Ok(Some(ck)) => match crate::net::tls::info(&ck) {
+        Ok(Some(ck)) => match crate::net::stream::tls::info(&ck) {
             Some(i) => format!(
                 "tls.acme: {} holds a certificate for {} until {}; turnd renews it by itself",
                 dir.display(),
