@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::stream::TcpFigures;
 use crate::turn::Event;
 
 /// Lets through at most `WARN_BURST` warnings about refused requests per
@@ -41,7 +42,9 @@ impl WarnLimiter {
     }
 }
 
-pub(super) fn log_event(e: &Event, warnings: &mut WarnLimiter) {
+/// Logs `e`; `tcp` is the connection's TCP figures when `e` is the end of
+/// a TCP/TLS client's allocation.
+pub(super) fn log_event(e: &Event, tcp: Option<&TcpFigures>, warnings: &mut WarnLimiter) {
     match e {
         Event::DeadlineMoved => {}
         Event::AllocationCreated { tuple, username, relayed, lifetime } => tracing::info!(
@@ -51,6 +54,9 @@ pub(super) fn log_event(e: &Event, warnings: &mut WarnLimiter) {
         Event::AllocationEnded { tuple, username, reason, duration, bytes_to_peer, bytes_from_peer } => tracing::info!(
             user = %username, client = %tuple.client, transport = tuple.transport.label(),
             reason = reason.label(), duration_s = duration.as_secs(), bytes_to_peer, bytes_from_peer,
+            tcp_rtt_ms = tcp.map(|t| t.rtt_ms), tcp_rttvar_ms = tcp.map(|t| t.rttvar_ms),
+            tcp_retransmits = tcp.map(|t| t.retransmits), tcp_unacked = tcp.map(|t| t.unacked),
+            tcp_notsent_bytes = tcp.and_then(|t| t.notsent_bytes),
             "allocation ended"
         ),
         Event::ChannelBound { tuple, channel, peer, .. } => {

@@ -28,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use super::events::{log_event, WarnLimiter};
 use super::sessions::{session, Selector};
 use super::shared::{Shared, SharedLedger};
-use super::stream::{self, accept_loop, Host, StaleDrops, StreamLimits, StreamOut};
+use super::stream::{self, accept_loop, Host, StaleDrops, StreamLimits, StreamOut, TcpFigures};
 use super::udp::batch::{self, PeerSends, RecvBatch, SendBatch};
 use super::udp::relay::{Receive, RelaySockets};
 use super::udp::{register_udp, Udp};
@@ -314,15 +314,47 @@ impl Shard {
         self.after_control();
     }
 
-    /// Drains the core's events: logs them, and wakes the timer task when
-    /// a deadline moved earlier.
+    /// Drains the core's events: logs them (an allocation of a TCP/TLS
+    /// client that ends with its connection's TCP figures), and wakes the
+    /// timer task when a deadline moved earlier.
     pub(crate) fn after_control(&mut self) {
         while let Some(e) = self.server.poll_event() {
             match e {
                 Event::DeadlineMoved => self.timer.notify_one(),
-                e => log_event(&e, &mut self.warnings),
+                e => {
+                    let tcp = match &e {
+                        Event::AllocationEnded { tuple, .. } => self.tcp_figures(tuple),
+                        _ => None,
+                    };
+                    log_event(&e, tcp.as_ref(), &mut self.warnings)
+                }
             }
         }
+    }
+
+    /// The TCP figures of the connection of `tuple`, when it is a TCP/TLS
+    /// connection still open.
+    fn tcp_figures(&self, tuple: &FiveTuple) -> Option<TcpFigures> {
+        if tuple.transport == Transport::Udp {
+            return None;
+        }
+        self.streams.get(tuple.conn as usize)?.as_ref()?.tcp_figures()
+    }
+
+    /// The admin API's sessions of this shard: each allocation, and for a
+    /// TCP/TLS client its connection's TCP figures (`health.client_leg.tcp`).
+    fn sessions(&self) -> Vec<serde_json::Value> {
+        let now = std::time::Instant::now();
+        self.server
+            .allocations()
+            .map(|a| {
+                let mut v = session(a, now, self.index);
+                if let Some(t) = self.tcp_figures(&a.tuple) {
+                    v["health"]["client_leg"]["tcp"] = t.json();
+                }
+                v
+            })
+            .collect()
     }
 
     /// This shard's part of a metrics scrape (the process sums the shards).
@@ -476,8 +508,7 @@ impl Shard {
                 let _ = tx.send(self.snapshot());
             }
             Command::Sessions(tx) => {
-                let now = std::time::Instant::now();
-                let _ = tx.send(self.server.allocations().map(|a| session(a, now, self.index)).collect());
+                let _ = tx.send(self.sessions());
             }
             Command::Disconnect(sel, tx) => {
                 let Shard { server, relays, .. } = self;
@@ -628,14 +659,16 @@ impl Host for Shard {
     }
 
     fn closed(&mut self, tuple: FiveTuple) {
+        // The allocation ends first, while the connection is still known
+        // here: its log line has the connection's TCP figures.
+        let Shard { server, relays, .. } = self;
+        server.connection_closed(&tuple, std::time::Instant::now(), relays);
+        self.after_control();
         if let Some(slot) = self.streams.get_mut(tuple.conn as usize)
             && slot.take().is_some() {
                 self.free_streams.push(tuple.conn);
                 self.connections[tuple.transport as usize] -= 1;
             }
-        let Shard { server, relays, .. } = self;
-        server.connection_closed(&tuple, std::time::Instant::now(), relays);
-        self.after_control();
     }
 }
 

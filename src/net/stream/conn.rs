@@ -3,7 +3,7 @@
 //! allocation per connection; closing the connection frees it. What a
 //! connection may ask of its shard is [`Host`], all it knows of the shard.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
@@ -19,6 +19,8 @@ use crate::net::events::WarnLimiter;
 use crate::net::shared::{ConnectionLimits, Shared};
 use crate::stun::{frame_len, FrameLen};
 use crate::turn::{FiveTuple, Transport};
+
+use super::tcpinfo::TcpFigures;
 
 /// Limits of new TCP/TLS connections (replaced on reload).
 #[derive(Clone, Copy, Debug)]
@@ -112,6 +114,9 @@ pub struct StreamOut {
     closed: Cell<bool>,
     /// Where dropped stale media is counted and reported.
     stale: Rc<StaleDrops>,
+    /// The connection's socket once it is served (after the TLS handshake),
+    /// for its TCP figures; gone when the connection is.
+    socket: OnceCell<Weak<TcpStream>>,
 }
 
 /// Framed messages waiting for the connection, back to back in `bytes` from
@@ -271,7 +276,14 @@ impl StreamOut {
             per_message,
             closed: Cell::new(false),
             stale,
+            socket: OnceCell::new(),
         })
+    }
+
+    /// The connection's TCP figures now (TCP_INFO); `None` before it is
+    /// served or after it closed.
+    pub fn tcp_figures(&self) -> Option<TcpFigures> {
+        TcpFigures::read(&*self.socket.get()?.upgrade()?)
     }
 
     /// Queues one framed message, `media` (relayed data, which may be dropped
@@ -418,7 +430,9 @@ enum Read {
 
 /// One client connection: its socket, TLS state and buffers.
 struct Conn {
-    tcp: TcpStream,
+    /// Shared with nothing: [`StreamOut`] holds only a weak reference, for
+    /// the TCP figures.
+    tcp: Rc<TcpStream>,
     tls: Option<ServerConnection>,
     /// The start of a message not complete yet (and, over TLS, plaintext
     /// not handled yet).
@@ -638,7 +652,7 @@ impl Conn {
                 Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
             }
         }
-        socket2::SockRef::from(&self.tcp).shutdown(std::net::Shutdown::Write)
+        socket2::SockRef::from(&*self.tcp).shutdown(std::net::Shutdown::Write)
     }
 
     /// Serves the connection until the client closes (and what is queued
@@ -738,6 +752,8 @@ impl Conn {
 /// Runs one client connection to the end, then frees its allocation.
 pub(in crate::net) async fn serve<H: Host>(shard: Weak<RefCell<H>>, stream: impl Accepted, tuple: FiveTuple, out: Rc<StreamOut>, idle: Duration) {
     let (tcp, tls) = stream.into_parts();
+    let tcp = Rc::new(tcp);
+    let _ = out.socket.set(Rc::downgrade(&tcp));
     let mut conn = Conn { tcp, tls, rx: Vec::new(), tx: Vec::new(), tx_at: 0, held: false };
     if let Err(e) = conn.run(&shard, tuple, &out, idle).await {
         tracing::debug!(client = %tuple.client, error = %e, "connection ended");

@@ -11,7 +11,9 @@ pub mod passthrough;
 mod peek;
 pub mod proxy;
 pub mod sni;
+mod tcpinfo;
 pub mod tls;
 
 pub(super) use accept::accept_loop;
 pub(super) use conn::{Host, StaleDrops, StreamLimits, StreamOut};
+pub(super) use tcpinfo::TcpFigures;
