@@ -163,9 +163,18 @@ fn render_cert(t: &Value) -> String {
     o
 }
 
+/// A TCP/TLS client's round trip as the relay's kernel measures it
+/// (`health.client_leg.tcp.rtt_ms`), "-" for UDP clients.
+fn tcp_rtt(session: &Value) -> String {
+    match session["health"]["client_leg"]["tcp"]["rtt_ms"].as_f64() {
+        Some(ms) => format!("{ms:.1}"),
+        None => "-".into(),
+    }
+}
+
 /// Human-readable session table.
 pub fn render_sessions(v: &Value) -> String {
-    let rows: Vec<[String; 8]> = v
+    let rows: Vec<[String; 9]> = v
         .as_array()
         .map(|a| {
             a.iter()
@@ -175,6 +184,7 @@ pub fn render_sessions(v: &Value) -> String {
                         s(&x["user"]),
                         s(&x["client"]),
                         s(&x["transport"]),
+                        tcp_rtt(x),
                         list("relayed"),
                         list("peers"),
                         format!("{}/{}", s(&x["bytes_to_peer"]), s(&x["bytes_from_peer"])),
@@ -185,18 +195,37 @@ pub fn render_sessions(v: &Value) -> String {
                 .collect()
         })
         .unwrap_or_default();
-    let head = ["USER", "CLIENT", "TRANSPORT", "RELAYED", "PEERS", "BYTES OUT/IN", "AGE S", "EXPIRES S"].map(String::from);
+    let head = ["USER", "CLIENT", "TRANSPORT", "TCP RTT MS", "RELAYED", "PEERS", "BYTES OUT/IN", "AGE S", "EXPIRES S"].map(String::from);
     let mut widths = head.clone().map(|h| h.len());
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
             widths[i] = widths[i].max(c.len());
         }
     }
-    let line = |r: &[String; 8]| r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_owned() + "\n";
+    let line = |r: &[String; 9]| r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_owned() + "\n";
     let mut o = line(&head);
     for r in &rows {
         o += &line(r);
     }
     o += &format!("{} allocation(s)\n", rows.len());
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn session_table_shows_the_tcp_round_trip_of_stream_clients() {
+        let v = json!([
+            {"user": "1:a", "client": "192.0.2.1:5000", "transport": "tls", "relayed": [], "peers": [],
+             "health": {"client_leg": {"tcp": {"rtt_ms": 101.25, "rttvar_ms": 3.0}}}},
+            {"user": "1:b", "client": "192.0.2.2:5000", "transport": "udp", "relayed": [], "peers": []},
+        ]);
+        let t = super::render_sessions(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("TRANSPORT  TCP RTT MS"), "{t}");
+        assert!(lines[1].contains("tls        101.2") || lines[1].contains("tls        101.3"), "{t}");
+        assert!(lines[2].contains("udp        -"), "{t}");
+    }
 }
