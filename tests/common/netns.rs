@@ -6,13 +6,23 @@
 //! /30 per namespace: host side .1, namespace side .2. Needs root and
 //! `ip netns`; the firewall uses `iptables` (or `nft` when iptables is
 //! missing). Everything is removed on drop. Every command is bounded in time.
+//!
+//! [`NetNs::create_delayed`] joins the namespace by a pair of TUN devices
+//! instead, with a thread of the test carrying each IP packet from one to
+//! the other after a delay the test sets: the path delay of a distant
+//! client, for kernels without `sch_netem` (a userspace relay of TCP would
+//! not do: it acknowledges at once, so the server's TCP would see no delay).
 #![allow(dead_code)]
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// 198.18.0.0/15 holds 2^15 /30 subnets.
@@ -44,6 +54,9 @@ pub struct NetNs {
     firewall: Firewall,
     /// `/etc/netns/NAME`, once [`NetNs::set_hosts`] made it.
     etc: Option<PathBuf>,
+    /// The thread carrying packets between the TUN pair of
+    /// [`NetNs::create_delayed`].
+    wire: Option<Wire>,
 }
 
 impl NetNs {
@@ -72,14 +85,59 @@ impl NetNs {
         Self::create(Some(upstream.name()), false)
     }
 
-    fn create(upstream: Option<&str>, with_firewall: bool) -> NetNs {
+    /// A namespace joined to the host by a pair of TUN devices (named and
+    /// addressed as the veth pairs are), no firewall and no route but its
+    /// /30, and a thread of this process that carries every IP packet
+    /// between them `one_way` after it left, in each direction (changed
+    /// with [`NetNs::set_delay`]): a path with a round trip of twice that.
+    /// The devices go with the thread when dropped (or with the process).
+    pub fn create_delayed(one_way: Duration) -> NetNs {
         preflight();
-        // Open namespaces may get a firewall later (drop_inbound_udp).
-        let firewall = pick_firewall();
+        let mut ns = Self::add(None, pick_firewall());
+        let start = std::process::id().wrapping_mul(97).wrapping_add(COUNTER.load(Ordering::Relaxed).wrapping_mul(7919));
+        let used = String::from_utf8_lossy(&run(Command::new("ip").args(["-o", "-4", "addr", "show"])).stdout).into_owned();
+        for k in 0..256u32 {
+            let idx = start.wrapping_add(k) % SUBNETS;
+            let net = BASE + 4 * idx;
+            let (host_ip, ns_ip) = (Ipv4Addr::from(net + 1), Ipv4Addr::from(net + 2));
+            if used.contains(&format!(" {host_ip}/")) || used.contains(&format!(" {ns_ip}/")) {
+                continue;
+            }
+            let (hif, nif) = (format!("tdh{idx:x}"), format!("tdn{idx:x}"));
+            // Creating the host's device (exclusively) reserves the subnet.
+            let host_tun = match open_tun(&hif) {
+                Ok(fd) => fd,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) || e.raw_os_error() == Some(libc::EEXIST) => continue,
+                Err(e) => panic!("netns: cannot create TUN device {hif} (is /dev/net/tun there?): {e}"),
+            };
+            ns.host_if = Some(hif.clone());
+            let ns_tun = ns.in_ns(|| open_tun(&nif)).unwrap_or_else(|e| panic!("netns: cannot create TUN device {nif} in {}: {e}", ns.name));
+            ns.host_ip = host_ip;
+            ns.ns_ip = ns_ip;
+            // The thread owns both devices from here: dropping `ns` stops it.
+            ns.wire = Some(Wire::start(host_tun, ns_tun, one_way));
+            must(Command::new("ip").args(["addr", "add", &format!("{host_ip}/30"), "dev", &hif]));
+            must(Command::new("ip").args(["link", "set", &hif, "up"]));
+            must(&mut ns.ip_cmd(&["addr", "add", &format!("{ns_ip}/30"), "dev", &nif]));
+            must(&mut ns.ip_cmd(&["link", "set", &nif, "up"]));
+            must(&mut ns.ip_cmd(&["link", "set", "lo", "up"]));
+            return ns;
+        }
+        panic!("netns: no free /30 in 198.18.0.0/15");
+    }
+
+    /// The delay each way of a [`NetNs::create_delayed`] namespace, for
+    /// packets that leave from now on.
+    pub fn set_delay(&self, one_way: Duration) {
+        let w = self.wire.as_ref().expect("netns: set_delay needs a namespace from create_delayed");
+        w.delay_us.store(one_way.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// A namespace named uniquely for this process and call, with nothing
+    /// in it yet (removed when the result is dropped).
+    fn add(upstream: Option<&str>, firewall: Firewall) -> NetNs {
         reap_stale();
         let pid = std::process::id();
-
-        // 1. The namespace, with a name unique to this process and call.
         let mut ns = None;
         for _ in 0..16 {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -94,6 +152,7 @@ impl NetNs {
                     ns_ip: Ipv4Addr::UNSPECIFIED,
                     firewall,
                     etc: None,
+                    wire: None,
                 });
                 break;
             }
@@ -102,7 +161,17 @@ impl NetNs {
             }
         }
         // From here on, a panic drops `ns`, which removes what was made.
-        let mut ns = ns.expect("netns: no free namespace name");
+        ns.expect("netns: no free namespace name")
+    }
+
+    fn create(upstream: Option<&str>, with_firewall: bool) -> NetNs {
+        preflight();
+        // Open namespaces may get a firewall later (drop_inbound_udp).
+        let firewall = pick_firewall();
+        let pid = std::process::id();
+
+        // 1. The namespace, with a name unique to this process and call.
+        let mut ns = Self::add(upstream, firewall);
 
         // 2. A veth pair named after its /30: creating the link is the atomic
         //    reservation of the subnet between parallel tests and processes.
@@ -248,15 +317,28 @@ impl NetNs {
     /// (setns) and makes the socket, which stays in the namespace; the
     /// calling thread's own namespace is untouched.
     pub fn tcp_listener(&self, addr: SocketAddr) -> TcpListener {
+        self.in_ns(|| TcpListener::bind(addr).unwrap_or_else(|e| panic!("netns: bind {addr} in {}: {e}", self.name)))
+    }
+
+    /// A TCP connection from inside the namespace to `to` (made the same
+    /// way as [`NetNs::tcp_listener`]; connecting is bounded by 5 s).
+    pub fn tcp_connect(&self, to: SocketAddr) -> TcpStream {
+        self.in_ns(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap_or_else(|e| panic!("netns: connect to {to} from {}: {e}", self.name)))
+    }
+
+    /// Runs `f` on a short-lived helper thread that joined the namespace
+    /// (setns): what it makes (sockets, devices) belongs to the namespace,
+    /// and the calling thread's own namespace is untouched.
+    fn in_ns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {
-                let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("netns: open {path}: {e}"));
+                let ns = File::open(&path).unwrap_or_else(|e| panic!("netns: open {path}: {e}"));
                 // SAFETY: a valid namespace fd; setns only changes this
                 // helper thread's network namespace, and the thread ends here.
                 let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
                 assert_eq!(rc, 0, "netns: setns({path}): {}", std::io::Error::last_os_error());
-                TcpListener::bind(addr).unwrap_or_else(|e| panic!("netns: bind {addr} in {}: {e}", self.name))
+                f()
             })
             .join()
             .unwrap_or_else(|e| std::panic::resume_unwind(e))
@@ -374,6 +456,8 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        // The TUN devices of create_delayed close with their thread.
+        drop(self.wire.take());
         // Deleting the namespace destroys its veth end and with it the pair.
         let _ = try_run(Command::new("ip").args(["netns", "del", &self.name]));
         // `ip netns del` leaves /etc/netns/NAME alone.
@@ -506,4 +590,112 @@ fn must(cmd: &mut Command) -> Output {
     let out = run(cmd);
     assert!(out.status.success(), "netns: {what} failed: {}", stderr(&out));
     out
+}
+
+/// The thread of a [`NetNs::create_delayed`] namespace: reads IP packets
+/// from each TUN device and writes them into the other once the delay has
+/// passed, in order. Stops (and closes both devices) when dropped.
+struct Wire {
+    delay_us: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Wire {
+    fn start(host: OwnedFd, ns: OwnedFd, one_way: Duration) -> Wire {
+        let delay_us = Arc::new(AtomicU64::new(one_way.as_micros() as u64));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, st) = (delay_us.clone(), stop.clone());
+        let thread = std::thread::Builder::new().name("netns-wire".into()).spawn(move || wire_loop(host, ns, &d, &st)).expect("netns: spawn the wire thread");
+        Wire { delay_us, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Wire {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Packets waiting on the wire in one direction: when each may go on.
+type InFlight = VecDeque<(Instant, Vec<u8>)>;
+
+fn wire_loop(host: OwnedFd, ns: OwnedFd, delay_us: &AtomicU64, stop: &AtomicBool) {
+    // [0]: from the namespace, on its way to the host; [1]: the other way.
+    let fds = [ns.as_raw_fd(), host.as_raw_fd()];
+    let mut queues: [InFlight; 2] = [VecDeque::new(), VecDeque::new()];
+    let mut buf = vec![0u8; 65_536];
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        for (i, q) in queues.iter_mut().enumerate() {
+            while q.front().is_some_and(|(due, _)| *due <= now) {
+                let (_, p) = q.pop_front().unwrap();
+                // SAFETY: `p` is valid for reads of its length; the
+                // descriptor is the open TUN device this thread owns.
+                // A packet the device refuses is lost, as on a real wire.
+                let _ = unsafe { libc::write(fds[1 - i], p.as_ptr().cast(), p.len()) };
+            }
+        }
+        // Wake for the next packet due, or at least every 20 ms to see `stop`.
+        let next = queues.iter().filter_map(|q| q.front().map(|(due, _)| due.saturating_duration_since(now))).min();
+        let wait = next.unwrap_or(Duration::from_millis(20)).min(Duration::from_millis(20));
+        let mut pfd = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+        let ms = wait.as_micros().div_ceil(1000) as libc::c_int;
+        // SAFETY: `pfd` is an array of two pollfd, valid for the call.
+        let n = unsafe { libc::poll(pfd.as_mut_ptr(), 2, ms) };
+        if n <= 0 {
+            continue;
+        }
+        for (i, p) in pfd.iter().enumerate() {
+            if p.revents & libc::POLLIN == 0 {
+                continue;
+            }
+            // Everything the device holds now, each packet stamped as it is read.
+            loop {
+                // SAFETY: `buf` is valid for writes of its length; the
+                // descriptor is the open (non-blocking) TUN device this
+                // thread owns.
+                let k = unsafe { libc::read(fds[i], buf.as_mut_ptr().cast(), buf.len()) };
+                if k <= 0 {
+                    break;
+                }
+                let due = Instant::now() + Duration::from_micros(delay_us.load(Ordering::Relaxed));
+                queues[i].push_back((due, buf[..k as usize].to_vec()));
+            }
+        }
+    }
+}
+
+/// `struct ifreq` as TUNSETIFF reads it: the name and the flags.
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Creates TUN device `name` (IP packets, no header) in the calling
+/// thread's network namespace, failing with EBUSY if it exists; the
+/// device lives as long as the returned descriptor (non-blocking).
+fn open_tun(name: &str) -> std::io::Result<OwnedFd> {
+    assert!(name.len() < 16, "netns: interface name {name} too long");
+    // SAFETY: a NUL-terminated path; the flags ask for a new descriptor.
+    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = IfReq { name: [0; 16], flags: (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_TUN_EXCL) as libc::c_short, _pad: [0; 22] };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `req` is
+    // laid out as (40 bytes), valid for the call; `fd` is open.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
 }
