@@ -51,14 +51,19 @@ pub(super) fn log_event(e: &Event, tcp: Option<&TcpFigures>, warnings: &mut Warn
             user = %username, client = %tuple.client, transport = tuple.transport.label(),
             relayed = ?relayed, lifetime, "allocation created"
         ),
-        Event::AllocationEnded { tuple, username, reason, duration, bytes_to_peer, bytes_from_peer } => tracing::info!(
-            user = %username, client = %tuple.client, transport = tuple.transport.label(),
-            reason = reason.label(), duration_s = duration.as_secs(), bytes_to_peer, bytes_from_peer,
-            tcp_rtt_ms = tcp.map(|t| t.rtt_ms), tcp_rttvar_ms = tcp.map(|t| t.rttvar_ms),
-            tcp_retransmits = tcp.map(|t| t.retransmits), tcp_unacked = tcp.map(|t| t.unacked),
-            tcp_notsent_bytes = tcp.and_then(|t| t.notsent_bytes),
-            "allocation ended"
-        ),
+        Event::AllocationEnded { tuple, username, reason, duration, bytes_to_peer, bytes_from_peer, health } => {
+            let (c, p) = (health.client, health.peer);
+            tracing::info!(
+                user = %username, client = %tuple.client, transport = tuple.transport.label(),
+                reason = reason.label(), duration_s = duration.as_secs(), bytes_to_peer, bytes_from_peer,
+                client_loss = %percent(c.loss), client_jitter = %millis(c.jitter), client_rtt = %millis(c.rtt.map(|d| d.as_secs_f64())),
+                peer_loss = %percent(p.loss), peer_jitter = %millis(p.jitter), peer_rtt = %millis(p.rtt.map(|d| d.as_secs_f64())),
+                tcp_rtt_ms = tcp.map(|t| t.rtt_ms), tcp_rttvar_ms = tcp.map(|t| t.rttvar_ms),
+                tcp_retransmits = tcp.map(|t| t.retransmits), tcp_unacked = tcp.map(|t| t.unacked),
+                tcp_notsent_bytes = tcp.and_then(|t| t.notsent_bytes),
+                "allocation ended"
+            )
+        }
         Event::ChannelBound { tuple, channel, peer, .. } => {
             tracing::debug!(client = %tuple.client, channel, %peer, "channel bound")
         }
@@ -79,6 +84,16 @@ pub(super) fn log_event(e: &Event, tcp: Option<&TcpFigures>, warnings: &mut Warn
             }
         }
     }
+}
+
+/// A ratio as a percentage with one decimal, or "-" when unknown.
+fn percent(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".to_owned(), |r| format!("{:.1}%", r * 100.0))
+}
+
+/// Seconds as milliseconds, or "-" when unknown.
+fn millis(s: Option<f64>) -> String {
+    s.map_or_else(|| "-".to_owned(), |s| format!("{:.0}ms", s * 1000.0))
 }
 
 #[cfg(test)]
