@@ -240,6 +240,13 @@ struct Args {
     /// early or late (uniform), milliseconds.
     #[arg(long, default_value_t = 2.0)]
     jitter_ms: f64,
+    /// Participants: each payload starts with an RTP header, as SRTP leaves
+    /// it in the clear (video payload type 96 at 90 kHz, audio 111 at 48
+    /// kHz, an SSRC per stream, sequence numbers in order, timestamps from
+    /// the send time): what the relay's per-call health bookkeeping reads.
+    /// Without it the payload is not RTP and only its first byte is looked at.
+    #[arg(long)]
+    rtp: bool,
     /// Search: the first N tried (then doubled until a step fails, then bisected).
     #[arg(long, default_value_t = 50)]
     search_start: usize,

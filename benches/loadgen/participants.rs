@@ -20,6 +20,22 @@ use serde_json::{json, Value};
 
 /// Video payload bytes.
 const VIDEO: usize = 1200;
+/// RTP payload types with --rtp (WebRTC's usual dynamic ones): video at
+/// 90 kHz, audio (Opus) at 48 kHz.
+const RTP_VIDEO: u8 = 96;
+const RTP_AUDIO: u8 = 111;
+
+/// The next RTP packet of the stream in ChannelData message `m` (built by
+/// [`message`] with RTP): its sequence number one up, its timestamp the
+/// send time on the stream's clock (a frame's packets share it).
+pub(super) fn rtp_advance(m: &mut [u8], now_ns: u64) {
+    let p = &mut m[4..];
+    let seq = u16::from_be_bytes([p[2], p[3]]).wrapping_add(1);
+    p[2..4].copy_from_slice(&seq.to_be_bytes());
+    let clock: u128 = if p[1] & 0x7f == RTP_VIDEO { 90_000 } else { 48_000 };
+    let ts = (now_ns as u128 * clock / 1_000_000_000) as u32;
+    p[4..8].copy_from_slice(&ts.to_be_bytes());
+}
 /// Participants pace on this tick at the finest.
 const MIN_TICK_US: u64 = 500;
 /// A send due longer ago than this is skipped (the generator fell behind)
@@ -211,10 +227,18 @@ fn transport(k: Kind) -> &'static str {
 }
 
 /// The message a participant sends: ChannelData with `size` payload bytes,
-/// the stamp at the end; returns it and the stamp's offset.
-fn message(size: usize, stream: bool) -> (Vec<u8>, usize) {
+/// the stamp at the end; returns it and the stamp's offset. With `rtp`
+/// (payload type, SSRC) the payload starts with an RTP header, whose
+/// sequence number and timestamp [`rtp_advance`] sets per send.
+fn message(size: usize, stream: bool, rtp: Option<(u8, u32)>) -> (Vec<u8>, usize) {
     let mut m = ChannelData::header(CHANNEL, size).to_vec();
     m.resize(4 + size, 0x5a);
+    if let Some((pt, ssrc)) = rtp {
+        m[4..16].fill(0);
+        m[4] = 0x80; // version 2, no padding, extension or CSRC
+        m[5] = pt;
+        m[12..16].copy_from_slice(&ssrc.to_be_bytes());
+    }
     m[4 + size - STAMP..].fill(0);
     if stream {
         // RFC 8656 12.5: ChannelData is padded to 4 on streams.
@@ -258,8 +282,11 @@ fn step(cx: &mut Ctx, base: Instant, n: usize, wu: f64, du: f64) -> Result<Step>
             Link::Tcp(s) | Link::Tls(s, _) => s.set_nonblocking(true)?,
         }
         let stream = conn.is_stream();
-        let (tmpl, off) = message(VIDEO, stream);
-        let audio = message(100 + (cx.uniform() * 61.0) as usize, stream);
+        // An SSRC per participant and stream.
+        let ssrc = |k: u32| (cx.tag << 16) ^ ((i as u32) << 1 | k);
+        let (v_rtp, a_rtp) = if a.rtp { (Some((RTP_VIDEO, ssrc(0))), Some((RTP_AUDIO, ssrc(1)))) } else { (None, None) };
+        let (tmpl, off) = message(VIDEO, stream, v_rtp);
+        let audio = message(100 + (cx.uniform() * 61.0) as usize, stream, a_rtp);
         clients.push(Client { conn, tmpl, off, crc_prefix: None, sent_seq: 0, rx_seq: 0, last_rx_ns: 0, session: Some(session) });
         sched.push(Sched { next_frame: 0, frame_due: 0, next_audio: 0, audio_due: 0, audio });
     }

@@ -138,6 +138,7 @@ impl Gen<'_> {
     /// Sends `k` messages from client `ci`; returns how many went out.
     pub(super) fn send(&mut self, ci: usize, k: usize, now: u64, in_window: bool, m: &mut Mmsg) -> usize {
         let stream = self.clients[ci].conn.is_stream();
+        let rtp = self.args.rtp;
         let mut stamp = [0u8; STAMP];
         stamp[0..8].copy_from_slice(&now.to_be_bytes());
         stamp[16..20].copy_from_slice(&(ci as u32).to_be_bytes());
@@ -151,6 +152,9 @@ impl Gen<'_> {
                 for i in 0..k {
                     let seq = cl.sent_seq + 1 + i as u64;
                     stamp[8..16].copy_from_slice(&seq.to_be_bytes());
+                    if rtp {
+                        super::participants::rtp_advance(&mut cl.tmpl, now);
+                    }
                     let off = cl.off;
                     cl.tmpl[off..off + STAMP].copy_from_slice(&stamp);
                     if let Some(c) = cl.crc_prefix {
@@ -168,6 +172,9 @@ impl Gen<'_> {
             for i in 0..k {
                 let seq = cl.sent_seq + 1 + i as u64;
                 stamp[8..16].copy_from_slice(&seq.to_be_bytes());
+                if rtp {
+                    super::participants::rtp_advance(&mut cl.tmpl, now);
+                }
                 let b = m.buf_mut(i);
                 b[..len].copy_from_slice(&cl.tmpl);
                 b[cl.off..cl.off + STAMP].copy_from_slice(&stamp);
