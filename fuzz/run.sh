@@ -16,7 +16,7 @@ secs="${1:?usage: fuzz/run.sh SECONDS [TARGET...]}"
 shift
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then
-  targets=(codec server)
+  targets=(codec server health)
 fi
 
 export RUSTC_BOOTSTRAP=1

@@ -165,12 +165,17 @@ fn render_cert(t: &Value) -> String {
 
 /// Human-readable session table.
 pub fn render_sessions(v: &Value) -> String {
-    let rows: Vec<[String; 8]> = v
+    let rows: Vec<[String; 10]> = v
         .as_array()
         .map(|a| {
             a.iter()
                 .map(|x| {
                     let list = |k: &str| x[k].as_array().map(|l| l.iter().map(s).collect::<Vec<_>>().join(",")).unwrap_or_default();
+                    let h = &x["health"];
+                    // Loss and jitter of what arrived from each side; the round trips to each.
+                    let pct = |v: &Value| v.as_f64().map_or_else(|| "-".to_owned(), |r| format!("{:.1}%", r * 100.0));
+                    let ms = |v: &Value| v.as_f64().map_or_else(|| "-".to_owned(), |m| format!("{m:.0}"));
+                    let (c, p) = (&h["client_leg"], &h["peer_leg"]);
                     [
                         s(&x["user"]),
                         s(&x["client"]),
@@ -178,21 +183,23 @@ pub fn render_sessions(v: &Value) -> String {
                         list("relayed"),
                         list("peers"),
                         format!("{}/{}", s(&x["bytes_to_peer"]), s(&x["bytes_from_peer"])),
+                        format!("{}/{}", pct(&c["loss"]), pct(&p["loss"])),
+                        format!("{}/{}", ms(&c["jitter_ms"]), ms(&p["jitter_ms"])),
+                        format!("{}/{}", ms(&c["rtt_ms"]), ms(&p["rtt_ms"])),
                         s(&x["age_s"]),
-                        s(&x["expires_in_s"]),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    let head = ["USER", "CLIENT", "TRANSPORT", "RELAYED", "PEERS", "BYTES OUT/IN", "AGE S", "EXPIRES S"].map(String::from);
+    let head = ["USER", "CLIENT", "TRANSPORT", "RELAYED", "PEERS", "BYTES OUT/IN", "LOSS C/P", "JITTER MS C/P", "RTT MS C/P", "AGE S"].map(String::from);
     let mut widths = head.clone().map(|h| h.len());
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
             widths[i] = widths[i].max(c.len());
         }
     }
-    let line = |r: &[String; 8]| r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_owned() + "\n";
+    let line = |r: &[String; 10]| r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_owned() + "\n";
     let mut o = line(&head);
     for r in &rows {
         o += &line(r);

@@ -6,6 +6,7 @@
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::stun::method;
+use crate::turn::health::{Histogram, JITTER_BOUNDS, LOSS_BOUNDS, RTT_BOUNDS};
 use crate::turn::{EndReason, Stats, Transport};
 
 /// Everything a scrape reports, gathered in one borrow of the shard.
@@ -81,6 +82,41 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(g.clone())).expect("unique metric");
     g
+}
+
+/// A histogram family with one series per leg (label `leg`: client, peer).
+fn histogram_family(name: &str, help: &str, hists: &[Histogram<9>; 2], bounds: &[f64; 9]) -> prometheus::proto::MetricFamily {
+    use prometheus::proto::{Bucket, LabelPair, Metric, MetricFamily, MetricType};
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_owned());
+    f.set_help(help.to_owned());
+    f.set_field_type(MetricType::HISTOGRAM);
+    for (leg, h) in ["client", "peer"].iter().zip(hists) {
+        let mut label = LabelPair::default();
+        label.set_name("leg".to_owned());
+        label.set_value((*leg).to_owned());
+        let mut cumulative = 0;
+        let buckets = bounds
+            .iter()
+            .zip(h.buckets)
+            .map(|(b, n)| {
+                cumulative += n;
+                let mut k = Bucket::default();
+                k.set_upper_bound(*b);
+                k.set_cumulative_count(cumulative);
+                k
+            })
+            .collect();
+        let mut ph = prometheus::proto::Histogram::default();
+        ph.set_sample_count(h.count);
+        ph.set_sample_sum(h.sum);
+        ph.set_bucket(buckets);
+        let mut m = Metric::default();
+        m.set_label(vec![label]);
+        m.set_histogram(ph);
+        f.mut_metric().push(m);
+    }
+    f
 }
 
 /// The Prometheus text exposition of `s`.
@@ -194,7 +230,17 @@ pub fn render(s: &Snapshot) -> String {
     ports.with_label_values(&["in_use"]).set(s.relay_ports_in_use as i64);
     ports.with_label_values(&["free"]).set(s.relay_ports_total.saturating_sub(s.relay_ports_in_use) as i64);
 
+    let mut families = r.gather();
+    let legs = &st.legs;
+    for (name, help, hists, bounds) in [
+        ("turnd_leg_loss_ratio", "Share of RTP packets lost on a leg before they reached the relay, per ended allocation (client: the participant's own link; peer: the link from the peer).", &legs.loss, &LOSS_BOUNDS),
+        ("turnd_leg_jitter_seconds", "RTP interarrival jitter (RFC 3550) of a leg's most jittery stream, per ended allocation; streams whose clock rate could not be inferred are left out.", &legs.jitter, &JITTER_BOUNDS),
+        ("turnd_leg_rtt_seconds", "Round trip between the relay and the client or the peer, from relayed ICE consent checks, per ended allocation.", &legs.rtt, &RTT_BOUNDS),
+    ] {
+        families.push(histogram_family(name, help, hists, bounds));
+    }
+    families.sort_by(|a, b| a.name().cmp(b.name()));
     let mut out = Vec::new();
-    TextEncoder::new().encode(&r.gather(), &mut out).expect("text encoding cannot fail");
+    TextEncoder::new().encode(&families, &mut out).expect("text encoding cannot fail");
     String::from_utf8(out).expect("text exposition is UTF-8")
 }

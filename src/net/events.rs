@@ -48,11 +48,16 @@ pub(super) fn log_event(e: &Event, warnings: &mut WarnLimiter) {
             user = %username, client = %tuple.client, transport = tuple.transport.label(),
             relayed = ?relayed, lifetime, "allocation created"
         ),
-        Event::AllocationEnded { tuple, username, reason, duration, bytes_to_peer, bytes_from_peer } => tracing::info!(
-            user = %username, client = %tuple.client, transport = tuple.transport.label(),
-            reason = reason.label(), duration_s = duration.as_secs(), bytes_to_peer, bytes_from_peer,
-            "allocation ended"
-        ),
+        Event::AllocationEnded { tuple, username, reason, duration, bytes_to_peer, bytes_from_peer, health } => {
+            let (c, p) = (health.client, health.peer);
+            tracing::info!(
+                user = %username, client = %tuple.client, transport = tuple.transport.label(),
+                reason = reason.label(), duration_s = duration.as_secs(), bytes_to_peer, bytes_from_peer,
+                client_loss = %percent(c.loss), client_jitter = %millis(c.jitter), client_rtt = %millis(c.rtt.map(|d| d.as_secs_f64())),
+                peer_loss = %percent(p.loss), peer_jitter = %millis(p.jitter), peer_rtt = %millis(p.rtt.map(|d| d.as_secs_f64())),
+                "allocation ended"
+            )
+        }
         Event::ChannelBound { tuple, channel, peer, .. } => {
             tracing::debug!(client = %tuple.client, channel, %peer, "channel bound")
         }
@@ -73,6 +78,16 @@ pub(super) fn log_event(e: &Event, warnings: &mut WarnLimiter) {
             }
         }
     }
+}
+
+/// A ratio as a percentage with one decimal, or "-" when unknown.
+fn percent(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".to_owned(), |r| format!("{:.1}%", r * 100.0))
+}
+
+/// Seconds as milliseconds, or "-" when unknown.
+fn millis(s: Option<f64>) -> String {
+    s.map_or_else(|| "-".to_owned(), |s| format!("{:.0}ms", s * 1000.0))
 }
 
 #[cfg(test)]

@@ -32,6 +32,36 @@ pub fn session(a: &Allocation, now: std::time::Instant, shard: usize) -> Value {
         "age_s": now.saturating_duration_since(a.created).as_secs(),
         "expires_in_s": a.expires.saturating_duration_since(now).as_secs(),
         "shard": shard,
+        "health": { "client_leg": leg(&a.health.client), "peer_leg": leg(&a.health.peer) },
+    })
+}
+
+/// One leg's health: its RTP streams, their loss together, the round trip.
+fn leg(l: &crate::turn::health::Leg) -> Value {
+    let ms = |s: f64| (s * 10_000.0).round() / 10.0;
+    let streams: Vec<Value> = l
+        .streams()
+        .map(|s| {
+            json!({
+                "ssrc": s.ssrc,
+                "received": s.received,
+                "expected": s.expected,
+                "lost": s.lost,
+                "loss": (s.expected > 0).then(|| s.lost as f64 / s.expected as f64),
+                "reordered": s.reordered,
+                "duplicates": s.duplicates,
+                "jitter_ms": s.jitter.map(ms),
+                "clock_hz": s.clock,
+            })
+        })
+        .collect();
+    json!({
+        "rtp_streams": streams,
+        "loss": l.loss(),
+        "jitter_ms": l.jitter().map(ms),
+        "untracked_packets": l.untracked_packets,
+        "other_packets": l.other_packets,
+        "rtt_ms": l.rtt().map(|d| ms(d.as_secs_f64())),
     })
 }
 

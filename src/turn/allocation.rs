@@ -63,6 +63,8 @@ pub struct Allocation {
     /// addresses, a small bandwidth cap, a short lifetime, counted per
     /// client address.
     pub check: bool,
+    /// Each leg's health, read from the relayed packets (allocated once, with the allocation).
+    pub health: Box<super::health::Health>,
 }
 
 impl Allocation {

@@ -80,6 +80,7 @@
 
 mod allocation;
 pub mod bandwidth;
+pub mod health;
 pub mod ledger;
 pub mod policy;
 pub mod ratelimit;
@@ -235,7 +236,7 @@ pub enum Output<'p, 'o> {
 
 /// Things the core tells the I/O layer about, for logs, metrics and
 /// (later) an in-kernel fast path that needs to know channel bindings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     AllocationCreated {
         tuple: FiveTuple,
@@ -250,6 +251,8 @@ pub enum Event {
         duration: Duration,
         bytes_to_peer: u64,
         bytes_from_peer: u64,
+        /// Each leg's loss, jitter and round trip, as far as known.
+        health: health::Summary,
     },
     /// A channel was bound or its binding refreshed. Every binding is later
     /// matched by one `ChannelUnbound`, so a fast path that mirrors the
@@ -317,6 +320,8 @@ pub struct Stats {
     pub check_allocations_created: u64,
     /// Ended allocations by [`EndReason`] (`reason as usize`).
     pub allocations_ended: [u64; 4],
+    /// Each leg's loss, jitter and round trip, filed when an allocation ends.
+    pub legs: health::LegHistograms,
     /// Client to peer, by transport (`transport as usize`).
     pub to_peer: [Flow; 3],
     /// Peer to client, by transport.
@@ -359,6 +364,7 @@ impl Stats {
         self.allocations_created += o.allocations_created;
         self.check_allocations_created += o.check_allocations_created;
         add_all(&mut self.allocations_ended, &o.allocations_ended);
+        self.legs.add(&o.legs);
         for (a, b) in self.to_peer.iter_mut().chain(self.from_peer.iter_mut()).zip(o.to_peer.iter().chain(&o.from_peer)) {
             a.packets += b.packets;
             a.bytes += b.bytes;

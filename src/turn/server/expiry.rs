@@ -16,6 +16,8 @@ impl Server {
             channel_unbound(&mut self.events, a.tuple, a.v4, a.v6, c);
         }
         self.stats.allocations_ended[reason as usize] += 1;
+        let health = a.health.summary();
+        self.stats.legs.observe(&health);
         self.event(Event::AllocationEnded {
             tuple: a.tuple,
             username: a.username.into(),
@@ -23,6 +25,7 @@ impl Server {
             duration: now.saturating_duration_since(a.created),
             bytes_to_peer: a.bytes_to_peer,
             bytes_from_peer: a.bytes_from_peer,
+            health,
         });
     }
 

@@ -89,6 +89,8 @@ impl Server {
             return Output::None;
         }
         let Some(relay) = a.relay_for(&peer) else { return Output::None };
+        // As it arrived: what the relay drops itself is not the leg's loss.
+        a.health.from_client(cd.data, now);
         if !within_budget(Direction::ToPeer, a, &mut self.total_to_peer, &self.cfg, &mut self.stats, &mut self.events, wire_cost(cd.data.len(), &peer), now) {
             return Output::None;
         }
@@ -142,6 +144,7 @@ impl Server {
             return Output::None;
         }
         let Some(relay) = a.relay_for(&peer) else { return Output::None };
+        a.health.from_client(data, now);
         if !within_budget(Direction::ToPeer, a, &mut self.total_to_peer, &self.cfg, &mut self.stats, &mut self.events, wire_cost(data.len(), &peer), now) {
             return Output::None;
         }
@@ -173,6 +176,7 @@ impl Server {
             self.stats.dropped_no_permission += 1;
             return None;
         }
+        a.health.from_peer(data, now);
         if !within_budget(Direction::FromPeer, a, &mut self.total_from_peer, &self.cfg, &mut self.stats, &mut self.events, wire_cost(data.len(), &from), now) {
             return None;
         }

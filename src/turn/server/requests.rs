@@ -258,6 +258,7 @@ impl Server {
             over_bandwidth_reported: false,
             timer: None,
             check: auth.check,
+            health: Box::default(),
         };
         let n = Self::allocate_success(reply, &a, tuple, lifetime, address_error, token, out);
         let relayed = [a.v4, a.v6].iter().flatten().map(|r| r.advertised).collect();
