@@ -44,10 +44,13 @@
 //! - `peer_leg.loss`, the direction nothing drops, stays under 0.5 %;
 //! - both legs have a round trip from the relayed consent checks, and the
 //!   audio and video streams the clock rates Opus and video use (48 and
-//!   90 kHz), inferred by turnd from the streams.
+//!   90 kHz), inferred by turnd from the streams;
+//! - ended with `turnctl disconnect`, the allocation's "allocation ended"
+//!   log line carries the same loss figures.
 //!
-//! The figures (injected, turnd, browser; jitter and round trips) are
-//! printed with `--nocapture`. Needs root, `ip netns`, `nft` and chromium;
+//! The figures (injected, turnd, browser; jitter and round trips; the
+//! `turnctl sessions` table and the log line) are printed with
+//! `--nocapture`. Needs root, `ip netns`, `nft` and chromium;
 //! test.sh installs the packages. Fails, never skips, when something is
 //! missing.
 
@@ -164,17 +167,39 @@ impl Drop for Loss<'_> {
     }
 }
 
-/// Every allocation turnd lists (`turnctl sessions --json`).
-fn sessions(server: &Turnd) -> Vec<Value> {
+/// `turnctl ARGS` against `server`'s admin API (bounded; it must succeed).
+fn turnctl(server: &Turnd, args: &[&str]) -> common::Run {
     let run = common::run_bounded(
         Command::new(env!("CARGO_BIN_EXE_turnctl"))
-            .args(["sessions", "--json", "--admin", &format!("127.0.0.1:{}", server.metrics_port)])
+            .args(args)
+            .args(["--admin", &format!("127.0.0.1:{}", server.metrics_port)])
             .arg("--token-file")
             .arg(server.dir.join("admin-token")),
         CMD_LIMIT,
     );
-    assert_eq!(run.code, 0, "turnctl sessions: {}", run.text());
+    assert_eq!(run.code, 0, "turnctl {args:?}: {}", run.text());
+    run
+}
+
+/// Every allocation turnd lists (`turnctl sessions --json`).
+fn sessions(server: &Turnd) -> Vec<Value> {
+    let run = turnctl(server, &["sessions", "--json"]);
     run.json().as_array().cloned().unwrap_or_else(|| panic!("turnctl sessions --json is not a list: {}", run.stdout))
+}
+
+/// Ends the allocation relayed at `relayed` (`turnctl disconnect`) and
+/// returns turnd's "allocation ended" line for `client` (bounded).
+fn disconnect(server: &Turnd, relayed: &str, client: &str) -> String {
+    turnctl(server, &["disconnect", "--relayed", relayed]);
+    let needle = format!("client={client} ");
+    let deadline = Instant::now() + CMD_LIMIT;
+    loop {
+        if let Some(l) = server.log().lines().find(|l| l.contains("allocation ended") && l.contains(&needle)) {
+            return l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no \"allocation ended\" for {client} within {CMD_LIMIT:?}:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn ratio(lost: f64, expected: f64) -> Option<f64> {
@@ -250,6 +275,8 @@ struct Outcome {
     clocks: [Option<u64>; 2],
     /// Each leg's round trip, ms.
     rtt_ms: [Option<f64>; 2],
+    /// turnd's "allocation ended" line once the test disconnected it.
+    ended: String,
     seconds: f64,
 }
 
@@ -321,6 +348,9 @@ fn turnd_reports_the_loss_of_the_participants_uplink() {
         let (client, peer) = (&health["client_leg"], &health["peer_leg"]);
         eprintln!("{}% injected, turnd {}", rate, describe_leg("client_leg", client));
         eprintln!("{}% injected, turnd {}", rate, describe_leg("peer_leg", peer));
+        eprint!("{}% injected, turnctl sessions:\n{}", rate, turnctl(&server, &["sessions"]).stdout);
+        let ended = disconnect(&server, &relayed, session["client"].as_str().unwrap_or("?"));
+        eprintln!("{rate}% injected, turnd's log: {ended}");
         eprintln!("{}", call::figures("other side receives (the participant's uplink)", &b));
         eprintln!("{}", call::figures("participant receives", &p));
 
@@ -366,6 +396,7 @@ fn turnd_reports_the_loss_of_the_participants_uplink() {
             turnd_peer: peer["loss"].as_f64(),
             clocks: [0, 1].map(|i| stream(client, ssrcs[i]).and_then(|s| s["clock_hz"].as_u64())),
             rtt_ms: [client["rtt_ms"].as_f64(), peer["rtt_ms"].as_f64()],
+            ended,
             kinds,
             seconds: t_call.elapsed().as_secs_f64(),
         };
@@ -412,6 +443,12 @@ fn turnd_reports_the_loss_of_the_participants_uplink() {
                 "{}",
                 fail(format!("{}%: {}: turnd {} against the receiving browser's {}", o.rate, k.name, pct(Some(t)), pct(Some(b))))
             );
+        }
+        // The end-of-allocation summary gives the same figures, as the log
+        // formats them.
+        for (leg, loss) in [("client", Some(client)), ("peer", Some(peer))] {
+            let want = format!("{leg}_loss={}", loss.map_or("-".to_owned(), |r| format!("{:.1}%", r * 100.0)));
+            assert!(o.ended.contains(&want), "{}", fail(format!("{}%: {want} is not in turnd's line: {}", o.rate, o.ended)));
         }
         assert_eq!(o.clocks, [Some(48_000), Some(90_000)], "{}", fail(format!("{}%: audio and video clock rates", o.rate)));
         for (leg, rtt) in ["client_leg", "peer_leg"].iter().zip(o.rtt_ms) {
