@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what the tests need when it
 # is missing (Debian's coturn for turnutils_uclient, iptables for the
-# network-namespace test, chromium and firefox-esr for the browser tests, pebble, curl and
+# network-namespace test, nftables for the lossy link of the call-health
+# test, chromium and firefox-esr for the browser tests, pebble, curl and
 # libnss3-tools for the ACME test, squid for the
 # proxy-only network test, prosody and
 # docker-compose for the deploy tests, prometheus for the promtool of the
@@ -25,6 +26,9 @@ if ! command -v turnutils_uclient >/dev/null 2>&1; then
 fi
 if ! command -v iptables >/dev/null 2>&1 && ! command -v nft >/dev/null 2>&1; then
   missing+=(iptables)    # firewall inside the namespace of tests/netns_udp_blocked.rs
+fi
+if ! command -v nft >/dev/null 2>&1; then
+  missing+=(nftables)    # the lossy uplink (a netdev egress hook) of tests/call_health.rs
 fi
 if ! command -v faketime >/dev/null 2>&1; then
   missing+=(faketime)    # a skewed clock for tests/turnctl_check.rs
@@ -130,7 +134,7 @@ if [ "$status" -eq 0 ]; then
   for f in tests/*.rs; do
     name=$(basename "$f" .rs)
     case "$name" in
-      browser_chromium|browser_call|browser_check|netns_udp_blocked|proxy_only|debian_package|deploy|alert_rules|prosody) ;;
+      browser_chromium|browser_call|call_health|browser_check|netns_udp_blocked|proxy_only|debian_package|deploy|alert_rules|prosody) ;;
       *) targets+=(--test "$name") ;;
     esac
   done

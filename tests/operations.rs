@@ -189,7 +189,19 @@ fn grafana_dashboard_uses_only_exported_metrics() {
     names.dedup();
     assert!(names.len() >= 10, "{names:?}");
     for n in names {
-        assert!(body.contains(&format!("# TYPE {n} ")), "dashboard uses {n}, which /metrics does not export");
+        // A histogram's series are NAME_bucket, NAME_sum and NAME_count,
+        // declared once as `# TYPE NAME histogram`.
+        let histogram = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| n.strip_suffix(suffix))
+            .is_some_and(|base| body.contains(&format!("# TYPE {base} histogram")));
+        assert!(histogram || body.contains(&format!("# TYPE {n} ")), "dashboard uses {n}, which /metrics does not export");
+    }
+    // Bucket bounds the dashboard picks (`le="0.02"`) are bounds turnd exports.
+    for (i, _) in dash.match_indices("le=\\\"") {
+        let rest = &dash[i + 5..];
+        let bound = &rest[..rest.find('\\').unwrap_or(rest.len())];
+        assert!(body.contains(&format!("le=\"{bound}\"")), "dashboard uses the bucket le=\"{bound}\", which /metrics does not have");
     }
 }
 

@@ -234,7 +234,7 @@ pub fn render(s: &Snapshot) -> String {
     let legs = &st.legs;
     for (name, help, hists, bounds) in [
         ("turnd_leg_loss_ratio", "Share of RTP packets lost on a leg before they reached the relay, per ended allocation (client: the participant's own link; peer: the link from the peer).", &legs.loss, &LOSS_BOUNDS),
-        ("turnd_leg_jitter_seconds", "RTP interarrival jitter (RFC 3550) of a leg's most jittery stream, per ended allocation; streams whose clock rate could not be inferred are left out.", &legs.jitter, &JITTER_BOUNDS),
+        ("turnd_leg_jitter_seconds", "RTP interarrival jitter (RFC 3550) of a leg's audio stream (else its busiest stream), per ended allocation; streams whose clock rate could not be inferred are left out.", &legs.jitter, &JITTER_BOUNDS),
         ("turnd_leg_rtt_seconds", "Round trip between the relay and the client or the peer, from relayed ICE consent checks, per ended allocation.", &legs.rtt, &RTT_BOUNDS),
     ] {
         families.push(histogram_family(name, help, hists, bounds));

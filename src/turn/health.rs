@@ -185,8 +185,11 @@ pub struct StreamFigures {
 #[derive(Clone, Debug, Default)]
 pub struct Leg {
     streams: [Option<Stream>; MAX_STREAMS],
-    /// A new SSRC on probation: its SSRC and last sequence number.
-    candidate: Option<(u32, u16)>,
+    /// New SSRCs on probation: SSRC and last sequence number (streams
+    /// start interleaved: audio and video at once).
+    candidates: [Option<(u32, u16)>; MAX_STREAMS],
+    /// The candidate slot the next unknown SSRC takes when all are full.
+    next_candidate: usize,
     /// RTP packets of streams beyond the table.
     pub untracked_packets: u64,
     /// Packets that are not RTP (STUN, DTLS, RTCP, anything else).
@@ -207,19 +210,28 @@ impl Leg {
             s.packet(seq, ts, now);
             return;
         }
-        match self.candidate {
-            Some((c, last)) if c == ssrc && seq == last.wrapping_add(1) => {
-                self.candidate = None;
-                match self.streams.iter_mut().find(|s| s.is_none()) {
-                    Some(slot) => {
-                        let mut s = Stream::new(ssrc, last, ts, now);
-                        s.packet(seq, ts, now);
-                        *slot = Some(s);
+        match self.candidates.iter().position(|c| c.is_some_and(|(s, _)| s == ssrc)) {
+            Some(i) => match self.candidates[i] {
+                Some((_, last)) if seq == last.wrapping_add(1) => {
+                    self.candidates[i] = None;
+                    match self.streams.iter_mut().find(|s| s.is_none()) {
+                        Some(slot) => {
+                            let mut s = Stream::new(ssrc, last, ts, now);
+                            s.packet(seq, ts, now);
+                            *slot = Some(s);
+                        }
+                        None => self.untracked_packets += 2,
                     }
-                    None => self.untracked_packets += 2,
                 }
+                _ => self.candidates[i] = Some((ssrc, seq)),
+            },
+            None => {
+                let i = self.candidates.iter().position(Option::is_none).unwrap_or_else(|| {
+                    self.next_candidate = (self.next_candidate + 1) % MAX_STREAMS;
+                    self.next_candidate
+                });
+                self.candidates[i] = Some((ssrc, seq));
             }
-            _ => self.candidate = Some((ssrc, seq)),
         }
     }
 
@@ -251,9 +263,14 @@ impl Leg {
         (expected > 0).then(|| lost as f64 / expected as f64)
     }
 
-    /// The largest jitter of its streams (seconds), where known.
+    /// The leg's jitter (seconds), where known: its audio stream's (the
+    /// busiest, at an audio clock rate), else its busiest stream's. Not the
+    /// largest: a video retransmission stream (RFC 4588) carries the
+    /// original packets' timestamps, so its "jitter" is the repair delay.
     pub fn jitter(&self) -> Option<f64> {
-        self.streams().filter_map(|s| s.jitter).reduce(f64::max)
+        let timed = || self.streams().filter(|s| s.jitter.is_some());
+        let audio = timed().filter(|s| matches!(s.clock, Some(8_000 | 16_000 | 48_000))).max_by_key(|s| s.received);
+        audio.or_else(|| timed().max_by_key(|s| s.received)).and_then(|s| s.jitter)
     }
 
     /// The smoothed round trip over this leg, once a consent check was answered.
@@ -474,6 +491,40 @@ mod tests {
         // |D| is 10 ms every packet: J converges to 10 ms.
         let j = h.client.jitter().unwrap();
         assert!((j - 0.010).abs() < 0.001, "{j}");
+    }
+
+    #[test]
+    fn the_legs_jitter_is_its_audio_streams_not_a_retransmission_streams() {
+        let t0 = Instant::now();
+        let mut h = Health::default();
+        for i in 0..200u32 {
+            let at = t0 + Duration::from_millis(20 * i as u64);
+            // Audio, perfectly paced; video (90 kHz), paced; and a sparse
+            // repair stream whose timestamps lag by a varying repair delay.
+            h.from_client(&rtp(i as u16, 960 * i, 1), at);
+            h.from_client(&rtp(i as u16, 1800 * i, 2), at);
+            if i % 10 == 0 {
+                h.from_client(&rtp((i / 10) as u16, 1800 * i.saturating_sub(3 + i % 7), 3), at);
+            }
+        }
+        let worst = h.client.streams().filter_map(|s| s.jitter).reduce(f64::max).unwrap();
+        assert!(worst > 0.001, "the repair stream looks jittery: {worst}");
+        assert!(h.client.jitter().unwrap() < 1e-6, "{:?}", h.client.jitter());
+    }
+
+    #[test]
+    fn streams_that_start_interleaved_are_tracked_from_their_second_packet() {
+        let t0 = Instant::now();
+        let mut h = Health::default();
+        for seq in 0..2u16 {
+            for ssrc in [11, 12, 13] {
+                h.from_client(&rtp(seq, 0, ssrc), t0);
+            }
+        }
+        let mut tracked: Vec<u32> = h.client.streams().map(|s| s.ssrc).collect();
+        tracked.sort();
+        assert_eq!(tracked, [11, 12, 13]);
+        assert!(h.client.streams().all(|s| s.expected == 2 && s.lost == 0));
     }
 
     #[test]

@@ -297,6 +297,11 @@ impl NetNs {
         self.ns_ip
     }
 
+    /// Name of the namespace end of the veth (inside the namespace).
+    pub fn ns_if(&self) -> String {
+        self.host_if.as_deref().expect("the veth exists once created").replacen("tdh", "tdn", 1)
+    }
+
     pub fn firewall(&self) -> Firewall {
         self.firewall
     }
