@@ -212,21 +212,38 @@ fn wire_flood_does_not_starve_an_honest_client() {
     c.allocate("honest", common::SECRET);
     assert_eq!(c.transact(method::CHANNEL_BIND, &[channel(0x4000), peer_at(echo.addr)]).class(), Class::Success);
     let setup = t0.elapsed();
-    let (mut sent, mut got, mut rtts) = (0u32, 0u32, Vec::new());
+    let (mut sent, mut rtts) = (0u32, Vec::new());
+    // Every echo that comes back, late ones included: one echo held up
+    // longer than the wait below must not make every later one look lost.
+    let mut echoed = std::collections::HashSet::new();
     // 100 packets a second for as long as the flood lasts (at most 3 s).
     while sent < 300 && !flooder.is_finished() {
         let payload = sent.to_be_bytes();
         let at = Instant::now();
         c.send_channel(0x4000, &payload);
         sent += 1;
-        if let Some(Incoming::Channel { data, .. }) = c.recv(Duration::from_millis(200))
-            && data == payload
-        {
-            got += 1;
-            rtts.push(at.elapsed());
+        let until = at + Duration::from_millis(200);
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match c.recv(left) {
+                Some(Incoming::Channel { data, .. }) => {
+                    let matched = data == payload;
+                    echoed.insert(data);
+                    if matched {
+                        rtts.push(at.elapsed());
+                        break;
+                    }
+                }
+                Some(_) => {}
+                None => break,
+            }
         }
         std::thread::sleep(Duration::from_millis(10).saturating_sub(at.elapsed()));
     }
+    // The last ones may still be on their way.
+    while let Some(Incoming::Channel { data, .. }) = c.recv(Duration::from_millis(300)) {
+        echoed.insert(data);
+    }
+    let got = echoed.len() as u32;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (flood_sent, flood_answers, flood_time) = flooder.join().unwrap();
     rtts.sort();
@@ -235,13 +252,17 @@ fn wire_flood_does_not_starve_an_honest_client() {
     eprintln!(
         "flood: {flood_sent} packets in {flood_time:.1?} ({:.0}/s) from 127.0.0.3, {flood_answers} answers; \
          turnd dropped {malformed} malformed, {rate_limited} rate-limited\n\
-         honest client: set up in {setup:.1?}, {got}/{sent} echoed during the flood, rtt median {:?}, max {:?}",
+         honest client: set up in {setup:.1?}, {got}/{sent} echoed during the flood ({} within 200 ms), rtt median {:?}, max {:?}",
         flood_sent as f64 / flood_time.as_secs_f64(),
+        rtts.len(),
         rtts.get(rtts.len() / 2),
         rtts.last()
     );
     assert!(sent >= 150, "the honest client relayed during the flood ({sent})");
     assert!(got as f64 >= sent as f64 * 0.98, "honest loss under the flood: {got}/{sent}");
+    // Not starved either: nearly all came back within 200 ms (a pause of the
+    // whole machine may hold up a few).
+    assert!(rtts.len() as f64 >= sent as f64 * 0.9, "honest echoes within 200 ms: {} of {sent}", rtts.len());
     assert!(flood_sent >= FLOOD_SECS * FLOOD_PPS * 8 / 10, "the flood ran ({flood_sent})");
     // The flooding source got at most its burst plus its rate (100/s) of answers.
     let budget = turnd::turn::DEFAULT_UNAUTH_RATE as f64 * (1.0 + flood_time.as_secs_f64() + 1.0);
