@@ -119,7 +119,7 @@ impl Pebble {
         wait_listening(format!("127.0.0.1:{dns_mgmt}").parse().unwrap(), "pebble-challtestsrv", &mut children);
         wait_listening(format!("127.0.0.1:{acme_port}").parse().unwrap(), "pebble", &mut children);
         wait_listening(format!("127.0.0.1:{mgmt_port}").parse().unwrap(), "pebble (management)", &mut children);
-        let mut p = Pebble {
+        let p = Pebble {
             children,
             url: format!("https://127.0.0.1:{acme_port}/dir"),
             https_ca: dir.join("ca.pem"),
@@ -130,7 +130,6 @@ impl Pebble {
         let root = p.curl(&format!("https://127.0.0.1:{mgmt_port}/roots/0"), None);
         assert!(root.contains("BEGIN CERTIFICATE"), "Pebble's root: {root}");
         std::fs::write(&p.root, root).unwrap();
-        let _ = &mut p;
         p
     }
 
@@ -502,12 +501,11 @@ fn sni_routing_keeps_acme_tls_alpn_for_its_owner() {
         }
         Vec::new()
     });
-    let out = Command::new("sh")
+    // Its handshake goes nowhere (the backend is not TLS): only what reached the backend counts.
+    let _ = Command::new("sh")
         .arg("-c")
         .arg(format!("timeout 5 openssl s_client -connect 127.0.0.1:{tls_port} -servername web.acme.test -alpn acme-tls/1 </dev/null >/dev/null 2>&1; true"))
-        .output()
-        .unwrap();
-    let _ = out;
+        .status();
     let hello = got.join().unwrap();
     assert_eq!(hello.first(), Some(&0x16), "a TLS record reached the backend");
     let has = |needle: &[u8]| hello.windows(needle.len()).any(|w| w == needle);

@@ -15,7 +15,6 @@ mod harness;
 #[path = "common/wire.rs"]
 mod wire;
 
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -282,5 +281,4 @@ fn check_settings_are_validated_key_by_key() {
         assert!(err.contains(key) && err.contains(says), "{extra}: expected {key}: {says}, got {err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let _: Option<SocketAddr> = None;
 }

@@ -271,7 +271,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     let metrics = metrics_socket.map(|(addr, l)| (addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&ctl), l))));
     let (per_shard, log) = listeners.commit(steps);
     let acceptor = ctl.certs.borrow().as_ref().map(|c| c.acceptor());
-    let site = check_site(&ctl, &cfg);
+    let site = Some(check_site(&ctl, &cfg));
     *ctl.check.borrow_mut() = site.clone();
     ctl.apply(Arc::new(cfg.clone()), &policy, acceptor.as_ref(), site, per_shard).await?;
     if let Some(l) = check_socket {
@@ -333,8 +333,8 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
 }
 
 /// The site TLS listeners serve browsers: readiness, and the check page when `[check]` is on.
-fn check_site(ctl: &Control, cfg: &Config) -> Option<Arc<crate::check::Site>> {
-    Some(Arc::new(crate::check::Site::new(ctl.check_key, cfg.check.clone(), crate::check::offers(&cfg.listeners), ctl.check_counts.clone())))
+fn check_site(ctl: &Control, cfg: &Config) -> Arc<crate::check::Site> {
+    Arc::new(crate::check::Site::new(ctl.check_key, cfg.check.clone(), crate::check::offers(&cfg.listeners), ctl.check_counts.clone()))
 }
 
 /// The check page on `check.http_listen` (plain HTTP), until the process ends.
@@ -419,7 +419,7 @@ impl Running {
         let before = self.listeners.clone();
         let (per_shard, log) = self.listeners.commit(steps);
         let acceptor = tls_step.acceptor(ctl.certs.borrow().as_ref());
-        let site = check_site(ctl, &new);
+        let site = Some(check_site(ctl, &new));
         if let Err(e) = ctl.apply(Arc::new(new.clone()), &peer_policy(&new), acceptor.as_ref(), site.clone(), per_shard).await {
             self.listeners = before;
             return Err(e);
