@@ -49,6 +49,7 @@ use turnd::stun::{attr, frame_len, method, ChannelData, Class, FrameLen, Message
 mod conn;
 mod floor;
 mod batch_io;
+mod flows;
 mod participants;
 mod peer;
 mod scale;
@@ -59,6 +60,7 @@ mod traffic;
 use conn::*;
 use floor::*;
 use batch_io::*;
+use flows::*;
 use peer::*;
 use setup::*;
 use stats::*;
@@ -271,6 +273,11 @@ struct Args {
     /// Search: and at most this p99 round trip through the relay, milliseconds.
     #[arg(long, default_value_t = 20.0)]
     max_p99_ms: f64,
+    /// Per-flow accounting (UDP): every datagram's flow and sequence number
+    /// are recorded at the peer and back at the client, for exact loss each
+    /// way, duplicates, and each flow's longest gap between arrivals.
+    #[arg(long, conflicts_with_all = ["raw", "direct", "scale", "participants", "participants_search", "floor_relay"])]
+    flows: bool,
     /// Ignored: `cargo bench` appends it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -301,6 +308,9 @@ struct Snap {
     t_ns: u64,
     server_cpu: Option<f64>,
     own_cpu: Option<f64>,
+    /// Time the server's and the generator's threads waited for a CPU.
+    server_wait: Option<f64>,
+    own_wait: Option<f64>,
     peer_rx: u64,
     rx: u64,
     sent: u64,
@@ -337,12 +347,16 @@ fn run(args: &Args) -> Result<()> {
     if args.peer_ip == args.server.ip() && !args.direct {
         bail!("--peer-ip must differ from the server's address (relays refuse their own address)");
     }
+    if args.flows && kind != Kind::Udp {
+        bail!("--flows is for UDP clients");
+    }
     let cap = args.size + 128;
-    let peer = Peer::start(args.peer_ip, args.peer_port, args.batch, cap, args.gso)?;
+    let tag = (SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u32) ^ std::process::id().rotate_left(16);
+    let peer_flows = args.flows.then(|| Arc::new(PeerFlows::new(args.clients, tag)));
+    let peer = Peer::start_with(args.peer_ip, args.peer_port, args.batch, cap, args.gso, None, peer_flows.clone())?;
     if args.direct {
         args.server = peer.addr;
     }
-    let tag = (SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u32) ^ std::process::id().rotate_left(16);
 
     // --- setup ---
     let setup_start = Instant::now();
@@ -371,8 +385,11 @@ fn run(args: &Args) -> Result<()> {
         let (session, tmpl, off) = if args.raw {
             (None, payload.clone(), stamp_at)
         } else {
-            let (s, _relayed) = setup_turn(&mut conn, creds.as_ref().unwrap(), peer.addr, args.indications, &mut tids)
+            let (s, relayed) = setup_turn(&mut conn, creds.as_ref().unwrap(), peer.addr, args.indications, &mut tids)
                 .with_context(|| format!("client {i}"))?;
+            if let Some(pf) = &peer_flows {
+                pf.set_relayed(i, relayed);
+            }
             if args.indications {
                 let m = build(method::SEND, Class::Indication, next_tid(&mut tids), |w| {
                     w.xor_address(attr::XOR_PEER_ADDRESS, peer.addr).attr(attr::DATA, &payload);
@@ -429,12 +446,15 @@ fn run(args: &Args) -> Result<()> {
         c: Counters::default(),
         hist: Histogram::new(),
         win: Window { start_ns: u64::MAX, end_ns: u64::MAX },
+        flows: args.flows.then(|| FlowLog::new(args.clients)),
     };
     let pid = args.server_pid.map(|p| p.to_string());
     let snap = |g: &Gen, t_ns: u64| Snap {
         t_ns,
         server_cpu: pid.as_deref().and_then(cpu_seconds),
         own_cpu: cpu_seconds("self"),
+        server_wait: pid.as_deref().and_then(sched_wait_seconds),
+        own_wait: sched_wait_seconds("self"),
         peer_rx: peer.rx.load(Ordering::Relaxed),
         rx: g.c.rx,
         sent: g.c.sent,
@@ -451,20 +471,28 @@ fn run(args: &Args) -> Result<()> {
     // once, so the server is not hit by a burst the offered rate never had.
     let max_burst = (args.rate / 500).max(n as u64 * 4);
     let mut drain_deadline = None::<u64>;
+    let udp_drops0 = udp_rcvbuf_errors();
     loop {
         let now = g.now_ns();
         // Phases: warm-up, timed window, drain.
         if s0.is_none() && now >= warm_ns {
             g.win.start_ns = now;
             s0 = Some(snap(&g, now));
+            if let Some(f) = &mut g.flows {
+                f.start(now);
+            }
+            if let Some(pf) = &peer_flows {
+                pf.log.lock().unwrap().start(pf.to_own(g.base, now));
+            }
         }
         if s1.is_none() && now >= end_ns {
             g.win.end_ns = now;
             s1 = Some(snap(&g, now));
             drain_deadline = Some(now + DRAIN.as_nanos() as u64);
         }
+        // (With --flows every echo counts, not only the window's.)
         if let Some(d) = drain_deadline
-            && (now >= d || g.c.rx_window >= g.c.sent_window)
+            && (now >= d || if args.flows { g.c.rx >= g.c.sent } else { g.c.rx_window >= g.c.sent_window })
         {
             break;
         }
@@ -543,6 +571,7 @@ fn run(args: &Args) -> Result<()> {
         }
     }
     let closed = g.clients.iter().filter(|c| c.conn.closed).count();
+    let udp_drops = udp_drops0.zip(udp_rcvbuf_errors()).map(|(a, b)| b.saturating_sub(a));
 
     // --- teardown: Refresh(0) on UDP, best effort; streams just close ---
     if !args.raw && kind == Kind::Udp {
@@ -554,7 +583,22 @@ fn run(args: &Args) -> Result<()> {
         (Some(a), Some(b)) => (a, b),
         _ => bail!("the run ended before its timed window"),
     };
-    report(args, kind, &g, s0, s1, setup_secs, closed, peer_rx.saturating_sub(peer_tx))
+    let flows = match (g.flows.as_mut(), &peer_flows) {
+        (Some(cl), Some(pf)) => {
+            let sent: Vec<u64> = g.clients.iter().map(|c| c.sent_seq).collect();
+            let mut j = report_flows(cl, pf, &sent, g.base, g.win.end_ns, g.win.start_ns);
+            j["kernel_udp_rcvbuf_drops"] = udp_drops.into();
+            Some(j)
+        }
+        _ => None,
+    };
+    let extra = Extra { flows };
+    report(args, kind, &g, s0, s1, setup_secs, closed, peer_rx.saturating_sub(peer_tx), extra)
+}
+
+/// What --flows adds to the report.
+struct Extra {
+    flows: Option<serde_json::Value>,
 }
 
 /// Refresh with LIFETIME 0 for every UDP client, best effort (streams simply close).
@@ -583,7 +627,7 @@ fn peer_stop(p: Peer) -> (u64, u64) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn report(args: &Args, kind: Kind, g: &Gen, s0: Snap, s1: Snap, setup_secs: f64, closed: usize, peer_unechoed: u64) -> Result<()> {
+fn report(args: &Args, kind: Kind, g: &Gen, s0: Snap, s1: Snap, setup_secs: f64, closed: usize, peer_unechoed: u64, extra: Extra) -> Result<()> {
     let secs = (s1.t_ns - s0.t_ns) as f64 / 1e9;
     let to_peer = (s1.peer_rx - s0.peer_rx) as f64;
     let to_client = (s1.rx - s0.rx) as f64;
@@ -649,6 +693,10 @@ fn report(args: &Args, kind: Kind, g: &Gen, s0: Snap, s1: Snap, setup_secs: f64,
         "server_cpu_pct": server_cpu.map(|c| 100.0 * c / secs),
         "server_cpu_us_per_pkt": cpu_per_pkt,
         "loadgen_cpu_pct": own_cpu.map(|c| 100.0 * c / secs),
+        // Of the process --server-pid names: after an upgrade or a restart, the first one's (up to its end).
+        "server_wait_pct": s0.server_wait.zip(s1.server_wait).map(|(a, b)| 100.0 * (b - a) / secs),
+        "loadgen_wait_pct": s0.own_wait.zip(s1.own_wait).map(|(a, b)| 100.0 * (b - a) / secs),
+        "flows": extra.flows,
     });
     if args.json {
         println!("{j}");
@@ -684,6 +732,15 @@ fn report(args: &Args, kind: Kind, g: &Gen, s0: Snap, s1: Snap, setup_secs: f64,
     println!("loadgen cpu  {} % (generator and echo peer)", f(own_cpu.map(|c| 100.0 * c / secs)));
     if closed > 0 {
         println!("warning      {closed} connections closed by the server");
+    }
+    if let Some(fl) = j["flows"].as_object() {
+        for (dir, name) in [("to_peer", "to peer"), ("to_client", "to client")] {
+            let d = &fl[dir];
+            println!(
+                "{name:<12} lost {} of {}, {} duplicates, {} misrouted; longest gap {} ms (median flow {} ms), {} flows stopped",
+                d["lost"], d["expected"], d["duplicates"], d["misrouted"], d["gap_ms"]["max"], d["gap_ms"]["p50"], d["flows_stopped"]
+            );
+        }
     }
     Ok(())
 }

@@ -114,7 +114,7 @@ pub(super) fn run(args: &Args) -> Result<()> {
     let tag = (SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u32) ^ std::process::id().rotate_left(16);
     let base = Instant::now();
     let win = Arc::new(PeerWin::new(base, tag));
-    let peer = Peer::start_with(args.peer_ip, args.peer_port, args.batch, VIDEO + 128, args.gso, Some(win.clone()))?;
+    let peer = Peer::start_with(args.peer_ip, args.peer_port, args.batch, VIDEO + 128, args.gso, Some(win.clone()), None)?;
     wait_ready(args.server, kind, Duration::from_secs_f64(args.ready_timeout))?;
     let unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let username = rest_username(unix + 3600, Some(&args.user));
@@ -310,6 +310,7 @@ fn step(cx: &mut Ctx, base: Instant, n: usize, wu: f64, du: f64) -> Result<Step>
         c: Counters::default(),
         hist: Histogram::new(),
         win: Window { start_ns: u64::MAX, end_ns: u64::MAX },
+        flows: None,
     };
     let t0 = g.now_ns();
     // Random phase: frame clocks spread over a frame interval, audio over its own.

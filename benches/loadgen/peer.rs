@@ -78,11 +78,20 @@ impl PeerWin {
 
 impl Peer {
     pub(super) fn start(ip: IpAddr, port: u16, batch: usize, cap: usize, gso: bool) -> Result<Peer> {
-        Self::start_with(ip, port, batch, cap, gso, None)
+        Self::start_with(ip, port, batch, cap, gso, None, None)
     }
 
-    /// As `start`, and with `win` counts what each timed window sent it.
-    pub(super) fn start_with(ip: IpAddr, port: u16, batch: usize, cap: usize, gso: bool, win: Option<Arc<PeerWin>>) -> Result<Peer> {
+    /// As `start`, and with `win` counts what each timed window sent it;
+    /// with `flows`, what each flow sent it and what it echoed (--flows).
+    pub(super) fn start_with(
+        ip: IpAddr,
+        port: u16,
+        batch: usize,
+        cap: usize,
+        gso: bool,
+        win: Option<Arc<PeerWin>>,
+        flows: Option<Arc<PeerFlows>>,
+    ) -> Result<Peer> {
         let sock = UdpSocket::bind((ip, port)).with_context(|| format!("echo peer: bind {ip}:{port}"))?;
         sock.set_nonblocking(true)?;
         set_buffers(sock.as_raw_fd());
@@ -124,6 +133,9 @@ impl Peer {
                     if let Some(w) = &win {
                         // prepare_echo kept each slot's data and length.
                         w.account(&m, n, sent, &mut in_win);
+                    }
+                    if let Some(f) = &flows {
+                        f.account(&m, n, sent);
                     }
                     if n < m.slots() {
                         break;

@@ -30,6 +30,17 @@ pub(super) fn sched_wait_seconds(pid: &str) -> Option<f64> {
     Some(ns as f64 / 1e9)
 }
 
+/// The kernel's count of UDP datagrams dropped for want of receive buffer
+/// (`RcvbufErrors` in /proc/net/snmp): every socket of this network
+/// namespace, not only the run's.
+pub(super) fn udp_rcvbuf_errors() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut lines = s.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let at = names.split_ascii_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_ascii_whitespace().nth(at)?.parse().ok()
+}
+
 // ---------------------------------------------------------------------------
 // Latency histogram: log-linear, 64 sub-buckets per power of two (under 1.6% error).
 

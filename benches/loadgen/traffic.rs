@@ -101,6 +101,8 @@ pub(super) struct Gen<'a> {
     pub(super) c: Counters,
     pub(super) hist: Histogram,
     pub(super) win: Window,
+    /// With --flows: what each client received back, by sequence number.
+    pub(super) flows: Option<FlowLog>,
 }
 
 impl Gen<'_> {
@@ -129,6 +131,11 @@ impl Gen<'_> {
         let seq = u64::from_be_bytes(p[8..16].try_into().unwrap());
         cl.rx_seq = cl.rx_seq.max(seq.min(cl.sent_seq));
         cl.last_rx_ns = now;
+        if let Some(f) = &mut self.flows {
+            // Another client's datagram on this socket counts as misrouted.
+            let from = u32::from_be_bytes(p[16..20].try_into().unwrap()) as usize;
+            f.arrived(if from == ci { ci } else { usize::MAX }, seq, now);
+        }
         if self.win.contains(ts) {
             self.c.rx_window += 1;
             self.hist.record(now.saturating_sub(ts));
