@@ -1,5 +1,5 @@
-//! Per-flow accounting (benches/upgrade.sh: a relay upgraded or restarted
-//! under load).
+//! Per-flow accounting, and a command run in the middle of the timed window
+//! (benches/upgrade.sh: a relay upgraded or restarted under load).
 //!
 //! `--flows`: every datagram's flow (its client) and sequence number are
 //! recorded where it arrives: at the echo peer (client → relay → peer) and
@@ -9,7 +9,18 @@
 //! end of sending (a flow that stopped counts its silence up to the end).
 //! Loss is then exact each way: what the clients sent less what the peer
 //! received, and what the peer echoed less what the clients received.
+//!
+//! `--exec-at S -- CMD ARGS...`: S seconds into the timed window, CMD runs
+//! (`turnctl upgrade`, a script restarting the server); the report has when
+//! it returned, its exit status and output. Meanwhile a probe sends
+//! authenticated Allocates, one at a time, each from a fresh socket, to find
+//! when a new server process first answers one: the first success carrying
+//! SOFTWARE `--probe-software` (only the new process's configuration has
+//! it), or without that option the first success after CMD returned (a
+//! restart: the old process is gone by then). Each probe allocation is
+//! released again (Refresh 0) as soon as it is answered.
 
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use super::*;
@@ -19,6 +30,13 @@ use super::*;
 const MAX_SEQ: u64 = 1 << 22;
 /// A flow that received nothing in this last stretch of sending has stopped.
 const STOPPED_NS: u64 = 250_000_000;
+/// The probe stops after this many answers from the new process.
+const PROBE_NEW_ANSWERS: u64 = 3;
+/// A probe request is resent after this long without an answer, and given up after `PROBE_GIVE_UP`.
+const PROBE_RTO: Duration = Duration::from_millis(250);
+const PROBE_GIVE_UP: Duration = Duration::from_secs(2);
+/// How long the command may run past the end of sending before it is killed.
+const EXEC_GRACE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
 // Per-flow accounting
@@ -218,4 +236,298 @@ pub(super) fn report_flows(client: &mut FlowLog, peer: &PeerFlows, sent: &[u64],
     let to_peer = direction(&mut plog, sent, pend, pmark);
     let to_client = direction(client, &echoed, end_ns, mark_ns);
     serde_json::json!({ "flows": sent.len(), "to_peer": to_peer, "to_client": to_client })
+}
+
+// ---------------------------------------------------------------------------
+// The command and the probe
+
+/// How a probe tells the new process's answers from the old one's.
+#[derive(Clone)]
+pub(super) enum Marker {
+    /// The new process's answers carry this SOFTWARE.
+    Software(String),
+    /// Any answer after the command returned (a restart: the old process is gone).
+    AfterReturn,
+}
+
+#[derive(Default)]
+struct Probe {
+    sent: u64,
+    old: u64,
+    new: u64,
+    /// Answered by the old process after the new one had answered one.
+    old_after_new: u64,
+    refused: u64,
+    timeouts: u64,
+    errors: Vec<String>,
+    first_new_sent_ns: Option<u64>,
+    first_new_answer_ns: Option<u64>,
+    last_old_answer_ns: Option<u64>,
+}
+
+pub(super) struct Exec {
+    pub(super) thread: std::thread::JoinHandle<serde_json::Value>,
+}
+
+pub(super) struct ExecPlan {
+    pub(super) command: Vec<String>,
+    pub(super) at_ns: u64,
+    pub(super) until_ns: u64,
+    pub(super) server: SocketAddr,
+    pub(super) creds: Option<(String, String)>,
+    pub(super) marker: Marker,
+    pub(super) interval: Duration,
+}
+
+impl Exec {
+    /// Starts the thread that runs the command at `plan.at_ns` (on the
+    /// clock that started at `base`) and probes until the new process
+    /// answers or `plan.until_ns`.
+    pub(super) fn start(plan: ExecPlan, base: Instant) -> Result<Exec> {
+        let thread = std::thread::Builder::new().name("exec".into()).spawn(move || run_exec(plan, base))?;
+        Ok(Exec { thread })
+    }
+
+    pub(super) fn finish(self) -> serde_json::Value {
+        self.thread.join().unwrap_or_else(|_| serde_json::json!({ "error": "the exec thread panicked" }))
+    }
+}
+
+fn run_exec(plan: ExecPlan, base: Instant) -> serde_json::Value {
+    let now_ns = || base.elapsed().as_nanos() as u64;
+    let ms = |ns: u64| ns as f64 / 1e6;
+    // The probe's credentials: a challenge now, so that each probe is one round trip.
+    let mut auth = plan.creds.as_ref().map(|(u, p)| challenge(plan.server, u, p));
+    let wait = Duration::from_nanos(plan.at_ns.saturating_sub(now_ns()));
+    std::thread::sleep(wait);
+
+    let out_path = std::env::temp_dir().join(format!("loadgen-exec-{}.out", std::process::id()));
+    let out = match std::fs::File::create(&out_path).and_then(|f| Ok((f.try_clone()?, f))) {
+        Ok(o) => o,
+        Err(e) => return serde_json::json!({ "error": format!("output file {}: {e}", out_path.display()) }),
+    };
+    let at = now_ns();
+    let child = Command::new(&plan.command[0]).args(&plan.command[1..]).stdin(Stdio::null()).stdout(out.0).stderr(out.1).spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return serde_json::json!({ "error": format!("cannot run {}: {e}", plan.command[0]) }),
+    };
+    let pid = child.id();
+    let returned = Arc::new(AtomicU64::new(0));
+    let waiter = {
+        let returned = returned.clone();
+        std::thread::spawn(move || {
+            let st = child.wait();
+            returned.store(base.elapsed().as_nanos() as u64, Ordering::SeqCst);
+            st.ok().and_then(|s| s.code())
+        })
+    };
+    let probe = match auth.as_mut() {
+        Some(Ok(a)) => Some(probe(&plan, a, base, &returned)),
+        _ => None,
+    };
+    // The command may still run (a restart script, a slow handover): wait, bounded.
+    let kill_at = plan.until_ns + EXEC_GRACE.as_nanos() as u64;
+    let mut killed = false;
+    while returned.load(Ordering::SeqCst) == 0 {
+        if now_ns() > kill_at {
+            // SAFETY: kill takes plain integers; the child is ours and not yet reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            killed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let code = waiter.join().ok().flatten();
+    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    let ret = returned.load(Ordering::SeqCst);
+    let probe = probe.map(|p| {
+        let rel = |t: Option<u64>| t.map(|t| ms(t.saturating_sub(at)));
+        serde_json::json!({
+            "sent": p.sent,
+            "answered_old": p.old,
+            "answered_new": p.new,
+            "old_after_new": p.old_after_new,
+            "refused": p.refused,
+            "timeouts": p.timeouts,
+            "errors": p.errors,
+            "first_new_answer_ms": rel(p.first_new_answer_ns),
+            "first_new_sent_ms": rel(p.first_new_sent_ns),
+            "last_old_answer_ms": rel(p.last_old_answer_ns),
+        })
+    });
+    serde_json::json!({
+        "command": plan.command.join(" "),
+        "at_ns": at,
+        "returned_ms": (ret > 0).then(|| ms(ret.saturating_sub(at))),
+        "exit_code": code,
+        "killed": killed,
+        "output": output.trim_end(),
+        "probe": probe,
+        "probe_error": match &auth { Some(Err(e)) => Some(format!("{e:#}")), _ => None },
+    })
+}
+
+/// A probe's credentials and the server's current realm and nonce.
+struct Auth {
+    username: String,
+    password: String,
+    realm: String,
+    nonce: Vec<u8>,
+    key: [u8; 16],
+}
+
+impl Auth {
+    /// Takes REALM and NONCE from a 401 or 438 answer.
+    fn renew(&mut self, m: &Message<'_>) -> bool {
+        let Some(nonce) = m.get(attr::NONCE) else { return false };
+        self.nonce = nonce.to_vec();
+        if let Some(r) = m.get(attr::REALM) {
+            self.realm = String::from_utf8_lossy(r).into_owned();
+        }
+        self.key = long_term_key(&self.username, &self.realm, &self.password);
+        true
+    }
+}
+
+/// An unauthenticated Allocate, for the realm and a nonce.
+fn challenge(server: SocketAddr, username: &str, password: &str) -> Result<Auth> {
+    let mut conn = Conn::connect(server, Kind::Udp, None, Instant::now())?;
+    let mut tids = 1u64 << 40;
+    let req = build(method::ALLOCATE, Class::Request, next_tid(&mut tids), |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]).fingerprint();
+    });
+    let resp = conn.transact(&req, Duration::from_secs(3))?.ok_or_else(|| anyhow!("probe: no answer to the challenge"))?;
+    let m = Message::parse(&resp).map_err(|e| anyhow!("probe: malformed challenge: {e}"))?;
+    let mut a = Auth { username: username.to_owned(), password: password.to_owned(), realm: String::new(), nonce: Vec::new(), key: [0; 16] };
+    if !a.renew(&m) {
+        bail!("probe: the challenge had no NONCE");
+    }
+    Ok(a)
+}
+
+enum Answer {
+    Success(Option<String>),
+    Challenge,
+    Error(String),
+    Refused,
+    Timeout,
+}
+
+/// One request and its answer over `sock`, resent every `PROBE_RTO`.
+fn ask(sock: &UdpSocket, req: &[u8], auth: &mut Auth) -> Answer {
+    let end = Instant::now() + PROBE_GIVE_UP;
+    let mut buf = [0u8; 2048];
+    loop {
+        if let Err(e) = sock.send(req) {
+            return if e.kind() == io::ErrorKind::ConnectionRefused { Answer::Refused } else { Answer::Error(e.to_string()) };
+        }
+        let resend = (Instant::now() + PROBE_RTO).min(end);
+        loop {
+            let left = resend.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let _ = sock.set_read_timeout(Some(left));
+            match sock.recv(&mut buf) {
+                Ok(n) if n >= 20 && buf[8..20] == req[8..20] => {
+                    let Ok(m) = Message::parse(&buf[..n]) else { return Answer::Error("malformed answer".into()) };
+                    return match m.class() {
+                        Class::Success => Answer::Success(m.get(attr::SOFTWARE).map(|s| String::from_utf8_lossy(s).into_owned())),
+                        _ => match error_of(&m) {
+                            Some((401 | 438, _)) if auth.renew(&m) => Answer::Challenge,
+                            Some((c, r)) => Answer::Error(format!("{c} {r}")),
+                            None => Answer::Error("error without ERROR-CODE".into()),
+                        },
+                    };
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Answer::Refused,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e) => return Answer::Error(e.to_string()),
+            }
+        }
+        if Instant::now() >= end {
+            return Answer::Timeout;
+        }
+    }
+}
+
+fn signed(m: u16, tids: &mut u64, a: &Auth, f: impl FnOnce(&mut MessageWriter)) -> Vec<u8> {
+    build(m, Class::Request, next_tid(tids), |w| {
+        f(w);
+        w.attr(attr::USERNAME, a.username.as_bytes())
+            .attr(attr::REALM, a.realm.as_bytes())
+            .attr(attr::NONCE, &a.nonce)
+            .integrity(&a.key)
+            .fingerprint();
+    })
+}
+
+/// Allocates from fresh sockets, one at a time every `plan.interval`, until
+/// the new process has answered `PROBE_NEW_ANSWERS` or `plan.until_ns`.
+fn probe(plan: &ExecPlan, auth: &mut Auth, base: Instant, returned: &AtomicU64) -> Probe {
+    let now_ns = || base.elapsed().as_nanos() as u64;
+    let mut p = Probe::default();
+    let mut tids = 2u64 << 40;
+    while now_ns() < plan.until_ns && p.new < PROBE_NEW_ANSWERS {
+        let start = Instant::now();
+        let sent_ns = now_ns();
+        p.sent += 1;
+        let sock = match UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect(plan.server).map(|()| s)) {
+            Ok(s) => s,
+            Err(e) => {
+                p.errors.push(format!("socket: {e}"));
+                break;
+            }
+        };
+        // A new nonce (a restarted server knows none of the old ones) is one more round trip.
+        for _ in 0..3 {
+            let req = signed(method::ALLOCATE, &mut tids, auth, |w| {
+                w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]).u32(attr::LIFETIME, 600);
+            });
+            match ask(&sock, &req, auth) {
+                Answer::Challenge => continue,
+                Answer::Success(software) => {
+                    let t = now_ns();
+                    let is_new = match &plan.marker {
+                        Marker::Software(s) => software.as_deref() == Some(s.as_str()),
+                        Marker::AfterReturn => {
+                            let r = returned.load(Ordering::SeqCst);
+                            r > 0 && t >= r
+                        }
+                    };
+                    if is_new {
+                        p.new += 1;
+                        if p.first_new_answer_ns.is_none() {
+                            p.first_new_answer_ns = Some(t);
+                            p.first_new_sent_ns = Some(sent_ns);
+                        }
+                    } else {
+                        p.old += 1;
+                        p.old_after_new += p.first_new_answer_ns.is_some() as u64;
+                        p.last_old_answer_ns = Some(t);
+                    }
+                    // Released at once: the probe should not add to what is handed over.
+                    let refresh = signed(method::REFRESH, &mut tids, auth, |w| {
+                        w.u32(attr::LIFETIME, 0);
+                    });
+                    let _ = sock.send(&refresh);
+                }
+                Answer::Refused => p.refused += 1,
+                Answer::Timeout => p.timeouts += 1,
+                Answer::Error(e) => {
+                    if p.errors.len() < 5 {
+                        p.errors.push(e);
+                    }
+                }
+            }
+            break;
+        }
+        if let Some(d) = plan.interval.checked_sub(start.elapsed()) {
+            std::thread::sleep(d);
+        }
+    }
+    p
 }

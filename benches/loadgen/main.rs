@@ -278,13 +278,33 @@ struct Args {
     /// way, duplicates, and each flow's longest gap between arrivals.
     #[arg(long, conflicts_with_all = ["raw", "direct", "scale", "participants", "participants_search", "floor_relay"])]
     flows: bool,
+    /// Run the command given after `--` this many seconds into the timed
+    /// window, and probe with Allocates for the server process that answers
+    /// afterwards (see flows.rs and benches/upgrade.sh).
+    #[arg(long, requires = "flows")]
+    exec_at: Option<f64>,
+    /// With --exec-at: the probe counts a success as the new process's when it
+    /// carries this SOFTWARE; without it, any success after the command returned.
+    #[arg(long, requires = "exec_at")]
+    probe_software: Option<String>,
+    /// With --exec-at: milliseconds between the probe's Allocates.
+    #[arg(long, default_value_t = 2.0)]
+    probe_interval_ms: f64,
+    /// The command --exec-at runs, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
     /// Ignored: `cargo bench` appends it.
     #[arg(long, hide = true)]
     bench: bool,
 }
 
 fn main() {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // `cargo bench -- ARGS -- CMD` appends --bench after the command.
+    if args.command.last().is_some_and(|a| a == "--bench") {
+        args.command.pop();
+        args.bench = true;
+    }
     let r = if args.scale_worker {
         scale::worker(&args)
     } else if args.scale.is_some() {
@@ -346,6 +366,12 @@ fn run(args: &Args) -> Result<()> {
     }
     if args.peer_ip == args.server.ip() && !args.direct {
         bail!("--peer-ip must differ from the server's address (relays refuse their own address)");
+    }
+    match args.exec_at {
+        Some(at) if !(at >= 0.0 && at < args.duration) => bail!("--exec-at must be within the timed window (0 to --duration)"),
+        Some(_) if args.command.is_empty() => bail!("--exec-at needs the command after `--`"),
+        None if !args.command.is_empty() => bail!("a command after `--` needs --exec-at"),
+        _ => {}
     }
     if args.flows && kind != Kind::Udp {
         bail!("--flows is for UDP clients");
@@ -461,6 +487,21 @@ fn run(args: &Args) -> Result<()> {
     };
     let warm_ns = (args.warmup * 1e9) as u64;
     let end_ns = warm_ns + (args.duration * 1e9) as u64;
+    let exec = match args.exec_at {
+        Some(at) => Some(Exec::start(
+            ExecPlan {
+                command: args.command.clone(),
+                at_ns: warm_ns + (at * 1e9) as u64,
+                until_ns: end_ns,
+                server: args.server,
+                creds: creds.as_ref().map(|c| (c.username.clone(), c.password.clone())),
+                marker: args.probe_software.clone().map_or(Marker::AfterReturn, Marker::Software),
+                interval: Duration::from_secs_f64(args.probe_interval_ms.max(0.0) / 1e3),
+            },
+            g.base,
+        )?),
+        None => None,
+    };
     let (mut s0, mut s1) = (None::<Snap>, None::<Snap>);
     let mut m = Mmsg::new(args.batch, cap);
     let mut scratch = vec![0u8; 1 << 16];
@@ -572,6 +613,7 @@ fn run(args: &Args) -> Result<()> {
     }
     let closed = g.clients.iter().filter(|c| c.conn.closed).count();
     let udp_drops = udp_drops0.zip(udp_rcvbuf_errors()).map(|(a, b)| b.saturating_sub(a));
+    let exec = exec.map(Exec::finish);
 
     // --- teardown: Refresh(0) on UDP, best effort; streams just close ---
     if !args.raw && kind == Kind::Udp {
@@ -586,19 +628,22 @@ fn run(args: &Args) -> Result<()> {
     let flows = match (g.flows.as_mut(), &peer_flows) {
         (Some(cl), Some(pf)) => {
             let sent: Vec<u64> = g.clients.iter().map(|c| c.sent_seq).collect();
-            let mut j = report_flows(cl, pf, &sent, g.base, g.win.end_ns, g.win.start_ns);
+            // Gap starts are given from the command, or else from the window's start.
+            let mark = exec.as_ref().and_then(|e| e["at_ns"].as_u64()).unwrap_or(g.win.start_ns);
+            let mut j = report_flows(cl, pf, &sent, g.base, g.win.end_ns, mark);
             j["kernel_udp_rcvbuf_drops"] = udp_drops.into();
             Some(j)
         }
         _ => None,
     };
-    let extra = Extra { flows };
+    let extra = Extra { flows, exec };
     report(args, kind, &g, s0, s1, setup_secs, closed, peer_rx.saturating_sub(peer_tx), extra)
 }
 
-/// What --flows adds to the report.
+/// What --flows and --exec-at add to the report.
 struct Extra {
     flows: Option<serde_json::Value>,
+    exec: Option<serde_json::Value>,
 }
 
 /// Refresh with LIFETIME 0 for every UDP client, best effort (streams simply close).
@@ -697,6 +742,7 @@ fn report(args: &Args, kind: Kind, g: &Gen, s0: Snap, s1: Snap, setup_secs: f64,
         "server_wait_pct": s0.server_wait.zip(s1.server_wait).map(|(a, b)| 100.0 * (b - a) / secs),
         "loadgen_wait_pct": s0.own_wait.zip(s1.own_wait).map(|(a, b)| 100.0 * (b - a) / secs),
         "flows": extra.flows,
+        "exec": extra.exec,
     });
     if args.json {
         println!("{j}");
@@ -739,6 +785,15 @@ fn report(args: &Args, kind: Kind, g: &Gen, s0: Snap, s1: Snap, setup_secs: f64,
             println!(
                 "{name:<12} lost {} of {}, {} duplicates, {} misrouted; longest gap {} ms (median flow {} ms), {} flows stopped",
                 d["lost"], d["expected"], d["duplicates"], d["misrouted"], d["gap_ms"]["max"], d["gap_ms"]["p50"], d["flows_stopped"]
+            );
+        }
+    }
+    if let Some(e) = j["exec"].as_object() {
+        println!("command      {} (exit {}, returned after {} ms): {}", e["command"], e["exit_code"], e["returned_ms"], e["output"]);
+        if let Some(p) = e["probe"].as_object() {
+            println!(
+                "probe        first Allocate answered by the new process {} ms after the command ({} probes: {} old, {} new, {} refused, {} timed out)",
+                p["first_new_answer_ms"], p["sent"], p["answered_old"], p["answered_new"], p["refused"], p["timeouts"]
             );
         }
     }
