@@ -1,4 +1,4 @@
-# Shared by compare.sh and scale.sh: build the binaries, run one server at a
+# Shared by compare.sh, scale.sh and upgrade.sh: build the binaries, run one server at a
 # time, clean up on exit. Source it with $prog set to the script's name and
 # $build to 1 (build) or 0 (--no-build).
 
@@ -20,6 +20,16 @@ for l in sys.stdin:
   [ -x "$TURND_BIN" ] && [ -x "$LOADGEN_BIN" ] || { echo "$prog: missing binaries: $TURND_BIN $LOADGEN_BIN" >&2; exit 1; }
 }
 
+# turnctl (release) unless TURNCTL_BIN is given: upgrade.sh drives the upgrade with it.
+build_turnctl() {
+  if [ -z "${TURNCTL_BIN:-}" ]; then
+    [ "$build" = 1 ] || { echo "$prog: --no-build needs TURNCTL_BIN too" >&2; exit 2; }
+    cargo build --release --bin turnctl >&2
+    TURNCTL_BIN=target/release/turnctl
+  fi
+  [ -x "$TURNCTL_BIN" ] || { echo "$prog: missing binary: $TURNCTL_BIN" >&2; exit 1; }
+}
+
 # The server under test; stop_server ends it (TERM, then KILL after 5 s).
 server_pid=""
 stop_server() {
@@ -32,10 +42,36 @@ stop_server() {
   fi
 }
 
+# Whether process $1 runs (exists and is not a zombie: a process that is
+# not our child, e.g. the turnd an upgrade started, is reaped by others).
+alive_pid() {
+  local st
+  st=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$1/status" 2>/dev/null) || return 1
+  [ -n "$st" ] && [ "$st" != Z ]
+}
+
+# Ends process $1, which need not be our child (TERM, then KILL after 5 s).
+kill_pid() {
+  [ -n "${1:-}" ] || return 0
+  kill "$1" 2>/dev/null || return 0
+  for _ in $(seq 50); do alive_pid "$1" || return 0; sleep 0.1; done
+  kill -9 "$1" 2>/dev/null || true
+}
+
+# Processes started for a run that are not the script's children (a server
+# an upgrade or a restart started): add them with `stray_pids+=(PID)`;
+# stop_strays (and the exit cleanup) ends them.
+stray_pids=()
+stop_strays() {
+  local p
+  for p in "${stray_pids[@]}"; do kill_pid "$p"; done
+  stray_pids=()
+}
+
 # A scratch directory removed on exit, with the server stopped first.
 make_work() {
   WORK=$(mktemp -d "/tmp/turnd-$1.XXXXXX")
-  cleanup() { stop_server; rm -rf "$WORK"; }
+  cleanup() { stop_server; stop_strays; rm -rf "$WORK"; }
   trap cleanup EXIT
   trap 'exit 130' INT TERM
 }
@@ -69,4 +105,21 @@ for p in random.sample(range(lo, hi + 1), min(hi - lo + 1, 2000)):
         break
 print(" ".join(map(str, ports)))
 EOF
+}
+
+# Waits (5 s at most) until process $1 owns a socket on port $3 (protocol
+# $2: -u or -t, as ss takes it): another program on the port would otherwise
+# be measured instead.
+wait_port_owner() {
+  for _ in $(seq 50); do
+    if ss -H -lnp "$2" "sport = :$3" 2>/dev/null | grep -q "pid=$1,"; then return 0; fi
+    kill -0 "$1" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+
+# The processes holding a listening socket on port $2 (protocol $1: -u or -t).
+port_owners() {
+  ss -H -lnp "$1" "sport = :$2" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u
 }
