@@ -30,6 +30,27 @@ build_turnctl() {
   [ -x "$TURNCTL_BIN" ] || { echo "$prog: missing binary: $TURNCTL_BIN" >&2; exit 1; }
 }
 
+# Prints, one word a line, the command prefix that runs a program at nice
+# value $1 (nothing when $1 is empty). The value is absolute (renice), so a
+# server the generator restarts gets it too, not the generator's plus it.
+# With autogroup scheduling (kernel.sched_autogroup_enabled = 1) a nice
+# value only ranks a process among those of its own session: a program of
+# another session (someone else's build) still gets an equal share of the
+# core. So there the program gets a session of its own, whose group is
+# given the nice value too. setsid and sh exec, so the pid stays the
+# program's (when the caller is not a process group leader, as a script's
+# background job is not).
+niced() {
+  [ -n "${1:-}" ] || return 0
+  if [ "$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null)" = 1 ]; then
+    # shellcheck disable=SC2016
+    printf '%s\n' setsid sh -c 'renice -n "$0" -p $$ >/dev/null && echo "$0" >/proc/self/autogroup && exec "$@"' "$1"
+  else
+    # shellcheck disable=SC2016
+    printf '%s\n' sh -c 'renice -n "$0" -p $$ >/dev/null && exec "$@"' "$1"
+  fi
+}
+
 # The server under test; stop_server ends it (TERM, then KILL after 5 s).
 server_pid=""
 stop_server() {

@@ -24,7 +24,9 @@
 # Environment: TURND_BIN, TURNCTL_BIN, LOADGEN_BIN (skip building them),
 # TURNSERVER (coturn's binary), COTURN_ARGS, LOADGEN_ARGS, SERVER_CPU
 # (default 0), GEN_CPU (default 1), NICE (nice value for server and
-# generator), GSO=0 (no UDP GSO in the generator).
+# generator, each in a session of its own whose scheduling group gets it
+# too: on a machine where others' builds run), GSO=0 (no UDP GSO in the
+# generator).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,15 +76,14 @@ if [ "$(nproc)" -lt 2 ]; then
   echo "upgrade.sh: warning: one CPU only; server and generator share it" >&2
   SERVER_CPU=0 GEN_CPU=0
 fi
-on_server_cpu=(taskset -c "$SERVER_CPU")
-on_gen_cpu=(taskset -c "$GEN_CPU")
-if [ -n "${NICE:-}" ]; then
-  on_server_cpu+=(nice -n "$NICE")
-  on_gen_cpu+=(nice -n "$NICE")
-fi
-
 prog=upgrade.sh
 . benches/lib.sh
+# NICE (e.g. -10, root) for the server and the generator: see niced in
+# lib.sh. The process an upgrade starts inherits it, and coturn's restart
+# starts the new coturn with it.
+mapfile -t niced_prefix < <(niced "${NICE:-}")
+on_server_cpu=("${niced_prefix[@]}" taskset -c "$SERVER_CPU")
+on_gen_cpu=("${niced_prefix[@]}" taskset -c "$GEN_CPU")
 build_bins
 build_turnctl
 make_work upgrade
@@ -150,7 +151,7 @@ start_coturn() {
   mkdir -p "$dir"
   cat >"$dir/start.sh" <<EOF
 #!/bin/sh
-exec ${on_server_cpu[*]} "$TURNSERVER" -n --listening-ip=127.0.0.1 --listening-port=$port \\
+exec $(printf '%q ' "${on_server_cpu[@]}") "$TURNSERVER" -n --listening-ip=127.0.0.1 --listening-port=$port \\
   --no-tls --no-dtls --relay-ip=127.0.0.1 --min-port=30000 --max-port=32767 \\
   --use-auth-secret --static-auth-secret=$SECRET --realm=$REALM --allow-loopback-peers \\
   --no-cli --log-file=$dir/log --simple-log --pidfile=$dir/turnserver.pid ${COTURN_ARGS:-}
@@ -255,6 +256,6 @@ for run in $(seq "$runs"); do
   done
 done
 
-meta="$(date -u +%Y-%m-%dT%H:%MZ), $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //') x$(nproc), turnd $(git describe --always --dirty 2>/dev/null || echo '?'), coturn $("$TURNSERVER" --version 2>/dev/null | head -1 || echo '?'); $runs run(s) of ${duration}s after ${warmup}s warm-up, $clients UDP clients with a channel each, ${size}-byte payloads, $rate msgs/s offered = $relayed relayed pkts/s (client to peer plus the echoes back), the command ${exec_at}s into the window; server on CPU $SERVER_CPU, generator on CPU $GEN_CPU${NICE:+, both at nice $NICE}; load average $load_start at the start and $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+meta="$(date -u +%Y-%m-%dT%H:%MZ), $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //') x$(nproc), turnd $(git describe --always --dirty 2>/dev/null || echo '?'), coturn $("$TURNSERVER" --version 2>/dev/null | head -1 || echo '?'); $runs run(s) of ${duration}s after ${warmup}s warm-up, $clients UDP clients with a channel each, ${size}-byte payloads, $rate msgs/s offered = $relayed relayed pkts/s (client to peer plus the echoes back), the command ${exec_at}s into the window; server on CPU $SERVER_CPU, generator on CPU $GEN_CPU${NICE:+, both at nice $NICE (each in a session whose scheduling group has it too)}; load average $load_start at the start and $(cut -d' ' -f1-3 /proc/loadavg) at the end"
 python3 benches/upgrade_table.py "$results" "$meta" | tee "$out"
 echo "upgrade.sh: table in $out, raw results in $results" >&2

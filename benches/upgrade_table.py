@@ -162,7 +162,7 @@ def main():
     if busy:
         print("\n**Busy machine**: without an upgrade, in " + ", ".join(busy) + ": other programs held the "
               "server's or the generator's core, so loss and gaps in the runs beside these are partly the machine's, "
-              "not the upgrade's. Measure again on a quiet machine (or with NICE=-10).")
+              "not the upgrade's. Measure again on a quiet machine" + ("." if "nice" in meta else " (or with NICE=-10)."))
     outs = [(r.get("label"), figures(r)["output"]) for k, _ in SCENARIOS for r in rows.get(k, []) if figures(r) and figures(r)["output"]]
     if outs:
         print("\nWhat the commands printed:\n")
