@@ -63,6 +63,20 @@ pub struct RelayAddr {
     pub external: IpAddr,
 }
 
+/// A sibling relay that new clients are sent to while this one drains
+/// (300 Try Alternate, RFC 8489 10).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alternate {
+    /// Its address (ALTERNATE-SERVER is an IP address, never a name).
+    pub ip: IpAddr,
+    /// Its port; `None`: the port the request arrived on (a fleet serves
+    /// the same ports everywhere: 3478 for UDP and TCP, 443 for TLS).
+    pub port: Option<u16>,
+    /// The name in its certificate, sent as ALTERNATE-DOMAIN to clients on
+    /// TLS (RFC 8489 14.16; browsers do not read it).
+    pub domain: Option<Arc<str>>,
+}
+
 /// The core's settings. Lifetimes in seconds; a quota of 0 means unlimited.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -85,6 +99,10 @@ pub struct ServerConfig {
     pub allocation_bytes_per_second: u64,
     /// Bytes a second the whole server may relay in each direction; 0 = unlimited.
     pub total_bytes_per_second: u64,
+    /// Where authenticated Allocates go while draining (300 Try Alternate):
+    /// one of the entries of the client's address family, the same one for
+    /// the same client address. Empty, or none of that family: 508.
+    pub alternates: Vec<Alternate>,
 }
 
 impl Default for ServerConfig {
@@ -106,6 +124,7 @@ impl Default for ServerConfig {
             unauth_rate: 0,
             allocation_bytes_per_second: 0,
             total_bytes_per_second: 0,
+            alternates: Vec::new(),
         }
     }
 }
@@ -216,7 +235,9 @@ impl Server {
         self.policy = policy;
     }
 
-    /// Stops or resumes accepting new allocations (graceful drain).
+    /// Stops or resumes accepting new allocations (graceful drain). While
+    /// it does not, an authenticated Allocate gets 300 Try Alternate toward
+    /// one of `ServerConfig::alternates` (508 when there is none).
     pub fn set_accepting(&mut self, accepting: bool) {
         self.accepting = accepting;
     }
