@@ -105,7 +105,7 @@ pub mod turnctl {
         },
         /// Generate a strong random shared secret.
         Secret,
-        /// Show the running relay: version, uptime, listeners, allocations, relay ports.
+        /// Show the running relay: version, uptime, whether it drains, listeners, allocations, relay ports.
         Status {
             #[command(flatten)]
             admin: AdminArgs,
@@ -132,6 +132,23 @@ pub mod turnctl {
         },
         /// Reload turnd's configuration, secrets and certificates (like SIGHUP); reports a refusal.
         Reload {
+            #[command(flatten)]
+            admin: AdminArgs,
+        },
+        /// Take this relay out of service without ending a call: new allocations go to the
+        /// siblings in [[drain.alternate]] (300 Try Alternate; 508 without one) and /readyz
+        /// answers 503, while existing allocations keep relaying. turnd keeps running until you
+        /// stop it; `turnctl resume` takes new allocations again.
+        Drain {
+            #[command(flatten)]
+            admin: AdminArgs,
+            /// Then wait until no allocation is left (or this long passes: exit status 1),
+            /// printing how many are left as they end; e.g. 6h.
+            #[arg(long, value_name = "DURATION")]
+            wait: Option<String>,
+        },
+        /// Take new allocations again after `turnctl drain` (not after SIGTERM).
+        Resume {
             #[command(flatten)]
             admin: AdminArgs,
         },

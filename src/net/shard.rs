@@ -60,8 +60,10 @@ pub enum Command {
     UdpAllocations(u32, oneshot::Sender<usize>),
     /// Closes retired UDP listener group `conn` (no shard has allocations on it).
     CloseUdp(u32),
-    /// Refuse new allocations (graceful shutdown).
+    /// Refuse new allocations (graceful shutdown, `turnctl drain`).
     Drain,
+    /// Take new allocations again (`turnctl resume`).
+    Resume,
     /// Answered by a live event loop (the systemd watchdog asks).
     Ping(oneshot::Sender<()>),
 }
@@ -526,6 +528,7 @@ impl Shard {
                 }
             }
             Command::Drain => self.server.set_accepting(false),
+            Command::Resume => self.server.set_accepting(true),
             Command::Ping(tx) => {
                 let _ = tx.send(());
             }
