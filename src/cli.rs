@@ -152,6 +152,14 @@ pub mod turnctl {
             #[command(flatten)]
             admin: AdminArgs,
         },
+        /// Replace the running turnd with a new binary without dropping calls: the new process takes over the listening sockets and every UDP allocation; TCP/TLS connections finish on the old one.
+        Upgrade {
+            #[command(flatten)]
+            admin: AdminArgs,
+            /// The new binary (default: the path the running turnd was started from, where a package upgrade puts the new one).
+            #[arg(long, value_name = "PATH")]
+            binary: Option<PathBuf>,
+        },
         /// The TLS certificate: `turnctl cert renew` makes turnd's ACME client renew it now.
         Cert {
             #[command(subcommand)]

@@ -31,6 +31,11 @@ impl NonceKey {
         NonceKey { key: hmac_sha256(secret, &[b"turnd fleet nonce"]), ttl: self.ttl }
     }
 
+    /// The key itself, for the process an upgrade hands the relay to.
+    pub fn key(&self) -> [u8; 32] {
+        self.key
+    }
+
     fn mac(&self, expiry: u32, ip: IpAddr) -> [u8; 8] {
         let ip16 = match ip {
             IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),

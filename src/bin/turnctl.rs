@@ -209,6 +209,12 @@ fn main() -> ExitCode {
             _ => "was not draining: new allocations are taken\n".to_owned(),
         }),
         Cmd::Reload { admin } => admin_call(&admin, false, |a| a.reload(), |v| format!("{}\n", v["message"].as_str().unwrap_or("reloaded"))),
+        Cmd::Upgrade { admin, binary } => admin_call(&admin, false, |a| a.upgrade(binary.as_deref()), |v| {
+            format!(
+                "upgraded: process {} serves the listeners and {} UDP allocations ({} ms); process {} keeps its TCP/TLS connections until they end\n",
+                v["pid"], v["allocations"], v["elapsed_ms"], v["previous_pid"]
+            )
+        }),
         Cmd::Cert { cmd: CertCmd::Renew { admin } } => {
             admin_call(&admin, false, |a| a.renew_cert(), |v| format!("renewed: {}\n", v["message"].as_str().unwrap_or("done")))
         }

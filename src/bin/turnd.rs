@@ -9,6 +9,9 @@ use turnd::config::{self, Overrides};
 use turnd::net::preflight;
 
 fn main() -> ExitCode {
+    // Started by a running turnd's upgrade: its end of the handover (the
+    // running relay serves on if this process refuses or fails).
+    let incoming = turnd::net::handover::Incoming::from_env().map(std::rc::Rc::new);
     let a = Args::parse();
     let ov = Overrides {
         realm: a.realm,
@@ -27,13 +30,28 @@ fn main() -> ExitCode {
     let reads = if a.file_only { config::Reads::FileOnly } else { config::Reads::Host };
     let mut cfg = match config::load_reading(a.config.as_deref(), &ov.clone(), reads) {
         Ok(c) => c,
-        Err(e) => return config_error(&e),
+        Err(e) => {
+            if let Some(i) = &incoming {
+                i.refuse(&format!("configuration error: {e:#}"));
+            }
+            return config_error(&e);
+        }
     };
     if !a.file_only {
-        let mode = if a.check_config { preflight::Mode::Check } else { preflight::Mode::Start };
+        let mode = match (a.check_config, &incoming) {
+            (true, _) => preflight::Mode::Check,
+            (false, Some(_)) => preflight::Mode::Upgrade,
+            (false, None) => preflight::Mode::Start,
+        };
         match preflight::check(&cfg, mode, unix_now()) {
             Ok(notes) => cfg.notes.extend(notes),
-            Err(e) => return config_error(&anyhow::Error::from(e)),
+            Err(e) => {
+                let e = anyhow::Error::from(e);
+                if let Some(i) = &incoming {
+                    i.refuse(&format!("configuration error: {e:#}"));
+                }
+                return config_error(&e);
+            }
         }
     }
     if a.check_config {
@@ -57,7 +75,11 @@ fn main() -> ExitCode {
     };
     let local = tokio::task::LocalSet::new();
     let reload = turnd::net::Reload { path: a.config.clone(), overrides: ov, set_log };
-    match local.block_on(&rt, turnd::net::run(cfg, reload)) {
+    let r = local.block_on(&rt, turnd::net::run(cfg, reload, incoming.clone()));
+    if let (Err(e), Some(i)) = (&r, &incoming) {
+        i.refuse(&format!("{e:#}"));
+    }
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<config::ConfigError>().is_some() => {
             tracing::error!("configuration error: {e:#}");

@@ -92,6 +92,13 @@ impl Admin {
         self.request("POST", "/admin/resume", None)
     }
 
+    /// Asks turnd to hand over to a new process running `binary` (default:
+    /// its own path); answers once the new process serves, or why not.
+    pub fn upgrade(&self, binary: Option<&Path>) -> Result<Value, AdminError> {
+        let body = binary.map(|b| serde_json::json!({ "binary": b.to_string_lossy() }));
+        self.request("POST", "/admin/upgrade", body.as_ref())
+    }
+
     /// Asks turnd's ACME client to renew now; answers when it has (or failed).
     pub fn renew_cert(&self) -> Result<Value, AdminError> {
         // turnd bounds one attempt at 300 s.

@@ -27,6 +27,6 @@ mod shared;
 mod stream;
 mod udp;
 
-pub use control::{preflight, run, Reload, ReloadError, SetLog};
+pub use control::{handover, preflight, run, Reload, ReloadError, SetLog};
 pub use stream::{passthrough, proxy, sni, tls};
 pub use udp::{batch, relay};

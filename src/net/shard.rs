@@ -32,6 +32,8 @@ use super::stream::{self, accept_loop, Host, StaleDrops, StreamLimits, StreamOut
 use super::udp::batch::{self, PeerSends, RecvBatch, SendBatch};
 use super::udp::relay::{Receive, RelaySockets};
 use super::udp::{register_udp, Udp};
+
+pub mod handover;
 use crate::auth::{Authenticator, NonceKey};
 use crate::config::{Config, Listener};
 use crate::turn::{Event, FiveTuple, Now, Output, PeerPolicy, RelayId, Server, Transport};
@@ -62,10 +64,19 @@ pub enum Command {
     CloseUdp(u32),
     /// Refuse new allocations (graceful shutdown, `turnctl drain`).
     Drain,
-    /// Take new allocations again (`turnctl resume`).
-    Resume,
+    /// Take new allocations again after `turnctl drain` (`turnctl resume`).
+    Undrain,
     /// Answered by a live event loop (the systemd watchdog asks).
     Ping(oneshot::Sender<()>),
+    /// An upgrade: stop reading the listeners and the UDP allocations of
+    /// these UDP listener groups, and answer with what the next process
+    /// needs to serve them.
+    Export(Arc<[u32]>, oneshot::Sender<std::io::Result<handover::Export>>),
+    /// The upgrade failed: serve what [`Command::Export`] stopped again.
+    Resume,
+    /// The next process serves what was exported: let go of it here
+    /// (the TCP/TLS connections stay). Answers how many allocations left.
+    Release(oneshot::Sender<usize>),
 }
 
 pub struct Apply {
@@ -109,6 +120,7 @@ enum Ready {
     AddStream(u32, TcpListener, Listener),
     ChangeStream(u32, Listener),
     RemoveStream(u32),
+    Adopt(handover::Adoption),
 }
 
 /// One change to a shard's listeners; a listener group has the same id on
@@ -123,6 +135,9 @@ pub enum Step {
     /// Same socket, other settings (PROXY protocol, TCP became TLS).
     ChangeStream(u32, Listener),
     RemoveStream(u32),
+    /// Take up the UDP allocations the previous process handed over (after
+    /// the listeners they arrive on are in place).
+    Adopt(handover::Adoption),
 }
 
 /// A UDP listener and the datagrams queued for its clients.
@@ -143,6 +158,7 @@ impl Drop for UdpListener {
 
 struct StreamListener {
     socket: Rc<TcpListener>,
+    listener: Listener,
     task: JoinHandle<()>,
 }
 
@@ -188,6 +204,8 @@ pub struct Shard {
     pub stale: Rc<StaleDrops>,
     /// A prepared reload waiting for its Commit or Abort.
     prepared: Option<Prepared>,
+    /// What an upgrade in progress stopped reading, to resume or release.
+    exported: Option<handover::Paused>,
     /// Test hook (`TURND_TEST_REFUSE_PREPARE=INDEX:PORT`): shard INDEX cannot
     /// take a new listener socket on PORT, as a shard whose runtime refuses a
     /// socket would; the reload tests use it to fail one shard only.
@@ -421,6 +439,7 @@ impl Shard {
             Step::ReviveUdp(c) => Ready::ReviveUdp(c),
             Step::ChangeStream(id, l) => Ready::ChangeStream(id, l),
             Step::RemoveStream(id) => Ready::RemoveStream(id),
+            Step::Adopt(a) => Ready::Adopt(a),
         })
     }
 
@@ -475,18 +494,19 @@ impl Shard {
             Ready::AddStream(id, s, l) => {
                 let s = Rc::new(s);
                 let task = self.spawn_accept(shard, s.clone(), &l);
-                self.stream_listeners.insert(id, StreamListener { socket: s, task });
+                self.stream_listeners.insert(id, StreamListener { socket: s, listener: l, task });
             }
             Ready::ChangeStream(id, l) => {
                 if let Some(s) = self.stream_listeners.get(&id).map(|sl| sl.socket.clone()) {
                     let task = self.spawn_accept(shard, s.clone(), &l);
                     // Dropping the old one aborts its accept loop.
-                    self.stream_listeners.insert(id, StreamListener { socket: s, task });
+                    self.stream_listeners.insert(id, StreamListener { socket: s, listener: l, task });
                 }
             }
             Ready::RemoveStream(id) => {
                 self.stream_listeners.remove(&id);
             }
+            Ready::Adopt(a) => self.adopt(a),
         }
     }
 
@@ -528,9 +548,16 @@ impl Shard {
                 }
             }
             Command::Drain => self.server.set_accepting(false),
-            Command::Resume => self.server.set_accepting(true),
+            Command::Undrain => self.server.set_accepting(true),
             Command::Ping(tx) => {
                 let _ = tx.send(());
+            }
+            Command::Export(conns, tx) => {
+                let _ = tx.send(self.export(&conns));
+            }
+            Command::Resume => self.resume(),
+            Command::Release(tx) => {
+                let _ = tx.send(self.release());
             }
         }
     }
@@ -584,6 +611,7 @@ impl Shard {
                 timer: Rc::new(Notify::new()),
                 stale: stream::StaleDrops::new(),
                 prepared: None,
+                exported: None,
                 refuse_prepare: refuse_prepare_hook(index),
                 this: this.clone(),
             })

@@ -25,6 +25,16 @@ impl Bucket {
         Bucket { level: u64::MAX, last: None }
     }
 
+    /// Its level (byte-nanoseconds) and last refill, to carry it to another process.
+    pub fn parts(&self) -> (u64, Option<Instant>) {
+        (self.level, self.last)
+    }
+
+    /// A bucket as [`Bucket::parts`] described it.
+    pub fn from_parts(level: u64, last: Option<Instant>) -> Self {
+        Bucket { level, last }
+    }
+
     /// Takes `len` bytes at `rate` bytes per second if the budget allows;
     /// `false` means the packet is over the cap and is to be dropped.
     #[inline]

@@ -93,7 +93,7 @@ use std::time::{Duration, Instant};
 pub use allocation::{Allocation, Channel, Permission, CHANNEL_COOLDOWN};
 pub use ledger::{Ledger, LocalLedger, QuotaRefusal, Reservation};
 pub use policy::{Cidr, PeerPolicy};
-pub use server::{Alternate, Footprint, RelayAddr, Server, ServerConfig, AMPLIFICATION_FACTOR, DEFAULT_UNAUTH_RATE};
+pub use server::{AdoptError, Carried, CarriedBucket, CarriedChannel, CarriedRelay, HANDOVER_FORMAT, Alternate, Footprint, RelayAddr, Server, ServerConfig, AMPLIFICATION_FACTOR, DEFAULT_UNAUTH_RATE};
 
 /// The transport a client reached us over.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -180,6 +180,9 @@ pub enum Placement {
     EvenReserveNext,
     /// The port held back earlier by `EvenReserveNext` (RESERVATION-TOKEN).
     Reserved(u16),
+    /// The socket on this port that the previous process handed over with
+    /// the allocation (an upgrade in place: see [`Server::adopt`]).
+    Carried(u16),
 }
 
 /// Relay sockets, as the I/O layer provides them.

@@ -51,6 +51,7 @@ pub(super) async fn route(ctl: &Control, req: &Request) -> Option<Response> {
             }
             ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
                 "uptime_s": snap.uptime_seconds,
                 "draining": snap.draining,
                 "drain": {

@@ -73,6 +73,7 @@ async fn handle(ctl: Weak<Control>, mut stream: TcpStream) {
                 },
             }
         }
+        Some(ctl) if req.path == "/admin/upgrade" && req.method == "POST" => upgrade(&ctl, &req).await,
         Some(ctl) => route(&ctl, &req).await,
     };
     let reason = match status {
@@ -91,6 +92,40 @@ async fn handle(ctl: Weak<Control>, mut stream: TcpStream) {
     );
     let _ = stream.write_all(resp.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+/// `turnctl upgrade`: the upgrade runs in the main loop; this waits for
+/// its verdict. The body may name the new binary: `{"binary": "/path"}`.
+async fn upgrade(ctl: &Control, req: &Request) -> (u16, &'static str, String) {
+    let json = |status, v: serde_json::Value| (status, "application/json", format!("{v}\n"));
+    let token = ctl.admin_token.borrow().clone();
+    if let Some(r) = super::admin::unauthorised(token.as_deref(), req) {
+        return r;
+    }
+    let binary = if req.body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(&req.body) {
+            Ok(v) => match v.get("binary") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(p)) => Some(std::path::PathBuf::from(p)),
+                Some(_) => return json(400, serde_json::json!({ "error": "binary: a path as a string" })),
+            },
+            Err(e) => return json(400, serde_json::json!({ "error": format!("not JSON: {e}") })),
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if ctl.upgrade_tx.send((binary, tx)).is_err() {
+        return json(503, serde_json::json!({ "error": "shutting down" }));
+    }
+    match rx.await {
+        Ok(Ok(u)) => json(200, serde_json::json!({
+            "upgraded": true, "pid": u.pid, "allocations": u.allocations, "listeners": u.listeners,
+            "elapsed_ms": u.elapsed.as_millis() as u64, "previous_pid": std::process::id(),
+        })),
+        Ok(Err(e)) => json(502, serde_json::json!({ "upgraded": false, "error": e.to_string() })),
+        Err(_) => json(503, serde_json::json!({ "error": "shutting down, or another upgrade took over" })),
+    }
 }
 
 async fn route(ctl: &Control, req: &Request) -> (u16, &'static str, String) {

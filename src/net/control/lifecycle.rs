@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use super::certs::{Certs, TlsStep};
+use super::handover::{self, wire::Kind, Incoming, Received, UpgradeError, Upgraded};
 use super::reload::ReloadError;
 use super::shards::Control;
 use super::{http, preflight, systemd};
@@ -91,9 +92,10 @@ impl Listeners {
         Listeners { shards, active: Vec::new(), retiring: Vec::new(), next_id: 0 }
     }
 
-    /// Binds what `wanted` adds, a socket per shard. Nothing running
-    /// changes; on error the sockets bound so far are closed again.
-    fn prepare(&self, wanted: &[Listener]) -> Result<Vec<Step>, ConfigError> {
+    /// Binds what `wanted` adds, a socket per shard (or takes the group an
+    /// upgrade handed over for that address). Nothing running changes; on
+    /// error the sockets bound so far are closed again.
+    fn prepare(&self, wanted: &[Listener], mut inherited: Option<&mut Received>) -> Result<Vec<Step>, ConfigError> {
         let mut steps = Vec::new();
         for (i, l) in wanted.iter().enumerate() {
             if let Some(a) = self.active.iter().position(|a| same_socket(&a.l, l)) {
@@ -107,10 +109,13 @@ impl Listeners {
                 }
             let key = format!("listen[{i}].address");
             let stream = l.transport.is_stream();
-            let group = if stream {
-                bind_tcp_group(l.address, self.shards).map(NewGroup::Stream)
-            } else {
-                bind_udp_group(l.address, self.shards).map(NewGroup::Udp)
+            let handed = inherited.as_deref_mut().and_then(|r| {
+                if stream { r.stream_group(l.address, self.shards).map(NewGroup::Stream) } else { r.udp_group(l.address, self.shards).map(NewGroup::Udp) }
+            });
+            let group = match handed {
+                Some(g) => Ok(g),
+                None if stream => bind_tcp_group(l.address, self.shards).map(NewGroup::Stream),
+                None => bind_udp_group(l.address, self.shards).map(NewGroup::Udp),
             };
             match group {
                 Ok(g) => steps.push(Step::Bind(l.clone(), g)),
@@ -193,6 +198,17 @@ impl Listeners {
         (per, log)
     }
 
+    /// The groups an upgrade hands over: every active listener's sockets
+    /// (UDP ones also carry their allocations; retiring ones stay here).
+    fn udp_groups(&self) -> std::sync::Arc<[u32]> {
+        self.active.iter().filter_map(|a| if let Group::Udp(c) = a.group { Some(c) } else { None }).collect()
+    }
+
+    /// The configured address of the listener of group `id`, and its kind.
+    fn address_of(&self, group: Group) -> Option<SocketAddr> {
+        self.active.iter().find(|a| a.group == group).map(|a| a.l.address)
+    }
+
     fn names(&self) -> Vec<String> {
         self.active.iter().map(|a| name(&a.l)).collect()
     }
@@ -248,36 +264,57 @@ fn port_range(cfg: &Config) -> usize {
 /// inside a `LocalSet`. A configuration the host cannot serve (a busy port,
 /// an address not on the host, a certificate that does not load) ends it
 /// with a [`ConfigError`] naming the key.
-pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
+///
+/// With `incoming` (this process was started by a running turnd's upgrade),
+/// it first receives that process's sockets and UDP allocations, and serves
+/// them from the first packet after saying so.
+pub async fn run(cfg: Config, reload: Reload, incoming: Option<Rc<Incoming>>) -> anyhow::Result<()> {
     log_secrets(&cfg);
+    let mut received = match &incoming {
+        Some(i) => Some(i.receive(cfg.threads)?),
+        None => None,
+    };
     let certs = cfg.tls.as_ref().map(|source| Certs::start(source, None)).transpose()?;
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::unbounded_channel();
     let policy = peer_policy(&cfg);
     let shared = Shared::new(shared::fd_budget(), port_range(&cfg));
     let mut listeners = Listeners::new(cfg.threads);
-    let steps = listeners.prepare(&cfg.listeners)?;
+    let steps = listeners.prepare(&cfg.listeners, received.as_mut())?;
     // Bound before any shard serves: once a client gets an answer, /metrics,
     // /readyz and the admin API answer too.
     let metrics_socket = match cfg.metrics_listen {
-        Some(addr) => Some((addr, bind_tcp(addr).map_err(|e| preflight::bind_error("metrics.listen", addr, true, &e, preflight::Mode::Start))?)),
+        Some(addr) => Some((addr, single(received.as_mut(), Kind::Metrics, addr, "metrics.listen")?)),
         None => None,
     };
     let check_socket = match cfg.check.as_ref().and_then(|c| c.http_listen) {
-        Some(addr) => Some(bind_tcp(addr).map_err(|e| preflight::bind_error("check.http_listen", addr, true, &e, preflight::Mode::Start))?),
+        Some(addr) => Some((addr, single(received.as_mut(), Kind::CheckHttp, addr, "check.http_listen")?)),
         None => None,
     };
-    let ctl = Rc::new(Control::start(&cfg, &policy, shared, reload_tx)?);
+    let nonce_key = received.as_ref().map(|r| r.nonce_key);
+    let ctl = Rc::new(Control::start(&cfg, &policy, shared, reload_tx, upgrade_tx, nonce_key)?);
     *ctl.certs.borrow_mut() = certs;
-    let metrics = metrics_socket.map(|(addr, l)| (addr, tokio::task::spawn_local(http::serve(Rc::downgrade(&ctl), l))));
-    let (per_shard, log) = listeners.commit(steps);
+    let metrics = metrics_socket.map(|(addr, (l, fd))| Served { addr, fd, task: tokio::task::spawn_local(http::serve(Rc::downgrade(&ctl), l)) });
+    let (mut per_shard, log) = listeners.commit(steps);
+    // Handed-over allocations are taken up with the listeners, before
+    // either reads a packet.
+    if let Some(r) = received.as_mut() {
+        for (steps, a) in per_shard.iter_mut().zip(r.adoptions(cfg.threads)) {
+            steps.push(ShardStep::Adopt(a));
+        }
+    }
     let acceptor = ctl.certs.borrow().as_ref().map(|c| c.acceptor());
     let site = Some(check_site(&ctl, &cfg));
     *ctl.check.borrow_mut() = site.clone();
     ctl.apply(Arc::new(cfg.clone()), &policy, acceptor.as_ref(), site, per_shard).await?;
-    if let Some(l) = check_socket {
-        tokio::task::spawn_local(serve_check_http(Rc::downgrade(&ctl), l));
-    }
+    let check_http = check_socket.map(|(addr, (l, fd))| Served { addr, fd, task: tokio::task::spawn_local(serve_check_http(Rc::downgrade(&ctl), l)) });
     log.iter().for_each(|l| tracing::info!("{l}"));
+    if let (Some(i), Some(r)) = (&incoming, &received) {
+        let n = ctl.shared.allocations();
+        i.serving(n)?;
+        tracing::info!(from_pid = r.old_pid, allocations = n, "took over from the previous process: serving its listeners and UDP allocations");
+    }
+    drop(received);
     *ctl.listener_names.borrow_mut() = listeners.names();
     // Certificates renewed on disk (certbot, Caddy) are picked up without a restart.
     let mut cert_poll = tokio::time::interval(Duration::from_secs(5));
@@ -296,19 +333,41 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         "turnd ready"
     );
     systemd::notify("READY=1");
-    if let Some(period) = systemd::watchdog_period() {
-        tokio::task::spawn_local(watchdog(Rc::downgrade(&ctl), period));
-    }
-    let mut running = Running { cfg, listeners, metrics };
+    let watchdog = systemd::watchdog_period().map(|period| tokio::task::spawn_local(watchdog(Rc::downgrade(&ctl), period)));
+    // The binary this process runs, by the path it was started from: an
+    // upgrade starts what is there then (a package upgrade replaced it).
+    let exe = std::env::current_exe().ok();
+    let mut running = Running { cfg, listeners, metrics, check_http, exe, watchdog };
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    let mut handed_over = None;
     loop {
         tokio::select! {
             _ = int.recv() => break,
             _ = term.recv() => break,
+            _ = usr2.recv() => {
+                if let Ok(u) = running.upgrade(None, &ctl).await {
+                    handed_over = Some(u.pid);
+                    break;
+                }
+            }
+            Some((binary, reply)) = upgrade_rx.recv() => {
+                let (binary, reply): (Option<std::path::PathBuf>, tokio::sync::oneshot::Sender<Result<Upgraded, UpgradeError>>) = (binary, reply);
+                match running.upgrade(binary, &ctl).await {
+                    Ok(u) => {
+                        handed_over = Some(u.pid);
+                        let _ = reply.send(Ok(u));
+                        break;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
             _ = cert_poll.tick() => {
                 if let Some(c) = ctl.certs.borrow().as_ref() {
                     match c.store.reload_if_changed() {
@@ -328,8 +387,33 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
             }
         }
     }
-    drain(&ctl, Duration::from_secs(running.cfg.drain_timeout as u64), &mut term, &mut int).await;
+    let timeout = Duration::from_secs(running.cfg.drain_timeout as u64);
+    match handed_over {
+        Some(pid) => finish_connections(&ctl, pid, timeout, &mut term, &mut int).await,
+        None => drain(&ctl, timeout, &mut term, &mut int).await,
+    }
     Ok(())
+}
+
+/// A TCP listener of the process's own (metrics, check page): the task
+/// serving it, and a second descriptor of it for an upgrade.
+struct Served {
+    addr: SocketAddr,
+    fd: std::os::fd::OwnedFd,
+    task: JoinHandle<()>,
+}
+
+/// The metrics or check-page listener at `addr`: handed over by an upgrade,
+/// or bound; with a second descriptor for the next upgrade.
+fn single(received: Option<&mut Received>, kind: Kind, addr: SocketAddr, key: &str) -> Result<(tokio::net::TcpListener, std::os::fd::OwnedFd), ConfigError> {
+    use std::os::fd::AsFd;
+    let bind_error = |e: std::io::Error| preflight::bind_error(key, addr, true, &e, preflight::Mode::Start);
+    let l = match received.and_then(|r| r.single(kind, addr)) {
+        Some(l) => l,
+        None => bind_tcp(addr).map_err(bind_error)?,
+    };
+    let fd = l.as_fd().try_clone_to_owned().map_err(bind_error)?;
+    Ok((l, fd))
 }
 
 /// The site TLS listeners serve browsers: readiness, and the check page when `[check]` is on.
@@ -374,7 +458,11 @@ async fn watchdog(ctl: std::rc::Weak<Control>, period: Duration) {
 struct Running {
     cfg: Config,
     listeners: Listeners,
-    metrics: Option<(SocketAddr, JoinHandle<()>)>,
+    metrics: Option<Served>,
+    check_http: Option<Served>,
+    /// The path this binary was started from (what an upgrade starts by default).
+    exe: Option<std::path::PathBuf>,
+    watchdog: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -405,12 +493,10 @@ impl Running {
                 preflight::check_relay_ip(key, r.local)?;
             }
         }
-        let steps = self.listeners.prepare(&new.listeners)?;
-        let metrics_changed = new.metrics_listen != self.metrics.as_ref().map(|m| m.0);
+        let steps = self.listeners.prepare(&new.listeners, None)?;
+        let metrics_changed = new.metrics_listen != self.metrics.as_ref().map(|m| m.addr);
         let metrics_socket = match new.metrics_listen {
-            Some(addr) if metrics_changed => {
-                Some(bind_tcp(addr).map_err(|e| preflight::bind_error("metrics.listen", addr, true, &e, preflight::Mode::Start))?)
-            }
+            Some(addr) if metrics_changed => Some(single(None, Kind::Metrics, addr, "metrics.listen")?),
             _ => None,
         };
 
@@ -433,11 +519,11 @@ impl Running {
         *ctl.admin_token.borrow_mut() = new.admin_token.clone();
         *ctl.listener_names.borrow_mut() = self.listeners.names();
         if metrics_changed {
-            if let Some((_, t)) = self.metrics.take() {
-                t.abort();
+            if let Some(m) = self.metrics.take() {
+                m.task.abort();
             }
-            if let (Some(addr), Some(l)) = (new.metrics_listen, metrics_socket) {
-                self.metrics = Some((addr, tokio::task::spawn_local(http::serve(Rc::downgrade(ctl), l))));
+            if let (Some(addr), Some((l, fd))) = (new.metrics_listen, metrics_socket) {
+                self.metrics = Some(Served { addr, fd, task: tokio::task::spawn_local(http::serve(Rc::downgrade(ctl), l)) });
             }
         }
         (reload.set_log)(&new.log_level, new.log_json);
@@ -450,6 +536,155 @@ impl Running {
         self.cfg = new;
         Ok(format!("configuration reloaded; {n} allocations kept"))
     }
+}
+
+impl Running {
+    /// Hands the relay to a new process running `binary` (by default the
+    /// binary at the path this one was started from). On success this
+    /// process serves only its TCP/TLS connections (and UDP allocations of
+    /// listeners a reload removed) from now on; on failure it serves on
+    /// as before.
+    async fn upgrade(&mut self, binary: Option<std::path::PathBuf>, ctl: &Rc<Control>) -> Result<Upgraded, UpgradeError> {
+        let started = std::time::Instant::now();
+        let binary = binary.or_else(|| self.exe.clone()).ok_or_else(|| UpgradeError::Local("cannot tell the path of this binary: name the new one".into()))?;
+        tracing::info!(binary = %binary.display(), "upgrade: starting the new process");
+        let r = self.hand_over(&binary, ctl, started).await;
+        match &r {
+            Ok(u) => tracing::info!(
+                new_pid = u.pid, allocations = u.allocations, listeners = u.listeners, elapsed_ms = u.elapsed.as_millis() as u64,
+                "upgrade: the new process serves the listeners and UDP allocations"
+            ),
+            Err(e) => tracing::error!(binary = %binary.display(), "upgrade failed, this process serves on: {e}"),
+        }
+        r
+    }
+
+    async fn hand_over(&mut self, binary: &std::path::Path, ctl: &Rc<Control>, started: std::time::Instant) -> Result<Upgraded, UpgradeError> {
+        use handover::wire::Msg;
+        use std::os::fd::AsFd;
+        let joined = |e: tokio::task::JoinError| UpgradeError::Local(format!("the handover thread failed: {e}"));
+        let offer = Msg::Offer {
+            format: crate::turn::HANDOVER_FORMAT,
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            threads: self.cfg.threads,
+            nonce_key: ctl.nonce_key.to_vec(),
+        };
+        let binary = binary.to_owned();
+        let mut child = tokio::task::spawn_blocking(move || {
+            let mut c = handover::parent::spawn(&binary, &offer)?;
+            match c.accepted() {
+                Ok(()) => Ok(c),
+                Err(e) => {
+                    c.abandon();
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(joined)??;
+        // From here on, what moves is not read here unless the handover fails.
+        let exports = ctl.export(self.listeners.udp_groups()).await;
+        let mut listeners = Vec::new();
+        let mut allocations = Vec::new();
+        let mut failure = None;
+        for (i, e) in exports.into_iter().enumerate() {
+            let e = match e {
+                Some(Ok(e)) => e,
+                Some(Err(err)) => {
+                    failure = Some(format!("shard {i}: {err}"));
+                    continue;
+                }
+                None => {
+                    failure = Some(format!("shard {i} did not answer"));
+                    continue;
+                }
+            };
+            for (conn, fd) in e.udp {
+                if let Some(addr) = self.listeners.address_of(Group::Udp(conn)) {
+                    listeners.push((Kind::Udp, addr, e.index, fd));
+                }
+            }
+            for (id, fd) in e.stream {
+                if let Some(addr) = self.listeners.address_of(Group::Stream(id)) {
+                    listeners.push((Kind::Stream, addr, e.index, fd));
+                }
+            }
+            allocations.extend(e.allocations.into_iter().map(|(c, fds)| (e.index, e.mono_ns, c, fds)));
+        }
+        for (kind, served) in [(Kind::Metrics, &self.metrics), (Kind::CheckHttp, &self.check_http)] {
+            if let Some(s) = served {
+                match s.fd.as_fd().try_clone_to_owned() {
+                    Ok(fd) => listeners.push((kind, s.addr, 0, fd)),
+                    Err(e) => failure = Some(format!("{}: {e}", s.addr)),
+                }
+            }
+        }
+        if let Some(f) = failure {
+            ctl.tell_all(|| Command::Resume);
+            tokio::task::spawn_blocking(move || child.abandon());
+            return Err(UpgradeError::Local(f));
+        }
+        let count = listeners.len();
+        let (child, served) = tokio::task::spawn_blocking(move || {
+            let r = child.hand_over(&listeners, allocations);
+            (child, r)
+        })
+        .await
+        .map_err(joined)?;
+        let pid = child.pid();
+        if let Err(e) = served {
+            // Stopped before it serves anything read here again.
+            tokio::task::spawn_blocking(move || child.abandon()).await.map_err(joined)?;
+            ctl.tell_all(|| Command::Resume);
+            return Err(e);
+        }
+        child.release();
+        let moved = ctl.release().await;
+        // The new process answers metrics, the admin API and the check page
+        // now, and runs the ACME client and the watchdog.
+        for s in [self.metrics.take(), self.check_http.take()].into_iter().flatten() {
+            s.task.abort();
+        }
+        if let Some(w) = self.watchdog.take() {
+            w.abort();
+        }
+        if let Some(c) = ctl.certs.borrow_mut().as_mut() {
+            c.acme = None;
+        }
+        systemd::notify(&format!("MAINPID={pid}"));
+        Ok(Upgraded { pid, allocations: moved, listeners: count, elapsed: started.elapsed() })
+    }
+}
+
+/// After an upgrade: serve the TCP/TLS connections (and what else stayed)
+/// until they end, `timeout` passes or a signal says stop.
+async fn finish_connections(
+    ctl: &Control,
+    new_pid: u32,
+    timeout: Duration,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    tracing::info!(new_pid, allocations = ctl.shared.allocations(), timeout_s = timeout.as_secs(), "handed over: serving this process's TCP/TLS connections until they end");
+    // The first look comes after the admin API's answer to the upgrade left.
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_millis(250), Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("signal: stopping now"); break; }
+            _ = int.recv() => { tracing::info!("signal: stopping now"); break; }
+            _ = tokio::time::sleep_until(deadline) => { tracing::info!("drain timeout reached"); break; }
+            _ = check.tick() => {
+                let open: u64 = ctl.snapshot().await.connections.iter().sum();
+                if open == 0 && ctl.shared.allocations() == 0 {
+                    tracing::info!("every connection ended");
+                    break;
+                }
+            }
+        }
+    }
+    tracing::info!(allocations = ctl.shared.allocations(), "the previous process exits");
 }
 
 /// Graceful shutdown: refuse new allocations, let existing ones run until

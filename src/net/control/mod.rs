@@ -8,6 +8,7 @@
 
 mod admin;
 mod certs;
+pub mod handover;
 mod http;
 mod lifecycle;
 pub mod preflight;

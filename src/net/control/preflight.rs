@@ -20,6 +20,9 @@ pub enum Mode {
     /// `--check-config`: a port held by a running turnd is expected (the
     /// check before a reload), and only noted.
     Check,
+    /// A start by an upgrade: the running turnd hands its listening
+    /// sockets over, so their ports are not probed.
+    Upgrade,
 }
 
 fn bad(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
@@ -43,12 +46,14 @@ pub fn check(cfg: &Config, mode: Mode, now_unix: i64) -> Result<Vec<String>, Con
             check_relay_ip(key, r.local)?;
         }
     }
-    for (i, l) in cfg.listeners.iter().enumerate() {
-        let key = format!("listen[{i}].address");
-        notes.extend(check_bind(&key, l.address, l.transport.is_stream(), mode)?);
-    }
-    if let Some(m) = cfg.metrics_listen {
-        notes.extend(check_bind("metrics.listen", m, true, mode)?);
+    if mode != Mode::Upgrade {
+        for (i, l) in cfg.listeners.iter().enumerate() {
+            let key = format!("listen[{i}].address");
+            notes.extend(check_bind(&key, l.address, l.transport.is_stream(), mode)?);
+        }
+        if let Some(m) = cfg.metrics_listen {
+            notes.extend(check_bind("metrics.listen", m, true, mode)?);
+        }
     }
     if let Some(p) = &cfg.passthrough {
         notes.extend(backend_note(p.backend));

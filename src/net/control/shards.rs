@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 
+use super::handover::{UpgradeError, Upgraded};
 use super::reload::ReloadError;
 use crate::net::sessions::Selector;
 use crate::net::shard::{self, Apply, Command, Settings, Step};
@@ -27,6 +28,10 @@ const ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// How the admin API asks the main loop to reload; it answers on the oneshot.
 pub(crate) type ReloadSender = mpsc::UnboundedSender<oneshot::Sender<Result<String, ReloadError>>>;
 
+/// How the admin API asks the main loop to upgrade (to this binary, or the
+/// one running); it answers on the oneshot.
+pub(crate) type UpgradeSender = mpsc::UnboundedSender<(Option<std::path::PathBuf>, oneshot::Sender<Result<Upgraded, UpgradeError>>)>;
+
 pub struct Control {
     inboxes: Vec<mpsc::UnboundedSender<Command>>,
     pub shared: Arc<Shared>,
@@ -35,6 +40,7 @@ pub struct Control {
     /// "udp 0.0.0.0:3478" and so on, for status.
     pub listener_names: RefCell<Vec<String>>,
     pub reload_tx: ReloadSender,
+    pub upgrade_tx: UpgradeSender,
     /// Numbers the applies, so a late Commit or Abort cannot hit another one.
     applies: std::cell::Cell<u64>,
     /// The TLS listeners' certificate, when TLS is configured.
@@ -47,13 +53,20 @@ pub struct Control {
     pub check_key: [u8; 16],
     /// The siblings new clients go to while draining (`[[drain.alternate]]`), for status.
     pub alternates: RefCell<Vec<crate::turn::Alternate>>,
+    /// The nonce key every shard uses; an upgrade hands it on, so nonces
+    /// stay good across it.
+    pub nonce_key: [u8; 32],
 }
 
 impl Control {
-    /// Starts `cfg.threads` shard threads, with no listener yet.
-    pub fn start(cfg: &Config, policy: &PeerPolicy, shared: Arc<Shared>, reload_tx: ReloadSender) -> anyhow::Result<Control> {
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key).expect("the OS random generator is available");
+    /// Starts `cfg.threads` shard threads, with no listener yet, with the
+    /// nonce key an upgrade handed over or a new random one.
+    pub fn start(cfg: &Config, policy: &PeerPolicy, shared: Arc<Shared>, reload_tx: ReloadSender, upgrade_tx: UpgradeSender, key: Option<[u8; 32]>) -> anyhow::Result<Control> {
+        let key = key.unwrap_or_else(|| {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).expect("the OS random generator is available");
+            key
+        });
         // One nonce key for all: a nonce handed out by one shard is good on
         // another (a client's TCP and UDP legs may land on different ones).
         let nonce_key = NonceKey::new(key, cfg.nonce_lifetime);
@@ -74,7 +87,7 @@ impl Control {
             }
             inboxes.push(tx);
         }
-        Ok(Control { inboxes, shared, admin_token: RefCell::new(cfg.admin_token.clone()), listener_names: RefCell::default(), reload_tx,
+        Ok(Control { inboxes, shared, admin_token: RefCell::new(cfg.admin_token.clone()), listener_names: RefCell::default(), reload_tx, upgrade_tx, nonce_key: key,
             applies: Default::default(),
             certs: RefCell::default(),
             check: RefCell::default(),
@@ -201,6 +214,19 @@ impl Control {
         self.ask_all(|tx| Command::UdpAllocations(conn, tx), ANSWER_WAIT).await.into_iter().sum()
     }
 
+    /// An upgrade: every shard stops reading its listeners and the UDP
+    /// allocations of groups `conns` and answers with them; `None` for a
+    /// shard that did not in time.
+    pub async fn export(&self, conns: Arc<[u32]>) -> Vec<Option<std::io::Result<shard::handover::Export>>> {
+        self.ask_all(|tx| Command::Export(conns.clone(), tx), ANSWER_WAIT).await
+    }
+
+    /// The new process serves what was exported: every shard lets go of
+    /// it. How many allocations left.
+    pub async fn release(&self) -> usize {
+        self.ask_all(Command::Release, ANSWER_WAIT).await.into_iter().flatten().sum()
+    }
+
     /// Whether every shard's event loop answers within `wait`.
     pub async fn alive(&self, wait: Duration) -> bool {
         self.ask_all(Command::Ping, wait).await.iter().all(Option::is_some)
@@ -230,7 +256,7 @@ impl Control {
     pub fn resume(&self) -> Drain {
         let was = self.shared.resume();
         if was == Drain::Draining {
-            self.tell_all(|| Command::Resume);
+            self.tell_all(|| Command::Undrain);
             tracing::info!("resumed (turnctl resume): taking new allocations again");
         }
         was

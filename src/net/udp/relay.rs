@@ -1,5 +1,6 @@
 //! Relay sockets: one UDP socket per relayed address, on a random port.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
@@ -44,6 +45,16 @@ fn set_dont_fragment(fd: std::os::fd::RawFd, v6: bool, on: bool) -> io::Result<(
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// Whether `fd` sets DF on everything it sends (see [`set_dont_fragment`]).
+fn sets_dont_fragment(fd: std::os::fd::RawFd, v6: bool) -> bool {
+    let (level, name, on) = if v6 { (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1) } else { (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO) };
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a live socket, and an int option with its size.
+    let rc = unsafe { libc::getsockopt(fd, level, name, &mut value as *mut libc::c_int as *mut libc::c_void, &mut len) };
+    rc == 0 && value == on
+}
+
 /// The open relay sockets, indexed like the core's allocation slots so the
 /// hot path finds a socket without hashing.
 pub struct RelaySockets {
@@ -57,6 +68,9 @@ pub struct RelaySockets {
     /// What every shard counts: ports in use, reserved ports' sockets
     /// (EVEN-PORT with R), descriptors.
     shared: Arc<Shared>,
+    /// Sockets handed over by the previous process, by (IPv6, port), until
+    /// the allocation they belong to takes them ([`Placement::Carried`]).
+    carried: HashMap<(bool, u16), std::net::UdpSocket>,
 }
 
 /// A random u32 from the OS CSPRNG (never a predictable sequence).
@@ -75,7 +89,7 @@ pub type Receive = Box<dyn Fn(RelayId, Rc<Udp>) -> JoinHandle<()>>;
 
 impl RelaySockets {
     pub fn new(v4: Option<IpAddr>, v6: Option<IpAddr>, ports: (u16, u16), shared: Arc<Shared>, receive: Receive) -> Self {
-        RelaySockets { v4, v6, ports, entries: Vec::new(), receive, shared }
+        RelaySockets { v4, v6, ports, entries: Vec::new(), receive, shared, carried: HashMap::new() }
     }
 
     /// New relay addresses and port range apply to sockets opened from now on.
@@ -137,6 +151,49 @@ impl RelaySockets {
         sent
     }
 
+    /// Holds a socket handed over by the previous process until the
+    /// allocation it belongs to is taken up; `false` when it is not a UDP
+    /// socket bound to one of this relay's addresses.
+    pub fn hand_in(&mut self, sock: std::net::UdpSocket) -> bool {
+        let Ok(local) = sock.local_addr() else { return false };
+        if Some(local.ip()) != if local.is_ipv4() { self.v4 } else { self.v6 } {
+            return false;
+        }
+        self.carried.insert((local.is_ipv6(), local.port()), sock);
+        true
+    }
+
+    /// Closes the handed-over sockets no allocation took.
+    pub fn drop_unclaimed(&mut self) -> usize {
+        let n = self.carried.len();
+        self.carried.clear();
+        n
+    }
+
+    /// Stops receiving on relay socket `id` (an upgrade is handing it over).
+    pub fn pause(&mut self, id: RelayId) {
+        if let Some(Some(e)) = self.entries.get_mut(index(id))
+            && e.id == id
+            && let Some(t) = e.task.take() {
+                t.abort();
+            }
+    }
+
+    /// Receives on relay socket `id` again (the handover failed).
+    pub fn resume(&mut self, id: RelayId) {
+        if let Some(Some(e)) = self.entries.get_mut(index(id))
+            && e.id == id
+            && e.task.is_none() {
+                e.task = Some((self.receive)(id, e.socket.clone()));
+            }
+    }
+
+    /// A second descriptor of relay socket `id`, for the next process.
+    pub fn duplicate(&self, id: RelayId) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.get(id).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?.socket.get_ref().as_fd().try_clone_to_owned()
+    }
+
     fn bind(ip: IpAddr, port: u16) -> io::Result<std::net::UdpSocket> {
         let domain = if ip.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
         let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
@@ -155,6 +212,9 @@ impl RelaySockets {
     fn bind_placed(&mut self, ip: IpAddr, placement: Placement) -> Result<std::net::UdpSocket, OpenError> {
         if let Placement::Reserved(port) = placement {
             return self.shared.take_reserved(port).ok_or(OpenError::Exhausted);
+        }
+        if let Placement::Carried(port) = placement {
+            return self.carried.remove(&(ip.is_ipv6(), port)).ok_or(OpenError::Exhausted);
         }
         let (lo, hi) = self.ports;
         let span = (hi - lo) as u32 + 1;
@@ -219,6 +279,8 @@ impl RelayPorts for RelaySockets {
         }
         .ok_or(OpenError::FamilyUnsupported)?;
         let std_sock = self.bind_placed(ip, placement)?;
+        // A handed-over socket keeps the DF setting its allocation asked for.
+        let dont_fragment = dont_fragment || (matches!(placement, Placement::Carried(_)) && sets_dont_fragment(std_sock.as_raw_fd(), ip.is_ipv6()));
         if dont_fragment && let Err(e) = set_dont_fragment(std_sock.as_raw_fd(), ip.is_ipv6(), true) {
             tracing::warn!(error = %e, "cannot set DF on a relay socket: DONT-FRAGMENT gets 420");
             if placement == Placement::EvenReserveNext && let Ok(a) = std_sock.local_addr() {

@@ -3,11 +3,13 @@
 //! framing in `reply.rs`), ChannelData, Send and peer datagrams take the data
 //! path in `relaying.rs`, and allocations end in `expiry.rs`.
 
+mod carry;
 mod expiry;
 mod relaying;
 mod reply;
 mod requests;
 
+pub use carry::{AdoptError, Carried, CarriedBucket, CarriedChannel, CarriedRelay, FORMAT as HANDOVER_FORMAT};
 use reply::{compact, known_attribute, Answer, Handled, Reply};
 
 use std::cmp::Reverse;
