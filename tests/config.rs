@@ -452,7 +452,9 @@ fn drain_alternates_are_checked_key_by_key() {
             "drain.alternate[1].address",
             "listed twice",
         ),
-        ("[[drain.alternate]]\naddress = \"203.0.113.20\"\ndomain = \"not a name\"\n", "drain.alternate[0].domain", "not a DNS name"),
+        ("[[drain.alternate]]\naddress = \"203.0.113.20\"\ntls_clients = true\ndomain = \"not a name\"\n", "drain.alternate[0].domain", "not a DNS name"),
+        ("[[drain.alternate]]\naddress = \"203.0.113.20\"\ndomain = \"turn2.example.com\"\n", "drain.alternate[0].domain", "needs tls_clients = true"),
+        ("[[drain.alternate]]\naddress = \"203.0.113.20\"\ntls_clients = \"yes\"\n", "tls_clients", "invalid type"),
         ("[[drain.alternate]]\naddress = \"203.0.113.20\"\nport = 3478\n", "port", "unknown field"),
         ("[drain]\nalternates = [\"203.0.113.20\"]\n", "alternates", "unknown field"),
     ] {
@@ -463,7 +465,7 @@ fn drain_alternates_are_checked_key_by_key() {
     // Good ones: by IP (the port the client came in on), IP:PORT, IPv6, a
     // name for TLS clients; this relay's address on another port is a sibling.
     let ok = format!(
-        "{base}[[drain.alternate]]\naddress = \"203.0.113.20\"\ndomain = \"Turn2.Example.com.\"\n\
+        "{base}[[drain.alternate]]\naddress = \"203.0.113.20\"\ntls_clients = true\ndomain = \"Turn2.Example.com.\"\n\
          [[drain.alternate]]\naddress = \"[2001:db8::20]:3478\"\n[[drain.alternate]]\naddress = \"192.0.2.10:3479\"\n"
     );
     let (rc, err) = check_args(&ok, &["--check-config", "--file-only"]);

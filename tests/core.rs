@@ -548,8 +548,9 @@ fn draining_core(alternates: Vec<Alternate>) -> Core {
     c
 }
 
+/// A sibling; with a name it takes TLS clients too (its certificate names its address).
 fn sibling(ip: &str, port: Option<u16>, domain: Option<&str>) -> Alternate {
-    Alternate { ip: ip.parse().unwrap(), port, domain: domain.map(Arc::from) }
+    Alternate { ip: ip.parse().unwrap(), port, tls: domain.is_some(), domain: domain.map(Arc::from) }
 }
 
 /// The ALTERNATE-SERVER of a response (a plain address, not XOR'd).
@@ -640,6 +641,34 @@ fn a_tls_client_also_gets_the_siblings_name_and_sha256_is_answered_in_kind() {
     assert!(r.get(attr::MESSAGE_INTEGRITY).is_none());
     assert_eq!(alternate_server(&r), Some("203.0.113.20:443".parse().unwrap()), "the port TLS came in on");
     assert_eq!(r.get(attr::ALTERNATE_DOMAIN), Some(b"turn2.example.org".to_vec()));
+}
+
+#[test]
+fn tls_clients_go_only_to_siblings_that_take_them() {
+    // Browsers check a TLS sibling's certificate against its address: a
+    // sibling not marked for TLS clients gets UDP and TCP clients only.
+    let mut c = draining_core(vec![sibling("203.0.113.20", None, None), sibling("203.0.113.21", None, Some("turn3.example.org"))]);
+    let mut tls = tuple(40110);
+    tls.transport = Transport::Tls;
+    tls.server = "192.0.2.10:443".parse().unwrap();
+    for i in 0..20u8 {
+        let mut t = tls;
+        t.client = SocketAddr::new(format!("198.51.100.{}", 100 + i).parse().unwrap(), 40110);
+        let cr = c.rest_creds(t, "", 3600, SECRET);
+        let r = c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr));
+        assert_eq!(alternate_server(&r), Some("203.0.113.21:443".parse().unwrap()));
+    }
+    // None that takes TLS clients: 508 for them, the redirect for the others.
+    let mut c = draining_core(vec![sibling("203.0.113.20", None, None)]);
+    let cr = c.rest_creds(tls, "", 3600, SECRET);
+    assert_eq!(c.request(tls, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(508));
+    let mut tcp = tls;
+    tcp.transport = Transport::Tcp;
+    tcp.server = "192.0.2.10:3478".parse().unwrap();
+    let cr = c.rest_creds(tcp, "", 3600, SECRET);
+    let r = c.request(tcp, method::ALLOCATE, &[transport_udp()], Some(&cr));
+    assert_eq!(alternate_server(&r), Some("203.0.113.20:3478".parse().unwrap()));
+    assert!(r.get(attr::ALTERNATE_DOMAIN).is_none());
 }
 
 #[test]

@@ -127,7 +127,8 @@ fn relays(c: &mut Client, peer: &EchoPeer, what: &str) {
 
 #[test]
 fn turnctl_drain_sends_new_clients_to_the_sibling_while_calls_go_on() {
-    let a = start_a(&format!("[[drain.alternate]]\naddress = \"{SIBLING_IP}\"\n"));
+    // uclient does not check certificates: B takes TLS clients too.
+    let a = start_a(&format!("[[drain.alternate]]\naddress = \"{SIBLING_IP}\"\ntls_clients = true\n"));
     let b = start_b(&a);
     let peer = EchoPeer::start();
     let diag = |what: &str, text: &str| format!("{what}\n--- output ---\n{text}\n--- A's log ---\n{}\n--- B's log ---\n{}", a.log(), b.log());

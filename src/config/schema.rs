@@ -75,6 +75,7 @@ pub struct DrainSection {
 #[serde(deny_unknown_fields)]
 pub struct AlternateSection {
     pub address: String,
+    pub tls_clients: Option<bool>,
     pub domain: Option<String>,
 }
 

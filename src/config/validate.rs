@@ -677,7 +677,11 @@ fn alternates(
                 None => return Err(bad(format!("drain.alternate[{i}].domain"), format!("`{n}` is not a DNS name (the name in that relay's certificate, e.g. turn2.example.com)"))),
             },
         };
-        let alt = crate::turn::Alternate { ip, port, domain };
+        let tls = a.tls_clients.unwrap_or(false);
+        if domain.is_some() && !tls {
+            return Err(bad(format!("drain.alternate[{i}].domain"), "is sent to TLS clients only: it needs tls_clients = true"));
+        }
+        let alt = crate::turn::Alternate { ip, port, tls, domain };
         if out.iter().any(|o| o.ip == alt.ip && o.port == alt.port) {
             return Err(bad(key, format!("`{text}` is listed twice")));
         }

@@ -74,8 +74,13 @@ pub struct Alternate {
     /// Its port; `None`: the port the request arrived on (a fleet serves
     /// the same ports everywhere: 3478 for UDP and TCP, 443 for TLS).
     pub port: Option<u16>,
+    /// Whether clients that came over TLS are sent here too. Browsers check
+    /// the sibling's certificate against the address of ALTERNATE-SERVER
+    /// (they do not read ALTERNATE-DOMAIN), so only a sibling whose
+    /// certificate names its IP address serves them; otherwise they get 508.
+    pub tls: bool,
     /// The name in its certificate, sent as ALTERNATE-DOMAIN to clients on
-    /// TLS (RFC 8489 14.16; browsers do not read it).
+    /// TLS (RFC 8489 14.16) for the clients that read it.
     pub domain: Option<Arc<str>>,
 }
 

@@ -278,12 +278,15 @@ impl Server {
     }
 
     /// The sibling a client at `tuple` is sent to while this relay drains:
-    /// an entry of the client's address family (RFC 8489 10), picked by the
-    /// client's address so that its UDP, TCP and TLS attempts land together
-    /// and the clients spread over the siblings.
+    /// an entry of the client's address family (RFC 8489 10), and for a TLS
+    /// client one that takes TLS clients, picked by the client's address so
+    /// that its attempts land together and the clients spread over the
+    /// siblings.
     fn alternate_for(&self, tuple: &FiveTuple) -> Option<(SocketAddr, Option<Arc<str>>)> {
         let ip = tuple.client.ip().to_canonical();
-        let n = self.cfg.alternates.iter().filter(|a| a.ip.is_ipv4() == ip.is_ipv4()).count();
+        let tls = tuple.transport == Transport::Tls;
+        let fits = |a: &&Alternate| a.ip.is_ipv4() == ip.is_ipv4() && (a.tls || !tls);
+        let n = self.cfg.alternates.iter().filter(fits).count();
         if n == 0 {
             return None;
         }
@@ -293,7 +296,7 @@ impl Server {
             IpAddr::V6(v6) => v6.octets(),
         };
         let h = octets.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3));
-        let a = self.cfg.alternates.iter().filter(|a| a.ip.is_ipv4() == ip.is_ipv4()).nth((h % n as u64) as usize)?;
+        let a = self.cfg.alternates.iter().filter(fits).nth((h % n as u64) as usize)?;
         Some((SocketAddr::new(a.ip, a.port.unwrap_or(tuple.server.port())), a.domain.clone()))
     }
 
