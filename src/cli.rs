@@ -92,15 +92,18 @@ pub mod turnctl {
             /// Validity, in seconds or with a unit (30m, 24h).
             #[arg(long, default_value = "24h")]
             ttl: String,
-            /// TURN host to put in the URIs (turn:HOST:3478, turns:HOST:443).
-            #[arg(long)]
-            host: Option<String>,
+            /// TURN host to put in the URIs (turn:HOST:3478, turns:HOST:443). Repeat it (or
+            /// separate with commas) for several relays sharing the secret, nearest first.
+            #[arg(long, value_delimiter = ',')]
+            host: Vec<String>,
             /// Print the TURN REST API JSON response.
             #[arg(long, conflicts_with = "format")]
             json: bool,
-            /// Output to paste elsewhere: `ice` (an RTCIceServer JSON array for a browser) or
-            /// `env` (docker-jitsi-meet .env lines for the prosody container; needs --host).
-            #[arg(long, value_parser = ["ice", "env"])]
+            /// Output to paste elsewhere: `ice` (an RTCIceServer JSON array for a browser, one
+            /// entry per relay), `env` (docker-jitsi-meet .env lines for the prosody container)
+            /// or `prosody` (prosody's external_service_secret and external_services, as Lua);
+            /// `env` and `prosody` need --host.
+            #[arg(long, value_parser = ["ice", "env", "prosody"])]
             format: Option<String>,
         },
         /// Generate a strong random shared secret.

@@ -128,39 +128,30 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Some(h) = host.iter().find(|h| !turnd::ctl::jitsi::valid_host(h)) {
+                eprintln!("turnctl: --host: `{h}` is not a host name or IP address (an IPv6 address in brackets, no port)");
+                return ExitCode::from(2);
+            }
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let username = rest_username(now + ttl, user.as_deref());
             let password = rest_password(secret.as_bytes(), &username);
-            let uris: Vec<String> = match &host {
-                Some(h) => vec![
-                    format!("turn:{h}:3478?transport=udp"),
-                    format!("turn:{h}:3478?transport=tcp"),
-                    format!("turns:{h}:443?transport=tcp"),
-                ],
-                None => vec![],
-            };
-            if format.as_deref() == Some("env") {
-                let Some(h) = &host else {
-                    eprintln!("turnctl: --format env needs --host (the relay's public name)");
+            let uris = turnd::ctl::jitsi::uris(&host);
+            match format.as_deref() {
+                Some(f @ ("env" | "prosody")) if host.is_empty() => {
+                    eprintln!("turnctl: --format {f} needs --host (the relay's public name; repeat it for several relays)");
                     return ExitCode::from(2);
-                };
-                // prosody computes the credentials itself from TURN_CREDENTIALS.
-                println!("TURN_CREDENTIALS={secret}");
-                println!("TURN_HOST={h}");
-                println!("TURN_PORT=3478");
-                println!("TURN_TRANSPORT=udp,tcp");
-                println!("TURNS_HOST={h}");
-                println!("TURNS_PORT=443");
-                println!("TURN_TTL={ttl}");
-            } else if format.as_deref() == Some("ice") {
-                println!("{}", serde_json::json!([{ "urls": uris, "username": username, "credential": password }]));
-            } else if json {
-                println!("{}", serde_json::json!({ "username": username, "password": password, "ttl": ttl, "uris": uris }));
-            } else {
-                println!("username: {username}");
-                println!("password: {password}");
-                for u in uris {
-                    println!("uri: {u}");
+                }
+                // prosody computes the credentials itself from the secret.
+                Some("env") => print!("{}", turnd::ctl::jitsi::env(&secret, &host, ttl)),
+                Some("prosody") => print!("{}", turnd::ctl::jitsi::prosody(&secret, &host, ttl)),
+                Some("ice") => println!("{}", turnd::ctl::jitsi::ice(&host, &username, &password)),
+                _ if json => println!("{}", serde_json::json!({ "username": username, "password": password, "ttl": ttl, "uris": uris })),
+                _ => {
+                    println!("username: {username}");
+                    println!("password: {password}");
+                    for u in uris {
+                        println!("uri: {u}");
+                    }
                 }
             }
             ExitCode::SUCCESS
