@@ -180,6 +180,18 @@ fn turnctl_drain_sends_new_clients_to_the_sibling_while_calls_go_on() {
         eprintln!("{transport}: redirected to {SIBLING_IP}, 10 of 10 echoed through the sibling");
     }
     assert_eq!(created(&a.log(), ""), a_before, "{}", diag("A allocated while draining", ""));
+    // turnctl check (our own client, which does not follow redirects) says why.
+    let out = Command::new("timeout")
+        .arg("30")
+        .arg(env!("CARGO_BIN_EXE_turnctl"))
+        .args(["check", "127.0.0.1", "--port", &a.port.to_string(), "--no-tls", "--secret", SECRET, "--timeout", "2s"])
+        .env_remove("HTTPS_PROXY")
+        .env_remove("ALL_PROXY")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("the relay is draining (turnctl drain) and sends new clients to a sibling relay"), "{text}");
     let redirected = a.metric("turnd_allocations_redirected_total");
     assert!(redirected >= 3.0, "redirected {redirected}");
     assert_eq!(a.metric("turnd_responses_total{code=\"300\",method=\"allocate\"}"), redirected);
