@@ -190,6 +190,9 @@ pub mod turnctl {
         /// File holding the admin token (admin.token_file). Default: turnd's state directory.
         #[arg(long, value_name = "FILE")]
         pub token_file: Option<PathBuf>,
+        /// Take the admin address (metrics.listen) and token file (admin.token_file) from turnd's config file.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["admin", "token_file"])]
+        pub config: Option<PathBuf>,
     }
 
     /// The clap definition, for man pages and completions.

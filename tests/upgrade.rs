@@ -392,3 +392,102 @@ fn failed_upgrades_leave_the_old_process_serving_everything() {
     drop(tcp);
     assert!(server.wait_exit(Duration::from_secs(10)).is_some());
 }
+
+/// What a notify socket received, with the sender's pid (SO_PASSCRED), as
+/// systemd sees it.
+fn recv_notify(sock: &std::os::unix::net::UnixDatagram) -> Option<(u32, String)> {
+    let mut body = [0u8; 512];
+    let mut iov = libc::iovec { iov_base: body.as_mut_ptr() as *mut libc::c_void, iov_len: body.len() };
+    let mut control = [0u64; 8];
+    // SAFETY: recvmsg fills the buffers the header points at, which outlive
+    // the call; CMSG_* walk what it wrote within msg_controllen.
+    unsafe {
+        let mut mh: libc::msghdr = std::mem::zeroed();
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        mh.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        mh.msg_controllen = std::mem::size_of_val(&control) as _;
+        let n = libc::recvmsg(sock.as_raw_fd(), &mut mh, 0);
+        if n < 0 {
+            return None;
+        }
+        let mut c = libc::CMSG_FIRSTHDR(&mh);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_CREDENTIALS {
+                let cred = (libc::CMSG_DATA(c) as *const libc::ucred).read_unaligned();
+                return Some((cred.pid as u32, String::from_utf8_lossy(&body[..n as usize]).into_owned()));
+            }
+            c = libc::CMSG_NXTHDR(&mh, c);
+        }
+    }
+    None
+}
+
+#[test]
+fn under_systemd_the_main_pid_moves_and_the_watchdog_stays_fed() {
+    let reaper = Reaper::new();
+    let dir = common::temp_dir("notify");
+    let path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let on: libc::c_int = 1;
+    // SAFETY: a live socket and an int option of the size we pass.
+    let rc = unsafe { libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, &on as *const _ as *const libc::c_void, 4) };
+    assert_eq!(rc, 0);
+    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    // A 1 s watchdog, as WatchdogSec=1 would set it.
+    let wrap = ["env".to_owned(), format!("NOTIFY_SOCKET={}", path.display()), "WATCHDOG_USEC=1000000".to_owned()];
+    let mut server = Turnd::builder().wrap(&wrap).start();
+    let old = server.pid();
+
+    // Follow the messages as systemd with NotifyAccess=main does: only the
+    // main process's count, and MAINPID= moves it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut main = old;
+            let mut last_ping: Option<Instant> = None;
+            let mut longest = Duration::ZERO;
+            let mut log = Vec::new();
+            let until = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                let Some((pid, msg)) = recv_notify(&sock) else { continue };
+                log.push(format!("{pid}: {msg:?}"));
+                if pid != main {
+                    continue;
+                }
+                for field in msg.lines() {
+                    if field == "WATCHDOG=1" {
+                        let now = Instant::now();
+                        if let Some(l) = last_ping {
+                            longest = longest.max(now - l);
+                        }
+                        last_ping = Some(now);
+                    }
+                    if field == "STOPPING=1" {
+                        log.push("the main process said it stops".into());
+                    }
+                    if let Some(p) = field.strip_prefix("MAINPID=") {
+                        main = p.parse().unwrap();
+                    }
+                }
+            }
+            (main, longest, log)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let (code, out) = turnctl_upgrade(&server, &second_binary(&server.dir));
+    assert_eq!(code, 0, "{out}");
+    let new = admin(&server, "/admin/status")["pid"].as_u64().unwrap() as u32;
+    reaper.add(new);
+    // The old process has nothing left: it exits; the new one goes on pinging.
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let (main, longest, log) = watcher.join().unwrap();
+    assert_eq!(main, new, "MAINPID moved to the new process: {log:#?}");
+    assert!(log.iter().any(|l| l.starts_with(&format!("{new}: ")) && l.contains("WATCHDOG=1")), "the new process pings: {log:#?}");
+    assert!(longest < Duration::from_secs(1), "the watchdog went {longest:?} without a ping from the main process: {log:#?}");
+    assert!(!log.iter().any(|l| l.contains("stops")), "{log:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

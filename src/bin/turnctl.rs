@@ -10,6 +10,13 @@ use turnd::config::Seconds;
 
 /// Connects to the admin API the arguments name.
 fn connect(args: &AdminArgs) -> Result<turnd::ctl::admin::Admin, String> {
+    if let Some(file) = &args.config {
+        // The file alone: nothing it names is read or created here.
+        let cfg = turnd::config::load_reading(Some(file), &turnd::config::Overrides::default(), turnd::config::Reads::FileOnly).map_err(|e| format!("{}: {e:#}", file.display()))?;
+        let addr = cfg.metrics_listen.ok_or_else(|| format!("{}: metrics.listen is off, so turnd serves no admin API", file.display()))?;
+        let token = cfg.admin_token_file.ok_or_else(|| format!("{}: the admin API is off (admin.enabled = false)", file.display()))?;
+        return turnd::ctl::admin::Admin::from_token_file(addr, &token);
+    }
     let path = args.token_file.clone().unwrap_or_else(turnd::config::default_admin_token_path);
     turnd::ctl::admin::Admin::from_token_file(args.admin, &path)
 }

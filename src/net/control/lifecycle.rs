@@ -652,7 +652,9 @@ impl Running {
         if let Some(c) = ctl.certs.borrow_mut().as_mut() {
             c.acme = None;
         }
-        systemd::notify(&format!("MAINPID={pid}"));
+        // The new process is the service's main process from now on; the ping
+        // keeps the watchdog fed until its first one.
+        systemd::notify(&format!("MAINPID={pid}\nWATCHDOG=1"));
         Ok(Upgraded { pid, allocations: moved, listeners: count, elapsed: started.elapsed() })
     }
 }
