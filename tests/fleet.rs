@@ -97,6 +97,18 @@ fn summary(text: &str) -> Option<(u64, u64, u64)> {
     Some((sent, received, lost?))
 }
 
+/// `/readyz` over HTTPS on `server`'s TLS listener, where a DNS health
+/// check of the fleet asks: (status, body).
+fn readyz_https(server: &Turnd) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sk", "--max-time", "5", "-w", "\n%{http_code}", &format!("https://127.0.0.1:{}/readyz", server.tls_port)])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
 /// "allocation created" lines in a log, over `transport` ("" for any).
 fn created(log: &str, transport: &str) -> usize {
     log.lines().filter(|l| l.contains("allocation created") && l.contains(&format!("transport=\"{transport}"))).count()
@@ -137,6 +149,7 @@ fn turnctl_drain_sends_new_clients_to_the_sibling_while_calls_go_on() {
     let mut held = held_allocation(&a, &peer);
     relays(&mut held, &peer, "before");
     assert_eq!(a.http_get("/readyz").0, 200);
+    assert_eq!(readyz_https(&a).0, 200);
     let (rc, status) = turnctl(&a, &["status"]);
     assert_eq!(rc, 0, "{status}");
     assert!(status.contains(&format!("draining:    no (turnctl drain would send new allocations to {SIBLING_IP})")), "{status}");
@@ -154,6 +167,10 @@ fn turnctl_drain_sends_new_clients_to_the_sibling_while_calls_go_on() {
     let (code, body) = a.http_get("/readyz");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("draining") && body.contains("turnctl drain"), "{body}");
+    // The same on the public TLS port, where a DNS health check asks.
+    let (code, body) = readyz_https(&a);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
     assert_eq!(a.metric("turnd_draining"), 1.0);
     assert_eq!(a.metric("turnd_ready"), 0.0);
     assert_eq!(b.http_get("/readyz").0, 200, "the sibling stays ready");
@@ -208,6 +225,7 @@ fn turnctl_drain_sends_new_clients_to_the_sibling_while_calls_go_on() {
     let (rc, out) = turnctl(&a, &["resume"]);
     assert_eq!((rc, out.trim()), (0, "resumed: new allocations are taken again"));
     assert_eq!(a.http_get("/readyz").0, 200);
+    assert_eq!(readyz_https(&a).0, 200);
     assert_eq!(a.metric("turnd_draining"), 0.0);
     let (rc, text) = uclient(&a, &[], &peer, 5);
     assert_eq!((rc, summary(&text)), (0, Some((5, 5, 0))), "{}", diag("uclient on A after resume", &text));
