@@ -8,6 +8,10 @@
 //! on B with the same credentials and the nonce of the 300, and both peer
 //! connections relay through B, over UDP, TCP and TLS.
 //!
+//! Each relay has a realm of its own (as setup.sh makes each relay's name
+//! its realm): Chromium keeps A's realm at B, which B accepts with the
+//! redirect nonce.
+//!
 //! Both relays listen on the host end of the namespace's veth (Chromium
 //! refuses to be redirected to a loopback address), on their own ports, and
 //! relay from their own port ranges there: A's relay ports are 20000-24999,
@@ -26,19 +30,20 @@ use std::process::Command;
 use std::time::Instant;
 
 use browser::{PageServer, PAGE_TIMEOUT};
-use common::{Turnd, REALM, SECRET};
+use common::{Turnd, SECRET};
 use netns::NetNs;
 
 /// A relay on `host`: UDP and TCP on `port`, TLS on `tls_port` (a
 /// self-signed certificate), relaying from `host` on `ports`, with `extra`.
-fn relay(host: &str, port: u16, tls_port: u16, ports: &str, extra: &str) -> Turnd {
+/// Its realm is its own, as setup.sh makes each relay's name its realm.
+fn relay(realm: &str, host: &str, port: u16, tls_port: u16, ports: &str, extra: &str) -> Turnd {
     let probe = format!("{host}:{port}").parse().unwrap();
-    let (host, ports) = (host.to_owned(), ports.to_owned());
+    let (host, ports, realm) = (host.to_owned(), ports.to_owned(), realm.to_owned());
     Turnd::builder()
         .config(probe, move |dir| {
             common::make_cert(dir, "cert.pem", "key.pem", "turnd-fleet");
             format!(
-                "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
+                "realm = \"{realm}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
                  [[listen]]\ntransport = \"udp\"\naddress = \"{host}:{port}\"\n\
                  [[listen]]\ntransport = \"tcp\"\naddress = \"{host}:{port}\"\n\
                  [[listen]]\ntransport = \"tls\"\naddress = \"{host}:{tls_port}\"\n\
@@ -81,13 +86,13 @@ fn follows_the_redirect(transport: &str) {
     let host = ns.host_ip().to_string();
     let ns_ip = ns.ns_ip().to_string();
     let (b_port, b_tls) = (common::free_port(), common::free_port());
-    let b = relay(&host, b_port, b_tls, "25000-29999", "");
+    let b = relay("turn2.fleet.test", &host, b_port, b_tls, "25000-29999", "");
     // A sends each transport's clients to B's listener of that transport.
     // (With --ignore-certificate-errors, Chromium takes B's certificate
     // whatever it names: B may take TLS clients.)
     let to = if transport == "tls" { format!("{b_tls}\"\ntls_clients = true") } else { format!("{b_port}\"") };
     let (a_port, a_tls) = (common::free_port(), common::free_port());
-    let a = relay(&host, a_port, a_tls, "20000-24999", &format!("[[drain.alternate]]\naddress = \"{host}:{to}\n"));
+    let a = relay("turn1.fleet.test", &host, a_port, a_tls, "20000-24999", &format!("[[drain.alternate]]\naddress = \"{host}:{to}\n"));
     let (rc, out) = turnctl(&a, &["drain"]);
     assert_eq!(rc, 0, "{out}");
     assert_eq!(a.http_get("/readyz").0, 503);
@@ -128,7 +133,10 @@ fn follows_the_redirect(transport: &str) {
     assert_eq!(allocations(&a.log(), &ns_ip, transport), 0, "A allocated while draining: {}", context());
     let redirected = a.metric("turnd_allocations_redirected_total");
     assert!(redirected >= 2.0, "A redirected {redirected} Allocates: {}", context());
-    assert_eq!(b.metric("turnd_auth_failures_total{reason=\"stale_nonce\"}"), 0.0, "B refused the carried nonce: {}", context());
+    for reason in ["stale_nonce", "wrong_realm", "bad_integrity"] {
+        let n = b.metric(&format!("turnd_auth_failures_total{{reason=\"{reason}\"}}"));
+        assert_eq!(n, 0.0, "B refused the redirected Allocate ({reason}): {}", context());
+    }
     eprintln!(
         "{transport}: Chromium given only {url} (draining) relayed through B: {}; A redirected {redirected} Allocates, B made {on_b} allocations; {:.1} s",
         browser::describe(&r),
@@ -200,12 +208,13 @@ impl Drop for Pki {
 /// A relay like [`relay`] whose TLS certificate is the PKI's `leaf`.
 fn relay_with_cert(host: &str, port: u16, tls_port: u16, ports: &str, pki: &Pki, leaf: &str, extra: &str) -> Turnd {
     let probe = format!("{host}:{port}").parse().unwrap();
+    let realm = format!("{}.fleet.test", leaf.trim_end_matches("-ip"));
     let (cert, key) = (pki.dir.join(format!("{leaf}.pem")), pki.dir.join(format!("{leaf}.key")));
     let (host, ports) = (host.to_owned(), ports.to_owned());
     Turnd::builder()
         .config(probe, move |_| {
             format!(
-                "realm = \"{REALM}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
+                "realm = \"{realm}\"\n[auth]\nsecrets = [\"{SECRET}\"]\n\
                  [[listen]]\ntransport = \"udp\"\naddress = \"{host}:{port}\"\n\
                  [[listen]]\ntransport = \"tcp\"\naddress = \"{host}:{port}\"\n\
                  [[listen]]\ntransport = \"tls\"\naddress = \"{host}:{tls_port}\"\n\

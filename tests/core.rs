@@ -625,6 +625,22 @@ fn the_300_nonce_is_accepted_by_a_sibling_sharing_the_secret() {
     let mut s4 = Core::new();
     s4.server = Server::new(config(), Authenticator::new(REALM, vec![b"new".to_vec(), SECRET.to_vec()], &[], NonceKey::new([43; 32], 600)), policy());
     assert_eq!(s4.request(t, method::ALLOCATE, &[transport_udp()], Some(&carried)).class(), Class::Success);
+    // A sibling with a realm of its own (setup.sh makes each relay's name its
+    // realm): the redirected client keeps the realm it had, and with a
+    // redirect nonce that is accepted for REST credentials.
+    let mut s5 = Core::new();
+    s5.server = Server::new(config(), Authenticator::new("turn2.example.org", vec![SECRET.to_vec()], &[], NonceKey::new([44; 32], 600)), policy());
+    let a = s5.request(t, method::ALLOCATE, &[transport_udp()], Some(&carried));
+    assert_eq!(a.class(), Class::Success, "{:?}", a.code());
+    assert!(a.msg().verify_integrity(&cr.key), "signed with the key of the client's realm");
+    let refresh = s5.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 600)], Some(&carried));
+    assert_eq!(refresh.class(), Class::Success, "{:?}", refresh.code());
+    // Its own nonce with another realm is the wrong realm, as ever.
+    let mut t2 = t;
+    t2.client.set_port(40199);
+    let own = s5.rest_creds(t2, "", 3600, SECRET);
+    let foreign = Creds { realm: REALM.into(), key: long_term_key(&own.username, REALM, &turnd::auth::rest_password(SECRET, &own.username)), ..own };
+    assert_eq!(s5.request(t2, method::ALLOCATE, &[transport_udp()], Some(&foreign)).code(), Some(401));
 }
 
 #[test]

@@ -193,13 +193,24 @@ impl Authenticator {
         let (Some(username), Some(realm), Some(nonce)) = (username, realm, nonce) else {
             return Err(AuthFailure::BadRequest);
         };
-        if !self.nonce_valid(nonce, ip, unix_now) {
+        let own = self.nonce.check(nonce, ip, unix_now);
+        let redirected = !own && self.fleet.iter().any(|k| k.check(nonce, ip, unix_now));
+        if !own && !redirected {
             return Err(AuthFailure::StaleNonce);
         }
-        if realm != self.realm {
+        // A client another relay of the fleet sent here (its nonce is a
+        // fleet nonce) brings that relay's realm, and browsers cannot change
+        // it before they allocate. REST credentials do not depend on the
+        // realm (the password is an HMAC of the username), so for them the
+        // key is made with the realm the client used; nothing else may.
+        let realm_ok = realm == self.realm;
+        if !realm_ok && !redirected {
             return Err(AuthFailure::WrongRealm);
         }
         if let Some(key) = self.static_keys.get(username) {
+            if !realm_ok {
+                return Err(AuthFailure::WrongRealm);
+            }
             return if msg.verify(key) {
                 Ok(Authenticated { username, key: *key, check: false })
             } else {
@@ -208,6 +219,9 @@ impl Authenticator {
         }
         if let Some((expiry, CHECK_USER)) = parse_rest_username(username) {
             let Some((check, ttl)) = &self.check else { return Err(AuthFailure::UnknownUser) };
+            if !realm_ok {
+                return Err(AuthFailure::WrongRealm);
+            }
             if expiry < unix_now {
                 return Err(AuthFailure::Expired);
             }
@@ -228,7 +242,7 @@ impl Authenticator {
             return Err(AuthFailure::Expired);
         }
         for secret in &self.secrets {
-            let key = long_term_key(username, &self.realm, &rest_password(secret, username));
+            let key = long_term_key(username, realm, &rest_password(secret, username));
             if msg.verify(&key) {
                 return Ok(Authenticated { username, key, check: false });
             }
