@@ -70,9 +70,9 @@ pub fn spawn(binary: &Path, offer: &Msg) -> Result<Child, UpgradeError> {
     drop(theirs);
     let mut child = Child { proc, sock: ours, started: Instant::now() };
     if let Err(e) = wire::set_timeout(child.sock.as_fd(), Some(WAIT)).and_then(|()| wire::send(child.sock.as_fd(), offer, &[])) {
-        let why = child.ended(&e.to_string());
+        let why = child.failure(&e.to_string());
         child.abandon();
-        return Err(UpgradeError::Failed(why));
+        return Err(why);
     }
     Ok(child)
 }
@@ -90,7 +90,7 @@ impl Child {
             Ok(Some((m, _))) => Err(UpgradeError::Failed(format!("unexpected message {m:?}"))),
             Ok(None) => Err(UpgradeError::Failed(self.ended("it closed the connection"))),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(UpgradeError::Failed(format!("no answer to the offer within {} s", WAIT.as_secs()))),
-            Err(e) => Err(UpgradeError::Failed(self.ended(&e.to_string()))),
+            Err(e) => Err(self.failure(&e.to_string())),
         }
     }
 
@@ -98,7 +98,7 @@ impl Child {
     /// for the new process to serve them. Returns how many allocations it
     /// says it serves.
     pub fn hand_over(&mut self, listeners: &[(Kind, SocketAddr, usize, OwnedFd)], allocations: Vec<(usize, u64, Carried, Vec<OwnedFd>)>) -> Result<usize, UpgradeError> {
-        let failed = |c: &mut Child, e: std::io::Error| UpgradeError::Failed(c.ended(&e.to_string()));
+        let failed = |c: &mut Child, e: std::io::Error| c.failure(&e.to_string());
         for (kind, address, shard, fd) in listeners {
             wire::send(self.sock.as_fd(), &Msg::Listener { kind: *kind, address: *address, shard: *shard }, &[fd.as_fd()]).map_err(|e| failed(self, e))?;
         }
@@ -118,6 +118,17 @@ impl Child {
             }
             Err(e) => Err(failed(self, e)),
         }
+    }
+
+    /// `what` happened; with the exit status when the process has ended.
+    /// A refusal it sent before closing (a configuration error found
+    /// before our offer even reached it) is the better answer.
+    fn failure(&mut self, what: &str) -> UpgradeError {
+        let _ = wire::set_timeout(self.sock.as_fd(), Some(Duration::from_millis(100)));
+        if let Ok(Some((Msg::Refuse { reason }, _))) = wire::recv(self.sock.as_fd()) {
+            return UpgradeError::Refused(reason);
+        }
+        UpgradeError::Failed(self.ended(what))
     }
 
     /// `what` happened; with the exit status when the process has ended.
