@@ -388,6 +388,14 @@ fn failed_upgrades_leave_the_old_process_serving_everything() {
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("failed before it took over"), "{out}");
 
+    // 4. A binary another user could have written: not started at all.
+    let writable = server.dir.join("turnd-writable");
+    std::fs::copy(env!("CARGO_BIN_EXE_turnd"), &writable).unwrap();
+    std::fs::set_permissions(&writable, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let (code, out) = turnctl_upgrade(&server, &writable);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("writable by other users"), "{out}");
+
     // Nothing was lost meanwhile, and the old process serves everything.
     assert_eq!(admin(&server, "/admin/status")["pid"].as_u64(), Some(old_pid as u64));
     let mut fresh = UdpClient::new("127.0.0.1", server.addr);
@@ -396,7 +404,7 @@ fn failed_upgrades_leave_the_old_process_serving_everything() {
     tcp.allocate("tcp", SECRET);
     let (sent, got) = load.finish();
     assert_eq!((got.to_peer, got.to_client, got.wrong), (sent.0, sent.1, 0), "{got:?}\n{}", server.log());
-    assert!(server.log().matches("upgrade failed, this process serves on").count() == 3, "{}", server.log());
+    assert!(server.log().matches("upgrade failed, this process serves on").count() == 4, "{}", server.log());
 
     // And an upgrade after them works.
     let (code, out) = turnctl_upgrade(&server, &second_binary(&server.dir));
