@@ -12,6 +12,7 @@ mod wire;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -507,4 +508,25 @@ fn sigusr2_upgrades_to_the_binary_at_the_path_turnd_started_from() {
     let (sent, got) = load.finish();
     assert_eq!((got.to_peer, got.to_client, got.wrong), (sent.0, sent.1, 0), "{got:?}\n{}", server.log());
     assert!(server.wait_exit(Duration::from_secs(10)).is_some(), "the old process exits");
+}
+
+#[test]
+fn a_drained_relay_stays_drained_through_an_upgrade() {
+    let reaper = Reaper::new();
+    let mut server = Turnd::builder().start();
+    let admin = format!("127.0.0.1:{}", server.metrics_port);
+    let token = server.dir.join("admin-token");
+    let out = Command::new(env!("CARGO_BIN_EXE_turnctl")).args(["drain", "--admin", &admin]).arg("--token-file").arg(&token).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, out) = turnctl_upgrade(&server, &second_binary(&server.dir));
+    assert_eq!(code, 0, "{out}");
+    let status = server.admin_get("/admin/status");
+    reaper.add(status["pid"].as_u64().unwrap() as u32);
+    assert_ne!(status["pid"].as_u64(), Some(server.pid() as u64));
+    assert_eq!(status["drain"]["state"], "draining", "{status}");
+    assert_eq!(server.http_get("/readyz").0, 503);
+    // New participants are refused from the first packet the new process reads (no sibling: 508).
+    let mut c = UdpClient::new("127.0.0.1", server.addr);
+    assert_eq!(c.try_allocate("late", SECRET).code(), Some(508));
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
 }
