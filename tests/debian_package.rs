@@ -4,8 +4,10 @@
 //! are where they belong, the installed turnd accepts the installed config and
 //! answers a STUN Binding on loopback as the turnd user, the documented check
 //! passes as that user with a TLS listener on 443 (which only the service's
-//! capability may bind; a start without it fails), and `dpkg --purge` leaves
-//! nothing behind.
+//! capability may bind; a start without it fails), installing the package
+//! again over the running relay upgrades it in place (postinst runs `turnctl
+//! upgrade`) without losing a datagram of a flow through it, and `dpkg
+//! --purge` leaves nothing behind.
 //!
 //! A second test installs over the state turnd leaves when run as root before
 //! the package (/var/lib/turnd/secret owned by root, mode 0600): postinst says
@@ -19,6 +21,10 @@
 //! to touch a turnd package, or a turnd user, they did not create.
 
 mod common;
+#[path = "common/core.rs"]
+mod harness;
+#[path = "common/wire.rs"]
+mod wire;
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, UdpSocket};
@@ -71,6 +77,8 @@ fn installed() -> bool {
 /// what was at /var/lib/turnd and /etc/turnd before the test.
 struct Installed {
     child: Option<Child>,
+    /// The process a package upgrade handed the relay to (not our child).
+    upgraded: Option<u32>,
     dir: PathBuf,
     /// (path, where the test moved what was there).
     aside: Vec<(PathBuf, PathBuf)>,
@@ -108,7 +116,7 @@ impl Installed {
         }
         let dir = common::temp_dir(name);
         std::fs::set_permissions(&dir, PermissionsExt::from_mode(0o755)).unwrap();
-        let mut guard = Installed { child: None, dir, aside: Vec::new(), _serial: serial };
+        let mut guard = Installed { child: None, upgraded: None, dir, aside: Vec::new(), _serial: serial };
         let stamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
         for p in [STATE, CONFIG_DIR] {
             let p = Path::new(p);
@@ -129,6 +137,10 @@ impl Drop for Installed {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(pid) = self.upgraded.take() {
+            // SAFETY: kill takes plain integers; a gone pid only fails.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         let _ = Command::new("timeout").args(["60", "dpkg", "--purge", PACKAGE]).stdout(Stdio::null()).stderr(Stdio::null()).status();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -151,6 +163,58 @@ impl Drop for Installed {
                 Err(e) => eprintln!("cannot restore {} from {}: {e}", p.display(), from.display()),
             }
         }
+    }
+}
+
+/// A call's worth of media through the relay: one UDP allocation with a
+/// channel to an echo peer, a datagram every millisecond, every echo counted.
+struct EchoFlow {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+    _peer: common::EchoPeer,
+}
+
+impl EchoFlow {
+    fn start(server: SocketAddr) -> EchoFlow {
+        let peer = common::EchoPeer::start();
+        let secret = std::fs::read_to_string(format!("{STATE}/secret")).expect("the generated secret");
+        let mut c = wire::UdpClient::new("127.0.0.1", server);
+        c.allocate("pkg", secret.trim());
+        assert_eq!(c.transact(method::CREATE_PERMISSION, &[wire::peer_at(peer.addr)]).class(), Class::Success);
+        assert_eq!(c.transact(method::CHANNEL_BIND, &[harness::channel(0x4000), wire::peer_at(peer.addr)]).class(), Class::Success);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut sent, mut echoed) = (0u64, 0u64);
+            c.sock.set_nonblocking(true).unwrap();
+            let mut buf = [0u8; 2048];
+            let mut drain = |echoed: &mut u64| {
+                while let Ok(n) = c.sock.recv(&mut buf) {
+                    *echoed += turnd::stun::ChannelData::parse(&buf[..n]).is_some_and(|cd| cd.channel == 0x4000) as u64;
+                }
+            };
+            // Bounded: the test stops it long before.
+            let until = Instant::now() + Duration::from_secs(120);
+            while !s.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                c.send_channel(0x4000, &sent.to_be_bytes());
+                sent += 1;
+                drain(&mut echoed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while echoed < sent && Instant::now() < deadline {
+                drain(&mut echoed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (sent, echoed)
+        });
+        EchoFlow { stop, thread, _peer: peer }
+    }
+
+    /// Stops sending; (sent, echoed back) once the last echoes are in (bounded).
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
     }
 }
 
@@ -390,7 +454,9 @@ fn package_builds_installs_runs_and_purges_cleanly() {
     let metrics = common::free_port();
     let mut cfg: toml::Table = conf.parse().unwrap();
     cfg.get_mut("metrics").and_then(|m| m.as_table_mut()).expect("a [metrics] table").insert("listen".into(), format!("127.0.0.1:{metrics}").into());
-    let cfg_path = dir.join("turnd.toml");
+    // Written over the installed conffile: a package upgrade finds the
+    // running relay through it.
+    let cfg_path = PathBuf::from("/etc/turnd/turnd.toml");
     std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
     std::fs::set_permissions(&cfg_path, PermissionsExt::from_mode(0o644)).unwrap();
     let log_path = dir.join("turnd.log");
@@ -398,7 +464,7 @@ fn package_builds_installs_runs_and_purges_cleanly() {
         Command::new("/usr/bin/turnd")
             .arg("--config")
             .arg(&cfg_path)
-            .args(["--listen", &format!("udp://127.0.0.1:{port}"), "--relay-ip", "127.0.0.1", "--ports", "20000-29999"]),
+            .args(["--listen", &format!("udp://127.0.0.1:{port}"), "--relay-ip", "127.0.0.1", "--ports", "20000-29999", "--allow-peer", "127.0.0.0/8"]),
     )
     .stdout(Stdio::null())
     .stderr(std::fs::File::create(&log_path).unwrap())
@@ -418,9 +484,38 @@ fn package_builds_installs_runs_and_purges_cleanly() {
     }
     let (code, _) = common::http_get(&format!("127.0.0.1:{metrics}"), "/healthz");
     assert_eq!(code, 200, "/healthz of the installed turnd");
+
+    // A package upgrade while media flows: the new binary takes over in
+    // place, and not one datagram of a call is lost.
+    let old_pid = guard.child.as_ref().unwrap().id();
+    let flow = EchoFlow::start(server);
+    let out = run(&mut dpkg_install(&deb));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("upgraded: process"), "the package upgraded the running relay in place:\n{said}{}", String::from_utf8_lossy(&out.stderr));
+    let new_pid: u32 = said.split("upgraded: process ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|p| p.parse().ok()).expect("the new pid");
+    guard.upgraded = Some(new_pid);
+    assert_ne!(new_pid, old_pid);
+    let (sent, echoed) = flow.finish();
+    assert!(sent > 100, "{sent} datagrams sent during the upgrade");
+    assert_eq!(echoed, sent, "every datagram of the flow came back through the upgrade");
+    // The old process had no TCP/TLS connections: it exits by itself.
     let mut child = guard.child.take().unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the old process did not exit after the upgrade");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, _) = common::http_get(&format!("127.0.0.1:{metrics}"), "/healthz");
+    assert_eq!(code, 200, "/healthz of the upgraded turnd");
+    // Gone before the purge, which deletes its user.
+    let pid = guard.upgraded.take().unwrap();
+    // SAFETY: kill takes plain integers.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "the upgraded turnd {pid} is still there 10 s after SIGKILL");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // Purge: nothing of the package, its user or its state is left.
     purge_leaves_nothing(&files);

@@ -11,16 +11,15 @@ mod harness;
 mod wire;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Turnd, SECRET};
+use common::{turnctl_upgrade, Turnd, SECRET};
 use harness::{channel, A};
 use serde_json::Value;
 use turnd::stun::{method, ChannelData, Class};
@@ -59,30 +58,6 @@ fn second_binary(dir: &Path) -> PathBuf {
     p
 }
 
-/// `turnctl upgrade --binary B`: (exit status, what it printed).
-fn turnctl_upgrade(server: &Turnd, binary: &Path) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_turnctl"))
-        .args(["upgrade", "--admin", &format!("127.0.0.1:{}", server.metrics_port)])
-        .arg("--token-file")
-        .arg(server.dir.join("admin-token"))
-        .arg("--binary")
-        .arg(binary)
-        .output()
-        .unwrap();
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
-/// GET an admin API path with the server's token.
-fn admin(server: &Turnd, path: &str) -> Value {
-    let mut s = TcpStream::connect(("127.0.0.1", server.metrics_port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", server.admin_token()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or_default();
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {resp}"))
-}
-
 /// Permission and channel `number` for `peer` on a client's allocation.
 fn bind(transact: &mut dyn FnMut(u16, &[A]) -> harness::Resp, number: u16, peer: SocketAddr) {
     assert_eq!(transact(method::CREATE_PERMISSION, &[peer_at(peer)]).class(), Class::Success);
@@ -116,6 +91,13 @@ impl Load {
     fn start(clients: Vec<UdpSocket>, relayed: Vec<SocketAddr>, peer: UdpSocket, server: SocketAddr, round: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let sent_done = Arc::new(Mutex::new(None));
+        // The peer receives every flow: room for a few hundred milliseconds of
+        // them, so a test thread kept off the CPU a moment loses nothing.
+        for fd in clients.iter().map(|c| c.as_raw_fd()).chain([peer.as_raw_fd()]) {
+            let size: libc::c_int = 8 << 20;
+            // SAFETY: a live socket and an int option of the size we pass (FORCE: root may exceed rmem_max).
+            unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &size as *const _ as *const libc::c_void, 4) };
+        }
         let clients = Arc::new(clients);
         let peer = Arc::new(peer);
         let sender = {
@@ -196,6 +178,10 @@ impl Load {
                             }
                         } else {
                             while let Ok(n) = clients[k].recv(&mut buf) {
+                                // A late answer to a retransmitted setup request is not media.
+                                if turnd::stun::Message::parse(&buf[..n]).is_ok_and(|m| m.class() != Class::Indication) {
+                                    continue;
+                                }
                                 let ok = ChannelData::parse(&buf[..n]).is_some_and(|cd| {
                                     cd.channel == FIRST_CHANNEL + k as u16 && cd.data.len() == 12 && u32::from_be_bytes(cd.data[..4].try_into().unwrap()) as usize == k
                                 });
@@ -237,9 +223,10 @@ fn udp_allocations(server: SocketAddr, peer: SocketAddr, n: usize) -> (Vec<UdpSo
     (socks, relayed)
 }
 
-/// Sessions by client address.
+/// UDP sessions by client address (a TCP client may have the same address and port).
 fn sessions(server: &Turnd) -> HashMap<String, Value> {
-    admin(server, "/admin/sessions").as_array().unwrap().iter().map(|s| (s["client"].as_str().unwrap().to_owned(), s.clone())).collect()
+    let all = server.admin_get("/admin/sessions");
+    all.as_array().unwrap().iter().filter(|s| s["transport"] == "udp").map(|s| (s["client"].as_str().unwrap().to_owned(), s.clone())).collect()
 }
 
 /// A stream client's round trip through its channel to `peer`, both ways.
@@ -289,7 +276,7 @@ fn an_upgrade_under_load_loses_no_datagram_and_resets_no_connection() {
     let binary = second_binary(&server.dir);
     let (code, out) = turnctl_upgrade(&server, &binary);
     assert_eq!(code, 0, "turnctl upgrade: {out}\n{}", server.log());
-    let status = admin(&server, "/admin/status");
+    let status = server.admin_get("/admin/status");
     let new_pid = status["pid"].as_u64().unwrap() as u32;
     reaper.add(new_pid);
     assert_ne!(new_pid, old_pid, "{out}");
@@ -323,7 +310,8 @@ fn an_upgrade_under_load_loses_no_datagram_and_resets_no_connection() {
         assert!(n["age_s"].as_u64() >= b["age_s"].as_u64(), "{a}");
     }
     // The stream clients stay with the old process, not reset, relaying.
-    assert_eq!(after.values().filter(|s| s["transport"] != "udp").count(), 0, "TCP/TLS allocations stay with the old process");
+    let streams_after = server.admin_get("/admin/sessions").as_array().unwrap().iter().filter(|s| s["transport"] != "udp").count();
+    assert_eq!(streams_after, 0, "TCP/TLS allocations stay with the old process");
     assert!(alive(old_pid));
     for (i, (c, n, r)) in streams.iter_mut().enumerate() {
         stream_round_trip(c, *n, *r, &stream_peer, format!("after {i}").as_bytes());
@@ -375,20 +363,170 @@ fn failed_upgrades_leave_the_old_process_serving_everything() {
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("failed before it took over"), "{out}");
 
+    // 4. A binary another user could have written: not started at all.
+    let writable = server.dir.join("turnd-writable");
+    std::fs::copy(env!("CARGO_BIN_EXE_turnd"), &writable).unwrap();
+    std::fs::set_permissions(&writable, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let (code, out) = turnctl_upgrade(&server, &writable);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("writable by other users"), "{out}");
+
     // Nothing was lost meanwhile, and the old process serves everything.
-    assert_eq!(admin(&server, "/admin/status")["pid"].as_u64(), Some(old_pid as u64));
+    assert_eq!(server.admin_get("/admin/status")["pid"].as_u64(), Some(old_pid as u64));
     let mut fresh = UdpClient::new("127.0.0.1", server.addr);
     fresh.allocate("fresh", SECRET);
     let mut tcp = StreamClient::tcp(server.addr);
     tcp.allocate("tcp", SECRET);
     let (sent, got) = load.finish();
     assert_eq!((got.to_peer, got.to_client, got.wrong), (sent.0, sent.1, 0), "{got:?}\n{}", server.log());
-    assert!(server.log().matches("upgrade failed, this process serves on").count() == 3, "{}", server.log());
+    assert!(server.log().matches("upgrade failed, this process serves on").count() == 4, "{}", server.log());
 
     // And an upgrade after them works.
     let (code, out) = turnctl_upgrade(&server, &second_binary(&server.dir));
     assert_eq!(code, 0, "{out}");
-    reaper.add(admin(&server, "/admin/status")["pid"].as_u64().unwrap() as u32);
+    reaper.add(server.admin_get("/admin/status")["pid"].as_u64().unwrap() as u32);
     drop(tcp);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+/// What a notify socket received, with the sender's pid (SO_PASSCRED), as
+/// systemd sees it.
+fn recv_notify(sock: &std::os::unix::net::UnixDatagram) -> Option<(u32, String)> {
+    let mut body = [0u8; 512];
+    let mut iov = libc::iovec { iov_base: body.as_mut_ptr() as *mut libc::c_void, iov_len: body.len() };
+    let mut control = [0u64; 8];
+    // SAFETY: recvmsg fills the buffers the header points at, which outlive
+    // the call; CMSG_* walk what it wrote within msg_controllen.
+    unsafe {
+        let mut mh: libc::msghdr = std::mem::zeroed();
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        mh.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        mh.msg_controllen = std::mem::size_of_val(&control) as _;
+        let n = libc::recvmsg(sock.as_raw_fd(), &mut mh, 0);
+        if n < 0 {
+            return None;
+        }
+        let mut c = libc::CMSG_FIRSTHDR(&mh);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_CREDENTIALS {
+                let cred = (libc::CMSG_DATA(c) as *const libc::ucred).read_unaligned();
+                return Some((cred.pid as u32, String::from_utf8_lossy(&body[..n as usize]).into_owned()));
+            }
+            c = libc::CMSG_NXTHDR(&mh, c);
+        }
+    }
+    None
+}
+
+#[test]
+fn under_systemd_the_main_pid_moves_and_the_watchdog_stays_fed() {
+    let reaper = Reaper::new();
+    let dir = common::temp_dir("notify");
+    let path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let on: libc::c_int = 1;
+    // SAFETY: a live socket and an int option of the size we pass.
+    let rc = unsafe { libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, &on as *const _ as *const libc::c_void, 4) };
+    assert_eq!(rc, 0);
+    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    // A 1 s watchdog, as WatchdogSec=1 would set it.
+    let wrap = ["env".to_owned(), format!("NOTIFY_SOCKET={}", path.display()), "WATCHDOG_USEC=1000000".to_owned()];
+    let mut server = Turnd::builder().wrap(&wrap).start();
+    let old = server.pid();
+
+    // Follow the messages as systemd with NotifyAccess=main does: only the
+    // main process's count, and MAINPID= moves it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut main = old;
+            let mut last_ping: Option<Instant> = None;
+            let mut longest = Duration::ZERO;
+            let mut log = Vec::new();
+            let until = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                let Some((pid, msg)) = recv_notify(&sock) else { continue };
+                log.push(format!("{pid}: {msg:?}"));
+                if pid != main {
+                    continue;
+                }
+                for field in msg.lines() {
+                    if field == "WATCHDOG=1" {
+                        let now = Instant::now();
+                        if let Some(l) = last_ping {
+                            longest = longest.max(now - l);
+                        }
+                        last_ping = Some(now);
+                    }
+                    if field == "STOPPING=1" {
+                        log.push("the main process said it stops".into());
+                    }
+                    if let Some(p) = field.strip_prefix("MAINPID=") {
+                        main = p.parse().unwrap();
+                    }
+                }
+            }
+            (main, longest, log)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let (code, out) = turnctl_upgrade(&server, &second_binary(&server.dir));
+    assert_eq!(code, 0, "{out}");
+    let new = server.admin_get("/admin/status")["pid"].as_u64().unwrap() as u32;
+    reaper.add(new);
+    // The old process has nothing left: it exits; the new one goes on pinging.
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let (main, longest, log) = watcher.join().unwrap();
+    assert_eq!(main, new, "MAINPID moved to the new process: {log:#?}");
+    assert!(log.iter().any(|l| l.starts_with(&format!("{new}: ")) && l.contains("WATCHDOG=1")), "the new process pings: {log:#?}");
+    assert!(longest < Duration::from_secs(1), "the watchdog went {longest:?} without a ping from the main process: {log:#?}");
+    assert!(!log.iter().any(|l| l.contains("stops")), "{log:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigusr2_upgrades_to_the_binary_at_the_path_turnd_started_from() {
+    let reaper = Reaper::new();
+    let (mut server, load) = relaying_server();
+    let old_pid = server.pid();
+    server.signal("USR2");
+    server.wait_log("upgrade: the new process serves the listeners and UDP allocations");
+    let status = server.admin_get("/admin/status");
+    let new_pid = status["pid"].as_u64().unwrap() as u32;
+    reaper.add(new_pid);
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(status["allocations"], 20, "{status}");
+    // Metrics go on from the new process: the gauges hold every allocation.
+    let (code, metrics) = server.http_get("/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("turnd_ready 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("turnd_allocations{") && l.contains("\"udp\"") && l.ends_with(" 20")), "{metrics}");
+    let (sent, got) = load.finish();
+    assert_eq!((got.to_peer, got.to_client, got.wrong), (sent.0, sent.1, 0), "{got:?}\n{}", server.log());
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some(), "the old process exits");
+}
+
+#[test]
+fn a_drained_relay_stays_drained_through_an_upgrade() {
+    let reaper = Reaper::new();
+    let mut server = Turnd::builder().start();
+    let admin = format!("127.0.0.1:{}", server.metrics_port);
+    let token = server.dir.join("admin-token");
+    let out = Command::new(env!("CARGO_BIN_EXE_turnctl")).args(["drain", "--admin", &admin]).arg("--token-file").arg(&token).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, out) = turnctl_upgrade(&server, &second_binary(&server.dir));
+    assert_eq!(code, 0, "{out}");
+    let status = server.admin_get("/admin/status");
+    reaper.add(status["pid"].as_u64().unwrap() as u32);
+    assert_ne!(status["pid"].as_u64(), Some(server.pid() as u64));
+    assert_eq!(status["drain"]["state"], "draining", "{status}");
+    assert_eq!(server.http_get("/readyz").0, 503);
+    // New participants are refused from the first packet the new process reads (no sibling: 508).
+    let mut c = UdpClient::new("127.0.0.1", server.addr);
+    assert_eq!(c.try_allocate("late", SECRET).code(), Some(508));
     assert!(server.wait_exit(Duration::from_secs(10)).is_some());
 }

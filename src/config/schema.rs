@@ -58,6 +58,25 @@ pub struct File {
     pub admin: AdminSection,
     #[serde(default)]
     pub check: CheckSection,
+    #[serde(default)]
+    pub drain: DrainSection,
+}
+
+/// `[drain]`: where new clients go while this relay drains.
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct DrainSection {
+    #[serde(default)]
+    pub alternate: Vec<AlternateSection>,
+}
+
+/// `[[drain.alternate]]`: one sibling relay.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AlternateSection {
+    pub address: String,
+    pub tls_clients: Option<bool>,
+    pub domain: Option<String>,
 }
 
 /// `[check]`: the check page participants open in their browser.

@@ -301,13 +301,13 @@ fn num(v: &Value) -> f64 {
 }
 
 /// Growth of a counter over the measured window.
-fn delta(r: &Value, path: &[&str]) -> f64 {
+pub fn delta(r: &Value, path: &[&str]) -> f64 {
     let get = |which: &str| path.iter().fold(&r[which], |v, k| &v[*k]).clone();
     num(&get("end")) - num(&get("start"))
 }
 
 /// Lost share of (received + lost) packets of `kind` over the window, in percent.
-fn loss_pct(r: &Value, kind: &str) -> f64 {
+pub fn loss_pct(r: &Value, kind: &str) -> f64 {
     let lost = delta(r, &["inbound", kind, "packetsLost"]);
     let got = delta(r, &["inbound", kind, "packetsReceived"]);
     if got + lost > 0.0 { 100.0 * lost / (got + lost) } else { 0.0 }

@@ -44,6 +44,8 @@ impl RelayPorts for FakeRelays {
                 assert!(self.reserved.remove(&p), "claimed a port that was not reserved");
                 p
             }
+            // The socket an upgrade handed over for this port.
+            Placement::Carried(p) => p,
             _ => {
                 let mut port = self.next_port;
                 if placement != Placement::Any && port % 2 == 1 {

@@ -188,8 +188,15 @@ impl Server {
         }
         let (slot, generation) = self.allocs.vacant();
         let mut opened: Vec<RelayId> = Vec::new();
+        let (relay_v4, relay_v6) = (self.cfg.relay_v4.is_some(), self.cfg.relay_v6.is_some());
         let mut open = |family: Family, r: Option<CarriedRelay>, opened: &mut Vec<RelayId>| -> Result<Option<Relay>, AdoptError> {
             let Some(r) = r else { return Ok(None) };
+            if !match family {
+                Family::V4 => relay_v4,
+                Family::V6 => relay_v6,
+            } {
+                return Err(AdoptError::FamilyUnsupported);
+            }
             let id = RelayId::new(slot, generation, family);
             match relays.open(id, family, Placement::Carried(r.local_port), false) {
                 Ok(_) => {

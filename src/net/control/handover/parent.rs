@@ -48,10 +48,33 @@ pub struct Child {
     started: Instant,
 }
 
+/// Whether `binary` may be started as this relay: a regular file owned by
+/// root or by this process's user, that no other user may write. The admin
+/// API names the binary, and its token must not be a way to run any program
+/// as the relay's user.
+fn trusted(binary: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(binary)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let refuse = |why: String| Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why));
+    if !m.is_file() {
+        return refuse("not a regular file".into());
+    }
+    if m.uid() != 0 && m.uid() != me {
+        return refuse(format!("owned by uid {}, neither root nor this relay's user", m.uid()));
+    }
+    if m.mode() & 0o022 != 0 {
+        return refuse(format!("writable by other users (mode {:o})", m.mode() & 0o7777));
+    }
+    Ok(())
+}
+
 /// Starts `binary` with this process's arguments and the pair's other end,
 /// and makes the offer.
 pub fn spawn(binary: &Path, offer: &Msg) -> Result<Child, UpgradeError> {
     let start = |e| UpgradeError::Start(binary.display().to_string(), e);
+    trusted(binary).map_err(start)?;
     let (ours, theirs) = wire::pair().map_err(start)?;
     let fd = theirs.as_raw_fd();
     let mut cmd = Command::new(binary);
@@ -70,9 +93,9 @@ pub fn spawn(binary: &Path, offer: &Msg) -> Result<Child, UpgradeError> {
     drop(theirs);
     let mut child = Child { proc, sock: ours, started: Instant::now() };
     if let Err(e) = wire::set_timeout(child.sock.as_fd(), Some(WAIT)).and_then(|()| wire::send(child.sock.as_fd(), offer, &[])) {
-        let why = child.ended(&e.to_string());
+        let why = child.failure(&e.to_string());
         child.abandon();
-        return Err(UpgradeError::Failed(why));
+        return Err(why);
     }
     Ok(child)
 }
@@ -90,7 +113,7 @@ impl Child {
             Ok(Some((m, _))) => Err(UpgradeError::Failed(format!("unexpected message {m:?}"))),
             Ok(None) => Err(UpgradeError::Failed(self.ended("it closed the connection"))),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(UpgradeError::Failed(format!("no answer to the offer within {} s", WAIT.as_secs()))),
-            Err(e) => Err(UpgradeError::Failed(self.ended(&e.to_string()))),
+            Err(e) => Err(self.failure(&e.to_string())),
         }
     }
 
@@ -98,7 +121,7 @@ impl Child {
     /// for the new process to serve them. Returns how many allocations it
     /// says it serves.
     pub fn hand_over(&mut self, listeners: &[(Kind, SocketAddr, usize, OwnedFd)], allocations: Vec<(usize, u64, Carried, Vec<OwnedFd>)>) -> Result<usize, UpgradeError> {
-        let failed = |c: &mut Child, e: std::io::Error| UpgradeError::Failed(c.ended(&e.to_string()));
+        let failed = |c: &mut Child, e: std::io::Error| c.failure(&e.to_string());
         for (kind, address, shard, fd) in listeners {
             wire::send(self.sock.as_fd(), &Msg::Listener { kind: *kind, address: *address, shard: *shard }, &[fd.as_fd()]).map_err(|e| failed(self, e))?;
         }
@@ -118,6 +141,17 @@ impl Child {
             }
             Err(e) => Err(failed(self, e)),
         }
+    }
+
+    /// `what` happened; with the exit status when the process has ended.
+    /// A refusal it sent before closing (a configuration error found
+    /// before our offer even reached it) is the better answer.
+    fn failure(&mut self, what: &str) -> UpgradeError {
+        let _ = wire::set_timeout(self.sock.as_fd(), Some(Duration::from_millis(100)));
+        if let Ok(Some((Msg::Refuse { reason }, _))) = wire::recv(self.sock.as_fd()) {
+            return UpgradeError::Refused(reason);
+        }
+        UpgradeError::Failed(self.ended(what))
     }
 
     /// `what` happened; with the exit status when the process has ended.
