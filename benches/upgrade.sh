@@ -92,8 +92,10 @@ set_outputs upgrade
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
   -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -subj /CN=127.0.0.1 \
   -addext subjectAltName=IP:127.0.0.1,DNS:localhost 2>/dev/null
-# The binary the upgrade starts: a copy, as a package upgrade puts a new file in place.
+# The binary the upgrade starts: a copy, as a package upgrade puts a new file in
+# place (turnd only starts one that no other user may write).
 cp "$TURND_BIN" "$WORK/turnd-next"
+chmod 0755 "$WORK/turnd-next"
 
 # Starts turnd (UDP, TCP and TLS listeners, as deployed); sets server_pid,
 # port, mport, dir.
