@@ -798,6 +798,8 @@ async fn recv_loop<T: Copy>(
                 for i in 0..n {
                     match rb.get(i) {
                         // One datagram, or a GRO run of them: each goes on alone.
+                        // An empty datagram is one too (chunks would yield none).
+                        Some((from, data, _)) if data.is_empty() => on(sh, batch, from, data, t),
                         Some((from, data, seg)) => {
                             for d in data.chunks(seg) {
                                 on(sh, batch, from, d, t);
