@@ -58,6 +58,17 @@ pub struct File {
     pub admin: AdminSection,
     #[serde(default)]
     pub check: CheckSection,
+    #[serde(default)]
+    pub xdp: XdpSection,
+}
+
+/// `[xdp]`: the in-kernel fast path for UDP clients' channels (feature `xdp`).
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct XdpSection {
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    pub mode: Option<String>,
 }
 
 /// `[check]`: the check page participants open in their browser.

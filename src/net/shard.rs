@@ -208,6 +208,9 @@ pub struct Shard {
     /// take a new listener socket on PORT, as a shard whose runtime refuses a
     /// socket would; the reload tests use it to fail one shard only.
     refuse_prepare: Option<u16>,
+    /// This shard's channels in the XDP fast path's maps.
+    #[cfg(feature = "xdp")]
+    xdp: Option<super::xdp::Mirror>,
     this: Weak<RefCell<Shard>>,
 }
 
@@ -337,6 +340,8 @@ impl Shard {
     /// timer task when a deadline moved earlier.
     pub(crate) fn after_control(&mut self) {
         while let Some(e) = self.server.poll_event() {
+            #[cfg(feature = "xdp")]
+            self.mirror(&e);
             match e {
                 Event::DeadlineMoved => self.timer.notify_one(),
                 e => {
@@ -347,6 +352,28 @@ impl Shard {
                     log_event(&e, tcp.as_ref(), &mut self.warnings)
                 }
             }
+        }
+    }
+
+    /// Mirrors a channel event into the XDP fast path's maps.
+    #[cfg(feature = "xdp")]
+    fn mirror(&mut self, e: &Event) {
+        let Shard { xdp: Some(m), server, relays, .. } = self else { return };
+        match *e {
+            Event::ChannelBound { relay, tuple, channel, peer, until, capped } | Event::ChannelRefreshed { relay, tuple, channel, peer, until, capped } => {
+                let relayed = relays.get(relay).and_then(|r| r.socket.get_ref().local_addr().ok());
+                m.bound(&super::xdp::Binding { relay, tuple, channel, peer, until, capped, relayed }, server);
+            }
+            Event::ChannelUnbound { relay, channel, .. } => m.unbound(relay, channel, server),
+            _ => {}
+        }
+    }
+
+    /// Credits the core with what the XDP fast path relayed.
+    #[cfg(feature = "xdp")]
+    fn sync_xdp(&mut self) {
+        if let Shard { xdp: Some(m), server, .. } = self {
+            m.sync(server);
         }
     }
 
@@ -525,9 +552,13 @@ impl Shard {
                 }
             }
             Command::Snapshot(tx) => {
+                #[cfg(feature = "xdp")]
+                self.sync_xdp();
                 let _ = tx.send(self.snapshot());
             }
             Command::Sessions(tx) => {
+                #[cfg(feature = "xdp")]
+                self.sync_xdp();
                 let _ = tx.send(self.sessions());
             }
             Command::Disconnect(sel, tx) => {
@@ -575,6 +606,8 @@ impl Shard {
         let rx_batch = Rc::new(RefCell::new(RecvBatch::new()));
         let ledger = Box::new(SharedLedger(shared.clone()));
         let flush = Rc::new(Notify::new());
+        #[cfg(feature = "xdp")]
+        let xdp = shared.xdp.get().map(|f| super::xdp::Mirror::new(f.clone()));
         let shard = Rc::new_cyclic(|this: &Weak<RefCell<Shard>>| {
             // A relay socket the core opens starts receiving at once.
             let receive: Receive = {
@@ -610,12 +643,18 @@ impl Shard {
                 prepared: None,
                 exported: None,
                 refuse_prepare: refuse_prepare_hook(index),
+                #[cfg(feature = "xdp")]
+                xdp,
                 this: this.clone(),
             })
         });
         tokio::task::spawn_local(flush_loop(Rc::downgrade(&shard), flush));
         let timer = shard.borrow().timer.clone();
         tokio::task::spawn_local(timer_loop(Rc::downgrade(&shard), timer));
+        #[cfg(feature = "xdp")]
+        if shard.borrow().xdp.is_some() {
+            tokio::task::spawn_local(xdp_loop(Rc::downgrade(&shard)));
+        }
         shard
     }
 }
@@ -827,6 +866,18 @@ async fn listener_loop(shard: Weak<RefCell<Shard>>, conn: u32, socket: Rc<Udp>, 
 /// A relay socket: datagrams from peers.
 async fn relay_loop(shard: Weak<RefCell<Shard>>, id: RelayId, socket: Rc<Udp>, rx: Rc<RefCell<RecvBatch>>) {
     recv_loop(shard, socket, rx, std::time::Instant::now, move |sh, _, from, data, now| sh.on_peer(id, from, data, now)).await
+}
+
+/// Reads the XDP fast path's counters into the core once a second, so
+/// sessions, metrics and ended allocations count what it relayed.
+#[cfg(feature = "xdp")]
+async fn xdp_loop(shard: Weak<RefCell<Shard>>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(s) = shard.upgrade() else { return };
+        s.borrow_mut().sync_xdp();
+    }
 }
 
 /// Sleeps until the core's next deadline (or until it files an earlier

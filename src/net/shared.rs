@@ -118,6 +118,10 @@ pub struct Shared {
     port_range: AtomicUsize,
     draining: AtomicBool,
     pub started: Instant,
+    /// The XDP fast path, when loaded at start (each shard mirrors its
+    /// channels into its maps).
+    #[cfg(feature = "xdp")]
+    pub xdp: std::sync::OnceLock<Arc<super::xdp::FastPath>>,
 }
 
 /// A poisoned lock only means another shard panicked while holding it; the
@@ -139,6 +143,8 @@ impl Shared {
             port_range: AtomicUsize::new(port_range),
             draining: AtomicBool::new(false),
             started: Instant::now(),
+            #[cfg(feature = "xdp")]
+            xdp: std::sync::OnceLock::new(),
         })
     }
 

@@ -279,6 +279,8 @@ pub async fn run(cfg: Config, reload: Reload, incoming: Option<Rc<Incoming>>) ->
     let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::unbounded_channel();
     let policy = peer_policy(&cfg);
     let shared = Shared::new(shared::fd_budget(), port_range(&cfg));
+    #[cfg(feature = "xdp")]
+    start_xdp(&cfg, &shared);
     let mut listeners = Listeners::new(cfg.threads);
     let steps = listeners.prepare(&cfg.listeners, received.as_mut())?;
     // Bound before any shard serves: once a client gets an answer, /metrics,
@@ -716,4 +718,27 @@ async fn drain(
         }
     }
     tracing::info!(allocations = ctl.shared.allocations(), "shutting down");
+}
+
+/// Loads and attaches the XDP fast path when `[xdp]` names interfaces; says
+/// in the log why it is off or idle (turnd relays on the sockets then, as
+/// without it).
+#[cfg(feature = "xdp")]
+fn start_xdp(cfg: &Config, shared: &Shared) {
+    use crate::net::xdp::{forwarding_off, FastPath, Mode};
+    let Some(x) = &cfg.xdp else { return };
+    let mode = if x.generic { Mode::Generic } else { Mode::Native };
+    match FastPath::load(&x.interfaces, mode) {
+        Ok(fast) => {
+            tracing::info!(interfaces = ?x.interfaces, ?mode, "XDP fast path attached: UDP clients' channels over IPv4 are relayed in the kernel");
+            for i in x.interfaces.iter().filter(|i| forwarding_off(i)) {
+                tracing::warn!(interface = %i, "XDP fast path: net.ipv4.conf.{i}.forwarding is 0, so its route lookup fails and every packet arriving on {i} takes the socket path; set it to 1");
+            }
+            if cfg.core.allocation_bytes_per_second != 0 || cfg.core.total_bytes_per_second != 0 {
+                tracing::warn!("XDP fast path idle: limits.allocation_bandwidth or limits.total_bandwidth is set, and caps are kept on the socket path only; set both to 0 to relay channels in the kernel");
+            }
+            let _ = shared.xdp.set(fast);
+        }
+        Err(why) => tracing::warn!(interfaces = ?x.interfaces, "XDP fast path off, relaying on the socket path: {why}"),
+    }
 }

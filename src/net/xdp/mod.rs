@@ -1,0 +1,362 @@
+//! The XDP fast path (cargo feature `xdp`, config `[xdp]`).
+//!
+//! bpf/relay.bpf.c, compiled by build.rs and embedded here, relays the
+//! ChannelData of UDP clients over IPv4 in the kernel, both ways, for the
+//! channels turnd mirrors into its maps; everything else passes to the
+//! sockets unchanged. [`FastPath`] is the loaded program (one per process,
+//! attached to every interface `xdp.interfaces` names, its maps shared by
+//! the shards); [`Mirror`] is one shard's part: it turns the core's channel
+//! events into map entries and the kernel's per-channel counters back into
+//! the core's (sessions, metrics, the log line of an ended allocation).
+//!
+//! What stays on the socket path: TCP/TLS clients, IPv6, allocations under
+//! a bandwidth cap (`limits.allocation_bandwidth`, `limits.total_bandwidth`,
+//! check allocations: the budgets live in the core only), a channel to one
+//! of the relay's own addresses, and per packet: anything after the entry's
+//! `until` (the earliest of binding, permission and allocation expiry, on
+//! CLOCK_MONOTONIC, the clock of `Instant`), padded ChannelData, datagrams
+//! that would not fit the egress MTU with the 4-byte header, and packets
+//! with no route or neighbour yet.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use aya::maps::{HashMap as BpfHash, MapData, PerCpuArray};
+use aya::programs::{Xdp, XdpMode};
+use aya::{Ebpf, Pod};
+
+use crate::turn::{FiveTuple, Flow, RelayId, Server, Transport};
+
+/// The compiled program (build.rs), 8-aligned as the ELF parser wants.
+#[repr(C, align(8))]
+struct Aligned<T: ?Sized>(T);
+static OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/relay.bpf.o")));
+
+/// Entries of each map, as bpf/relay.bpf.c sizes them.
+const MAX_ENTRIES: u32 = 65_536;
+
+// The map layouts of bpf/relay.bpf.c: addresses and ports in network order.
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Chan4Key {
+    client_ip: u32,
+    listen_ip: u32,
+    client_port: u16,
+    listen_port: u16,
+    channel: u16,
+    pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Chan4Val {
+    relay_ip: u32,
+    peer_ip: u32,
+    relay_port: u16,
+    peer_port: u16,
+    stat: u32,
+    expires_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Peer4Key {
+    relay_ip: u32,
+    peer_ip: u32,
+    relay_port: u16,
+    peer_port: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Peer4Val {
+    client_ip: u32,
+    listen_ip: u32,
+    client_port: u16,
+    listen_port: u16,
+    channel: u16,
+    pad: u16,
+    stat: u32,
+    pad2: u32,
+    expires_ns: u64,
+}
+
+/// One channel's counters (per CPU in the kernel, summed here).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stat {
+    pub to_peer_packets: u64,
+    pub to_peer_bytes: u64,
+    pub from_peer_packets: u64,
+    pub from_peer_bytes: u64,
+}
+
+// SAFETY: each is repr(C) of integers laid out without implicit padding
+// (explicit `pad` fields), so every bit pattern is a valid value and the
+// kernel reads and writes them as the C structs of bpf/relay.bpf.c.
+unsafe impl Pod for Chan4Key {}
+// SAFETY: as above.
+unsafe impl Pod for Chan4Val {}
+// SAFETY: as above.
+unsafe impl Pod for Peer4Key {}
+// SAFETY: as above.
+unsafe impl Pod for Peer4Val {}
+// SAFETY: as above.
+unsafe impl Pod for Stat {}
+
+/// How the program is attached (`xdp.mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// In the driver: the fast one, where the driver supports it.
+    Native,
+    /// In the kernel's generic receive path: any interface, less gain.
+    Generic,
+}
+
+fn ip4(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, read with an `Instant` taken at the same
+/// time, so an `Instant` converts to what `bpf_ktime_get_ns` compares with.
+#[derive(Clone, Copy)]
+struct Clock {
+    at: Instant,
+    ns: u64,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        let at = Instant::now();
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into the timespec it is given, which lives on this stack.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        Clock { at, ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64 }
+    }
+
+    fn ns(&self, t: Instant) -> u64 {
+        match t.checked_duration_since(self.at) {
+            Some(d) => self.ns.saturating_add(d.as_nanos() as u64),
+            None => self.ns.saturating_sub(self.at.duration_since(t).as_nanos() as u64),
+        }
+    }
+}
+
+struct Maps {
+    chan4: BpfHash<MapData, Chan4Key, Chan4Val>,
+    peer4: BpfHash<MapData, Peer4Key, Peer4Val>,
+    stats: PerCpuArray<MapData, Stat>,
+    /// Counter slots given back, and the next never used.
+    free: Vec<u32>,
+    next: u32,
+}
+
+/// The loaded program, attached to its interfaces until dropped (the links
+/// are the process's: they go when turnd exits, however it exits).
+pub struct FastPath {
+    maps: Mutex<Maps>,
+    clock: Clock,
+    pub interfaces: Vec<String>,
+    /// Kept for its attachments.
+    _ebpf: Mutex<Ebpf>,
+}
+
+impl FastPath {
+    /// Loads the program and attaches it to every interface in `interfaces`.
+    /// An error says why in a sentence for the log (no privileges, no XDP
+    /// on an interface, no such interface); nothing stays attached then.
+    pub fn load(interfaces: &[String], mode: Mode) -> Result<Arc<FastPath>, String> {
+        let mut ebpf = Ebpf::load(&OBJECT.0).map_err(|e| format!("cannot load the XDP program: {e} (turnd needs root or CAP_BPF and CAP_NET_ADMIN)"))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("xdp_relay")
+            .ok_or("the XDP object has no xdp_relay program")?
+            .try_into()
+            .map_err(|e| format!("xdp_relay is not an XDP program: {e}"))?;
+        prog.load().map_err(|e| format!("the kernel refused the XDP program: {e}"))?;
+        let flags = match mode {
+            Mode::Native => XdpMode::Driver,
+            Mode::Generic => XdpMode::Skb,
+        };
+        for i in interfaces {
+            prog.attach(i, flags).map_err(|e| format!("cannot attach the XDP program to {i} ({mode:?} mode): {e}"))?;
+        }
+        let chan4 = BpfHash::try_from(ebpf.take_map("chan4").ok_or("no chan4 map")?).map_err(|e| e.to_string())?;
+        let peer4 = BpfHash::try_from(ebpf.take_map("peer4").ok_or("no peer4 map")?).map_err(|e| e.to_string())?;
+        let stats = PerCpuArray::try_from(ebpf.take_map("stats").ok_or("no stats map")?).map_err(|e| e.to_string())?;
+        Ok(Arc::new(FastPath {
+            maps: Mutex::new(Maps { chan4, peer4, stats, free: Vec::new(), next: 0 }),
+            clock: Clock::now(),
+            interfaces: interfaces.to_vec(),
+            _ebpf: Mutex::new(ebpf),
+        }))
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Maps {
+    fn read(&self, slot: u32) -> Stat {
+        let Ok(per_cpu) = self.stats.get(&slot, 0) else { return Stat::default() };
+        per_cpu.iter().fold(Stat::default(), |a, s| Stat {
+            to_peer_packets: a.to_peer_packets + s.to_peer_packets,
+            to_peer_bytes: a.to_peer_bytes + s.to_peer_bytes,
+            from_peer_packets: a.from_peer_packets + s.from_peer_packets,
+            from_peer_bytes: a.from_peer_bytes + s.from_peer_bytes,
+        })
+    }
+
+    fn slot(&mut self) -> Option<u32> {
+        if let Some(s) = self.free.pop() {
+            return Some(s);
+        }
+        (self.next < MAX_ENTRIES).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+}
+
+/// One mirrored channel.
+struct Entry {
+    chan: Chan4Key,
+    peer: Peer4Key,
+    /// Its counter slot, and what was read of it last (counters are never
+    /// reset: a reused slot starts from what its last owner left).
+    stat: u32,
+    last: Stat,
+}
+
+/// A shard's channels in the kernel's maps.
+pub struct Mirror {
+    fast: Arc<FastPath>,
+    entries: HashMap<(RelayId, u16), Entry>,
+}
+
+/// What a channel event says, as the mirror needs it.
+pub struct Binding {
+    pub relay: RelayId,
+    pub tuple: FiveTuple,
+    pub channel: u16,
+    pub peer: SocketAddr,
+    pub until: Instant,
+    pub capped: bool,
+    /// The relayed address's socket, as bound.
+    pub relayed: Option<SocketAddr>,
+}
+
+impl Mirror {
+    pub fn new(fast: Arc<FastPath>) -> Mirror {
+        Mirror { fast, entries: HashMap::new() }
+    }
+
+    /// A channel bound or refreshed: adds or updates its entries, or removes
+    /// them when it may not take the fast path (any more).
+    pub fn bound(&mut self, b: &Binding, server: &mut Server) {
+        let key = (b.relay, b.channel);
+        let (SocketAddr::V4(client), SocketAddr::V4(listen), SocketAddr::V4(peer), Some(SocketAddr::V4(relayed))) =
+            (b.tuple.client, b.tuple.server, b.peer, b.relayed)
+        else {
+            return self.unbound(b.relay, b.channel, server);
+        };
+        let eligible = b.tuple.transport == Transport::Udp
+            && !b.capped
+            && !listen.ip().is_unspecified()
+            && !relayed.ip().is_unspecified()
+            // Another allocation of this relay: the kernel would hand the
+            // datagram to itself; leave such hairpins to the sockets.
+            && peer.ip() != relayed.ip()
+            && peer.ip() != listen.ip();
+        if !eligible {
+            return self.unbound(b.relay, b.channel, server);
+        }
+        let chan = Chan4Key {
+            client_ip: ip4(*client.ip()),
+            listen_ip: ip4(*listen.ip()),
+            client_port: client.port().to_be(),
+            listen_port: listen.port().to_be(),
+            channel: b.channel.to_be(),
+            pad: 0,
+        };
+        let pkey = Peer4Key { relay_ip: ip4(*relayed.ip()), peer_ip: ip4(*peer.ip()), relay_port: relayed.port().to_be(), peer_port: peer.port().to_be() };
+        // The same channel number to another peer (bound again after its
+        // cooldown): the old entries go first.
+        if self.entries.get(&key).is_some_and(|e| e.chan != chan || e.peer != pkey) {
+            self.unbound(b.relay, b.channel, server);
+        }
+        let fast = self.fast.clone();
+        let mut m = fast.maps();
+        let stat = match self.entries.get(&key) {
+            Some(e) => e.stat,
+            None => {
+                let Some(stat) = m.slot() else { return };
+                let last = m.read(stat);
+                self.entries.insert(key, Entry { chan, peer: pkey, stat, last });
+                stat
+            }
+        };
+        let expires_ns = fast.clock.ns(b.until);
+        let cv = Chan4Val { relay_ip: pkey.relay_ip, peer_ip: pkey.peer_ip, relay_port: pkey.relay_port, peer_port: pkey.peer_port, stat, expires_ns };
+        let pv = Peer4Val {
+            client_ip: chan.client_ip,
+            listen_ip: chan.listen_ip,
+            client_port: chan.client_port,
+            listen_port: chan.listen_port,
+            channel: chan.channel,
+            stat,
+            expires_ns,
+            ..Default::default()
+        };
+        let ok = m.chan4.insert(chan, cv, 0).and_then(|_| m.peer4.insert(pkey, pv, 0));
+        if let Err(e) = ok {
+            tracing::warn!(error = %e, channel = b.channel, client = %b.tuple.client, "XDP: cannot add a channel to the fast path; it stays on the socket path");
+            drop(m);
+            self.unbound(b.relay, b.channel, server);
+        }
+    }
+
+    /// A channel unbound (expired, its allocation ended): its entries go,
+    /// and what the kernel relayed since the last sync is credited.
+    pub fn unbound(&mut self, relay: RelayId, channel: u16, server: &mut Server) {
+        let Some(e) = self.entries.remove(&(relay, channel)) else { return };
+        let mut m = self.fast.maps();
+        let _ = m.chan4.remove(&e.chan);
+        let _ = m.peer4.remove(&e.peer);
+        let now = m.read(e.stat);
+        m.free.push(e.stat);
+        drop(m);
+        credit(server, relay, &e.last, &now);
+    }
+
+    /// Credits the core with what the kernel relayed since the last sync.
+    pub fn sync(&mut self, server: &mut Server) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let m = self.fast.maps();
+        for ((relay, _), e) in self.entries.iter_mut() {
+            let now = m.read(e.stat);
+            credit(server, *relay, &e.last, &now);
+            e.last = now;
+        }
+    }
+}
+
+fn credit(server: &mut Server, relay: RelayId, last: &Stat, now: &Stat) {
+    let to_peer = Flow { packets: now.to_peer_packets.wrapping_sub(last.to_peer_packets), bytes: now.to_peer_bytes.wrapping_sub(last.to_peer_bytes) };
+    let from_peer = Flow { packets: now.from_peer_packets.wrapping_sub(last.from_peer_packets), bytes: now.from_peer_bytes.wrapping_sub(last.from_peer_bytes) };
+    if to_peer.packets != 0 || from_peer.packets != 0 {
+        server.credit_fast_path(relay, Transport::Udp, to_peer, from_peer);
+    }
+}
+
+/// Why the fast path will pass every packet of `iface` to the sockets even
+/// though it is attached: `bpf_fib_lookup` answers only on an interface
+/// that forwards.
+pub fn forwarding_off(iface: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding")).is_ok_and(|s| s.trim() == "0")
+}
