@@ -292,3 +292,30 @@ fn a_datagram_that_would_not_fit_the_clients_mtu_goes_the_socket_path() {
     assert_eq!(recv(&c.sock).map(|r| r.0), Some(channel_data(0x4000, &big)));
     assert_eq!(rig.redirects().1, before.1 + 1, "one that does not fit is left to the socket path");
 }
+
+/// Relays a datagram each way through a channel of a turnd on 127.0.0.1.
+fn relays_on_loopback(t: &Turnd) {
+    let mut c = UdpClient::new("127.0.0.1", t.addr);
+    let relayed = c.allocate("lou", common::SECRET);
+    let peer = UdpSocket::bind("127.0.0.2:0").unwrap();
+    assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
+    c.send_channel(0x4000, b"over the sockets");
+    assert_eq!(recv(&peer), Some((b"over the sockets".to_vec(), relayed)));
+    peer.send_to(b"and back", relayed).unwrap();
+    assert_eq!(recv(&c.sock).map(|r| r.0), Some(channel_data(0x4000, b"and back")));
+}
+
+#[test]
+fn without_the_program_turnd_relays_on_the_socket_path_and_says_why() {
+    // No such interface.
+    let t = Turnd::start("[limits]\nallocation_bandwidth = 0\n[xdp]\ninterfaces = [\"turnd-nope0\"]\n");
+    t.wait_log("XDP fast path off, relaying on the socket path");
+    assert!(t.log().contains("turnd-nope0"), "{}", t.log());
+    relays_on_loopback(&t);
+    // No privileges: root without capabilities (an empty bounding set).
+    let wrap = ["setpriv".to_string(), "--bounding-set=-all".to_string()];
+    let t = Turnd::builder().extra("[limits]\nallocation_bandwidth = 0\n[xdp]\ninterfaces = [\"lo\"]\n").wrap(&wrap).start();
+    t.wait_log("XDP fast path off, relaying on the socket path");
+    assert!(t.log().contains("CAP_BPF"), "{}", t.log());
+    relays_on_loopback(&t);
+}
