@@ -47,6 +47,9 @@ struct Rig {
     client_ns: NetNs,
     peer_ns: NetNs,
     server: SocketAddr,
+    /// The IPv6 listener, and the IPv6 ends of the veths: (client ns, peer ns).
+    server6: SocketAddr,
+    ns6: (std::net::Ipv6Addr, std::net::Ipv6Addr),
 }
 
 fn must(cmd: &mut Command) -> String {
@@ -67,6 +70,17 @@ fn redirects(iface: &str) -> u64 {
 impl Rig {
     fn start(extra: &str) -> Rig {
         let (client_ns, peer_ns) = (NetNs::create_open(), NetNs::create_open());
+        // IPv6 too, from 2001:2::/48 (RFC 5180), a /64 per veth named after
+        // this process so parallel runs on the host do not clash.
+        let p = std::process::id() & 0xffff;
+        let v6 = |k: u32, host: u8| format!("2001:2:0:{:x}::{host}", (p << 1 | k) & 0xffff);
+        for (k, ns) in [&client_ns, &peer_ns].into_iter().enumerate() {
+            let (hif, nif) = (ns.host_if(), ns.ns_if());
+            must(Command::new("ip").args(["addr", "add", &format!("{}/64", v6(k as u32, 1)), "dev", &hif, "nodad"]));
+            must(ns.command("ip").args(["addr", "add", &format!("{}/64", v6(k as u32, 2)), "dev", &nif, "nodad"]));
+            must(Command::new("sysctl").args(["-qw", &format!("net.ipv6.conf.{hif}.forwarding=1")]));
+        }
+        let ns6 = (v6(0, 2).parse().unwrap(), v6(1, 2).parse().unwrap());
         for ns in [&client_ns, &peer_ns] {
             let nif = ns.ns_if();
             must(ns.command("ip").args(["link", "set", "dev", &nif, "xdpdrv", "obj", env!("TURND_XDP_OBJECT"), "program", "xdp_pass"]));
@@ -76,27 +90,47 @@ impl Rig {
         }
         let port = common::free_port();
         let server: SocketAddr = format!("{}:{port}", client_ns.host_ip()).parse().unwrap();
+        let server6: SocketAddr = format!("[{}]:{port}", v6(0, 1)).parse().unwrap();
         let cfg = format!(
             "realm = \"xdp.test\"\nthreads = 2\n[auth]\nsecrets = [\"{SECRET}\"]\n\
              [[listen]]\ntransport = \"udp\"\naddress = \"{server}\"\n\
-             [relay]\nip = \"{}\"\nports = \"41000-41999\"\n\
-             [peers]\nallow = [\"{}/32\"]\n\
+             [[listen]]\ntransport = \"udp\"\naddress = \"{server6}\"\n\
+             [relay]\nip = \"{}\"\nipv6 = \"{}\"\nports = \"41000-41999\"\n\
+             [peers]\nallow = [\"{}/32\", \"{}/128\"]\n\
              [limits]\nallocation_bandwidth = 0\ntotal_bandwidth = 0\n{extra}\n\
              [xdp]\ninterfaces = [\"{}\", \"{}\"]\nmode = \"native\"\n",
             peer_ns.host_ip(),
+            v6(1, 1),
             peer_ns.ns_ip(),
+            ns6.1,
             client_ns.host_if(),
             peer_ns.host_if()
         );
         let turnd = Turnd::builder().config(server, move |_| cfg).start();
         turnd.wait_log("XDP fast path attached");
-        Rig { turnd, client_ns, peer_ns, server }
+        Rig { turnd, client_ns, peer_ns, server, server6, ns6 }
     }
 
     fn client(&self) -> UdpClient {
         let mut c = UdpClient::new("127.0.0.1", self.server);
         c.sock = self.client_ns.udp_socket(SocketAddr::new(self.client_ns.ns_ip().into(), 0));
         c
+    }
+
+    /// A client over IPv6 with an IPv6 relayed address.
+    fn client6(&self) -> (UdpClient, SocketAddr) {
+        let mut c = UdpClient::new("127.0.0.1", self.server6);
+        c.sock = self.client_ns.udp_socket(SocketAddr::new(self.ns6.0.into(), 0));
+        let family = || A::Raw(attr::REQUESTED_ADDRESS_FAMILY, vec![0x02, 0, 0, 0]);
+        let r = c.transact(method::ALLOCATE, &[harness::transport_udp(), family()]);
+        c.creds = Some(wire::rest_creds(&r, "vic", SECRET));
+        let r = c.transact(method::ALLOCATE, &[harness::transport_udp(), family()]);
+        assert_eq!(r.class(), Class::Success, "allocate over IPv6: {:?}", r.code());
+        (c, r.addr(attr::XOR_RELAYED_ADDRESS).unwrap())
+    }
+
+    fn peer6(&self) -> UdpSocket {
+        self.peer_ns.udp_socket(SocketAddr::new(self.ns6.1.into(), 0))
     }
 
     fn peer(&self) -> UdpSocket {
@@ -205,6 +239,34 @@ fn both_directions_are_relayed_in_the_kernel_with_the_socket_paths_bytes() {
     assert_eq!(s["packets_from_peer"], n as u64 + 1, "{s:#}");
     assert_eq!(s["bytes_to_peer"], bytes_to + warm_len.0, "{s:#}");
     assert_eq!(s["bytes_from_peer"], bytes_from + warm_len.1, "{s:#}");
+}
+
+#[test]
+fn ipv6_both_directions_are_relayed_in_the_kernel() {
+    let rig = Rig::start("");
+    let (mut c, relayed) = rig.client6();
+    assert!(relayed.is_ipv6(), "{relayed}");
+    let peer = rig.peer6();
+    assert_eq!(bind(&mut c, 0x4001, peer.local_addr().unwrap()), Class::Success);
+    let (to_peer, to_client) = warm(&c, &peer, 0x4001, relayed);
+    assert_eq!((to_peer.as_slice(), to_client), (&b"warm-to-peer"[..], channel_data(0x4001, b"warm-to-client")));
+    std::thread::sleep(Duration::from_millis(200));
+    let before = rig.redirects();
+    let n = 100usize;
+    for i in 0..n {
+        let d = payload(i, [0, 1, 3, 4, 100, 1000, 1400][i % 7]);
+        c.send_channel(0x4001, &d);
+        assert_eq!(recv(&peer), Some((d, relayed)), "datagram {i} to the peer");
+        let d = payload(i + 1000, [1, 2, 5, 64, 999, 1400][i % 6]);
+        peer.send_to(&d, relayed).unwrap();
+        assert_eq!(recv(&c.sock), Some((channel_data(0x4001, &d), rig.server6)), "datagram {i} to the client");
+    }
+    let after = rig.redirects();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (n as u64, n as u64), "every datagram was redirected by the program");
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = |s: &str| rig.turnd.metric(s) as u64;
+    assert_eq!(m("turnd_relayed_packets_total{direction=\"to_peer\",transport=\"udp\"}"), n as u64 + 1);
+    assert_eq!(m("turnd_relayed_packets_total{direction=\"to_client\",transport=\"udp\"}"), n as u64 + 1);
 }
 
 #[test]

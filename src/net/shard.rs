@@ -488,6 +488,9 @@ impl Shard {
         self.check = check;
         self.server.reconfigure(core_config(&cfg), auth, policy);
         self.relays.reconfigure(cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local), cfg.ports);
+        // The core reported every channel again (a cap may have come or
+        // gone): a fast path follows at once.
+        self.after_control();
         self.limits = StreamLimits::from(&*cfg);
         self.passthrough = cfg.passthrough.clone().map(Rc::new);
         if acceptor.is_some() {

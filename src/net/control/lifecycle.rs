@@ -730,9 +730,14 @@ fn start_xdp(cfg: &Config, shared: &Shared) {
     let mode = if x.generic { Mode::Generic } else { Mode::Native };
     match FastPath::load(&x.interfaces, mode) {
         Ok(fast) => {
-            tracing::info!(interfaces = ?x.interfaces, ?mode, "XDP fast path attached: UDP clients' channels over IPv4 are relayed in the kernel");
-            for i in x.interfaces.iter().filter(|i| forwarding_off(i)) {
-                tracing::warn!(interface = %i, "XDP fast path: net.ipv4.conf.{i}.forwarding is 0, so its route lookup fails and every packet arriving on {i} takes the socket path; set it to 1");
+            tracing::info!(interfaces = ?x.interfaces, ?mode, "XDP fast path attached: UDP clients' channels are relayed in the kernel");
+            for i in &x.interfaces {
+                for key in forwarding_off(i) {
+                    tracing::warn!(interface = %i, "XDP fast path: {key} is 0, so the program's route lookup fails and packets of that family arriving on {i} take the socket path; set it to 1");
+                }
+            }
+            for l in cfg.listeners.iter().filter(|l| l.transport == crate::turn::Transport::Udp && l.address.ip().is_unspecified()) {
+                tracing::warn!(listen = %l.address, "XDP fast path: clients of a UDP listener on a wildcard address stay on the socket path (which address they reached is not known); listen on the host's address instead");
             }
             if cfg.core.allocation_bytes_per_second != 0 || cfg.core.total_bytes_per_second != 0 {
                 tracing::warn!("XDP fast path idle: limits.allocation_bandwidth or limits.total_bandwidth is set, and caps are kept on the socket path only; set both to 0 to relay channels in the kernel");

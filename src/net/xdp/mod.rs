@@ -1,7 +1,7 @@
 //! The XDP fast path (cargo feature `xdp`, config `[xdp]`).
 //!
 //! bpf/relay.bpf.c, compiled by build.rs and embedded here, relays the
-//! ChannelData of UDP clients over IPv4 in the kernel, both ways, for the
+//! ChannelData of UDP clients over IPv4 and IPv6 in the kernel, both ways, for the
 //! channels turnd mirrors into its maps; everything else passes to the
 //! sockets unchanged. [`FastPath`] is the loaded program (one per process,
 //! attached to every interface `xdp.interfaces` names, its maps shared by
@@ -9,7 +9,9 @@
 //! events into map entries and the kernel's per-channel counters back into
 //! the core's (sessions, metrics, the log line of an ended allocation).
 //!
-//! What stays on the socket path: TCP/TLS clients, IPv6, allocations under
+//! What stays on the socket path: TCP/TLS clients, a channel whose client and
+//! peer legs differ in family (an IPv4 client relaying to IPv6), clients of a
+//! wildcard listener (which address they reached is not known), allocations under
 //! a bandwidth cap (`limits.allocation_bandwidth`, `limits.total_bandwidth`,
 //! check allocations: the budgets live in the core only), a channel to one
 //! of the relay's own addresses, and per packet: anything after the entry's
@@ -84,6 +86,51 @@ struct Peer4Val {
     expires_ns: u64,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Chan6Key {
+    client_ip: [u8; 16],
+    listen_ip: [u8; 16],
+    client_port: u16,
+    listen_port: u16,
+    channel: u16,
+    pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Chan6Val {
+    relay_ip: [u8; 16],
+    peer_ip: [u8; 16],
+    relay_port: u16,
+    peer_port: u16,
+    stat: u32,
+    expires_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Peer6Key {
+    relay_ip: [u8; 16],
+    peer_ip: [u8; 16],
+    relay_port: u16,
+    peer_port: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Peer6Val {
+    client_ip: [u8; 16],
+    listen_ip: [u8; 16],
+    client_port: u16,
+    listen_port: u16,
+    channel: u16,
+    pad: u16,
+    stat: u32,
+    pad2: u32,
+    expires_ns: u64,
+}
+
 /// One channel's counters (per CPU in the kernel, summed here).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -106,6 +153,14 @@ unsafe impl Pod for Peer4Key {}
 unsafe impl Pod for Peer4Val {}
 // SAFETY: as above.
 unsafe impl Pod for Stat {}
+// SAFETY: as above.
+unsafe impl Pod for Chan6Key {}
+// SAFETY: as above.
+unsafe impl Pod for Chan6Val {}
+// SAFETY: as above.
+unsafe impl Pod for Peer6Key {}
+// SAFETY: as above.
+unsafe impl Pod for Peer6Val {}
 
 /// How the program is attached (`xdp.mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +203,8 @@ impl Clock {
 struct Maps {
     chan4: BpfHash<MapData, Chan4Key, Chan4Val>,
     peer4: BpfHash<MapData, Peer4Key, Peer4Val>,
+    chan6: BpfHash<MapData, Chan6Key, Chan6Val>,
+    peer6: BpfHash<MapData, Peer6Key, Peer6Val>,
     stats: PerCpuArray<MapData, Stat>,
     /// Counter slots given back, and the next never used.
     free: Vec<u32>,
@@ -185,9 +242,11 @@ impl FastPath {
         }
         let chan4 = BpfHash::try_from(ebpf.take_map("chan4").ok_or("no chan4 map")?).map_err(|e| e.to_string())?;
         let peer4 = BpfHash::try_from(ebpf.take_map("peer4").ok_or("no peer4 map")?).map_err(|e| e.to_string())?;
+        let chan6 = BpfHash::try_from(ebpf.take_map("chan6").ok_or("no chan6 map")?).map_err(|e| e.to_string())?;
+        let peer6 = BpfHash::try_from(ebpf.take_map("peer6").ok_or("no peer6 map")?).map_err(|e| e.to_string())?;
         let stats = PerCpuArray::try_from(ebpf.take_map("stats").ok_or("no stats map")?).map_err(|e| e.to_string())?;
         Ok(Arc::new(FastPath {
-            maps: Mutex::new(Maps { chan4, peer4, stats, free: Vec::new(), next: 0 }),
+            maps: Mutex::new(Maps { chan4, peer4, chan6, peer6, stats, free: Vec::new(), next: 0 }),
             clock: Clock::now(),
             interfaces: interfaces.to_vec(),
             _ebpf: Mutex::new(ebpf),
@@ -200,6 +259,54 @@ impl FastPath {
 }
 
 impl Maps {
+    fn insert(&mut self, keys: &Keys, stat: u32, expires_ns: u64) -> Result<(), aya::maps::MapError> {
+        match *keys {
+            Keys::V4(chan, pkey) => {
+                let cv = Chan4Val { relay_ip: pkey.relay_ip, peer_ip: pkey.peer_ip, relay_port: pkey.relay_port, peer_port: pkey.peer_port, stat, expires_ns };
+                let pv = Peer4Val {
+                    client_ip: chan.client_ip,
+                    listen_ip: chan.listen_ip,
+                    client_port: chan.client_port,
+                    listen_port: chan.listen_port,
+                    channel: chan.channel,
+                    stat,
+                    expires_ns,
+                    ..Default::default()
+                };
+                self.chan4.insert(chan, cv, 0)?;
+                self.peer4.insert(pkey, pv, 0)
+            }
+            Keys::V6(chan, pkey) => {
+                let cv = Chan6Val { relay_ip: pkey.relay_ip, peer_ip: pkey.peer_ip, relay_port: pkey.relay_port, peer_port: pkey.peer_port, stat, expires_ns };
+                let pv = Peer6Val {
+                    client_ip: chan.client_ip,
+                    listen_ip: chan.listen_ip,
+                    client_port: chan.client_port,
+                    listen_port: chan.listen_port,
+                    channel: chan.channel,
+                    stat,
+                    expires_ns,
+                    ..Default::default()
+                };
+                self.chan6.insert(chan, cv, 0)?;
+                self.peer6.insert(pkey, pv, 0)
+            }
+        }
+    }
+
+    fn remove(&mut self, keys: &Keys) {
+        match keys {
+            Keys::V4(c, p) => {
+                let _ = self.chan4.remove(c);
+                let _ = self.peer4.remove(p);
+            }
+            Keys::V6(c, p) => {
+                let _ = self.chan6.remove(c);
+                let _ = self.peer6.remove(p);
+            }
+        }
+    }
+
     fn read(&self, slot: u32) -> Stat {
         let Ok(per_cpu) = self.stats.get(&slot, 0) else { return Stat::default() };
         per_cpu.iter().fold(Stat::default(), |a, s| Stat {
@@ -221,10 +328,46 @@ impl Maps {
     }
 }
 
+/// A channel's keys in the maps of its family.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keys {
+    V4(Chan4Key, Peer4Key),
+    V6(Chan6Key, Peer6Key),
+}
+
+impl Keys {
+    /// The keys of a channel, when it may take the fast path: client, listener,
+    /// relayed address and peer all of one family, and no address a wildcard.
+    fn of(b: &Binding) -> Option<Keys> {
+        let relayed = b.relayed?;
+        let (client, listen, peer) = (b.tuple.client, b.tuple.server, b.peer);
+        if b.tuple.transport != Transport::Udp || b.capped || listen.ip().is_unspecified() || relayed.ip().is_unspecified() {
+            return None;
+        }
+        // Another allocation of this relay, or the listener: the kernel would
+        // hand the datagram to itself; leave such hairpins to the sockets.
+        if peer.ip() == relayed.ip() || peer.ip() == listen.ip() {
+            return None;
+        }
+        let port = |a: SocketAddr| a.port().to_be();
+        let channel = b.channel.to_be();
+        match (client, listen, peer, relayed) {
+            (SocketAddr::V4(c), SocketAddr::V4(l), SocketAddr::V4(p), SocketAddr::V4(r)) => Some(Keys::V4(
+                Chan4Key { client_ip: ip4(*c.ip()), listen_ip: ip4(*l.ip()), client_port: port(client), listen_port: port(listen), channel, pad: 0 },
+                Peer4Key { relay_ip: ip4(*r.ip()), peer_ip: ip4(*p.ip()), relay_port: port(relayed), peer_port: port(peer) },
+            )),
+            (SocketAddr::V6(c), SocketAddr::V6(l), SocketAddr::V6(p), SocketAddr::V6(r)) => Some(Keys::V6(
+                Chan6Key { client_ip: c.ip().octets(), listen_ip: l.ip().octets(), client_port: port(client), listen_port: port(listen), channel, pad: 0 },
+                Peer6Key { relay_ip: r.ip().octets(), peer_ip: p.ip().octets(), relay_port: port(relayed), peer_port: port(peer) },
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// One mirrored channel.
 struct Entry {
-    chan: Chan4Key,
-    peer: Peer4Key,
+    keys: Keys,
     /// Its counter slot, and what was read of it last (counters are never
     /// reset: a reused slot starts from what its last owner left).
     stat: u32,
@@ -258,34 +401,12 @@ impl Mirror {
     /// them when it may not take the fast path (any more).
     pub fn bound(&mut self, b: &Binding, server: &mut Server) {
         let key = (b.relay, b.channel);
-        let (SocketAddr::V4(client), SocketAddr::V4(listen), SocketAddr::V4(peer), Some(SocketAddr::V4(relayed))) =
-            (b.tuple.client, b.tuple.server, b.peer, b.relayed)
-        else {
+        let Some(keys) = Keys::of(b) else {
             return self.unbound(b.relay, b.channel, server);
         };
-        let eligible = b.tuple.transport == Transport::Udp
-            && !b.capped
-            && !listen.ip().is_unspecified()
-            && !relayed.ip().is_unspecified()
-            // Another allocation of this relay: the kernel would hand the
-            // datagram to itself; leave such hairpins to the sockets.
-            && peer.ip() != relayed.ip()
-            && peer.ip() != listen.ip();
-        if !eligible {
-            return self.unbound(b.relay, b.channel, server);
-        }
-        let chan = Chan4Key {
-            client_ip: ip4(*client.ip()),
-            listen_ip: ip4(*listen.ip()),
-            client_port: client.port().to_be(),
-            listen_port: listen.port().to_be(),
-            channel: b.channel.to_be(),
-            pad: 0,
-        };
-        let pkey = Peer4Key { relay_ip: ip4(*relayed.ip()), peer_ip: ip4(*peer.ip()), relay_port: relayed.port().to_be(), peer_port: peer.port().to_be() };
         // The same channel number to another peer (bound again after its
         // cooldown): the old entries go first.
-        if self.entries.get(&key).is_some_and(|e| e.chan != chan || e.peer != pkey) {
+        if self.entries.get(&key).is_some_and(|e| e.keys != keys) {
             self.unbound(b.relay, b.channel, server);
         }
         let fast = self.fast.clone();
@@ -295,24 +416,11 @@ impl Mirror {
             None => {
                 let Some(stat) = m.slot() else { return };
                 let last = m.read(stat);
-                self.entries.insert(key, Entry { chan, peer: pkey, stat, last });
+                self.entries.insert(key, Entry { keys, stat, last });
                 stat
             }
         };
-        let expires_ns = fast.clock.ns(b.until);
-        let cv = Chan4Val { relay_ip: pkey.relay_ip, peer_ip: pkey.peer_ip, relay_port: pkey.relay_port, peer_port: pkey.peer_port, stat, expires_ns };
-        let pv = Peer4Val {
-            client_ip: chan.client_ip,
-            listen_ip: chan.listen_ip,
-            client_port: chan.client_port,
-            listen_port: chan.listen_port,
-            channel: chan.channel,
-            stat,
-            expires_ns,
-            ..Default::default()
-        };
-        let ok = m.chan4.insert(chan, cv, 0).and_then(|_| m.peer4.insert(pkey, pv, 0));
-        if let Err(e) = ok {
+        if let Err(e) = m.insert(&keys, stat, fast.clock.ns(b.until)) {
             tracing::warn!(error = %e, channel = b.channel, client = %b.tuple.client, "XDP: cannot add a channel to the fast path; it stays on the socket path");
             drop(m);
             self.unbound(b.relay, b.channel, server);
@@ -324,8 +432,7 @@ impl Mirror {
     pub fn unbound(&mut self, relay: RelayId, channel: u16, server: &mut Server) {
         let Some(e) = self.entries.remove(&(relay, channel)) else { return };
         let mut m = self.fast.maps();
-        let _ = m.chan4.remove(&e.chan);
-        let _ = m.peer4.remove(&e.peer);
+        m.remove(&e.keys);
         let now = m.read(e.stat);
         m.free.push(e.stat);
         drop(m);
@@ -354,9 +461,14 @@ fn credit(server: &mut Server, relay: RelayId, last: &Stat, now: &Stat) {
     }
 }
 
-/// Why the fast path will pass every packet of `iface` to the sockets even
-/// though it is attached: `bpf_fib_lookup` answers only on an interface
-/// that forwards.
-pub fn forwarding_off(iface: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding")).is_ok_and(|s| s.trim() == "0")
+/// The forwarding sysctls of `iface` that are off (`net.ipv4.conf.IFACE.forwarding`,
+/// `net.ipv6.conf.IFACE.forwarding`): the program's route lookup answers only
+/// on an interface that forwards, so every packet of that family arriving
+/// there takes the socket path.
+pub fn forwarding_off(iface: &str) -> Vec<String> {
+    ["ipv4", "ipv6"]
+        .into_iter()
+        .map(|f| format!("net.{f}.conf.{iface}.forwarding"))
+        .filter(|k| std::fs::read_to_string(format!("/proc/sys/{}", k.replace('.', "/"))).is_ok_and(|s| s.trim() == "0"))
+        .collect()
 }
