@@ -12,10 +12,12 @@
 # the build directory, ethtool and taskset. Removes what it made on exit.
 #
 #   cargo build --release --features xdp --bin turnd --bench loadgen
-#   benches/xdp.sh [DURATION]
+#   benches/xdp.sh [DURATION]            # saturation
+#   RATE=50000 benches/xdp.sh [DURATION] # a fixed load: compare the CPU it costs
 set -eu
 cd "$(dirname "$0")/.."
 DUR=${1:-5}
+RATE=${RATE:-0}   # messages/s offered in total (each forwarded twice); 0 = saturation
 TURND=target/release/turnd
 LOADGEN=$(ls -t target/release/deps/loadgen-* | grep -v '\.d$' | head -1)
 OBJ=$(ls -t target/release/build/turnd-*/out/relay.bpf.o | head -1)
@@ -31,6 +33,9 @@ cleanup() {
     rm -rf "$DIR"
 }
 trap cleanup EXIT INT TERM
+STATS=$(sysctl -n kernel.bpf_stats_enabled)
+trap 'cleanup; sysctl -qw kernel.bpf_stats_enabled=$STATS' EXIT INT TERM
+sysctl -qw kernel.bpf_stats_enabled=1
 
 ip netns add "$NS"
 ip -n "$NS" link set lo up
@@ -40,7 +45,7 @@ ip addr add 198.19.250.1/30 dev "$A"
 ip addr add 198.19.250.5/30 dev "$B"
 ip -n "$NS" addr add 198.19.250.2/30 dev a0
 ip -n "$NS" addr add 198.19.250.6/30 dev b0
-for i in "$A" "$B"; do ip link set "$i" up; sysctl -qw "net.ipv4.conf.$i.forwarding=1"; done
+for i in "$A" "$B"; do ip link set "$i" up; sysctl -qw "net.ipv4.conf.$i.forwarding=1" "net.ipv6.conf.$i.forwarding=1"; done
 for i in a0 b0; do
     ip -n "$NS" link set "$i" up
     ip -n "$NS" link set dev "$i" xdpdrv obj "$OBJ" program xdp_pass
@@ -48,11 +53,12 @@ for i in a0 b0; do
 done
 sleep 1
 
-busy() { awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
+# Busy and total jiffies of CPU 0 and CPU 1.
+busy() { awk '/^cpu[01] /{printf "%d %d ", $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
 
 run() {
     mode=$1
-    xdp=""
+    xdp="" prog=""
     [ "$mode" = xdp ] && xdp="[xdp]
 interfaces = [\"$A\", \"$B\"]
 mode = \"native\""
@@ -81,16 +87,23 @@ EOF
     PID=$!
     sleep 1
     set -- $(busy)
-    b0=$1 t0=$2
-    ip netns exec "$NS" taskset -c 1 "$LOADGEN" --server 198.19.250.1:3478 --secret "$SECRET" --clients 50 --rate 0 \
+    a0=$1 s0=$2 a1=$3 s1=$4
+    ip netns exec "$NS" taskset -c 1 "$LOADGEN" --server 198.19.250.1:3478 --secret "$SECRET" --clients 50 --rate "$RATE" \
         --window 16 --size 1200 --warmup 1 --duration "$DUR" --peer-ip 198.19.250.6 --server-pid "$PID" >"$DIR/gen-$mode.txt"
+    if [ "$mode" = xdp ]; then
+        # The program's own time per run (kernel.bpf_stats_enabled), the
+        # redirect's transmit not included: the one of this turnd (its
+        # maps are the newest) is the one that ran most.
+        prog=$(bpftool prog show name xdp_relay 2>/dev/null | awk '/run_time_ns/{for(i=1;i<=NF;i++){if($i=="run_time_ns")t=$(i+1);if($i=="run_cnt")c=$(i+1)}; if(c>bc){bc=c;bt=t}} END{if(bc>0)printf "xdp_relay: %d runs, %.0f ns per run\n", bc, bt/bc}')
+    fi
     set -- $(busy)
-    b1=$1 t1=$2
+    c0=$(( ($1 - a0) * 100 / ($2 - s0) )) c1=$(( ($3 - a1) * 100 / ($4 - s1) ))
     kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
     echo "== $mode"
     cat "$DIR/gen-$mode.txt"
     grep -i xdp "$DIR/turnd-$mode.log" || true
-    echo "both cores busy over the run (incl. setup): $(( (b1 - b0) * 100 / (t1 - t0) ))% of 2 cores"
+    [ "$mode" = xdp ] && echo "$prog"
+    echo "busy over the run (incl. setup and warm-up): CPU 0 (turnd) $c0%, CPU 1 (generator; veth receive and XDP run here) $c1%"
     ethtool -S "$A" 2>/dev/null | grep -E 'xdp_redirect:' | head -2 || true
 }
 

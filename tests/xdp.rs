@@ -10,8 +10,9 @@
 //! Proves: both directions are relayed by the program (the veths'
 //! `xdp_redirect` counters move by one per packet) with the same bytes and
 //! addresses the socket path sends; turnd counts them (metrics and
-//! sessions); after a permission expires, after a disconnect, and for a
-//! peer whose ChannelBind was refused, nothing is relayed by the program;
+//! sessions); after a permission expires, after a disconnect, for a peer
+//! whose ChannelBind was refused, and once a reload sets a bandwidth cap,
+//! nothing is relayed by the program; IPv6 as IPv4;
 //! and a datagram that would not fit the client's MTU with the ChannelData
 //! header goes the socket path, whole.
 //!
@@ -239,6 +240,19 @@ fn both_directions_are_relayed_in_the_kernel_with_the_socket_paths_bytes() {
     assert_eq!(s["packets_from_peer"], n as u64 + 1, "{s:#}");
     assert_eq!(s["bytes_to_peer"], bytes_to + warm_len.0, "{s:#}");
     assert_eq!(s["bytes_from_peer"], bytes_from + warm_len.1, "{s:#}");
+
+    // A reload that sets a bandwidth cap hands the channel back to the
+    // socket path, where the caps are kept.
+    let cfg = std::fs::read_to_string(&rig.turnd.config).unwrap();
+    std::fs::write(&rig.turnd.config, cfg.replace("allocation_bandwidth = 0", "allocation_bandwidth = \"50 Mbit/s\"")).unwrap();
+    let (rc, out) = common::turnctl_reload(&rig.turnd);
+    assert_eq!(rc, 0, "reload: {out}");
+    let before = rig.redirects();
+    c.send_channel(0x4000, b"capped");
+    assert_eq!(recv(&peer).map(|r| r.0), Some(b"capped".to_vec()));
+    peer.send_to(b"capped back", relayed).unwrap();
+    assert_eq!(recv(&c.sock).map(|r| r.0), Some(channel_data(0x4000, b"capped back")));
+    assert_eq!(rig.redirects(), before, "under a cap the program relays nothing");
 }
 
 #[test]
