@@ -134,7 +134,7 @@ if [ "$status" -eq 0 ]; then
   for f in tests/*.rs; do
     name=$(basename "$f" .rs)
     case "$name" in
-      browser_chromium|browser_call|browser_upgrade|call_health|browser_check|netns_udp_blocked|proxy_only|debian_package|deploy|alert_rules|prosody) ;;
+      browser_chromium|browser_call|browser_upgrade|browser_fleet|call_health|browser_check|netns_udp_blocked|proxy_only|debian_package|deploy|alert_rules|prosody) ;;
       *) targets+=(--test "$name") ;;
     esac
   done

@@ -92,20 +92,23 @@ pub mod turnctl {
             /// Validity, in seconds or with a unit (30m, 24h).
             #[arg(long, default_value = "24h")]
             ttl: String,
-            /// TURN host to put in the URIs (turn:HOST:3478, turns:HOST:443).
-            #[arg(long)]
-            host: Option<String>,
+            /// TURN host to put in the URIs (turn:HOST:3478, turns:HOST:443). Repeat it (or
+            /// separate with commas) for several relays sharing the secret, nearest first.
+            #[arg(long, value_delimiter = ',')]
+            host: Vec<String>,
             /// Print the TURN REST API JSON response.
             #[arg(long, conflicts_with = "format")]
             json: bool,
-            /// Output to paste elsewhere: `ice` (an RTCIceServer JSON array for a browser) or
-            /// `env` (docker-jitsi-meet .env lines for the prosody container; needs --host).
-            #[arg(long, value_parser = ["ice", "env"])]
+            /// Output to paste elsewhere: `ice` (an RTCIceServer JSON array for a browser, one
+            /// entry per relay), `env` (docker-jitsi-meet .env lines for the prosody container)
+            /// or `prosody` (prosody's external_service_secret and external_services, as Lua);
+            /// `env` and `prosody` need --host.
+            #[arg(long, value_parser = ["ice", "env", "prosody"])]
             format: Option<String>,
         },
         /// Generate a strong random shared secret.
         Secret,
-        /// Show the running relay: version, uptime, listeners, allocations, relay ports.
+        /// Show the running relay: version, uptime, whether it drains, listeners, allocations, relay ports.
         Status {
             #[command(flatten)]
             admin: AdminArgs,
@@ -132,6 +135,23 @@ pub mod turnctl {
         },
         /// Reload turnd's configuration, secrets and certificates (like SIGHUP); reports a refusal.
         Reload {
+            #[command(flatten)]
+            admin: AdminArgs,
+        },
+        /// Take this relay out of service without ending a call: new allocations go to the
+        /// siblings in [[drain.alternate]] (300 Try Alternate; 508 without one) and /readyz
+        /// answers 503, while existing allocations keep relaying. turnd keeps running until you
+        /// stop it; `turnctl resume` takes new allocations again.
+        Drain {
+            #[command(flatten)]
+            admin: AdminArgs,
+            /// Then wait until no allocation is left (or this long passes: exit status 1),
+            /// printing how many are left as they end; e.g. 6h.
+            #[arg(long, value_name = "DURATION")]
+            wait: Option<String>,
+        },
+        /// Take new allocations again after `turnctl drain` (not after SIGTERM).
+        Resume {
             #[command(flatten)]
             admin: AdminArgs,
         },

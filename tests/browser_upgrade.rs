@@ -19,9 +19,6 @@ mod call;
 #[path = "common/netns.rs"]
 mod netns;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -32,19 +29,10 @@ use netns::NetNs;
 const PLAIN_PORT: u16 = 3478;
 const TLS_PORT: u16 = 443;
 
-fn admin(server: &Turnd, path: &str) -> Value {
-    let mut s = TcpStream::connect(("127.0.0.1", server.metrics_port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", server.admin_token()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    serde_json::from_str(resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or_default()).unwrap_or(Value::Null)
-}
-
 /// The participant's UDP allocation, once it has relayed `packets` to the peer.
 fn flowing(server: &Turnd, client_ip: &str, packets: u64) -> Option<Value> {
     let prefix = format!("{client_ip}:");
-    admin(server, "/admin/sessions").as_array()?.iter().find(|s| s["client"].as_str().is_some_and(|c| c.starts_with(&prefix)) && s["transport"] == "udp" && s["packets_to_peer"].as_u64().unwrap_or(0) >= packets).cloned()
+    server.admin_get("/admin/sessions").as_array()?.iter().find(|s| s["client"].as_str().is_some_and(|c| c.starts_with(&prefix)) && s["transport"] == "udp" && s["packets_to_peer"].as_u64().unwrap_or(0) >= packets).cloned()
 }
 
 #[test]
@@ -72,17 +60,9 @@ fn a_call_goes_on_through_an_upgrade_in_place() {
                 assert!(Instant::now() < deadline, "no media through turnd within 40 s:\n{}", server.log());
                 std::thread::sleep(Duration::from_millis(100));
             };
-            let out = Command::new(env!("CARGO_BIN_EXE_turnctl"))
-                .args(["upgrade", "--admin", &format!("127.0.0.1:{}", server.metrics_port)])
-                .arg("--token-file")
-                .arg(server.dir.join("admin-token"))
-                .arg("--binary")
-                .arg(&binary)
-                .output()
-                .unwrap();
-            let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "turnctl upgrade: {said}\n{}", server.log());
-            let pid = admin(&server, "/admin/status")["pid"].as_u64().unwrap() as u32;
+            let (code, said) = common::turnctl_upgrade(&server, &binary);
+            assert_eq!(code, 0, "turnctl upgrade: {said}\n{}", server.log());
+            let pid = server.admin_get("/admin/status")["pid"].as_u64().unwrap() as u32;
             (before, pid, said)
         });
         let context = || format!("--- turnd log ---\n{}", server.log());

@@ -442,3 +442,41 @@ fn tls_acme_is_checked_key_by_key() {
     let (rc, err) = check_args(&ok, &["--check-config", "--file-only"]);
     assert_eq!(rc, 0, "{err}");
 }
+
+#[test]
+fn drain_alternates_are_checked_key_by_key() {
+    let base = "[auth]\nsecrets = [\"s3cret\"]\n[[listen]]\ntransport = \"udp\"\naddress = \"192.0.2.10:3478\"\n[relay]\nip = \"192.0.2.10\"\n";
+    for (drain, key, says) in [
+        ("[[drain.alternate]]\naddress = \"turn2.example.com\"\n", "drain.alternate[0].address", "not an IP address"),
+        ("[[drain.alternate]]\naddress = \"203.0.113.20:0\"\n", "drain.alternate[0].address", "port 0"),
+        ("[[drain.alternate]]\naddress = \"0.0.0.0\"\n", "drain.alternate[0].address", "not an address a client can reach"),
+        ("[[drain.alternate]]\naddress = \"192.0.2.10\"\n", "drain.alternate[0].address", "own listener"),
+        ("[[drain.alternate]]\naddress = \"192.0.2.10:3478\"\n", "drain.alternate[0].address", "own listener"),
+        (
+            "[[drain.alternate]]\naddress = \"203.0.113.20\"\n[[drain.alternate]]\naddress = \"203.0.113.20\"\n",
+            "drain.alternate[1].address",
+            "listed twice",
+        ),
+        ("[[drain.alternate]]\naddress = \"203.0.113.20\"\ntls_clients = true\ndomain = \"not a name\"\n", "drain.alternate[0].domain", "not a DNS name"),
+        ("[[drain.alternate]]\naddress = \"203.0.113.20\"\ndomain = \"turn2.example.com\"\n", "drain.alternate[0].domain", "needs tls_clients = true"),
+        ("[[drain.alternate]]\naddress = \"203.0.113.20\"\ntls_clients = \"yes\"\n", "tls_clients", "invalid type"),
+        ("[[drain.alternate]]\naddress = \"203.0.113.20\"\nport = 3478\n", "port", "unknown field"),
+        ("[drain]\nalternates = [\"203.0.113.20\"]\n", "alternates", "unknown field"),
+    ] {
+        let (rc, err) = check_args(&format!("{base}{drain}"), &["--check-config", "--file-only"]);
+        assert_eq!(rc, 2, "{drain}: {err}");
+        assert!(err.contains(key) && err.contains(says), "{drain}: expected {key}: {says}, got {err}");
+    }
+    // Good ones: by IP (the port the client came in on), IP:PORT, IPv6, a
+    // name for TLS clients; this relay's address on another port is a sibling.
+    let ok = format!(
+        "{base}[[drain.alternate]]\naddress = \"203.0.113.20\"\ntls_clients = true\ndomain = \"Turn2.Example.com.\"\n\
+         [[drain.alternate]]\naddress = \"[2001:db8::20]:3478\"\n[[drain.alternate]]\naddress = \"192.0.2.10:3479\"\n"
+    );
+    let (rc, err) = check_args(&ok, &["--check-config", "--file-only"]);
+    assert_eq!(rc, 0, "{err}");
+    // A loopback sibling is allowed (for tests and local clients) with a warning.
+    let (rc, err) = check_args(&format!("{base}[[drain.alternate]]\naddress = \"127.0.0.2\"\n"), &["--check-config", "--file-only"]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(err.contains("drain.alternate[0].address") && err.contains("loopback"), "{err}");
+}

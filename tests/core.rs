@@ -7,8 +7,11 @@ use harness::*;
 use turnd::stun::attr;
 use turnd::stun::integrity::long_term_key;
 use turnd::stun::{method, ChannelData, Class, Message};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
-use turnd::turn::{Event, Family, FiveTuple, Output, RelayId, ServerConfig};
+use turnd::auth::{Authenticator, NonceKey};
+use turnd::turn::{Alternate, Event, Family, FiveTuple, Output, RelayId, Server, ServerConfig, Transport};
 
 #[test]
 fn binding_returns_the_mapped_address_compactly() {
@@ -536,6 +539,260 @@ fn draining_refuses_new_allocations() {
     let cr = c.rest_creds(t, "", 3600, SECRET);
     assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(508));
     assert_eq!(c.server.allocation_count(), 1);
+}
+
+/// A draining core that sends new clients to `alternates`.
+fn draining_core(alternates: Vec<Alternate>) -> Core {
+    let mut c = Core::with(ServerConfig { alternates, ..config() }, policy(), vec![SECRET.to_vec()]);
+    c.server.set_accepting(false);
+    c
+}
+
+/// A sibling; with a name it takes TLS clients too (its certificate names its address).
+fn sibling(ip: &str, port: Option<u16>, domain: Option<&str>) -> Alternate {
+    Alternate { ip: ip.parse().unwrap(), port, tls: domain.is_some(), domain: domain.map(Arc::from) }
+}
+
+/// The ALTERNATE-SERVER of a response (a plain address, not XOR'd).
+fn alternate_server(r: &Resp) -> Option<SocketAddr> {
+    attr::decode_address(&r.get(attr::ALTERNATE_SERVER)?)
+}
+
+#[test]
+fn draining_with_a_sibling_answers_an_authenticated_allocate_with_a_signed_300() {
+    let mut c = draining_core(vec![sibling("203.0.113.20", None, Some("turn2.example.org"))]);
+    let t = tuple(40100);
+    let cr = c.rest_creds(t, "ann", 3600, SECRET);
+    let r = c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr));
+    assert_eq!(r.class(), Class::Error);
+    assert_eq!(r.code(), Some(300));
+    let (_, reason) = attr::decode_error_code(&r.get(attr::ERROR_CODE).unwrap()).map(|(c, s)| (c, s.to_owned())).unwrap();
+    assert_eq!(reason, "Try Alternate");
+    // RFC 8489 10: protected with the integrity of the request it answers.
+    assert!(r.msg().verify_integrity(&cr.key), "the 300 is signed with the user's key");
+    assert!(!r.msg().verify_integrity(&long_term_key(&cr.username, REALM, "wrong")));
+    // The sibling's address, on the port the request came in on (3478 here);
+    // encoded as MAPPED-ADDRESS is, without the XOR.
+    assert_eq!(alternate_server(&r), Some("203.0.113.20:3478".parse().unwrap()));
+    let raw = r.get(attr::ALTERNATE_SERVER).unwrap();
+    assert_eq!(raw, vec![0, 1, 0x0D, 0x96, 203, 0, 113, 20], "family 1, port 3478, the address as is");
+    // Over UDP no ALTERNATE-DOMAIN: it is for TLS clients.
+    assert!(r.get(attr::ALTERNATE_DOMAIN).is_none());
+    // REALM, and a NONCE browsers carry over to the sibling.
+    assert_eq!(r.get(attr::REALM), Some(REALM.as_bytes().to_vec()));
+    assert_eq!(r.get(attr::NONCE).map(|n| n.len()), Some(16));
+    assert_eq!(c.server.allocation_count(), 0, "nothing allocated here");
+    assert_eq!(c.server.stats.redirected, 1);
+    assert_eq!(c.server.stats.capacity_refusals, 0);
+    assert_eq!(c.server.stats.responses.get(&(method::ALLOCATE, 300)), Some(&1));
+    // A retransmission of the same request is redirected again, not allocated.
+    let tid = c.next_tid();
+    let req = c.build(method::ALLOCATE, Class::Request, tid, &[transport_udp()], Some(&cr), true);
+    let once = c.feed(t, &req).unwrap();
+    let twice = c.feed(t, &req).unwrap();
+    assert_eq!((once.code(), twice.code()), (Some(300), Some(300)));
+    assert!(once.msg().has_fingerprint(), "FINGERPRINT when the request had one");
+}
+
+#[test]
+fn the_300_nonce_is_accepted_by_a_sibling_sharing_the_secret() {
+    let mut c = draining_core(vec![sibling("203.0.113.20", Some(3478), None)]);
+    let t = tuple(40101);
+    let cr = c.rest_creds(t, "bea", 3600, SECRET);
+    let r = c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr));
+    assert_eq!(r.code(), Some(300));
+    let carried = Creds { nonce: r.get(attr::NONCE).unwrap(), ..cr.clone() };
+    // The sibling: another process (its own random nonce key), the same
+    // secret and realm. Chromium sends it the redirected Allocate with the
+    // nonce of the 300 and the same credentials, and gives up on a 401 or 438.
+    let mut s = Core::new();
+    s.server = Server::new(config(), Authenticator::new(REALM, vec![SECRET.to_vec()], &[], NonceKey::new([42; 32], 600)), policy());
+    let a = s.request(t, method::ALLOCATE, &[transport_udp()], Some(&carried));
+    assert_eq!(a.class(), Class::Success, "the sibling refused the carried nonce: {:?}", a.code());
+    assert!(a.msg().verify_integrity(&cr.key));
+    // The draining relay's own nonce (the one of its 401) is no good there.
+    let mut s2 = Core::new();
+    s2.server = Server::new(config(), Authenticator::new(REALM, vec![SECRET.to_vec()], &[], NonceKey::new([42; 32], 600)), policy());
+    assert_eq!(s2.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(438));
+    // Nor is the carried nonce from another address, nor at a relay with another secret.
+    let mut other = t;
+    other.client = "198.51.100.99:40101".parse().unwrap();
+    assert_eq!(s2.request(other, method::ALLOCATE, &[transport_udp()], Some(&carried)).code(), Some(438));
+    let mut s3 = Core::new();
+    s3.server = Server::new(config(), Authenticator::new(REALM, vec![b"another".to_vec()], &[], NonceKey::new([42; 32], 600)), policy());
+    assert_eq!(s3.request(t, method::ALLOCATE, &[transport_udp()], Some(&carried)).code(), Some(438));
+    // During a rotation (new secret first, old second) the sibling still takes it.
+    let mut s4 = Core::new();
+    s4.server = Server::new(config(), Authenticator::new(REALM, vec![b"new".to_vec(), SECRET.to_vec()], &[], NonceKey::new([43; 32], 600)), policy());
+    assert_eq!(s4.request(t, method::ALLOCATE, &[transport_udp()], Some(&carried)).class(), Class::Success);
+    // A sibling with a realm of its own (setup.sh makes each relay's name its
+    // realm): the redirected client keeps the realm it had, and with a
+    // redirect nonce that is accepted for REST credentials.
+    let mut s5 = Core::new();
+    s5.server = Server::new(config(), Authenticator::new("turn2.example.org", vec![SECRET.to_vec()], &[], NonceKey::new([44; 32], 600)), policy());
+    let a = s5.request(t, method::ALLOCATE, &[transport_udp()], Some(&carried));
+    assert_eq!(a.class(), Class::Success, "{:?}", a.code());
+    assert!(a.msg().verify_integrity(&cr.key), "signed with the key of the client's realm");
+    let refresh = s5.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 600)], Some(&carried));
+    assert_eq!(refresh.class(), Class::Success, "{:?}", refresh.code());
+    // Its own nonce with another realm is the wrong realm, as ever.
+    let mut t2 = t;
+    t2.client.set_port(40199);
+    let own = s5.rest_creds(t2, "", 3600, SECRET);
+    let foreign = Creds { realm: REALM.into(), key: long_term_key(&own.username, REALM, &turnd::auth::rest_password(SECRET, &own.username)), ..own };
+    assert_eq!(s5.request(t2, method::ALLOCATE, &[transport_udp()], Some(&foreign)).code(), Some(401));
+}
+
+#[test]
+fn a_tls_client_also_gets_the_siblings_name_and_sha256_is_answered_in_kind() {
+    let mut c = draining_core(vec![sibling("203.0.113.20", None, Some("turn2.example.org"))]);
+    let mut t = tuple(40102);
+    t.transport = Transport::Tls;
+    t.server = "192.0.2.10:443".parse().unwrap();
+    let mut cr = c.rest_creds(t, "", 3600, SECRET);
+    cr.sha256 = true;
+    let r = c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr));
+    assert_eq!(r.code(), Some(300));
+    assert!(r.msg().verify_integrity_sha256(&cr.key));
+    assert!(r.get(attr::MESSAGE_INTEGRITY).is_none());
+    assert_eq!(alternate_server(&r), Some("203.0.113.20:443".parse().unwrap()), "the port TLS came in on");
+    assert_eq!(r.get(attr::ALTERNATE_DOMAIN), Some(b"turn2.example.org".to_vec()));
+}
+
+#[test]
+fn tls_clients_go_only_to_siblings_that_take_them() {
+    // Browsers check a TLS sibling's certificate against its address: a
+    // sibling not marked for TLS clients gets UDP and TCP clients only.
+    let mut c = draining_core(vec![sibling("203.0.113.20", None, None), sibling("203.0.113.21", None, Some("turn3.example.org"))]);
+    let mut tls = tuple(40110);
+    tls.transport = Transport::Tls;
+    tls.server = "192.0.2.10:443".parse().unwrap();
+    for i in 0..20u8 {
+        let mut t = tls;
+        t.client = SocketAddr::new(format!("198.51.100.{}", 100 + i).parse().unwrap(), 40110);
+        let cr = c.rest_creds(t, "", 3600, SECRET);
+        let r = c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr));
+        assert_eq!(alternate_server(&r), Some("203.0.113.21:443".parse().unwrap()));
+    }
+    // None that takes TLS clients: 508 for them, the redirect for the others.
+    let mut c = draining_core(vec![sibling("203.0.113.20", None, None)]);
+    let cr = c.rest_creds(tls, "", 3600, SECRET);
+    assert_eq!(c.request(tls, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(508));
+    let mut tcp = tls;
+    tcp.transport = Transport::Tcp;
+    tcp.server = "192.0.2.10:3478".parse().unwrap();
+    let cr = c.rest_creds(tcp, "", 3600, SECRET);
+    let r = c.request(tcp, method::ALLOCATE, &[transport_udp()], Some(&cr));
+    assert_eq!(alternate_server(&r), Some("203.0.113.20:3478".parse().unwrap()));
+    assert!(r.get(attr::ALTERNATE_DOMAIN).is_none());
+}
+
+#[test]
+fn draining_answers_unauthenticated_and_wrong_allocates_as_before() {
+    let mut c = draining_core(vec![sibling("203.0.113.20", None, None)]);
+    let t = tuple(40103);
+    // No credentials: the usual 401 challenge (a 300 only ever goes to an
+    // authenticated request, RFC 8489 14.8), unsigned and without ALTERNATE-SERVER.
+    let r = c.request(t, method::ALLOCATE, &[transport_udp()], None);
+    assert_eq!(r.code(), Some(401));
+    assert!(r.get(attr::ALTERNATE_SERVER).is_none());
+    // Wrong password: 401 too.
+    let bad = c.creds_for(t, &format!("{}:eve", c.now.unix + 600), "guess");
+    let r = c.request(t, method::ALLOCATE, &[transport_udp()], Some(&bad));
+    assert_eq!(r.code(), Some(401));
+    assert!(r.get(attr::ALTERNATE_SERVER).is_none());
+    // A bad request is still one, before any redirect.
+    let cr = c.rest_creds(t, "", 3600, SECRET);
+    assert_eq!(c.request(t, method::ALLOCATE, &[A::Raw(0x7777, vec![0; 4])], Some(&cr)).code(), Some(420));
+    assert_eq!(c.server.stats.redirected, 0);
+}
+
+#[test]
+fn other_requests_and_existing_allocations_are_unaffected_while_draining() {
+    let mut c = Core::with(ServerConfig { alternates: vec![sibling("203.0.113.20", None, None)], ..config() }, policy(), vec![SECRET.to_vec()]);
+    let t = tuple(40104);
+    let (cr, _) = c.allocate(t, "old");
+    c.server.set_accepting(false);
+    // Binding, Refresh, CreatePermission and ChannelBind answer as ever.
+    let r = c.request(t, method::BINDING, &[], None);
+    assert_eq!(r.class(), Class::Success);
+    for (m, attrs) in [
+        (method::REFRESH, vec![A::U32(attr::LIFETIME, 600)]),
+        (method::CREATE_PERMISSION, vec![peer("8.8.8.8:53")]),
+        (method::CHANNEL_BIND, vec![channel(0x4001), peer("8.8.4.4:53")]),
+    ] {
+        let r = c.request(t, m, &attrs, Some(&cr));
+        assert_eq!(r.class(), Class::Success, "{} while draining: {:?}", method::name(m), r.code());
+        assert!(r.get(attr::ALTERNATE_SERVER).is_none());
+    }
+    // The allocation relays.
+    assert!(c.feed_relay(t, &[0x40, 0x01, 0x00, 0x01, 7, 0, 0, 0]).is_some());
+    // An Allocate on the tuple that holds one is a mismatch, as ever.
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(437));
+    assert_eq!(c.server.stats.redirected, 0);
+    // A refresh to 0 still ends it.
+    assert_eq!(c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 0)], Some(&cr)).class(), Class::Success);
+    assert_eq!(c.server.allocation_count(), 0);
+}
+
+#[test]
+fn without_a_sibling_of_the_clients_family_draining_answers_508() {
+    // Only an IPv6 sibling, an IPv4 client: nothing it could use (RFC 8489
+    // 10: the same family as the request's source).
+    let mut c = draining_core(vec![sibling("2001:db8::20", None, None)]);
+    let t = tuple(40105);
+    let cr = c.rest_creds(t, "", 3600, SECRET);
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(508));
+    // An IPv6 client goes there.
+    let mut t6 = tuple(40106);
+    t6.client = "[2001:db8:7::7]:40106".parse().unwrap();
+    t6.server = "[2001:db8::10]:3478".parse().unwrap();
+    let cr6 = c.rest_creds(t6, "", 3600, SECRET);
+    let r = c.request(t6, method::ALLOCATE, &[transport_udp()], Some(&cr6));
+    assert_eq!(alternate_server(&r), Some("[2001:db8::20]:3478".parse().unwrap()));
+    // Resumed: allocations again, no redirect.
+    c.server.set_accepting(true);
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr)).class(), Class::Success);
+}
+
+#[test]
+fn clients_spread_over_the_siblings_and_each_stays_with_one() {
+    let mut c = draining_core(vec![sibling("203.0.113.20", Some(3478), None), sibling("203.0.113.21", Some(3478), None), sibling("2001:db8::20", None, None)]);
+    let mut seen = std::collections::HashMap::new();
+    for i in 0..40u16 {
+        let mut t = tuple(40200 + i);
+        t.client = SocketAddr::new(format!("198.51.100.{}", 10 + i).parse().unwrap(), 40200 + i);
+        let cr = c.rest_creds(t, "", 3600, SECRET);
+        let first = alternate_server(&c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr))).unwrap();
+        // The same address from another port (its TCP leg) goes to the same sibling.
+        let mut again = t;
+        again.client.set_port(50000 + i);
+        let cr2 = c.rest_creds(again, "", 3600, SECRET);
+        assert_eq!(alternate_server(&c.request(again, method::ALLOCATE, &[transport_udp()], Some(&cr2))), Some(first));
+        assert!(first.is_ipv4());
+        *seen.entry(first).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "both IPv4 siblings get clients: {seen:?}");
+    assert!(seen.values().all(|&n| n >= 5), "{seen:?}");
+}
+
+#[test]
+fn a_reload_changes_the_siblings_and_check_credentials_are_not_redirected() {
+    let mut c = draining_core(vec![sibling("203.0.113.20", None, None)]);
+    let t = tuple(40107);
+    let cr = c.rest_creds(t, "", 3600, SECRET);
+    let auth = || Authenticator::new(REALM, vec![SECRET.to_vec()], &[], NonceKey::new([9; 32], 600));
+    c.server.reconfigure(ServerConfig { alternates: vec![sibling("203.0.113.30", Some(5349), None)], ..config() }, auth(), policy());
+    let r = c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr));
+    assert_eq!(alternate_server(&r), Some("203.0.113.30:5349".parse().unwrap()));
+    c.server.reconfigure(config(), auth(), policy());
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(508), "no sibling left: 508");
+    // Check credentials (signed with this relay's own key) stay here: 508.
+    c.server.reconfigure(ServerConfig { alternates: vec![sibling("203.0.113.20", None, None)], ..config() }, auth().with_check(Some(60)), policy());
+    let key = turnd::auth::check_key(&NonceKey::new([9; 32], 600));
+    let (user, pass) = turnd::auth::check_credentials(&key, c.now.unix + 30);
+    let ck = c.creds_for(t, &user, &pass);
+    assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&ck)).code(), Some(508));
 }
 
 #[test]

@@ -11,16 +11,15 @@ mod harness;
 mod wire;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Turnd, SECRET};
+use common::{turnctl_upgrade, Turnd, SECRET};
 use harness::{channel, A};
 use serde_json::Value;
 use turnd::stun::{method, ChannelData, Class};
@@ -57,30 +56,6 @@ fn second_binary(dir: &Path) -> PathBuf {
     let p = dir.join("turnd-next");
     std::fs::copy(env!("CARGO_BIN_EXE_turnd"), &p).unwrap();
     p
-}
-
-/// `turnctl upgrade --binary B`: (exit status, what it printed).
-fn turnctl_upgrade(server: &Turnd, binary: &Path) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_turnctl"))
-        .args(["upgrade", "--admin", &format!("127.0.0.1:{}", server.metrics_port)])
-        .arg("--token-file")
-        .arg(server.dir.join("admin-token"))
-        .arg("--binary")
-        .arg(binary)
-        .output()
-        .unwrap();
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
-/// GET an admin API path with the server's token.
-fn admin(server: &Turnd, path: &str) -> Value {
-    let mut s = TcpStream::connect(("127.0.0.1", server.metrics_port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", server.admin_token()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or_default();
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {resp}"))
 }
 
 /// Permission and channel `number` for `peer` on a client's allocation.
@@ -250,7 +225,7 @@ fn udp_allocations(server: SocketAddr, peer: SocketAddr, n: usize) -> (Vec<UdpSo
 
 /// UDP sessions by client address (a TCP client may have the same address and port).
 fn sessions(server: &Turnd) -> HashMap<String, Value> {
-    let all = admin(server, "/admin/sessions");
+    let all = server.admin_get("/admin/sessions");
     all.as_array().unwrap().iter().filter(|s| s["transport"] == "udp").map(|s| (s["client"].as_str().unwrap().to_owned(), s.clone())).collect()
 }
 
@@ -301,7 +276,7 @@ fn an_upgrade_under_load_loses_no_datagram_and_resets_no_connection() {
     let binary = second_binary(&server.dir);
     let (code, out) = turnctl_upgrade(&server, &binary);
     assert_eq!(code, 0, "turnctl upgrade: {out}\n{}", server.log());
-    let status = admin(&server, "/admin/status");
+    let status = server.admin_get("/admin/status");
     let new_pid = status["pid"].as_u64().unwrap() as u32;
     reaper.add(new_pid);
     assert_ne!(new_pid, old_pid, "{out}");
@@ -335,7 +310,7 @@ fn an_upgrade_under_load_loses_no_datagram_and_resets_no_connection() {
         assert!(n["age_s"].as_u64() >= b["age_s"].as_u64(), "{a}");
     }
     // The stream clients stay with the old process, not reset, relaying.
-    let streams_after = admin(&server, "/admin/sessions").as_array().unwrap().iter().filter(|s| s["transport"] != "udp").count();
+    let streams_after = server.admin_get("/admin/sessions").as_array().unwrap().iter().filter(|s| s["transport"] != "udp").count();
     assert_eq!(streams_after, 0, "TCP/TLS allocations stay with the old process");
     assert!(alive(old_pid));
     for (i, (c, n, r)) in streams.iter_mut().enumerate() {
@@ -388,20 +363,28 @@ fn failed_upgrades_leave_the_old_process_serving_everything() {
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("failed before it took over"), "{out}");
 
+    // 4. A binary another user could have written: not started at all.
+    let writable = server.dir.join("turnd-writable");
+    std::fs::copy(env!("CARGO_BIN_EXE_turnd"), &writable).unwrap();
+    std::fs::set_permissions(&writable, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let (code, out) = turnctl_upgrade(&server, &writable);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("writable by other users"), "{out}");
+
     // Nothing was lost meanwhile, and the old process serves everything.
-    assert_eq!(admin(&server, "/admin/status")["pid"].as_u64(), Some(old_pid as u64));
+    assert_eq!(server.admin_get("/admin/status")["pid"].as_u64(), Some(old_pid as u64));
     let mut fresh = UdpClient::new("127.0.0.1", server.addr);
     fresh.allocate("fresh", SECRET);
     let mut tcp = StreamClient::tcp(server.addr);
     tcp.allocate("tcp", SECRET);
     let (sent, got) = load.finish();
     assert_eq!((got.to_peer, got.to_client, got.wrong), (sent.0, sent.1, 0), "{got:?}\n{}", server.log());
-    assert!(server.log().matches("upgrade failed, this process serves on").count() == 3, "{}", server.log());
+    assert!(server.log().matches("upgrade failed, this process serves on").count() == 4, "{}", server.log());
 
     // And an upgrade after them works.
     let (code, out) = turnctl_upgrade(&server, &second_binary(&server.dir));
     assert_eq!(code, 0, "{out}");
-    reaper.add(admin(&server, "/admin/status")["pid"].as_u64().unwrap() as u32);
+    reaper.add(server.admin_get("/admin/status")["pid"].as_u64().unwrap() as u32);
     drop(tcp);
     assert!(server.wait_exit(Duration::from_secs(10)).is_some());
 }
@@ -491,7 +474,7 @@ fn under_systemd_the_main_pid_moves_and_the_watchdog_stays_fed() {
     std::thread::sleep(Duration::from_millis(1500));
     let (code, out) = turnctl_upgrade(&server, &second_binary(&server.dir));
     assert_eq!(code, 0, "{out}");
-    let new = admin(&server, "/admin/status")["pid"].as_u64().unwrap() as u32;
+    let new = server.admin_get("/admin/status")["pid"].as_u64().unwrap() as u32;
     reaper.add(new);
     // The old process has nothing left: it exits; the new one goes on pinging.
     assert!(server.wait_exit(Duration::from_secs(10)).is_some());
@@ -512,7 +495,7 @@ fn sigusr2_upgrades_to_the_binary_at_the_path_turnd_started_from() {
     let old_pid = server.pid();
     server.signal("USR2");
     server.wait_log("upgrade: the new process serves the listeners and UDP allocations");
-    let status = admin(&server, "/admin/status");
+    let status = server.admin_get("/admin/status");
     let new_pid = status["pid"].as_u64().unwrap() as u32;
     reaper.add(new_pid);
     assert_ne!(new_pid, old_pid);
@@ -525,4 +508,25 @@ fn sigusr2_upgrades_to_the_binary_at_the_path_turnd_started_from() {
     let (sent, got) = load.finish();
     assert_eq!((got.to_peer, got.to_client, got.wrong), (sent.0, sent.1, 0), "{got:?}\n{}", server.log());
     assert!(server.wait_exit(Duration::from_secs(10)).is_some(), "the old process exits");
+}
+
+#[test]
+fn a_drained_relay_stays_drained_through_an_upgrade() {
+    let reaper = Reaper::new();
+    let mut server = Turnd::builder().start();
+    let admin = format!("127.0.0.1:{}", server.metrics_port);
+    let token = server.dir.join("admin-token");
+    let out = Command::new(env!("CARGO_BIN_EXE_turnctl")).args(["drain", "--admin", &admin]).arg("--token-file").arg(&token).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, out) = turnctl_upgrade(&server, &second_binary(&server.dir));
+    assert_eq!(code, 0, "{out}");
+    let status = server.admin_get("/admin/status");
+    reaper.add(status["pid"].as_u64().unwrap() as u32);
+    assert_ne!(status["pid"].as_u64(), Some(server.pid() as u64));
+    assert_eq!(status["drain"]["state"], "draining", "{status}");
+    assert_eq!(server.http_get("/readyz").0, 503);
+    // New participants are refused from the first packet the new process reads (no sibling: 508).
+    let mut c = UdpClient::new("127.0.0.1", server.addr);
+    assert_eq!(c.try_allocate("late", SECRET).code(), Some(508));
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
 }

@@ -128,6 +128,11 @@ pub struct Authenticator {
     secrets: Vec<Vec<u8>>,
     static_keys: HashMap<String, [u8; 16]>,
     nonce: NonceKey,
+    /// Nonce keys derived from each shared secret, alike on every relay that
+    /// shares it: a client this relay redirects (300 Try Alternate) brings
+    /// a nonce made with the first to a sibling, which accepts it (browsers
+    /// reuse the nonce after a redirect and give up on a 438).
+    fleet: Vec<NonceKey>,
     /// The check credentials' key and their validity, when the check page is on.
     check: Option<([u8; 16], u64)>,
 }
@@ -141,7 +146,8 @@ impl Authenticator {
     pub fn new(realm: &str, secrets: Vec<Vec<u8>>, static_users: &[(String, String)], nonce: NonceKey) -> Self {
         let static_keys =
             static_users.iter().map(|(u, p)| (u.clone(), long_term_key(u, realm, p))).collect();
-        Authenticator { realm: realm.to_owned(), secrets, static_keys, nonce, check: None }
+        let fleet = secrets.iter().map(|s| nonce.derive(s)).collect();
+        Authenticator { realm: realm.to_owned(), secrets, static_keys, nonce, fleet, check: None }
     }
 
     /// Accepts check credentials valid for `ttl` seconds too (`[check]` on).
@@ -164,9 +170,16 @@ impl Authenticator {
         self.nonce.token(&[&slot.to_be_bytes(), &generation.to_be_bytes(), &unix_now.to_be_bytes()])
     }
 
-    /// Whether `nonce` is one we issued to `ip` that has not expired.
+    /// A nonce for `ip` that every relay sharing the first secret accepts
+    /// (to hand a redirected client along); `None` without a shared secret.
+    pub fn fleet_nonce(&self, ip: IpAddr, unix_now: u64) -> Option<[u8; nonce::NONCE_LEN]> {
+        self.fleet.first().map(|k| k.make(ip, unix_now))
+    }
+
+    /// Whether `nonce` is one we issued to `ip` that has not expired, or
+    /// one a relay sharing a secret with us issued to `ip` for a redirect.
     pub fn nonce_valid(&self, nonce: &[u8], ip: IpAddr, unix_now: u64) -> bool {
-        self.nonce.check(nonce, ip, unix_now)
+        self.nonce.check(nonce, ip, unix_now) || self.fleet.iter().any(|k| k.check(nonce, ip, unix_now))
     }
 
     /// RFC 8489 9.2.4 checks, in the RFC's order.
@@ -180,13 +193,24 @@ impl Authenticator {
         let (Some(username), Some(realm), Some(nonce)) = (username, realm, nonce) else {
             return Err(AuthFailure::BadRequest);
         };
-        if !self.nonce.check(nonce, ip, unix_now) {
+        let own = self.nonce.check(nonce, ip, unix_now);
+        let redirected = !own && self.fleet.iter().any(|k| k.check(nonce, ip, unix_now));
+        if !own && !redirected {
             return Err(AuthFailure::StaleNonce);
         }
-        if realm != self.realm {
+        // A client another relay of the fleet sent here (its nonce is a
+        // fleet nonce) brings that relay's realm, and browsers cannot change
+        // it before they allocate. REST credentials do not depend on the
+        // realm (the password is an HMAC of the username), so for them the
+        // key is made with the realm the client used; nothing else may.
+        let realm_ok = realm == self.realm;
+        if !realm_ok && !redirected {
             return Err(AuthFailure::WrongRealm);
         }
         if let Some(key) = self.static_keys.get(username) {
+            if !realm_ok {
+                return Err(AuthFailure::WrongRealm);
+            }
             return if msg.verify(key) {
                 Ok(Authenticated { username, key: *key, check: false })
             } else {
@@ -195,6 +219,9 @@ impl Authenticator {
         }
         if let Some((expiry, CHECK_USER)) = parse_rest_username(username) {
             let Some((check, ttl)) = &self.check else { return Err(AuthFailure::UnknownUser) };
+            if !realm_ok {
+                return Err(AuthFailure::WrongRealm);
+            }
             if expiry < unix_now {
                 return Err(AuthFailure::Expired);
             }
@@ -215,7 +242,7 @@ impl Authenticator {
             return Err(AuthFailure::Expired);
         }
         for secret in &self.secrets {
-            let key = long_term_key(username, &self.realm, &rest_password(secret, username));
+            let key = long_term_key(username, realm, &rest_password(secret, username));
             if msg.verify(&key) {
                 return Ok(Authenticated { username, key, check: false });
             }

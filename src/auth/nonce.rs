@@ -24,6 +24,13 @@ impl NonceKey {
         NonceKey { key, ttl }
     }
 
+    /// The key every relay that shares `secret` derives alike: nonces made
+    /// with it verify on each of them (see [`super::Authenticator::fleet_nonce`]).
+    /// Same lifetime as this key.
+    pub fn derive(&self, secret: &[u8]) -> NonceKey {
+        NonceKey { key: hmac_sha256(secret, &[b"turnd fleet nonce"]), ttl: self.ttl }
+    }
+
     /// The key itself, for the process an upgrade hands the relay to.
     pub fn key(&self) -> [u8; 32] {
         self.key
@@ -97,5 +104,19 @@ mod tests {
         assert!(!k.check(&forged, a, 1_000));
         assert!(!NonceKey::new([8; 32], 600).check(&n, a, 1_000));
         assert!(!k.check(b"short", a, 1_000));
+    }
+
+    #[test]
+    fn derived_keys_agree_across_processes_and_differ_by_secret() {
+        // Two relays with their own random keys, one shared secret.
+        let (one, two) = (NonceKey::new([1; 32], 600), NonceKey::new([2; 32], 900));
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let n = one.derive(b"shared").make(a, 1_000);
+        assert!(two.derive(b"shared").check(&n, a, 1_000));
+        assert!(!two.check(&n, a, 1_000), "a derived nonce is not one of the process key");
+        assert!(!two.derive(b"other").check(&n, a, 1_000));
+        assert!(!two.derive(b"shared").check(&n, "198.51.100.2".parse().unwrap(), 1_000));
+        // The lifetime is the deriving key's.
+        assert!(one.derive(b"shared").check(&n, a, 1_600) && !one.derive(b"shared").check(&n, a, 1_601));
     }
 }

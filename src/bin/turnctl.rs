@@ -51,6 +51,65 @@ fn admin_call(
     }
 }
 
+/// What `turnctl drain` did.
+fn render_drained(v: &serde_json::Value) -> String {
+    let to: Vec<&str> = v["alternates"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+    let already = if v["was"] == "draining" { " (it was already)" } else { "" };
+    let dest = if to.is_empty() {
+        "new allocations are refused (508: no [[drain.alternate]] configured), so browsers use the other relays they were given".to_owned()
+    } else {
+        format!("new allocations go to {} (300 Try Alternate)", to.join(", "))
+    };
+    format!(
+        "draining{already}: {dest}; /readyz answers 503; {} allocation(s) keep relaying until they end. \
+         turnd keeps running: stop it when they have ended (turnctl status), or `turnctl resume`.\n",
+        v["allocations"]
+    )
+}
+
+/// `turnctl drain --wait`: polls the status until no allocation is left
+/// (exit 0) or `limit` passes (exit 1), printing the count as it falls.
+fn wait_drained(args: &AdminArgs, limit: std::time::Duration) -> ExitCode {
+    let admin = match connect(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("turnctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let deadline = std::time::Instant::now() + limit;
+    let mut last = None;
+    loop {
+        match admin.status() {
+            Ok(v) => {
+                let n = v["allocations"].as_u64().unwrap_or(0);
+                if last != Some(n) {
+                    println!("{n} allocation(s) left");
+                    last = Some(n);
+                }
+                if n == 0 {
+                    println!("drained: no allocation left");
+                    return ExitCode::SUCCESS;
+                }
+                if v["draining"] != true {
+                    eprintln!("turnctl: turnd is no longer draining (turnctl resume?)");
+                    return ExitCode::FAILURE;
+                }
+            }
+            Err(e) => {
+                eprintln!("turnctl: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            eprintln!("turnctl: {} allocation(s) still running after --wait {}s", last.unwrap_or(0), limit.as_secs());
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_secs(1)));
+    }
+}
+
 fn read_first_secret(path: &std::path::Path) -> Result<String, String> {
     turnd::config::SecretFile::read(path).map(|f| f.first())
 }
@@ -76,39 +135,30 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Some(h) = host.iter().find(|h| !turnd::ctl::jitsi::valid_host(h)) {
+                eprintln!("turnctl: --host: `{h}` is not a host name or IP address (an IPv6 address in brackets, no port)");
+                return ExitCode::from(2);
+            }
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let username = rest_username(now + ttl, user.as_deref());
             let password = rest_password(secret.as_bytes(), &username);
-            let uris: Vec<String> = match &host {
-                Some(h) => vec![
-                    format!("turn:{h}:3478?transport=udp"),
-                    format!("turn:{h}:3478?transport=tcp"),
-                    format!("turns:{h}:443?transport=tcp"),
-                ],
-                None => vec![],
-            };
-            if format.as_deref() == Some("env") {
-                let Some(h) = &host else {
-                    eprintln!("turnctl: --format env needs --host (the relay's public name)");
+            let uris = turnd::ctl::jitsi::uris(&host);
+            match format.as_deref() {
+                Some(f @ ("env" | "prosody")) if host.is_empty() => {
+                    eprintln!("turnctl: --format {f} needs --host (the relay's public name; repeat it for several relays)");
                     return ExitCode::from(2);
-                };
-                // prosody computes the credentials itself from TURN_CREDENTIALS.
-                println!("TURN_CREDENTIALS={secret}");
-                println!("TURN_HOST={h}");
-                println!("TURN_PORT=3478");
-                println!("TURN_TRANSPORT=udp,tcp");
-                println!("TURNS_HOST={h}");
-                println!("TURNS_PORT=443");
-                println!("TURN_TTL={ttl}");
-            } else if format.as_deref() == Some("ice") {
-                println!("{}", serde_json::json!([{ "urls": uris, "username": username, "credential": password }]));
-            } else if json {
-                println!("{}", serde_json::json!({ "username": username, "password": password, "ttl": ttl, "uris": uris }));
-            } else {
-                println!("username: {username}");
-                println!("password: {password}");
-                for u in uris {
-                    println!("uri: {u}");
+                }
+                // prosody computes the credentials itself from the secret.
+                Some("env") => print!("{}", turnd::ctl::jitsi::env(&secret, &host, ttl)),
+                Some("prosody") => print!("{}", turnd::ctl::jitsi::prosody(&secret, &host, ttl)),
+                Some("ice") => println!("{}", turnd::ctl::jitsi::ice(&host, &username, &password)),
+                _ if json => println!("{}", serde_json::json!({ "username": username, "password": password, "ttl": ttl, "uris": uris })),
+                _ => {
+                    println!("username: {username}");
+                    println!("password: {password}");
+                    for u in uris {
+                        println!("uri: {u}");
+                    }
                 }
             }
             ExitCode::SUCCESS
@@ -137,6 +187,25 @@ fn main() -> ExitCode {
             };
             admin_call(&admin, false, |a| a.disconnect(&sel), |v| format!("disconnected {} allocation(s)\n", v["disconnected"]))
         }
+        Cmd::Drain { admin, wait } => {
+            let wait = match wait.as_deref().map(|w| w.parse::<Seconds>()) {
+                None => None,
+                Some(Ok(t)) if t.0 > 0 => Some(std::time::Duration::from_secs(t.0)),
+                Some(_) => {
+                    eprintln!("turnctl: --wait: `{}` is not a positive duration (e.g. 600, 30m, 6h)", wait.unwrap_or_default());
+                    return ExitCode::from(2);
+                }
+            };
+            let rc = admin_call(&admin, false, |a| a.drain(), render_drained);
+            match wait {
+                Some(limit) if rc == ExitCode::SUCCESS => wait_drained(&admin, limit),
+                _ => rc,
+            }
+        }
+        Cmd::Resume { admin } => admin_call(&admin, false, |a| a.resume(), |v| match v["was"].as_str() {
+            Some("draining") => "resumed: new allocations are taken again\n".to_owned(),
+            _ => "was not draining: new allocations are taken\n".to_owned(),
+        }),
         Cmd::Reload { admin } => admin_call(&admin, false, |a| a.reload(), |v| format!("{}\n", v["message"].as_str().unwrap_or("reloaded"))),
         Cmd::Upgrade { admin, binary } => admin_call(&admin, false, |a| a.upgrade(binary.as_deref()), |v| {
             format!(

@@ -60,6 +60,8 @@ pub struct File {
     pub check: CheckSection,
     #[serde(default)]
     pub xdp: XdpSection,
+    #[serde(default)]
+    pub drain: DrainSection,
 }
 
 /// `[xdp]`: the in-kernel fast path for UDP clients' channels (feature `xdp`).
@@ -69,6 +71,23 @@ pub struct XdpSection {
     #[serde(default)]
     pub interfaces: Vec<String>,
     pub mode: Option<String>,
+}
+
+/// `[drain]`: where new clients go while this relay drains.
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct DrainSection {
+    #[serde(default)]
+    pub alternate: Vec<AlternateSection>,
+}
+
+/// `[[drain.alternate]]`: one sibling relay.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AlternateSection {
+    pub address: String,
+    pub tls_clients: Option<bool>,
+    pub domain: Option<String>,
 }
 
 /// `[check]`: the check page participants open in their browser.

@@ -311,6 +311,8 @@ pub(super) fn validate_reading(f: File, ov: &Overrides, reads: Reads) -> Result<
         _ => None,
     };
 
+    let alternates = alternates(&f.drain, &listeners, relay_v4, relay_v6, &mut notes)?;
+
     let legacy_channels = l.legacy_channel_numbers.unwrap_or(false);
     let core = ServerConfig {
         software: software.as_deref().map(Arc::from),
@@ -327,6 +329,7 @@ pub(super) fn validate_reading(f: File, ov: &Overrides, reads: Reads) -> Result<
         unauth_rate,
         allocation_bytes_per_second: l.allocation_bandwidth.unwrap_or(DEFAULT_ALLOCATION_BANDWIDTH).bytes_per_second(),
         total_bytes_per_second: l.total_bandwidth.unwrap_or(Bandwidth(0)).bytes_per_second(),
+        alternates,
     };
     Ok(Config {
         realm,
@@ -648,6 +651,74 @@ fn limits(l: &LimitsSection) -> Result<(u32, u8, u32), ConfigError> {
     }
 
     Ok((max_permissions, ipv6_prefix_per_ip, unauth_rate))
+}
+
+/// Siblings listed at most (one per address family is what clients read;
+/// more spread the redirected clients).
+pub const MAX_ALTERNATES: usize = 64;
+
+/// `[[drain.alternate]]`: the sibling relays new clients are sent to while
+/// this one drains, checked. An address is an IP (the client is sent to the
+/// port it came in on) or IP:PORT; never this relay's own listener.
+fn alternates(
+    d: &DrainSection,
+    listeners: &[Listener],
+    relay_v4: Option<RelayAddr>,
+    relay_v6: Option<RelayAddr>,
+    notes: &mut Vec<String>,
+) -> Result<Vec<crate::turn::Alternate>, ConfigError> {
+    if d.alternate.len() > MAX_ALTERNATES {
+        return Err(bad("drain.alternate", format!("lists {} relays; at most {MAX_ALTERNATES}", d.alternate.len())));
+    }
+    let own: Vec<IpAddr> = [relay_v4, relay_v6].iter().flatten().flat_map(|r| [r.local, r.external]).collect();
+    let mut out: Vec<crate::turn::Alternate> = Vec::new();
+    for (i, a) in d.alternate.iter().enumerate() {
+        let key = format!("drain.alternate[{i}].address");
+        let text = a.address.trim();
+        let (ip, port) = match (text.parse::<IpAddr>(), text.parse::<SocketAddr>()) {
+            (Ok(ip), _) => (ip, None),
+            (_, Ok(sa)) if sa.port() == 0 => return Err(bad(key, format!("`{text}` names port 0: give the sibling's port, or only its IP address"))),
+            (_, Ok(sa)) => (sa.ip(), Some(sa.port())),
+            _ => {
+                return Err(bad(
+                    key,
+                    format!("`{text}` is not an IP address or IP:PORT ([IPv6]:PORT): a redirect carries an address, not a name (put the name in domain)"),
+                ))
+            }
+        };
+        let ip = ip.to_canonical();
+        if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255]) {
+            return Err(bad(key, format!("`{ip}` is not an address a client can reach")));
+        }
+        // This relay itself: clients would be sent back here (browsers then give up).
+        let loops = listeners.iter().any(|l| {
+            let lip = l.address.ip().to_canonical();
+            (lip == ip || (lip.is_unspecified() && own.contains(&ip))) && port.is_none_or(|p| p == l.address.port())
+        });
+        if loops {
+            return Err(bad(key, format!("`{text}` is this relay's own listener: name a sibling relay")));
+        }
+        if ip.is_loopback() {
+            notes.push(format!("{key}: `{text}` is a loopback address: browsers refuse to be redirected there (only other clients on this host follow)"));
+        }
+        let domain = match a.domain.as_deref() {
+            None => None,
+            Some(n) => match host_name(n).filter(|l| l.contains('.') && l.len() < 128) {
+                Some(l) => Some(Arc::from(l.as_str())),
+                None => return Err(bad(format!("drain.alternate[{i}].domain"), format!("`{n}` is not a DNS name (the name in that relay's certificate, e.g. turn2.example.com)"))),
+            },
+        };
+        let tls = a.tls_clients.unwrap_or(false);
+        if domain.is_some() && !tls {
+            return Err(bad(format!("drain.alternate[{i}].domain"), "is sent to TLS clients only: it needs tls_clients = true"));
+        }
+        let alt = crate::turn::Alternate { ip, port, tls, domain };
+        if out.iter().any(|o| o.ip == alt.ip && o.port == alt.port) {
+            return Err(bad(key, format!("`{text}` is listed twice")));
+        }
+        out.push(alt);
+    }
+    Ok(out)
 }
 
 /// `[metrics]` and `[admin]`: where metrics are served, and the admin token

@@ -1,4 +1,5 @@
-//! Client side of turnd's admin API (status, sessions, disconnect, reload):
+//! Client side of turnd's admin API (status, sessions, disconnect, reload,
+//! drain, resume):
 //! a minimal HTTP/1.1 client over loopback with a bearer token.
 
 use std::io::{Read, Write};
@@ -81,6 +82,16 @@ impl Admin {
         self.request("POST", "/admin/reload", None)
     }
 
+    /// New allocations go to the siblings (or are refused); turnd keeps running.
+    pub fn drain(&self) -> Result<Value, AdminError> {
+        self.request("POST", "/admin/drain", None)
+    }
+
+    /// New allocations again after [`Admin::drain`].
+    pub fn resume(&self) -> Result<Value, AdminError> {
+        self.request("POST", "/admin/resume", None)
+    }
+
     /// Asks turnd to hand over to a new process running `binary` (default:
     /// its own path); answers once the new process serves, or why not.
     pub fn upgrade(&self, binary: Option<&Path>) -> Result<Value, AdminError> {
@@ -107,6 +118,7 @@ fn s(v: &Value) -> String {
 pub fn render_status(v: &Value) -> String {
     let mut o = String::new();
     o += &format!("turnd {}  up {}s{}\n", s(&v["version"]), s(&v["uptime_s"]), if v["draining"] == true { "  DRAINING" } else { "" });
+    o += &render_drain(&v["drain"]);
     if let Some(ls) = v["listeners"].as_array() {
         o += &format!("listeners:   {}\n", ls.iter().map(s).collect::<Vec<_>>().join(", "));
     }
@@ -137,6 +149,33 @@ pub fn render_status(v: &Value) -> String {
         s(&v["relayed_packets"]["to_client"])
     );
     o
+}
+
+/// The drain lines of the status: whether new allocations are taken, and
+/// where they go while draining.
+fn render_drain(d: &Value) -> String {
+    let to: Vec<String> = d["alternates"].as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default();
+    let whom = if to.is_empty() { None } else { Some(to.join(", ")) };
+    match d["state"].as_str() {
+        Some("draining") | Some("stopping") => {
+            let why = if d["state"] == "stopping" {
+                "shutting down (SIGTERM): exits when the allocations end or at limits.drain_timeout"
+            } else {
+                "turnctl drain; /readyz answers 503; `turnctl resume` takes new allocations again"
+            };
+            let dest = match whom {
+                Some(w) => format!("new allocations go to {w} (300 Try Alternate), {} so far", s(&d["redirected"])),
+                None => "new allocations are refused (508; no [[drain.alternate]] configured)".to_owned(),
+            };
+            format!("draining:    yes ({why})\n             {dest}\n")
+        }
+        Some(_) => match whom {
+            Some(w) => format!("draining:    no (turnctl drain would send new allocations to {w})\n"),
+            None => "draining:    no\n".to_owned(),
+        },
+        // An older turnd without the drain fields.
+        None => String::new(),
+    }
 }
 
 /// The certificate lines of the status.

@@ -133,7 +133,7 @@ pub fn render(s: &Snapshot) -> String {
     gauge(&r, "turnd_shards_not_answering", "Shards whose event loop did not answer this scrape in time (stuck or stopped).", &[])
         .with_label_values(&[] as &[&str])
         .set(s.silent_shards.len() as i64);
-    gauge(&r, "turnd_draining", "1 while shutting down gracefully (new allocations refused).", &[])
+    gauge(&r, "turnd_draining", "1 while draining: after turnctl drain or SIGTERM (new allocations sent to a sibling relay or refused).", &[])
         .with_label_values(&[] as &[&str])
         .set(s.draining as i64);
 
@@ -215,6 +215,9 @@ pub fn render(s: &Snapshot) -> String {
     let quota = counter(&r, "turnd_quota_refusals_total", "Requests refused by a quota or capacity limit.", &["kind"]);
     quota.with_label_values(&["quota"]).inc_by(st.quota_refusals);
     quota.with_label_values(&["capacity"]).inc_by(st.capacity_refusals);
+    counter(&r, "turnd_allocations_redirected_total", "Allocate requests sent to a sibling relay while draining (300 Try Alternate).", &[])
+        .with_label_values(&[] as &[&str])
+        .inc_by(st.redirected);
 
     let conns = gauge(&r, "turnd_connections", "Open TCP/TLS client connections.", &["transport"]);
     for t in [Transport::Tcp, Transport::Tls] {

@@ -62,8 +62,10 @@ pub enum Command {
     UdpAllocations(u32, oneshot::Sender<usize>),
     /// Closes retired UDP listener group `conn` (no shard has allocations on it).
     CloseUdp(u32),
-    /// Refuse new allocations (graceful shutdown).
+    /// Refuse new allocations (graceful shutdown, `turnctl drain`).
     Drain,
+    /// Take new allocations again after `turnctl drain` (`turnctl resume`).
+    Undrain,
     /// Answered by a live event loop (the systemd watchdog asks).
     Ping(oneshot::Sender<()>),
     /// An upgrade: stop reading the listeners and the UDP allocations of
@@ -580,6 +582,7 @@ impl Shard {
                 }
             }
             Command::Drain => self.server.set_accepting(false),
+            Command::Undrain => self.server.set_accepting(true),
             Command::Ping(tx) => {
                 let _ = tx.send(());
             }

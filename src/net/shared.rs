@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -100,6 +100,35 @@ pub struct ConnectionLimits {
     pub max_per_ip: u32,
 }
 
+/// Whether the relay takes new allocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drain {
+    Serving = 0,
+    /// `turnctl drain`: new allocations go elsewhere; the process keeps
+    /// running, and `turnctl resume` undoes it.
+    Draining = 1,
+    /// SIGTERM: draining until the allocations end or `limits.drain_timeout`.
+    Stopping = 2,
+}
+
+impl Drain {
+    fn from_u8(n: u8) -> Drain {
+        match n {
+            0 => Drain::Serving,
+            1 => Drain::Draining,
+            _ => Drain::Stopping,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Drain::Serving => "serving",
+            Drain::Draining => "draining",
+            Drain::Stopping => "stopping",
+        }
+    }
+}
+
 pub struct Shared {
     quotas: Mutex<Quotas>,
     /// Sockets holding ports reserved by EVEN-PORT's R bit, by port: the
@@ -116,7 +145,8 @@ pub struct Shared {
     out_of_fds_at: Mutex<Option<Instant>>,
     /// Ports in the relay range (changed by a reload).
     port_range: AtomicUsize,
-    draining: AtomicBool,
+    /// A [`Drain`] as a number.
+    drain: AtomicU8,
     pub started: Instant,
     /// The XDP fast path, when loaded at start (each shard mirrors its
     /// channels into its maps).
@@ -141,7 +171,7 @@ impl Shared {
             fd_budget,
             out_of_fds_at: Mutex::new(None),
             port_range: AtomicUsize::new(port_range),
-            draining: AtomicBool::new(false),
+            drain: AtomicU8::new(Drain::Serving as u8),
             started: Instant::now(),
             #[cfg(feature = "xdp")]
             xdp: std::sync::OnceLock::new(),
@@ -161,25 +191,48 @@ impl Shared {
         self.port_range.load(Ordering::Relaxed)
     }
 
+    /// Shutting down (SIGTERM): new allocations refused until the process
+    /// ends; `turnctl resume` cannot undo it.
     pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+        self.drain.store(Drain::Stopping as u8, Ordering::Relaxed);
+    }
+
+    /// Draining on the operator's word (`turnctl drain`): new allocations
+    /// refused (sent to a sibling), the process keeps running. Returns the
+    /// state it was in.
+    pub fn drain_by_operator(&self) -> Drain {
+        match self.drain.compare_exchange(Drain::Serving as u8, Drain::Draining as u8, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => Drain::Serving,
+            Err(now) => Drain::from_u8(now),
+        }
+    }
+
+    /// Takes new allocations again after [`Shared::drain_by_operator`];
+    /// returns the state it was in (a shutdown stays one).
+    pub fn resume(&self) -> Drain {
+        match self.drain.compare_exchange(Drain::Draining as u8, Drain::Serving as u8, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => Drain::Draining,
+            Err(now) => Drain::from_u8(now),
+        }
+    }
+
+    pub fn drain_state(&self) -> Drain {
+        Drain::from_u8(self.drain.load(Ordering::Relaxed))
     }
 
     /// Why the relay cannot take new allocations, if it cannot.
     pub fn not_ready(&self) -> Option<&'static str> {
-        if self.draining() {
-            Some("draining: shutting down")
-        } else if self.relay_ports_in_use() >= self.port_range() {
-            Some("no relay port free")
-        } else if self.out_of_fds() {
-            Some("out of file descriptors: raise the open-files limit")
-        } else {
-            None
+        match self.drain_state() {
+            Drain::Stopping => Some("draining: shutting down"),
+            Drain::Draining => Some("draining: new allocations go to other relays (turnctl drain; turnctl resume takes them again)"),
+            Drain::Serving if self.relay_ports_in_use() >= self.port_range() => Some("no relay port free"),
+            Drain::Serving if self.out_of_fds() => Some("out of file descriptors: raise the open-files limit"),
+            Drain::Serving => None,
         }
     }
 
     pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.drain_state() != Drain::Serving
     }
 
     /// Relay ports in use on every shard: open sockets and reserved ports.

@@ -31,6 +31,8 @@ pub const RESERVATION_TOKEN: u16 = 0x0022;
 pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
 pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
 pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
+/// RFC 8489 14.16: the name to verify a TLS alternate's certificate against.
+pub const ALTERNATE_DOMAIN: u16 = 0x8003;
 pub const ICMP: u16 = 0x8004;
 pub const SOFTWARE: u16 = 0x8022;
 pub const ALTERNATE_SERVER: u16 = 0x8023;
@@ -87,6 +89,41 @@ pub fn encode_xor_address(addr: SocketAddr, tid: &[u8; 12], out: &mut [u8; 20]) 
             }
             20
         }
+    }
+}
+
+/// Encodes a plain (not XOR'd) address value, as MAPPED-ADDRESS and
+/// ALTERNATE-SERVER carry it (RFC 8489 14.1), into `out`; its length (8 or 20).
+pub fn encode_address(addr: SocketAddr, out: &mut [u8; 20]) -> usize {
+    out[0] = 0;
+    out[2..4].copy_from_slice(&addr.port().to_be_bytes());
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            out[1] = FAMILY_IPV4;
+            out[4..8].copy_from_slice(&ip.octets());
+            8
+        }
+        IpAddr::V6(ip) => {
+            out[1] = FAMILY_IPV6;
+            out[4..20].copy_from_slice(&ip.octets());
+            20
+        }
+    }
+}
+
+/// Decodes a plain address value (MAPPED-ADDRESS, ALTERNATE-SERVER).
+pub fn decode_address(v: &[u8]) -> Option<SocketAddr> {
+    if v.len() < 4 {
+        return None;
+    }
+    let port = u16::from_be_bytes([v[2], v[3]]);
+    match v[1] {
+        FAMILY_IPV4 if v.len() == 8 => Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(v[4], v[5], v[6], v[7])), port)),
+        FAMILY_IPV6 if v.len() == 20 => {
+            let b: [u8; 16] = v[4..20].try_into().ok()?;
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(b)), port))
+        }
+        _ => None,
     }
 }
 

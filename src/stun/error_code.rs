@@ -4,6 +4,9 @@
 /// An error response's code; its number and reason phrase come from here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
+    /// 300: this relay is draining; ALTERNATE-SERVER names where to allocate
+    /// instead (RFC 8489 10). Only ever sent signed, to an authenticated request.
+    TryAlternate,
     /// 400: malformed or contradictory request.
     BadRequest,
     /// 401: no or wrong credentials (a challenge).
@@ -34,6 +37,7 @@ impl ErrorCode {
     /// The number in the ERROR-CODE attribute.
     pub const fn code(self) -> u16 {
         match self {
+            ErrorCode::TryAlternate => 300,
             ErrorCode::BadRequest => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
@@ -52,6 +56,7 @@ impl ErrorCode {
     /// A short reason phrase (short keeps unauthenticated answers small).
     pub const fn reason(self) -> &'static str {
         match self {
+            ErrorCode::TryAlternate => "Try Alternate",
             ErrorCode::BadRequest => "Bad Request",
             ErrorCode::Unauthorized => "Unauthorized",
             ErrorCode::Forbidden => "Forbidden",

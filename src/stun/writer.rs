@@ -76,6 +76,13 @@ impl<'a> MessageWriter<'a> {
         self.attr(typ, &v[..n])
     }
 
+    /// A plain address attribute (ALTERNATE-SERVER, MAPPED-ADDRESS).
+    pub fn address(&mut self, typ: u16, addr: SocketAddr) -> &mut Self {
+        let mut v = [0u8; 20];
+        let n = attr::encode_address(addr, &mut v);
+        self.attr(typ, &v[..n])
+    }
+
     pub fn error_code(&mut self, code: u16, reason: &str) -> &mut Self {
         let r = reason.as_bytes();
         let vlen = 4 + r.len();

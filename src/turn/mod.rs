@@ -93,7 +93,7 @@ use std::time::{Duration, Instant};
 pub use allocation::{Allocation, Channel, Permission, CHANNEL_COOLDOWN};
 pub use ledger::{Ledger, LocalLedger, QuotaRefusal, Reservation};
 pub use policy::{Cidr, PeerPolicy};
-pub use server::{AdoptError, Carried, CarriedBucket, CarriedChannel, CarriedRelay, HANDOVER_FORMAT, Footprint, RelayAddr, Server, ServerConfig, AMPLIFICATION_FACTOR, DEFAULT_UNAUTH_RATE};
+pub use server::{AdoptError, Carried, CarriedBucket, CarriedChannel, CarriedRelay, HANDOVER_FORMAT, Alternate, Footprint, RelayAddr, Server, ServerConfig, AMPLIFICATION_FACTOR, DEFAULT_UNAUTH_RATE};
 
 /// The transport a client reached us over.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -366,6 +366,8 @@ pub struct Stats {
     pub peer_refusals: u64,
     pub quota_refusals: u64,
     pub capacity_refusals: u64,
+    /// Allocates sent to a sibling relay while draining (300 Try Alternate).
+    pub redirected: u64,
     /// Authentication failures by [`crate::auth::AuthFailure`] (`failure as usize`).
     pub auth_failures: [u64; 7],
     /// Responses sent, by (method, code); code 200 for success.
@@ -404,6 +406,7 @@ impl Stats {
         self.peer_refusals += o.peer_refusals;
         self.quota_refusals += o.quota_refusals;
         self.capacity_refusals += o.capacity_refusals;
+        self.redirected += o.redirected;
         add_all(&mut self.auth_failures, &o.auth_failures);
         for (k, n) in &o.responses {
             *self.responses.entry(*k).or_insert(0) += n;

@@ -303,6 +303,17 @@ impl Turnd {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// GET an admin API path with the server's token: the JSON answer (Null if none).
+    pub fn admin_get(&self, path: &str) -> serde_json::Value {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", self.admin_token()).unwrap();
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        serde_json::from_str(resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or_default()).unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// Where a test run keeps the logs of the turnd and Chromium processes it
@@ -574,6 +585,19 @@ pub fn turnctl_reload(server: &Turnd) -> (i32, String) {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
+}
+
+/// `turnctl upgrade --binary BINARY` against `server`'s admin API: (exit status, what it printed).
+pub fn turnctl_upgrade(server: &Turnd, binary: &std::path::Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_turnctl"))
+        .args(["upgrade", "--admin", &format!("127.0.0.1:{}", server.metrics_port)])
+        .arg("--token-file")
+        .arg(server.dir.join("admin-token"))
+        .arg("--binary")
+        .arg(binary)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Kills `child` with its process group (it leads one: `process_group(0)`,

@@ -171,7 +171,15 @@ pub(super) fn meanings(r: &Report) -> Vec<String> {
                 ));
             }
             if let Outcome::Failed(FailKind::ErrorResponse, d) = &t.allocate {
-                m.push(format!("{}: the relay refused the allocation ({d}): it may be draining, full, or over a quota.", t.name()));
+                if d.contains("300 Try Alternate") {
+                    m.push(format!(
+                        "{}: the relay is draining (turnctl drain) and sends new clients to a sibling relay ({d}); browsers follow it. \
+                         Check the sibling (turnctl status on this relay names it), or run `turnctl resume` here.",
+                        t.name()
+                    ));
+                } else {
+                    m.push(format!("{}: the relay refused the allocation ({d}): it may be draining, full, or over a quota.", t.name()));
+                }
             }
         }
         if r.peer_leg.failed() {

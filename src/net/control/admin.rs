@@ -1,4 +1,5 @@
-//! The admin API behind `turnctl status | sessions | disconnect | reload`.
+//! The admin API behind `turnctl status | sessions | disconnect | reload |
+//! drain | resume`.
 //! Served on the local metrics listener; every request needs
 //! `Authorization: Bearer <token>` (the token file named in the config).
 
@@ -7,6 +8,7 @@ use serde_json::{json, Value};
 use super::request::Request;
 use super::shards::Control;
 use crate::net::sessions::Selector;
+use crate::net::shared::Drain;
 use crate::stun::integrity::ct_eq;
 use crate::turn::Transport;
 
@@ -52,6 +54,11 @@ pub(super) async fn route(ctl: &Control, req: &Request) -> Option<Response> {
                 "pid": std::process::id(),
                 "uptime_s": snap.uptime_seconds,
                 "draining": snap.draining,
+                "drain": {
+                    "state": ctl.shared.drain_state().label(),
+                    "alternates": ctl.alternates.borrow().iter().map(super::shards::alternate_label).collect::<Vec<_>>(),
+                    "redirected": snap.stats.redirected,
+                },
                 "listeners": *ctl.listener_names.borrow(),
                 "allocations": ctl.shared.allocations(),
                 "shards": snap.shards.iter().map(|s| json!({ "shard": s.index, "allocations": s.allocations, "connections": s.connections })).collect::<Vec<_>>(),
@@ -67,6 +74,19 @@ pub(super) async fn route(ctl: &Control, req: &Request) -> Option<Response> {
             }))
         }
         ("GET", "/admin/sessions") => ok(Value::Array(ctl.sessions().await)),
+        ("POST", "/admin/drain") => match ctl.drain_by_operator() {
+            Drain::Stopping => err(409, "turnd is shutting down already (SIGTERM): it refuses new allocations until it exits"),
+            was => ok(json!({
+                "draining": true,
+                "was": was.label(),
+                "allocations": ctl.shared.allocations(),
+                "alternates": ctl.alternates.borrow().iter().map(super::shards::alternate_label).collect::<Vec<_>>(),
+            })),
+        },
+        ("POST", "/admin/resume") => match ctl.resume() {
+            Drain::Stopping => err(409, "turnd is shutting down (SIGTERM): it cannot take new allocations again; start it anew"),
+            was => ok(json!({ "draining": false, "was": was.label() })),
+        },
         ("POST", "/admin/cert/renew") => {
             let asked = match ctl.certs.borrow().as_ref() {
                 None => Err(err(409, "TLS is not configured")),
@@ -89,7 +109,7 @@ pub(super) async fn route(ctl: &Control, req: &Request) -> Option<Response> {
             Ok(sel) => ok(json!({ "disconnected": ctl.disconnect(sel).await })),
         },
         (_, "/admin/status" | "/admin/sessions") => err(405, "use GET"),
-        (_, "/admin/disconnect" | "/admin/reload" | "/admin/cert/renew") => err(405, "use POST"),
+        (_, "/admin/disconnect" | "/admin/reload" | "/admin/cert/renew" | "/admin/drain" | "/admin/resume") => err(405, "use POST"),
         _ => return None,
     })
 }

@@ -305,6 +305,10 @@ pub async fn run(cfg: Config, reload: Reload, incoming: Option<Rc<Incoming>>) ->
             steps.push(ShardStep::Adopt(a));
         }
     }
+    // A relay drained by `turnctl drain` stays so: before any listener serves.
+    if received.as_ref().is_some_and(|r| r.draining) {
+        ctl.drain_by_operator();
+    }
     let acceptor = ctl.certs.borrow().as_ref().map(|c| c.acceptor());
     let site = Some(check_site(&ctl, &cfg));
     *ctl.check.borrow_mut() = site.clone();
@@ -571,6 +575,7 @@ impl Running {
             pid: std::process::id(),
             threads: self.cfg.threads,
             nonce_key: ctl.nonce_key.to_vec(),
+            draining: ctl.shared.drain_state() == crate::net::shared::Drain::Draining,
         };
         let binary = binary.to_owned();
         let mut child = tokio::task::spawn_blocking(move || {

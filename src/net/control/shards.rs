@@ -16,7 +16,7 @@ use super::handover::{UpgradeError, Upgraded};
 use super::reload::ReloadError;
 use crate::net::sessions::Selector;
 use crate::net::shard::{self, Apply, Command, Settings, Step};
-use crate::net::shared::Shared;
+use crate::net::shared::{Drain, Shared};
 use crate::auth::NonceKey;
 use crate::config::Config;
 use crate::metrics::Snapshot;
@@ -51,6 +51,8 @@ pub struct Control {
     pub check_counts: Arc<crate::check::Counts>,
     /// The key check credentials are signed with (from the shared nonce key).
     pub check_key: [u8; 16],
+    /// The siblings new clients go to while draining (`[[drain.alternate]]`), for status.
+    pub alternates: RefCell<Vec<crate::turn::Alternate>>,
     /// The nonce key every shard uses; an upgrade hands it on, so nonces
     /// stay good across it.
     pub nonce_key: [u8; 32],
@@ -91,6 +93,7 @@ impl Control {
             check: RefCell::default(),
             check_counts: Arc::default(),
             check_key: crate::auth::check_key(&nonce_key),
+            alternates: RefCell::default(),
         })
     }
 
@@ -161,6 +164,7 @@ impl Control {
                 tracing::warn!(shard, "shard prepared the change but has not confirmed the switch yet");
             }
         }
+        *self.alternates.borrow_mut() = cfg.core.alternates.clone();
         Ok(())
     }
 
@@ -234,6 +238,30 @@ impl Control {
         self.tell_all(|| Command::Drain);
     }
 
+    /// `turnctl drain`: every shard sends new allocations to the siblings
+    /// (or refuses them), and the process keeps running. Returns the state
+    /// the relay was in.
+    pub fn drain_by_operator(&self) -> Drain {
+        let was = self.shared.drain_by_operator();
+        if was == Drain::Serving {
+            self.tell_all(|| Command::Drain);
+            let to: Vec<String> = self.alternates.borrow().iter().map(alternate_label).collect();
+            tracing::info!(allocations = self.shared.allocations(), alternates = ?to, "draining (turnctl drain): new allocations go to other relays; existing ones keep relaying");
+        }
+        was
+    }
+
+    /// `turnctl resume`: new allocations again after `turnctl drain` (not
+    /// after SIGTERM). Returns the state the relay was in.
+    pub fn resume(&self) -> Drain {
+        let was = self.shared.resume();
+        if was == Drain::Draining {
+            self.tell_all(|| Command::Undrain);
+            tracing::info!("resumed (turnctl resume): taking new allocations again");
+        }
+        was
+    }
+
     /// Why the relay cannot take new allocations (or TLS listeners cannot
     /// serve TURN), if it cannot.
     pub fn not_ready(&self) -> Option<String> {
@@ -241,5 +269,18 @@ impl Control {
             Some(why) => Some(why.into()),
             None => self.certs.borrow().as_ref().and_then(|c| c.not_serving()),
         }
+    }
+}
+
+/// A sibling as configured: `IP` (the port the client came in on) or
+/// `IP:PORT`, with its name for TLS clients.
+pub fn alternate_label(a: &crate::turn::Alternate) -> String {
+    let addr = match a.port {
+        Some(p) => std::net::SocketAddr::new(a.ip, p).to_string(),
+        None => a.ip.to_string(),
+    };
+    match &a.domain {
+        Some(d) => format!("{addr} ({d})"),
+        None => addr,
     }
 }

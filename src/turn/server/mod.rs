@@ -65,6 +65,25 @@ pub struct RelayAddr {
     pub external: IpAddr,
 }
 
+/// A sibling relay that new clients are sent to while this one drains
+/// (300 Try Alternate, RFC 8489 10).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alternate {
+    /// Its address (ALTERNATE-SERVER is an IP address, never a name).
+    pub ip: IpAddr,
+    /// Its port; `None`: the port the request arrived on (a fleet serves
+    /// the same ports everywhere: 3478 for UDP and TCP, 443 for TLS).
+    pub port: Option<u16>,
+    /// Whether clients that came over TLS are sent here too. Browsers check
+    /// the sibling's certificate against the address of ALTERNATE-SERVER
+    /// (they do not read ALTERNATE-DOMAIN), so only a sibling whose
+    /// certificate names its IP address serves them; otherwise they get 508.
+    pub tls: bool,
+    /// The name in its certificate, sent as ALTERNATE-DOMAIN to clients on
+    /// TLS (RFC 8489 14.16) for the clients that read it.
+    pub domain: Option<Arc<str>>,
+}
+
 /// The core's settings. Lifetimes in seconds; a quota of 0 means unlimited.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -87,6 +106,10 @@ pub struct ServerConfig {
     pub allocation_bytes_per_second: u64,
     /// Bytes a second the whole server may relay in each direction; 0 = unlimited.
     pub total_bytes_per_second: u64,
+    /// Where authenticated Allocates go while draining (300 Try Alternate):
+    /// one of the entries of the client's address family, the same one for
+    /// the same client address. Empty, or none of that family: 508.
+    pub alternates: Vec<Alternate>,
 }
 
 impl Default for ServerConfig {
@@ -108,6 +131,7 @@ impl Default for ServerConfig {
             unauth_rate: 0,
             allocation_bytes_per_second: 0,
             total_bytes_per_second: 0,
+            alternates: Vec::new(),
         }
     }
 }
@@ -276,7 +300,9 @@ impl Server {
         f.bytes += from_peer.bytes;
     }
 
-    /// Stops or resumes accepting new allocations (graceful drain).
+    /// Stops or resumes accepting new allocations (graceful drain). While
+    /// it does not, an authenticated Allocate gets 300 Try Alternate toward
+    /// one of `ServerConfig::alternates` (508 when there is none).
     pub fn set_accepting(&mut self, accepting: bool) {
         self.accepting = accepting;
     }

@@ -98,6 +98,11 @@ impl Server {
             return reply.err(out, ErrorCode::AllocationMismatch);
         }
         if !self.accepting {
+            // Check credentials are this relay's own: no sibling takes them.
+            if let Some(to) = self.alternate_for(&tuple).filter(|_| !auth.check) {
+                self.stats.redirected += 1;
+                return self.try_alternate(tuple, reply, to, now, out);
+            }
             self.stats.capacity_refusals += 1;
             return reply.err(out, ErrorCode::InsufficientCapacity);
         }
@@ -270,6 +275,50 @@ impl Server {
         self.schedule(slot);
         self.event(Event::AllocationCreated { tuple, username: auth.username.to_owned(), relayed, lifetime });
         n
+    }
+
+    /// The sibling a client at `tuple` is sent to while this relay drains:
+    /// an entry of the client's address family (RFC 8489 10), and for a TLS
+    /// client one that takes TLS clients, picked by the client's address so
+    /// that its attempts land together and the clients spread over the
+    /// siblings.
+    fn alternate_for(&self, tuple: &FiveTuple) -> Option<(SocketAddr, Option<Arc<str>>)> {
+        let ip = tuple.client.ip().to_canonical();
+        let tls = tuple.transport == Transport::Tls;
+        let fits = |a: &&Alternate| a.ip.is_ipv4() == ip.is_ipv4() && (a.tls || !tls);
+        let n = self.cfg.alternates.iter().filter(fits).count();
+        if n == 0 {
+            return None;
+        }
+        // FNV-1a over the address: stable across restarts and relays.
+        let octets = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        let h = octets.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3));
+        let a = self.cfg.alternates.iter().filter(fits).nth((h % n as u64) as usize)?;
+        Some((SocketAddr::new(a.ip, a.port.unwrap_or(tuple.server.port())), a.domain.clone()))
+    }
+
+    /// 300 Try Alternate to an authenticated Allocate: signed like any
+    /// answer to it, with ALTERNATE-SERVER, ALTERNATE-DOMAIN for a TLS
+    /// client when the sibling's name is known, and REALM and a NONCE the
+    /// sibling accepts (one made with the shared secret's fleet key), which
+    /// browsers carry over to the sibling.
+    fn try_alternate(&self, tuple: FiveTuple, reply: &Reply, (to, domain): (SocketAddr, Option<Arc<str>>), now: Now, out: &mut [u8]) -> Handled {
+        let e = ErrorCode::TryAlternate;
+        let nonce = self.auth.fleet_nonce(tuple.client.ip(), now.unix);
+        let realm = self.auth.realm();
+        reply.write(out, Class::Error, e.code(), |w| {
+            w.error_code(e.code(), e.reason()).address(attr::ALTERNATE_SERVER, to);
+            if let Some(d) = domain.filter(|_| tuple.transport == Transport::Tls) {
+                w.attr(attr::ALTERNATE_DOMAIN, d.as_bytes());
+            }
+            w.attr(attr::REALM, realm.as_bytes());
+            if let Some(n) = &nonce {
+                w.attr(attr::NONCE, n);
+            }
+        })
     }
 
     /// (default, max) lifetime for an allocation of these credentials.

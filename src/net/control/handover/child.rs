@@ -28,6 +28,8 @@ pub struct Incoming {
 pub struct Received {
     pub nonce_key: [u8; 32],
     pub old_pid: u32,
+    /// The old process was draining (`turnctl drain`): so is this one.
+    pub draining: bool,
     listeners: Vec<(Kind, SocketAddr, usize, Option<OwnedFd>)>,
     /// (shard, export moment, allocation, relay sockets).
     allocations: Vec<(usize, u64, Carried, Vec<OwnedFd>)>,
@@ -66,8 +68,8 @@ impl Incoming {
     /// everything.
     pub fn receive(&self, threads: usize) -> anyhow::Result<Received> {
         wire::set_timeout(self.sock.as_fd(), Some(WAIT))?;
-        let (nonce_key, old_pid) = match self.next()? {
-            (Msg::Offer { format, version, pid, threads: old, nonce_key }, _) => {
+        let (nonce_key, old_pid, draining) = match self.next()? {
+            (Msg::Offer { format, version, pid, threads: old, nonce_key, draining }, _) => {
                 if format != HANDOVER_FORMAT {
                     let why = format!("turnd {} hands over in format {format}; this binary ({}) reads format {HANDOVER_FORMAT} only: restart instead", version, env!("CARGO_PKG_VERSION"));
                     self.refuse(&why);
@@ -79,12 +81,12 @@ impl Incoming {
                     anyhow::bail!(why);
                 }
                 let key: [u8; 32] = nonce_key.try_into().map_err(|_| anyhow::anyhow!("handover: a nonce key of the wrong size"))?;
-                (key, pid)
+                (key, pid, draining)
             }
             (m, _) => anyhow::bail!("handover: expected the offer, got {m:?}"),
         };
         wire::send(self.sock.as_fd(), &Msg::Accept { pid: std::process::id() }, &[])?;
-        let mut got = Received { nonce_key, old_pid, listeners: Vec::new(), allocations: Vec::new() };
+        let mut got = Received { nonce_key, old_pid, draining, listeners: Vec::new(), allocations: Vec::new() };
         loop {
             match self.next()? {
                 (Msg::Listener { kind, address, shard }, mut fds) if fds.len() == 1 => got.listeners.push((kind, address, shard, fds.pop())),

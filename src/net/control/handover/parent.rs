@@ -48,10 +48,33 @@ pub struct Child {
     started: Instant,
 }
 
+/// Whether `binary` may be started as this relay: a regular file owned by
+/// root or by this process's user, that no other user may write. The admin
+/// API names the binary, and its token must not be a way to run any program
+/// as the relay's user.
+fn trusted(binary: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(binary)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let refuse = |why: String| Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why));
+    if !m.is_file() {
+        return refuse("not a regular file".into());
+    }
+    if m.uid() != 0 && m.uid() != me {
+        return refuse(format!("owned by uid {}, neither root nor this relay's user", m.uid()));
+    }
+    if m.mode() & 0o022 != 0 {
+        return refuse(format!("writable by other users (mode {:o})", m.mode() & 0o7777));
+    }
+    Ok(())
+}
+
 /// Starts `binary` with this process's arguments and the pair's other end,
 /// and makes the offer.
 pub fn spawn(binary: &Path, offer: &Msg) -> Result<Child, UpgradeError> {
     let start = |e| UpgradeError::Start(binary.display().to_string(), e);
+    trusted(binary).map_err(start)?;
     let (ours, theirs) = wire::pair().map_err(start)?;
     let fd = theirs.as_raw_fd();
     let mut cmd = Command::new(binary);

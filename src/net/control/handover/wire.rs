@@ -31,7 +31,16 @@ pub enum Kind {
 #[serde(tag = "message", rename_all = "snake_case")]
 pub enum Msg {
     /// Old to new, first: what is on offer and in which format.
-    Offer { format: u32, version: String, pid: u32, threads: usize, nonce_key: Vec<u8> },
+    /// `draining`: `turnctl drain` is in force, and stays so in the new process.
+    Offer {
+        format: u32,
+        version: String,
+        pid: u32,
+        threads: usize,
+        nonce_key: Vec<u8>,
+        #[serde(default)]
+        draining: bool,
+    },
     /// New to old: ready to take it.
     Accept { pid: u32 },
     /// New to old: will not take it, and why (the old process serves on).
