@@ -309,6 +309,18 @@ fn nothing_is_relayed_in_the_kernel_after_expiry_disconnect_or_for_another_peer(
     assert_eq!(recv(&peer), None, "nothing reaches the peer after a disconnect");
     assert_eq!(recv(&d.sock), None, "nothing reaches the client after a disconnect");
     assert_eq!(rig.redirects(), before, "the program relays nothing after a disconnect");
+    // The ended allocation's log line counts what the program relayed in
+    // its last second too ("warm-to-peer" and "fast"; "warm-to-client").
+    let ended = |log: String| log.lines().find(|l| l.contains("allocation ended") && l.contains("dora")).map(str::to_owned);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        match ended(rig.turnd.log()) {
+            Some(l) => break l,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None => panic!("no allocation ended line for dora:\n{}", rig.turnd.log()),
+        }
+    };
+    assert!(line.contains("bytes_to_peer=16") && line.contains("bytes_from_peer=14"), "{line}");
 
     // A peer the client has no channel to: its datagrams stay Data
     // indications (the socket path), and a ChannelBind of the bound number

@@ -213,6 +213,10 @@ pub struct Shard {
     /// This shard's channels in the XDP fast path's maps.
     #[cfg(feature = "xdp")]
     xdp: Option<super::xdp::Mirror>,
+    /// Bytes the fast path relayed for allocations that ended, between
+    /// their channels' ChannelUnbound and their AllocationEnded.
+    #[cfg(feature = "xdp")]
+    xdp_ended: HashMap<FiveTuple, (u64, u64)>,
     this: Weak<RefCell<Shard>>,
 }
 
@@ -343,7 +347,7 @@ impl Shard {
     pub(crate) fn after_control(&mut self) {
         while let Some(e) = self.server.poll_event() {
             #[cfg(feature = "xdp")]
-            self.mirror(&e);
+            let e = self.mirror(e);
             match e {
                 Event::DeadlineMoved => self.timer.notify_one(),
                 e => {
@@ -355,20 +359,39 @@ impl Shard {
                 }
             }
         }
+        // Every AllocationEnded came with its ChannelUnbounds, in this drain.
+        #[cfg(feature = "xdp")]
+        self.xdp_ended.clear();
     }
 
-    /// Mirrors a channel event into the XDP fast path's maps.
+    /// Mirrors a channel event into the XDP fast path's maps. An ended
+    /// allocation's bytes get what the kernel relayed for it since the last
+    /// sync (its channels were unbound just before, when it was gone).
     #[cfg(feature = "xdp")]
-    fn mirror(&mut self, e: &Event) {
-        let Shard { xdp: Some(m), server, relays, .. } = self else { return };
-        match *e {
+    fn mirror(&mut self, mut e: Event) -> Event {
+        let Shard { xdp: Some(m), server, relays, xdp_ended, .. } = self else { return e };
+        match e {
             Event::ChannelBound { relay, tuple, channel, peer, until, capped } | Event::ChannelRefreshed { relay, tuple, channel, peer, until, capped } => {
                 let relayed = relays.get(relay).and_then(|r| r.socket.get_ref().local_addr().ok());
                 m.bound(&super::xdp::Binding { relay, tuple, channel, peer, until, capped, relayed }, server);
             }
-            Event::ChannelUnbound { relay, channel, .. } => m.unbound(relay, channel, server),
+            Event::ChannelUnbound { relay, tuple, channel, .. } => {
+                let (to, from) = m.unbound(relay, channel, server);
+                if to != 0 || from != 0 {
+                    let n = xdp_ended.entry(tuple).or_default();
+                    n.0 += to;
+                    n.1 += from;
+                }
+            }
+            Event::AllocationEnded { ref tuple, ref mut bytes_to_peer, ref mut bytes_from_peer, .. } => {
+                if let Some((to, from)) = xdp_ended.remove(tuple) {
+                    *bytes_to_peer += to;
+                    *bytes_from_peer += from;
+                }
+            }
             _ => {}
         }
+        e
     }
 
     /// Credits the core with what the XDP fast path relayed.
@@ -651,6 +674,8 @@ impl Shard {
                 refuse_prepare: refuse_prepare_hook(index),
                 #[cfg(feature = "xdp")]
                 xdp,
+                #[cfg(feature = "xdp")]
+                xdp_ended: HashMap::new(),
                 this: this.clone(),
             })
         });

@@ -402,7 +402,8 @@ impl Mirror {
     pub fn bound(&mut self, b: &Binding, server: &mut Server) {
         let key = (b.relay, b.channel);
         let Some(keys) = Keys::of(b) else {
-            return self.unbound(b.relay, b.channel, server);
+            self.unbound(b.relay, b.channel, server);
+            return;
         };
         // The same channel number to another peer (bound again after its
         // cooldown): the old entries go first.
@@ -428,15 +429,17 @@ impl Mirror {
     }
 
     /// A channel unbound (expired, its allocation ended): its entries go,
-    /// and what the kernel relayed since the last sync is credited.
-    pub fn unbound(&mut self, relay: RelayId, channel: u16, server: &mut Server) {
-        let Some(e) = self.entries.remove(&(relay, channel)) else { return };
+    /// and what the kernel relayed since the last sync is credited. Returns
+    /// the bytes (to peer, from peer) of that which the allocation, already
+    /// gone, could not take: its "allocation ended" line follows.
+    pub fn unbound(&mut self, relay: RelayId, channel: u16, server: &mut Server) -> (u64, u64) {
+        let Some(e) = self.entries.remove(&(relay, channel)) else { return (0, 0) };
         let mut m = self.fast.maps();
         m.remove(&e.keys);
         let now = m.read(e.stat);
         m.free.push(e.stat);
         drop(m);
-        credit(server, relay, &e.last, &now);
+        credit(server, relay, &e.last, &now)
     }
 
     /// Credits the core with what the kernel relayed since the last sync.
@@ -453,12 +456,15 @@ impl Mirror {
     }
 }
 
-fn credit(server: &mut Server, relay: RelayId, last: &Stat, now: &Stat) {
+/// Credits the core with the counts between `last` and `now`; returns the
+/// bytes an allocation already gone could not take (see [`Mirror::unbound`]).
+fn credit(server: &mut Server, relay: RelayId, last: &Stat, now: &Stat) -> (u64, u64) {
     let to_peer = Flow { packets: now.to_peer_packets.wrapping_sub(last.to_peer_packets), bytes: now.to_peer_bytes.wrapping_sub(last.to_peer_bytes) };
     let from_peer = Flow { packets: now.from_peer_packets.wrapping_sub(last.from_peer_packets), bytes: now.from_peer_bytes.wrapping_sub(last.from_peer_bytes) };
-    if to_peer.packets != 0 || from_peer.packets != 0 {
-        server.credit_fast_path(relay, Transport::Udp, to_peer, from_peer);
+    if (to_peer.packets != 0 || from_peer.packets != 0) && !server.credit_fast_path(relay, Transport::Udp, to_peer, from_peer) {
+        return (to_peer.bytes, from_peer.bytes);
     }
+    (0, 0)
 }
 
 /// The forwarding sysctls of `iface` that are off (`net.ipv4.conf.IFACE.forwarding`,

@@ -285,19 +285,25 @@ impl Server {
     /// Adds what a fast path relayed for the allocation of `relay` (in the
     /// kernel, past the core) to its counters and the relay's, so sessions
     /// and metrics count every packet. Those of an allocation already gone
-    /// count in the relay's totals only.
-    pub fn credit_fast_path(&mut self, relay: RelayId, transport: Transport, to_peer: super::Flow, from_peer: super::Flow) {
-        if let Some(a) = self.allocs.get_gen_mut(relay.slot(), relay.generation()) {
-            a.bytes_to_peer += to_peer.bytes;
-            a.packets_to_peer += to_peer.packets;
-            a.bytes_from_peer += from_peer.bytes;
-            a.packets_from_peer += from_peer.packets;
-        }
+    /// count in the relay's totals only: `false` then, and the I/O layer
+    /// adds them to the allocation's [`Event::AllocationEnded`] itself.
+    pub fn credit_fast_path(&mut self, relay: RelayId, transport: Transport, to_peer: super::Flow, from_peer: super::Flow) -> bool {
+        let live = match self.allocs.get_gen_mut(relay.slot(), relay.generation()) {
+            Some(a) => {
+                a.bytes_to_peer += to_peer.bytes;
+                a.packets_to_peer += to_peer.packets;
+                a.bytes_from_peer += from_peer.bytes;
+                a.packets_from_peer += from_peer.packets;
+                true
+            }
+            None => false,
+        };
         let (t, f) = (&mut self.stats.to_peer[transport as usize], &mut self.stats.from_peer[transport as usize]);
         t.packets += to_peer.packets;
         t.bytes += to_peer.bytes;
         f.packets += from_peer.packets;
         f.bytes += from_peer.bytes;
+        live
     }
 
     /// Stops or resumes accepting new allocations (graceful drain). While
