@@ -7,7 +7,7 @@
 # proxy-only network test, prosody and
 # docker-compose for the deploy tests, prometheus for the promtool of the
 # alerting-rules test, cargo-deb, dpkg-dev and binutils for the Debian package
-# test, a Python virtualenv with slixmpp and PyYAML in .venv), then runs cargo
+# test, clang, libbpf-dev and ethtool for the XDP fast path's tests, a Python virtualenv with slixmpp and PyYAML in .venv), then runs cargo
 # test.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -68,6 +68,15 @@ if ! command -v strip >/dev/null 2>&1; then
 fi
 if ! command -v setpriv >/dev/null 2>&1; then
   missing+=(util-linux)  # setpriv: run as uid 65532 / the turnd user (deploy and package tests)
+fi
+if ! command -v clang >/dev/null 2>&1; then
+  missing+=(clang)       # compiles the XDP program (bpf/relay.bpf.c) of the `xdp` feature
+fi
+if [ ! -f /usr/include/bpf/bpf_helpers.h ]; then
+  missing+=(libbpf-dev)  # the XDP program's helper headers
+fi
+if ! command -v ethtool >/dev/null 2>&1; then
+  missing+=(ethtool)     # checksum offload off on the veths of tests/xdp.rs
 fi
 if ! command -v python3 >/dev/null 2>&1; then
   missing+=(python3 python3-venv)
@@ -139,6 +148,14 @@ if [ "$status" -eq 0 ]; then
     esac
   done
   TURND_TEST_THREADS=1 cargo test --locked --no-fail-fast --lib "${targets[@]}" -- --test-threads=2 2>&1 | tee -a "$log"
+  status=${PIPESTATUS[0]}
+fi
+# The XDP fast path (the cargo feature `xdp`, off by default): its lints and
+# its tests in network namespaces, with the feature on.
+if [ "$status" -eq 0 ]; then
+  echo "test.sh: the XDP fast path (--features xdp)"
+  cargo clippy --locked --features xdp --lib --bins --test xdp -- -D warnings
+  cargo test --locked --no-fail-fast --features xdp --test xdp -- --test-threads=2 2>&1 | tee -a "$log"
   status=${PIPESTATUS[0]}
 fi
 count() { awk -v w="$1" '/^test result:/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ "^" w) n += $i } END { print n + 0 }' "$log"; }

@@ -70,6 +70,11 @@ fn errors_name_the_key() {
         ("[auth]\nsecret_file = \"/nonexistent/secret\"\n", "auth.secret_file"),
         ("[relya]\nports = \"1-2\"\n", "relya"),
         ("[limits]\nnonce_lifetime = 5\n", "nonce_lifetime"),
+        ("[xdp]\nmode = \"fast\"\n", "xdp.mode"),
+        ("[xdp]\ninterfaces = [\"eth0\", \"a/b\"]\n", "xdp.interfaces[1]"),
+        ("[xdp]\ninterfaces = [\"eth0\", \"eth0\"]\n", "xdp.interfaces[1]"),
+        #[cfg(not(feature = "xdp"))]
+        ("[xdp]\ninterfaces = [\"eth0\"]\n", "built without the XDP fast path"),
     ];
     for (toml, key) in cases {
         let (rc, err) = check(toml);

@@ -1030,3 +1030,46 @@ fn empty_and_tiny_messages_are_charged_what_they_take_on_the_wire() {
     let wire_bits_per_s = passed as f64 * (1.0 + 28.0) * 8.0 / 2.0;
     assert!(wire_bits_per_s <= 1_000_000.0, "{passed} one-byte messages in 2 s: {wire_bits_per_s} bit/s on the wire");
 }
+
+/// What a fast path mirrors of each channel: until when it relays (the
+/// earliest of binding, permission and allocation) and whether a cap keeps
+/// it in the core, reported again whenever a Refresh or CreatePermission
+/// moves it.
+#[test]
+fn channel_events_say_until_when_a_channel_relays() {
+    use turnd::turn::Event;
+    let mut c = Core::new();
+    let t = tuple(40041);
+    let (cr, _) = c.allocate(t, "una");
+    let start = c.now.mono;
+    c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 3600)], Some(&cr));
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
+    let evs: Vec<Event> = std::iter::from_fn(|| c.server.poll_event()).collect();
+    let bound = evs.iter().find_map(|e| match e {
+        Event::ChannelBound { until, capped, .. } => Some((*until, *capped)),
+        _ => None,
+    });
+    assert_eq!(bound, Some((start + Duration::from_secs(300), false)), "the permission (300 s) ends before the binding (600 s)");
+    c.advance(100);
+    let cr = Creds { nonce: c.rest_creds(t, "una", 3600, SECRET).nonce, ..cr };
+    assert_eq!(c.request(t, method::CREATE_PERMISSION, &[peer("8.8.8.8:1")], Some(&cr)).class(), Class::Success);
+    let refreshed: Vec<_> = std::iter::from_fn(|| c.server.poll_event())
+        .filter_map(|e| match e {
+            Event::ChannelRefreshed { channel, until, .. } => Some((channel, until)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refreshed, vec![(0x4000, start + Duration::from_secs(400))]);
+    // Another peer's permission leaves the channel alone.
+    assert_eq!(c.request(t, method::CREATE_PERMISSION, &[peer("8.8.4.4:1")], Some(&cr)).class(), Class::Success);
+    assert!(!std::iter::from_fn(|| c.server.poll_event()).any(|e| matches!(e, Event::ChannelRefreshed { .. })));
+    // A Refresh reports it again (now bounded by the binding: 600 s from the bind).
+    c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 3600)], Some(&cr));
+    let refreshed: Vec<_> = std::iter::from_fn(|| c.server.poll_event())
+        .filter_map(|e| match e {
+            Event::ChannelRefreshed { until, .. } => Some(until),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refreshed, vec![start + Duration::from_secs(400)]);
+}

@@ -442,3 +442,26 @@ fn wire_tls_with_http_alpn_still_carries_turn() {
     let answer = String::from_utf8_lossy(&read_to_close(&mut web)).into_owned();
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ready\n"), "{answer}");
 }
+
+#[test]
+fn an_empty_datagram_from_a_peer_reaches_the_client() {
+    // A zero-length UDP datagram is a datagram: relayed as an empty
+    // ChannelData on a channel, or a Data indication with an empty DATA.
+    let server = Turnd::start("");
+    let peer = std::net::UdpSocket::bind((common::PEER_IP, 0)).unwrap();
+    let p = peer.local_addr().unwrap();
+    let mut c = UdpClient::new("127.0.0.1", server.addr);
+    let relayed = c.allocate("empty", WIRE_SECRET);
+    assert_eq!(c.transact(method::CREATE_PERMISSION, &[peer_at(p)]).class(), Class::Success);
+    peer.send_to(&[], relayed).unwrap();
+    match c.recv(Duration::from_secs(5)) {
+        Some(wire::Incoming::Data { peer: from, data }) => assert_eq!((from, data.len()), (p, 0)),
+        other => panic!("expected an empty Data indication, got {other:?}"),
+    }
+    assert_eq!(c.transact(method::CHANNEL_BIND, &[channel(0x4000), peer_at(p)]).class(), Class::Success);
+    peer.send_to(&[], relayed).unwrap();
+    match c.recv(Duration::from_secs(5)) {
+        Some(wire::Incoming::Channel { number, data }) => assert_eq!((number, data.len()), (0x4000, 0)),
+        other => panic!("expected an empty ChannelData, got {other:?}"),
+    }
+}

@@ -176,12 +176,22 @@ pub struct Config {
     pub passthrough: Option<Passthrough>,
     /// The check page, when on.
     pub check: Option<Check>,
+    /// The XDP fast path (`[xdp]`), when interfaces are named.
+    pub xdp: Option<Xdp>,
     pub log_level: String,
     pub log_json: bool,
     /// Warnings about the configuration that do not stop turnd (a secret
     /// file others can read, metrics on a wildcard address, ...): logged at
     /// start and on every reload.
     pub notes: Vec<String>,
+}
+
+/// `[xdp]`, checked: where the fast path attaches, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Xdp {
+    pub interfaces: Vec<String>,
+    /// Generic (skb) mode instead of the driver's.
+    pub generic: bool,
 }
 
 /// What loading reads besides the configuration file itself.

@@ -59,7 +59,18 @@ pub struct File {
     #[serde(default)]
     pub check: CheckSection,
     #[serde(default)]
+    pub xdp: XdpSection,
+    #[serde(default)]
     pub drain: DrainSection,
+}
+
+/// `[xdp]`: the in-kernel fast path for UDP clients' channels (feature `xdp`).
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct XdpSection {
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    pub mode: Option<String>,
 }
 
 /// `[drain]`: where new clients go while this relay drains.

@@ -305,6 +305,7 @@ pub(super) fn validate_reading(f: File, ov: &Overrides, reads: Reads) -> Result<
     let (log_level, log_json) = log(&f.log, ov)?;
     let tls = f.tls.as_ref().map(cert_source).transpose()?;
     let check = check(&f.check, &listeners, metrics_listen, &mut notes)?;
+    let xdp = xdp(&f.xdp)?;
     let passthrough = match (&f.tls, &tls) {
         (Some(t), Some(source)) => parse_passthrough(t, source, &listeners)?,
         _ => None,
@@ -354,11 +355,41 @@ pub(super) fn validate_reading(f: File, ov: &Overrides, reads: Reads) -> Result<
         admin_token_file,
         passthrough,
         check,
+        xdp,
         tls,
         log_level,
         log_json,
         notes,
     })
+}
+
+/// `[xdp]`: interface names as the kernel takes them, and a mode. Refused
+/// when this binary was built without the fast path, rather than ignored.
+fn xdp(x: &XdpSection) -> Result<Option<Xdp>, ConfigError> {
+    let generic = match x.mode.as_deref() {
+        None | Some("native") => false,
+        Some("generic") => true,
+        Some(m) => return Err(bad("xdp.mode", format!("`{m}` is not a mode: use \"native\" (in the driver) or \"generic\""))),
+    };
+    if x.interfaces.is_empty() {
+        return Ok(None);
+    }
+    for (i, name) in x.interfaces.iter().enumerate() {
+        // IFNAMSIZ less the NUL; no '/', ':' or whitespace (what dev_valid_name refuses).
+        if name.is_empty() || name.len() > 15 || name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+            return Err(bad(format!("xdp.interfaces[{i}]"), format!("`{name}` is not a network interface name")));
+        }
+        if x.interfaces[..i].contains(name) {
+            return Err(bad(format!("xdp.interfaces[{i}]"), format!("`{name}` is named twice")));
+        }
+    }
+    if !cfg!(feature = "xdp") {
+        return Err(bad(
+            "xdp.interfaces",
+            "this turnd was built without the XDP fast path (the cargo feature `xdp`): leave the list empty, or build with `cargo build --release --features xdp`",
+        ));
+    }
+    Ok(Some(Xdp { interfaces: x.interfaces.clone(), generic }))
 }
 
 /// `realm` and `software`.

@@ -70,6 +70,7 @@ pub(super) fn log_event(e: &Event, tcp: Option<&TcpFigures>, warnings: &mut Warn
         Event::ChannelUnbound { tuple, channel, peer, .. } => {
             tracing::debug!(client = %tuple.client, channel, %peer, "channel unbound")
         }
+        Event::ChannelRefreshed { .. } => {}
         Event::PeerRefused { tuple, peer } => {
             if warnings.allow() {
                 tracing::warn!(client = %tuple.client, %peer, "peer refused by policy (403)")

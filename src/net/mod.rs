@@ -16,6 +16,9 @@
 //! - [`control`]: the process around the shards (start, reload, drain,
 //!   signals, metrics and the admin API).
 //!
+//! - `xdp` (feature `xdp`): the in-kernel fast path for UDP clients'
+//!   channels, and each shard's mirror of its channels in its maps.
+//!
 //! Log lines for the core's events are in [`events`]; the sessions the
 //! admin API lists, in [`sessions`].
 
@@ -26,6 +29,8 @@ mod shard;
 mod shared;
 mod stream;
 mod udp;
+#[cfg(feature = "xdp")]
+mod xdp;
 
 pub use control::{handover, preflight, run, Reload, ReloadError, SetLog};
 pub use stream::{passthrough, proxy, sni, tls};

@@ -210,6 +210,13 @@ pub struct Shard {
     /// take a new listener socket on PORT, as a shard whose runtime refuses a
     /// socket would; the reload tests use it to fail one shard only.
     refuse_prepare: Option<u16>,
+    /// This shard's channels in the XDP fast path's maps.
+    #[cfg(feature = "xdp")]
+    xdp: Option<super::xdp::Mirror>,
+    /// Bytes the fast path relayed for allocations that ended, between
+    /// their channels' ChannelUnbound and their AllocationEnded.
+    #[cfg(feature = "xdp")]
+    xdp_ended: HashMap<FiveTuple, (u64, u64)>,
     this: Weak<RefCell<Shard>>,
 }
 
@@ -339,6 +346,8 @@ impl Shard {
     /// timer task when a deadline moved earlier.
     pub(crate) fn after_control(&mut self) {
         while let Some(e) = self.server.poll_event() {
+            #[cfg(feature = "xdp")]
+            let e = self.mirror(e);
             match e {
                 Event::DeadlineMoved => self.timer.notify_one(),
                 e => {
@@ -349,6 +358,47 @@ impl Shard {
                     log_event(&e, tcp.as_ref(), &mut self.warnings)
                 }
             }
+        }
+        // Every AllocationEnded came with its ChannelUnbounds, in this drain.
+        #[cfg(feature = "xdp")]
+        self.xdp_ended.clear();
+    }
+
+    /// Mirrors a channel event into the XDP fast path's maps. An ended
+    /// allocation's bytes get what the kernel relayed for it since the last
+    /// sync (its channels were unbound just before, when it was gone).
+    #[cfg(feature = "xdp")]
+    fn mirror(&mut self, mut e: Event) -> Event {
+        let Shard { xdp: Some(m), server, relays, xdp_ended, .. } = self else { return e };
+        match e {
+            Event::ChannelBound { relay, tuple, channel, peer, until, capped } | Event::ChannelRefreshed { relay, tuple, channel, peer, until, capped } => {
+                let relayed = relays.get(relay).and_then(|r| r.socket.get_ref().local_addr().ok());
+                m.bound(&super::xdp::Binding { relay, tuple, channel, peer, until, capped, relayed }, server);
+            }
+            Event::ChannelUnbound { relay, tuple, channel, .. } => {
+                let (to, from) = m.unbound(relay, channel, server);
+                if to != 0 || from != 0 {
+                    let n = xdp_ended.entry(tuple).or_default();
+                    n.0 += to;
+                    n.1 += from;
+                }
+            }
+            Event::AllocationEnded { ref tuple, ref mut bytes_to_peer, ref mut bytes_from_peer, .. } => {
+                if let Some((to, from)) = xdp_ended.remove(tuple) {
+                    *bytes_to_peer += to;
+                    *bytes_from_peer += from;
+                }
+            }
+            _ => {}
+        }
+        e
+    }
+
+    /// Credits the core with what the XDP fast path relayed.
+    #[cfg(feature = "xdp")]
+    fn sync_xdp(&mut self) {
+        if let Shard { xdp: Some(m), server, .. } = self {
+            m.sync(server);
         }
     }
 
@@ -463,6 +513,9 @@ impl Shard {
         self.check = check;
         self.server.reconfigure(core_config(&cfg), auth, policy);
         self.relays.reconfigure(cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local), cfg.ports);
+        // The core reported every channel again (a cap may have come or
+        // gone): a fast path follows at once.
+        self.after_control();
         self.limits = StreamLimits::from(&*cfg);
         self.passthrough = cfg.passthrough.clone().map(Rc::new);
         if acceptor.is_some() {
@@ -527,9 +580,13 @@ impl Shard {
                 }
             }
             Command::Snapshot(tx) => {
+                #[cfg(feature = "xdp")]
+                self.sync_xdp();
                 let _ = tx.send(self.snapshot());
             }
             Command::Sessions(tx) => {
+                #[cfg(feature = "xdp")]
+                self.sync_xdp();
                 let _ = tx.send(self.sessions());
             }
             Command::Disconnect(sel, tx) => {
@@ -578,6 +635,8 @@ impl Shard {
         let rx_batch = Rc::new(RefCell::new(RecvBatch::new()));
         let ledger = Box::new(SharedLedger(shared.clone()));
         let flush = Rc::new(Notify::new());
+        #[cfg(feature = "xdp")]
+        let xdp = shared.xdp.get().map(|f| super::xdp::Mirror::new(f.clone()));
         let shard = Rc::new_cyclic(|this: &Weak<RefCell<Shard>>| {
             // A relay socket the core opens starts receiving at once.
             let receive: Receive = {
@@ -613,12 +672,20 @@ impl Shard {
                 prepared: None,
                 exported: None,
                 refuse_prepare: refuse_prepare_hook(index),
+                #[cfg(feature = "xdp")]
+                xdp,
+                #[cfg(feature = "xdp")]
+                xdp_ended: HashMap::new(),
                 this: this.clone(),
             })
         });
         tokio::task::spawn_local(flush_loop(Rc::downgrade(&shard), flush));
         let timer = shard.borrow().timer.clone();
         tokio::task::spawn_local(timer_loop(Rc::downgrade(&shard), timer));
+        #[cfg(feature = "xdp")]
+        if shard.borrow().xdp.is_some() {
+            tokio::task::spawn_local(xdp_loop(Rc::downgrade(&shard)));
+        }
         shard
     }
 }
@@ -798,6 +865,8 @@ async fn recv_loop<T: Copy>(
                 for i in 0..n {
                     match rb.get(i) {
                         // One datagram, or a GRO run of them: each goes on alone.
+                        // An empty datagram is one too (chunks would yield none).
+                        Some((from, data, _)) if data.is_empty() => on(sh, batch, from, data, t),
                         Some((from, data, seg)) => {
                             for d in data.chunks(seg) {
                                 on(sh, batch, from, d, t);
@@ -830,6 +899,18 @@ async fn listener_loop(shard: Weak<RefCell<Shard>>, conn: u32, socket: Rc<Udp>, 
 /// A relay socket: datagrams from peers.
 async fn relay_loop(shard: Weak<RefCell<Shard>>, id: RelayId, socket: Rc<Udp>, rx: Rc<RefCell<RecvBatch>>) {
     recv_loop(shard, socket, rx, std::time::Instant::now, move |sh, _, from, data, now| sh.on_peer(id, from, data, now)).await
+}
+
+/// Reads the XDP fast path's counters into the core once a second, so
+/// sessions, metrics and ended allocations count what it relayed.
+#[cfg(feature = "xdp")]
+async fn xdp_loop(shard: Weak<RefCell<Shard>>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(s) = shard.upgrade() else { return };
+        s.borrow_mut().sync_xdp();
+    }
 }
 
 /// Sleeps until the core's next deadline (or until it files an earlier

@@ -148,6 +148,10 @@ pub struct Shared {
     /// A [`Drain`] as a number.
     drain: AtomicU8,
     pub started: Instant,
+    /// The XDP fast path, when loaded at start (each shard mirrors its
+    /// channels into its maps).
+    #[cfg(feature = "xdp")]
+    pub xdp: std::sync::OnceLock<Arc<super::xdp::FastPath>>,
 }
 
 /// A poisoned lock only means another shard panicked while holding it; the
@@ -169,6 +173,8 @@ impl Shared {
             port_range: AtomicUsize::new(port_range),
             drain: AtomicU8::new(Drain::Serving as u8),
             started: Instant::now(),
+            #[cfg(feature = "xdp")]
+            xdp: std::sync::OnceLock::new(),
         })
     }
 

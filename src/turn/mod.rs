@@ -265,6 +265,26 @@ pub enum Event {
         tuple: FiveTuple,
         channel: u16,
         peer: SocketAddr,
+        /// Until when the channel relays, unless refreshed: the earliest of
+        /// its binding, its peer's permission and the allocation's expiry.
+        /// A fast path stops relaying on its own at that instant.
+        until: Instant,
+        /// A bandwidth cap applies (the allocation's, a check allocation's
+        /// or the relay's total): its packets must go through the core,
+        /// which keeps the budgets.
+        capped: bool,
+    },
+    /// What a fast path must know of a bound channel changed without a
+    /// ChannelBind: a Refresh or CreatePermission moved `until`, or a
+    /// reconfiguration may have changed `capped`. Not matched by a
+    /// `ChannelUnbound` of its own (the binding's one ends it).
+    ChannelRefreshed {
+        relay: RelayId,
+        tuple: FiveTuple,
+        channel: u16,
+        peer: SocketAddr,
+        until: Instant,
+        capped: bool,
     },
     /// A channel binding expired or its allocation ended.
     ChannelUnbound {

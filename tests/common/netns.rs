@@ -297,6 +297,11 @@ impl NetNs {
         self.ns_ip
     }
 
+    /// Name of the host end of the veth (on the host, or in `upstream`).
+    pub fn host_if(&self) -> String {
+        self.host_if.clone().expect("the veth exists once created")
+    }
+
     /// Name of the namespace end of the veth (inside the namespace).
     pub fn ns_if(&self) -> String {
         self.host_if.as_deref().expect("the veth exists once created").replacen("tdh", "tdn", 1)

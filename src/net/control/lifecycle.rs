@@ -279,6 +279,8 @@ pub async fn run(cfg: Config, reload: Reload, incoming: Option<Rc<Incoming>>) ->
     let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::unbounded_channel();
     let policy = peer_policy(&cfg);
     let shared = Shared::new(shared::fd_budget(), port_range(&cfg));
+    #[cfg(feature = "xdp")]
+    start_xdp(&cfg, &shared);
     let mut listeners = Listeners::new(cfg.threads);
     let steps = listeners.prepare(&cfg.listeners, received.as_mut())?;
     // Bound before any shard serves: once a client gets an answer, /metrics,
@@ -721,4 +723,32 @@ async fn drain(
         }
     }
     tracing::info!(allocations = ctl.shared.allocations(), "shutting down");
+}
+
+/// Loads and attaches the XDP fast path when `[xdp]` names interfaces; says
+/// in the log why it is off or idle (turnd relays on the sockets then, as
+/// without it).
+#[cfg(feature = "xdp")]
+fn start_xdp(cfg: &Config, shared: &Shared) {
+    use crate::net::xdp::{forwarding_off, FastPath, Mode};
+    let Some(x) = &cfg.xdp else { return };
+    let mode = if x.generic { Mode::Generic } else { Mode::Native };
+    match FastPath::load(&x.interfaces, mode) {
+        Ok(fast) => {
+            tracing::info!(interfaces = ?x.interfaces, ?mode, "XDP fast path attached: UDP clients' channels are relayed in the kernel");
+            for i in &x.interfaces {
+                for key in forwarding_off(i) {
+                    tracing::warn!(interface = %i, "XDP fast path: {key} is 0, so the program's route lookup fails and packets of that family arriving on {i} take the socket path; set it to 1");
+                }
+            }
+            for l in cfg.listeners.iter().filter(|l| l.transport == crate::turn::Transport::Udp && l.address.ip().is_unspecified()) {
+                tracing::warn!(listen = %l.address, "XDP fast path: clients of a UDP listener on a wildcard address stay on the socket path (which address they reached is not known); listen on the host's address instead");
+            }
+            if cfg.core.allocation_bytes_per_second != 0 || cfg.core.total_bytes_per_second != 0 {
+                tracing::warn!("XDP fast path idle: limits.allocation_bandwidth or limits.total_bandwidth is set, and caps are kept on the socket path only; set both to 0 to relay channels in the kernel");
+            }
+            let _ = shared.xdp.set(fast);
+        }
+        Err(why) => tracing::warn!(interfaces = ?x.interfaces, "XDP fast path off, relaying on the socket path: {why}"),
+    }
 }

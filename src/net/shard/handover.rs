@@ -171,6 +171,8 @@ impl Shard {
             }
         }
         let unclaimed = self.relays.drop_unclaimed();
+        // A fast path mirrors the channels of what was taken up.
+        self.server.announce_channels();
         self.after_control();
         tracing::info!(shard = self.index, allocations = taken, dropped = failed, unclaimed_sockets = unclaimed, "took over UDP allocations from the previous process");
     }

@@ -184,6 +184,35 @@ fn channel_unbound(events: &mut VecDeque<Event>, tuple: FiveTuple, v4: Option<Re
     }
 }
 
+/// Until when channel `c` of `a` relays: the earliest of its binding, its
+/// peer's permission and the allocation.
+pub(super) fn channel_until(a: &Allocation, c: &Channel) -> Instant {
+    let perm = a.permissions.iter().find(|p| p.ip == c.peer.ip()).map_or(a.expires, |p| p.expires);
+    c.expires.min(perm).min(a.expires)
+}
+
+/// Whether a bandwidth cap applies to `a`'s packets (see `within_budget`).
+pub(super) fn capped(cfg: &ServerConfig, a: &Allocation) -> bool {
+    a.check || cfg.allocation_bytes_per_second != 0 || cfg.total_bytes_per_second != 0
+}
+
+/// Reports the live channels of `a` (those to a peer in `only`, when given)
+/// as refreshed, for a fast path that mirrors them.
+/// (One whose expiry is due but not yet handled is reported too, with an
+/// `until` in the past: harmless, and it keeps the core off the clock.)
+pub(super) fn channels_refreshed(events: &mut VecDeque<Event>, cfg: &ServerConfig, a: &Allocation, only: Option<&[IpAddr]>) {
+    let capped = capped(cfg, a);
+    for c in a.channels.iter().filter(|c| !c.ended) {
+        if only.is_some_and(|ips| !ips.contains(&c.peer.ip())) {
+            continue;
+        }
+        if let Some(r) = a.relay_for(&c.peer) {
+            let until = channel_until(a, c);
+            push_event(events, Event::ChannelRefreshed { relay: r.id, tuple: a.tuple, channel: c.number, peer: c.peer, until, capped });
+        }
+    }
+}
+
 /// Prunes `a`, reporting the channel bindings that expired.
 fn prune(events: &mut VecDeque<Event>, a: &mut Allocation, now: Instant) {
     let (tuple, v4, v6) = (a.tuple, a.v4, a.v6);
@@ -240,6 +269,41 @@ impl Server {
         self.cfg = cfg;
         self.auth = auth;
         self.policy = policy;
+        // The caps may have changed, and with them which channels a fast path may take.
+        self.announce_channels();
+    }
+
+    /// Reports every live channel binding as [`Event::ChannelRefreshed`]:
+    /// what a fast path needs after the configuration changed, or to take up
+    /// allocations adopted from a previous process.
+    pub fn announce_channels(&mut self) {
+        for (_, a) in self.allocs.slots() {
+            channels_refreshed(&mut self.events, &self.cfg, a, None);
+        }
+    }
+
+    /// Adds what a fast path relayed for the allocation of `relay` (in the
+    /// kernel, past the core) to its counters and the relay's, so sessions
+    /// and metrics count every packet. Those of an allocation already gone
+    /// count in the relay's totals only: `false` then, and the I/O layer
+    /// adds them to the allocation's [`Event::AllocationEnded`] itself.
+    pub fn credit_fast_path(&mut self, relay: RelayId, transport: Transport, to_peer: super::Flow, from_peer: super::Flow) -> bool {
+        let live = match self.allocs.get_gen_mut(relay.slot(), relay.generation()) {
+            Some(a) => {
+                a.bytes_to_peer += to_peer.bytes;
+                a.packets_to_peer += to_peer.packets;
+                a.bytes_from_peer += from_peer.bytes;
+                a.packets_from_peer += from_peer.packets;
+                true
+            }
+            None => false,
+        };
+        let (t, f) = (&mut self.stats.to_peer[transport as usize], &mut self.stats.from_peer[transport as usize]);
+        t.packets += to_peer.packets;
+        t.bytes += to_peer.bytes;
+        f.packets += from_peer.packets;
+        f.bytes += from_peer.bytes;
+        live
     }
 
     /// Stops or resumes accepting new allocations (graceful drain). While

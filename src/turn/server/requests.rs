@@ -419,6 +419,7 @@ impl Server {
         let a = self.allocs.get_mut(slot)?;
         a.expires = now.mono + Duration::from_secs(lifetime as u64);
         a.lifetime = lifetime;
+        channels_refreshed(&mut self.events, &self.cfg, a, None);
         self.schedule(slot);
         reply.ok(out, |w| {
             w.u32(attr::LIFETIME, lifetime);
@@ -477,9 +478,10 @@ impl Server {
             return reply.err(out, ErrorCode::InsufficientCapacity);
         }
         let expires = now + Duration::from_secs(self.cfg.permission_lifetime as u64);
-        for ip in ips {
+        for ip in ips.iter() {
             a.permit(*ip, expires);
         }
+        channels_refreshed(&mut self.events, &self.cfg, a, Some(ips));
         self.schedule(slot);
         reply.ok(out, |_| {})
     }
@@ -534,8 +536,10 @@ impl Server {
         }
         a.permit(peer.ip(), now + Duration::from_secs(self.cfg.permission_lifetime as u64));
         let relay = a.relay_for(&peer)?.id;
+        let until = a.channels.iter().find(|c| c.number == number).map_or(expires, |c| channel_until(a, c));
+        let capped = capped(&self.cfg, a);
         self.schedule(slot);
-        self.event(Event::ChannelBound { relay, tuple, channel: number, peer });
+        self.event(Event::ChannelBound { relay, tuple, channel: number, peer, until, capped });
         reply.ok(out, |_| {})
     }
 }

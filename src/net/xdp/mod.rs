@@ -1,0 +1,480 @@
+//! The XDP fast path (cargo feature `xdp`, config `[xdp]`).
+//!
+//! bpf/relay.bpf.c, compiled by build.rs and embedded here, relays the
+//! ChannelData of UDP clients over IPv4 and IPv6 in the kernel, both ways, for the
+//! channels turnd mirrors into its maps; everything else passes to the
+//! sockets unchanged. [`FastPath`] is the loaded program (one per process,
+//! attached to every interface `xdp.interfaces` names, its maps shared by
+//! the shards); [`Mirror`] is one shard's part: it turns the core's channel
+//! events into map entries and the kernel's per-channel counters back into
+//! the core's (sessions, metrics, the log line of an ended allocation).
+//!
+//! What stays on the socket path: TCP/TLS clients, a channel whose client and
+//! peer legs differ in family (an IPv4 client relaying to IPv6), clients of a
+//! wildcard listener (which address they reached is not known), allocations under
+//! a bandwidth cap (`limits.allocation_bandwidth`, `limits.total_bandwidth`,
+//! check allocations: the budgets live in the core only), a channel to one
+//! of the relay's own addresses, and per packet: anything after the entry's
+//! `until` (the earliest of binding, permission and allocation expiry, on
+//! CLOCK_MONOTONIC, the clock of `Instant`), padded ChannelData, datagrams
+//! that would not fit the egress MTU with the 4-byte header, and packets
+//! with no route or neighbour yet.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use aya::maps::{HashMap as BpfHash, MapData, PerCpuArray};
+use aya::programs::{Xdp, XdpMode};
+use aya::{Ebpf, Pod};
+
+use crate::turn::{FiveTuple, Flow, RelayId, Server, Transport};
+
+/// The compiled program (build.rs), 8-aligned as the ELF parser wants.
+#[repr(C, align(8))]
+struct Aligned<T: ?Sized>(T);
+static OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/relay.bpf.o")));
+
+/// Entries of each map, as bpf/relay.bpf.c sizes them.
+const MAX_ENTRIES: u32 = 65_536;
+
+// The map layouts of bpf/relay.bpf.c: addresses and ports in network order.
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Chan4Key {
+    client_ip: u32,
+    listen_ip: u32,
+    client_port: u16,
+    listen_port: u16,
+    channel: u16,
+    pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Chan4Val {
+    relay_ip: u32,
+    peer_ip: u32,
+    relay_port: u16,
+    peer_port: u16,
+    stat: u32,
+    expires_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Peer4Key {
+    relay_ip: u32,
+    peer_ip: u32,
+    relay_port: u16,
+    peer_port: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Peer4Val {
+    client_ip: u32,
+    listen_ip: u32,
+    client_port: u16,
+    listen_port: u16,
+    channel: u16,
+    pad: u16,
+    stat: u32,
+    pad2: u32,
+    expires_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Chan6Key {
+    client_ip: [u8; 16],
+    listen_ip: [u8; 16],
+    client_port: u16,
+    listen_port: u16,
+    channel: u16,
+    pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Chan6Val {
+    relay_ip: [u8; 16],
+    peer_ip: [u8; 16],
+    relay_port: u16,
+    peer_port: u16,
+    stat: u32,
+    expires_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Peer6Key {
+    relay_ip: [u8; 16],
+    peer_ip: [u8; 16],
+    relay_port: u16,
+    peer_port: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Peer6Val {
+    client_ip: [u8; 16],
+    listen_ip: [u8; 16],
+    client_port: u16,
+    listen_port: u16,
+    channel: u16,
+    pad: u16,
+    stat: u32,
+    pad2: u32,
+    expires_ns: u64,
+}
+
+/// One channel's counters (per CPU in the kernel, summed here).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stat {
+    pub to_peer_packets: u64,
+    pub to_peer_bytes: u64,
+    pub from_peer_packets: u64,
+    pub from_peer_bytes: u64,
+}
+
+// SAFETY: each is repr(C) of integers laid out without implicit padding
+// (explicit `pad` fields), so every bit pattern is a valid value and the
+// kernel reads and writes them as the C structs of bpf/relay.bpf.c.
+unsafe impl Pod for Chan4Key {}
+// SAFETY: as above.
+unsafe impl Pod for Chan4Val {}
+// SAFETY: as above.
+unsafe impl Pod for Peer4Key {}
+// SAFETY: as above.
+unsafe impl Pod for Peer4Val {}
+// SAFETY: as above.
+unsafe impl Pod for Stat {}
+// SAFETY: as above.
+unsafe impl Pod for Chan6Key {}
+// SAFETY: as above.
+unsafe impl Pod for Chan6Val {}
+// SAFETY: as above.
+unsafe impl Pod for Peer6Key {}
+// SAFETY: as above.
+unsafe impl Pod for Peer6Val {}
+
+/// How the program is attached (`xdp.mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// In the driver: the fast one, where the driver supports it.
+    Native,
+    /// In the kernel's generic receive path: any interface, less gain.
+    Generic,
+}
+
+fn ip4(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, read with an `Instant` taken at the same
+/// time, so an `Instant` converts to what `bpf_ktime_get_ns` compares with.
+#[derive(Clone, Copy)]
+struct Clock {
+    at: Instant,
+    ns: u64,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        let at = Instant::now();
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into the timespec it is given, which lives on this stack.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        Clock { at, ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64 }
+    }
+
+    fn ns(&self, t: Instant) -> u64 {
+        match t.checked_duration_since(self.at) {
+            Some(d) => self.ns.saturating_add(d.as_nanos() as u64),
+            None => self.ns.saturating_sub(self.at.duration_since(t).as_nanos() as u64),
+        }
+    }
+}
+
+struct Maps {
+    chan4: BpfHash<MapData, Chan4Key, Chan4Val>,
+    peer4: BpfHash<MapData, Peer4Key, Peer4Val>,
+    chan6: BpfHash<MapData, Chan6Key, Chan6Val>,
+    peer6: BpfHash<MapData, Peer6Key, Peer6Val>,
+    stats: PerCpuArray<MapData, Stat>,
+    /// Counter slots given back, and the next never used.
+    free: Vec<u32>,
+    next: u32,
+}
+
+/// The loaded program, attached to its interfaces until dropped (the links
+/// are the process's: they go when turnd exits, however it exits).
+pub struct FastPath {
+    maps: Mutex<Maps>,
+    clock: Clock,
+    pub interfaces: Vec<String>,
+    /// Kept for its attachments.
+    _ebpf: Mutex<Ebpf>,
+}
+
+impl FastPath {
+    /// Loads the program and attaches it to every interface in `interfaces`.
+    /// An error says why in a sentence for the log (no privileges, no XDP
+    /// on an interface, no such interface); nothing stays attached then.
+    pub fn load(interfaces: &[String], mode: Mode) -> Result<Arc<FastPath>, String> {
+        let mut ebpf = Ebpf::load(&OBJECT.0).map_err(|e| format!("cannot load the XDP program: {e} (turnd needs root or CAP_BPF and CAP_NET_ADMIN)"))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("xdp_relay")
+            .ok_or("the XDP object has no xdp_relay program")?
+            .try_into()
+            .map_err(|e| format!("xdp_relay is not an XDP program: {e}"))?;
+        prog.load().map_err(|e| format!("the kernel refused the XDP program: {e}"))?;
+        let flags = match mode {
+            Mode::Native => XdpMode::Driver,
+            Mode::Generic => XdpMode::Skb,
+        };
+        for i in interfaces {
+            prog.attach(i, flags).map_err(|e| format!("cannot attach the XDP program to {i} ({mode:?} mode): {e}"))?;
+        }
+        let chan4 = BpfHash::try_from(ebpf.take_map("chan4").ok_or("no chan4 map")?).map_err(|e| e.to_string())?;
+        let peer4 = BpfHash::try_from(ebpf.take_map("peer4").ok_or("no peer4 map")?).map_err(|e| e.to_string())?;
+        let chan6 = BpfHash::try_from(ebpf.take_map("chan6").ok_or("no chan6 map")?).map_err(|e| e.to_string())?;
+        let peer6 = BpfHash::try_from(ebpf.take_map("peer6").ok_or("no peer6 map")?).map_err(|e| e.to_string())?;
+        let stats = PerCpuArray::try_from(ebpf.take_map("stats").ok_or("no stats map")?).map_err(|e| e.to_string())?;
+        Ok(Arc::new(FastPath {
+            maps: Mutex::new(Maps { chan4, peer4, chan6, peer6, stats, free: Vec::new(), next: 0 }),
+            clock: Clock::now(),
+            interfaces: interfaces.to_vec(),
+            _ebpf: Mutex::new(ebpf),
+        }))
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Maps {
+    fn insert(&mut self, keys: &Keys, stat: u32, expires_ns: u64) -> Result<(), aya::maps::MapError> {
+        match *keys {
+            Keys::V4(chan, pkey) => {
+                let cv = Chan4Val { relay_ip: pkey.relay_ip, peer_ip: pkey.peer_ip, relay_port: pkey.relay_port, peer_port: pkey.peer_port, stat, expires_ns };
+                let pv = Peer4Val {
+                    client_ip: chan.client_ip,
+                    listen_ip: chan.listen_ip,
+                    client_port: chan.client_port,
+                    listen_port: chan.listen_port,
+                    channel: chan.channel,
+                    stat,
+                    expires_ns,
+                    ..Default::default()
+                };
+                self.chan4.insert(chan, cv, 0)?;
+                self.peer4.insert(pkey, pv, 0)
+            }
+            Keys::V6(chan, pkey) => {
+                let cv = Chan6Val { relay_ip: pkey.relay_ip, peer_ip: pkey.peer_ip, relay_port: pkey.relay_port, peer_port: pkey.peer_port, stat, expires_ns };
+                let pv = Peer6Val {
+                    client_ip: chan.client_ip,
+                    listen_ip: chan.listen_ip,
+                    client_port: chan.client_port,
+                    listen_port: chan.listen_port,
+                    channel: chan.channel,
+                    stat,
+                    expires_ns,
+                    ..Default::default()
+                };
+                self.chan6.insert(chan, cv, 0)?;
+                self.peer6.insert(pkey, pv, 0)
+            }
+        }
+    }
+
+    fn remove(&mut self, keys: &Keys) {
+        match keys {
+            Keys::V4(c, p) => {
+                let _ = self.chan4.remove(c);
+                let _ = self.peer4.remove(p);
+            }
+            Keys::V6(c, p) => {
+                let _ = self.chan6.remove(c);
+                let _ = self.peer6.remove(p);
+            }
+        }
+    }
+
+    fn read(&self, slot: u32) -> Stat {
+        let Ok(per_cpu) = self.stats.get(&slot, 0) else { return Stat::default() };
+        per_cpu.iter().fold(Stat::default(), |a, s| Stat {
+            to_peer_packets: a.to_peer_packets + s.to_peer_packets,
+            to_peer_bytes: a.to_peer_bytes + s.to_peer_bytes,
+            from_peer_packets: a.from_peer_packets + s.from_peer_packets,
+            from_peer_bytes: a.from_peer_bytes + s.from_peer_bytes,
+        })
+    }
+
+    fn slot(&mut self) -> Option<u32> {
+        if let Some(s) = self.free.pop() {
+            return Some(s);
+        }
+        (self.next < MAX_ENTRIES).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+}
+
+/// A channel's keys in the maps of its family.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keys {
+    V4(Chan4Key, Peer4Key),
+    V6(Chan6Key, Peer6Key),
+}
+
+impl Keys {
+    /// The keys of a channel, when it may take the fast path: client, listener,
+    /// relayed address and peer all of one family, and no address a wildcard.
+    fn of(b: &Binding) -> Option<Keys> {
+        let relayed = b.relayed?;
+        let (client, listen, peer) = (b.tuple.client, b.tuple.server, b.peer);
+        if b.tuple.transport != Transport::Udp || b.capped || listen.ip().is_unspecified() || relayed.ip().is_unspecified() {
+            return None;
+        }
+        // Another allocation of this relay, or the listener: the kernel would
+        // hand the datagram to itself; leave such hairpins to the sockets.
+        if peer.ip() == relayed.ip() || peer.ip() == listen.ip() {
+            return None;
+        }
+        let port = |a: SocketAddr| a.port().to_be();
+        let channel = b.channel.to_be();
+        match (client, listen, peer, relayed) {
+            (SocketAddr::V4(c), SocketAddr::V4(l), SocketAddr::V4(p), SocketAddr::V4(r)) => Some(Keys::V4(
+                Chan4Key { client_ip: ip4(*c.ip()), listen_ip: ip4(*l.ip()), client_port: port(client), listen_port: port(listen), channel, pad: 0 },
+                Peer4Key { relay_ip: ip4(*r.ip()), peer_ip: ip4(*p.ip()), relay_port: port(relayed), peer_port: port(peer) },
+            )),
+            (SocketAddr::V6(c), SocketAddr::V6(l), SocketAddr::V6(p), SocketAddr::V6(r)) => Some(Keys::V6(
+                Chan6Key { client_ip: c.ip().octets(), listen_ip: l.ip().octets(), client_port: port(client), listen_port: port(listen), channel, pad: 0 },
+                Peer6Key { relay_ip: r.ip().octets(), peer_ip: p.ip().octets(), relay_port: port(relayed), peer_port: port(peer) },
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// One mirrored channel.
+struct Entry {
+    keys: Keys,
+    /// Its counter slot, and what was read of it last (counters are never
+    /// reset: a reused slot starts from what its last owner left).
+    stat: u32,
+    last: Stat,
+}
+
+/// A shard's channels in the kernel's maps.
+pub struct Mirror {
+    fast: Arc<FastPath>,
+    entries: HashMap<(RelayId, u16), Entry>,
+}
+
+/// What a channel event says, as the mirror needs it.
+pub struct Binding {
+    pub relay: RelayId,
+    pub tuple: FiveTuple,
+    pub channel: u16,
+    pub peer: SocketAddr,
+    pub until: Instant,
+    pub capped: bool,
+    /// The relayed address's socket, as bound.
+    pub relayed: Option<SocketAddr>,
+}
+
+impl Mirror {
+    pub fn new(fast: Arc<FastPath>) -> Mirror {
+        Mirror { fast, entries: HashMap::new() }
+    }
+
+    /// A channel bound or refreshed: adds or updates its entries, or removes
+    /// them when it may not take the fast path (any more).
+    pub fn bound(&mut self, b: &Binding, server: &mut Server) {
+        let key = (b.relay, b.channel);
+        let Some(keys) = Keys::of(b) else {
+            self.unbound(b.relay, b.channel, server);
+            return;
+        };
+        // The same channel number to another peer (bound again after its
+        // cooldown): the old entries go first.
+        if self.entries.get(&key).is_some_and(|e| e.keys != keys) {
+            self.unbound(b.relay, b.channel, server);
+        }
+        let fast = self.fast.clone();
+        let mut m = fast.maps();
+        let stat = match self.entries.get(&key) {
+            Some(e) => e.stat,
+            None => {
+                let Some(stat) = m.slot() else { return };
+                let last = m.read(stat);
+                self.entries.insert(key, Entry { keys, stat, last });
+                stat
+            }
+        };
+        if let Err(e) = m.insert(&keys, stat, fast.clock.ns(b.until)) {
+            tracing::warn!(error = %e, channel = b.channel, client = %b.tuple.client, "XDP: cannot add a channel to the fast path; it stays on the socket path");
+            drop(m);
+            self.unbound(b.relay, b.channel, server);
+        }
+    }
+
+    /// A channel unbound (expired, its allocation ended): its entries go,
+    /// and what the kernel relayed since the last sync is credited. Returns
+    /// the bytes (to peer, from peer) of that which the allocation, already
+    /// gone, could not take: its "allocation ended" line follows.
+    pub fn unbound(&mut self, relay: RelayId, channel: u16, server: &mut Server) -> (u64, u64) {
+        let Some(e) = self.entries.remove(&(relay, channel)) else { return (0, 0) };
+        let mut m = self.fast.maps();
+        m.remove(&e.keys);
+        let now = m.read(e.stat);
+        m.free.push(e.stat);
+        drop(m);
+        credit(server, relay, &e.last, &now)
+    }
+
+    /// Credits the core with what the kernel relayed since the last sync.
+    pub fn sync(&mut self, server: &mut Server) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let m = self.fast.maps();
+        for ((relay, _), e) in self.entries.iter_mut() {
+            let now = m.read(e.stat);
+            credit(server, *relay, &e.last, &now);
+            e.last = now;
+        }
+    }
+}
+
+/// Credits the core with the counts between `last` and `now`; returns the
+/// bytes an allocation already gone could not take (see [`Mirror::unbound`]).
+fn credit(server: &mut Server, relay: RelayId, last: &Stat, now: &Stat) -> (u64, u64) {
+    let to_peer = Flow { packets: now.to_peer_packets.wrapping_sub(last.to_peer_packets), bytes: now.to_peer_bytes.wrapping_sub(last.to_peer_bytes) };
+    let from_peer = Flow { packets: now.from_peer_packets.wrapping_sub(last.from_peer_packets), bytes: now.from_peer_bytes.wrapping_sub(last.from_peer_bytes) };
+    if (to_peer.packets != 0 || from_peer.packets != 0) && !server.credit_fast_path(relay, Transport::Udp, to_peer, from_peer) {
+        return (to_peer.bytes, from_peer.bytes);
+    }
+    (0, 0)
+}
+
+/// The forwarding sysctls of `iface` that are off (`net.ipv4.conf.IFACE.forwarding`,
+/// `net.ipv6.conf.IFACE.forwarding`): the program's route lookup answers only
+/// on an interface that forwards, so every packet of that family arriving
+/// there takes the socket path.
+pub fn forwarding_off(iface: &str) -> Vec<String> {
+    ["ipv4", "ipv6"]
+        .into_iter()
+        .map(|f| format!("net.{f}.conf.{iface}.forwarding"))
+        .filter(|k| std::fs::read_to_string(format!("/proc/sys/{}", k.replace('.', "/"))).is_ok_and(|s| s.trim() == "0"))
+        .collect()
+}
