@@ -7,7 +7,7 @@
 # proxy-only network test, prosody and
 # docker-compose for the deploy tests, prometheus for the promtool of the
 # alerting-rules test, cargo-deb, dpkg-dev and binutils for the Debian package
-# test, clang, libbpf-dev and ethtool for the XDP fast path's tests, a Python virtualenv with slixmpp and PyYAML in .venv), then runs cargo
+# test, clang and libbpf-dev for the XDP fast path's build, ethtool for its tests, a Python virtualenv with slixmpp and PyYAML in .venv), then runs cargo
 # test.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -150,13 +150,12 @@ if [ "$status" -eq 0 ]; then
   TURND_TEST_THREADS=1 cargo test --locked --no-fail-fast --lib "${targets[@]}" -- --test-threads=2 2>&1 | tee -a "$log"
   status=${PIPESTATUS[0]}
 fi
-# The XDP fast path (the cargo feature `xdp`, off by default): its lints and
-# its tests in network namespaces, with the feature on.
+# The XDP fast path (the cargo feature `xdp`, off by default) builds and
+# passes its lints with the feature on. Its namespace tests (tests/xdp.rs) run
+# by hand for now: cargo test --features xdp --test xdp (see README.md).
 if [ "$status" -eq 0 ]; then
-  echo "test.sh: the XDP fast path (--features xdp)"
+  echo "test.sh: the XDP fast path builds (--features xdp)"
   cargo clippy --locked --features xdp --lib --bins --test xdp -- -D warnings
-  cargo test --locked --no-fail-fast --features xdp --test xdp -- --test-threads=2 2>&1 | tee -a "$log"
-  status=${PIPESTATUS[0]}
 fi
 count() { awk -v w="$1" '/^test result:/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ "^" w) n += $i } END { print n + 0 }' "$log"; }
 passed=$(count passed)
