@@ -30,7 +30,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use browser::{PageServer, PAGE_TIMEOUT};
-use common::{Turnd, SECRET};
+use common::{turnctl, Turnd, SECRET};
 use netns::NetNs;
 
 /// A relay on `host`: UDP and TCP on `port`, TLS on `tls_port` (a
@@ -55,19 +55,6 @@ fn relay(realm: &str, host: &str, port: u16, tls_port: u16, ports: &str, extra: 
         })
         .extra(extra)
         .start()
-}
-
-fn turnctl(server: &Turnd, args: &[&str]) -> (i32, String) {
-    let out = Command::new("timeout")
-        .arg("30")
-        .arg(env!("CARGO_BIN_EXE_turnctl"))
-        .args(args)
-        .args(["--admin", &format!("127.0.0.1:{}", server.metrics_port)])
-        .arg("--token-file")
-        .arg(server.dir.join("admin-token"))
-        .output()
-        .unwrap();
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// "allocation created" lines of `log` for `client_ip` over `transport`.

@@ -14,7 +14,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{EchoPeer, Turnd, REALM, SECRET};
+use common::{turnctl, EchoPeer, Turnd, REALM, SECRET};
 use turnd::client::{Client, Credentials};
 use turnd::turn::Transport;
 
@@ -47,20 +47,6 @@ fn start_b(a: &Turnd) -> Turnd {
             )
         })
         .start()
-}
-
-/// `turnctl ARGS` against `server`'s admin API: (exit status, output).
-fn turnctl(server: &Turnd, args: &[&str]) -> (i32, String) {
-    let out = Command::new("timeout")
-        .arg("30")
-        .arg(env!("CARGO_BIN_EXE_turnctl"))
-        .args(args)
-        .args(["--admin", &format!("127.0.0.1:{}", server.metrics_port)])
-        .arg("--token-file")
-        .arg(server.dir.join("admin-token"))
-        .output()
-        .unwrap();
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// turnutils_uclient against 127.0.0.1 (A) over `mode` (`[]` UDP, `["-t"]`

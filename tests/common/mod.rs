@@ -575,29 +575,29 @@ pub fn send_gso(sock: &UdpSocket, to: SocketAddr, segs: &[Vec<u8>]) {
     assert_eq!(n, buf.len() as isize, "GSO send: {}", std::io::Error::last_os_error());
 }
 
-/// `turnctl reload` against `server`'s admin API: (exit status, what it printed).
-pub fn turnctl_reload(server: &Turnd) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_turnctl"))
-        .args(["reload", "--admin", &format!("127.0.0.1:{}", server.metrics_port)])
+/// `turnctl ARGS` against `server`'s admin API (bounded: 30 s): (exit
+/// status, what it printed on stdout and stderr).
+pub fn turnctl(server: &Turnd, args: &[&str]) -> (i32, String) {
+    let out = Command::new("timeout")
+        .arg("30")
+        .arg(env!("CARGO_BIN_EXE_turnctl"))
+        .args(args)
+        .args(["--admin", &format!("127.0.0.1:{}", server.metrics_port)])
         .arg("--token-file")
         .arg(server.dir.join("admin-token"))
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// `turnctl reload` against `server`'s admin API: (exit status, what it printed).
+pub fn turnctl_reload(server: &Turnd) -> (i32, String) {
+    turnctl(server, &["reload"])
 }
 
 /// `turnctl upgrade --binary BINARY` against `server`'s admin API: (exit status, what it printed).
 pub fn turnctl_upgrade(server: &Turnd, binary: &std::path::Path) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_turnctl"))
-        .args(["upgrade", "--admin", &format!("127.0.0.1:{}", server.metrics_port)])
-        .arg("--token-file")
-        .arg(server.dir.join("admin-token"))
-        .arg("--binary")
-        .arg(binary)
-        .output()
-        .unwrap();
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    turnctl(server, &["upgrade", "--binary", &binary.to_string_lossy()])
 }
 
 /// Kills `child` with its process group (it leads one: `process_group(0)`,
