@@ -675,24 +675,10 @@ async fn finish_connections(
     term: &mut tokio::signal::unix::Signal,
     int: &mut tokio::signal::unix::Signal,
 ) {
-    let deadline = tokio::time::Instant::now() + timeout;
     tracing::info!(new_pid, allocations = ctl.shared.allocations(), timeout_s = timeout.as_secs(), "handed over: serving this process's TCP/TLS connections until they end");
     // The first look comes after the admin API's answer to the upgrade left.
-    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_millis(250), Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("signal: stopping now"); break; }
-            _ = int.recv() => { tracing::info!("signal: stopping now"); break; }
-            _ = tokio::time::sleep_until(deadline) => { tracing::info!("drain timeout reached"); break; }
-            _ = check.tick() => {
-                let open: u64 = ctl.snapshot().await.connections.iter().sum();
-                if open == 0 && ctl.shared.allocations() == 0 {
-                    tracing::info!("every connection ended");
-                    break;
-                }
-            }
-        }
-    }
+    let ended = || async { ctl.snapshot().await.connections.iter().sum::<u64>() == 0 && ctl.shared.allocations() == 0 };
+    wait_until_ended(timeout, Duration::from_millis(250), term, int, ended, "every connection ended", "signal: stopping now").await;
     tracing::info!(allocations = ctl.shared.allocations(), "the previous process exits");
 }
 
@@ -706,23 +692,40 @@ async fn drain(
 ) {
     systemd::notify("STOPPING=1");
     ctl.drain();
-    let deadline = tokio::time::Instant::now() + timeout;
     tracing::info!(allocations = ctl.shared.allocations(), timeout_s = timeout.as_secs(), "draining: no new allocations; send SIGTERM again to stop now");
-    let mut check = tokio::time::interval(Duration::from_millis(250));
+    let ended = || async { ctl.shared.allocations() == 0 };
+    wait_until_ended(timeout, Duration::ZERO, term, int, ended, "all allocations ended", "second signal: stopping now").await;
+    tracing::info!(allocations = ctl.shared.allocations(), "shutting down");
+}
+
+/// Looks every 250 ms (the first time after `first_look`) whether `ended`
+/// says so, until then, `timeout` or SIGTERM/SIGINT, whichever comes first;
+/// logs which.
+async fn wait_until_ended<F: std::future::Future<Output = bool>>(
+    timeout: Duration,
+    first_look: Duration,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+    ended: impl Fn() -> F,
+    ended_log: &str,
+    signal_log: &str,
+) {
+    let now = tokio::time::Instant::now();
+    let deadline = now + timeout;
+    let mut check = tokio::time::interval_at(now + first_look, Duration::from_millis(250));
     loop {
         tokio::select! {
-            _ = term.recv() => { tracing::info!("second signal: stopping now"); break; }
-            _ = int.recv() => { tracing::info!("second signal: stopping now"); break; }
+            _ = term.recv() => { tracing::info!("{signal_log}"); break; }
+            _ = int.recv() => { tracing::info!("{signal_log}"); break; }
             _ = tokio::time::sleep_until(deadline) => { tracing::info!("drain timeout reached"); break; }
             _ = check.tick() => {
-                if ctl.shared.allocations() == 0 {
-                    tracing::info!("all allocations ended");
+                if ended().await {
+                    tracing::info!("{ended_log}");
                     break;
                 }
             }
         }
     }
-    tracing::info!(allocations = ctl.shared.allocations(), "shutting down");
 }
 
 /// Loads and attaches the XDP fast path when `[xdp]` names interfaces; says
