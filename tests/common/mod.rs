@@ -375,9 +375,11 @@ impl EchoPeer {
                         let mut echoed = 0u64;
                         while !stop.load(Ordering::Relaxed) {
                             if let Ok((n, from)) = s.recv_from(&mut buf) {
-                                let _ = s.send_to(&buf[..n], from);
+                                // Counted before it leaves: whoever receives
+                                // the echo then reads a count that has it.
                                 echoed += 1;
-                                count.fetch_add(1, Ordering::Relaxed);
+                                count.fetch_add(1, Ordering::Release);
+                                let _ = s.send_to(&buf[..n], from);
                             }
                         }
                         echoed
@@ -391,7 +393,7 @@ impl EchoPeer {
 
     /// Datagrams echoed so far.
     pub fn echoed(&self) -> u64 {
-        self.echoed.load(Ordering::Relaxed)
+        self.echoed.load(Ordering::Acquire)
     }
 
     /// Stops the peer and returns how many datagrams it echoed.
