@@ -10,6 +10,9 @@
 // or expired channels, no route or neighbour yet, a datagram that would not
 // fit the egress MTU) passes to the socket path untouched.
 //
+// Bandwidth caps are held here too, as turnd holds them: a packet over its
+// allocation's cap or the relay's total is dropped and counted (`buckets`).
+//
 // Packets are classified by destination, never by payload: each map key
 // holds the destination address and port, so a peer's payload that happens
 // to start like ChannelData misses `chan4` and is looked up in `peer4`.
@@ -43,6 +46,8 @@ struct chan4_val {
 	__u16 relay_port;
 	__u16 peer_port;
 	__u32 stat; // index in `stats`
+	__u32 bucket; // index in `buckets` of the allocation's cap (none: out of range)
+	__u32 pad;
 	__u64 expires_ns; // CLOCK_MONOTONIC
 };
 
@@ -61,17 +66,33 @@ struct peer4_val {
 	__u16 channel; // network order
 	__u16 pad;
 	__u32 stat;
-	__u32 pad2;
+	__u32 bucket;
 	__u64 expires_ns;
 };
 
 // Per channel binding, summed over CPUs by turnd. Bytes are relayed payload
-// bytes (without the ChannelData header), as the socket path counts them.
+// bytes (without the ChannelData header), as the socket path counts them;
+// drops are packets over the allocation's cap or the relay's total.
 struct stat {
 	__u64 to_peer_packets;
 	__u64 to_peer_bytes;
 	__u64 from_peer_packets;
 	__u64 from_peer_bytes;
+	__u64 dropped_allocation;
+	__u64 dropped_total;
+};
+
+// A bandwidth cap: a token bucket per direction (0 to the peer, 1 from it),
+// in byte-nanoseconds as turnd's own (src/turn/bandwidth.rs): it holds one
+// second's worth, refills at `rate` bytes per second, and a packet costs
+// what it takes on the wire. Entry 0 is the relay's total; the others are
+// allocations', shared by all their channels. rate 0: no cap.
+struct bucket {
+	struct bpf_spin_lock lock;
+	__u32 pad;
+	__u64 rate;
+	__u64 level[2];
+	__u64 last[2];
 };
 
 // The same over IPv6.
@@ -90,6 +111,8 @@ struct chan6_val {
 	__u16 relay_port;
 	__u16 peer_port;
 	__u32 stat;
+	__u32 bucket;
+	__u32 pad;
 	__u64 expires_ns;
 };
 
@@ -108,7 +131,7 @@ struct peer6_val {
 	__u16 channel;
 	__u16 pad;
 	__u32 stat;
-	__u32 pad2;
+	__u32 bucket;
 	__u64 expires_ns;
 };
 
@@ -146,6 +169,68 @@ struct {
 	__type(key, __u32);
 	__type(value, struct stat);
 } stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_STATS + 1);
+	__type(key, __u32);
+	__type(value, struct bucket);
+} buckets SEC(".maps");
+
+#define NANOS 1000000000ULL
+#define TO_PEER 0
+#define FROM_PEER 1
+// What turnd charges a payload for its headers on the wire: IP and UDP on
+// the peer's leg, the ChannelData header on the client's.
+#define FRAMING4 (28 + 4)
+#define FRAMING6 (48 + 4)
+
+// Takes `cost` bytes from direction `dir` of bucket `b`; 0 when over.
+static __always_inline int take(struct bucket *b, const int dir, __u64 cost, __u64 now)
+{
+	int ok = 1;
+	bpf_spin_lock(&b->lock);
+	__u64 rate = b->rate;
+	if (rate) {
+		__u64 cap = rate * NANOS;
+		__u64 elapsed = now - b->last[dir];
+		if (elapsed > NANOS || now < b->last[dir])
+			elapsed = NANOS;
+		__u64 level = b->level[dir] + rate * elapsed;
+		if (level < b->level[dir] || level > cap)
+			level = cap;
+		b->last[dir] = now;
+		cost *= NANOS;
+		if (level >= cost)
+			level -= cost;
+		else
+			ok = 0;
+		b->level[dir] = level;
+	}
+	bpf_spin_unlock(&b->lock);
+	return ok;
+}
+
+// Whether a packet costing `cost` wire bytes in direction `dir` is within the
+// allocation's cap (bucket `idx`) and the relay's total; a drop is counted
+// in `s` by the cap that stopped it.
+static __always_inline int within_caps(__u32 idx, const int dir, __u64 cost, __u64 now, struct stat *s)
+{
+	struct bucket *b = bpf_map_lookup_elem(&buckets, &idx);
+	if (b && idx && !take(b, dir, cost, now)) {
+		if (s)
+			s->dropped_allocation++;
+		return 0;
+	}
+	__u32 total = 0;
+	b = bpf_map_lookup_elem(&buckets, &total);
+	if (b && !take(b, dir, cost, now)) {
+		if (s)
+			s->dropped_total++;
+		return 0;
+	}
+	return 1;
+}
 
 // One's complement sum helpers. Words are taken as they lie in memory; the
 // sum is byte-order independent as long as it is stored back the same way.
@@ -186,6 +271,9 @@ static __always_inline __u16 ip_checksum(struct iphdr *ip)
 // Finds the next hop for a datagram of `tot_len` IP bytes from src to dst.
 // Anything but success (no route, no neighbour yet, forwarding off on the
 // ingress interface, over the MTU) leaves the packet to the socket path.
+// With a zero `src` (a client of a wildcard listener), the lookup derives
+// the source address too (BPF_FIB_LOOKUP_SRC, kernel 6.7 and later): the one
+// the kernel would send a reply from, as turnd's wildcard socket does.
 static __always_inline int route(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __u32 src, __u32 dst, __u16 tot_len)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
@@ -195,7 +283,7 @@ static __always_inline int route(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
 	fib->ipv4_src = src;
 	fib->ipv4_dst = dst;
 	fib->ifindex = ctx->ingress_ifindex;
-	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), src ? 0 : BPF_FIB_LOOKUP_SRC);
 }
 
 static __always_inline int send(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
@@ -259,6 +347,11 @@ static __always_inline int relay4(struct xdp_md *ctx)
 			.channel = *(__u16 *)pl,
 		};
 		struct chan4_val *v = bpf_map_lookup_elem(&chan4, &k);
+		if (!v) {
+			// A client of a wildcard listener: keyed with a zero address.
+			k.listen_ip = 0;
+			v = bpf_map_lookup_elem(&chan4, &k);
+		}
 		if (v) {
 			__u16 cd_len = ((__u16)pl[2] << 8) | pl[3];
 			// Exactly the message: padded ChannelData goes the socket way.
@@ -291,8 +384,11 @@ static __always_inline int relay4(struct xdp_md *ctx)
 				if (!csum)
 					csum = 0xffff;
 			}
-			__u32 relay_ip = v->relay_ip, peer_ip = v->peer_ip, idx = v->stat;
+			__u32 relay_ip = v->relay_ip, peer_ip = v->peer_ip, idx = v->stat, bucket = v->bucket;
 			__u16 relay_port = v->relay_port, peer_port = v->peer_port;
+			struct stat *s = bpf_map_lookup_elem(&stats, &idx);
+			if (!within_caps(bucket, TO_PEER, cd_len + FRAMING4, now, s))
+				return XDP_DROP;
 			__builtin_memcpy(&old_ip, ip, sizeof(old_ip));
 			if (bpf_xdp_adjust_head(ctx, 4))
 				return XDP_PASS;
@@ -304,7 +400,6 @@ static __always_inline int relay4(struct xdp_md *ctx)
 			if ((void *)(udp + 1) > end)
 				return XDP_DROP;
 			write_headers(eth, ip, udp, &old_ip, &fib, relay_ip, peer_ip, relay_port, peer_port, new_ulen, csum);
-			struct stat *s = bpf_map_lookup_elem(&stats, &idx);
 			if (s) {
 				s->to_peer_packets++;
 				s->to_peer_bytes += cd_len;
@@ -326,6 +421,8 @@ static __always_inline int relay4(struct xdp_md *ctx)
 	__u16 new_ulen = ulen + 4;
 	if (route(ctx, &fib, pv->listen_ip, pv->client_ip, new_ulen + sizeof(struct iphdr)) != BPF_FIB_LKUP_RET_SUCCESS)
 		return XDP_PASS;
+	// The listener's address, or for a wildcard listener the one the route derived.
+	__u32 listen_ip = pv->listen_ip ? pv->listen_ip : fib.ipv4_src;
 	__u16 cd_len = bpf_htons(plen);
 	__u16 csum = udp->check;
 	if (csum) {
@@ -337,7 +434,7 @@ static __always_inline int relay4(struct xdp_md *ctx)
 		sum = sub16(sum, udp->dest);
 		sum = sub16(sum, udp->len);
 		sum = sub16(sum, udp->len);
-		sum = add32(sum, pv->listen_ip);
+		sum = add32(sum, listen_ip);
 		sum = add32(sum, pv->client_ip);
 		sum = add16(sum, pv->listen_port);
 		sum = add16(sum, pv->client_port);
@@ -349,8 +446,11 @@ static __always_inline int relay4(struct xdp_md *ctx)
 		if (!csum)
 			csum = 0xffff;
 	}
-	__u32 listen_ip = pv->listen_ip, client_ip = pv->client_ip, idx = pv->stat;
+	__u32 client_ip = pv->client_ip, idx = pv->stat, bucket = pv->bucket;
 	__u16 listen_port = pv->listen_port, client_port = pv->client_port, channel = pv->channel;
+	struct stat *s = bpf_map_lookup_elem(&stats, &idx);
+	if (!within_caps(bucket, FROM_PEER, plen + FRAMING4, now, s))
+		return XDP_DROP;
 	__builtin_memcpy(&old_ip, ip, sizeof(old_ip));
 	if (bpf_xdp_adjust_head(ctx, -4))
 		return XDP_PASS;
@@ -365,7 +465,6 @@ static __always_inline int relay4(struct xdp_md *ctx)
 	write_headers(eth, ip, udp, &old_ip, &fib, listen_ip, client_ip, listen_port, client_port, new_ulen, csum);
 	*(__u16 *)pl = channel;
 	*(__u16 *)(pl + 2) = cd_len;
-	struct stat *s = bpf_map_lookup_elem(&stats, &idx);
 	if (s) {
 		s->from_peer_packets++;
 		s->from_peer_bytes += plen;
@@ -383,7 +482,8 @@ static __always_inline int route6(struct xdp_md *ctx, struct bpf_fib_lookup *fib
 	__builtin_memcpy(fib->ipv6_src, src, 16);
 	__builtin_memcpy(fib->ipv6_dst, dst, 16);
 	fib->ifindex = ctx->ingress_ifindex;
-	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	int wildcard = !(src[0] | src[1] | src[2] | src[3]);
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), wildcard ? BPF_FIB_LOOKUP_SRC : 0);
 }
 
 static __always_inline void write_headers6(struct ethhdr *eth, struct ipv6hdr *ip, struct udphdr *udp, const struct ipv6hdr *old_ip,
@@ -437,6 +537,10 @@ static __always_inline int relay6(struct xdp_md *ctx)
 		__builtin_memcpy(k.client_ip, &ip->saddr, 16);
 		__builtin_memcpy(k.listen_ip, &ip->daddr, 16);
 		struct chan6_val *v = bpf_map_lookup_elem(&chan6, &k);
+		if (!v) {
+			__builtin_memset(k.listen_ip, 0, 16);
+			v = bpf_map_lookup_elem(&chan6, &k);
+		}
 		if (v) {
 			__u16 cd_len = ((__u16)pl[2] << 8) | pl[3];
 			if (now >= v->expires_ns || cd_len + 4 != plen)
@@ -465,8 +569,11 @@ static __always_inline int relay6(struct xdp_md *ctx)
 			__u32 relay_ip[4], peer_ip[4];
 			__builtin_memcpy(relay_ip, v->relay_ip, 16);
 			__builtin_memcpy(peer_ip, v->peer_ip, 16);
-			__u32 idx = v->stat;
+			__u32 idx = v->stat, bucket = v->bucket;
 			__u16 relay_port = v->relay_port, peer_port = v->peer_port;
+			struct stat *s = bpf_map_lookup_elem(&stats, &idx);
+			if (!within_caps(bucket, TO_PEER, cd_len + FRAMING6, now, s))
+				return XDP_DROP;
 			__builtin_memcpy(&old_ip, ip, sizeof(old_ip));
 			if (bpf_xdp_adjust_head(ctx, 4))
 				return XDP_PASS;
@@ -478,7 +585,6 @@ static __always_inline int relay6(struct xdp_md *ctx)
 			if ((void *)(udp + 1) > end)
 				return XDP_DROP;
 			write_headers6(eth, ip, udp, &old_ip, &fib, relay_ip, peer_ip, relay_port, peer_port, new_ulen, csum);
-			struct stat *s = bpf_map_lookup_elem(&stats, &idx);
 			if (s) {
 				s->to_peer_packets++;
 				s->to_peer_bytes += cd_len;
@@ -499,6 +605,11 @@ static __always_inline int relay6(struct xdp_md *ctx)
 	__u16 new_ulen = ulen + 4;
 	if (route6(ctx, &fib, pv->listen_ip, pv->client_ip, new_ulen + sizeof(struct ipv6hdr)) != BPF_FIB_LKUP_RET_SUCCESS)
 		return XDP_PASS;
+	__u32 listen_ip[4];
+	if (pv->listen_ip[0] | pv->listen_ip[1] | pv->listen_ip[2] | pv->listen_ip[3])
+		__builtin_memcpy(listen_ip, pv->listen_ip, 16);
+	else
+		__builtin_memcpy(listen_ip, fib.ipv6_src, 16);
 	__u16 cd_len = bpf_htons(plen);
 	sum = (__u16)~udp->check;
 	sum = sub128(sum, (__u32 *)&ip->saddr);
@@ -507,7 +618,7 @@ static __always_inline int relay6(struct xdp_md *ctx)
 	sum = sub16(sum, udp->dest);
 	sum = sub16(sum, udp->len);
 	sum = sub16(sum, udp->len);
-	sum = add128(sum, pv->listen_ip);
+	sum = add128(sum, listen_ip);
 	sum = add128(sum, pv->client_ip);
 	sum = add16(sum, pv->listen_port);
 	sum = add16(sum, pv->client_port);
@@ -518,11 +629,13 @@ static __always_inline int relay6(struct xdp_md *ctx)
 	__u16 csum = ~fold(sum);
 	if (!csum)
 		csum = 0xffff;
-	__u32 listen_ip[4], client_ip[4];
-	__builtin_memcpy(listen_ip, pv->listen_ip, 16);
+	__u32 client_ip[4];
 	__builtin_memcpy(client_ip, pv->client_ip, 16);
-	__u32 idx = pv->stat;
+	__u32 idx = pv->stat, bucket = pv->bucket;
 	__u16 listen_port = pv->listen_port, client_port = pv->client_port, channel = pv->channel;
+	struct stat *s = bpf_map_lookup_elem(&stats, &idx);
+	if (!within_caps(bucket, FROM_PEER, plen + FRAMING6, now, s))
+		return XDP_DROP;
 	__builtin_memcpy(&old_ip, ip, sizeof(old_ip));
 	if (bpf_xdp_adjust_head(ctx, -4))
 		return XDP_PASS;
@@ -537,7 +650,6 @@ static __always_inline int relay6(struct xdp_md *ctx)
 	write_headers6(eth, ip, udp, &old_ip, &fib, listen_ip, client_ip, listen_port, client_port, new_ulen, csum);
 	*(__u16 *)pl = channel;
 	*(__u16 *)(pl + 2) = cd_len;
-	struct stat *s = bpf_map_lookup_elem(&stats, &idx);
 	if (s) {
 		s->from_peer_packets++;
 		s->from_peer_bytes += plen;

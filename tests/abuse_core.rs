@@ -483,12 +483,12 @@ fn secret_rotation_old_and_new() {
     assert_eq!(c.request(a, method::ALLOCATE, &[transport_udp()], Some(&ca)).class(), Class::Success);
     assert_eq!(c.request(a, method::CHANNEL_BIND, &[channel(0x4000), peer_at(addr("8.8.8.8:53"))], Some(&ca)).class(), Class::Success);
     // Rotation starts: new secret first (what turnctl signs with), old still listed.
-    c.server.reconfigure(config(), Authenticator::new(REALM, vec![NEW.to_vec(), OLD.to_vec()], &[], nonce_key()), policy());
+    c.server.reconfigure(config(), Authenticator::new(REALM, vec![NEW.to_vec(), OLD.to_vec()], &[], nonce_key()), policy(), c.now.mono);
     let cb = c.rest_creds(b, "bob", 3600, NEW);
     assert_eq!(c.request(b, method::ALLOCATE, &[transport_udp()], Some(&cb)).class(), Class::Success);
     assert_eq!(c.request(a, method::REFRESH, &[], Some(&ca)).class(), Class::Success, "old credentials still refresh");
     // Rotation ends: the old secret is gone.
-    c.server.reconfigure(config(), Authenticator::new(REALM, vec![NEW.to_vec()], &[], nonce_key()), policy());
+    c.server.reconfigure(config(), Authenticator::new(REALM, vec![NEW.to_vec()], &[], nonce_key()), policy(), c.now.mono);
     assert_eq!(c.request(a, method::REFRESH, &[], Some(&ca)).code(), Some(401), "old credentials are refused");
     assert_eq!(c.request(b, method::REFRESH, &[], Some(&cb)).class(), Class::Success);
     let carol = format!("{}:carol", c.now.unix + 60);
@@ -1038,7 +1038,7 @@ fn unauthenticated_answers_are_rate_limited_per_source() {
     // 0 turns it off (and a reload applies the new rate).
     let mut cfg = config();
     cfg.unauth_rate = 0;
-    c.server.reconfigure(cfg, Authenticator::new(REALM, vec![SECRET.to_vec()], &[], NonceKey::new([9; 32], 600)), policy());
+    c.server.reconfigure(cfg, Authenticator::new(REALM, vec![SECRET.to_vec()], &[], NonceKey::new([9; 32], 600)), policy(), c.now.mono);
     assert!((0..1000).all(|_| binding(&mut c, a)));
 }
 

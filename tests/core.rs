@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use turnd::auth::{Authenticator, NonceKey};
-use turnd::turn::{Alternate, Event, Family, FiveTuple, Output, RelayId, Server, ServerConfig, Transport};
+use turnd::turn::{Alternate, Event, Family, FiveTuple, Output, PeerPolicy, RelayId, Server, ServerConfig, Transport};
 
 #[test]
 fn binding_returns_the_mapped_address_compactly() {
@@ -357,6 +357,33 @@ fn channels_bind_relay_and_follow_the_rules() {
     assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4003)], Some(&cr)).code(), Some(400));
     // A refused peer: 403.
     assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4003), peer("127.0.0.1:6000")], Some(&cr)).code(), Some(403));
+}
+
+#[test]
+fn a_reload_that_refuses_a_peer_ends_its_permission_and_channel_at_once() {
+    let mut c = Core::new();
+    let t = tuple(40020);
+    let (cr, _) = c.allocate(t, "jill");
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4001), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
+    assert_eq!(c.request(t, method::CREATE_PERMISSION, &[peer("1.1.1.1:1")], Some(&cr)).class(), Class::Success);
+    let (relay, _, _) = c.feed_relay(t, &[0x40, 0x01, 0x00, 0x01, b'a', 0, 0, 0]).expect("relayed before the reload");
+    std::iter::from_fn(|| c.server.poll_event()).for_each(drop);
+    // 8.8.8.0/24 taken out: denied from now on.
+    let deny = PeerPolicy::new(vec![], vec!["8.8.8.0/24".parse().unwrap()], vec!["10.0.0.5".parse().unwrap(), "192.0.2.5".parse().unwrap()], (49152, 65535));
+    let auth = Authenticator::new(REALM, vec![SECRET.to_vec()], &[], NonceKey::new([9; 32], 600));
+    assert_eq!(c.server.reconfigure(config(), auth, deny, c.now.mono), 2, "its permission and its channel");
+    let unbound: Vec<_> = std::iter::from_fn(|| c.server.poll_event()).filter_map(|e| match e {
+        Event::ChannelUnbound { channel, peer, .. } => Some((channel, peer)),
+        _ => None,
+    }).collect();
+    assert_eq!(unbound, vec![(0x4001, "8.8.8.8:5000".parse().unwrap())], "a fast path is told to stop relaying it");
+    assert!(c.feed_relay(t, &[0x40, 0x01, 0x00, 0x01, b'b', 0, 0, 0]).is_none(), "the client's ChannelData is dropped");
+    let from_peer = c.server.handle_peer(relay, "8.8.8.8:5000".parse().unwrap(), b"in", c.now.mono, &mut c.out).is_some();
+    assert!(!from_peer, "the refused peer's datagrams are dropped");
+    // The peer still allowed keeps its permission.
+    assert!(c.server.handle_peer(relay, "1.1.1.1:1".parse().unwrap(), b"in", c.now.mono, &mut c.out).is_some());
+    // And the refused one cannot be bound again.
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4002), peer("8.8.8.8:5000")], Some(&cr)).code(), Some(403));
 }
 
 #[test]
@@ -782,13 +809,13 @@ fn a_reload_changes_the_siblings_and_check_credentials_are_not_redirected() {
     let t = tuple(40107);
     let cr = c.rest_creds(t, "", 3600, SECRET);
     let auth = || Authenticator::new(REALM, vec![SECRET.to_vec()], &[], NonceKey::new([9; 32], 600));
-    c.server.reconfigure(ServerConfig { alternates: vec![sibling("203.0.113.30", Some(5349), None)], ..config() }, auth(), policy());
+    c.server.reconfigure(ServerConfig { alternates: vec![sibling("203.0.113.30", Some(5349), None)], ..config() }, auth(), policy(), c.now.mono);
     let r = c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr));
     assert_eq!(alternate_server(&r), Some("203.0.113.30:5349".parse().unwrap()));
-    c.server.reconfigure(config(), auth(), policy());
+    c.server.reconfigure(config(), auth(), policy(), c.now.mono);
     assert_eq!(c.request(t, method::ALLOCATE, &[transport_udp()], Some(&cr)).code(), Some(508), "no sibling left: 508");
     // Check credentials (signed with this relay's own key) stay here: 508.
-    c.server.reconfigure(ServerConfig { alternates: vec![sibling("203.0.113.20", None, None)], ..config() }, auth().with_check(Some(60)), policy());
+    c.server.reconfigure(ServerConfig { alternates: vec![sibling("203.0.113.20", None, None)], ..config() }, auth().with_check(Some(60)), policy(), c.now.mono);
     let key = turnd::auth::check_key(&NonceKey::new([9; 32], 600));
     let (user, pass) = turnd::auth::check_credentials(&key, c.now.unix + 30);
     let ck = c.creds_for(t, &user, &pass);
@@ -1003,6 +1030,43 @@ fn bandwidth_caps_hold_each_direction_and_the_whole_relay() {
 }
 
 #[test]
+fn what_a_fast_path_relayed_is_charged_to_the_caps_and_its_drops_counted() {
+    use turnd::turn::{FastPathCounts, Flow};
+    let cfg = ServerConfig { allocation_bytes_per_second: 125_000, ..config() };
+    let mut c = Core::with(cfg, policy(), vec![SECRET.to_vec()]);
+    let t = tuple(40044);
+    let (cr, _) = c.allocate(t, "fast");
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
+    // The fast path learns the allocation's cap with the binding.
+    let (relay, cap) = std::iter::from_fn(|| c.server.poll_event())
+        .find_map(|e| match e {
+            Event::ChannelBound { relay, cap, .. } => Some((relay, cap)),
+            _ => None,
+        })
+        .expect("a ChannelBound");
+    assert_eq!(cap, 125_000);
+    // It relayed 121 packets of 1,000 bytes (124,872 bytes on the wire of
+    // the one second's burst) and dropped 5 over the cap.
+    let counts = FastPathCounts { to_peer: Flow { packets: 121, bytes: 121_000 }, dropped_allocation_bandwidth: 5, ..Default::default() };
+    assert!(c.server.credit_fast_path(relay, Transport::Udp, counts, c.now.mono));
+    assert_eq!(c.server.stats.to_peer[0].packets, 121);
+    assert_eq!(c.server.stats.dropped_allocation_bandwidth, 5);
+    let over = std::iter::from_fn(|| c.server.poll_event()).filter(|e| matches!(e, Event::OverBandwidth { .. })).count();
+    assert_eq!(over, 1, "the first drops in the kernel are reported as the core's own are");
+    // What is left of the allocation's budget at that instant is less than
+    // one more such packet: the socket path drops it.
+    let (passed, _) = relay_paced(&mut c, t, 1, 1_000, Duration::ZERO);
+    assert_eq!(passed, 0, "the kernel's bytes were charged to the core's budget");
+    assert_eq!(c.server.stats.dropped_allocation_bandwidth, 6);
+    // The other direction was not charged.
+    let from_peer = c.server.handle_peer(relay, "8.8.8.8:5000".parse().unwrap(), &[0u8; 1_000], c.now.mono, &mut c.out).is_some();
+    assert!(from_peer, "the peer's direction keeps its own budget");
+    // A second later the budget has refilled.
+    c.now.mono += Duration::from_secs(1);
+    assert_eq!(relay_paced(&mut c, t, 1, 1_000, Duration::ZERO).0, 1);
+}
+
+#[test]
 fn empty_and_tiny_messages_are_charged_what_they_take_on_the_wire() {
     // 1 Mbit/s: 200,000 empty ChannelData messages in 2 s. Each empty one is
     // worth its headers on the wire (28 bytes of IPv4/UDP to the peer, 4 of
@@ -1046,10 +1110,10 @@ fn channel_events_say_until_when_a_channel_relays() {
     assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
     let evs: Vec<Event> = std::iter::from_fn(|| c.server.poll_event()).collect();
     let bound = evs.iter().find_map(|e| match e {
-        Event::ChannelBound { until, capped, .. } => Some((*until, *capped)),
+        Event::ChannelBound { until, cap, .. } => Some((*until, *cap)),
         _ => None,
     });
-    assert_eq!(bound, Some((start + Duration::from_secs(300), false)), "the permission (300 s) ends before the binding (600 s)");
+    assert_eq!(bound, Some((start + Duration::from_secs(300), 0)), "the permission (300 s) ends before the binding (600 s)");
     c.advance(100);
     let cr = Creds { nonce: c.rest_creds(t, "una", 3600, SECRET).nonce, ..cr };
     assert_eq!(c.request(t, method::CREATE_PERMISSION, &[peer("8.8.8.8:1")], Some(&cr)).class(), Class::Success);

@@ -183,6 +183,9 @@ pub fn render(s: &Snapshot) -> String {
         bytes.with_label_values(&["to_peer", t.label()]).inc_by(to.bytes);
         bytes.with_label_values(&["to_client", t.label()]).inc_by(from.bytes);
     }
+    let fast = counter(&r, "turnd_fast_path_packets_total", "Of the relayed packets, those the XDP fast path relayed in the kernel.", &["direction"]);
+    fast.with_label_values(&["to_peer"]).inc_by(st.fast_path[0].packets);
+    fast.with_label_values(&["to_client"]).inc_by(st.fast_path[1].packets);
 
     let dropped = counter(&r, "turnd_dropped_packets_total", "Packets dropped, by reason.", &["reason"]);
     for (reason, n) in [

@@ -371,12 +371,12 @@ impl Shard {
     fn mirror(&mut self, mut e: Event) -> Event {
         let Shard { xdp: Some(m), server, relays, xdp_ended, .. } = self else { return e };
         match e {
-            Event::ChannelBound { relay, tuple, channel, peer, until, capped } | Event::ChannelRefreshed { relay, tuple, channel, peer, until, capped } => {
+            Event::ChannelBound { relay, tuple, channel, peer, until, cap } | Event::ChannelRefreshed { relay, tuple, channel, peer, until, cap } => {
                 let relayed = relays.get(relay).and_then(|r| r.socket.get_ref().local_addr().ok());
-                m.bound(&super::xdp::Binding { relay, tuple, channel, peer, until, capped, relayed }, server);
+                m.bound(&super::xdp::Binding { relay, tuple, channel, peer, until, cap, relayed }, server, std::time::Instant::now());
             }
             Event::ChannelUnbound { relay, tuple, channel, .. } => {
-                let (to, from) = m.unbound(relay, channel, server);
+                let (to, from) = m.unbound(relay, channel, server, std::time::Instant::now());
                 if to != 0 || from != 0 {
                     let n = xdp_ended.entry(tuple).or_default();
                     n.0 += to;
@@ -398,7 +398,7 @@ impl Shard {
     #[cfg(feature = "xdp")]
     fn sync_xdp(&mut self) {
         if let Shard { xdp: Some(m), server, .. } = self {
-            m.sync(server);
+            m.sync(server, std::time::Instant::now());
         }
     }
 
@@ -511,7 +511,14 @@ impl Shard {
         let Settings { cfg, policy, acceptor, check } = p.settings;
         let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, self.nonce_key.clone()).with_check(cfg.check.as_ref().map(|c| c.credential_ttl));
         self.check = check;
-        self.server.reconfigure(core_config(&cfg), auth, policy);
+        let revoked = self.server.reconfigure(core_config(&cfg), auth, policy, std::time::Instant::now());
+        if revoked > 0 {
+            tracing::info!(shard = self.index, revoked, "reload: permissions and channels of peers the new peer policy refuses have ended");
+        }
+        #[cfg(feature = "xdp")]
+        if let Some(m) = &self.xdp {
+            m.set_total(cfg.core.total_bytes_per_second);
+        }
         self.relays.reconfigure(cfg.core.relay_v4.map(|r| r.local), cfg.core.relay_v6.map(|r| r.local), cfg.ports);
         // The core reported every channel again (a cap may have come or
         // gone): a fast path follows at once.

@@ -62,6 +62,22 @@ impl Bucket {
     }
 }
 
+impl Bucket {
+    /// Charges `len` bytes at `rate` that were relayed elsewhere (by a fast
+    /// path that keeps its own bucket): like [`Bucket::take`], but the
+    /// bytes are spent whether or not the budget had them, leaving it empty
+    /// at worst, so what is relayed here next gets only what is left.
+    pub fn spend(&mut self, len: u64, rate: u64, now: Instant) {
+        if rate == 0 || len == 0 {
+            return;
+        }
+        if !self.take(0, rate, now) {
+            return;
+        }
+        self.level = self.level.saturating_sub(len.saturating_mul(NANOS));
+    }
+}
+
 impl Default for Bucket {
     fn default() -> Self {
         Bucket::new()

@@ -269,14 +269,18 @@ pub enum Event {
         /// its binding, its peer's permission and the allocation's expiry.
         /// A fast path stops relaying on its own at that instant.
         until: Instant,
-        /// A bandwidth cap applies (the allocation's, a check allocation's
-        /// or the relay's total): its packets must go through the core,
-        /// which keeps the budgets.
-        capped: bool,
+        /// The allocation's own bandwidth cap, in bytes per second in each
+        /// direction (0: none; a check allocation's is lower): a fast path
+        /// holds the channel's packets to it, charging what they take on the
+        /// wire as the core does, and reports what it relayed and dropped
+        /// through [`Server::credit_fast_path`]. The relay's total cap
+        /// (`ServerConfig::total_bytes_per_second`) is the fast path's to
+        /// take from the configuration.
+        cap: u64,
     },
     /// What a fast path must know of a bound channel changed without a
     /// ChannelBind: a Refresh or CreatePermission moved `until`, or a
-    /// reconfiguration may have changed `capped`. Not matched by a
+    /// reconfiguration may have changed `cap`. Not matched by a
     /// `ChannelUnbound` of its own (the binding's one ends it).
     ChannelRefreshed {
         relay: RelayId,
@@ -284,7 +288,7 @@ pub enum Event {
         channel: u16,
         peer: SocketAddr,
         until: Instant,
-        capped: bool,
+        cap: u64,
     },
     /// A channel binding expired or its allocation ended.
     ChannelUnbound {
@@ -328,10 +332,21 @@ impl EndReason {
 }
 
 /// Packets and bytes relayed in one direction.
-#[derive(Clone, Copy, Default, Debug)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct Flow {
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// What a fast path relayed and dropped for one relayed address (see
+/// [`Server::credit_fast_path`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastPathCounts {
+    pub to_peer: Flow,
+    pub from_peer: Flow,
+    /// Packets dropped over the allocation's cap and over the relay's total.
+    pub dropped_allocation_bandwidth: u64,
+    pub dropped_total_bandwidth: u64,
 }
 
 /// Counters the core keeps; the metrics layer reads them at scrape time, so
@@ -349,6 +364,8 @@ pub struct Stats {
     pub to_peer: [Flow; 3],
     /// Peer to client, by transport.
     pub from_peer: [Flow; 3],
+    /// Of those, what a fast path (the XDP program) relayed: to peers, to clients.
+    pub fast_path: [Flow; 2],
     pub dropped_malformed: u64,
     pub dropped_no_allocation: u64,
     pub dropped_no_permission: u64,
@@ -390,7 +407,7 @@ impl Stats {
         self.check_allocations_created += o.check_allocations_created;
         add_all(&mut self.allocations_ended, &o.allocations_ended);
         self.legs.add(&o.legs);
-        for (a, b) in self.to_peer.iter_mut().chain(self.from_peer.iter_mut()).zip(o.to_peer.iter().chain(&o.from_peer)) {
+        for (a, b) in self.to_peer.iter_mut().chain(self.from_peer.iter_mut()).chain(self.fast_path.iter_mut()).zip(o.to_peer.iter().chain(&o.from_peer).chain(&o.fast_path)) {
             a.packets += b.packets;
             a.bytes += b.bytes;
         }

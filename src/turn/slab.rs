@@ -77,4 +77,9 @@ impl<T> Slab<T> {
     pub fn slots(&self) -> impl Iterator<Item = (u32, &T)> {
         self.entries.iter().enumerate().filter_map(|(i, e)| Some((i as u32, e.value.as_ref()?)))
     }
+
+    /// The live values, to change.
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.entries.iter_mut().filter_map(|e| e.value.as_mut())
+    }
 }

@@ -280,7 +280,7 @@ pub async fn run(cfg: Config, reload: Reload, incoming: Option<Rc<Incoming>>) ->
     let policy = peer_policy(&cfg);
     let shared = Shared::new(shared::fd_budget(), port_range(&cfg));
     #[cfg(feature = "xdp")]
-    start_xdp(&cfg, &shared);
+    start_xdp(&cfg, &shared, incoming.is_some());
     let mut listeners = Listeners::new(cfg.threads);
     let steps = listeners.prepare(&cfg.listeners, received.as_mut())?;
     // Bound before any shard serves: once a client gets an answer, /metrics,
@@ -648,6 +648,11 @@ impl Running {
         }
         child.release();
         let moved = ctl.release().await;
+        // The new process attaches its own fast path once this one's is gone.
+        #[cfg(feature = "xdp")]
+        if let Some(f) = ctl.shared.xdp.get() {
+            f.detach();
+        }
         // The new process answers metrics, the admin API and the check page
         // now, and runs the ACME client and the watchdog.
         for s in [self.metrics.take(), self.check_http.take()].into_iter().flatten() {
@@ -729,29 +734,56 @@ async fn wait_until_ended<F: std::future::Future<Output = bool>>(
 }
 
 /// Loads and attaches the XDP fast path when `[xdp]` names interfaces; says
-/// in the log why it is off or idle (turnd relays on the sockets then, as
-/// without it).
+/// in the log why it is off (turnd relays on the sockets then, as without
+/// it). Started by an upgrade, the previous process still holds the
+/// interfaces: the program's maps are filled from the first channel on, and
+/// it attaches as soon as that process lets go (within a few seconds), the
+/// sockets relaying until then.
 #[cfg(feature = "xdp")]
-fn start_xdp(cfg: &Config, shared: &Shared) {
+fn start_xdp(cfg: &Config, shared: &Shared, upgrading: bool) {
     use crate::net::xdp::{forwarding_off, FastPath, Mode};
     let Some(x) = &cfg.xdp else { return };
     let mode = if x.generic { Mode::Generic } else { Mode::Native };
-    match FastPath::load(&x.interfaces, mode) {
-        Ok(fast) => {
-            tracing::info!(interfaces = ?x.interfaces, ?mode, "XDP fast path attached: UDP clients' channels are relayed in the kernel");
-            for i in &x.interfaces {
-                for key in forwarding_off(i) {
-                    tracing::warn!(interface = %i, "XDP fast path: {key} is 0, so the program's route lookup fails and packets of that family arriving on {i} take the socket path; set it to 1");
-                }
-            }
-            for l in cfg.listeners.iter().filter(|l| l.transport == crate::turn::Transport::Udp && l.address.ip().is_unspecified()) {
-                tracing::warn!(listen = %l.address, "XDP fast path: clients of a UDP listener on a wildcard address stay on the socket path (which address they reached is not known); listen on the host's address instead");
-            }
-            if cfg.core.allocation_bytes_per_second != 0 || cfg.core.total_bytes_per_second != 0 {
-                tracing::warn!("XDP fast path idle: limits.allocation_bandwidth or limits.total_bandwidth is set, and caps are kept on the socket path only; set both to 0 to relay channels in the kernel");
-            }
-            let _ = shared.xdp.set(fast);
+    let fast = match FastPath::load(&x.interfaces, mode) {
+        Ok(fast) => fast,
+        Err(why) => {
+            tracing::warn!(interfaces = ?x.interfaces, "XDP fast path off, relaying on the socket path: {why}");
+            return;
         }
-        Err(why) => tracing::warn!(interfaces = ?x.interfaces, "XDP fast path off, relaying on the socket path: {why}"),
+    };
+    for i in &x.interfaces {
+        for key in forwarding_off(i) {
+            tracing::warn!(interface = %i, "XDP fast path: {key} is 0, so the program's route lookup fails and packets of that family arriving on {i} take the socket path; set it to 1");
+        }
     }
+    fast.set_total(cfg.core.total_bytes_per_second);
+    let attached = || tracing::info!(interfaces = ?x.interfaces, ?mode, "XDP fast path attached: UDP clients' channels are relayed in the kernel");
+    match fast.attach() {
+        Ok(()) => attached(),
+        Err(why) if upgrading => {
+            tracing::info!(interfaces = ?x.interfaces, "XDP fast path: attaching once the previous process lets go of the interfaces ({why})");
+            let (fast, interfaces) = (fast.clone(), x.interfaces.clone());
+            std::thread::spawn(move || {
+                // The previous process detaches right after this one says it serves.
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                loop {
+                    std::thread::sleep(Duration::from_millis(20));
+                    match fast.attach() {
+                        Ok(()) => return tracing::info!(?interfaces, ?mode, "XDP fast path attached: UDP clients' channels are relayed in the kernel"),
+                        Err(why) if std::time::Instant::now() >= deadline => {
+                            fast.detach();
+                            return tracing::warn!(?interfaces, "XDP fast path off, relaying on the socket path: {why}");
+                        }
+                        Err(_) => {}
+                    }
+                }
+            });
+        }
+        Err(why) => {
+            fast.detach();
+            tracing::warn!(interfaces = ?x.interfaces, "XDP fast path off, relaying on the socket path: {why}");
+            return;
+        }
+    }
+    let _ = shared.xdp.set(fast);
 }

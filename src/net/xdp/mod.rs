@@ -10,26 +10,36 @@
 //! the core's (sessions, metrics, the log line of an ended allocation).
 //!
 //! What stays on the socket path: TCP/TLS clients, a channel whose client and
-//! peer legs differ in family (an IPv4 client relaying to IPv6), clients of a
-//! wildcard listener (which address they reached is not known), allocations under
-//! a bandwidth cap (`limits.allocation_bandwidth`, `limits.total_bandwidth`,
-//! check allocations: the budgets live in the core only), a channel to one
+//! peer legs differ in family (an IPv4 client relaying to IPv6), a channel to one
 //! of the relay's own addresses, and per packet: anything after the entry's
 //! `until` (the earliest of binding, permission and allocation expiry, on
 //! CLOCK_MONOTONIC, the clock of `Instant`), padded ChannelData, datagrams
 //! that would not fit the egress MTU with the 4-byte header, and packets
-//! with no route or neighbour yet.
+//! with no route or neighbour yet. Clients of a wildcard listener (0.0.0.0,
+//! `::`) are keyed with a zero listener address; toward them the program
+//! sends from the address its route lookup derives (BPF_FIB_LOOKUP_SRC,
+//! Linux 6.7 and later; before, those datagrams take the socket path), as
+//! the kernel does for turnd's wildcard socket.
+//!
+//! Bandwidth caps hold in the kernel as in the core: each allocation with a
+//! cap (`limits.allocation_bandwidth`, a check allocation's) gets a token
+//! bucket per direction in the `buckets` map, shared by its channels, and
+//! the relay's total (`limits.total_bandwidth`) has one too; a packet over
+//! either is dropped there and counted. What the kernel relayed is charged
+//! to the core's buckets as well when it is credited, so the socket-path
+//! packets of the same allocation get only what is left.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use aya::maps::{HashMap as BpfHash, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHash, MapData, PerCpuArray};
+use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, Pod};
 
-use crate::turn::{FiveTuple, Flow, RelayId, Server, Transport};
+use crate::turn::{FastPathCounts, FiveTuple, Flow, RelayId, Server, Transport};
 
 /// The compiled program (build.rs), 8-aligned as the ELF parser wants.
 #[repr(C, align(8))]
@@ -60,6 +70,8 @@ struct Chan4Val {
     relay_port: u16,
     peer_port: u16,
     stat: u32,
+    bucket: u32,
+    pad: u32,
     expires_ns: u64,
 }
 
@@ -82,7 +94,7 @@ struct Peer4Val {
     channel: u16,
     pad: u16,
     stat: u32,
-    pad2: u32,
+    bucket: u32,
     expires_ns: u64,
 }
 
@@ -105,6 +117,8 @@ struct Chan6Val {
     relay_port: u16,
     peer_port: u16,
     stat: u32,
+    bucket: u32,
+    pad: u32,
     expires_ns: u64,
 }
 
@@ -127,7 +141,7 @@ struct Peer6Val {
     channel: u16,
     pad: u16,
     stat: u32,
-    pad2: u32,
+    bucket: u32,
     expires_ns: u64,
 }
 
@@ -139,7 +153,38 @@ pub struct Stat {
     pub to_peer_bytes: u64,
     pub from_peer_packets: u64,
     pub from_peer_bytes: u64,
+    pub dropped_allocation: u64,
+    pub dropped_total: u64,
 }
+
+/// A bandwidth cap's token buckets (to the peer, from the peer), in
+/// byte-nanoseconds as `turn::bandwidth::Bucket`; `lock` is the kernel's
+/// `bpf_spin_lock`, taken by a write with `BPF_F_LOCK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Bucket {
+    lock: u32,
+    pad: u32,
+    rate: u64,
+    level: [u64; 2],
+    last: [u64; 2],
+}
+
+impl Bucket {
+    /// Full, at `rate` bytes per second (0: no cap).
+    fn full(rate: u64) -> Bucket {
+        let level = rate.saturating_mul(1_000_000_000);
+        Bucket { rate, level: [level; 2], ..Default::default() }
+    }
+}
+
+/// The bucket index of a channel whose allocation has no cap of its own
+/// (the program finds no entry there and checks the total only).
+const NO_BUCKET: u32 = u32::MAX;
+/// The relay's total cap's bucket.
+const TOTAL_BUCKET: u32 = 0;
+/// `BPF_F_LOCK`: an update that takes the value's spin lock.
+const BPF_F_LOCK: u64 = 4;
 
 // SAFETY: each is repr(C) of integers laid out without implicit padding
 // (explicit `pad` fields), so every bit pattern is a valid value and the
@@ -153,6 +198,8 @@ unsafe impl Pod for Peer4Key {}
 unsafe impl Pod for Peer4Val {}
 // SAFETY: as above.
 unsafe impl Pod for Stat {}
+// SAFETY: as above (`lock` is the kernel's 4-byte bpf_spin_lock).
+unsafe impl Pod for Bucket {}
 // SAFETY: as above.
 unsafe impl Pod for Chan6Key {}
 // SAFETY: as above.
@@ -206,25 +253,32 @@ struct Maps {
     chan6: BpfHash<MapData, Chan6Key, Chan6Val>,
     peer6: BpfHash<MapData, Peer6Key, Peer6Val>,
     stats: PerCpuArray<MapData, Stat>,
+    buckets: Array<MapData, Bucket>,
     /// Counter slots given back, and the next never used.
     free: Vec<u32>,
     next: u32,
+    /// Bucket slots (from 1; 0 is the total) given back, and the next never used.
+    free_buckets: Vec<u32>,
+    next_bucket: u32,
+    /// The total cap's rate as last written.
+    total: u64,
 }
 
-/// The loaded program, attached to its interfaces until dropped (the links
-/// are the process's: they go when turnd exits, however it exits).
+/// The loaded program, attached to its interfaces until detached or dropped
+/// (the links are the process's: they go when turnd exits, however it exits).
 pub struct FastPath {
     maps: Mutex<Maps>,
     clock: Clock,
     pub interfaces: Vec<String>,
-    /// Kept for its attachments.
-    _ebpf: Mutex<Ebpf>,
+    mode: Mode,
+    /// The program, and its links to the interfaces it is attached to.
+    prog: Mutex<(Ebpf, Vec<(String, XdpLinkId)>)>,
 }
 
 impl FastPath {
-    /// Loads the program and attaches it to every interface in `interfaces`.
-    /// An error says why in a sentence for the log (no privileges, no XDP
-    /// on an interface, no such interface); nothing stays attached then.
+    /// Loads the program and its maps, for `interfaces` in `mode` (see
+    /// [`FastPath::attach`]). An error says why in a sentence for the log
+    /// (no privileges, a kernel that refuses it).
     pub fn load(interfaces: &[String], mode: Mode) -> Result<Arc<FastPath>, String> {
         let mut ebpf = Ebpf::load(&OBJECT.0).map_err(|e| format!("cannot load the XDP program: {e} (turnd needs root or CAP_BPF and CAP_NET_ADMIN)"))?;
         let prog: &mut Xdp = ebpf
@@ -233,36 +287,80 @@ impl FastPath {
             .try_into()
             .map_err(|e| format!("xdp_relay is not an XDP program: {e}"))?;
         prog.load().map_err(|e| format!("the kernel refused the XDP program: {e}"))?;
-        let flags = match mode {
-            Mode::Native => XdpMode::Driver,
-            Mode::Generic => XdpMode::Skb,
-        };
-        for i in interfaces {
-            prog.attach(i, flags).map_err(|e| format!("cannot attach the XDP program to {i} ({mode:?} mode): {e}"))?;
-        }
         let chan4 = BpfHash::try_from(ebpf.take_map("chan4").ok_or("no chan4 map")?).map_err(|e| e.to_string())?;
         let peer4 = BpfHash::try_from(ebpf.take_map("peer4").ok_or("no peer4 map")?).map_err(|e| e.to_string())?;
         let chan6 = BpfHash::try_from(ebpf.take_map("chan6").ok_or("no chan6 map")?).map_err(|e| e.to_string())?;
         let peer6 = BpfHash::try_from(ebpf.take_map("peer6").ok_or("no peer6 map")?).map_err(|e| e.to_string())?;
         let stats = PerCpuArray::try_from(ebpf.take_map("stats").ok_or("no stats map")?).map_err(|e| e.to_string())?;
+        let buckets = Array::try_from(ebpf.take_map("buckets").ok_or("no buckets map")?).map_err(|e| e.to_string())?;
         Ok(Arc::new(FastPath {
-            maps: Mutex::new(Maps { chan4, peer4, chan6, peer6, stats, free: Vec::new(), next: 0 }),
+            maps: Mutex::new(Maps { chan4, peer4, chan6, peer6, stats, buckets, free: Vec::new(), next: 0, free_buckets: Vec::new(), next_bucket: 1, total: 0 }),
             clock: Clock::now(),
             interfaces: interfaces.to_vec(),
-            _ebpf: Mutex::new(ebpf),
+            mode,
+            prog: Mutex::new((ebpf, Vec::new())),
         }))
+    }
+
+    /// Attaches the program to every interface it is not attached to yet.
+    /// An error names the first that refused (no such interface, no XDP in
+    /// this mode, another program there: the previous process's, during an
+    /// upgrade); those attached before it stay.
+    pub fn attach(&self) -> Result<(), String> {
+        let mut guard = self.prog.lock().unwrap_or_else(|e| e.into_inner());
+        let (ebpf, links) = &mut *guard;
+        let prog: &mut Xdp = ebpf.program_mut("xdp_relay").ok_or("the XDP object has no xdp_relay program")?.try_into().map_err(|e| format!("xdp_relay is not an XDP program: {e}"))?;
+        let flags = match self.mode {
+            Mode::Native => XdpMode::Driver,
+            Mode::Generic => XdpMode::Skb,
+        };
+        for i in &self.interfaces {
+            if links.iter().any(|(name, _)| name == i) {
+                continue;
+            }
+            let id = prog.attach(i, flags).map_err(|e| format!("cannot attach the XDP program to {i} ({:?} mode): {e}", self.mode))?;
+            links.push((i.clone(), id));
+        }
+        Ok(())
+    }
+
+    /// Detaches the program from every interface: packets reach the sockets
+    /// again (this process's, or after an upgrade the new process's, which
+    /// attaches its own program then).
+    pub fn detach(&self) {
+        let mut guard = self.prog.lock().unwrap_or_else(|e| e.into_inner());
+        let (ebpf, links) = &mut *guard;
+        let Some(prog) = ebpf.program_mut("xdp_relay").and_then(|p| <&mut Xdp>::try_from(p).ok()) else { return };
+        for (i, id) in links.drain(..) {
+            if let Err(e) = prog.detach(id) {
+                tracing::warn!(interface = %i, error = %e, "XDP: cannot detach the program");
+            }
+        }
     }
 
     fn maps(&self) -> MutexGuard<'_, Maps> {
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Holds the relay's total bandwidth, in bytes per second in each
+    /// direction (0: none), to `rate` in the kernel too (at start and on
+    /// every reload; a bucket refills when its rate changes).
+    pub fn set_total(&self, rate: u64) {
+        let mut m = self.maps();
+        if m.total != rate {
+            match m.buckets.set(TOTAL_BUCKET, Bucket::full(rate), BPF_F_LOCK) {
+                Ok(()) => m.total = rate,
+                Err(e) => tracing::warn!(error = %e, "XDP: cannot set the total bandwidth cap in the kernel"),
+            }
+        }
+    }
 }
 
 impl Maps {
-    fn insert(&mut self, keys: &Keys, stat: u32, expires_ns: u64) -> Result<(), aya::maps::MapError> {
+    fn insert(&mut self, keys: &Keys, stat: u32, bucket: u32, expires_ns: u64) -> Result<(), aya::maps::MapError> {
         match *keys {
             Keys::V4(chan, pkey) => {
-                let cv = Chan4Val { relay_ip: pkey.relay_ip, peer_ip: pkey.peer_ip, relay_port: pkey.relay_port, peer_port: pkey.peer_port, stat, expires_ns };
+                let cv = Chan4Val { relay_ip: pkey.relay_ip, peer_ip: pkey.peer_ip, relay_port: pkey.relay_port, peer_port: pkey.peer_port, stat, bucket, pad: 0, expires_ns };
                 let pv = Peer4Val {
                     client_ip: chan.client_ip,
                     listen_ip: chan.listen_ip,
@@ -270,6 +368,7 @@ impl Maps {
                     listen_port: chan.listen_port,
                     channel: chan.channel,
                     stat,
+                    bucket,
                     expires_ns,
                     ..Default::default()
                 };
@@ -277,7 +376,7 @@ impl Maps {
                 self.peer4.insert(pkey, pv, 0)
             }
             Keys::V6(chan, pkey) => {
-                let cv = Chan6Val { relay_ip: pkey.relay_ip, peer_ip: pkey.peer_ip, relay_port: pkey.relay_port, peer_port: pkey.peer_port, stat, expires_ns };
+                let cv = Chan6Val { relay_ip: pkey.relay_ip, peer_ip: pkey.peer_ip, relay_port: pkey.relay_port, peer_port: pkey.peer_port, stat, bucket, pad: 0, expires_ns };
                 let pv = Peer6Val {
                     client_ip: chan.client_ip,
                     listen_ip: chan.listen_ip,
@@ -285,6 +384,7 @@ impl Maps {
                     listen_port: chan.listen_port,
                     channel: chan.channel,
                     stat,
+                    bucket,
                     expires_ns,
                     ..Default::default()
                 };
@@ -314,7 +414,28 @@ impl Maps {
             to_peer_bytes: a.to_peer_bytes + s.to_peer_bytes,
             from_peer_packets: a.from_peer_packets + s.from_peer_packets,
             from_peer_bytes: a.from_peer_bytes + s.from_peer_bytes,
+            dropped_allocation: a.dropped_allocation + s.dropped_allocation,
+            dropped_total: a.dropped_total + s.dropped_total,
         })
+    }
+
+    /// A bucket slot for an allocation's cap, full at `rate`; `None` when
+    /// every slot is taken.
+    fn bucket(&mut self, rate: u64) -> Option<u32> {
+        let slot = match self.free_buckets.pop() {
+            Some(s) => s,
+            None if self.next_bucket <= MAX_ENTRIES => {
+                self.next_bucket += 1;
+                self.next_bucket - 1
+            }
+            None => return None,
+        };
+        if let Err(e) = self.buckets.set(slot, Bucket::full(rate), BPF_F_LOCK) {
+            tracing::warn!(error = %e, "XDP: cannot set an allocation's bandwidth cap in the kernel");
+            self.free_buckets.push(slot);
+            return None;
+        }
+        Some(slot)
     }
 
     fn slot(&mut self) -> Option<u32> {
@@ -341,7 +462,7 @@ impl Keys {
     fn of(b: &Binding) -> Option<Keys> {
         let relayed = b.relayed?;
         let (client, listen, peer) = (b.tuple.client, b.tuple.server, b.peer);
-        if b.tuple.transport != Transport::Udp || b.capped || listen.ip().is_unspecified() || relayed.ip().is_unspecified() {
+        if b.tuple.transport != Transport::Udp || relayed.ip().is_unspecified() {
             return None;
         }
         // Another allocation of this relay, or the listener: the kernel would
@@ -372,12 +493,24 @@ struct Entry {
     /// reset: a reused slot starts from what its last owner left).
     stat: u32,
     last: Stat,
+    /// Its allocation, and whether it holds a share of the allocation's cap.
+    tuple: FiveTuple,
+    capped: bool,
+}
+
+/// An allocation's bandwidth cap in the kernel: one bucket, shared by its
+/// mirrored channels.
+struct Cap {
+    slot: u32,
+    rate: u64,
+    channels: u32,
 }
 
 /// A shard's channels in the kernel's maps.
 pub struct Mirror {
     fast: Arc<FastPath>,
     entries: HashMap<(RelayId, u16), Entry>,
+    caps: HashMap<FiveTuple, Cap>,
 }
 
 /// What a channel event says, as the mirror needs it.
@@ -387,82 +520,137 @@ pub struct Binding {
     pub channel: u16,
     pub peer: SocketAddr,
     pub until: Instant,
-    pub capped: bool,
+    /// The allocation's own cap, bytes per second each way (0: none).
+    pub cap: u64,
     /// The relayed address's socket, as bound.
     pub relayed: Option<SocketAddr>,
 }
 
 impl Mirror {
     pub fn new(fast: Arc<FastPath>) -> Mirror {
-        Mirror { fast, entries: HashMap::new() }
+        Mirror { fast, entries: HashMap::new(), caps: HashMap::new() }
+    }
+
+    /// The relay's total cap (see [`FastPath::set_total`]).
+    pub fn set_total(&self, rate: u64) {
+        self.fast.set_total(rate);
     }
 
     /// A channel bound or refreshed: adds or updates its entries, or removes
     /// them when it may not take the fast path (any more).
-    pub fn bound(&mut self, b: &Binding, server: &mut Server) {
+    pub fn bound(&mut self, b: &Binding, server: &mut Server, now: Instant) {
         let key = (b.relay, b.channel);
         let Some(keys) = Keys::of(b) else {
-            self.unbound(b.relay, b.channel, server);
+            self.unbound(b.relay, b.channel, server, now);
             return;
         };
         // The same channel number to another peer (bound again after its
         // cooldown): the old entries go first.
         if self.entries.get(&key).is_some_and(|e| e.keys != keys) {
-            self.unbound(b.relay, b.channel, server);
+            self.unbound(b.relay, b.channel, server, now);
         }
         let fast = self.fast.clone();
         let mut m = fast.maps();
-        let stat = match self.entries.get(&key) {
-            Some(e) => e.stat,
-            None => {
-                let Some(stat) = m.slot() else { return };
-                let last = m.read(stat);
-                self.entries.insert(key, Entry { keys, stat, last });
-                stat
-            }
+        if !self.entries.contains_key(&key) {
+            let Some(stat) = m.slot() else { return };
+            let last = m.read(stat);
+            self.entries.insert(key, Entry { keys, stat, last, tuple: b.tuple, capped: false });
+        }
+        let Some(bucket) = self.hold_cap(&mut m, key, b.cap) else {
+            drop(m);
+            self.unbound(b.relay, b.channel, server, now);
+            return;
         };
-        if let Err(e) = m.insert(&keys, stat, fast.clock.ns(b.until)) {
+        let stat = self.entries[&key].stat;
+        if let Err(e) = m.insert(&keys, stat, bucket, fast.clock.ns(b.until)) {
             tracing::warn!(error = %e, channel = b.channel, client = %b.tuple.client, "XDP: cannot add a channel to the fast path; it stays on the socket path");
             drop(m);
-            self.unbound(b.relay, b.channel, server);
+            self.unbound(b.relay, b.channel, server, now);
         }
+    }
+
+    /// The bucket the channel `key` is to be held to at `rate` (0: none,
+    /// [`NO_BUCKET`]): its allocation's, made on its first capped channel and
+    /// refilled at a new rate when a reload changes it. `None` when no slot
+    /// is left (the channel stays on the socket path).
+    fn hold_cap(&mut self, m: &mut Maps, key: (RelayId, u16), rate: u64) -> Option<u32> {
+        let e = self.entries.get_mut(&key)?;
+        if rate == 0 {
+            if std::mem::take(&mut e.capped) {
+                release(&mut self.caps, m, e.tuple);
+            }
+            return Some(NO_BUCKET);
+        }
+        let cap = match self.caps.entry(e.tuple) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(Cap { slot: m.bucket(rate)?, rate, channels: 0 }),
+        };
+        if cap.rate != rate {
+            match m.buckets.set(cap.slot, Bucket::full(rate), BPF_F_LOCK) {
+                Ok(()) => cap.rate = rate,
+                Err(err) => tracing::warn!(error = %err, "XDP: cannot change an allocation's bandwidth cap in the kernel"),
+            }
+        }
+        if !std::mem::replace(&mut e.capped, true) {
+            cap.channels += 1;
+        }
+        Some(cap.slot)
     }
 
     /// A channel unbound (expired, its allocation ended): its entries go,
     /// and what the kernel relayed since the last sync is credited. Returns
     /// the bytes (to peer, from peer) of that which the allocation, already
     /// gone, could not take: its "allocation ended" line follows.
-    pub fn unbound(&mut self, relay: RelayId, channel: u16, server: &mut Server) -> (u64, u64) {
+    pub fn unbound(&mut self, relay: RelayId, channel: u16, server: &mut Server, now: Instant) -> (u64, u64) {
         let Some(e) = self.entries.remove(&(relay, channel)) else { return (0, 0) };
         let mut m = self.fast.maps();
         m.remove(&e.keys);
-        let now = m.read(e.stat);
+        if e.capped {
+            release(&mut self.caps, &mut m, e.tuple);
+        }
+        let counts = m.read(e.stat);
         m.free.push(e.stat);
         drop(m);
-        credit(server, relay, &e.last, &now)
+        credit(server, relay, &e.last, &counts, now)
     }
 
     /// Credits the core with what the kernel relayed since the last sync.
-    pub fn sync(&mut self, server: &mut Server) {
+    pub fn sync(&mut self, server: &mut Server, now: Instant) {
         if self.entries.is_empty() {
             return;
         }
         let m = self.fast.maps();
         for ((relay, _), e) in self.entries.iter_mut() {
-            let now = m.read(e.stat);
-            credit(server, *relay, &e.last, &now);
-            e.last = now;
+            let counts = m.read(e.stat);
+            credit(server, *relay, &e.last, &counts, now);
+            e.last = counts;
         }
     }
 }
 
-/// Credits the core with the counts between `last` and `now`; returns the
+/// One channel of the allocation of `tuple` no longer holds its cap; the
+/// last one gives the bucket slot back.
+fn release(caps: &mut HashMap<FiveTuple, Cap>, m: &mut Maps, tuple: FiveTuple) {
+    if let Some(c) = caps.get_mut(&tuple) {
+        c.channels -= 1;
+        if c.channels == 0 {
+            m.free_buckets.push(c.slot);
+            caps.remove(&tuple);
+        }
+    }
+}
+
+/// Credits the core with the counts between `last` and `counts`; returns the
 /// bytes an allocation already gone could not take (see [`Mirror::unbound`]).
-fn credit(server: &mut Server, relay: RelayId, last: &Stat, now: &Stat) -> (u64, u64) {
-    let to_peer = Flow { packets: now.to_peer_packets.wrapping_sub(last.to_peer_packets), bytes: now.to_peer_bytes.wrapping_sub(last.to_peer_bytes) };
-    let from_peer = Flow { packets: now.from_peer_packets.wrapping_sub(last.from_peer_packets), bytes: now.from_peer_bytes.wrapping_sub(last.from_peer_bytes) };
-    if (to_peer.packets != 0 || from_peer.packets != 0) && !server.credit_fast_path(relay, Transport::Udp, to_peer, from_peer) {
-        return (to_peer.bytes, from_peer.bytes);
+fn credit(server: &mut Server, relay: RelayId, last: &Stat, counts: &Stat, now: Instant) -> (u64, u64) {
+    let n = FastPathCounts {
+        to_peer: Flow { packets: counts.to_peer_packets.wrapping_sub(last.to_peer_packets), bytes: counts.to_peer_bytes.wrapping_sub(last.to_peer_bytes) },
+        from_peer: Flow { packets: counts.from_peer_packets.wrapping_sub(last.from_peer_packets), bytes: counts.from_peer_bytes.wrapping_sub(last.from_peer_bytes) },
+        dropped_allocation_bandwidth: counts.dropped_allocation.wrapping_sub(last.dropped_allocation),
+        dropped_total_bandwidth: counts.dropped_total.wrapping_sub(last.dropped_total),
+    };
+    if n != FastPathCounts::default() && !server.credit_fast_path(relay, Transport::Udp, n, now) {
+        return (n.to_peer.bytes, n.from_peer.bytes);
     }
     (0, 0)
 }

@@ -191,9 +191,15 @@ pub(super) fn channel_until(a: &Allocation, c: &Channel) -> Instant {
     c.expires.min(perm).min(a.expires)
 }
 
-/// Whether a bandwidth cap applies to `a`'s packets (see `within_budget`).
-pub(super) fn capped(cfg: &ServerConfig, a: &Allocation) -> bool {
-    a.check || cfg.allocation_bytes_per_second != 0 || cfg.total_bytes_per_second != 0
+/// `a`'s own bandwidth cap in bytes per second in each direction (0: none):
+/// the configured one, and for a check allocation its own or the configured
+/// one if lower.
+pub(super) fn allocation_cap(cfg: &ServerConfig, a: &Allocation) -> u64 {
+    match (a.check, cfg.allocation_bytes_per_second) {
+        (true, 0) => CHECK_BYTES_PER_SECOND,
+        (true, c) => c.min(CHECK_BYTES_PER_SECOND),
+        (false, c) => c,
+    }
 }
 
 /// Reports the live channels of `a` (those to a peer in `only`, when given)
@@ -201,14 +207,14 @@ pub(super) fn capped(cfg: &ServerConfig, a: &Allocation) -> bool {
 /// (One whose expiry is due but not yet handled is reported too, with an
 /// `until` in the past: harmless, and it keeps the core off the clock.)
 pub(super) fn channels_refreshed(events: &mut VecDeque<Event>, cfg: &ServerConfig, a: &Allocation, only: Option<&[IpAddr]>) {
-    let capped = capped(cfg, a);
+    let cap = allocation_cap(cfg, a);
     for c in a.channels.iter().filter(|c| !c.ended) {
         if only.is_some_and(|ips| !ips.contains(&c.peer.ip())) {
             continue;
         }
         if let Some(r) = a.relay_for(&c.peer) {
             let until = channel_until(a, c);
-            push_event(events, Event::ChannelRefreshed { relay: r.id, tuple: a.tuple, channel: c.number, peer: c.peer, until, capped });
+            push_event(events, Event::ChannelRefreshed { relay: r.id, tuple: a.tuple, channel: c.number, peer: c.peer, until, cap });
         }
     }
 }
@@ -261,16 +267,51 @@ impl Server {
     }
 
     /// Swaps in new settings (reload). Existing allocations keep running;
-    /// new limits apply to new requests.
-    pub fn reconfigure(&mut self, cfg: ServerConfig, auth: Authenticator, policy: PeerPolicy) {
+    /// new limits apply to new requests, and the peers the new policy
+    /// refuses lose their permissions and channels at once (see
+    /// `revoke_refused_peers`; the count is returned).
+    pub fn reconfigure(&mut self, cfg: ServerConfig, auth: Authenticator, policy: PeerPolicy, now: Instant) -> usize {
         if cfg.unauth_rate != self.unauth.rate() {
             self.unauth = RateLimiter::new(cfg.unauth_rate, auth.subkey(b"unauth-rate"));
         }
         self.cfg = cfg;
         self.auth = auth;
         self.policy = policy;
+        let revoked = self.revoke_refused_peers(now);
         // The caps may have changed, and with them which channels a fast path may take.
         self.announce_channels();
+        revoked
+    }
+
+    /// After the peer policy changed: the permissions and channels of peers
+    /// it now refuses (a range taken out of `peers.allow`) end at once, as
+    /// CreatePermission and ChannelBind would refuse them now; channels are
+    /// reported unbound, so a fast path stops relaying them too. Returns
+    /// how many permissions and channels ended.
+    fn revoke_refused_peers(&mut self, now: Instant) -> usize {
+        let relay_ips: Vec<IpAddr> = [self.cfg.relay_v4, self.cfg.relay_v6].iter().flatten().flat_map(|r| [r.local, r.external]).collect();
+        let relay_ip = |ip: IpAddr| relay_ips.contains(&ip.to_canonical());
+        let (policy, events) = (&self.policy, &mut self.events);
+        let mut revoked = 0;
+        for a in self.allocs.values_mut() {
+            let check = a.check;
+            let permitted = |ip: IpAddr| policy.permits_ip(ip) && (!check || relay_ip(ip));
+            let before = a.permissions.len();
+            a.permissions.retain(|p| permitted(p.ip));
+            revoked += before - a.permissions.len();
+            let (tuple, v4, v6) = (a.tuple, a.v4, a.v6);
+            for c in a.channels.iter_mut().filter(|c| !c.ended) {
+                let bindable = policy.permits(c.peer) && (!check || (relay_ip(c.peer.ip()) && policy.in_relay_range(c.peer.port())));
+                if !bindable || !permitted(c.peer.ip()) {
+                    // Expired now: its number and peer stay taken for the cooldown.
+                    c.expires = c.expires.min(now);
+                    c.ended = true;
+                    revoked += 1;
+                    channel_unbound(events, tuple, v4, v6, c);
+                }
+            }
+        }
+        revoked
     }
 
     /// Reports every live channel binding as [`Event::ChannelRefreshed`]:
@@ -282,27 +323,49 @@ impl Server {
         }
     }
 
-    /// Adds what a fast path relayed for the allocation of `relay` (in the
-    /// kernel, past the core) to its counters and the relay's, so sessions
-    /// and metrics count every packet. Those of an allocation already gone
-    /// count in the relay's totals only: `false` then, and the I/O layer
-    /// adds them to the allocation's [`Event::AllocationEnded`] itself.
-    pub fn credit_fast_path(&mut self, relay: RelayId, transport: Transport, to_peer: super::Flow, from_peer: super::Flow) -> bool {
+    /// Takes in what a fast path (the XDP program) relayed and dropped on
+    /// relayed address `relay` since it last said: the allocation's and the
+    /// relay's counters, and the allocation's and this shard's bandwidth
+    /// budgets are charged what its packets took on the wire, so what the
+    /// socket path may still relay for the same allocation (Send
+    /// indications, other peers' datagrams) is what is left of the cap.
+    /// Those of an allocation already gone count in the relay's totals
+    /// only: `false` then, and the I/O layer adds them to the allocation's
+    /// [`Event::AllocationEnded`] itself.
+    pub fn credit_fast_path(&mut self, relay: RelayId, transport: Transport, n: super::FastPathCounts, now: Instant) -> bool {
         let live = match self.allocs.get_gen_mut(relay.slot(), relay.generation()) {
             Some(a) => {
-                a.bytes_to_peer += to_peer.bytes;
-                a.packets_to_peer += to_peer.packets;
-                a.bytes_from_peer += from_peer.bytes;
-                a.packets_from_peer += from_peer.packets;
+                a.bytes_to_peer += n.to_peer.bytes;
+                a.packets_to_peer += n.to_peer.packets;
+                a.bytes_from_peer += n.from_peer.bytes;
+                a.packets_from_peer += n.from_peer.packets;
+                let framing = relaying::framing(a.v4.is_some_and(|r| r.id == relay)) as u64;
+                let wire = |f: super::Flow| f.bytes.saturating_add(f.packets.saturating_mul(framing));
+                let (to, from) = (wire(n.to_peer), wire(n.from_peer));
+                let cap = allocation_cap(&self.cfg, a);
+                a.budget_to_peer.spend(to, cap, now);
+                a.budget_from_peer.spend(from, cap, now);
+                self.total_to_peer.spend(to, self.cfg.total_bytes_per_second, now);
+                self.total_from_peer.spend(from, self.cfg.total_bytes_per_second, now);
+                if n.dropped_allocation_bandwidth > 0 && !a.over_bandwidth_reported {
+                    a.over_bandwidth_reported = true;
+                    push_event(&mut self.events, Event::OverBandwidth { tuple: a.tuple, username: a.username.to_string() });
+                }
                 true
             }
             None => false,
         };
         let (t, f) = (&mut self.stats.to_peer[transport as usize], &mut self.stats.from_peer[transport as usize]);
-        t.packets += to_peer.packets;
-        t.bytes += to_peer.bytes;
-        f.packets += from_peer.packets;
-        f.bytes += from_peer.bytes;
+        t.packets += n.to_peer.packets;
+        t.bytes += n.to_peer.bytes;
+        f.packets += n.from_peer.packets;
+        f.bytes += n.from_peer.bytes;
+        for (fast, n) in self.stats.fast_path.iter_mut().zip([n.to_peer, n.from_peer]) {
+            fast.packets += n.packets;
+            fast.bytes += n.bytes;
+        }
+        self.stats.dropped_allocation_bandwidth += n.dropped_allocation_bandwidth;
+        self.stats.dropped_total_bandwidth += n.dropped_total_bandwidth;
         live
     }
 

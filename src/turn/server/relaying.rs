@@ -20,8 +20,13 @@ pub(super) enum Direction {
 /// bytes like any other.
 #[inline]
 pub(super) fn wire_cost(len: usize, peer: &SocketAddr) -> usize {
-    let ip_udp = if peer.is_ipv4() { 28 } else { 48 };
-    len + ip_udp + CHANNEL_HEADER
+    len + framing(peer.is_ipv4())
+}
+
+/// The headers [`wire_cost`] adds to a payload to or from a peer of that family.
+pub(super) fn framing(ipv4: bool) -> usize {
+    let ip_udp = if ipv4 { 28 } else { 48 };
+    ip_udp + CHANNEL_HEADER
 }
 
 /// The ChannelData header, the least framing a relayed payload has on the client's leg.
@@ -43,15 +48,10 @@ pub(super) fn within_budget(
     len: usize,
     now: Instant,
 ) -> bool {
+    let cap = allocation_cap(cfg, a);
     let own = match dir {
         Direction::ToPeer => &mut a.budget_to_peer,
         Direction::FromPeer => &mut a.budget_from_peer,
-    };
-    // A check allocation gets its own cap, or the configured one if lower (0 = none configured).
-    let cap = match (a.check, cfg.allocation_bytes_per_second) {
-        (true, 0) => CHECK_BYTES_PER_SECOND,
-        (true, c) => c.min(CHECK_BYTES_PER_SECOND),
-        (false, c) => c,
     };
     if !own.take(len, cap, now) {
         stats.dropped_allocation_bandwidth += 1;

@@ -537,9 +537,9 @@ impl Server {
         a.permit(peer.ip(), now + Duration::from_secs(self.cfg.permission_lifetime as u64));
         let relay = a.relay_for(&peer)?.id;
         let until = a.channels.iter().find(|c| c.number == number).map_or(expires, |c| channel_until(a, c));
-        let capped = capped(&self.cfg, a);
+        let cap = allocation_cap(&self.cfg, a);
         self.schedule(slot);
-        self.event(Event::ChannelBound { relay, tuple, channel: number, peer, until, capped });
+        self.event(Event::ChannelBound { relay, tuple, channel: number, peer, until, cap });
         reply.ok(out, |_| {})
     }
 }
