@@ -11,7 +11,9 @@
 //! whose ChannelBind was refused, and once a reload sets a bandwidth cap,
 //! nothing is relayed by the program; IPv6 as IPv4; a datagram that would
 //! not fit the client's MTU with the ChannelData header goes the socket
-//! path, whole.
+//! path, whole; and coturn's turnutils_uclient, a client independent of
+//! ours, relays through the program to coturn's turnutils_peer without
+//! loss over IPv4 and IPv6.
 //!
 //! Every wait is a condition with a bound: the warm-up of each channel
 //! lasts until the program relays a round both ways, turnd's counters are
@@ -19,8 +21,8 @@
 //! a datagram that must arrive may take 5 s, and "nothing arrives" is a
 //! quiet window of 400 ms. The one fixed wait is the permission's lifetime.
 //!
-//! Compiled only with `--features xdp`. Needs root, `ip netns`, ethtool.
-//! Fails, never skips.
+//! Compiled only with `--features xdp`. Needs root, `ip netns`, ethtool and
+//! coturn's turnutils. Fails, never skips.
 #![cfg(feature = "xdp")]
 
 #[path = "common/core.rs"]
@@ -34,7 +36,7 @@ mod netns;
 mod xdp_rig;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Turnd, SECRET};
@@ -340,6 +342,101 @@ fn a_datagram_that_would_not_fit_the_clients_mtu_goes_the_socket_path() {
     peer.send_to(&big, relayed).unwrap();
     assert_eq!(recv(&c.sock).map(|r| r.0), Some(channel_data(0x4000, &big)));
     assert_eq!(rig.redirects().1, before.1 + 1, "one that does not fit is left to the socket path");
+}
+
+/// coturn's turnutils_peer, a UDP echo, in the rig's peer namespace on
+/// `ip` (port PEER_PORT); killed when dropped, however the test ends.
+struct CoturnPeer(std::process::Child);
+
+/// turnutils_peer's port; the peer's namespace is the test's own, so it is free.
+const PEER_PORT: u16 = 3480;
+
+impl CoturnPeer {
+    /// Starts it and waits until it echoes (bounded: 5 s).
+    fn start(rig: &Rig, ip: std::net::IpAddr) -> CoturnPeer {
+        use std::os::unix::process::CommandExt;
+        assert!(common::on_path("turnutils_peer"), "turnutils_peer is missing: test.sh installs Debian's coturn package");
+        let child = rig
+            .peer_ns
+            .command("turnutils_peer")
+            .args(["-L", &ip.to_string(), "-p", &PEER_PORT.to_string()])
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run turnutils_peer");
+        let mut peer = CoturnPeer(child);
+        // From the peer's namespace itself: nothing crosses the veths.
+        let probe = rig.peer_ns.udp_socket(SocketAddr::new(ip, 0));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            probe.send_to(b"are you there", (ip, PEER_PORT)).unwrap();
+            if recv_within(&probe, Duration::from_millis(100)).is_some_and(|(d, _)| d == b"are you there") {
+                return peer;
+            }
+            if let Ok(Some(st)) = peer.0.try_wait() {
+                panic!("turnutils_peer exited ({st}) before it echoed");
+            }
+            assert!(Instant::now() < deadline, "turnutils_peer on {ip}:{PEER_PORT} did not echo within 5 s");
+        }
+    }
+}
+
+impl Drop for CoturnPeer {
+    fn drop(&mut self) {
+        common::kill_group(&mut self.0);
+    }
+}
+
+/// coturn's turnutils_uclient in the client's namespace: `clients`
+/// allocations (`-m`, no RTCP pairs: `-c`), each binding a channel to
+/// turnutils_peer in the peer's namespace and sending `messages` ChannelData
+/// of 200 bytes, which the peer echoes. No loss, and the program relayed at
+/// least every message both ways (the host resolved both namespaces'
+/// neighbours first, so not even the first one takes the socket path).
+fn uclient_relays_through_the_program(ipv6: bool) {
+    // uclient picks channel numbers up to 0x7FFF, as RFC 5766 allowed.
+    let rig = Rig::start("legacy_channel_numbers = true\n");
+    let (server, peer_ip) = match (rig.server6, rig.ns6) {
+        (Some(s6), Some((_, p6))) if ipv6 => (s6, p6.into()),
+        _ => (rig.server, rig.peer_ns.ns_ip().into()),
+    };
+    let _peer = CoturnPeer::start(&rig, peer_ip);
+    rig.resolve_neighbours();
+    assert!(common::on_path("turnutils_uclient"), "turnutils_uclient is missing: test.sh installs Debian's coturn package");
+    let (clients, messages) = (4u64, 100u64);
+    let mut cmd = rig.client_ns.command("turnutils_uclient");
+    cmd.args(["-c", "-m", &clients.to_string(), "-n", &messages.to_string(), "-l", "200"])
+        .args(["-e", &peer_ip.to_string(), "-r", &PEER_PORT.to_string()])
+        .args(["-p", &server.port().to_string(), "-W", SECRET]);
+    if ipv6 {
+        // An IPv6 relayed address (without it the relay's family is IPv4).
+        cmd.arg("-x");
+    }
+    cmd.arg(server.ip().to_string());
+    let before = rig.redirects();
+    let run = common::run_bounded(&mut cmd, Duration::from_secs(60));
+    let after = rig.redirects();
+    let text = format!("{}{}", run.stdout, run.stderr);
+    assert_eq!(run.code, 0, "turnutils_uclient failed:\n{}\n--- turnd log ---\n{}", run.text(), rig.turnd.log());
+    let s = common::uclient_summary(&text);
+    let moved = (after.0 - before.0, after.1 - before.1);
+    eprintln!("uclient over IPv{}: sent {} received {} lost {}; redirected {moved:?} in {:?}", if ipv6 { 6 } else { 4 }, s.sent, s.received, s.lost, run.elapsed);
+    assert_eq!(s.sent, clients * messages, "{text}");
+    assert_eq!((s.received, s.lost), (s.sent, 0), "loss through the fast path:\n{text}");
+    assert!(moved.0 >= s.sent, "the program relayed {} of {} messages toward the peer:\n{text}", moved.0, s.sent);
+    assert!(moved.1 >= s.sent, "the program relayed {} of {} echoes toward the client:\n{text}", moved.1, s.sent);
+}
+
+#[test]
+fn coturn_uclient_relays_through_the_program_without_loss() {
+    uclient_relays_through_the_program(false);
+}
+
+#[test]
+fn coturn_uclient_relays_through_the_program_over_ipv6() {
+    uclient_relays_through_the_program(true);
 }
 
 /// Relays a datagram each way through a channel of a turnd on 127.0.0.1.
