@@ -8,13 +8,6 @@ use std::process::Command;
 
 use common::{EchoPeer, Turnd, SECRET};
 
-/// The end-of-run summary turnutils_uclient prints.
-struct Summary {
-    sent: u64,
-    received: u64,
-    lost: u64,
-}
-
 fn uclient_port(args: &[&str], port: u16, server: &Turnd) -> (i32, String) {
     let bin = "turnutils_uclient";
     assert!(
@@ -32,26 +25,6 @@ fn uclient_port(args: &[&str], port: u16, server: &Turnd) -> (i32, String) {
         .expect("run turnutils_uclient");
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
-}
-
-fn summary(text: &str) -> Summary {
-    let mut s = None;
-    let mut lost = None;
-    for line in text.lines() {
-        if let Some(rest) = line.split("start_mclient: tot_send_msgs=").nth(1) {
-            let mut it = rest.split(", tot_recv_msgs=");
-            let sent = it.next().and_then(|v| v.trim().parse().ok());
-            let recv = it.next().and_then(|v| v.trim().parse().ok());
-            if let (Some(a), Some(b)) = (sent, recv) {
-                s = Some((a, b));
-            }
-        }
-        if let Some(rest) = line.split("Total lost packets ").nth(1) {
-            lost = rest.split_whitespace().next().and_then(|v| v.parse().ok());
-        }
-    }
-    let (sent, received) = s.unwrap_or_else(|| panic!("no summary in turnutils_uclient output:\n{text}"));
-    Summary { sent, received, lost: lost.unwrap_or_else(|| panic!("no loss line:\n{text}")) }
 }
 
 fn relay_run(mode: &[&str], clients: u32, messages: u32) {
@@ -76,7 +49,7 @@ fn relay_run_sessions(mode: &[&str], clients: u32, messages: u32, rtcp: bool) {
     let port = if mode.contains(&"-S") { server.tls_port } else { server.port };
     let (rc, text) = uclient_port(&args, port, &server);
     assert_eq!(rc, 0, "turnutils_uclient failed:\n{text}\n--- turnd log ---\n{}", server.log());
-    let s = summary(&text);
+    let s = common::uclient_summary(&text);
     let echoed = peer.finish();
     eprintln!("uclient {mode:?}: sent {} received {} lost {} (peer echoed {echoed})", s.sent, s.received, s.lost);
     assert_eq!(s.sent, (sessions * messages) as u64, "{text}");

@@ -1,23 +1,28 @@
-//! The XDP fast path (feature `xdp`) on real interfaces: two network
-//! namespaces, a client's and a peer's, each joined to the host by a veth
-//! pair (tests/common/netns.rs, 198.18.0.0/15); turnd on the host listens
-//! on the client's host end and relays from the peer's, with the program
-//! attached in native mode to both host ends. The far ends run a
-//! pass-through XDP program (native XDP on veth delivers redirected frames
-//! only to an end that has one) and send with checksum offload off (a veth
-//! leaves UDP checksums partial, which a forwarded frame cannot carry).
+//! The XDP fast path (feature `xdp`) on real interfaces: the rig of
+//! `common/xdp.rs`, a client's and a peer's network namespace joined to the
+//! host by veth pairs, turnd on the host listening on the client's host end
+//! and relaying from the peer's, the program attached in native mode to
+//! both host ends.
 //!
 //! Proves: both directions are relayed by the program (the veths'
 //! `xdp_redirect` counters move by one per packet) with the same bytes and
 //! addresses the socket path sends; turnd counts them (metrics and
 //! sessions); after a permission expires, after a disconnect, for a peer
 //! whose ChannelBind was refused, and once a reload sets a bandwidth cap,
-//! nothing is relayed by the program; IPv6 as IPv4;
-//! and a datagram that would not fit the client's MTU with the ChannelData
-//! header goes the socket path, whole.
+//! nothing is relayed by the program; IPv6 as IPv4; a datagram that would
+//! not fit the client's MTU with the ChannelData header goes the socket
+//! path, whole; and coturn's turnutils_uclient, a client independent of
+//! ours, relays through the program to coturn's turnutils_peer without
+//! loss over IPv4 and IPv6.
 //!
-//! Compiled only with `--features xdp`. Needs root, `ip netns`, ethtool.
-//! Fails, never skips.
+//! Every wait is a condition with a bound: the warm-up of each channel
+//! lasts until the program relays a round both ways, turnd's counters are
+//! read until they match (it reads the program's back about once a second),
+//! a datagram that must arrive may take 5 s, and "nothing arrives" is a
+//! quiet window of 400 ms. The one fixed wait is the permission's lifetime.
+//!
+//! Compiled only with `--features xdp`. Needs root, `ip netns`, ethtool and
+//! coturn's turnutils. Fails, never skips.
 #![cfg(feature = "xdp")]
 
 #[path = "common/core.rs"]
@@ -27,132 +32,55 @@ mod wire;
 mod common;
 #[path = "common/netns.rs"]
 mod netns;
+#[path = "common/xdp.rs"]
+mod xdp_rig;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Turnd;
+use common::{Turnd, SECRET};
 use harness::A;
-use netns::NetNs;
 use turnd::stun::{attr, method, ChannelData, Class};
 use wire::{peer_at, UdpClient};
+use xdp_rig::{must, settle, Rig};
 
-const SECRET: &str = "xdp-secret";
+/// How long a datagram that must arrive may take (a loaded machine).
+const ARRIVES: Duration = Duration::from_secs(5);
+/// How long a socket must stay silent to show that nothing was relayed.
+const QUIET: Duration = Duration::from_millis(400);
+/// How long turnd may take to publish what the program relayed.
+const SETTLES: Duration = Duration::from_secs(10);
 
-/// The client's and the peer's namespaces, turnd between them.
-struct Rig {
-    // turnd goes first, then the namespaces (and with them the veths and
-    // their XDP programs and sysctls).
-    turnd: Turnd,
-    client_ns: NetNs,
-    peer_ns: NetNs,
-    server: SocketAddr,
-    /// The IPv6 listener, and the IPv6 ends of the veths: (client ns, peer ns).
-    server6: SocketAddr,
-    ns6: (std::net::Ipv6Addr, std::net::Ipv6Addr),
+const WARM_TO_PEER: &[u8] = b"warm-to-peer";
+const WARM_TO_CLIENT: &[u8] = b"warm-to-client";
+
+/// A client in the client's namespace, toward the IPv4 listener.
+fn client(rig: &Rig) -> UdpClient {
+    let mut c = UdpClient::new("127.0.0.1", rig.server);
+    c.sock = rig.client_ns.udp_socket(SocketAddr::new(rig.client_ns.ns_ip().into(), 0));
+    c
 }
 
-fn must(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// A client over IPv6 with an IPv6 relayed address.
+fn client6(rig: &Rig) -> (UdpClient, SocketAddr) {
+    let mut c = UdpClient::new("127.0.0.1", rig.server6.unwrap());
+    c.sock = rig.client_ns.udp_socket(SocketAddr::new(rig.ns6.unwrap().0.into(), 0));
+    let family = || A::Raw(attr::REQUESTED_ADDRESS_FAMILY, vec![0x02, 0, 0, 0]);
+    let r = c.transact(method::ALLOCATE, &[harness::transport_udp(), family()]);
+    c.creds = Some(wire::rest_creds(&r, "vic", SECRET));
+    let r = c.transact(method::ALLOCATE, &[harness::transport_udp(), family()]);
+    assert_eq!(r.class(), Class::Success, "allocate over IPv6: {:?}", r.code());
+    (c, r.addr(attr::XOR_RELAYED_ADDRESS).unwrap())
 }
 
-/// Frames the program sent on with a redirect, as counted on `iface` (a host end).
-fn redirects(iface: &str) -> u64 {
-    must(Command::new("ethtool").args(["-S", iface]))
-        .lines()
-        .filter(|l| l.contains("xdp_redirect") && !l.contains("err"))
-        .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())
-        .sum()
+/// A peer in the peer's namespace, on its IPv4 address.
+fn peer(rig: &Rig) -> UdpSocket {
+    rig.peer_ns.udp_socket(SocketAddr::new(rig.peer_ns.ns_ip().into(), 0))
 }
 
-impl Rig {
-    fn start(extra: &str) -> Rig {
-        let (client_ns, peer_ns) = (NetNs::create_open(), NetNs::create_open());
-        // IPv6 too, from 2001:2::/48 (RFC 5180), a /64 per veth named after
-        // this process so parallel runs on the host do not clash.
-        let p = std::process::id() & 0xffff;
-        let v6 = |k: u32, host: u8| format!("2001:2:0:{:x}::{host}", (p << 1 | k) & 0xffff);
-        for (k, ns) in [&client_ns, &peer_ns].into_iter().enumerate() {
-            let (hif, nif) = (ns.host_if(), ns.ns_if());
-            must(Command::new("ip").args(["addr", "add", &format!("{}/64", v6(k as u32, 1)), "dev", &hif, "nodad"]));
-            must(ns.command("ip").args(["addr", "add", &format!("{}/64", v6(k as u32, 2)), "dev", &nif, "nodad"]));
-            must(Command::new("sysctl").args(["-qw", &format!("net.ipv6.conf.{hif}.forwarding=1")]));
-        }
-        let ns6 = (v6(0, 2).parse().unwrap(), v6(1, 2).parse().unwrap());
-        for ns in [&client_ns, &peer_ns] {
-            let nif = ns.ns_if();
-            must(ns.command("ip").args(["link", "set", "dev", &nif, "xdpdrv", "obj", env!("TURND_XDP_OBJECT"), "program", "xdp_pass"]));
-            must(ns.command("ethtool").args(["-K", &nif, "tx", "off"]));
-            // The program's route lookup answers only on a forwarding interface.
-            must(Command::new("sysctl").args(["-qw", &format!("net.ipv4.conf.{}.forwarding=1", ns.host_if())]));
-        }
-        let port = common::free_port();
-        let server: SocketAddr = format!("{}:{port}", client_ns.host_ip()).parse().unwrap();
-        let server6: SocketAddr = format!("[{}]:{port}", v6(0, 1)).parse().unwrap();
-        let cfg = format!(
-            "realm = \"xdp.test\"\nthreads = 2\n[auth]\nsecrets = [\"{SECRET}\"]\n\
-             [[listen]]\ntransport = \"udp\"\naddress = \"{server}\"\n\
-             [[listen]]\ntransport = \"udp\"\naddress = \"{server6}\"\n\
-             [relay]\nip = \"{}\"\nipv6 = \"{}\"\nports = \"41000-41999\"\n\
-             [peers]\nallow = [\"{}/32\", \"{}/128\"]\n\
-             [limits]\nallocation_bandwidth = 0\ntotal_bandwidth = 0\n{extra}\n\
-             [xdp]\ninterfaces = [\"{}\", \"{}\"]\nmode = \"native\"\n",
-            peer_ns.host_ip(),
-            v6(1, 1),
-            peer_ns.ns_ip(),
-            ns6.1,
-            client_ns.host_if(),
-            peer_ns.host_if()
-        );
-        let turnd = Turnd::builder().config(server, move |_| cfg).start();
-        turnd.wait_log("XDP fast path attached");
-        Rig { turnd, client_ns, peer_ns, server, server6, ns6 }
-    }
-
-    fn client(&self) -> UdpClient {
-        let mut c = UdpClient::new("127.0.0.1", self.server);
-        c.sock = self.client_ns.udp_socket(SocketAddr::new(self.client_ns.ns_ip().into(), 0));
-        c
-    }
-
-    /// A client over IPv6 with an IPv6 relayed address.
-    fn client6(&self) -> (UdpClient, SocketAddr) {
-        let mut c = UdpClient::new("127.0.0.1", self.server6);
-        c.sock = self.client_ns.udp_socket(SocketAddr::new(self.ns6.0.into(), 0));
-        let family = || A::Raw(attr::REQUESTED_ADDRESS_FAMILY, vec![0x02, 0, 0, 0]);
-        let r = c.transact(method::ALLOCATE, &[harness::transport_udp(), family()]);
-        c.creds = Some(wire::rest_creds(&r, "vic", SECRET));
-        let r = c.transact(method::ALLOCATE, &[harness::transport_udp(), family()]);
-        assert_eq!(r.class(), Class::Success, "allocate over IPv6: {:?}", r.code());
-        (c, r.addr(attr::XOR_RELAYED_ADDRESS).unwrap())
-    }
-
-    fn peer6(&self) -> UdpSocket {
-        self.peer_ns.udp_socket(SocketAddr::new(self.ns6.1.into(), 0))
-    }
-
-    fn peer(&self) -> UdpSocket {
-        let s = self.peer_ns.udp_socket(SocketAddr::new(self.peer_ns.ns_ip().into(), 0));
-        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-        s
-    }
-
-    /// (client side, peer side) redirect counts.
-    fn redirects(&self) -> (u64, u64) {
-        (redirects(&self.client_ns.host_if()), redirects(&self.peer_ns.host_if()))
-    }
-
-    fn admin_sessions(&self) -> serde_json::Value {
-        let out = must(
-            Command::new(env!("CARGO_BIN_EXE_turnctl"))
-                .args(["sessions", "--json", "--admin", &format!("127.0.0.1:{}", self.turnd.metrics_port), "--token-file"])
-                .arg(self.turnd.dir.join("admin-token")),
-        );
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("turnctl sessions: {e}: {out}"))
-    }
+fn peer6(rig: &Rig) -> UdpSocket {
+    rig.peer_ns.udp_socket(SocketAddr::new(rig.ns6.unwrap().1.into(), 0))
 }
 
 fn bind(c: &mut UdpClient, number: u16, peer: SocketAddr) -> Class {
@@ -160,11 +88,20 @@ fn bind(c: &mut UdpClient, number: u16, peer: SocketAddr) -> Class {
     c.transact(method::CHANNEL_BIND, &[A::Raw(attr::CHANNEL_NUMBER, vec![b[0], b[1], 0, 0]), peer_at(peer)]).class()
 }
 
-/// The next datagram on `s` within 500 ms: bytes and source.
-fn recv(s: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
+fn recv_within(s: &UdpSocket, limit: Duration) -> Option<(Vec<u8>, SocketAddr)> {
     let mut buf = vec![0u8; 70_000];
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    s.set_read_timeout(Some(limit)).unwrap();
     s.recv_from(&mut buf).ok().map(|(n, from)| (buf[..n].to_vec(), from))
+}
+
+/// The next datagram on `s`, one that must arrive (within ARRIVES): bytes and source.
+fn recv(s: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
+    recv_within(s, ARRIVES)
+}
+
+/// Whatever arrives on `s` within the QUIET window: for checks that nothing does.
+fn recv_quiet(s: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
+    recv_within(s, QUIET)
 }
 
 /// A payload of `len` bytes, varied by `i`; some start like ChannelData or STUN.
@@ -178,31 +115,62 @@ fn channel_data(number: u16, data: &[u8]) -> Vec<u8> {
     v
 }
 
-/// One datagram each way through channel `number` (the first may take the
-/// socket path while neighbours are resolved); returns what arrived.
-fn warm(c: &UdpClient, peer: &UdpSocket, number: u16, relayed: SocketAddr) -> (Vec<u8>, Vec<u8>) {
-    c.send_channel(number, b"warm-to-peer");
-    let (to_peer, from) = recv(peer).expect("the peer gets the first datagram");
-    assert_eq!(from, relayed);
-    peer.send_to(b"warm-to-client", relayed).unwrap();
-    let (to_client, _) = recv(&c.sock).expect("the client gets the first datagram");
-    (to_peer, to_client)
+/// Warms channel `number` up: a round is WARM_TO_PEER from the client and
+/// WARM_TO_CLIENT from the peer, each checked to arrive with the bytes and
+/// source the socket path sends; rounds go on until one went through the
+/// program both ways (the first may take the socket path while the host
+/// resolves the namespaces' neighbours). Bounded: 5 s. Returns the number
+/// of rounds, which turnd counts like any datagram.
+fn warm(rig: &Rig, c: &UdpClient, peer: &UdpSocket, number: u16, relayed: SocketAddr) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut rounds = 0u64;
+    loop {
+        let before = rig.redirects();
+        c.send_channel(number, WARM_TO_PEER);
+        assert_eq!(recv(peer), Some((WARM_TO_PEER.to_vec(), relayed)), "warm-up round {rounds}: to the peer");
+        peer.send_to(WARM_TO_CLIENT, relayed).unwrap();
+        assert_eq!(recv(&c.sock), Some((channel_data(number, WARM_TO_CLIENT), c.server)), "warm-up round {rounds}: to the client");
+        rounds += 1;
+        let after = rig.redirects();
+        if after.0 > before.0 && after.1 > before.1 {
+            return rounds;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {rounds} rounds in 5 s, no round went through the program both ways (last: {before:?} -> {after:?})\n{}",
+            rig.turnd.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// turnd's relayed packets and bytes over UDP, as /metrics says:
+/// (packets to the peer, to the client, bytes to the peer, to the client).
+fn relayed_metrics(t: &Turnd) -> (u64, u64, u64, u64) {
+    let m = |dir: &str, what: &str| t.metric(&format!("turnd_relayed_{what}_total{{direction=\"{dir}\",transport=\"udp\"}}")) as u64;
+    (m("to_peer", "packets"), m("to_client", "packets"), m("to_peer", "bytes"), m("to_client", "bytes"))
+}
+
+/// The session of `client` as `turnctl sessions` lists it: (packets to the
+/// peer, from the peer, bytes to the peer, from the peer); None without one.
+fn session_counts(rig: &Rig, client: SocketAddr) -> Option<(u64, u64, u64, u64)> {
+    let s = rig.session(client)?;
+    let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k} in {s:#}"));
+    Some((n("packets_to_peer"), n("packets_from_peer"), n("bytes_to_peer"), n("bytes_from_peer")))
 }
 
 #[test]
 fn both_directions_are_relayed_in_the_kernel_with_the_socket_paths_bytes() {
     let rig = Rig::start("");
-    let mut c = rig.client();
+    let mut c = client(&rig);
     let relayed = c.allocate("alice", SECRET);
-    let peer = rig.peer();
+    let peer = peer(&rig);
     let peer_addr = peer.local_addr().unwrap();
     assert_eq!(bind(&mut c, 0x4000, peer_addr), Class::Success);
-    // The first datagrams (the socket path, until neighbours are known) set
-    // the reference: what turnd's sockets send.
-    let (to_peer, to_client) = warm(&c, &peer, 0x4000, relayed);
-    assert_eq!(to_peer, b"warm-to-peer");
-    assert_eq!(to_client, channel_data(0x4000, b"warm-to-client"));
-    std::thread::sleep(Duration::from_millis(200));
+    // The first round may take the socket path (the host has not resolved
+    // the peer yet): what turnd's sockets send is what the warm-up checks,
+    // and what the program must send below.
+    let rounds = warm(&rig, &c, &peer, 0x4000, relayed);
 
     let before = rig.redirects();
     let n = 200usize;
@@ -225,21 +193,15 @@ fn both_directions_are_relayed_in_the_kernel_with_the_socket_paths_bytes() {
     assert_eq!(after.0 - before.0, n as u64, "every ChannelData was redirected by the program (client side)");
     assert_eq!(after.1 - before.1, n as u64, "every peer datagram was redirected by the program (peer side)");
 
-    // turnd counts them: metrics and sessions (read back about once a second).
-    std::thread::sleep(Duration::from_millis(1500));
-    let warm_len = (b"warm-to-peer".len() as u64, b"warm-to-client".len() as u64);
-    let m = |s: &str| rig.turnd.metric(s) as u64;
-    assert_eq!(m("turnd_relayed_packets_total{direction=\"to_peer\",transport=\"udp\"}"), n as u64 + 1);
-    assert_eq!(m("turnd_relayed_packets_total{direction=\"to_client\",transport=\"udp\"}"), n as u64 + 1);
-    assert_eq!(m("turnd_relayed_bytes_total{direction=\"to_peer\",transport=\"udp\"}"), bytes_to + warm_len.0);
-    assert_eq!(m("turnd_relayed_bytes_total{direction=\"to_client\",transport=\"udp\"}"), bytes_from + warm_len.1);
-    let sessions = rig.admin_sessions();
-    let s = sessions.as_array().and_then(|a| a.iter().find(|s| s["client"] == c.sock.local_addr().unwrap().to_string())).cloned();
-    let s = s.unwrap_or_else(|| panic!("no session: {sessions:#}"));
-    assert_eq!(s["packets_to_peer"], n as u64 + 1, "{s:#}");
-    assert_eq!(s["packets_from_peer"], n as u64 + 1, "{s:#}");
-    assert_eq!(s["bytes_to_peer"], bytes_to + warm_len.0, "{s:#}");
-    assert_eq!(s["bytes_from_peer"], bytes_from + warm_len.1, "{s:#}");
+    // turnd counts them, the warm-up's too: metrics and sessions, once it
+    // has read the program's counters back (about once a second).
+    let k = n as u64 + rounds;
+    let want = (k, k, bytes_to + rounds * WARM_TO_PEER.len() as u64, bytes_from + rounds * WARM_TO_CLIENT.len() as u64);
+    let got = settle(SETTLES, &want, || relayed_metrics(&rig.turnd));
+    assert_eq!(got, want, "relayed packets and bytes on /metrics (to peer, to client; {rounds} warm-up rounds)");
+    let me = c.sock.local_addr().unwrap();
+    let got = settle(SETTLES, &Some(want), || session_counts(&rig, me));
+    assert_eq!(got, Some(want), "the session's packets and bytes: {:#}", rig.admin_sessions());
 
     // A reload that sets a bandwidth cap hands the channel back to the
     // socket path, where the caps are kept.
@@ -258,13 +220,11 @@ fn both_directions_are_relayed_in_the_kernel_with_the_socket_paths_bytes() {
 #[test]
 fn ipv6_both_directions_are_relayed_in_the_kernel() {
     let rig = Rig::start("");
-    let (mut c, relayed) = rig.client6();
+    let (mut c, relayed) = client6(&rig);
     assert!(relayed.is_ipv6(), "{relayed}");
-    let peer = rig.peer6();
+    let peer = peer6(&rig);
     assert_eq!(bind(&mut c, 0x4001, peer.local_addr().unwrap()), Class::Success);
-    let (to_peer, to_client) = warm(&c, &peer, 0x4001, relayed);
-    assert_eq!((to_peer.as_slice(), to_client), (&b"warm-to-peer"[..], channel_data(0x4001, b"warm-to-client")));
-    std::thread::sleep(Duration::from_millis(200));
+    let rounds = warm(&rig, &c, &peer, 0x4001, relayed);
     let before = rig.redirects();
     let n = 100usize;
     for i in 0..n {
@@ -273,44 +233,43 @@ fn ipv6_both_directions_are_relayed_in_the_kernel() {
         assert_eq!(recv(&peer), Some((d, relayed)), "datagram {i} to the peer");
         let d = payload(i + 1000, [1, 2, 5, 64, 999, 1400][i % 6]);
         peer.send_to(&d, relayed).unwrap();
-        assert_eq!(recv(&c.sock), Some((channel_data(0x4001, &d), rig.server6)), "datagram {i} to the client");
+        assert_eq!(recv(&c.sock), Some((channel_data(0x4001, &d), rig.server6.unwrap())), "datagram {i} to the client");
     }
     let after = rig.redirects();
     assert_eq!((after.0 - before.0, after.1 - before.1), (n as u64, n as u64), "every datagram was redirected by the program");
-    std::thread::sleep(Duration::from_millis(1500));
-    let m = |s: &str| rig.turnd.metric(s) as u64;
-    assert_eq!(m("turnd_relayed_packets_total{direction=\"to_peer\",transport=\"udp\"}"), n as u64 + 1);
-    assert_eq!(m("turnd_relayed_packets_total{direction=\"to_client\",transport=\"udp\"}"), n as u64 + 1);
+    let k = n as u64 + rounds;
+    let packets = || {
+        let m = relayed_metrics(&rig.turnd);
+        (m.0, m.1)
+    };
+    assert_eq!(settle(SETTLES, &(k, k), packets), (k, k), "relayed packets on /metrics (to peer, to client; {rounds} warm-up rounds)");
 }
 
 #[test]
 fn nothing_is_relayed_in_the_kernel_after_expiry_disconnect_or_for_another_peer() {
     let rig = Rig::start("permission_lifetime = 30\n");
-    let peer = rig.peer();
+    let peer = peer(&rig);
     let peer_addr = peer.local_addr().unwrap();
 
     // A disconnect removes the allocation's channels at once.
-    let mut d = rig.client();
+    let mut d = client(&rig);
     let relayed_d = d.allocate("dora", SECRET);
     assert_eq!(bind(&mut d, 0x4000, peer_addr), Class::Success);
-    warm(&d, &peer, 0x4000, relayed_d);
+    let rounds = warm(&rig, &d, &peer, 0x4000, relayed_d);
     let before = rig.redirects();
     d.send_channel(0x4000, b"fast");
     assert_eq!(recv(&peer).map(|r| r.0), Some(b"fast".to_vec()));
     assert_eq!(rig.redirects().0, before.0 + 1, "relayed by the program before the disconnect");
-    must(
-        Command::new(env!("CARGO_BIN_EXE_turnctl"))
-            .args(["disconnect", "--user", "dora", "--admin", &format!("127.0.0.1:{}", rig.turnd.metrics_port), "--token-file"])
-            .arg(rig.turnd.dir.join("admin-token")),
-    );
+    let (rc, out) = common::turnctl(&rig.turnd, &["disconnect", "--user", "dora"]);
+    assert_eq!(rc, 0, "turnctl disconnect: {out}");
     let before = rig.redirects();
     d.send_channel(0x4000, b"after disconnect");
     peer.send_to(b"after disconnect", relayed_d).unwrap();
-    assert_eq!(recv(&peer), None, "nothing reaches the peer after a disconnect");
-    assert_eq!(recv(&d.sock), None, "nothing reaches the client after a disconnect");
+    assert_eq!(recv_quiet(&peer), None, "nothing reaches the peer after a disconnect");
+    assert_eq!(recv_quiet(&d.sock), None, "nothing reaches the client after a disconnect");
     assert_eq!(rig.redirects(), before, "the program relays nothing after a disconnect");
     // The ended allocation's log line counts what the program relayed in
-    // its last second too ("warm-to-peer" and "fast"; "warm-to-client").
+    // its last second too (the warm-up's and "fast").
     let ended = |log: String| log.lines().find(|l| l.contains("allocation ended") && l.contains("dora")).map(str::to_owned);
     let deadline = Instant::now() + Duration::from_secs(5);
     let line = loop {
@@ -320,40 +279,44 @@ fn nothing_is_relayed_in_the_kernel_after_expiry_disconnect_or_for_another_peer(
             None => panic!("no allocation ended line for dora:\n{}", rig.turnd.log()),
         }
     };
-    assert!(line.contains("bytes_to_peer=16") && line.contains("bytes_from_peer=14"), "{line}");
+    let to_peer = rounds * WARM_TO_PEER.len() as u64 + 4;
+    let from_peer = rounds * WARM_TO_CLIENT.len() as u64;
+    let field = |f: String| line.split_whitespace().any(|w| w == f);
+    assert!(field(format!("bytes_to_peer={to_peer}")) && field(format!("bytes_from_peer={from_peer}")), "{rounds} warm-up rounds: {line}");
 
     // A peer the client has no channel to: its datagrams stay Data
     // indications (the socket path), and a ChannelBind of the bound number
     // to it is refused, so the channel keeps its peer.
-    let mut c = rig.client();
+    let mut c = client(&rig);
     let relayed = c.allocate("carl", SECRET);
     assert_eq!(bind(&mut c, 0x4000, peer_addr), Class::Success);
     let bound_at = Instant::now();
-    warm(&c, &peer, 0x4000, relayed);
-    let other = rig.peer();
+    warm(&rig, &c, &peer, 0x4000, relayed);
+    let other = self::peer(&rig);
     let other_addr = other.local_addr().unwrap();
     assert_eq!(bind(&mut c, 0x4000, other_addr), Class::Error, "a bound number keeps its peer");
     let before = rig.redirects();
     other.send_to(b"from another peer", relayed).unwrap();
-    match c.recv(Duration::from_millis(500)) {
+    match c.recv(ARRIVES) {
         Some(wire::Incoming::Data { peer, data }) => assert_eq!((peer, data.as_slice()), (other_addr, &b"from another peer"[..])),
         other => panic!("expected a Data indication, got {other:?}"),
     }
     c.send_channel(0x4000, b"to the bound peer");
     assert_eq!(recv(&peer).map(|r| r.0), Some(b"to the bound peer".to_vec()));
-    assert_eq!(recv(&other), None);
+    assert_eq!(recv_quiet(&other), None);
     let after = rig.redirects();
     assert_eq!((after.0 - before.0, after.1 - before.1), (1, 0), "the program relays the bound channel only");
 
-    // Once the permission (30 s) has expired, the program relays nothing,
-    // though the binding (600 s) still stands: turnd drops both ways.
+    // Once the permission (30 s from the ChannelBind) has expired, the
+    // program relays nothing, though the binding (600 s) still stands:
+    // turnd drops both ways. (A lifetime, not a readiness: waited out.)
     let expired = bound_at + Duration::from_secs(31);
     std::thread::sleep(expired.saturating_duration_since(Instant::now()));
     let before = rig.redirects();
     c.send_channel(0x4000, b"after expiry");
     peer.send_to(b"after expiry", relayed).unwrap();
-    assert_eq!(recv(&peer), None, "nothing reaches the peer after the permission expired");
-    assert_eq!(recv(&c.sock), None, "nothing reaches the client after the permission expired");
+    assert_eq!(recv_quiet(&peer), None, "nothing reaches the peer after the permission expired");
+    assert_eq!(recv_quiet(&c.sock), None, "nothing reaches the client after the permission expired");
     assert_eq!(rig.redirects(), before, "the program relays nothing once the permission expired");
 }
 
@@ -363,11 +326,11 @@ fn a_datagram_that_would_not_fit_the_clients_mtu_goes_the_socket_path() {
     // The client's link carries 1400-byte packets; the peer's 1500.
     must(Command::new("ip").args(["link", "set", "dev", &rig.client_ns.host_if(), "mtu", "1400"]));
     must(rig.client_ns.command("ip").args(["link", "set", "dev", &rig.client_ns.ns_if(), "mtu", "1400"]));
-    let mut c = rig.client();
+    let mut c = client(&rig);
     let relayed = c.allocate("mia", SECRET);
-    let peer = rig.peer();
+    let peer = peer(&rig);
     assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
-    warm(&c, &peer, 0x4000, relayed);
+    warm(&rig, &c, &peer, 0x4000, relayed);
     // 1368 + 4 + 28 = 1400: fits, relayed by the program.
     let before = rig.redirects();
     let fits = payload(1, 1368);
@@ -381,10 +344,105 @@ fn a_datagram_that_would_not_fit_the_clients_mtu_goes_the_socket_path() {
     assert_eq!(rig.redirects().1, before.1 + 1, "one that does not fit is left to the socket path");
 }
 
+/// coturn's turnutils_peer, a UDP echo, in the rig's peer namespace on
+/// `ip` (port PEER_PORT); killed when dropped, however the test ends.
+struct CoturnPeer(std::process::Child);
+
+/// turnutils_peer's port; the peer's namespace is the test's own, so it is free.
+const PEER_PORT: u16 = 3480;
+
+impl CoturnPeer {
+    /// Starts it and waits until it echoes (bounded: 5 s).
+    fn start(rig: &Rig, ip: std::net::IpAddr) -> CoturnPeer {
+        use std::os::unix::process::CommandExt;
+        assert!(common::on_path("turnutils_peer"), "turnutils_peer is missing: test.sh installs Debian's coturn package");
+        let child = rig
+            .peer_ns
+            .command("turnutils_peer")
+            .args(["-L", &ip.to_string(), "-p", &PEER_PORT.to_string()])
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run turnutils_peer");
+        let mut peer = CoturnPeer(child);
+        // From the peer's namespace itself: nothing crosses the veths.
+        let probe = rig.peer_ns.udp_socket(SocketAddr::new(ip, 0));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            probe.send_to(b"are you there", (ip, PEER_PORT)).unwrap();
+            if recv_within(&probe, Duration::from_millis(100)).is_some_and(|(d, _)| d == b"are you there") {
+                return peer;
+            }
+            if let Ok(Some(st)) = peer.0.try_wait() {
+                panic!("turnutils_peer exited ({st}) before it echoed");
+            }
+            assert!(Instant::now() < deadline, "turnutils_peer on {ip}:{PEER_PORT} did not echo within 5 s");
+        }
+    }
+}
+
+impl Drop for CoturnPeer {
+    fn drop(&mut self) {
+        common::kill_group(&mut self.0);
+    }
+}
+
+/// coturn's turnutils_uclient in the client's namespace: `clients`
+/// allocations (`-m`, no RTCP pairs: `-c`), each binding a channel to
+/// turnutils_peer in the peer's namespace and sending `messages` ChannelData
+/// of 200 bytes, which the peer echoes. No loss, and the program relayed at
+/// least every message both ways (the host resolved both namespaces'
+/// neighbours first, so not even the first one takes the socket path).
+fn uclient_relays_through_the_program(ipv6: bool) {
+    // uclient picks channel numbers up to 0x7FFF, as RFC 5766 allowed.
+    let rig = Rig::start("legacy_channel_numbers = true\n");
+    let (server, peer_ip) = match (rig.server6, rig.ns6) {
+        (Some(s6), Some((_, p6))) if ipv6 => (s6, p6.into()),
+        _ => (rig.server, rig.peer_ns.ns_ip().into()),
+    };
+    let _peer = CoturnPeer::start(&rig, peer_ip);
+    rig.resolve_neighbours();
+    assert!(common::on_path("turnutils_uclient"), "turnutils_uclient is missing: test.sh installs Debian's coturn package");
+    let (clients, messages) = (4u64, 100u64);
+    let mut cmd = rig.client_ns.command("turnutils_uclient");
+    cmd.args(["-c", "-m", &clients.to_string(), "-n", &messages.to_string(), "-l", "200"])
+        .args(["-e", &peer_ip.to_string(), "-r", &PEER_PORT.to_string()])
+        .args(["-p", &server.port().to_string(), "-W", SECRET]);
+    if ipv6 {
+        // An IPv6 relayed address (without it the relay's family is IPv4).
+        cmd.arg("-x");
+    }
+    cmd.arg(server.ip().to_string());
+    let before = rig.redirects();
+    let run = common::run_bounded(&mut cmd, Duration::from_secs(60));
+    let after = rig.redirects();
+    let text = format!("{}{}", run.stdout, run.stderr);
+    assert_eq!(run.code, 0, "turnutils_uclient failed:\n{}\n--- turnd log ---\n{}", run.text(), rig.turnd.log());
+    let s = common::uclient_summary(&text);
+    let moved = (after.0 - before.0, after.1 - before.1);
+    eprintln!("uclient over IPv{}: sent {} received {} lost {}; redirected {moved:?} in {:?}", if ipv6 { 6 } else { 4 }, s.sent, s.received, s.lost, run.elapsed);
+    assert_eq!(s.sent, clients * messages, "{text}");
+    assert_eq!((s.received, s.lost), (s.sent, 0), "loss through the fast path:\n{text}");
+    assert!(moved.0 >= s.sent, "the program relayed {} of {} messages toward the peer:\n{text}", moved.0, s.sent);
+    assert!(moved.1 >= s.sent, "the program relayed {} of {} echoes toward the client:\n{text}", moved.1, s.sent);
+}
+
+#[test]
+fn coturn_uclient_relays_through_the_program_without_loss() {
+    uclient_relays_through_the_program(false);
+}
+
+#[test]
+fn coturn_uclient_relays_through_the_program_over_ipv6() {
+    uclient_relays_through_the_program(true);
+}
+
 /// Relays a datagram each way through a channel of a turnd on 127.0.0.1.
 fn relays_on_loopback(t: &Turnd) {
     let mut c = UdpClient::new("127.0.0.1", t.addr);
-    let relayed = c.allocate("lou", common::SECRET);
+    let relayed = c.allocate("lou", SECRET);
     let peer = UdpSocket::bind("127.0.0.2:0").unwrap();
     assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
     c.send_channel(0x4000, b"over the sockets");

@@ -618,3 +618,32 @@ pub fn kill_group(child: &mut Child) {
 pub fn on_path(program: &str) -> bool {
     Command::new("sh").arg("-c").arg(format!("command -v {program}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
 }
+
+/// The end-of-run summary turnutils_uclient (coturn) prints.
+pub struct UclientSummary {
+    pub sent: u64,
+    pub received: u64,
+    pub lost: u64,
+}
+
+/// Reads turnutils_uclient's summary from what it printed (stdout and
+/// stderr); the test fails when it has none.
+pub fn uclient_summary(text: &str) -> UclientSummary {
+    let mut s = None;
+    let mut lost = None;
+    for line in text.lines() {
+        if let Some(rest) = line.split("start_mclient: tot_send_msgs=").nth(1) {
+            let mut it = rest.split(", tot_recv_msgs=");
+            let sent = it.next().and_then(|v| v.trim().parse().ok());
+            let recv = it.next().and_then(|v| v.trim().parse().ok());
+            if let (Some(a), Some(b)) = (sent, recv) {
+                s = Some((a, b));
+            }
+        }
+        if let Some(rest) = line.split("Total lost packets ").nth(1) {
+            lost = rest.split_whitespace().next().and_then(|v| v.parse().ok());
+        }
+    }
+    let (sent, received) = s.unwrap_or_else(|| panic!("no summary in turnutils_uclient output:\n{text}"));
+    UclientSummary { sent, received, lost: lost.unwrap_or_else(|| panic!("no loss line:\n{text}")) }
+}
