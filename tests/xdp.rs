@@ -8,12 +8,17 @@
 //! `xdp_redirect` counters move by one per packet) with the same bytes and
 //! addresses the socket path sends; turnd counts them (metrics and
 //! sessions); after a permission expires, after a disconnect, for a peer
-//! whose ChannelBind was refused, and once a reload sets a bandwidth cap,
-//! nothing is relayed by the program; IPv6 as IPv4; a datagram that would
-//! not fit the client's MTU with the ChannelData header goes the socket
-//! path, whole; and coturn's turnutils_uclient, a client independent of
-//! ours, relays through the program to coturn's turnutils_peer without
-//! loss over IPv4 and IPv6.
+//! whose ChannelBind was refused, and after a reload that takes the peer's
+//! range out of `peers.allow`, nothing is relayed by the program; the
+//! allocation's and the relay's bandwidth caps hold in the kernel (a burst
+//! passes one second's worth, the rest is dropped and counted); IPv6 as
+//! IPv4; clients of a wildcard listener are relayed from the address they
+//! reached; an upgrade in place keeps the fast path; the capabilities of
+//! deploy/systemd/xdp.conf are enough, and without CAP_PERFMON the log
+//! says so; a datagram that would not fit the client's MTU with the
+//! ChannelData header goes the socket path, whole; and coturn's
+//! turnutils_uclient, a client independent of ours, relays through the
+//! program to coturn's turnutils_peer without loss over IPv4 and IPv6.
 //!
 //! Every wait is a condition with a bound: the warm-up of each channel
 //! lasts until the program relays a round both ways, turnd's counters are
@@ -203,18 +208,28 @@ fn both_directions_are_relayed_in_the_kernel_with_the_socket_paths_bytes() {
     let got = settle(SETTLES, &Some(want), || session_counts(&rig, me));
     assert_eq!(got, Some(want), "the session's packets and bytes: {:#}", rig.admin_sessions());
 
-    // A reload that sets a bandwidth cap hands the channel back to the
-    // socket path, where the caps are kept.
-    let cfg = std::fs::read_to_string(&rig.turnd.config).unwrap();
-    std::fs::write(&rig.turnd.config, cfg.replace("allocation_bandwidth = 0", "allocation_bandwidth = \"50 Mbit/s\"")).unwrap();
-    let (rc, out) = common::turnctl_reload(&rig.turnd);
-    assert_eq!(rc, 0, "reload: {out}");
+    // A reload that sets the default bandwidth cap: the program relays on,
+    // holding the channel to it.
+    reload(&rig, &[("allocation_bandwidth = 0", "allocation_bandwidth = \"50 Mbit/s\"")]);
     let before = rig.redirects();
     c.send_channel(0x4000, b"capped");
     assert_eq!(recv(&peer).map(|r| r.0), Some(b"capped".to_vec()));
     peer.send_to(b"capped back", relayed).unwrap();
     assert_eq!(recv(&c.sock).map(|r| r.0), Some(channel_data(0x4000, b"capped back")));
-    assert_eq!(rig.redirects(), before, "under a cap the program relays nothing");
+    let after = rig.redirects();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1), "under a cap the program relays on");
+}
+
+/// Rewrites turnd's config file (each `from` to its `to`) and reloads it.
+fn reload(rig: &Rig, edits: &[(&str, &str)]) {
+    let mut cfg = std::fs::read_to_string(&rig.turnd.config).unwrap();
+    for (from, to) in edits {
+        assert!(cfg.contains(from), "{from} not in the config:\n{cfg}");
+        cfg = cfg.replace(from, to);
+    }
+    std::fs::write(&rig.turnd.config, cfg).unwrap();
+    let (rc, out) = common::turnctl_reload(&rig.turnd);
+    assert_eq!(rc, 0, "reload: {out}");
 }
 
 #[test]
@@ -464,4 +479,202 @@ fn without_the_program_turnd_relays_on_the_socket_path_and_says_why() {
     t.wait_log("XDP fast path off, relaying on the socket path");
     assert!(t.log().contains("CAP_BPF"), "{}", t.log());
     relays_on_loopback(&t);
+    // CAP_BPF and CAP_NET_ADMIN without CAP_PERFMON: the verifier refuses
+    // the program's variable packet offsets, and the log names what is missing.
+    let wrap = ["setpriv".to_string(), "--bounding-set=-all,+bpf,+net_admin,+net_bind_service".to_string()];
+    let t = Turnd::builder().extra("[xdp]\ninterfaces = [\"lo\"]\n").wrap(&wrap).start();
+    t.wait_log("XDP fast path off, relaying on the socket path");
+    assert!(t.log().contains("CAP_PERFMON"), "{}", t.log());
+    relays_on_loopback(&t);
+}
+
+/// Lets `s` queue a burst (8 MiB, past net.core.rmem_max: SO_RCVBUFFORCE as root).
+fn big_receive_buffer(s: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 8 << 20;
+    // SAFETY: setsockopt reads an int from a pointer to a live local of that size.
+    let rc = unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &size as *const _ as *const libc::c_void, 4) };
+    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+}
+
+/// Sends `n` datagrams with `send` as fast as it goes, then counts what
+/// reaches `to` until it has been quiet for QUIET; returns the count and
+/// how long the sending took.
+fn burst(n: usize, mut send: impl FnMut(), to: &UdpSocket) -> (u64, Duration) {
+    let start = Instant::now();
+    for _ in 0..n {
+        send();
+    }
+    let took = start.elapsed();
+    let mut arrived = 0;
+    while recv_quiet(to).is_some() {
+        arrived += 1;
+    }
+    (arrived, took)
+}
+
+/// What a full bucket of `rate` bytes a second lets through of packets
+/// costing `cost` wire bytes, sent over `took`: one second's worth at
+/// least, and what refilled while they were sent at most (and one more for
+/// the fraction in hand).
+fn within_bucket(passed: u64, rate: u64, cost: u64, took: Duration) -> bool {
+    let burst = rate / cost;
+    let refill = (rate as f64 * took.as_secs_f64() / cost as f64).ceil() as u64;
+    (burst..=burst + refill + 1).contains(&passed)
+}
+
+#[test]
+fn bandwidth_caps_hold_in_the_kernel() {
+    let rig = Rig::start_v4("");
+    let mut c = client(&rig);
+    let relayed = c.allocate("cap", SECRET);
+    let peer = peer(&rig);
+    assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
+    warm(&rig, &c, &peer, 0x4000, relayed);
+    big_receive_buffer(&peer);
+    big_receive_buffer(&c.sock);
+    let dropped = |reason: &str| rig.turnd.metric(&format!("turnd_dropped_packets_total{{reason=\"{reason}\"}}")) as u64;
+    let n = 300;
+    let d = payload(3, 1_000);
+    // 1 Mbit/s for each allocation, each way: a full bucket holds one
+    // second's worth, 125,000 bytes on the wire, and a datagram of 1,000
+    // bytes costs 1,032 (28 of IPv4 and UDP, 4 of ChannelData).
+    reload(&rig, &[("allocation_bandwidth = 0", "allocation_bandwidth = \"1 Mbit/s\"")]);
+    let before = rig.redirects();
+    let (to_peer, took) = burst(n, || c.send_channel(0x4000, &d), &peer);
+    assert!(within_bucket(to_peer, 125_000, 1_032, took), "{to_peer} of {n} reached the peer in {took:?}");
+    assert_eq!(rig.redirects().0 - before.0, to_peer, "every one that passed was relayed by the program");
+    let (to_client, took) = burst(n, || drop(peer.send_to(&d, relayed)), &c.sock);
+    assert!(within_bucket(to_client, 125_000, 1_032, took), "{to_client} of {n} reached the client in {took:?}");
+    assert_eq!(rig.redirects().1 - before.1, to_client, "every one that passed was relayed by the program");
+    // The program's drops are turnd's: counted by the cap that stopped them.
+    let want = 2 * n as u64 - to_peer - to_client;
+    assert_eq!(settle(SETTLES, &want, || dropped("allocation_bandwidth")), want, "drops over the allocation's cap on /metrics");
+
+    // The relay's total, 1 Mbit/s, for allocations without a cap of their own.
+    reload(&rig, &[("allocation_bandwidth = \"1 Mbit/s\"", "allocation_bandwidth = 0"), ("total_bandwidth = 0", "total_bandwidth = \"1 Mbit/s\"")]);
+    let before = rig.redirects();
+    let (to_peer, took) = burst(n, || c.send_channel(0x4000, &d), &peer);
+    assert!(within_bucket(to_peer, 125_000, 1_032, took), "{to_peer} of {n} reached the peer in {took:?} under the total cap");
+    assert_eq!(rig.redirects().0 - before.0, to_peer);
+    let want = n as u64 - to_peer;
+    assert_eq!(settle(SETTLES, &want, || dropped("total_bandwidth")), want, "drops over the relay's total on /metrics");
+    // What the program relayed, as turnd tells it (the veths are the rig's own, so their counts are all of it).
+    let fast = || {
+        let m = |dir: &str| rig.turnd.metric(&format!("turnd_fast_path_packets_total{{direction=\"{dir}\"}}")) as u64;
+        (m("to_peer"), m("to_client"))
+    };
+    let want = rig.redirects();
+    assert_eq!(settle(SETTLES, &want, fast), want, "turnd_fast_path_packets_total against the veths' redirects");
+}
+
+
+/// `n` datagrams each way through channel `number`, each checked to arrive
+/// whole from the right address; returns how many of each the program
+/// relayed (the veths' redirect counts).
+fn relay_rounds(rig: &Rig, c: &UdpClient, peer: &UdpSocket, number: u16, relayed: SocketAddr, n: usize) -> (u64, u64) {
+    let before = rig.redirects();
+    for i in 0..n {
+        let d = payload(i, 100 + i);
+        c.send_channel(number, &d);
+        assert_eq!(recv(peer), Some((d.clone(), relayed)), "datagram {i} to the peer");
+        peer.send_to(&d, relayed).unwrap();
+        assert_eq!(recv(&c.sock), Some((channel_data(number, &d), c.server)), "datagram {i} to the client");
+    }
+    let after = rig.redirects();
+    (after.0 - before.0, after.1 - before.1)
+}
+
+#[test]
+fn a_wildcard_listeners_clients_are_relayed_in_the_kernel_from_the_address_they_reached() {
+    let rig = Rig::start_with("", xdp_rig::Opts { ipv6: true, wildcard: true, ..Default::default() });
+    assert!(rig.turnd.log().contains("0.0.0.0:"), "listening on the wildcard address:\n{}", rig.turnd.log());
+    let mut c = client(&rig);
+    let relayed = c.allocate("wanda", SECRET);
+    let peer = peer(&rig);
+    assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
+    // warm and relay_rounds check that each ChannelData comes from the
+    // address the client sent to (the host end), as from the socket path.
+    warm(&rig, &c, &peer, 0x4000, relayed);
+    assert_eq!(relay_rounds(&rig, &c, &peer, 0x4000, relayed, 50), (50, 50), "every datagram relayed by the program over IPv4");
+    let (mut c6, relayed6) = client6(&rig);
+    let peer6 = peer6(&rig);
+    assert_eq!(bind(&mut c6, 0x4001, peer6.local_addr().unwrap()), Class::Success);
+    warm(&rig, &c6, &peer6, 0x4001, relayed6);
+    assert_eq!(relay_rounds(&rig, &c6, &peer6, 0x4001, relayed6, 50), (50, 50), "every datagram relayed by the program over IPv6");
+}
+
+#[test]
+fn a_reload_that_takes_the_peers_range_out_of_peers_allow_stops_the_program_at_once() {
+    let rig = Rig::start_v4("");
+    let mut c = client(&rig);
+    let relayed = c.allocate("rita", SECRET);
+    let peer = peer(&rig);
+    assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
+    warm(&rig, &c, &peer, 0x4000, relayed);
+    let allowed = format!("allow = [\"{}/32\"]", rig.peer_ns.ns_ip());
+    reload(&rig, &[(allowed.as_str(), "allow = []")]);
+    rig.turnd.wait_log("permissions and channels of peers the new peer policy refuses have ended");
+    let before = rig.redirects();
+    c.send_channel(0x4000, b"after the reload");
+    peer.send_to(b"after the reload", relayed).unwrap();
+    assert_eq!(recv_quiet(&peer), None, "nothing reaches the refused peer");
+    assert_eq!(recv_quiet(&c.sock), None, "nothing from the refused peer reaches the client");
+    assert_eq!(rig.redirects(), before, "the program relays nothing to or from a peer the policy now refuses");
+    // And it cannot be bound again.
+    assert_eq!(bind(&mut c, 0x4001, peer.local_addr().unwrap()), Class::Error);
+}
+
+#[test]
+fn an_upgrade_in_place_keeps_the_fast_path() {
+    let rig = Rig::start_v4("");
+    let mut c = client(&rig);
+    let relayed = c.allocate("uma", SECRET);
+    let peer = peer(&rig);
+    assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
+    warm(&rig, &c, &peer, 0x4000, relayed);
+    let (rc, out) = common::turnctl_upgrade(&rig.turnd, std::path::Path::new(env!("CARGO_BIN_EXE_turnd")));
+    assert_eq!(rc, 0, "turnctl upgrade: {out}");
+    // The new process is not the test's child: killed when the test ends, however it ends.
+    let new_pid = rig.turnd.admin_get("/admin/status")["pid"].as_u64().expect("the new process's pid") as i32;
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill takes plain integers; a gone pid only fails.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _kill = Kill(new_pid);
+    assert_ne!(new_pid as u32, rig.turnd.pid(), "a new process answers");
+    // The new process attaches once the old one has let go.
+    let attached = || rig.turnd.log().matches("XDP fast path attached").count();
+    assert_eq!(settle(SETTLES, &2, attached), 2, "the new process attached its program:\n{}", rig.turnd.log());
+    // The allocation it took over relays through its program, both ways.
+    assert_eq!(relay_rounds(&rig, &c, &peer, 0x4000, relayed, 50), (50, 50), "relayed by the new process's program:\n{}", rig.turnd.log());
+    // And the new process counts what its program relayed.
+    let me = c.sock.local_addr().unwrap();
+    let counted = || session_counts(&rig, me).map(|(to, from, ..)| to >= 50 && from >= 50);
+    assert_eq!(settle(SETTLES, &Some(true), counted), Some(true), "the new process's sessions: {:#}", rig.admin_sessions());
+}
+
+#[test]
+fn the_capabilities_the_systemd_drop_in_gives_are_enough() {
+    // deploy/systemd/xdp.conf adds these to the unit's CAP_NET_BIND_SERVICE.
+    let dropin = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/systemd/xdp.conf")).unwrap();
+    let caps: Vec<String> = dropin
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("AmbientCapabilities= in the drop-in")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert_eq!(caps, ["+bpf", "+perfmon", "+net_admin"]);
+    // Root with only these (and binding low ports) in its bounding set.
+    let wrap = ["setpriv".to_string(), format!("--bounding-set=-all,+net_bind_service,{}", caps.join(","))];
+    let rig = Rig::start_with("", xdp_rig::Opts { wrap: wrap.to_vec(), ..Default::default() });
+    let mut c = client(&rig);
+    let relayed = c.allocate("cap", SECRET);
+    let peer = peer(&rig);
+    assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
+    warm(&rig, &c, &peer, 0x4000, relayed);
 }

@@ -74,20 +74,33 @@ pub fn settle<T: PartialEq>(limit: Duration, want: &T, mut read: impl FnMut() ->
     }
 }
 
+/// How a rig differs from the IPv4-only one on the client's host address.
+#[derive(Default)]
+pub struct Opts {
+    /// IPv6 too.
+    pub ipv6: bool,
+    /// turnd listens on 0.0.0.0 (and `::`), the clients still send to the host end.
+    pub wildcard: bool,
+    /// A command turnd is started under (`Turnd::builder().wrap`).
+    pub wrap: Vec<String>,
+}
+
 impl Rig {
     /// The rig over IPv4 and IPv6, with `extra` (whole sections, or keys of
     /// `[limits]`, which comes last before `[xdp]`) in turnd's config.
     pub fn start(extra: &str) -> Rig {
-        Self::start_with(extra, true)
+        Self::start_with(extra, Opts { ipv6: true, ..Opts::default() })
     }
 
     /// The rig over IPv4 only: the namespaces get no IPv6 address (a
     /// browser there offers its one IPv4 address as its only candidate).
     pub fn start_v4(extra: &str) -> Rig {
-        Self::start_with(extra, false)
+        Self::start_with(extra, Opts::default())
     }
 
-    fn start_with(extra: &str, ipv6: bool) -> Rig {
+    /// The rig as `opts` say.
+    pub fn start_with(extra: &str, opts: Opts) -> Rig {
+        let ipv6 = opts.ipv6;
         let (client_ns, peer_ns) = (NetNs::create_open(), NetNs::create_open());
         // IPv6 from 2001:2::/48 (RFC 5180), a /64 per veth named after this
         // process so parallel runs on the host do not clash.
@@ -112,14 +125,19 @@ impl Rig {
         let port = common::free_port();
         let server: SocketAddr = format!("{}:{port}", client_ns.host_ip()).parse().unwrap();
         let server6: Option<SocketAddr> = ipv6.then(|| format!("[{}]:{port}", v6(0, 1)).parse().unwrap());
+        // The listeners: the client's host end, or the wildcard addresses.
+        let (listen, listen6) = match opts.wildcard {
+            true => (format!("0.0.0.0:{port}"), format!("[::]:{port}")),
+            false => (server.to_string(), server6.map(|s| s.to_string()).unwrap_or_default()),
+        };
         let mut cfg = format!(
             "realm = \"xdp.test\"\nthreads = 2\n[auth]\nsecrets = [\"{}\"]\n\
-             [[listen]]\ntransport = \"udp\"\naddress = \"{server}\"\n",
+             [[listen]]\ntransport = \"udp\"\naddress = \"{listen}\"\n",
             common::SECRET
         );
-        if let (Some(s6), Some((_, peer6))) = (server6, ns6) {
+        if let (Some(_), Some((_, peer6))) = (server6, ns6) {
             cfg += &format!(
-                "[[listen]]\ntransport = \"udp\"\naddress = \"{s6}\"\n\
+                "[[listen]]\ntransport = \"udp\"\naddress = \"{listen6}\"\n\
                  [relay]\nip = \"{}\"\nipv6 = \"{}\"\nports = \"{RELAY_PORTS}\"\n\
                  [peers]\nallow = [\"{}/32\", \"{peer6}/128\"]\n",
                 peer_ns.host_ip(),
@@ -133,14 +151,14 @@ impl Rig {
                 peer_ns.ns_ip(),
             );
         }
-        // No bandwidth caps: an allocation under a cap stays on the socket path.
+        // No bandwidth caps unless a test sets them (by a reload).
         cfg += &format!(
             "[limits]\nallocation_bandwidth = 0\ntotal_bandwidth = 0\n{extra}\n\
              [xdp]\ninterfaces = [\"{}\", \"{}\"]\nmode = \"native\"\n",
             client_ns.host_if(),
             peer_ns.host_if()
         );
-        let turnd = Turnd::builder().config(server, move |_| cfg).start();
+        let turnd = Turnd::builder().wrap(&opts.wrap).config(server, move |_| cfg).start();
         turnd.wait_log("XDP fast path attached");
         Rig { turnd, client_ns, peer_ns, server, server6, ns6 }
     }

@@ -280,13 +280,13 @@ impl FastPath {
     /// [`FastPath::attach`]). An error says why in a sentence for the log
     /// (no privileges, a kernel that refuses it).
     pub fn load(interfaces: &[String], mode: Mode) -> Result<Arc<FastPath>, String> {
-        let mut ebpf = Ebpf::load(&OBJECT.0).map_err(|e| format!("cannot load the XDP program: {e} (turnd needs root or CAP_BPF and CAP_NET_ADMIN)"))?;
+        let mut ebpf = Ebpf::load(&OBJECT.0).map_err(|e| format!("cannot load the XDP program: {e} (turnd needs root or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"))?;
         let prog: &mut Xdp = ebpf
             .program_mut("xdp_relay")
             .ok_or("the XDP object has no xdp_relay program")?
             .try_into()
             .map_err(|e| format!("xdp_relay is not an XDP program: {e}"))?;
-        prog.load().map_err(|e| format!("the kernel refused the XDP program: {e}"))?;
+        prog.load().map_err(|e| format!("the kernel refused the XDP program (turnd needs root or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): {e}"))?;
         let chan4 = BpfHash::try_from(ebpf.take_map("chan4").ok_or("no chan4 map")?).map_err(|e| e.to_string())?;
         let peer4 = BpfHash::try_from(ebpf.take_map("peer4").ok_or("no peer4 map")?).map_err(|e| e.to_string())?;
         let chan6 = BpfHash::try_from(ebpf.take_map("chan6").ok_or("no chan6 map")?).map_err(|e| e.to_string())?;
