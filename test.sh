@@ -151,11 +151,18 @@ if [ "$status" -eq 0 ]; then
   status=${PIPESTATUS[0]}
 fi
 # The XDP fast path (the cargo feature `xdp`, off by default) builds and
-# passes its lints with the feature on. Its namespace tests (tests/xdp.rs) run
-# by hand for now: cargo test --features xdp --test xdp (see README.md).
+# passes its lints with the feature on, then its namespace tests run with it:
+# tests/xdp.rs (our clients and coturn's turnutils_uclient through the
+# program) and tests/browser_xdp.rs (a Chromium call through it). Without the
+# feature both files are empty, so the passes above run none of their tests
+# (nor does the second pass need to leave the browser test out): they run
+# here, once, one at a time (each builds two namespaces and a turnd, and
+# reads the redirect counters of its own veths).
 if [ "$status" -eq 0 ]; then
-  echo "test.sh: the XDP fast path builds (--features xdp)"
-  cargo clippy --locked --features xdp --lib --bins --test xdp -- -D warnings
+  echo "test.sh: the XDP fast path (--features xdp)"
+  cargo clippy --locked --features xdp --lib --bins --test xdp --test browser_xdp -- -D warnings
+  cargo test --locked --no-fail-fast --features xdp --test xdp --test browser_xdp -- --test-threads=1 2>&1 | tee -a "$log"
+  status=${PIPESTATUS[0]}
 fi
 count() { awk -v w="$1" '/^test result:/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ "^" w) n += $i } END { print n + 0 }' "$log"; }
 passed=$(count passed)

@@ -111,7 +111,6 @@ impl Rig {
                 let (hif, nif) = (ns.host_if(), ns.ns_if());
                 must(Command::new("ip").args(["addr", "add", &format!("{}/64", v6(k as u32, 1)), "dev", &hif, "nodad"]));
                 must(ns.command("ip").args(["addr", "add", &format!("{}/64", v6(k as u32, 2)), "dev", &nif, "nodad"]));
-                must(Command::new("sysctl").args(["-qw", &format!("net.ipv6.conf.{hif}.forwarding=1")]));
             }
         }
         let ns6: Option<(Ipv6Addr, Ipv6Addr)> = ipv6.then(|| (v6(0, 2).parse().unwrap(), v6(1, 2).parse().unwrap()));
@@ -119,8 +118,11 @@ impl Rig {
             let nif = ns.ns_if();
             must(ns.command("ip").args(["link", "set", "dev", &nif, "xdpdrv", "obj", env!("TURND_XDP_OBJECT"), "program", "xdp_pass"]));
             must(ns.command("ethtool").args(["-K", &nif, "tx", "off"]));
-            // The program's route lookup answers only on a forwarding interface.
-            must(Command::new("sysctl").args(["-qw", &format!("net.ipv4.conf.{}.forwarding=1", ns.host_if())]));
+            // The program's route lookup answers only on a forwarding
+            // interface (IPv6 too, or turnd warns that it is off).
+            for family in ["ipv4", "ipv6"] {
+                must(Command::new("sysctl").args(["-qw", &format!("net.{family}.conf.{}.forwarding=1", ns.host_if())]));
+            }
         }
         let port = common::free_port();
         let server: SocketAddr = format!("{}:{port}", client_ns.host_ip()).parse().unwrap();
