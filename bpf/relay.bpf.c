@@ -163,6 +163,36 @@ struct {
 	__type(value, struct peer4_val);
 } peer4 SEC(".maps");
 
+// Across families: a client over IPv4 whose peer is over IPv6 (its channel
+// in `chan4x6`, the peer's datagrams in `peer6x4`), and the other way round.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_STATS);
+	__type(key, struct chan4_key);
+	__type(value, struct chan6_val);
+} chan4x6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_STATS);
+	__type(key, struct peer6_key);
+	__type(value, struct peer4_val);
+} peer6x4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_STATS);
+	__type(key, struct chan6_key);
+	__type(value, struct chan4_val);
+} chan6x4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_STATS);
+	__type(key, struct peer4_key);
+	__type(value, struct peer6_val);
+} peer4x6 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, MAX_STATS);
@@ -311,6 +341,10 @@ static __always_inline void write_headers(struct ethhdr *eth, struct iphdr *ip, 
 	udp->check = csum;
 }
 
+static __always_inline int route6(struct xdp_md *ctx, struct bpf_fib_lookup *fib, const __u32 *src, const __u32 *dst, __u16 tot_len);
+static __always_inline int to_peer_4to6(struct xdp_md *ctx, struct iphdr *ip, struct udphdr *udp, __u8 *pl, __u16 ulen, struct chan6_val *v, __u64 now);
+static __always_inline int to_client_4to6(struct xdp_md *ctx, struct iphdr *ip, struct udphdr *udp, __u16 ulen, struct peer6_val *pv, __u64 now);
+
 static __always_inline int relay4(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -351,6 +385,17 @@ static __always_inline int relay4(struct xdp_md *ctx)
 			// A client of a wildcard listener: keyed with a zero address.
 			k.listen_ip = 0;
 			v = bpf_map_lookup_elem(&chan4, &k);
+		}
+		if (!v) {
+			// Its peer over IPv6.
+			k.listen_ip = ip->daddr;
+			struct chan6_val *x = bpf_map_lookup_elem(&chan4x6, &k);
+			if (!x) {
+				k.listen_ip = 0;
+				x = bpf_map_lookup_elem(&chan4x6, &k);
+			}
+			if (x)
+				return to_peer_4to6(ctx, ip, udp, pl, ulen, x, now);
 		}
 		if (v) {
 			__u16 cd_len = ((__u16)pl[2] << 8) | pl[3];
@@ -416,7 +461,12 @@ static __always_inline int relay4(struct xdp_md *ctx)
 		.peer_port = udp->source,
 	};
 	struct peer4_val *pv = bpf_map_lookup_elem(&peer4, &pk);
-	if (!pv || now >= pv->expires_ns || plen > 0xffff - 4)
+	if (!pv) {
+		// Its client over IPv6.
+		struct peer6_val *x = bpf_map_lookup_elem(&peer4x6, &pk);
+		return x ? to_client_4to6(ctx, ip, udp, ulen, x, now) : XDP_PASS;
+	}
+	if (now >= pv->expires_ns || plen > 0xffff - 4)
 		return XDP_PASS;
 	__u16 new_ulen = ulen + 4;
 	if (route(ctx, &fib, pv->listen_ip, pv->client_ip, new_ulen + sizeof(struct iphdr)) != BPF_FIB_LKUP_RET_SUCCESS)
@@ -504,6 +554,282 @@ static __always_inline void write_headers6(struct ethhdr *eth, struct ipv6hdr *i
 	udp->check = csum;
 }
 
+// Across families. The payload moves by 16 or 24 bytes, an even count, so
+// its share of the UDP checksum stays; the new headers are written whole.
+
+static __always_inline void ip4_header(struct iphdr *ip, __u32 src, __u32 dst, __u16 ulen)
+{
+	*(__u16 *)ip = bpf_htons(0x4500); // version 4, 5 words, no TOS
+	ip->tot_len = bpf_htons(ulen + sizeof(struct iphdr));
+	ip->id = 0;
+	ip->frag_off = bpf_htons(0x4000); // don't fragment, as turnd's sockets send
+	ip->ttl = 64;
+	ip->protocol = IPPROTO_UDP;
+	ip->saddr = src;
+	ip->daddr = dst;
+	ip->check = ip_checksum(ip);
+}
+
+static __always_inline void ip6_header(struct ipv6hdr *ip, const __u32 *src, const __u32 *dst, __u16 ulen)
+{
+	*(__u32 *)ip = bpf_htonl(0x60000000); // version 6, no traffic class or flow label
+	ip->payload_len = bpf_htons(ulen);
+	ip->nexthdr = IPPROTO_UDP;
+	ip->hop_limit = 64;
+	__builtin_memcpy(&ip->saddr, src, 16);
+	__builtin_memcpy(&ip->daddr, dst, 16);
+}
+
+static __always_inline void udp_header(struct udphdr *udp, __u16 sport, __u16 dport, __u16 ulen, __u16 csum)
+{
+	udp->source = sport;
+	udp->dest = dport;
+	udp->len = bpf_htons(ulen);
+	udp->check = csum;
+}
+
+static __always_inline void eth_header(struct ethhdr *eth, struct bpf_fib_lookup *fib, __u16 proto)
+{
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(proto);
+}
+
+// A client's ChannelData over IPv4 to its peer over IPv6.
+static __always_inline int to_peer_4to6(struct xdp_md *ctx, struct iphdr *ip, struct udphdr *udp, __u8 *pl, __u16 ulen, struct chan6_val *v, __u64 now)
+{
+	__u16 plen = ulen - 8;
+	__u16 cd_len = ((__u16)pl[2] << 8) | pl[3];
+	// IPv6 needs a checksum, and one absent over IPv4 cannot be updated.
+	if (now >= v->expires_ns || cd_len + 4 != plen || !udp->check)
+		return XDP_PASS;
+	__u16 new_ulen = ulen - 4;
+	struct bpf_fib_lookup fib;
+	if (route6(ctx, &fib, v->relay_ip, v->peer_ip, new_ulen + sizeof(struct ipv6hdr)) != BPF_FIB_LKUP_RET_SUCCESS)
+		return XDP_PASS;
+	__u32 sum = (__u16)~udp->check;
+	sum = sub32(sum, ip->saddr);
+	sum = sub32(sum, ip->daddr);
+	sum = sub16(sum, udp->source);
+	sum = sub16(sum, udp->dest);
+	sum = sub16(sum, udp->len);
+	sum = sub16(sum, udp->len);
+	sum = sub16(sum, *(__u16 *)pl);
+	sum = sub16(sum, *(__u16 *)(pl + 2));
+	sum = add128(sum, v->relay_ip);
+	sum = add128(sum, v->peer_ip);
+	sum = add16(sum, v->relay_port);
+	sum = add16(sum, v->peer_port);
+	sum = add16(sum, bpf_htons(new_ulen));
+	sum = add16(sum, bpf_htons(new_ulen));
+	__u16 csum = ~fold(sum);
+	if (!csum)
+		csum = 0xffff;
+	__u32 relay_ip[4], peer_ip[4];
+	__builtin_memcpy(relay_ip, v->relay_ip, 16);
+	__builtin_memcpy(peer_ip, v->peer_ip, 16);
+	__u32 idx = v->stat, bucket = v->bucket;
+	__u16 relay_port = v->relay_port, peer_port = v->peer_port;
+	struct stat *s = bpf_map_lookup_elem(&stats, &idx);
+	if (!within_caps(bucket, TO_PEER, cd_len + FRAMING6, now, s))
+		return XDP_DROP;
+	// IPv4 20 + UDP 8 + ChannelData 4 in front of the payload become IPv6 40 + UDP 8.
+	if (bpf_xdp_adjust_head(ctx, -16))
+		return XDP_PASS;
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = data + sizeof(*eth);
+	struct udphdr *u = (void *)(ip6 + 1);
+	if ((void *)(u + 1) > end)
+		return XDP_DROP;
+	eth_header(eth, &fib, ETH_P_IPV6);
+	ip6_header(ip6, relay_ip, peer_ip, new_ulen);
+	udp_header(u, relay_port, peer_port, new_ulen, csum);
+	if (s) {
+		s->to_peer_packets++;
+		s->to_peer_bytes += cd_len;
+	}
+	return send(ctx, &fib);
+}
+
+// A peer's datagram over IPv6 to its client over IPv4, as ChannelData.
+static __always_inline int to_client_6to4(struct xdp_md *ctx, struct ipv6hdr *ip, struct udphdr *udp, __u16 ulen, struct peer4_val *pv, __u64 now)
+{
+	__u16 plen = ulen - 8;
+	if (now >= pv->expires_ns || plen > 0xffff - 8 - 4)
+		return XDP_PASS;
+	__u16 new_ulen = ulen + 4;
+	struct bpf_fib_lookup fib;
+	if (route(ctx, &fib, pv->listen_ip, pv->client_ip, new_ulen + sizeof(struct iphdr)) != BPF_FIB_LKUP_RET_SUCCESS)
+		return XDP_PASS;
+	__u32 listen_ip = pv->listen_ip ? pv->listen_ip : fib.ipv4_src;
+	__u16 cd_len = bpf_htons(plen);
+	__u32 sum = (__u16)~udp->check;
+	sum = sub128(sum, (__u32 *)&ip->saddr);
+	sum = sub128(sum, (__u32 *)&ip->daddr);
+	sum = sub16(sum, udp->source);
+	sum = sub16(sum, udp->dest);
+	sum = sub16(sum, udp->len);
+	sum = sub16(sum, udp->len);
+	sum = add32(sum, listen_ip);
+	sum = add32(sum, pv->client_ip);
+	sum = add16(sum, pv->listen_port);
+	sum = add16(sum, pv->client_port);
+	sum = add16(sum, bpf_htons(new_ulen));
+	sum = add16(sum, bpf_htons(new_ulen));
+	sum = add16(sum, pv->channel);
+	sum = add16(sum, cd_len);
+	__u16 csum = ~fold(sum);
+	if (!csum)
+		csum = 0xffff;
+	__u32 client_ip = pv->client_ip, idx = pv->stat, bucket = pv->bucket;
+	__u16 listen_port = pv->listen_port, client_port = pv->client_port, channel = pv->channel;
+	struct stat *s = bpf_map_lookup_elem(&stats, &idx);
+	if (!within_caps(bucket, FROM_PEER, plen + FRAMING6, now, s))
+		return XDP_DROP;
+	// IPv6 40 + UDP 8 become IPv4 20 + UDP 8 + ChannelData 4.
+	if (bpf_xdp_adjust_head(ctx, 16))
+		return XDP_PASS;
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip4 = data + sizeof(*eth);
+	struct udphdr *u = (void *)(ip4 + 1);
+	__u8 *pl = (void *)(u + 1);
+	if ((void *)(pl + 4) > end)
+		return XDP_DROP;
+	eth_header(eth, &fib, ETH_P_IP);
+	ip4_header(ip4, listen_ip, client_ip, new_ulen);
+	udp_header(u, listen_port, client_port, new_ulen, csum);
+	*(__u16 *)pl = channel;
+	*(__u16 *)(pl + 2) = cd_len;
+	if (s) {
+		s->from_peer_packets++;
+		s->from_peer_bytes += plen;
+	}
+	return send(ctx, &fib);
+}
+
+// A client's ChannelData over IPv6 to its peer over IPv4.
+static __always_inline int to_peer_6to4(struct xdp_md *ctx, struct ipv6hdr *ip, struct udphdr *udp, __u8 *pl, __u16 ulen, struct chan4_val *v, __u64 now)
+{
+	__u16 plen = ulen - 8;
+	__u16 cd_len = ((__u16)pl[2] << 8) | pl[3];
+	if (now >= v->expires_ns || cd_len + 4 != plen)
+		return XDP_PASS;
+	__u16 new_ulen = ulen - 4;
+	struct bpf_fib_lookup fib;
+	if (route(ctx, &fib, v->relay_ip, v->peer_ip, new_ulen + sizeof(struct iphdr)) != BPF_FIB_LKUP_RET_SUCCESS)
+		return XDP_PASS;
+	__u32 sum = (__u16)~udp->check;
+	sum = sub128(sum, (__u32 *)&ip->saddr);
+	sum = sub128(sum, (__u32 *)&ip->daddr);
+	sum = sub16(sum, udp->source);
+	sum = sub16(sum, udp->dest);
+	sum = sub16(sum, udp->len);
+	sum = sub16(sum, udp->len);
+	sum = sub16(sum, *(__u16 *)pl);
+	sum = sub16(sum, *(__u16 *)(pl + 2));
+	sum = add32(sum, v->relay_ip);
+	sum = add32(sum, v->peer_ip);
+	sum = add16(sum, v->relay_port);
+	sum = add16(sum, v->peer_port);
+	sum = add16(sum, bpf_htons(new_ulen));
+	sum = add16(sum, bpf_htons(new_ulen));
+	__u16 csum = ~fold(sum);
+	if (!csum)
+		csum = 0xffff;
+	__u32 relay_ip = v->relay_ip, peer_ip = v->peer_ip, idx = v->stat, bucket = v->bucket;
+	__u16 relay_port = v->relay_port, peer_port = v->peer_port;
+	struct stat *s = bpf_map_lookup_elem(&stats, &idx);
+	if (!within_caps(bucket, TO_PEER, cd_len + FRAMING4, now, s))
+		return XDP_DROP;
+	// IPv6 40 + UDP 8 + ChannelData 4 become IPv4 20 + UDP 8.
+	if (bpf_xdp_adjust_head(ctx, 24))
+		return XDP_PASS;
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip4 = data + sizeof(*eth);
+	struct udphdr *u = (void *)(ip4 + 1);
+	if ((void *)(u + 1) > end)
+		return XDP_DROP;
+	eth_header(eth, &fib, ETH_P_IP);
+	ip4_header(ip4, relay_ip, peer_ip, new_ulen);
+	udp_header(u, relay_port, peer_port, new_ulen, csum);
+	if (s) {
+		s->to_peer_packets++;
+		s->to_peer_bytes += cd_len;
+	}
+	return send(ctx, &fib);
+}
+
+// A peer's datagram over IPv4 to its client over IPv6, as ChannelData.
+static __always_inline int to_client_4to6(struct xdp_md *ctx, struct iphdr *ip, struct udphdr *udp, __u16 ulen, struct peer6_val *pv, __u64 now)
+{
+	__u16 plen = ulen - 8;
+	// IPv6 needs a checksum, and one absent over IPv4 cannot be updated.
+	if (now >= pv->expires_ns || plen > 0xffff - 8 - 4 || !udp->check)
+		return XDP_PASS;
+	__u16 new_ulen = ulen + 4;
+	struct bpf_fib_lookup fib;
+	if (route6(ctx, &fib, pv->listen_ip, pv->client_ip, new_ulen + sizeof(struct ipv6hdr)) != BPF_FIB_LKUP_RET_SUCCESS)
+		return XDP_PASS;
+	__u32 listen_ip[4];
+	if (pv->listen_ip[0] | pv->listen_ip[1] | pv->listen_ip[2] | pv->listen_ip[3])
+		__builtin_memcpy(listen_ip, pv->listen_ip, 16);
+	else
+		__builtin_memcpy(listen_ip, fib.ipv6_src, 16);
+	__u16 cd_len = bpf_htons(plen);
+	__u32 sum = (__u16)~udp->check;
+	sum = sub32(sum, ip->saddr);
+	sum = sub32(sum, ip->daddr);
+	sum = sub16(sum, udp->source);
+	sum = sub16(sum, udp->dest);
+	sum = sub16(sum, udp->len);
+	sum = sub16(sum, udp->len);
+	sum = add128(sum, listen_ip);
+	sum = add128(sum, pv->client_ip);
+	sum = add16(sum, pv->listen_port);
+	sum = add16(sum, pv->client_port);
+	sum = add16(sum, bpf_htons(new_ulen));
+	sum = add16(sum, bpf_htons(new_ulen));
+	sum = add16(sum, pv->channel);
+	sum = add16(sum, cd_len);
+	__u16 csum = ~fold(sum);
+	if (!csum)
+		csum = 0xffff;
+	__u32 client_ip[4];
+	__builtin_memcpy(client_ip, pv->client_ip, 16);
+	__u32 idx = pv->stat, bucket = pv->bucket;
+	__u16 listen_port = pv->listen_port, client_port = pv->client_port, channel = pv->channel;
+	struct stat *s = bpf_map_lookup_elem(&stats, &idx);
+	if (!within_caps(bucket, FROM_PEER, plen + FRAMING4, now, s))
+		return XDP_DROP;
+	// IPv4 20 + UDP 8 become IPv6 40 + UDP 8 + ChannelData 4.
+	if (bpf_xdp_adjust_head(ctx, -24))
+		return XDP_PASS;
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = data + sizeof(*eth);
+	struct udphdr *u = (void *)(ip6 + 1);
+	__u8 *pl = (void *)(u + 1);
+	if ((void *)(pl + 4) > end)
+		return XDP_DROP;
+	eth_header(eth, &fib, ETH_P_IPV6);
+	ip6_header(ip6, listen_ip, client_ip, new_ulen);
+	udp_header(u, listen_port, client_port, new_ulen, csum);
+	*(__u16 *)pl = channel;
+	*(__u16 *)(pl + 2) = cd_len;
+	if (s) {
+		s->from_peer_packets++;
+		s->from_peer_bytes += plen;
+	}
+	return send(ctx, &fib);
+}
+
 // IPv6: the same, without fragments or extension headers (the next header
 // must be UDP), and never a zero UDP checksum (IPv6 requires one).
 static __always_inline int relay6(struct xdp_md *ctx)
@@ -540,6 +866,17 @@ static __always_inline int relay6(struct xdp_md *ctx)
 		if (!v) {
 			__builtin_memset(k.listen_ip, 0, 16);
 			v = bpf_map_lookup_elem(&chan6, &k);
+		}
+		if (!v) {
+			// Its peer over IPv4.
+			__builtin_memcpy(k.listen_ip, &ip->daddr, 16);
+			struct chan4_val *x = bpf_map_lookup_elem(&chan6x4, &k);
+			if (!x) {
+				__builtin_memset(k.listen_ip, 0, 16);
+				x = bpf_map_lookup_elem(&chan6x4, &k);
+			}
+			if (x)
+				return to_peer_6to4(ctx, ip, udp, pl, ulen, x, now);
 		}
 		if (v) {
 			__u16 cd_len = ((__u16)pl[2] << 8) | pl[3];
@@ -600,7 +937,12 @@ static __always_inline int relay6(struct xdp_md *ctx)
 	__builtin_memcpy(pk.relay_ip, &ip->daddr, 16);
 	__builtin_memcpy(pk.peer_ip, &ip->saddr, 16);
 	struct peer6_val *pv = bpf_map_lookup_elem(&peer6, &pk);
-	if (!pv || now >= pv->expires_ns || plen > 0xffff - 8 - 4)
+	if (!pv) {
+		// Its client over IPv4.
+		struct peer4_val *x = bpf_map_lookup_elem(&peer6x4, &pk);
+		return x ? to_client_6to4(ctx, ip, udp, ulen, x, now) : XDP_PASS;
+	}
+	if (now >= pv->expires_ns || plen > 0xffff - 8 - 4)
 		return XDP_PASS;
 	__u16 new_ulen = ulen + 4;
 	if (route6(ctx, &fib, pv->listen_ip, pv->client_ip, new_ulen + sizeof(struct ipv6hdr)) != BPF_FIB_LKUP_RET_SUCCESS)

@@ -12,7 +12,8 @@
 //! range out of `peers.allow`, nothing is relayed by the program; the
 //! allocation's and the relay's bandwidth caps hold in the kernel (a burst
 //! passes one second's worth, the rest is dropped and counted); IPv6 as
-//! IPv4; clients of a wildcard listener are relayed from the address they
+//! IPv4, and across them (an IPv4 client with an IPv6 peer and the other
+//! way round, the program writing the other family's headers); clients of a wildcard listener are relayed from the address they
 //! reached; an upgrade in place keeps the fast path; the capabilities of
 //! deploy/systemd/xdp.conf are enough, and without CAP_PERFMON the log
 //! says so; a datagram that would not fit the client's MTU with the
@@ -677,4 +678,41 @@ fn the_capabilities_the_systemd_drop_in_gives_are_enough() {
     let peer = peer(&rig);
     assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
     warm(&rig, &c, &peer, 0x4000, relayed);
+}
+
+/// Allocates for `c` a relayed address of `family` (REQUESTED-ADDRESS-FAMILY:
+/// 0x01 IPv4, 0x02 IPv6), whatever family `c` reaches turnd over.
+fn allocate_family(c: &mut UdpClient, user: &str, family: u8) -> SocketAddr {
+    let family = || A::Raw(attr::REQUESTED_ADDRESS_FAMILY, vec![family, 0, 0, 0]);
+    let r = c.transact(method::ALLOCATE, &[harness::transport_udp(), family()]);
+    c.creds = Some(wire::rest_creds(&r, user, SECRET));
+    let r = c.transact(method::ALLOCATE, &[harness::transport_udp(), family()]);
+    assert_eq!(r.class(), Class::Success, "allocate: {:?}", r.code());
+    r.addr(attr::XOR_RELAYED_ADDRESS).unwrap()
+}
+
+#[test]
+fn across_families_the_program_writes_the_other_familys_headers() {
+    let rig = Rig::start("");
+    // A client over IPv4 relaying to a peer over IPv6.
+    let mut c = client(&rig);
+    let relayed = allocate_family(&mut c, "xena", 0x02);
+    assert!(relayed.is_ipv6(), "{relayed}");
+    let p6 = peer6(&rig);
+    assert_eq!(bind(&mut c, 0x4000, p6.local_addr().unwrap()), Class::Success);
+    warm(&rig, &c, &p6, 0x4000, relayed);
+    assert_eq!(relay_rounds(&rig, &c, &p6, 0x4000, relayed, 50), (50, 50), "IPv4 client, IPv6 peer: every datagram relayed by the program");
+    // A client over IPv6 relaying to a peer over IPv4.
+    let mut c6 = UdpClient::new("127.0.0.1", rig.server6.unwrap());
+    c6.sock = rig.client_ns.udp_socket(SocketAddr::new(rig.ns6.unwrap().0.into(), 0));
+    let relayed4 = allocate_family(&mut c6, "yann", 0x01);
+    assert!(relayed4.is_ipv4(), "{relayed4}");
+    let p4 = peer(&rig);
+    assert_eq!(bind(&mut c6, 0x4001, p4.local_addr().unwrap()), Class::Success);
+    warm(&rig, &c6, &p4, 0x4001, relayed4);
+    assert_eq!(relay_rounds(&rig, &c6, &p4, 0x4001, relayed4, 50), (50, 50), "IPv6 client, IPv4 peer: every datagram relayed by the program");
+    // turnd counts both allocations' datagrams.
+    let k = |c: &UdpClient| session_counts(&rig, c.sock.local_addr().unwrap()).map(|(to, from, ..)| to >= 50 && from >= 50);
+    assert_eq!(settle(SETTLES, &Some(true), || k(&c)), Some(true));
+    assert_eq!(settle(SETTLES, &Some(true), || k(&c6)), Some(true));
 }

@@ -9,8 +9,11 @@
 //! events into map entries and the kernel's per-channel counters back into
 //! the core's (sessions, metrics, the log line of an ended allocation).
 //!
-//! What stays on the socket path: TCP/TLS clients, a channel whose client and
-//! peer legs differ in family (an IPv4 client relaying to IPv6), a channel to one
+//! A client and its peer of different families (an IPv4 client relaying to
+//! IPv6, as turnd does) are relayed too: the program writes the other
+//! family's headers (`chan4x6`/`peer6x4`, `chan6x4`/`peer4x6`).
+//!
+//! What stays on the socket path: TCP/TLS clients, a channel to one
 //! of the relay's own addresses, and per packet: anything after the entry's
 //! `until` (the earliest of binding, permission and allocation expiry, on
 //! CLOCK_MONOTONIC, the clock of `Instant`), padded ChannelData, datagrams
@@ -30,7 +33,7 @@
 //! packets of the same allocation get only what is left.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -252,6 +255,10 @@ struct Maps {
     peer4: BpfHash<MapData, Peer4Key, Peer4Val>,
     chan6: BpfHash<MapData, Chan6Key, Chan6Val>,
     peer6: BpfHash<MapData, Peer6Key, Peer6Val>,
+    chan4x6: BpfHash<MapData, Chan4Key, Chan6Val>,
+    peer6x4: BpfHash<MapData, Peer6Key, Peer4Val>,
+    chan6x4: BpfHash<MapData, Chan6Key, Chan4Val>,
+    peer4x6: BpfHash<MapData, Peer4Key, Peer6Val>,
     stats: PerCpuArray<MapData, Stat>,
     buckets: Array<MapData, Bucket>,
     /// Counter slots given back, and the next never used.
@@ -293,8 +300,12 @@ impl FastPath {
         let peer6 = BpfHash::try_from(ebpf.take_map("peer6").ok_or("no peer6 map")?).map_err(|e| e.to_string())?;
         let stats = PerCpuArray::try_from(ebpf.take_map("stats").ok_or("no stats map")?).map_err(|e| e.to_string())?;
         let buckets = Array::try_from(ebpf.take_map("buckets").ok_or("no buckets map")?).map_err(|e| e.to_string())?;
+        let chan4x6 = BpfHash::try_from(ebpf.take_map("chan4x6").ok_or("no chan4x6 map")?).map_err(|e| e.to_string())?;
+        let peer6x4 = BpfHash::try_from(ebpf.take_map("peer6x4").ok_or("no peer6x4 map")?).map_err(|e| e.to_string())?;
+        let chan6x4 = BpfHash::try_from(ebpf.take_map("chan6x4").ok_or("no chan6x4 map")?).map_err(|e| e.to_string())?;
+        let peer4x6 = BpfHash::try_from(ebpf.take_map("peer4x6").ok_or("no peer4x6 map")?).map_err(|e| e.to_string())?;
         Ok(Arc::new(FastPath {
-            maps: Mutex::new(Maps { chan4, peer4, chan6, peer6, stats, buckets, free: Vec::new(), next: 0, free_buckets: Vec::new(), next_bucket: 1, total: 0 }),
+            maps: Mutex::new(Maps { chan4, peer4, chan6, peer6, chan4x6, peer6x4, chan6x4, peer4x6, stats, buckets, free: Vec::new(), next: 0, free_buckets: Vec::new(), next_bucket: 1, total: 0 }),
             clock: Clock::now(),
             interfaces: interfaces.to_vec(),
             mode,
@@ -358,38 +369,23 @@ impl FastPath {
 
 impl Maps {
     fn insert(&mut self, keys: &Keys, stat: u32, bucket: u32, expires_ns: u64) -> Result<(), aya::maps::MapError> {
+        let e = Entry4 { stat, bucket, expires_ns };
         match *keys {
-            Keys::V4(chan, pkey) => {
-                let cv = Chan4Val { relay_ip: pkey.relay_ip, peer_ip: pkey.peer_ip, relay_port: pkey.relay_port, peer_port: pkey.peer_port, stat, bucket, pad: 0, expires_ns };
-                let pv = Peer4Val {
-                    client_ip: chan.client_ip,
-                    listen_ip: chan.listen_ip,
-                    client_port: chan.client_port,
-                    listen_port: chan.listen_port,
-                    channel: chan.channel,
-                    stat,
-                    bucket,
-                    expires_ns,
-                    ..Default::default()
-                };
-                self.chan4.insert(chan, cv, 0)?;
-                self.peer4.insert(pkey, pv, 0)
+            Keys::V4(c, p) => {
+                self.chan4.insert(c, e.chan4(&p), 0)?;
+                self.peer4.insert(p, e.peer4(&c), 0)
             }
-            Keys::V6(chan, pkey) => {
-                let cv = Chan6Val { relay_ip: pkey.relay_ip, peer_ip: pkey.peer_ip, relay_port: pkey.relay_port, peer_port: pkey.peer_port, stat, bucket, pad: 0, expires_ns };
-                let pv = Peer6Val {
-                    client_ip: chan.client_ip,
-                    listen_ip: chan.listen_ip,
-                    client_port: chan.client_port,
-                    listen_port: chan.listen_port,
-                    channel: chan.channel,
-                    stat,
-                    bucket,
-                    expires_ns,
-                    ..Default::default()
-                };
-                self.chan6.insert(chan, cv, 0)?;
-                self.peer6.insert(pkey, pv, 0)
+            Keys::V6(c, p) => {
+                self.chan6.insert(c, e.chan6(&p), 0)?;
+                self.peer6.insert(p, e.peer6(&c), 0)
+            }
+            Keys::V4x6(c, p) => {
+                self.chan4x6.insert(c, e.chan6(&p), 0)?;
+                self.peer6x4.insert(p, e.peer4(&c), 0)
+            }
+            Keys::V6x4(c, p) => {
+                self.chan6x4.insert(c, e.chan4(&p), 0)?;
+                self.peer4x6.insert(p, e.peer6(&c), 0)
             }
         }
     }
@@ -403,6 +399,14 @@ impl Maps {
             Keys::V6(c, p) => {
                 let _ = self.chan6.remove(c);
                 let _ = self.peer6.remove(p);
+            }
+            Keys::V4x6(c, p) => {
+                let _ = self.chan4x6.remove(c);
+                let _ = self.peer6x4.remove(p);
+            }
+            Keys::V6x4(c, p) => {
+                let _ = self.chan6x4.remove(c);
+                let _ = self.peer4x6.remove(p);
             }
         }
     }
@@ -449,11 +453,49 @@ impl Maps {
     }
 }
 
-/// A channel's keys in the maps of its family.
+/// What every map value of a channel carries besides addresses.
+struct Entry4 {
+    stat: u32,
+    bucket: u32,
+    expires_ns: u64,
+}
+
+impl Entry4 {
+    /// Toward the peer of `p` (an IPv4 one).
+    fn chan4(&self, p: &Peer4Key) -> Chan4Val {
+        let Entry4 { stat, bucket, expires_ns } = *self;
+        Chan4Val { relay_ip: p.relay_ip, peer_ip: p.peer_ip, relay_port: p.relay_port, peer_port: p.peer_port, stat, bucket, pad: 0, expires_ns }
+    }
+
+    /// Toward the peer of `p` (an IPv6 one).
+    fn chan6(&self, p: &Peer6Key) -> Chan6Val {
+        let Entry4 { stat, bucket, expires_ns } = *self;
+        Chan6Val { relay_ip: p.relay_ip, peer_ip: p.peer_ip, relay_port: p.relay_port, peer_port: p.peer_port, stat, bucket, pad: 0, expires_ns }
+    }
+
+    /// Toward the client of `c` (an IPv4 one).
+    fn peer4(&self, c: &Chan4Key) -> Peer4Val {
+        let Entry4 { stat, bucket, expires_ns } = *self;
+        Peer4Val { client_ip: c.client_ip, listen_ip: c.listen_ip, client_port: c.client_port, listen_port: c.listen_port, channel: c.channel, pad: 0, stat, bucket, expires_ns }
+    }
+
+    /// Toward the client of `c` (an IPv6 one).
+    fn peer6(&self, c: &Chan6Key) -> Peer6Val {
+        let Entry4 { stat, bucket, expires_ns } = *self;
+        Peer6Val { client_ip: c.client_ip, listen_ip: c.listen_ip, client_port: c.client_port, listen_port: c.listen_port, channel: c.channel, pad: 0, stat, bucket, expires_ns }
+    }
+}
+
+/// A channel's keys: its client's (a listener's) and its peer's (a relayed
+/// address's), each of its own family.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Keys {
     V4(Chan4Key, Peer4Key),
     V6(Chan6Key, Peer6Key),
+    /// A client over IPv4, its peer over IPv6.
+    V4x6(Chan4Key, Peer6Key),
+    /// A client over IPv6, its peer over IPv4.
+    V6x4(Chan6Key, Peer4Key),
 }
 
 impl Keys {
@@ -472,15 +514,16 @@ impl Keys {
         }
         let port = |a: SocketAddr| a.port().to_be();
         let channel = b.channel.to_be();
-        match (client, listen, peer, relayed) {
-            (SocketAddr::V4(c), SocketAddr::V4(l), SocketAddr::V4(p), SocketAddr::V4(r)) => Some(Keys::V4(
-                Chan4Key { client_ip: ip4(*c.ip()), listen_ip: ip4(*l.ip()), client_port: port(client), listen_port: port(listen), channel, pad: 0 },
-                Peer4Key { relay_ip: ip4(*r.ip()), peer_ip: ip4(*p.ip()), relay_port: port(relayed), peer_port: port(peer) },
-            )),
-            (SocketAddr::V6(c), SocketAddr::V6(l), SocketAddr::V6(p), SocketAddr::V6(r)) => Some(Keys::V6(
-                Chan6Key { client_ip: c.ip().octets(), listen_ip: l.ip().octets(), client_port: port(client), listen_port: port(listen), channel, pad: 0 },
-                Peer6Key { relay_ip: r.ip().octets(), peer_ip: p.ip().octets(), relay_port: port(relayed), peer_port: port(peer) },
-            )),
+        let chan4 = |c: Ipv4Addr, l: Ipv4Addr| Chan4Key { client_ip: ip4(c), listen_ip: ip4(l), client_port: port(client), listen_port: port(listen), channel, pad: 0 };
+        let chan6 = |c: Ipv6Addr, l: Ipv6Addr| Chan6Key { client_ip: c.octets(), listen_ip: l.octets(), client_port: port(client), listen_port: port(listen), channel, pad: 0 };
+        let peer4 = |r: Ipv4Addr, p: Ipv4Addr| Peer4Key { relay_ip: ip4(r), peer_ip: ip4(p), relay_port: port(relayed), peer_port: port(peer) };
+        let peer6 = |r: Ipv6Addr, p: Ipv6Addr| Peer6Key { relay_ip: r.octets(), peer_ip: p.octets(), relay_port: port(relayed), peer_port: port(peer) };
+        // The relayed address is of the peer's family, the listener of the client's.
+        match (client.ip(), listen.ip(), peer.ip(), relayed.ip()) {
+            (IpAddr::V4(c), IpAddr::V4(l), IpAddr::V4(p), IpAddr::V4(r)) => Some(Keys::V4(chan4(c, l), peer4(r, p))),
+            (IpAddr::V6(c), IpAddr::V6(l), IpAddr::V6(p), IpAddr::V6(r)) => Some(Keys::V6(chan6(c, l), peer6(r, p))),
+            (IpAddr::V4(c), IpAddr::V4(l), IpAddr::V6(p), IpAddr::V6(r)) => Some(Keys::V4x6(chan4(c, l), peer6(r, p))),
+            (IpAddr::V6(c), IpAddr::V6(l), IpAddr::V4(p), IpAddr::V4(r)) => Some(Keys::V6x4(chan6(c, l), peer4(r, p))),
             _ => None,
         }
     }
