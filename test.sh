@@ -132,6 +132,9 @@ cargo clippy --all-targets --locked -- -D warnings
 # one shard (TURND_TEST_THREADS=1 makes the harness pass --threads 1).
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+# A failing pass must not end the script here (errexit), or the closing
+# count below would never be printed: its status is kept instead.
+set +e
 cargo test --locked --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # The second pass leaves out what does not depend on the shard count or
@@ -161,9 +164,13 @@ fi
 if [ "$status" -eq 0 ]; then
   echo "test.sh: the XDP fast path (--features xdp)"
   cargo clippy --locked --features xdp --lib --bins --test xdp --test browser_xdp -- -D warnings
+  status=$?
+fi
+if [ "$status" -eq 0 ]; then
   cargo test --locked --no-fail-fast --features xdp --test xdp --test browser_xdp -- --test-threads=1 2>&1 | tee -a "$log"
   status=${PIPESTATUS[0]}
 fi
+set -e
 count() { awk -v w="$1" '/^test result:/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ "^" w) n += $i } END { print n + 0 }' "$log"; }
 passed=$(count passed)
 failed=$(count failed)
