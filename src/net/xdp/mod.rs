@@ -369,7 +369,7 @@ impl FastPath {
 
 impl Maps {
     fn insert(&mut self, keys: &Keys, stat: u32, bucket: u32, expires_ns: u64) -> Result<(), aya::maps::MapError> {
-        let e = Entry4 { stat, bucket, expires_ns };
+        let e = Parts { stat, bucket, expires_ns };
         match *keys {
             Keys::V4(c, p) => {
                 self.chan4.insert(c, e.chan4(&p), 0)?;
@@ -454,34 +454,34 @@ impl Maps {
 }
 
 /// What every map value of a channel carries besides addresses.
-struct Entry4 {
+struct Parts {
     stat: u32,
     bucket: u32,
     expires_ns: u64,
 }
 
-impl Entry4 {
+impl Parts {
     /// Toward the peer of `p` (an IPv4 one).
     fn chan4(&self, p: &Peer4Key) -> Chan4Val {
-        let Entry4 { stat, bucket, expires_ns } = *self;
+        let Parts { stat, bucket, expires_ns } = *self;
         Chan4Val { relay_ip: p.relay_ip, peer_ip: p.peer_ip, relay_port: p.relay_port, peer_port: p.peer_port, stat, bucket, pad: 0, expires_ns }
     }
 
     /// Toward the peer of `p` (an IPv6 one).
     fn chan6(&self, p: &Peer6Key) -> Chan6Val {
-        let Entry4 { stat, bucket, expires_ns } = *self;
+        let Parts { stat, bucket, expires_ns } = *self;
         Chan6Val { relay_ip: p.relay_ip, peer_ip: p.peer_ip, relay_port: p.relay_port, peer_port: p.peer_port, stat, bucket, pad: 0, expires_ns }
     }
 
     /// Toward the client of `c` (an IPv4 one).
     fn peer4(&self, c: &Chan4Key) -> Peer4Val {
-        let Entry4 { stat, bucket, expires_ns } = *self;
+        let Parts { stat, bucket, expires_ns } = *self;
         Peer4Val { client_ip: c.client_ip, listen_ip: c.listen_ip, client_port: c.client_port, listen_port: c.listen_port, channel: c.channel, pad: 0, stat, bucket, expires_ns }
     }
 
     /// Toward the client of `c` (an IPv6 one).
     fn peer6(&self, c: &Chan6Key) -> Peer6Val {
-        let Entry4 { stat, bucket, expires_ns } = *self;
+        let Parts { stat, bucket, expires_ns } = *self;
         Peer6Val { client_ip: c.client_ip, listen_ip: c.listen_ip, client_port: c.client_port, listen_port: c.listen_port, channel: c.channel, pad: 0, stat, bucket, expires_ns }
     }
 }
@@ -594,10 +594,10 @@ impl Mirror {
         }
         let fast = self.fast.clone();
         let mut m = fast.maps();
-        if !self.entries.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(v) = self.entries.entry(key) {
             let Some(stat) = m.slot() else { return };
             let last = m.read(stat);
-            self.entries.insert(key, Entry { keys, stat, last, tuple: b.tuple, capped: false });
+            v.insert(Entry { keys, stat, last, tuple: b.tuple, capped: false });
         }
         let Some(bucket) = self.hold_cap(&mut m, key, b.cap) else {
             drop(m);
