@@ -219,6 +219,10 @@ struct {
 static __always_inline int take(struct bucket *b, const int dir, __u64 cost, __u64 now)
 {
 	int ok = 1;
+	// No cap: no lock (shared by every CPU) either. The rate changes only on
+	// a reload, so reading it unlocked sees the old or the new one.
+	if (!b->rate)
+		return 1;
 	bpf_spin_lock(&b->lock);
 	__u64 rate = b->rate;
 	if (rate) {
