@@ -15,6 +15,9 @@ import sys
 RELAYS = [("xdp", "turnd, XDP fast path"), ("socket", "turnd, socket path"), ("coturn", "coturn"),
           ("direct", "no relay (the generator alone)")]
 RATIOS = [("xdp", "socket"), ("xdp", "coturn"), ("socket", "coturn")]
+# A run whose "other" time (busy, but in neither the relay's nor the
+# generator's CPU time) exceeds this share of a CPU is flagged.
+BUSY_OTHER_PCT = 20
 # Busy = everything but idle, iowait and steal (/proc/stat).
 BUSY = ("user", "nice", "system", "irq", "softirq")
 
@@ -151,6 +154,13 @@ def main():
                   f"{spread(g('per_core'), n0)} | {spread(g('us_pkt_procs'), d2)} | {busy(c0)} | {busy(c1)} | {m(g('server_pct'), pct)} | "
                   f"{m(g('gen_pct'), pct)} | {m(g('other_pct'), pct)} | {m(g('loss'), d2)} | "
                   f"{m(g('xdp_share'), pct)} | {spread(own, d2) if key != 'direct' else '–'} |")
+
+    busy = [f"{r['label']} ({figures(r, cpus)['other_pct']:.0f}%)" for r in rows
+            if figures(r, cpus) and figures(r, cpus)["other_pct"] > BUSY_OTHER_PCT]
+    if busy:
+        print(f"\n**Busy machine**: in " + ", ".join(busy) + " more than "
+              f"{BUSY_OTHER_PCT}% of a CPU went to neither the relay nor the generator (other programs, mostly): the "
+              "both-CPU figures of those runs count it, the processes-only ones do not.")
 
     print("\nRatios, run by run (run K of one relay against run K of the other), median and spread. "
           "Throughput: forwarded packets/s. Per core: forwarded packets per busy CPU-second of both CPUs "
