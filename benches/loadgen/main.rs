@@ -138,6 +138,10 @@ struct Args {
     /// The server's process id, for CPU time per forwarded packet.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// CPUs (e.g. 0,1) whose /proc/stat times over the window go into the
+    /// JSON's `cpu_stat`: all their programs' and the kernel's softirq work.
+    #[arg(long, value_delimiter = ',')]
+    cpu_stat: Vec<usize>,
     /// UDP GSO (UDP_SEGMENT) for the clients' and the echo peer's sends:
     /// each burst to one address crosses the stack once, which makes the
     /// generator cheaper; the server still receives separate datagrams.
@@ -503,6 +507,7 @@ fn run(args: &Args) -> Result<()> {
         None => None,
     };
     let (mut s0, mut s1) = (None::<Snap>, None::<Snap>);
+    let (mut cpus0, mut cpus1) = (None, None);
     let mut m = Mmsg::new(args.batch, cap);
     let mut scratch = vec![0u8; 1 << 16];
     let n = g.clients.len();
@@ -519,6 +524,7 @@ fn run(args: &Args) -> Result<()> {
         if s0.is_none() && now >= warm_ns {
             g.win.start_ns = now;
             s0 = Some(snap(&g, now));
+            cpus0 = cpu_times(&args.cpu_stat);
             if let Some(f) = &mut g.flows {
                 f.start(now);
             }
@@ -529,6 +535,7 @@ fn run(args: &Args) -> Result<()> {
         if s1.is_none() && now >= end_ns {
             g.win.end_ns = now;
             s1 = Some(snap(&g, now));
+            cpus1 = cpu_times(&args.cpu_stat);
             drain_deadline = Some(now + DRAIN.as_nanos() as u64);
         }
         // (With --flows every echo counts, not only the window's.)
@@ -636,14 +643,29 @@ fn run(args: &Args) -> Result<()> {
         }
         _ => None,
     };
-    let extra = Extra { flows, exec };
+    let cpu_stat = match (cpus0, cpus1) {
+        (Some(a), Some(b)) if !args.cpu_stat.is_empty() => {
+            let per = |(c, (a, b)): (&usize, (&[f64; 8], &[f64; 8]))| {
+                let f: serde_json::Map<_, _> = CPU_STAT_FIELDS.iter().zip(a.iter().zip(b)).map(|(n, (x, y))| (n.to_string(), (y - x).into())).collect();
+                (format!("cpu{c}"), serde_json::Value::Object(f))
+            };
+            Some(serde_json::Value::Object(args.cpu_stat.iter().zip(a.iter().zip(b.iter())).map(per).collect()))
+        }
+        _ => None,
+    };
+    let extra = Extra { flows, exec, cpu_stat, totals: (peer_rx, g.c.rx) };
     report(args, kind, &g, s0, s1, setup_secs, closed, peer_rx.saturating_sub(peer_tx), extra)
 }
 
-/// What --flows and --exec-at add to the report.
+/// What --flows, --exec-at and --cpu-stat add to the report.
 struct Extra {
     flows: Option<serde_json::Value>,
     exec: Option<serde_json::Value>,
+    /// `--cpu-stat`: each CPU's /proc/stat times over the window, seconds.
+    cpu_stat: Option<serde_json::Value>,
+    /// Datagrams the echo peer and the clients received over the whole run
+    /// (setup, warm-up and drain too; data only).
+    totals: (u64, u64),
 }
 
 /// Refresh with LIFETIME 0 for every UDP client, best effort (streams simply close).
@@ -741,6 +763,9 @@ fn report(args: &Args, kind: Kind, g: &Gen, s0: Snap, s1: Snap, setup_secs: f64,
         // Of the process --server-pid names: after an upgrade or a restart, the first one's (up to its end).
         "server_wait_pct": s0.server_wait.zip(s1.server_wait).map(|(a, b)| 100.0 * (b - a) / secs),
         "loadgen_wait_pct": s0.own_wait.zip(s1.own_wait).map(|(a, b)| 100.0 * (b - a) / secs),
+        "to_peer_total": extra.totals.0,
+        "to_client_total": extra.totals.1,
+        "cpu_stat": extra.cpu_stat,
         "flows": extra.flows,
         "exec": extra.exec,
     });

@@ -16,6 +16,30 @@ pub(super) fn cpu_seconds(pid: &str) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
+/// The fields of a `cpuN` line of /proc/stat, in order.
+pub(super) const CPU_STAT_FIELDS: [&str; 8] = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"];
+
+/// The times of CPUs `cpus` from /proc/stat (the fields of
+/// [`CPU_STAT_FIELDS`]), in seconds: every program's, and the kernel's
+/// interrupt work, which on veth and loopback runs on the sending CPU and
+/// is in neither process's utime+stime alone.
+pub(super) fn cpu_times(cpus: &[usize]) -> Option<Vec<[f64; 8]>> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    cpus.iter()
+        .map(|c| {
+            let name = format!("cpu{c}");
+            let line = s.lines().find(|l| l.split_ascii_whitespace().next() == Some(name.as_str()))?;
+            let mut t = [0.0; 8];
+            for (v, f) in t.iter_mut().zip(line.split_ascii_whitespace().skip(1)) {
+                *v = f.parse::<u64>().ok()? as f64 / hz;
+            }
+            Some(t)
+        })
+        .collect()
+}
+
 /// Time the process's threads spent runnable but waiting for a CPU, in
 /// seconds (/proc/PID/task/*/schedstat, second field): how much other
 /// programs on its core held it back.
