@@ -10,8 +10,8 @@
 //! the core's (sessions, metrics, the log line of an ended allocation).
 //!
 //! A client and its peer of different families (an IPv4 client relaying to
-//! IPv6, as turnd does) are relayed too: the program writes the other
-//! family's headers (`chan4x6`/`peer6x4`, `chan6x4`/`peer4x6`).
+//! IPv6, as turnd does) are relayed too: each entry says its other side's
+//! family, and the program writes that family's headers.
 //!
 //! What stays on the socket path: TCP/TLS clients, a channel to one
 //! of the relay's own addresses, and per packet: anything after the entry's
@@ -33,7 +33,7 @@
 //! packets of the same allocation get only what is left.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -52,7 +52,8 @@ static OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR")
 /// Entries of each map, as bpf/relay.bpf.c sizes them.
 const MAX_ENTRIES: u32 = 65_536;
 
-// The map layouts of bpf/relay.bpf.c: addresses and ports in network order.
+// The map layouts of bpf/relay.bpf.c: addresses and ports in network order,
+// an address of either family in 16 bytes (an IPv4 one in the first 4).
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -66,15 +67,28 @@ struct Chan4Key {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct Chan4Val {
-    relay_ip: u32,
-    peer_ip: u32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Chan6Key {
+    client_ip: [u8; 16],
+    listen_ip: [u8; 16],
+    client_port: u16,
+    listen_port: u16,
+    channel: u16,
+    pad: u16,
+}
+
+/// The value of `chan4` and `chan6`: where a client's ChannelData goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ToPeer {
+    relay_ip: [u8; 16],
+    peer_ip: [u8; 16],
     relay_port: u16,
     peer_port: u16,
     stat: u32,
     bucket: u32,
-    pad: u32,
+    peer_v6: u8,
+    pad: [u8; 3],
     expires_ns: u64,
 }
 
@@ -88,44 +102,6 @@ struct Peer4Key {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct Peer4Val {
-    client_ip: u32,
-    listen_ip: u32,
-    client_port: u16,
-    listen_port: u16,
-    channel: u16,
-    pad: u16,
-    stat: u32,
-    bucket: u32,
-    expires_ns: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-struct Chan6Key {
-    client_ip: [u8; 16],
-    listen_ip: [u8; 16],
-    client_port: u16,
-    listen_port: u16,
-    channel: u16,
-    pad: u16,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct Chan6Val {
-    relay_ip: [u8; 16],
-    peer_ip: [u8; 16],
-    relay_port: u16,
-    peer_port: u16,
-    stat: u32,
-    bucket: u32,
-    pad: u32,
-    expires_ns: u64,
-}
-
-#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 struct Peer6Key {
     relay_ip: [u8; 16],
@@ -134,15 +110,17 @@ struct Peer6Key {
     peer_port: u16,
 }
 
+/// The value of `peer4` and `peer6`: where a peer's datagrams go as ChannelData.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct Peer6Val {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ToClient {
     client_ip: [u8; 16],
     listen_ip: [u8; 16],
     client_port: u16,
     listen_port: u16,
     channel: u16,
-    pad: u16,
+    client_v6: u8,
+    pad: u8,
     stat: u32,
     bucket: u32,
     expires_ns: u64,
@@ -194,23 +172,19 @@ const BPF_F_LOCK: u64 = 4;
 // kernel reads and writes them as the C structs of bpf/relay.bpf.c.
 unsafe impl Pod for Chan4Key {}
 // SAFETY: as above.
-unsafe impl Pod for Chan4Val {}
+unsafe impl Pod for Chan6Key {}
+// SAFETY: as above.
+unsafe impl Pod for ToPeer {}
 // SAFETY: as above.
 unsafe impl Pod for Peer4Key {}
 // SAFETY: as above.
-unsafe impl Pod for Peer4Val {}
+unsafe impl Pod for Peer6Key {}
+// SAFETY: as above.
+unsafe impl Pod for ToClient {}
 // SAFETY: as above.
 unsafe impl Pod for Stat {}
 // SAFETY: as above (`lock` is the kernel's 4-byte bpf_spin_lock).
 unsafe impl Pod for Bucket {}
-// SAFETY: as above.
-unsafe impl Pod for Chan6Key {}
-// SAFETY: as above.
-unsafe impl Pod for Chan6Val {}
-// SAFETY: as above.
-unsafe impl Pod for Peer6Key {}
-// SAFETY: as above.
-unsafe impl Pod for Peer6Val {}
 
 /// How the program is attached (`xdp.mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,14 +225,10 @@ impl Clock {
 }
 
 struct Maps {
-    chan4: BpfHash<MapData, Chan4Key, Chan4Val>,
-    peer4: BpfHash<MapData, Peer4Key, Peer4Val>,
-    chan6: BpfHash<MapData, Chan6Key, Chan6Val>,
-    peer6: BpfHash<MapData, Peer6Key, Peer6Val>,
-    chan4x6: BpfHash<MapData, Chan4Key, Chan6Val>,
-    peer6x4: BpfHash<MapData, Peer6Key, Peer4Val>,
-    chan6x4: BpfHash<MapData, Chan6Key, Chan4Val>,
-    peer4x6: BpfHash<MapData, Peer4Key, Peer6Val>,
+    chan4: BpfHash<MapData, Chan4Key, ToPeer>,
+    chan6: BpfHash<MapData, Chan6Key, ToPeer>,
+    peer4: BpfHash<MapData, Peer4Key, ToClient>,
+    peer6: BpfHash<MapData, Peer6Key, ToClient>,
     stats: PerCpuArray<MapData, Stat>,
     buckets: Array<MapData, Bucket>,
     /// Counter slots given back, and the next never used.
@@ -300,12 +270,8 @@ impl FastPath {
         let peer6 = BpfHash::try_from(ebpf.take_map("peer6").ok_or("no peer6 map")?).map_err(|e| e.to_string())?;
         let stats = PerCpuArray::try_from(ebpf.take_map("stats").ok_or("no stats map")?).map_err(|e| e.to_string())?;
         let buckets = Array::try_from(ebpf.take_map("buckets").ok_or("no buckets map")?).map_err(|e| e.to_string())?;
-        let chan4x6 = BpfHash::try_from(ebpf.take_map("chan4x6").ok_or("no chan4x6 map")?).map_err(|e| e.to_string())?;
-        let peer6x4 = BpfHash::try_from(ebpf.take_map("peer6x4").ok_or("no peer6x4 map")?).map_err(|e| e.to_string())?;
-        let chan6x4 = BpfHash::try_from(ebpf.take_map("chan6x4").ok_or("no chan6x4 map")?).map_err(|e| e.to_string())?;
-        let peer4x6 = BpfHash::try_from(ebpf.take_map("peer4x6").ok_or("no peer4x6 map")?).map_err(|e| e.to_string())?;
         Ok(Arc::new(FastPath {
-            maps: Mutex::new(Maps { chan4, peer4, chan6, peer6, chan4x6, peer6x4, chan6x4, peer4x6, stats, buckets, free: Vec::new(), next: 0, free_buckets: Vec::new(), next_bucket: 1, total: 0 }),
+            maps: Mutex::new(Maps { chan4, peer4, chan6, peer6, stats, buckets, free: Vec::new(), next: 0, free_buckets: Vec::new(), next_bucket: 1, total: 0 }),
             clock: Clock::now(),
             interfaces: interfaces.to_vec(),
             mode,
@@ -369,46 +335,27 @@ impl FastPath {
 
 impl Maps {
     fn insert(&mut self, keys: &Keys, stat: u32, bucket: u32, expires_ns: u64) -> Result<(), aya::maps::MapError> {
-        let e = Parts { stat, bucket, expires_ns };
-        match *keys {
-            Keys::V4(c, p) => {
-                self.chan4.insert(c, e.chan4(&p), 0)?;
-                self.peer4.insert(p, e.peer4(&c), 0)
-            }
-            Keys::V6(c, p) => {
-                self.chan6.insert(c, e.chan6(&p), 0)?;
-                self.peer6.insert(p, e.peer6(&c), 0)
-            }
-            Keys::V4x6(c, p) => {
-                self.chan4x6.insert(c, e.chan6(&p), 0)?;
-                self.peer6x4.insert(p, e.peer4(&c), 0)
-            }
-            Keys::V6x4(c, p) => {
-                self.chan6x4.insert(c, e.chan4(&p), 0)?;
-                self.peer4x6.insert(p, e.peer6(&c), 0)
-            }
+        let to_peer = ToPeer { stat, bucket, expires_ns, ..keys.to_peer };
+        let to_client = ToClient { stat, bucket, expires_ns, ..keys.to_client };
+        match keys.chan {
+            ChanKey::V4(k) => self.chan4.insert(k, to_peer, 0)?,
+            ChanKey::V6(k) => self.chan6.insert(k, to_peer, 0)?,
+        }
+        match keys.peer {
+            PeerKey::V4(k) => self.peer4.insert(k, to_client, 0),
+            PeerKey::V6(k) => self.peer6.insert(k, to_client, 0),
         }
     }
 
     fn remove(&mut self, keys: &Keys) {
-        match keys {
-            Keys::V4(c, p) => {
-                let _ = self.chan4.remove(c);
-                let _ = self.peer4.remove(p);
-            }
-            Keys::V6(c, p) => {
-                let _ = self.chan6.remove(c);
-                let _ = self.peer6.remove(p);
-            }
-            Keys::V4x6(c, p) => {
-                let _ = self.chan4x6.remove(c);
-                let _ = self.peer6x4.remove(p);
-            }
-            Keys::V6x4(c, p) => {
-                let _ = self.chan6x4.remove(c);
-                let _ = self.peer4x6.remove(p);
-            }
-        }
+        let _ = match keys.chan {
+            ChanKey::V4(k) => self.chan4.remove(&k),
+            ChanKey::V6(k) => self.chan6.remove(&k),
+        };
+        let _ = match keys.peer {
+            PeerKey::V4(k) => self.peer4.remove(&k),
+            PeerKey::V6(k) => self.peer6.remove(&k),
+        };
     }
 
     fn read(&self, slot: u32) -> Stat {
@@ -453,54 +400,46 @@ impl Maps {
     }
 }
 
-/// What every map value of a channel carries besides addresses.
-struct Parts {
-    stat: u32,
-    bucket: u32,
-    expires_ns: u64,
-}
-
-impl Parts {
-    /// Toward the peer of `p` (an IPv4 one).
-    fn chan4(&self, p: &Peer4Key) -> Chan4Val {
-        let Parts { stat, bucket, expires_ns } = *self;
-        Chan4Val { relay_ip: p.relay_ip, peer_ip: p.peer_ip, relay_port: p.relay_port, peer_port: p.peer_port, stat, bucket, pad: 0, expires_ns }
-    }
-
-    /// Toward the peer of `p` (an IPv6 one).
-    fn chan6(&self, p: &Peer6Key) -> Chan6Val {
-        let Parts { stat, bucket, expires_ns } = *self;
-        Chan6Val { relay_ip: p.relay_ip, peer_ip: p.peer_ip, relay_port: p.relay_port, peer_port: p.peer_port, stat, bucket, pad: 0, expires_ns }
-    }
-
-    /// Toward the client of `c` (an IPv4 one).
-    fn peer4(&self, c: &Chan4Key) -> Peer4Val {
-        let Parts { stat, bucket, expires_ns } = *self;
-        Peer4Val { client_ip: c.client_ip, listen_ip: c.listen_ip, client_port: c.client_port, listen_port: c.listen_port, channel: c.channel, pad: 0, stat, bucket, expires_ns }
-    }
-
-    /// Toward the client of `c` (an IPv6 one).
-    fn peer6(&self, c: &Chan6Key) -> Peer6Val {
-        let Parts { stat, bucket, expires_ns } = *self;
-        Peer6Val { client_ip: c.client_ip, listen_ip: c.listen_ip, client_port: c.client_port, listen_port: c.listen_port, channel: c.channel, pad: 0, stat, bucket, expires_ns }
-    }
-}
-
-/// A channel's keys: its client's (a listener's) and its peer's (a relayed
-/// address's), each of its own family.
+/// A channel's keys (its client's, by the listener it sends to; its peer's,
+/// by the relayed address), each of its own family, and the addresses and
+/// ports of its map values.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Keys {
-    V4(Chan4Key, Peer4Key),
-    V6(Chan6Key, Peer6Key),
-    /// A client over IPv4, its peer over IPv6.
-    V4x6(Chan4Key, Peer6Key),
-    /// A client over IPv6, its peer over IPv4.
-    V6x4(Chan6Key, Peer4Key),
+struct Keys {
+    chan: ChanKey,
+    peer: PeerKey,
+    to_peer: ToPeer,
+    to_client: ToClient,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ChanKey {
+    V4(Chan4Key),
+    V6(Chan6Key),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PeerKey {
+    V4(Peer4Key),
+    V6(Peer6Key),
+}
+
+/// An address in 16 bytes, an IPv4 one in the first 4; whether it is IPv6.
+fn wide(ip: IpAddr) -> ([u8; 16], u8) {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut w = [0; 16];
+            w[..4].copy_from_slice(&a.octets());
+            (w, 0)
+        }
+        IpAddr::V6(a) => (a.octets(), 1),
+    }
 }
 
 impl Keys {
-    /// The keys of a channel, when it may take the fast path: client, listener,
-    /// relayed address and peer all of one family, and no address a wildcard.
+    /// The keys of a channel, when it may take the fast path: a UDP client,
+    /// the listener and the client of one family, the relayed address and
+    /// the peer of one family (the same or the other), no relayed address a
+    /// wildcard, and no hairpin.
     fn of(b: &Binding) -> Option<Keys> {
         let relayed = b.relayed?;
         let (client, listen, peer) = (b.tuple.client, b.tuple.server, b.peer);
@@ -514,18 +453,24 @@ impl Keys {
         }
         let port = |a: SocketAddr| a.port().to_be();
         let channel = b.channel.to_be();
-        let chan4 = |c: Ipv4Addr, l: Ipv4Addr| Chan4Key { client_ip: ip4(c), listen_ip: ip4(l), client_port: port(client), listen_port: port(listen), channel, pad: 0 };
-        let chan6 = |c: Ipv6Addr, l: Ipv6Addr| Chan6Key { client_ip: c.octets(), listen_ip: l.octets(), client_port: port(client), listen_port: port(listen), channel, pad: 0 };
-        let peer4 = |r: Ipv4Addr, p: Ipv4Addr| Peer4Key { relay_ip: ip4(r), peer_ip: ip4(p), relay_port: port(relayed), peer_port: port(peer) };
-        let peer6 = |r: Ipv6Addr, p: Ipv6Addr| Peer6Key { relay_ip: r.octets(), peer_ip: p.octets(), relay_port: port(relayed), peer_port: port(peer) };
-        // The relayed address is of the peer's family, the listener of the client's.
-        match (client.ip(), listen.ip(), peer.ip(), relayed.ip()) {
-            (IpAddr::V4(c), IpAddr::V4(l), IpAddr::V4(p), IpAddr::V4(r)) => Some(Keys::V4(chan4(c, l), peer4(r, p))),
-            (IpAddr::V6(c), IpAddr::V6(l), IpAddr::V6(p), IpAddr::V6(r)) => Some(Keys::V6(chan6(c, l), peer6(r, p))),
-            (IpAddr::V4(c), IpAddr::V4(l), IpAddr::V6(p), IpAddr::V6(r)) => Some(Keys::V4x6(chan4(c, l), peer6(r, p))),
-            (IpAddr::V6(c), IpAddr::V6(l), IpAddr::V4(p), IpAddr::V4(r)) => Some(Keys::V6x4(chan6(c, l), peer4(r, p))),
-            _ => None,
-        }
+        let chan = match (client.ip(), listen.ip()) {
+            (IpAddr::V4(c), IpAddr::V4(l)) => ChanKey::V4(Chan4Key { client_ip: ip4(c), listen_ip: ip4(l), client_port: port(client), listen_port: port(listen), channel, pad: 0 }),
+            (IpAddr::V6(c), IpAddr::V6(l)) => ChanKey::V6(Chan6Key { client_ip: c.octets(), listen_ip: l.octets(), client_port: port(client), listen_port: port(listen), channel, pad: 0 }),
+            _ => return None,
+        };
+        let peer_key = match (relayed.ip(), peer.ip()) {
+            (IpAddr::V4(r), IpAddr::V4(p)) => PeerKey::V4(Peer4Key { relay_ip: ip4(r), peer_ip: ip4(p), relay_port: port(relayed), peer_port: port(peer) }),
+            (IpAddr::V6(r), IpAddr::V6(p)) => PeerKey::V6(Peer6Key { relay_ip: r.octets(), peer_ip: p.octets(), relay_port: port(relayed), peer_port: port(peer) }),
+            _ => return None,
+        };
+        let ((relay_ip, peer_v6), (peer_ip, _)) = (wide(relayed.ip()), wide(peer.ip()));
+        let ((client_ip, client_v6), (listen_ip, _)) = (wide(client.ip()), wide(listen.ip()));
+        Some(Keys {
+            chan,
+            peer: peer_key,
+            to_peer: ToPeer { relay_ip, peer_ip, relay_port: port(relayed), peer_port: port(peer), peer_v6, ..Default::default() },
+            to_client: ToClient { client_ip, listen_ip, client_port: port(client), listen_port: port(listen), channel, client_v6, ..Default::default() },
+        })
     }
 }
 
