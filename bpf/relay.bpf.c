@@ -17,6 +17,9 @@
 // Bandwidth caps are held here too, as turnd holds them: a packet over its
 // allocation's cap or the relay's total is dropped and counted (`buckets`).
 //
+// The channel maps are not preallocated: an entry turnd replaces is freed
+// after an RCU grace period, so a packet never reads half of another's.
+//
 // Packets are classified by destination, never by payload: each map key
 // holds the destination address and port, so a peer's payload that happens
 // to start like ChannelData misses `chan4` and is looked up in `peer4`.
@@ -125,6 +128,7 @@ struct bucket {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, MAX_STATS);
 	__type(key, struct chan4_key);
 	__type(value, struct to_peer);
@@ -132,6 +136,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, MAX_STATS);
 	__type(key, struct chan6_key);
 	__type(value, struct to_peer);
@@ -139,6 +144,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, MAX_STATS);
 	__type(key, struct peer4_key);
 	__type(value, struct to_client);
@@ -146,10 +152,21 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, MAX_STATS);
 	__type(key, struct peer6_key);
 	__type(value, struct to_client);
 } peer6 SEC(".maps");
+
+// The interfaces the program is attached to, by index: a packet is sent on
+// only toward one of them (a redirect to an interface without XDP support,
+// a VLAN or a tunnel, would be lost), else it goes the socket path.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, __u32);
+} egress SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -188,13 +205,17 @@ static __always_inline int take(struct bucket *b, const int dir, __u64 cost, __u
 	__u64 rate = b->rate;
 	if (rate) {
 		__u64 cap = rate * NANOS;
-		__u64 elapsed = now - b->last[dir];
-		if (elapsed > NANOS || now < b->last[dir])
+		// Another CPU may have taken the lock with a later `now`: no refill
+		// then, and `last` never goes back.
+		__u64 last = b->last[dir];
+		__u64 elapsed = now > last ? now - last : 0;
+		if (elapsed > NANOS)
 			elapsed = NANOS;
 		__u64 level = b->level[dir] + rate * elapsed;
 		if (level < b->level[dir] || level > cap)
 			level = cap;
-		b->last[dir] = now;
+		if (now > last)
+			b->last[dir] = now;
 		cost *= NANOS;
 		if (level >= cost)
 			level -= cost;
@@ -265,7 +286,8 @@ static __always_inline __u16 ip_checksum(struct iphdr *ip)
 
 // Finds the next hop for a datagram of `tot_len` IP bytes from src to dst.
 // Anything but success (no route, no neighbour yet, forwarding off on the
-// ingress interface, over the MTU) leaves the packet to the socket path.
+// ingress interface, over the MTU, an egress the program is not attached
+// to) leaves the packet to the socket path.
 // With a zero `src` (a client of a wildcard listener), the lookup derives
 // the source address too (BPF_FIB_LOOKUP_SRC, kernel 6.7 and later): the one
 // the kernel would send a reply from, as turnd's wildcard socket does.
@@ -286,7 +308,10 @@ static __always_inline int route(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
 		wildcard = !src[0];
 	}
 	fib->ifindex = ctx->ingress_ifindex;
-	return bpf_fib_lookup(ctx, fib, sizeof(*fib), wildcard ? BPF_FIB_LOOKUP_SRC : 0);
+	int r = bpf_fib_lookup(ctx, fib, sizeof(*fib), wildcard ? BPF_FIB_LOOKUP_SRC : 0);
+	if (r == BPF_FIB_LKUP_RET_SUCCESS && !bpf_map_lookup_elem(&egress, &fib->ifindex))
+		return -1;
+	return r;
 }
 
 static __always_inline int send(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
@@ -377,8 +402,9 @@ static __always_inline __u16 update_checksum(__u16 check, const __u32 *old_src, 
 // and `dst` of its IP header) leaves as the payload of a datagram from the
 // relayed address to the peer of entry `v` (over IPv6 when `out6`).
 static __always_inline int to_peer(struct xdp_md *ctx, const __u32 *src, const __u32 *dst, struct udphdr *udp, __u8 *pl, __u16 ulen,
-				   const int in6, const int out6, struct to_peer *v, __u64 now)
+				   const int in6, const int out6, struct to_peer *v)
 {
+	__u64 now = bpf_ktime_get_ns();
 	__u16 plen = ulen - UDP_LEN;
 	__u16 cd_len = ((__u16)pl[2] << 8) | pl[3];
 	// Exactly the message: padded ChannelData goes the socket way. So does
@@ -389,10 +415,6 @@ static __always_inline int to_peer(struct xdp_md *ctx, const __u32 *src, const _
 	struct bpf_fib_lookup fib;
 	if (route(ctx, &fib, v->relay_ip, v->peer_ip, out6, new_ulen + (out6 ? IP6_LEN : IP4_LEN)) != BPF_FIB_LKUP_RET_SUCCESS)
 		return XDP_PASS;
-	__u16 csum = 0; // an IPv4 datagram without one stays without
-	if (udp->check)
-		csum = update_checksum(udp->check, src, dst, in6, udp, (__u16 *)pl, v->relay_ip, v->peer_ip, out6, v->relay_port, v->peer_port,
-				       new_ulen, NULL);
 	__u32 relay_ip[4], peer_ip[4];
 	__builtin_memcpy(relay_ip, v->relay_ip, 16);
 	__builtin_memcpy(peer_ip, v->peer_ip, 16);
@@ -401,6 +423,9 @@ static __always_inline int to_peer(struct xdp_md *ctx, const __u32 *src, const _
 	struct stat *s = bpf_map_lookup_elem(&stats, &idx);
 	if (!within_caps(bucket, TO_PEER, cd_len + FRAMING(out6), now, s))
 		return XDP_DROP;
+	__u16 csum = 0; // an IPv4 datagram without one stays without
+	if (udp->check)
+		csum = update_checksum(udp->check, src, dst, in6, udp, (__u16 *)pl, relay_ip, peer_ip, out6, relay_port, peer_port, new_ulen, NULL);
 	// The headers before the payload: IP, UDP and ChannelData in; IP and UDP out.
 	if (bpf_xdp_adjust_head(ctx, (in6 ? IP6_LEN : IP4_LEN) + CD_LEN - (out6 ? IP6_LEN : IP4_LEN)))
 		return XDP_PASS;
@@ -416,8 +441,9 @@ static __always_inline int to_peer(struct xdp_md *ctx, const __u32 *src, const _
 // A peer's datagram (over IPv6 when `in6`) to a relayed address leaves as
 // ChannelData to the client of entry `pv` (over IPv6 when `out6`).
 static __always_inline int to_client(struct xdp_md *ctx, const __u32 *src, const __u32 *dst, struct udphdr *udp, __u16 ulen,
-				     const int in6, const int out6, struct to_client *pv, __u64 now)
+				     const int in6, const int out6, struct to_client *pv)
 {
+	__u64 now = bpf_ktime_get_ns();
 	__u16 plen = ulen - UDP_LEN;
 	if (now >= pv->expires_ns || plen > 0xffff - UDP_LEN - CD_LEN || (!in6 && out6 && !udp->check))
 		return XDP_PASS;
@@ -435,14 +461,14 @@ static __always_inline int to_client(struct xdp_md *ctx, const __u32 *src, const
 		listen_ip[0] = fib.ipv4_src;
 	__builtin_memcpy(client_ip, pv->client_ip, 16);
 	__u16 cd[2] = { pv->channel, bpf_htons(plen) };
-	__u16 csum = 0;
-	if (udp->check)
-		csum = update_checksum(udp->check, src, dst, in6, udp, NULL, listen_ip, client_ip, out6, pv->listen_port, pv->client_port, new_ulen, cd);
 	__u32 idx = pv->stat, bucket = pv->bucket;
 	__u16 listen_port = pv->listen_port, client_port = pv->client_port;
 	struct stat *s = bpf_map_lookup_elem(&stats, &idx);
 	if (!within_caps(bucket, FROM_PEER, plen + FRAMING(in6), now, s))
 		return XDP_DROP;
+	__u16 csum = 0;
+	if (udp->check)
+		csum = update_checksum(udp->check, src, dst, in6, udp, NULL, listen_ip, client_ip, out6, listen_port, client_port, new_ulen, cd);
 	// The headers before the payload: IP and UDP in; IP, UDP and ChannelData out.
 	if (bpf_xdp_adjust_head(ctx, (in6 ? IP6_LEN : IP4_LEN) - (out6 ? IP6_LEN : IP4_LEN) - CD_LEN))
 		return XDP_PASS;
@@ -475,7 +501,6 @@ static __always_inline int relay4(struct xdp_md *ctx)
 	__u16 ulen = bpf_ntohs(udp->len);
 	if (ulen < UDP_LEN || tot_len != ulen + IP4_LEN || (void *)ip + tot_len > end)
 		return XDP_PASS;
-	__u64 now = bpf_ktime_get_ns();
 
 	// A client's ChannelData to a listener: channel numbers are 0x4000-0x7FFF.
 	if (ulen >= UDP_LEN + CD_LEN && (void *)(pl + CD_LEN) <= end && (pl[0] & 0xC0) == 0x40) {
@@ -493,8 +518,8 @@ static __always_inline int relay4(struct xdp_md *ctx)
 			v = bpf_map_lookup_elem(&chan4, &k);
 		}
 		if (v)
-			return v->peer_v6 ? to_peer(ctx, &ip->saddr, &ip->daddr, udp, pl, ulen, 0, 1, v, now)
-					  : to_peer(ctx, &ip->saddr, &ip->daddr, udp, pl, ulen, 0, 0, v, now);
+			return v->peer_v6 ? to_peer(ctx, &ip->saddr, &ip->daddr, udp, pl, ulen, 0, 1, v)
+					  : to_peer(ctx, &ip->saddr, &ip->daddr, udp, pl, ulen, 0, 0, v);
 	}
 
 	// A peer's datagram to a relayed address with a bound channel.
@@ -507,8 +532,8 @@ static __always_inline int relay4(struct xdp_md *ctx)
 	struct to_client *pv = bpf_map_lookup_elem(&peer4, &pk);
 	if (!pv)
 		return XDP_PASS;
-	return pv->client_v6 ? to_client(ctx, &ip->saddr, &ip->daddr, udp, ulen, 0, 1, pv, now)
-			     : to_client(ctx, &ip->saddr, &ip->daddr, udp, ulen, 0, 0, pv, now);
+	return pv->client_v6 ? to_client(ctx, &ip->saddr, &ip->daddr, udp, ulen, 0, 1, pv)
+			     : to_client(ctx, &ip->saddr, &ip->daddr, udp, ulen, 0, 0, pv);
 }
 
 // The same over IPv6, without fragments or extension headers (the next
@@ -528,7 +553,6 @@ static __always_inline int relay6(struct xdp_md *ctx)
 	__u16 ulen = bpf_ntohs(udp->len);
 	if (ulen < UDP_LEN || bpf_ntohs(ip->payload_len) != ulen || (void *)udp + ulen > end)
 		return XDP_PASS;
-	__u64 now = bpf_ktime_get_ns();
 	const __u32 *src = (__u32 *)&ip->saddr, *dst = (__u32 *)&ip->daddr;
 
 	if (ulen >= UDP_LEN + CD_LEN && (void *)(pl + CD_LEN) <= end && (pl[0] & 0xC0) == 0x40) {
@@ -545,7 +569,7 @@ static __always_inline int relay6(struct xdp_md *ctx)
 			v = bpf_map_lookup_elem(&chan6, &k);
 		}
 		if (v)
-			return v->peer_v6 ? to_peer(ctx, src, dst, udp, pl, ulen, 1, 1, v, now) : to_peer(ctx, src, dst, udp, pl, ulen, 1, 0, v, now);
+			return v->peer_v6 ? to_peer(ctx, src, dst, udp, pl, ulen, 1, 1, v) : to_peer(ctx, src, dst, udp, pl, ulen, 1, 0, v);
 	}
 
 	struct peer6_key pk = {
@@ -557,7 +581,7 @@ static __always_inline int relay6(struct xdp_md *ctx)
 	struct to_client *pv = bpf_map_lookup_elem(&peer6, &pk);
 	if (!pv)
 		return XDP_PASS;
-	return pv->client_v6 ? to_client(ctx, src, dst, udp, ulen, 1, 1, pv, now) : to_client(ctx, src, dst, udp, ulen, 1, 0, pv, now);
+	return pv->client_v6 ? to_client(ctx, src, dst, udp, ulen, 1, 1, pv) : to_client(ctx, src, dst, udp, ulen, 1, 0, pv);
 }
 
 SEC("xdp")

@@ -1067,6 +1067,40 @@ fn what_a_fast_path_relayed_is_charged_to_the_caps_and_its_drops_counted() {
 }
 
 #[test]
+fn a_fast_path_and_the_socket_path_together_keep_to_the_cap() {
+    use turnd::turn::{FastPathCounts, Flow};
+    let cfg = ServerConfig { allocation_bytes_per_second: 125_000, ..config() };
+    let mut c = Core::with(cfg, policy(), vec![SECRET.to_vec()]);
+    let t = tuple(40045);
+    let (cr, _) = c.allocate(t, "both");
+    c.request(t, method::REFRESH, &[A::U32(attr::LIFETIME, 3600)], Some(&cr));
+    assert_eq!(c.request(t, method::CHANNEL_BIND, &[channel(0x4000), peer("8.8.8.8:5000")], Some(&cr)).class(), Class::Success);
+    let relay = std::iter::from_fn(|| c.server.poll_event())
+        .find_map(|e| match e {
+            Event::ChannelBound { relay, .. } => Some(relay),
+            _ => None,
+        })
+        .unwrap();
+    let start = c.now.mono;
+    let mut socket = [0u32; 5];
+    for (sec, passed) in socket.iter_mut().enumerate() {
+        // The socket path is offered 4 Mbit/s (a packet every 2 ms)...
+        let from = start + Duration::from_secs(sec as u64);
+        c.now.mono = from;
+        *passed = relay_paced(&mut c, t, 500, 1_000, Duration::from_millis(2)).0;
+        // ...while the fast path relays the cap's worth, read back each second.
+        c.now.mono = from + Duration::from_secs(1);
+        let counts = FastPathCounts { to_peer: Flow { packets: 121, bytes: 121_000 }, ..Default::default() };
+        assert!(c.server.credit_fast_path(relay, Transport::Udp, counts, c.now.mono));
+    }
+    // The first second, before the first read, the two get the cap each
+    // (the socket path its burst and a second at the rate); after, what the
+    // fast path relays is owed by the socket path, and together they keep to it.
+    assert!((240..=244).contains(&socket[0]), "{socket:?}");
+    assert!(socket[1..].iter().all(|&n| n <= 1), "the socket path after the fast path took the cap: {socket:?} a second");
+}
+
+#[test]
 fn empty_and_tiny_messages_are_charged_what_they_take_on_the_wire() {
     // 1 Mbit/s: 200,000 empty ChannelData messages in 2 s. Each empty one is
     // worth its headers on the wire (28 bytes of IPv4/UDP to the peer, 4 of

@@ -512,9 +512,6 @@ impl Shard {
         let auth = Authenticator::new(&cfg.realm, cfg.secrets.clone(), &cfg.static_users, self.nonce_key.clone()).with_check(cfg.check.as_ref().map(|c| c.credential_ttl));
         self.check = check;
         let revoked = self.server.reconfigure(core_config(&cfg), auth, policy, std::time::Instant::now());
-        if revoked > 0 {
-            tracing::info!(shard = self.index, revoked, "reload: permissions and channels of peers the new peer policy refuses have ended");
-        }
         #[cfg(feature = "xdp")]
         if let Some(m) = &self.xdp {
             m.set_total(cfg.core.total_bytes_per_second);
@@ -523,6 +520,9 @@ impl Shard {
         // The core reported every channel again (a cap may have come or
         // gone): a fast path follows at once.
         self.after_control();
+        if revoked > 0 {
+            tracing::info!(shard = self.index, revoked, "reload: permissions and channels of peers the new peer policy refuses have ended");
+        }
         self.limits = StreamLimits::from(&*cfg);
         self.passthrough = cfg.passthrough.clone().map(Rc::new);
         if acceptor.is_some() {

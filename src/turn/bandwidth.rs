@@ -17,12 +17,15 @@ pub struct Bucket {
     /// Byte-nanoseconds available.
     level: u64,
     last: Option<Instant>,
+    /// Byte-nanoseconds spent elsewhere beyond the level (see
+    /// [`Bucket::spend`]), paid from the next refills; one second's worth at most.
+    debt: u64,
 }
 
 impl Bucket {
     /// A full bucket (set on the first packet).
     pub const fn new() -> Self {
-        Bucket { level: u64::MAX, last: None }
+        Bucket { level: u64::MAX, last: None, debt: 0 }
     }
 
     /// Its level (byte-nanoseconds) and last refill, to carry it to another process.
@@ -32,7 +35,7 @@ impl Bucket {
 
     /// A bucket as [`Bucket::parts`] described it.
     pub fn from_parts(level: u64, last: Option<Instant>) -> Self {
-        Bucket { level, last }
+        Bucket { level, last, debt: 0 }
     }
 
     /// Takes `len` bytes at `rate` bytes per second if the budget allows;
@@ -42,16 +45,7 @@ impl Bucket {
         if rate == 0 {
             return true;
         }
-        let cap = rate.saturating_mul(NANOS);
-        let refill = match self.last {
-            Some(last) => {
-                let ns = now.saturating_duration_since(last).as_nanos().min(NANOS as u128) as u64;
-                rate.saturating_mul(ns)
-            }
-            None => cap,
-        };
-        self.last = Some(now);
-        self.level = self.level.saturating_add(refill).min(cap);
+        self.refill(rate, now);
         let cost = (len as u64).saturating_mul(NANOS);
         if self.level >= cost {
             self.level -= cost;
@@ -63,18 +57,41 @@ impl Bucket {
 }
 
 impl Bucket {
+    /// Adds what `rate` gave since the last refill (a full bucket the first
+    /// time), up to one second's worth, and pays the debt from it.
+    fn refill(&mut self, rate: u64, now: Instant) {
+        let cap = rate.saturating_mul(NANOS);
+        let refill = match self.last {
+            Some(last) => {
+                let ns = now.saturating_duration_since(last).as_nanos().min(NANOS as u128) as u64;
+                rate.saturating_mul(ns)
+            }
+            None => cap,
+        };
+        self.last = Some(now);
+        self.level = self.level.saturating_add(refill).min(cap);
+        let paid = self.level.min(self.debt);
+        self.level -= paid;
+        self.debt -= paid;
+    }
+
     /// Charges `len` bytes at `rate` that were relayed elsewhere (by a fast
     /// path that keeps its own bucket): like [`Bucket::take`], but the
-    /// bytes are spent whether or not the budget had them, leaving it empty
-    /// at worst, so what is relayed here next gets only what is left.
+    /// bytes are spent whether or not the budget had them, what it lacked
+    /// owed to the next refills (one second's worth at most), so that what
+    /// is relayed here and there together keeps to the rate.
     pub fn spend(&mut self, len: u64, rate: u64, now: Instant) {
         if rate == 0 || len == 0 {
             return;
         }
-        if !self.take(0, rate, now) {
-            return;
+        self.refill(rate, now);
+        let cost = len.saturating_mul(NANOS);
+        if self.level >= cost {
+            self.level -= cost;
+        } else {
+            self.debt = self.debt.saturating_add(cost - self.level).min(rate.saturating_mul(NANOS));
+            self.level = 0;
         }
-        self.level = self.level.saturating_sub(len.saturating_mul(NANOS));
     }
 }
 

@@ -752,8 +752,8 @@ fn start_xdp(cfg: &Config, shared: &Shared, upgrading: bool) {
         }
     };
     for i in &x.interfaces {
-        for key in forwarding_off(i) {
-            tracing::warn!(interface = %i, "XDP fast path: {key} is 0, so the program's route lookup fails and packets of that family arriving on {i} take the socket path; set it to 1");
+        for (key, what) in forwarding_off(i) {
+            tracing::warn!(interface = %i, "XDP fast path: {key} {what} (under systemd, ProcSubset=all lets turnd read it), and the program's route lookup fails unless it is 1: packets of that family arriving on {i} then take the socket path");
         }
     }
     fast.set_total(cfg.core.total_bytes_per_second);

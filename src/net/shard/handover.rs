@@ -63,6 +63,9 @@ impl Shard {
             self.resume();
         }
         self.flush_udp();
+        // What the XDP program relayed up to now travels with the allocations.
+        #[cfg(feature = "xdp")]
+        self.sync_xdp();
         let conns: Rc<[u32]> = conns.iter().copied().filter(|&c| matches!(self.udp.get(c as usize), Some(Some(l)) if !l.retiring)).collect();
         let (now, mono_ns) = (Instant::now(), monotonic_ns());
         let carried = self.server.carry(now, |t| conns.contains(&t.conn));

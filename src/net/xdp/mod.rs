@@ -231,6 +231,8 @@ struct Maps {
     peer6: BpfHash<MapData, Peer6Key, ToClient>,
     stats: PerCpuArray<MapData, Stat>,
     buckets: Array<MapData, Bucket>,
+    /// The interfaces attached, by index: the program sends only there.
+    egress: BpfHash<MapData, u32, u32>,
     /// Counter slots given back, and the next never used.
     free: Vec<u32>,
     next: u32,
@@ -270,8 +272,9 @@ impl FastPath {
         let peer6 = BpfHash::try_from(ebpf.take_map("peer6").ok_or("no peer6 map")?).map_err(|e| e.to_string())?;
         let stats = PerCpuArray::try_from(ebpf.take_map("stats").ok_or("no stats map")?).map_err(|e| e.to_string())?;
         let buckets = Array::try_from(ebpf.take_map("buckets").ok_or("no buckets map")?).map_err(|e| e.to_string())?;
+        let egress = BpfHash::try_from(ebpf.take_map("egress").ok_or("no egress map")?).map_err(|e| e.to_string())?;
         Ok(Arc::new(FastPath {
-            maps: Mutex::new(Maps { chan4, peer4, chan6, peer6, stats, buckets, free: Vec::new(), next: 0, free_buckets: Vec::new(), next_bucket: 1, total: 0 }),
+            maps: Mutex::new(Maps { chan4, peer4, chan6, peer6, stats, buckets, egress, free: Vec::new(), next: 0, free_buckets: Vec::new(), next_bucket: 1, total: 0 }),
             clock: Clock::now(),
             interfaces: interfaces.to_vec(),
             mode,
@@ -297,6 +300,14 @@ impl FastPath {
             }
             let id = prog.attach(i, flags).map_err(|e| format!("cannot attach the XDP program to {i} ({:?} mode): {e}", self.mode))?;
             links.push((i.clone(), id));
+            let index = std::ffi::CString::new(i.as_str()).map(|c| {
+                // SAFETY: if_nametoindex reads the NUL-terminated name it is given, which lives until the call returns.
+                unsafe { libc::if_nametoindex(c.as_ptr()) }
+            });
+            match index {
+                Ok(index) if index != 0 => self.maps().egress.insert(index, 1, 0).map_err(|e| format!("cannot note {i} as an egress of the XDP program: {e}"))?,
+                _ => return Err(format!("{i}: no such interface")),
+            }
         }
         Ok(())
     }
@@ -644,13 +655,18 @@ fn credit(server: &mut Server, relay: RelayId, last: &Stat, counts: &Stat, now: 
 }
 
 /// The forwarding sysctls of `iface` that are off (`net.ipv4.conf.IFACE.forwarding`,
-/// `net.ipv6.conf.IFACE.forwarding`): the program's route lookup answers only
-/// on an interface that forwards, so every packet of that family arriving
-/// there takes the socket path.
-pub fn forwarding_off(iface: &str) -> Vec<String> {
+/// `net.ipv6.conf.IFACE.forwarding`), or that cannot be read (under systemd's
+/// `ProcSubset=pid`): the program's route lookup answers only on an interface
+/// that forwards, so every packet of that family arriving there takes the
+/// socket path. Each with what is wrong: "is 0" or "cannot be read".
+pub fn forwarding_off(iface: &str) -> Vec<(String, &'static str)> {
     ["ipv4", "ipv6"]
         .into_iter()
         .map(|f| format!("net.{f}.conf.{iface}.forwarding"))
-        .filter(|k| std::fs::read_to_string(format!("/proc/sys/{}", k.replace('.', "/"))).is_ok_and(|s| s.trim() == "0"))
+        .filter_map(|k| match std::fs::read_to_string(format!("/proc/sys/{}", k.replace('.', "/"))) {
+            Ok(s) if s.trim() == "0" => Some((k, "is 0")),
+            Ok(_) => None,
+            Err(_) => Some((k, "cannot be read")),
+        })
         .collect()
 }
