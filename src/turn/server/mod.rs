@@ -191,6 +191,25 @@ pub(super) fn channel_until(a: &Allocation, c: &Channel) -> Instant {
     c.expires.min(perm).min(a.expires)
 }
 
+/// Whether `ip` is one of the relayed addresses of `cfg` (local or
+/// advertised): all a check allocation may reach.
+pub(super) fn is_relay_ip(cfg: &ServerConfig, ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    [cfg.relay_v4, cfg.relay_v6].iter().flatten().any(|r| r.local == ip || r.external == ip)
+}
+
+/// Whether an allocation (a check allocation when `check`) may hold a
+/// permission for `ip`: CreatePermission's rule, and a reload's.
+pub(super) fn may_permit(policy: &PeerPolicy, cfg: &ServerConfig, check: bool, ip: IpAddr) -> bool {
+    policy.permits_ip(ip) && (!check || is_relay_ip(cfg, ip))
+}
+
+/// Whether an allocation (a check allocation when `check`) may bind a
+/// channel to `peer`: ChannelBind's rule, and a reload's.
+pub(super) fn may_bind(policy: &PeerPolicy, cfg: &ServerConfig, check: bool, peer: SocketAddr) -> bool {
+    policy.permits(peer) && (!check || (is_relay_ip(cfg, peer.ip()) && policy.in_relay_range(peer.port())))
+}
+
 /// `a`'s own bandwidth cap in bytes per second in each direction (0: none):
 /// the configured one, and for a check allocation its own or the configured
 /// one if lower.
@@ -289,20 +308,16 @@ impl Server {
     /// reported unbound, so a fast path stops relaying them too. Returns
     /// how many permissions and channels ended.
     fn revoke_refused_peers(&mut self, now: Instant) -> usize {
-        let relay_ips: Vec<IpAddr> = [self.cfg.relay_v4, self.cfg.relay_v6].iter().flatten().flat_map(|r| [r.local, r.external]).collect();
-        let relay_ip = |ip: IpAddr| relay_ips.contains(&ip.to_canonical());
-        let (policy, events) = (&self.policy, &mut self.events);
+        let (policy, cfg, events) = (&self.policy, &self.cfg, &mut self.events);
         let mut revoked = 0;
         for a in self.allocs.values_mut() {
             let check = a.check;
-            let permitted = |ip: IpAddr| policy.permits_ip(ip) && (!check || relay_ip(ip));
             let before = a.permissions.len();
-            a.permissions.retain(|p| permitted(p.ip));
+            a.permissions.retain(|p| may_permit(policy, cfg, check, p.ip));
             revoked += before - a.permissions.len();
             let (tuple, v4, v6) = (a.tuple, a.v4, a.v6);
             for c in a.channels.iter_mut().filter(|c| !c.ended) {
-                let bindable = policy.permits(c.peer) && (!check || (relay_ip(c.peer.ip()) && policy.in_relay_range(c.peer.port())));
-                if !bindable || !permitted(c.peer.ip()) {
+                if !may_bind(policy, cfg, check, c.peer) || !may_permit(policy, cfg, check, c.peer.ip()) {
                     // Expired now: its number and peer stay taken for the cooldown.
                     c.expires = c.expires.min(now);
                     c.ended = true;

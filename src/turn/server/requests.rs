@@ -327,12 +327,6 @@ impl Server {
         (self.cfg.default_lifetime.min(max), max)
     }
 
-    /// Whether `ip` is one of this relay's relayed addresses (local or
-    /// advertised): all a check allocation may reach.
-    pub(super) fn is_relay_ip(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        [self.cfg.relay_v4, self.cfg.relay_v6].iter().flatten().any(|r| r.local == ip || r.external == ip)
-    }
 
     pub(super) fn open_relay(
         &self,
@@ -465,7 +459,7 @@ impl Server {
             }
         }
         for ip in ips {
-            if !self.policy.permits_ip(*ip) || (a.check && !self.is_relay_ip(*ip)) {
+            if !may_permit(&self.policy, &self.cfg, a.check, *ip) {
                 self.stats.peer_refusals += 1;
                 self.event(Event::PeerRefused { tuple, peer: *ip });
                 return reply.err(out, ErrorCode::Forbidden);
@@ -508,7 +502,7 @@ impl Server {
             return reply.err(out, ErrorCode::PeerAddressFamilyMismatch);
         }
         let check = self.allocs.get(slot)?.check;
-        if !self.policy.permits(peer) || (check && !(self.is_relay_ip(peer.ip()) && self.policy.in_relay_range(peer.port()))) {
+        if !may_bind(&self.policy, &self.cfg, check, peer) {
             self.stats.peer_refusals += 1;
             self.event(Event::PeerRefused { tuple, peer: peer.ip() });
             return reply.err(out, ErrorCode::Forbidden);
