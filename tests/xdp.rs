@@ -151,6 +151,18 @@ fn warm(rig: &Rig, c: &UdpClient, peer: &UdpSocket, number: u16, relayed: Socket
     }
 }
 
+/// A client in the client's namespace with an allocation for `user` and
+/// channel 0x4000 bound to a peer in the peer's namespace, warmed up until
+/// the program relays it both ways: (client, peer, relayed address).
+fn warmed_channel(rig: &Rig, user: &str) -> (UdpClient, UdpSocket, SocketAddr) {
+    let mut c = client(rig);
+    let relayed = c.allocate(user, SECRET);
+    let peer = peer(rig);
+    assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
+    warm(rig, &c, &peer, 0x4000, relayed);
+    (c, peer, relayed)
+}
+
 /// turnd's relayed packets and bytes over UDP, as /metrics says:
 /// (packets to the peer, to the client, bytes to the peer, to the client).
 fn relayed_metrics(t: &Turnd) -> (u64, u64, u64, u64) {
@@ -343,11 +355,7 @@ fn a_datagram_that_would_not_fit_the_clients_mtu_goes_the_socket_path() {
     // The client's link carries 1400-byte packets; the peer's 1500.
     must(Command::new("ip").args(["link", "set", "dev", &rig.client_ns.host_if(), "mtu", "1400"]));
     must(rig.client_ns.command("ip").args(["link", "set", "dev", &rig.client_ns.ns_if(), "mtu", "1400"]));
-    let mut c = client(&rig);
-    let relayed = c.allocate("mia", SECRET);
-    let peer = peer(&rig);
-    assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
-    warm(&rig, &c, &peer, 0x4000, relayed);
+    let (c, peer, relayed) = warmed_channel(&rig, "mia");
     // 1368 + 4 + 28 = 1400: fits, relayed by the program.
     let before = rig.redirects();
     let fits = payload(1, 1368);
@@ -528,11 +536,7 @@ fn within_bucket(passed: u64, rate: u64, cost: u64, took: Duration) -> bool {
 #[test]
 fn bandwidth_caps_hold_in_the_kernel() {
     let rig = Rig::start_v4("");
-    let mut c = client(&rig);
-    let relayed = c.allocate("cap", SECRET);
-    let peer = peer(&rig);
-    assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
-    warm(&rig, &c, &peer, 0x4000, relayed);
+    let (c, peer, relayed) = warmed_channel(&rig, "cap");
     big_receive_buffer(&peer);
     big_receive_buffer(&c.sock);
     let dropped = |reason: &str| rig.turnd.metric(&format!("turnd_dropped_packets_total{{reason=\"{reason}\"}}")) as u64;
@@ -629,11 +633,7 @@ fn a_wildcard_listeners_clients_are_relayed_in_the_kernel() {
 #[test]
 fn a_reload_that_takes_the_peers_range_out_of_peers_allow_stops_the_program_at_once() {
     let rig = Rig::start_v4("");
-    let mut c = client(&rig);
-    let relayed = c.allocate("rita", SECRET);
-    let peer = peer(&rig);
-    assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
-    warm(&rig, &c, &peer, 0x4000, relayed);
+    let (mut c, peer, relayed) = warmed_channel(&rig, "rita");
     let allowed = format!("allow = [\"{}/32\"]", rig.peer_ns.ns_ip());
     reload(&rig, &[(allowed.as_str(), "allow = []")]);
     rig.turnd.wait_log("permissions and channels of peers the new peer policy refuses have ended");
@@ -650,11 +650,7 @@ fn a_reload_that_takes_the_peers_range_out_of_peers_allow_stops_the_program_at_o
 #[test]
 fn an_upgrade_in_place_keeps_the_fast_path() {
     let rig = Rig::start_v4("");
-    let mut c = client(&rig);
-    let relayed = c.allocate("uma", SECRET);
-    let peer = peer(&rig);
-    assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
-    warm(&rig, &c, &peer, 0x4000, relayed);
+    let (c, peer, relayed) = warmed_channel(&rig, "uma");
     let (rc, out) = common::turnctl_upgrade(&rig.turnd, std::path::Path::new(env!("CARGO_BIN_EXE_turnd")));
     assert_eq!(rc, 0, "turnctl upgrade: {out}");
     // The new process is not the test's child: killed when the test ends, however it ends.
@@ -694,11 +690,8 @@ fn the_capabilities_the_systemd_drop_in_gives_are_enough() {
     // Root with only these (and binding low ports) in its bounding set.
     let wrap = ["setpriv".to_string(), format!("--bounding-set=-all,+net_bind_service,{}", caps.join(","))];
     let rig = Rig::start_with("", xdp_rig::Opts { wrap: wrap.to_vec(), ..Default::default() });
-    let mut c = client(&rig);
-    let relayed = c.allocate("cap", SECRET);
-    let peer = peer(&rig);
-    assert_eq!(bind(&mut c, 0x4000, peer.local_addr().unwrap()), Class::Success);
-    warm(&rig, &c, &peer, 0x4000, relayed);
+    // The warm-up goes on until the program relays the channel both ways.
+    warmed_channel(&rig, "cap");
 }
 
 /// Allocates for `c` a relayed address of `family` (REQUESTED-ADDRESS-FAMILY:
