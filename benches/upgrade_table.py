@@ -5,9 +5,9 @@ One JSON object per run (loadgen --flows --json, labelled SCENARIO:RUN).
 The summary gives the median over runs with the spread (min-max) beside
 it; the second table every run.
 """
-import json
-import statistics
 import sys
+
+from tables import n0, read_jsonl, spread
 
 # A baseline run whose server waited for a CPU longer than this share of
 # the window was measured on a busy machine.
@@ -22,14 +22,7 @@ SCENARIOS = [
 
 def load(path):
     rows = {}
-    for line in open(path):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
+    for r in read_jsonl(path):
         scenario, _, run = r.get("label", "?:?").partition(":")
         r["_run"] = run
         rows.setdefault(scenario, []).append(r)
@@ -81,18 +74,6 @@ def figures(r):
     }
 
 
-def spread(vals, fmt):
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "-"
-    med = statistics.median(vals)
-    if len(vals) == 1 or min(vals) == max(vals):
-        return fmt(med)
-    return f"{fmt(med)} ({fmt(min(vals))}-{fmt(max(vals))})"
-
-
-def n0(v):
-    return f"{v:,.0f}"
 
 
 def ms(v):

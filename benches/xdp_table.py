@@ -8,9 +8,10 @@ runs with the spread (min-max) beside them; ratios are taken run by run
 (run K of one relay against run K of the other, same size) and then their
 median and spread.
 """
-import json
 import statistics
 import sys
+
+from tables import n0, read_jsonl, spread
 
 RELAYS = [("xdp", "turnd, XDP fast path"), ("socket", "turnd, socket path"), ("coturn", "coturn"),
           ("direct", "no relay (the generator alone)")]
@@ -22,17 +23,6 @@ BUSY_OTHER_PCT = 20
 BUSY = ("user", "nice", "system", "irq", "softirq")
 
 
-def load(path):
-    rows = []
-    for line in open(path):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
 
 
 def figures(r, cpus):
@@ -80,18 +70,6 @@ def figures(r, cpus):
     }
 
 
-def spread(vals, fmt):
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "–"
-    med = statistics.median(vals)
-    if len(vals) == 1 or fmt(min(vals)) == fmt(max(vals)):
-        return fmt(med)
-    return f"{fmt(med)} ({fmt(min(vals))}–{fmt(max(vals))})"
-
-
-def n0(v):
-    return f"{v:,.0f}"
 
 
 def d2(v):
@@ -107,7 +85,7 @@ def x2(v):
 
 
 def main():
-    rows = load(sys.argv[1])
+    rows = read_jsonl(sys.argv[1])
     meta = sys.argv[2] if len(sys.argv) > 2 else ""
     cpus = [int(c) for c in (sys.argv[3] if len(sys.argv) > 3 else "0,1").split(",")]
     c0, c1 = cpus[0], cpus[1]
